@@ -1,0 +1,90 @@
+"""The top-level functions: create, convert, list."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from dynnet.convert import Targets
+from dynnet.core import RECIPES, DynamicModel, build_config
+from dynnet.core.trace import _check_budget
+from dynnet.models import build_base_model
+
+__all__ = ["convert", "create_model", "list_models", "list_recipes"]
+
+
+def list_recipes(family: str | None = None) -> list[str]:
+    """Registered recipe names, optionally of one family (``"layer_skip"``, ``"early_exit"``, ...)."""
+    _load_methods()
+    return [n for n in RECIPES.names() if family is None or RECIPES.get(n).family == family]
+
+
+def list_models() -> list[str]:
+    """Registered dynnet base models (torchvision names and ``timm/<name>`` work too)."""
+    from dynnet.models import MODELS
+
+    return MODELS.names()
+
+
+def convert(
+    model: nn.Module,
+    recipe: str,
+    *,
+    budget: float | None = None,
+    targets: Targets = "auto",
+    inplace: bool = False,
+    **config: Any,
+) -> DynamicModel:
+    """Convert an existing network into a dynamic one with a recipe of the reading list.
+
+    Args:
+        model: a torchvision / timm / dynnet / own network (blocks found by registered adapters).
+        recipe: registered recipe name (see :func:`list_recipes`).
+        budget: target fraction of the dense model's MACs (or the recipe's execution rate), in (0, 1].
+        targets: ``"auto"``, a list of block names, or a predicate ``(name, module) -> bool``.
+        inplace: modify ``model`` itself instead of a copy.
+        **config: recipe settings (fields of its config dataclass).
+
+    Returns:
+        A :class:`~dynnet.core.DynamicModel` whose gates start open: it reproduces ``model``'s logits.
+
+    Raises:
+        UnknownNameError: unknown recipe. ValueError: bad budget or targets. TypeError: unknown setting.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    _load_methods()
+    spec = RECIPES.get(recipe)
+    if budget is not None:
+        _check_budget(budget)
+        config["budget"] = budget
+    cfg = build_config(spec, **config)
+    return spec.convert(model if inplace else copy.deepcopy(model), cfg, targets)
+
+
+def create_model(name: str, recipe: str | None = None, *, budget: float | None = None, **kwargs: Any) -> nn.Module:
+    """Build a base network by name and, with ``recipe``, convert it.
+
+    Keyword arguments that are fields of the recipe's config go to the recipe; the rest go to the
+    model builder (``num_classes``, ``in_channels``, ``width``, torchvision ``weights``, timm ``pretrained``).
+
+    Example:
+        >>> model = dynnet.create_model("cifar_resnet20", recipe="convnet_aig", budget=0.5, in_channels=1)
+    """
+    if recipe is None:
+        if budget is not None:
+            raise ValueError("budget needs a recipe")
+        return build_base_model(name, **kwargs)
+    _load_methods()
+    spec = RECIPES.get(recipe)
+    fields = set(spec.config_cls.__dataclass_fields__)
+    recipe_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+    targets = kwargs.pop("targets", "auto")
+    base = build_base_model(name, **kwargs)
+    return convert(base, recipe, budget=budget, targets=targets, inplace=True, **recipe_kw)
+
+
+def _load_methods() -> None:
+    import dynnet.methods  # noqa: F401  (registers every recipe)

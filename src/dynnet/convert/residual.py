@@ -1,0 +1,129 @@
+"""Residual-block adapters: how to split a block of a known class into body, shortcut and post-op.
+
+A residual block computes ``post(shortcut(x) + body(x))``. Skipping the block per input keeps
+``post(shortcut(x))``. Adapters exist for torchvision ResNet (BasicBlock, Bottleneck), MobileNetV2
+(InvertedResidual with a residual connection), timm ResNet blocks and dynnet's own CIFAR ResNet;
+users register theirs with :func:`register_residual_adapter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["ResidualAdapter", "find_adapter", "register_residual_adapter"]
+
+
+@dataclass(frozen=True)
+class ResidualAdapter:
+    """Functions of the *original* block object.
+
+    Attributes:
+        body: ``body(block, x)`` — the residual branch, Tensor[N, C_in, H, W] → Tensor[N, C_out, H', W'].
+        shortcut: ``shortcut(block, x)`` — identity or projection.
+        post: ``post(block, y)`` — what follows the addition (ReLU for ResNets, identity for MobileNetV2).
+        in_channels: ``in_channels(block)``.
+        applies: ``applies(block)`` — whether this instance really is residual (MobileNetV2 blocks
+            without a residual connection are not).
+    """
+
+    body: Callable[[nn.Module, Tensor], Tensor]
+    shortcut: Callable[[nn.Module, Tensor], Tensor]
+    post: Callable[[nn.Module, Tensor], Tensor]
+    in_channels: Callable[[nn.Module], int]
+    applies: Callable[[nn.Module], bool] = lambda block: True
+
+
+_ADAPTERS: dict[type, ResidualAdapter] = {}
+
+
+def register_residual_adapter(cls: type, adapter: ResidualAdapter) -> None:
+    """Teach the converters a residual block class; raises if the class already has one."""
+    if cls in _ADAPTERS:
+        raise ValueError(f"a residual adapter for {cls.__qualname__} is already registered")
+    _ADAPTERS[cls] = adapter
+
+
+def find_adapter(block: nn.Module) -> ResidualAdapter | None:
+    """The adapter for ``block``'s exact class, if it applies to this instance."""
+    adapter = _ADAPTERS.get(type(block))
+    return adapter if adapter is not None and adapter.applies(block) else None
+
+
+def _identity(block: nn.Module, x: Tensor) -> Tensor:
+    return x
+
+
+def _downsample(block: nn.Module, x: Tensor) -> Tensor:
+    return x if block.downsample is None else block.downsample(x)
+
+
+def _relu(block: nn.Module, y: Tensor) -> Tensor:
+    return block.relu(y)
+
+
+def _conv1_in(block: nn.Module) -> int:
+    return block.conv1.in_channels
+
+
+def _register_builtin() -> None:
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    from dynnet.models.cifar_resnet import BasicBlock as CifarBasic
+
+    def basic_body(b: nn.Module, x: Tensor) -> Tensor:
+        return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
+
+    def bottleneck_body(b: nn.Module, x: Tensor) -> Tensor:
+        out = b.relu(b.bn1(b.conv1(x)))
+        out = b.relu(b.bn2(b.conv2(out)))
+        return b.bn3(b.conv3(out))
+
+    register_residual_adapter(CifarBasic, ResidualAdapter(basic_body, _downsample, _relu, _conv1_in))
+    register_residual_adapter(TvBasic, ResidualAdapter(basic_body, _downsample, _relu, _conv1_in))
+    register_residual_adapter(TvBottleneck, ResidualAdapter(bottleneck_body, _downsample, _relu, _conv1_in))
+    register_residual_adapter(
+        InvertedResidual,
+        ResidualAdapter(
+            body=lambda b, x: b.conv(x),
+            shortcut=_identity,
+            post=lambda b, y: y,
+            in_channels=lambda b: b.conv[0][0].in_channels if len(b.conv) > 3 else b.conv[0][0].in_channels,
+            applies=lambda b: bool(b.use_res_connect),
+        ),
+    )
+    try:
+        from timm.models.resnet import BasicBlock as TimmBasic
+        from timm.models.resnet import Bottleneck as TimmBottleneck
+    except ImportError:  # timm is optional
+        return
+
+    def timm_tail(b: nn.Module, x: Tensor) -> Tensor:
+        if b.se is not None:
+            x = b.se(x)
+        if b.drop_path is not None:
+            x = b.drop_path(x)
+        return x
+
+    def timm_basic_body(b: nn.Module, x: Tensor) -> Tensor:
+        x = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
+        return timm_tail(b, b.bn2(b.conv2(x)))
+
+    def timm_bottleneck_body(b: nn.Module, x: Tensor) -> Tensor:
+        x = b.act1(b.bn1(b.conv1(x)))
+        x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
+        return timm_tail(b, b.bn3(b.conv3(x)))
+
+    register_residual_adapter(
+        TimmBasic, ResidualAdapter(timm_basic_body, _downsample, lambda b, y: b.act2(y), _conv1_in)
+    )
+    register_residual_adapter(
+        TimmBottleneck, ResidualAdapter(timm_bottleneck_body, _downsample, lambda b, y: b.act3(y), _conv1_in)
+    )
+
+
+_register_builtin()

@@ -1,0 +1,143 @@
+"""`DynamicModel`: the network a recipe returns, with the contract ``forward(x) -> logits``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.core.block import dynamic_blocks, probe_macs
+from dynnet.core.trace import Trace, current_trace
+
+__all__ = ["DynamicModel", "LossOutput", "check_input"]
+
+
+@dataclass
+class LossOutput:
+    """A training objective and its named parts (scalars, for logging)."""
+
+    total: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def check_input(x: Any, in_channels: int | None, *, check_finite: bool = True) -> None:
+    """Validate a batch of images: Tensor[N, C, H, W], floating point, finite.
+
+    Raises:
+        TypeError: not a tensor or not floating point.
+        ValueError: wrong rank, wrong channel count, empty batch, NaN/Inf values.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a Tensor[N, C, H, W] of images, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected a Tensor[N, C, H, W] (4 dims), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images, got dtype {x.dtype} (convert with x.float() / 255)")
+    if in_channels is not None and x.shape[1] != in_channels:
+        raise ValueError(f"the model expects {in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.shape[0] == 0:
+        raise ValueError("empty batch: N must be at least 1")
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        raise ValueError("input contains NaN or Inf values")
+
+
+class DynamicModel(nn.Module):
+    """A converted network: the base network with dynamic blocks inside, plus the recipe's objective.
+
+    Args:
+        net: the (surgically modified) network; ``net(x)`` returns logits.
+        recipe: registered recipe name.
+        config: the recipe's frozen config dataclass.
+        in_channels: expected input channels (validated on every call), or ``None`` to skip.
+
+    The static part of the network (everything outside dynamic blocks) is recorded into the trace as one
+    MAC entry; its cost is probed once per input shape on meta tensors.
+    """
+
+    def __init__(self, net: nn.Module, *, recipe: str, config: Any, in_channels: int | None) -> None:
+        super().__init__()
+        self.net = net
+        self.recipe = recipe
+        self.config = config
+        self.in_channels = in_channels
+        self._dense_cache: dict[tuple, int] = {}
+
+    @property
+    def budget(self) -> float | None:
+        return getattr(self.config, "budget", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tensor[N, C, H, W] → logits Tensor[N, K]; decisions and MACs go to the active trace."""
+        check_input(x, self.in_channels)
+        t = current_trace()
+        if t is None:
+            return self.run(x)
+        start = len(t.entries)
+        out = self.run(x)
+        self._record_static(t, x, start)
+        return out
+
+    def run(self, x: Tensor) -> Tensor:
+        """The network itself; recipes with extra control flow (exits, policies) override this."""
+        return self.net(x)
+
+    def dense_macs(self, x: Tensor) -> int:
+        """Per-sample MACs of the original static network at the shape of ``x`` (Tensor[N, C, H, W])."""
+        key = tuple(x.shape[1:])
+        if key not in self._dense_cache:
+            self._dense_cache[key] = probe_macs(self, lambda m, inp: m.run(inp), x)
+        return self._dense_cache[key]
+
+    def _record_static(self, t: Trace, x: Tensor, start: int) -> None:
+        dense_total = self.dense_macs(x)
+        dynamic_dense = sum(e.dense for e in t.entries[start:])
+        static = dense_total - dynamic_dense
+        if static < -0.5:
+            raise RuntimeError(f"{self.recipe}: dynamic parts claim more dense MACs than the network has")
+        t.record_macs("static", float(static), batch_size=x.shape[0], dense=static)
+        t.dense_total = float(dense_total)
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        """The recipe's training objective. Default: cross-entropy + MAC-budget loss + auxiliary losses.
+
+        Args:
+            logits: Tensor[N, K].
+            target: Tensor[N] class indices.
+            t: the trace of the forward pass that produced ``logits``.
+            budget: target fraction of dense MACs; defaults to the model's configured budget.
+        """
+        budget = self.budget if budget is None else budget
+        task = F.cross_entropy(logits, target)
+        parts = {"task": float(task.detach())}
+        total = task
+        if budget is not None:
+            weight = getattr(self.config, "budget_weight", 1.0)
+            b = t.budget_loss(budget)
+            total = total + weight * b
+            parts["budget"] = float(b.detach())
+        if t.losses:
+            aux = t.aux_loss()
+            total = total + aux
+            parts["aux"] = float(aux.detach())
+        return LossOutput(total, parts)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The dynamic blocks, with their names."""
+        return list(dynamic_blocks(self))
+
+    def load_base_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load weights of the original network (keys as in the unconverted model); gates keep theirs."""
+        missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
+        if unexpected:
+            raise KeyError(f"keys not found in the converted network: {unexpected[:5]}")
+        not_gate = [k for k in missing if not _is_dynamic_param(k)]
+        if not_gate:
+            raise KeyError(f"base weights missing from the state_dict: {not_gate[:5]}")
+
+
+def _is_dynamic_param(key: str) -> bool:
+    parts = key.split(".")
+    return any(p in {"gate", "gates", "policy", "exits", "controller", "router"} for p in parts)

@@ -1,0 +1,52 @@
+"""Gates computed from globally pooled features (ConvNet-AIG, SkipNet FFGate-II, FBS, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PooledMLPGate", "open_bias_"]
+
+# A logit of 6 gives p(open) = 0.9975: decisions are open at start, yet gradients are not saturated.
+OPEN_LOGIT = 6.0
+
+
+def open_bias_(linear: nn.Linear, *, open_index: int | None = None, logit: float = OPEN_LOGIT) -> nn.Linear:
+    """Initialise the last layer of a gate so that it starts open (the "bias trick").
+
+    The weights are made tiny so the bias decides; with ``open_index`` the layer outputs class logits
+    and only that class gets the large bias, otherwise every output (a per-unit "on" logit) does.
+    """
+    with torch.no_grad():
+        nn.init.normal_(linear.weight, std=1e-3)
+        if linear.bias is None:
+            raise ValueError("the gate's last layer needs a bias to start open")
+        linear.bias.zero_()
+        if open_index is None:
+            linear.bias.fill_(logit)
+        else:
+            linear.bias[open_index] = logit
+    return linear
+
+
+class PooledMLPGate(nn.Module):
+    """Global average pool → Linear → BN → ReLU → Linear: Tensor[N, C, H, W] → logits Tensor[N, K].
+
+    Args:
+        in_channels: C.
+        out_features: K (2 for an off/on softmax gate, 1 for a sigmoid gate, C' for channel gates).
+        hidden: width of the hidden layer (ConvNet-AIG uses 16).
+        open_index: for softmax gates, the index of the "open" class; ``None`` for per-unit sigmoid logits.
+    """
+
+    def __init__(self, in_channels: int, out_features: int = 2, hidden: int = 16, open_index: int | None = 1) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = open_bias_(nn.Linear(hidden, out_features), open_index=open_index)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.pool(x).flatten(1)
+        return self.fc2(self.act(self.bn(self.fc1(h))))

@@ -1,0 +1,1 @@
+"""Family: block (recipes register on import)."""

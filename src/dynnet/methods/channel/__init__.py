@@ -1,0 +1,1 @@
+"""Family: channel (recipes register on import)."""

@@ -1,0 +1,1 @@
+"""Family: early_exit (recipes register on import)."""

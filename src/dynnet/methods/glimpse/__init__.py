@@ -1,0 +1,1 @@
+"""Family: glimpse (recipes register on import)."""

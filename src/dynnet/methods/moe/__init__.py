@@ -1,0 +1,1 @@
+"""Family: moe (recipes register on import)."""

@@ -1,0 +1,1 @@
+"""Family: recursion (recipes register on import)."""

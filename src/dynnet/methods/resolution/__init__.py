@@ -1,0 +1,1 @@
+"""Family: resolution (recipes register on import)."""

@@ -1,0 +1,1 @@
+"""Family: spatial (recipes register on import)."""

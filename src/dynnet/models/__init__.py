@@ -1,0 +1,6 @@
+"""Base networks registered by name: our CIFAR-style ResNets, torchvision and timm models."""
+
+from dynnet.models.cifar_resnet import BasicBlock, CifarResNet, cifar_resnet
+from dynnet.models.registry import MODELS, build_base_model
+
+__all__ = ["MODELS", "BasicBlock", "CifarResNet", "build_base_model", "cifar_resnet"]

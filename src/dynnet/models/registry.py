@@ -1,0 +1,60 @@
+"""The model registry: ``cifar_resnet{8,20,32,56,110}``, torchvision models, ``timm/<name>``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from dynnet.core.registry import Registry, UnknownNameError
+from dynnet.models.cifar_resnet import CifarResNet
+
+__all__ = ["MODELS", "build_base_model"]
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+for _depth in (8, 20, 32, 56, 110):
+    MODELS.register(f"cifar_resnet{_depth}", functools.partial(CifarResNet, _depth))
+
+
+def _torchvision(name: str, *, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None, **kw: Any):
+    import torchvision
+
+    if in_channels != 3:
+        raise ValueError(f"torchvision's {name} takes 3 input channels; repeat grey images to 3 channels")
+    try:
+        return torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kw)
+    except ValueError as err:
+        raise UnknownNameError(f"unknown model {name!r}: not a dynnet model and torchvision says: {err}") from None
+
+
+def _timm(name: str, *, num_classes: int = 1000, in_channels: int = 3, pretrained: bool = False, **kw: Any):
+    try:
+        import timm
+    except ImportError as err:
+        raise ImportError("timm models need `pip install timm` (or `pip install dynnet[zoo]`)") from err
+    if not timm.is_model(name):
+        raise UnknownNameError(f"unknown timm model {name!r}")
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, **kw)
+
+
+def build_base_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a static base network by name.
+
+    Names: registered dynnet models (``cifar_resnet20``...), ``timm/<name>`` for timm, otherwise a
+    torchvision model name (``resnet18``, ``mobilenet_v2``...). Weights are never downloaded unless the
+    caller asks (``weights=...`` for torchvision, ``pretrained=True`` for timm).
+    """
+    if name in MODELS:
+        return MODELS.get(name)(**kwargs)
+    if name.startswith("timm/"):
+        return _timm(name.removeprefix("timm/"), **kwargs)
+    try:
+        return _torchvision(name, **kwargs)
+    except UnknownNameError:
+        known = ", ".join(MODELS.names())
+        raise UnknownNameError(
+            f"unknown model {name!r}; dynnet models: {known}; or a torchvision name, or 'timm/<name>'"
+        ) from None
