@@ -82,7 +82,12 @@ def create_model(name: str, recipe: str | None = None, *, budget: float | None =
     fields = set(spec.config_cls.__dataclass_fields__)
     recipe_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     targets = kwargs.pop("targets", "auto")
-    base = build_base_model(name, **kwargs)
+    try:
+        base = build_base_model(name, **kwargs)
+    except TypeError as err:
+        raise TypeError(
+            f"{err}; recipe {recipe!r} has no setting by that name either (its settings: {sorted(fields)})"
+        ) from None
     return convert(base, recipe, budget=budget, targets=targets, inplace=True, **recipe_kw)
 
 

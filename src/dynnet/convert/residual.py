@@ -92,7 +92,7 @@ def _register_builtin() -> None:
             body=lambda b, x: b.conv(x),
             shortcut=_identity,
             post=lambda b, y: y,
-            in_channels=lambda b: b.conv[0][0].in_channels if len(b.conv) > 3 else b.conv[0][0].in_channels,
+            in_channels=lambda b: b.conv[0][0].in_channels,
             applies=lambda b: bool(b.use_res_connect),
         ),
     )

@@ -67,7 +67,8 @@ def probe_macs(module: nn.Module, fn: Callable[..., Any], *inputs: Tensor) -> in
     from dynnet.macs.counter import MacCounter, suspend_counting
 
     state = {
-        f"m.{k}": v.to("meta") for k, v in chain(module.named_parameters(), module.named_buffers(remove_duplicate=False))
+        f"m.{k}": v.to("meta")
+        for k, v in chain(module.named_parameters(), module.named_buffers(remove_duplicate=False))
     }
     # Batch 2, not 1: batch norm in training mode refuses a single value per channel.
     meta_inputs = [torch.empty((2, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs]

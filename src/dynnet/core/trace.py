@@ -34,8 +34,8 @@ class MacEntry:
 
     Attributes:
         name: the part (``"static"``, ``"layer1.0/gate"``, ``"layer1.0/body"``, ...).
-        macs: Tensor[N] (float64, exact up to 2^53) theoretical MACs implied by the decisions. In training it is built from the
-            straight-through decisions, so it carries the gradient of the expected cost.
+        macs: Tensor[N] (float64, exact up to 2^53) theoretical MACs implied by the decisions. In training
+            it is built from the straight-through decisions, so it carries the gradient of the expected cost.
         executed: Tensor[N] MACs the kernels really performed for each sample (masked mode computes
             dense work, sparse mode only what it needs plus overheads such as gathers or halos).
         minimum: the smallest per-sample value this part can take (all gates closed).
@@ -121,7 +121,9 @@ class Trace:
     # -- reading ----------------------------------------------------------------------------------
     def _sum(self, field: str) -> Tensor:
         if not self.entries:
-            raise RuntimeError("no MACs were recorded: run a dynnet model (created by convert/create_model) inside trace()")
+            raise RuntimeError(
+                "no MACs were recorded: run a dynnet model (created by convert/create_model) inside trace()"
+            )
         total = getattr(self.entries[0], field)
         for e in self.entries[1:]:
             total = total + getattr(e, field)

@@ -13,7 +13,9 @@ __all__ = ["gumbel_sigmoid", "gumbel_softmax", "sample_gumbel"]
 _EPS = 1e-10
 
 
-def sample_gumbel(shape: torch.Size | tuple[int, ...], *, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_gumbel(
+    shape: torch.Size | tuple[int, ...], *, like: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
     """Standard Gumbel noise, Tensor[shape], with the dtype and device of ``like``."""
     u = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
     return -torch.log(-torch.log(u + _EPS) + _EPS)

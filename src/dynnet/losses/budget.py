@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dynnet.core.decision import Decision
@@ -15,7 +14,7 @@ if TYPE_CHECKING:
 __all__ = ["mac_budget_loss", "target_rate_loss"]
 
 
-def target_rate_loss(decisions: Iterable["Decision"], target: float) -> Tensor:
+def target_rate_loss(decisions: Iterable[Decision], target: float) -> Tensor:
     """ConvNet-AIG's target-rate loss: ``sum_g (mean_n z_{g,n} - target)^2``.
 
     Args:

@@ -11,7 +11,7 @@ from dynnet.api import convert, list_recipes
 from dynnet.core import RECIPES, DynamicModel
 from dynnet.models import build_base_model
 
-__all__ = ["DECISION_MODULE_NAMES", "build_recipe_pair", "scramble_gates"]
+__all__ = ["DECISION_MODULE_NAMES", "build_recipe_pair", "diverse_inputs", "scramble_until_mixed", "scramble_gates"]
 
 # Submodules with these names produce decisions; scrambling them makes decisions differ across inputs.
 DECISION_MODULE_NAMES = frozenset({"gate", "gates", "policy", "controller", "router", "halting", "saliency"})
@@ -48,3 +48,31 @@ def scramble_gates(model: nn.Module, *, seed: int = 0, scale: float = 1.0) -> in
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
             changed += 1
     return changed
+
+
+def diverse_inputs(n: int, shape: tuple[int, ...], *, seed: int = 1) -> torch.Tensor:
+    """Tensor[n, *shape] of noise images whose scale and offset differ per sample, as real images do,
+    so that input-dependent gates take different decisions for different samples."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 3.0, n).view(n, *([1] * len(shape)))
+    offset = torch.linspace(-1.0, 1.0, n)[torch.randperm(n, generator=g)].view(n, *([1] * len(shape)))
+    return torch.randn((n, *shape), generator=g) * scale + offset
+
+
+def scramble_until_mixed(model: nn.Module, x: torch.Tensor, *, tries: int = 32) -> int:
+    """Scramble the gates with successive seeds until some decision differs across the samples of ``x``.
+
+    Returns the seed used. Raises AssertionError when no seed gives mixed decisions: the recipe's
+    decisions do not depend on the input, or ``scramble_`` does not reach them.
+    """
+    from dynnet.core import trace
+
+    for seed in range(tries):
+        scramble_gates(model, seed=seed)
+        with torch.no_grad(), trace() as t:
+            model.eval()(x)
+        for d in t.decisions.values():
+            hard = d.hard.detach().flatten(1) if d.hard.dim() > 1 else d.hard.detach().view(-1, 1)
+            if not bool((hard == hard[:1]).all()):
+                return seed
+    raise AssertionError(f"no scrambling out of {tries} made the decisions differ across inputs")

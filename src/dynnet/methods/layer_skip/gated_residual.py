@@ -78,7 +78,9 @@ class GatedResidual(DynamicBlock):
         if decision is None:
             decision = self.decide(x)
         if decision.hard.shape != (x.shape[0],):
-            raise ValueError(f"{self.block_name}: expected a decision of shape ({x.shape[0]},), got {tuple(decision.hard.shape)}")
+            raise ValueError(
+                f"{self.block_name}: expected a decision of shape ({x.shape[0]},), got {tuple(decision.hard.shape)}"
+            )
         return decision
 
     def _record(self, x: Tensor, d: Decision, executed_body: Tensor | None) -> None:
