@@ -70,10 +70,10 @@ def test_rate_loss_pulls_execution_rate_to_budget(budget: float) -> None:
     torch.manual_seed(0)
     model = dynnet.create_model("cifar_resnet8", recipe="convnet_aig", budget=budget, width=0.5, in_channels=1)
     gate_params = [p for n, p in model.named_parameters() if ".gate." in n]
-    opt = torch.optim.Adam(gate_params, lr=0.05)
+    opt = torch.optim.Adam(gate_params, lr=0.1)
     x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
     model.train()
-    for _ in range(40):
+    for _ in range(20):
         with dynnet.trace() as t:
             logits = model(x)
         loss = model.compute_loss(logits, y, t)
