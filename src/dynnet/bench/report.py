@@ -1,0 +1,399 @@
+"""The suite's verdicts and report: static Pareto front, "beats the front", realized speedup, table, Markdown.
+
+Definitions (also in ``docs/benchmarks.md``):
+
+- **Static Pareto front**: among the static baselines of a dataset, the points (mean MACs per image ``m``,
+  top-1 accuracy ``a``) that no other baseline dominates (no other has ``m' <= m`` and ``a' >= a`` with one
+  strict). Sorted by MACs, their accuracy strictly increases.
+- **Front accuracy** ``F(m)``: linear interpolation of the front in MACs between consecutive front points;
+  ``F(m) = a_0`` below the cheapest front point and ``F(m) = a_k`` above the most expensive one.
+- **Beats the front**: ``a > F(m)``, or the point dominates a baseline (``m <= m_i``, ``a >= a_i``, one strict).
+  The gap ``a - F(m)`` is reported in accuracy points with the binomial standard error of ``a``
+  (``sqrt(a (1 - a) / n)`` over ``n`` test images) so that a gap inside ±2 SE reads as a tie.
+- **Realized-speedup ratio** at batch ``B``: (dense latency / sparse latency) ÷ (dense MACs / mean MACs), where
+  "dense" is the recipe's own base network running statically: 1.0 means every MAC saved was saved on the clock.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "aggregate",
+    "beats_front",
+    "front_accuracy",
+    "load_rows",
+    "pareto_front",
+    "verdicts",
+    "write_outputs",
+    "write_report",
+    "write_table",
+]
+
+Point = tuple[float, float]
+
+TABLE_COLUMNS = (
+    "job", "kind", "recipe", "family", "model", "width", "depth", "budget", "seed", "dataset", "status",
+    "accuracy", "test_images", "mean_macs", "mean_executed_macs", "dense_macs", "mac_fraction", "executed_fraction",
+    "mean_macs_correct", "mean_macs_incorrect", "confidence_mac_corr", "params", "base_fallback", "padded_to",
+    "b1_dense_ms", "b1_sparse_ms", "b1_mac_speedup", "b1_latency_speedup", "b1_realized_ratio",
+    "b64_dense_ms", "b64_sparse_ms", "b64_mac_speedup", "b64_latency_speedup", "b64_realized_ratio",
+    "threads", "device", "error",
+    *(f"{kind}_{q}" for kind in ("macs", "executed") for q in ("min", "p10", "p50", "p90", "max", "std")),
+)  # fmt: skip
+"""Columns of ``results.csv`` (``results.json`` holds every field, distributions and examples included)."""
+
+
+def pareto_front(points: Sequence[Point]) -> list[Point]:
+    """The non-dominated ``(macs, accuracy)`` points, by increasing MACs (and strictly increasing accuracy).
+
+    Args:
+        points: ``(macs, accuracy)`` pairs; NaNs are ignored.
+
+    Returns:
+        The front, cheapest first. Empty for no (finite) point.
+    """
+    finite = [(float(m), float(a)) for m, a in points if math.isfinite(m) and math.isfinite(a)]
+    front: list[Point] = []
+    best = -math.inf
+    for m, a in sorted(finite, key=lambda p: (p[0], -p[1])):
+        if a > best:
+            front.append((m, a))
+            best = a
+    return front
+
+
+def front_accuracy(front: Sequence[Point], macs: float) -> float:
+    """``F(m)``: the front's accuracy at ``macs`` (linear in MACs between front points, flat outside).
+
+    Raises:
+        ValueError: empty front.
+    """
+    if not front:
+        raise ValueError("empty Pareto front")
+    if macs <= front[0][0]:
+        return front[0][1]
+    for (m0, a0), (m1, a1) in itertools.pairwise(front):
+        if macs <= m1:
+            return a0 + (a1 - a0) * (macs - m0) / (m1 - m0)
+    return front[-1][1]
+
+
+def beats_front(point: Point, baselines: Sequence[Point]) -> bool:
+    """Whether ``(macs, accuracy)`` lies above the static front's interpolation or dominates a baseline."""
+    m, a = point
+    front = pareto_front(baselines)
+    if not front or not (math.isfinite(m) and math.isfinite(a)):
+        return False
+    dominates = any(m <= bm and a >= ba and (m < bm or a > ba) for bm, ba in front)
+    return dominates or a > front_accuracy(front, m)
+
+
+def _ok(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _mean(values: Sequence[float]) -> float:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over seeds of each (recipe, budget, model, width, dataset): accuracy (with its std), MACs, latencies.
+
+    Returns:
+        One dict per group with the numeric fields of :data:`TABLE_COLUMNS` averaged, ``seeds`` (how many) and
+        ``accuracy_std``; errored jobs are left out.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in _ok(rows):
+        key = (r["kind"], r["recipe"], r.get("budget"), r["model"], r.get("width"), r.get("depth"), r["dataset"])
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        first = dict(members[0])
+        for k in TABLE_COLUMNS:
+            if k in ("seed", "width", "depth", "budget", "params"):
+                continue
+            if isinstance(first.get(k), (int, float)) and not isinstance(first.get(k), bool):
+                first[k] = _mean([m.get(k, math.nan) for m in members])
+        accs = [m["accuracy"] for m in members]
+        mu = _mean(accs)
+        first["seeds"] = len(members)
+        first["accuracy_std"] = math.sqrt(sum((a - mu) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0
+        out.append(first)
+    return out
+
+
+def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each aggregated recipe point against the static front of its dataset.
+
+    Returns:
+        One dict per (recipe, budget): the aggregated row plus ``front_accuracy``, ``gap`` (points of accuracy),
+        ``se`` (binomial standard error, points), ``beats`` (bool or ``None`` without a front).
+    """
+    agg = aggregate(rows)
+    fronts: dict[str, list[Point]] = {}
+    for r in agg:
+        if r["kind"] == "static":
+            fronts.setdefault(r["dataset"], []).append((r["mean_macs"], r["accuracy"]))
+    out = []
+    for r in agg:
+        if r["kind"] != "recipe":
+            continue
+        v = dict(r)
+        base = fronts.get(r["dataset"], [])
+        front = pareto_front(base)
+        if front:
+            fa = front_accuracy(front, r["mean_macs"])
+            n = max(1, int(r.get("test_images") or 1) * int(r.get("seeds") or 1))
+            a = r["accuracy"]
+            v.update(front_accuracy=fa, gap=100 * (a - fa), se=100 * math.sqrt(max(a * (1 - a), 0.0) / n),
+                     beats=beats_front((r["mean_macs"], a), base))  # fmt: skip
+        else:
+            v.update(front_accuracy=math.nan, gap=math.nan, se=math.nan, beats=None)
+        out.append(v)
+    return sorted(out, key=lambda v: (v["recipe"], v.get("budget") or 0))
+
+
+# ----------------------------------------------------------------------------------------------- files
+
+
+def load_rows(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every ``runs/<job>.json`` of a suite folder (sorted by job id)."""
+    runs = Path(out_dir) / "runs"
+    return [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+
+
+def write_table(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``results.csv`` (the flat columns) and ``results.json`` (every field of every row)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "results.csv", out / "results.json"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            flat = dict(r)
+            for kind in ("macs", "executed"):
+                flat.update({f"{kind}_{q}": v for q, v in (r.get(f"{kind}_q") or {}).items()})
+            writer.writerow({k: _cell(flat.get(k)) for k in TABLE_COLUMNS})
+    slim = [{k: v for k, v in r.items() if k not in ("examples", "traceback")} for r in rows]
+    json_path.write_text(json.dumps(slim, indent=1, default=str))
+    return csv_path, json_path
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else v
+
+
+def _f(v: Any, fmt: str = ".2f", none: str = "–") -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return none
+    return format(x, fmt) if math.isfinite(x) else none
+
+
+def _recipe_line(name: str, items: list[dict[str, Any]]) -> str:
+    """One plain-language verdict per recipe (over its budgets)."""
+    fam = items[0].get("family", "")
+    beats = [v for v in items if v.get("beats")]
+    if all(v.get("beats") is None for v in items):
+        verdict = "beats the static front: **n/a** (no static baseline on its dataset)"
+    elif beats:
+        budgets = ", ".join(f"{v['budget']:g} ({v['gap']:+.1f} pts ± {2 * v['se']:.1f})" for v in beats)
+        verdict = f"beats the static front: **yes** at budget {budgets}"
+        if all(v["gap"] <= 2 * v["se"] for v in beats):
+            verdict += " — within noise (gap ≤ 2 SE)"
+    else:
+        best = max(items, key=lambda v: v.get("gap", -math.inf))
+        verdict = f"beats the static front: **no** (closest: budget {best['budget']:g}, {best['gap']:+.1f} pts)"
+    ratios = []
+    for b in ("b1", "b64"):
+        vals = [v.get(f"{b}_realized_ratio") for v in items]
+        speed = [v.get(f"{b}_mac_speedup") for v in items]
+        lat = [v.get(f"{b}_latency_speedup") for v in items]
+        if any(x is not None for x in vals):
+            parts = ", ".join(f"{_f(r)} (×{_f(lt)} / ×{_f(s)})" for r, lt, s in zip(vals, lat, speed, strict=True))
+            ratios.append(f"batch {b[1:]}: {parts}")
+    real = "; ".join(ratios) if ratios else "not timed"
+    if all((v.get("mac_fraction") or 0) >= 0.95 for v in items):
+        verdict += " — no MAC saving in this run: its MAC fraction is ≥ 0.95 of its base at every budget"
+    budgets = "/".join(f"{v['budget']:g}" for v in items)
+    return (f"- **{name}** ({fam}): {verdict}. Realized speedup ÷ MAC speedup at budgets {budgets} — {real} "
+            "(latency speedup / MAC speedup in brackets).")  # fmt: skip
+
+
+def write_report(
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    profile: dict[str, Any],
+    machine: dict[str, Any],
+    plots: dict[str, Path | list[Path]] | None = None,
+) -> Path:
+    """``report.md``: settings, machine, plots, per-recipe verdict lines, the table, the errors.
+
+    Args:
+        rows: every job row (errors included).
+        out_dir: where ``report.md`` goes (plot links are relative to it).
+        profile: the profile's settings (:meth:`BenchProfile.as_dict`).
+        machine: :func:`~dynnet.bench.latency.machine_info`.
+        plots: name → PNG path(s) written by :func:`dynnet.bench.plots.write_plots`.
+
+    Returns:
+        The report's path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ver = verdicts(rows)
+    agg = aggregate(rows)
+    errors = [r for r in rows if r.get("status") != "ok"]
+    loads = [float(r["machine"]["loadavg_1m"]) for r in rows if isinstance(r.get("machine"), dict)]
+    wall = sum(float(r.get("wall_seconds") or 0) for r in rows)
+    static = sorted((r for r in agg if r["kind"] == "static"), key=lambda r: (r["dataset"], r["mean_macs"]))
+    recipes = sorted({v["recipe"] for v in ver} | {r["recipe"] for r in errors if r["kind"] == "recipe"})
+    p = profile
+    lines = [
+        f"# dynnet benchmark suite — profile `{p.get('name')}`",
+        "",
+        f"Every registered recipe ({len(recipes)}) at budgets {', '.join(f'{b:g}' for b in p.get('budgets', []))} "
+        f"and {len(static)} static baselines, trained with one shared schedule: base `{p.get('base')}` × "
+        f"{p.get('width')} on `{p.get('dataset')}`, {p.get('subset') or 'all'} training images, {p.get('epochs')} "
+        f"epoch(s), batch {p.get('batch_size')}, SGD lr {p.get('lr')} (cosine), seeds {p.get('seeds')}; tested in "
+        f"**sparse mode** (work really skipped) on {p.get('test_subset') or 'all'} test images.",
+        "",
+    ]
+    if p.get("name") == "quick":
+        lines += [
+            "> **Quick profile: the accuracies come from a very short schedule** (one epoch on a few thousand images "
+            "of a tiny network). They rank methods only roughly; the gaps to the front are often within noise. "
+            "Use the `full` profile (GPU) for conclusions.",
+            "",
+        ]
+    lines += [
+        "## Machine",
+        "",
+        f"{machine.get('date')} — {machine.get('platform')}, {machine.get('cpu_count')} CPUs, torch "
+        f"{machine.get('torch')}, Python {machine.get('python')}, GPU: {machine.get('cuda') or 'none'}; latency with "
+        f"{p.get('threads') or machine.get('torch_threads')} thread(s), median of repeated runs after warm-up "
+        f"({p.get('min_run_time')} s of measurement per configuration, batch 1 = mean over "
+        f"{p.get('batch1_samples')} different images). Load average at report time: {machine.get('loadavg_1m')} "
+        f"(per-job load averages are in `results.json`"
+        + (f"; they ranged {min(loads):.1f}–{max(loads):.1f}" if loads else "")
+        + f"). The {len(rows)} jobs took {wall / 60:.1f} min of wall-clock time in all. "
+        "**The CPU was shared with other work: timings are noisy.**",
+        "",
+        "## Plots",
+        "",
+    ]
+    for name, path in (plots or {}).items():
+        paths = path if isinstance(path, list) else [path]
+        if not paths:
+            continue
+        if len(paths) == 1:
+            lines.append(f"![{name}]({_rel(paths[0], out)})")
+            lines.append("")
+        else:
+            links = ", ".join(f"[{Path(q).stem}]({_rel(q, out)})" for q in paths)
+            lines.append(f"- {name}: {links}")
+    lines += [
+        "",
+        "## Verdicts",
+        "",
+        "Beats the front = accuracy above the static Pareto front's linear interpolation at the same mean MACs, or "
+        "dominating a baseline (see `docs/benchmarks.md`). Gaps in accuracy points with ±2 standard errors. "
+        "Realized speedup ÷ MAC speedup = (dense latency / sparse latency) ÷ (dense MACs / mean MACs) against the "
+        "recipe's own base network; 1.0 means the MAC saving is fully realized on the clock.",
+        "",
+    ]
+    by_recipe: dict[str, list[dict[str, Any]]] = {}
+    for v in ver:
+        by_recipe.setdefault(v["recipe"], []).append(v)
+    for name in recipes:
+        if name in by_recipe:
+            lines.append(_recipe_line(name, by_recipe[name]))
+        else:
+            err = next(r for r in errors if r["recipe"] == name)
+            lines.append(f"- **{name}**: failed — `{_short(err.get('error', ''))}`")
+    lines += ["", "## Static baselines", "", "| model | width | dataset | accuracy | MACs (M) | b1 ms | b64 ms |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in static:
+        lines.append(
+            f"| {r['model']} | {r['width']:g} | {r['dataset']} | {100 * r['accuracy']:.2f} % | "
+            f"{r['mean_macs'] / 1e6:.3f} | {_f(r.get('b1_sparse_ms'))} | {_f(r.get('b64_sparse_ms'))} |"
+        )
+    lines += [
+        "",
+        "## Recipes",
+        "",
+        "| recipe | family | budget | base | accuracy | front | gap (pts) | MACs (M) | MAC frac | executed frac | "
+        "b1 ms dense→sparse | b1 ratio | b64 ms dense→sparse | b64 ratio | beats |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in ver:
+        beats = {True: "yes", False: "no", None: "n/a"}[v.get("beats")]
+        base = f"{v['model']}×{v['width']:g}" + (" (own)" if v.get("base_fallback") else "")
+        if v.get("padded_to"):
+            base += " pad " + "×".join(str(int(d)) for d in v["padded_to"])
+        lines.append(
+            f"| {v['recipe']} | {v.get('family', '')} | {v['budget']:g} | {base} | {100 * v['accuracy']:.2f} % | "
+            f"{_f(100 * v['front_accuracy'])} % | {_f(v['gap'], '+.2f')} | {v['mean_macs'] / 1e6:.3f} | "
+            f"{_f(v['mac_fraction'], '.3f')} | {_f(v.get('executed_fraction'), '.3f')} | "
+            f"{_f(v.get('b1_dense_ms'))}→{_f(v.get('b1_sparse_ms'))} | {_f(v.get('b1_realized_ratio'))} | "
+            f"{_f(v.get('b64_dense_ms'))}→{_f(v.get('b64_sparse_ms'))} | {_f(v.get('b64_realized_ratio'))} | "
+            f"{beats} |"
+        )
+    if errors:
+        lines += ["", "## Failed jobs", "", "| job | error |", "|---|---|"]
+        lines += [f"| {r['job']} | `{_short(r.get('error', ''))}` |" for r in errors]
+    lines += [
+        "",
+        "Files: `results.csv` (flat table), `results.json` (all fields: MAC quantiles and histograms, decision "
+        "rates, training history, per-job machine info), `runs/<job>.json` (one per job; the suite skips finished "
+        "jobs), `suite.log`.",
+        "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _rel(path: Path | str, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def write_outputs(
+    rows: Sequence[dict[str, Any]],
+    out_dir: str | os.PathLike[str],
+    *,
+    profile: dict[str, Any],
+    machine: dict[str, Any],
+) -> Path:
+    """Table, plots and report of a suite folder; returns the report's path."""
+    from dynnet.bench.plots import write_plots
+
+    out = Path(out_dir)
+    write_table(rows, out)
+    plots = write_plots(rows, out)
+    (out / "machine.json").write_text(json.dumps(machine, indent=1, default=str))
+    return write_report(rows, out, profile=profile, machine=machine, plots=plots)

@@ -1,0 +1,225 @@
+"""`run_suite`: a tiny synthetic profile end to end, resumability, failing jobs, job planning, profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+import dynnet.bench.suite as suite
+from dynnet.bench.suite import PROFILES, BenchProfile, plan_jobs, record_examples, run_suite
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+TINY = BenchProfile(
+    name="tiny",
+    base="cifar_resnet8",
+    width=0.25,
+    dataset="synthetic",
+    dataset_kwargs=(("in_channels", 1), ("image_size", 12), ("num_train", 96), ("num_test", 40)),
+    subset=64,
+    val_fraction=0.1,
+    test_subset=24,
+    epochs=1,
+    batch_size=32,
+    budgets=(0.5,),
+    static_depths=(8,),
+    static_widths=(0.25,),
+    batch_sizes=(1, 4),
+    min_run_time=0.001,
+    batch1_samples=2,
+    threads=1,
+    train_threads=1,
+    examples=3,
+)
+RECIPES = ("convnet_aig", "dynconv")
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert matplotlib.image.imread(path).ndim == 3  # decodes
+
+
+def test_suite_end_to_end_then_resumes_without_recomputing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = suite.run_job
+
+    def counting(job, *args, **kwargs):
+        calls.append(job.id)
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "run_job", counting)
+    rows = run_suite(TINY, tmp_path, RECIPES, progress=False)
+    assert calls == ["static-d8-w0.25-s0", "convnet_aig-b0.5-s0", "dynconv-b0.5-s0"]
+    assert [r["status"] for r in rows] == ["ok"] * 3, [r.get("error") for r in rows]
+    by_job = {r["job"]: r for r in rows}
+    static, aig = by_job["static-d8-w0.25-s0"], by_job["convnet_aig-b0.5-s0"]
+    assert static["mac_fraction"] == 1.0 and static["b1_realized_ratio"] == 1.0
+    assert aig["test_images"] == 24 and 0.0 <= aig["accuracy"] <= 1.0
+    # Open-ish gates after two steps: theoretical MACs of the recipe are near the static base's, sparse execution
+    # runs exactly the theoretical MACs (ConvNet-AIG skips whole blocks), both recorded per sample.
+    assert aig["dense_macs"] == pytest.approx(static["mean_macs"])
+    assert aig["mean_executed_macs"] == pytest.approx(aig["mean_macs"])
+    assert sum(aig["mac_hist"]["correct"]) + sum(aig["mac_hist"]["incorrect"]) == 24
+    assert {"b1_realized_ratio", "b4_realized_ratio", "b4_sparse_ms"} <= set(aig)
+    assert len(aig["examples"]["pred"]) == 3 and aig["examples"]["decisions"]
+    assert aig["machine"]["loadavg_1m"] is not None and aig["settings"]["threads"] == 1
+
+    for name in ("results.csv", "results.json", "report.md", "machine.json", "examples/synthetic.json"):
+        assert (tmp_path / name).exists(), name
+    for name in ("accuracy_vs_macs", "accuracy_vs_latency", "realized_speedup", "mac_histograms"):
+        _assert_png(tmp_path / f"{name}.png")
+    for recipe in RECIPES:
+        _assert_png(tmp_path / "decisions" / f"{recipe}.png")
+    report = (tmp_path / "report.md").read_text()
+    for recipe in RECIPES:
+        assert f"- **{recipe}** (" in report and "beats the static front: **" in report
+    assert "Realized speedup ÷ MAC speedup at budgets 0.5" in report
+    assert "](accuracy_vs_macs.png)" in report and "decisions/dynconv.png" in report
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 4
+
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
+    calls.clear()
+    again = run_suite(TINY, tmp_path, RECIPES, progress=False, report=False)
+    assert calls == []  # nothing recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")} == before
+    assert [r["accuracy"] for r in again] == [r["accuracy"] for r in rows]
+
+
+def _fake_row(job, profile, data, **kwargs) -> dict:
+    return {"job": job.id, "kind": job.kind, "recipe": job.recipe or "static", "family": "f", "model": job.model,
+            "width": job.width, "depth": job.depth, "budget": job.budget, "seed": job.seed, "dataset": job.dataset,
+            "status": "ok", "error": "", "accuracy": 0.5, "mean_macs": 1.0, "test_images": 10,
+            "mac_fraction": 1.0}  # fmt: skip
+
+
+def test_a_failing_job_is_recorded_and_the_suite_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite, "_load_data", lambda *a, **k: None)
+    monkeypatch.setattr(suite, "_example_payload", lambda data: {})
+
+    def flaky(job, *args, **kwargs):
+        if job.recipe == "convnet_aig":
+            raise RuntimeError("gate exploded")
+        return _fake_row(job, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "run_job", flaky)
+    monkeypatch.setattr("dynnet.bench.report.write_outputs", lambda rows, out, **kw: None)
+    rows = run_suite(TINY, tmp_path, RECIPES, progress=False)
+    status = {r["job"]: (r["status"], r["error"]) for r in rows}
+    assert status["convnet_aig-b0.5-s0"] == ("error", "RuntimeError: gate exploded")
+    assert status["dynconv-b0.5-s0"][0] == "ok" and status["static-d8-w0.25-s0"][0] == "ok"
+    stored = json.loads((tmp_path / "runs" / "convnet_aig-b0.5-s0.json").read_text())
+    assert stored["status"] == "error" and "gate exploded" in stored["traceback"]
+
+    ran: list[str] = []
+    monkeypatch.setattr(suite, "run_job", lambda job, *a, **k: ran.append(job.id) or _fake_row(job, *a, **k))
+    run_suite(TINY, tmp_path, RECIPES, progress=False)
+    assert ran == []  # a failed job counts as finished...
+    run_suite(TINY, tmp_path, RECIPES, progress=False, retry_errors=True)
+    assert ran == ["convnet_aig-b0.5-s0"]  # ...unless asked to retry
+    run_suite(dataclasses.replace(TINY, lr=0.05), tmp_path, ["dynconv"], progress=False)
+    assert ran[1:] == ["static-d8-w0.25-s0", "dynconv-b0.5-s0"]  # changed settings: recomputed
+
+
+def test_plan_jobs_covers_baselines_recipes_budgets_seeds_and_family_datasets() -> None:
+    profile = dataclasses.replace(TINY, budgets=(0.25, 0.75), seeds=(0, 1), static_depths=(8, 14),
+                                  static_widths=(0.5, 1.0), family_datasets=(("spatial", "other_data"),))  # fmt: skip
+    jobs = plan_jobs(profile, RECIPES)
+    ids = [j.id for j in jobs]
+    assert len(ids) == len(set(ids))
+    static = [j for j in jobs if j.kind == "static"]
+    assert len(static) == 2 * 2 * 2 * 2  # depths × widths × seeds × datasets (a family runs on another dataset)
+    assert {j.dataset for j in static} == {"synthetic", "other_data"}
+    aig = [j for j in jobs if j.recipe == "convnet_aig"]
+    assert {(j.budget, j.seed, j.dataset) for j in aig} == {(b, s, "synthetic") for b in (0.25, 0.75) for s in (0, 1)}
+    assert {j.dataset for j in jobs if j.recipe == "dynconv"} == {"other_data"}
+    assert len(plan_jobs(TINY)) == 1 + len(suite_recipes())  # default: every registered recipe
+
+
+def suite_recipes() -> list[str]:
+    import dynnet
+
+    return dynnet.list_recipes()
+
+
+def test_profiles_are_valid_and_reject_bad_settings() -> None:
+    quick, full = PROFILES["quick"], PROFILES["full"]
+    assert len(quick.static_depths) * len(quick.static_widths) >= 4 and len(quick.budgets) >= 3
+    assert len(full.seeds) >= 2 and full.test_subset is None
+    with pytest.raises(ValueError, match="6n"):
+        dataclasses.replace(quick, static_depths=(10,))
+    with pytest.raises(ValueError, match="budgets"):
+        dataclasses.replace(quick, budgets=(1.5,))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        quick.epochs = 3  # type: ignore[misc]
+
+
+def test_record_examples_is_generic_over_decisions() -> None:
+    import dynnet
+
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="dynconv", budget=0.5, in_channels=1, width=0.25)
+    dynnet.set_mode(model, "sparse")
+    ex = record_examples(model, torch.randn(2, 1, 12, 12))
+    assert len(ex["pred"]) == 2 and len(ex["macs"]) == 2
+    spatial = [d for d in ex["decisions"] if d["granularity"] == "spatial"]
+    assert spatial and spatial[0]["shape"] == [12, 12] and len(spatial[0]["values"][0]) == 144
+    static = record_examples(dynnet.create_model("cifar_resnet8", in_channels=1, width=0.25), torch.randn(2, 1, 8, 8))
+    assert static["decisions"] == [] and static["macs"] is None
+
+
+def test_cli_options_override_the_profile_and_coexist_with_dynnet_bench_options(tmp_path: Path) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=None)  # dynnet bench already has it
+    suite.add_suite_arguments(parser)
+    args = parser.parse_args(["--profile", "quick", "--budgets", "0.5,0.75", "--seeds", "1,2", "--threads", "2"])
+    profile = suite.profile_from_args(args)
+    assert profile.budgets == (0.5, 0.75) and profile.seeds == (1, 2) and profile.threads == 2
+    assert profile.subset == PROFILES["quick"].subset
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for job in plan_jobs(TINY, ["convnet_aig"]):
+        (runs / f"{job.id}.json").write_text(json.dumps(_fake_row(job, TINY, None)))
+    args = parser.parse_args(["--profile", "quick", "--out", str(tmp_path), "--report-only"])
+    assert suite.bench_main(args) == 0
+    assert "- **convnet_aig** (f): beats the static front: **no**" in (tmp_path / "report.md").read_text()
+
+
+def test_pad_images_centres_the_batch_on_a_black_canvas_and_the_loader_keeps_its_sampler() -> None:
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    black = torch.tensor([-1.5])
+    out = suite.pad_images(x, (4, 5), black)
+    assert out.shape == (2, 1, 4, 5)
+    torch.testing.assert_close(out[:, :, 1:3, 1:4], x)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1:3, 1:4] = False
+    assert bool((out[:, :, mask] == -1.5).all())
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.tensor([0, 1])), batch_size=1)
+    padded = suite._Padded(loader, (4, 5), black)
+    assert len(padded) == 2 and padded.sampler is loader.sampler
+    assert [tuple(b.shape) for b, _ in padded] == [(1, 1, 4, 5)] * 2
+
+
+def test_calibrate_exits_sets_thresholds_for_the_budget_only_where_training_left_them_at_inf() -> None:
+    import dynnet
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 12, 12)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 10, (64,))), batch_size=32)
+    model = dynnet.create_model("cifar_resnet8", recipe="branchynet", budget=0.6, in_channels=1, width=0.25)
+    cal = suite.calibrate_exits(model, loader, 0.6)
+    assert cal is not None and cal["target_fraction"] == 0.6
+    assert all(math.isfinite(t) for t in cal["thresholds"])
+    assert suite.calibrate_exits(model, loader, 0.6) is None  # thresholds are finite now: left alone
+    aig = dynnet.create_model("cifar_resnet8", recipe="convnet_aig", budget=0.6, in_channels=1, width=0.25)
+    assert suite.calibrate_exits(aig, loader, 0.6) is None
+    assert suite.calibrate_exits(model, None, 0.6) is None

@@ -1,0 +1,87 @@
+"""The suite's verdict logic on hand-made points: Pareto front, front interpolation, "beats the front", report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from dynnet.bench.report import aggregate, beats_front, front_accuracy, pareto_front, verdicts, write_report
+
+BASELINES = [(1.0, 0.70), (2.0, 0.80), (4.0, 0.85), (3.0, 0.78), (4.0, 0.84), (5.0, 0.85)]
+
+
+def test_pareto_front_keeps_only_non_dominated_points_in_mac_order() -> None:
+    # (3, .78) is dominated by (2, .80); (4, .84) by (4, .85); (5, .85) by (4, .85) (same accuracy, more MACs).
+    assert pareto_front(BASELINES) == [(1.0, 0.70), (2.0, 0.80), (4.0, 0.85)]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, math.nan), (2.0, 0.5)]) == [(2.0, 0.5)]
+
+
+def test_front_accuracy_interpolates_linearly_and_is_flat_outside() -> None:
+    front = pareto_front(BASELINES)
+    assert front_accuracy(front, 1.5) == pytest.approx(0.75)
+    assert front_accuracy(front, 3.0) == pytest.approx(0.825)
+    assert front_accuracy(front, 2.0) == pytest.approx(0.80)
+    assert front_accuracy(front, 0.5) == pytest.approx(0.70)  # cheaper than every baseline: the cheapest one's
+    assert front_accuracy(front, 10.0) == pytest.approx(0.85)  # dearer than every baseline: the best one's
+    with pytest.raises(ValueError, match="empty"):
+        front_accuracy([], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("point", "expected"),
+    [
+        ((3.0, 0.83), True),  # above the interpolation (0.825) between two front points
+        ((3.0, 0.82), False),  # below it
+        ((0.5, 0.70), True),  # dominates the cheapest baseline (fewer MACs, same accuracy)
+        ((0.5, 0.69), False),  # cheaper and worse than everything: not a win
+        ((2.0, 0.80), False),  # ties a baseline exactly
+        ((6.0, 0.86), True),  # dearer than everything but more accurate than the best
+        ((6.0, 0.85), False),
+    ],
+)
+def test_beats_front(point: tuple[float, float], expected: bool) -> None:
+    assert beats_front(point, BASELINES) is expected
+
+
+def _row(kind: str, recipe: str, macs: float, acc: float, *, budget: float | None = None, seed: int = 0) -> dict:
+    return {
+        "job": f"{recipe}-{budget}-{macs}-{seed}", "kind": kind, "recipe": recipe, "family": "x", "model": "m",
+        "width": macs + acc if kind == "static" else 1.0, "depth": 8, "budget": budget, "seed": seed,
+        "dataset": "d", "status": "ok",
+        "accuracy": acc, "mean_macs": macs, "test_images": 1000, "mac_fraction": macs / 4.0,
+        "b1_realized_ratio": 0.5, "b1_mac_speedup": 2.0, "b1_latency_speedup": 1.0,
+        "b64_realized_ratio": 0.8, "b64_mac_speedup": 2.0, "b64_latency_speedup": 1.6,
+    }  # fmt: skip
+
+
+def test_aggregate_averages_seeds_and_verdicts_use_the_front_of_the_same_dataset() -> None:
+    rows = [_row("static", "static", m, a) for m, a in BASELINES]
+    rows += [_row("recipe", "good", 3.0, 0.84, budget=0.5, seed=0), _row("recipe", "good", 3.0, 0.86, budget=0.5,
+             seed=1), _row("recipe", "bad", 3.0, 0.70, budget=0.5)]  # fmt: skip
+    agg = [r for r in aggregate(rows) if r["recipe"] == "good"]
+    assert len(agg) == 1 and agg[0]["seeds"] == 2
+    assert agg[0]["accuracy"] == pytest.approx(0.85)
+    assert agg[0]["accuracy_std"] == pytest.approx(math.sqrt(2) * 0.01)
+    v = {x["recipe"]: x for x in verdicts(rows)}
+    assert v["good"]["beats"] is True and v["good"]["gap"] == pytest.approx(2.5)
+    assert v["good"]["se"] == pytest.approx(100 * math.sqrt(0.85 * 0.15 / 2000))
+    assert v["bad"]["beats"] is False and v["bad"]["gap"] == pytest.approx(-12.5)
+    other = dict(_row("recipe", "elsewhere", 3.0, 0.9, budget=0.5), dataset="other")
+    assert {x["recipe"]: x for x in verdicts([*rows, other])}["elsewhere"]["beats"] is None
+
+
+def test_report_states_a_verdict_per_recipe_and_lists_failures(tmp_path: Path) -> None:
+    rows = [_row("static", "static", m, a) for m, a in BASELINES]
+    rows += [_row("recipe", "good", 3.0, 0.84, budget=0.5), _row("recipe", "bad", 3.0, 0.70, budget=0.5)]
+    rows.append({"job": "broken-b0.5-s0", "kind": "recipe", "recipe": "broken", "budget": 0.5, "status": "error",
+                 "error": "RuntimeError: boom", "dataset": "d", "model": "m", "seed": 0})  # fmt: skip
+    path = write_report(rows, tmp_path, profile={"name": "quick", "budgets": [0.5]}, machine={"loadavg_1m": 3.2})
+    text = path.read_text()
+    assert "- **good** (x): beats the static front: **yes** at budget 0.5 (+1.5 pts" in text
+    assert "- **bad** (x): beats the static front: **no**" in text
+    assert "batch 1: 0.50 (×1.00 / ×2.00)" in text and "batch 64: 0.80" in text
+    assert "- **broken**: failed — `RuntimeError: boom`" in text
+    assert "very short schedule" in text and "3.2" in text
