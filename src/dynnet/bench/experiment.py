@@ -1,0 +1,217 @@
+"""`run_experiment`: the "main job" — train a recipe on a dataset, test it sparse, time it, summarise.
+
+One call builds the loaders and the model, trains with :func:`dynnet.train.fit` (validation split), evaluates
+the test split in sparse mode (and in masked mode, to check that real skipping changes no prediction), times
+dense vs sparse execution on real test images with :func:`dynnet.bench.harness.profile_model`, and writes
+``results.json`` (with :func:`~dynnet.bench.latency.machine_info`) next to the run's checkpoint and ``log.csv``.
+
+The default is sized for about 4-5 minutes on 2 CPU cores: ResNet-20 on 30,000 Fashion-MNIST training images
+for 3 epochs (the full 54,000-image training split — 60,000 less the validation tenth — takes about 1.8× as
+long: pass ``subset=None``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dynnet.bench.harness import profile_model
+from dynnet.bench.latency import machine_info
+from dynnet.train import EvalResult, TrainConfig, build_model, evaluate, fit
+
+__all__ = ["DEFAULT_SUBSET", "ExperimentResult", "run_experiment"]
+
+logger = logging.getLogger("dynnet.bench")
+
+DEFAULT_SUBSET = 30_000
+"""Training images of the default run: what 3 epochs of ResNet-20 get through in ~4 minutes on 2 shared cores."""
+
+
+@dataclass
+class ExperimentResult:
+    """The outcome of :func:`run_experiment`.
+
+    Attributes:
+        settings: the arguments of the run.
+        history: :attr:`dynnet.train.FitResult.history`.
+        test: the sparse-mode test :class:`~dynnet.train.EvalResult`.
+        masked_accuracy: test accuracy in masked mode (equal to ``test.accuracy`` when skipping is exact).
+        sparse_masked_agreement: fraction of test images whose prediction is the same in both modes.
+        profile: :func:`profile_model`'s row (``{}`` when not profiled).
+        machine: :func:`machine_info` at the end of the run.
+        seconds: wall-clock time of training, of evaluation and of profiling.
+        checkpoint: the checkpoint JSON, or ``None``.
+    """
+
+    settings: dict[str, Any]
+    history: list[dict[str, Any]]
+    test: EvalResult
+    masked_accuracy: float
+    sparse_masked_agreement: float
+    profile: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: settings, test metrics, profile, machine, history, timings."""
+        return {
+            "settings": self.settings,
+            "test": self.test.summary() | {"masked_accuracy": self.masked_accuracy,
+                                           "sparse_masked_agreement": self.sparse_masked_agreement},
+            "profile": self.profile,
+            "machine": self.machine,
+            "seconds": self.seconds,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "history": self.history,
+        }  # fmt: skip
+
+    def summary(self) -> str:
+        """A short human-readable report."""
+        s, t, p = self.settings, self.test, self.profile
+        lines = [
+            f"dynnet: {s['model']} + {s['recipe'] or 'static'} (budget {s['budget']}) on {s['dataset']}, "
+            f"{s['epochs']} epoch(s), {s['train_images']} training images, {self.seconds.get('train', 0):.0f} s",
+            f"  test accuracy (sparse)  {100 * t.accuracy:.2f} %   (masked {100 * self.masked_accuracy:.2f} %, "
+            f"same prediction on {100 * self.sparse_masked_agreement:.2f} % of {t.num_samples} images)",
+            f"  MACs / image            {t.macs.mean() / 1e6:.2f} M theoretical = {100 * t.mac_fraction:.1f} % of "
+            f"dense {t.dense_macs / 1e6:.2f} M; executed {t.executed.mean() / 1e6:.2f} M",
+        ]
+        for b in s.get("batch_sizes", ()):
+            if f"b{b}_dense_ms" not in p:
+                continue
+            unit = "ms/image" if b == 1 else "ms/batch"
+            lines.append(
+                f"  latency batch {b:<3}      dense {p[f'b{b}_dense_ms']:.2f} → sparse {p[f'b{b}_sparse_ms']:.2f} "
+                f"{unit}: speedup ×{p[f'b{b}_latency_speedup']:.2f} for a MAC speedup ×{p[f'b{b}_mac_speedup']:.2f} "
+                f"→ realized ratio {p[f'b{b}_realized_ratio']:.2f}"
+            )
+        if p:
+            lines.append(
+                f"  machine                 {self.machine.get('machine')} {self.machine.get('cpu_count')} CPUs, "
+                f"{p.get('threads')} threads, load average {self.machine.get('loadavg_1m')} (shared: timings are noisy)"
+            )
+        return "\n".join(lines)
+
+
+def run_experiment(
+    model: str = "cifar_resnet20",
+    recipe: str | None = "convnet_aig",
+    budget: float | None = 0.5,
+    dataset: str = "fashion_mnist",
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    subset: int | None = DEFAULT_SUBSET,
+    out_dir: str | Path | None = "runs/quickstart",
+    seed: int = 0,
+    *,
+    data_root: str | Path | None = None,
+    val_fraction: float = 0.1,
+    threads: int | None = None,
+    profile: bool = True,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    min_run_time: float = 1.0,
+    progress: bool = False,
+    train_overrides: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    dataset_kwargs: dict[str, Any] | None = None,
+) -> ExperimentResult:
+    """Train, test and time one recipe.
+
+    Args:
+        model: base network name (``dynnet.list_models()``, torchvision, ``timm/<name>``).
+        recipe: recipe name, or ``None`` for the static base network.
+        budget: the recipe's budget (``None``: the recipe's default).
+        dataset: registered dataset name; ``in_channels`` and ``num_classes`` of the model come from it.
+        epochs: training epochs.
+        batch_size: training and evaluation batch size.
+        lr: peak SGD learning rate (cosine schedule).
+        subset: training images (``None``: the whole training split less validation).
+        out_dir: where the checkpoint, ``log.csv`` and ``results.json`` go (``None``: nowhere).
+        seed: seeds the model initialisation, the data split and the training order.
+        data_root: where to look for the dataset first.
+        val_fraction: fraction of the training split held out for validation.
+        threads: torch CPU threads for training and timing (``None``: leave torch's setting).
+        profile: time dense vs sparse execution.
+        batch_sizes: batch sizes for the timing.
+        min_run_time: seconds of measurement per timed configuration.
+        progress: tqdm progress bar.
+        train_overrides: extra :class:`~dynnet.train.TrainConfig` fields (``tau_start``, ``budget_start``...).
+        model_kwargs: extra arguments of the model builder / recipe config (``width``, ``hidden``...).
+        dataset_kwargs: extra arguments of the dataset builder.
+
+    Returns:
+        :class:`ExperimentResult` (also written to ``out_dir/results.json``).
+    """
+    from dynnet.data import build_loaders
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    loaders = build_loaders(
+        dataset, root=data_root, batch_size=batch_size, val_fraction=val_fraction, seed=seed, subset=subset,
+        **(dataset_kwargs or {}),
+    )  # fmt: skip
+    info = loaders.info
+    kwargs = {"in_channels": info.in_channels, "num_classes": info.num_classes, **(model_kwargs or {})}
+    if recipe is not None and budget is not None:
+        kwargs["budget"] = budget
+    net = build_model(model, recipe, **kwargs)
+    settings: dict[str, Any] = {
+        "model": model, "recipe": recipe, "budget": budget, "dataset": dataset, "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "subset": subset, "train_images": len(loaders.train.dataset),
+        "seed": seed, "batch_sizes": list(batch_sizes), "model_kwargs": model_kwargs or {},
+        "train_overrides": train_overrides or {},
+    }  # fmt: skip
+    config = TrainConfig(
+        **{"epochs": epochs, "lr": lr, "seed": seed, "out_dir": out_dir, "progress": progress,
+           **(train_overrides or {})}
+    )  # fmt: skip
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    result = fit(net, loaders.train, config, val_loader=loaders.val)
+    seconds["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    test = evaluate(net, loaders.test, mode="sparse")
+    masked = evaluate(net, loaders.test, mode="masked")
+    agreement = float((test.logits.argmax(1) == masked.logits.argmax(1)).double().mean())
+    if agreement < 1.0:
+        logger.warning("sparse and masked execution disagree on %.3f %% of test images", 100 * (1 - agreement))
+    seconds["evaluate"] = time.perf_counter() - start
+
+    row: dict[str, Any] = {}
+    if profile:
+        start = time.perf_counter()
+        device = next(net.parameters()).device
+        images = torch.cat([x for x, _ in _first_batches(loaders.test, max(max(batch_sizes), 32))]).to(device)
+        row = profile_model(net, images, batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time)
+        seconds["profile"] = time.perf_counter() - start
+
+    out = ExperimentResult(
+        settings=settings, history=result.history, test=test, masked_accuracy=masked.accuracy,
+        sparse_masked_agreement=agreement, profile=row, machine=machine_info(), seconds=seconds,
+        checkpoint=result.checkpoint,
+    )  # fmt: skip
+    if out_dir is not None:
+        path = Path(out_dir) / "results.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out.as_dict(), indent=1, default=str))
+    return out
+
+
+def _first_batches(loader, n: int):
+    got = 0
+    for x, y in loader:
+        yield x, y
+        got += x.shape[0]
+        if got >= n:
+            return

@@ -1,0 +1,140 @@
+"""`profile_model`: dense vs sparse latency on real images, MACs, and the realized-speedup ratio.
+
+MAC speedup = dense MACs / mean theoretical MACs per sample; latency speedup = dense latency / sparse latency;
+realized-speedup ratio = latency speedup ÷ MAC speedup (1.0: every saved MAC was saved on the clock).
+
+At batch 1 the decisions depend on the image, so the timed call loops over ``batch1_samples`` different
+images one by one and the latency reported is the mean per image. At larger batch sizes the first ``B``
+images form the batch (the images are cycled when fewer are given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dynnet.bench.latency import Latency, measure_latency, realized_speedup
+from dynnet.core import dynamic_blocks, set_mode, trace
+from dynnet.macs import count_macs
+
+__all__ = ["profile_model"]
+
+
+def _take(images: Tensor, n: int) -> Tensor:
+    if images.shape[0] >= n:
+        return images[:n]
+    reps = -(-n // images.shape[0])
+    return images.repeat(reps, 1, 1, 1)[:n]
+
+
+def _one_by_one(model: nn.Module):
+    def run(x: Tensor) -> None:
+        with torch.inference_mode():
+            for i in range(x.shape[0]):
+                model(x[i : i + 1])
+
+    return run
+
+
+def _inference(model: nn.Module):
+    # inference_mode (not only no_grad): no autograd bookkeeping at all, as a deployed model runs.
+    def run(x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _macs(model: nn.Module, x: Tensor) -> tuple[float, float, float]:
+    """(mean theoretical MACs, mean executed MACs, dense MACs) per sample of ``model(x)`` as it is set up."""
+    with torch.no_grad(), trace() as t:
+        model(x)
+    if t.entries:
+        return float(t.macs().mean()), float(t.executed_macs().mean()), float(t.dense_macs())
+    per = float(count_macs(model, x[:1]).per_sample[0])
+    return per, per, per
+
+
+def profile_model(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+    batch1_samples: int = 32,
+) -> dict[str, Any]:
+    """Latency of the dense (static base) network and of sparse execution, with MACs, at each batch size.
+
+    The model runs in eval mode under ``torch.inference_mode()``; its train/eval flag and every dynamic block's mode
+    are restored afterwards. A static ``nn.Module`` is timed once and reported as both dense and sparse.
+
+    Args:
+        model: a ``DynamicModel`` (or any classifier).
+        images: Tensor[M, C, H, W] real images (decisions depend on them), already on the model's device.
+        batch_sizes: the batch sizes to time; at batch 1 ``batch1_samples`` images are run one by one.
+        threads: CPU threads for the timing (default: ``torch.get_num_threads()``).
+        min_run_time: seconds of measurement per configuration.
+        batch1_samples: how many different images the batch-1 latency is averaged over.
+
+    Returns:
+        A flat dict (one CSV row): for each batch size ``B``: ``b{B}_dense_ms``, ``b{B}_sparse_ms`` (per image at
+        B = 1, per batch otherwise), ``b{B}_dense_iqr_ms``, ``b{B}_sparse_iqr_ms``, ``b{B}_mean_macs``,
+        ``b{B}_executed_macs``, ``b{B}_mac_fraction``, ``b{B}_mac_speedup``, ``b{B}_latency_speedup``,
+        ``b{B}_realized_ratio`` (and ``b{B}_images``), plus ``dense_macs``, ``threads``, ``device``.
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty Tensor[M, C, H, W], got {getattr(images, 'shape', images)}")
+    dynamic = {name: block.mode for name, block in dynamic_blocks(model)}
+    was_training = model.training
+    threads = threads or torch.get_num_threads()
+    row: dict[str, Any] = {"threads": threads, "device": str(images.device), "dynamic": bool(dynamic)}
+    model.eval()
+    try:
+        for b in batch_sizes:
+            if b < 1:
+                raise ValueError(f"batch sizes must be >= 1, got {b}")
+            x = _take(images, batch1_samples if b == 1 else b)
+            per_call = x.shape[0] if b == 1 else 1
+            fn = _one_by_one(model) if b == 1 else _inference(model)
+
+            def timed(mode: str, fn=fn, x=x, per_call=per_call) -> Latency:
+                if dynamic:
+                    set_mode(model, mode)
+                return _per(measure_latency(fn, x, threads=threads, min_run_time=min_run_time), per_call)
+
+            dense_lat = timed("dense")
+            sparse_lat = timed("sparse") if dynamic else dense_lat
+            mean_macs, executed, dense_macs = _macs(model, x)  # sparse mode (last set), eval
+            row["dense_macs"] = dense_macs
+            mac_speedup = dense_macs / mean_macs
+            lat_speedup = dense_lat.median_ms / sparse_lat.median_ms
+            ratio = realized_speedup(dense_lat.median_ms, sparse_lat.median_ms, dense_macs, mean_macs)
+            row.update({
+                f"b{b}_images": x.shape[0],
+                f"b{b}_dense_ms": dense_lat.median_ms,
+                f"b{b}_dense_iqr_ms": dense_lat.iqr_ms,
+                f"b{b}_sparse_ms": sparse_lat.median_ms,
+                f"b{b}_sparse_iqr_ms": sparse_lat.iqr_ms,
+                f"b{b}_mean_macs": mean_macs,
+                f"b{b}_executed_macs": executed,
+                f"b{b}_mac_fraction": mean_macs / dense_macs,
+                f"b{b}_mac_speedup": mac_speedup,
+                f"b{b}_latency_speedup": lat_speedup,
+                f"b{b}_realized_ratio": ratio,
+            })  # fmt: skip
+    finally:
+        for name, block in dynamic_blocks(model):
+            block.mode = dynamic.get(name, block.mode)
+        model.train(was_training)
+    return row
+
+
+def _per(lat: Latency, n: int) -> Latency:
+    """The latency of one image when a timed call ran ``n`` of them one by one."""
+    if n == 1:
+        return lat
+    return Latency(lat.median_ms / n, lat.iqr_ms / n, lat.runs, 1, lat.threads, lat.device)

@@ -1,0 +1,241 @@
+"""The ``dynnet`` command: parses arguments and calls the library, nothing else.
+
+    dynnet list [recipes|models|datasets]
+    dynnet macs --model resnet50 [--input 3,224,224] [--recipe R --budget B] [--depth 2] [--batch 1]
+    dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ...
+    dynnet eval --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--mode sparse]
+    dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
+    dynnet quickstart
+
+Errors (unknown names, bad values, missing data, corrupt checkpoints) print one ``dynnet: error: ...`` line on
+stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,224,224, got {text!r}") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive integers), got {text!r}")
+    return dims
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``dynnet: error: ...`` line (status 2), like every other error of the command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"dynnet: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dynnet`` command."""
+    from dynnet.bench.experiment import DEFAULT_SUBSET
+
+    parser = _Parser(prog="dynnet", description="Dynamic networks: convert, train, count, time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered recipes, models or datasets")
+    p.add_argument("what", nargs="?", choices=("recipes", "models", "datasets"), help="default: all three")
+    p.add_argument("--family", help="only the recipes of this family (layer_skip, early_exit, ...)")
+
+    p = sub.add_parser("macs", help="per-module MAC table of a (converted) model")
+    p.add_argument("--model", required=True, help="cifar_resnet20, resnet50, timm/<name>, ...")
+    p.add_argument("--input", type=_shape, help="C,H,W (default 3,32,32 for cifar_* models, else 3,224,224)")
+    p.add_argument("--recipe", help="convert with this recipe first")
+    p.add_argument("--budget", type=float, help="the recipe's budget")
+    p.add_argument("--depth", type=int, default=2, help="deepest module level shown")
+    p.add_argument("--batch", type=int, default=1, help="batch size of the counted pass")
+    p.add_argument("--num-classes", type=int, default=None)
+
+    def add_train_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="cifar_resnet20")
+        p.add_argument("--width", type=float, default=None, help="width multiplier of cifar_resnet* models")
+        p.add_argument("--recipe", default="convnet_aig", help="'none' for the static network")
+        p.add_argument("--budget", type=float, default=0.5)
+        p.add_argument("--data", default="fashion_mnist", help="registered dataset")
+        p.add_argument("--data-root", default=None)
+        p.add_argument("--epochs", type=int, default=3)
+        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--lr", type=float, default=0.1)
+        p.add_argument("--subset", type=int, default=DEFAULT_SUBSET, help="training images; 0 = all")
+        p.add_argument("--out", default="runs/quickstart", help="run folder (checkpoint, log.csv, results.json)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--no-profile", action="store_true", help="skip the latency measurement")
+        p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+    add_train_args(sub.add_parser("train", help="train, test (sparse) and time a recipe"))
+    add_train_args(
+        sub.add_parser("quickstart", help="train with the defaults (ResNet-20 + ConvNet-AIG, Fashion-MNIST)")
+    )
+
+    for name, text in (("eval", "test accuracy and MACs of a checkpoint"), ("bench", "dense vs sparse latency")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="checkpoint stem or its .json/.safetensors file")
+        p.add_argument("--data", default="fashion_mnist")
+        p.add_argument("--data-root", default=None)
+        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--threads", type=int, default=None)
+        if name == "eval":
+            p.add_argument("--mode", default="sparse", choices=("sparse", "masked", "dense"))
+            p.add_argument("--max-batches", type=int, default=None)
+        else:
+            p.add_argument("--batch-sizes", type=_ints, default=(1, 64))
+            p.add_argument("--min-run-time", type=float, default=1.0)
+    return parser
+
+
+def _list(args: argparse.Namespace) -> None:
+    import dynnet
+    from dynnet.data import DATASETS
+
+    what = [args.what] if args.what else ["recipes", "models", "datasets"]
+    for kind in what:
+        if kind == "recipes":
+            from dynnet.core import RECIPES
+
+            names = dynnet.list_recipes(args.family)
+            rows = [f"{n:<24} {RECIPES.get(n).family:<14} {RECIPES.get(n).paper}" for n in names]
+        elif kind == "models":
+            rows = [*dynnet.list_models(), "(any torchvision model name)", "(timm/<name> with timm installed)"]
+        else:
+            rows = DATASETS.names()
+        if len(what) > 1:
+            print(f"{kind}:")
+        print("\n".join(("  " if len(what) > 1 else "") + r for r in rows))
+
+
+def _macs(args: argparse.Namespace) -> None:
+    import torch
+
+    import dynnet
+
+    shape = args.input or ((3, 32, 32) if args.model.startswith("cifar_") else (3, 224, 224))
+    if args.batch < 1 or args.depth < 0:
+        raise ValueError(f"--batch must be >= 1 and --depth >= 0, got {args.batch} and {args.depth}")
+    kwargs = {}
+    if args.model in dynnet.list_models():
+        kwargs["in_channels"] = shape[0]
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    model = dynnet.create_model(args.model, args.recipe, budget=args.budget, **kwargs).eval()
+    if args.recipe is not None:
+        dynnet.set_mode(model, "sparse")
+    x = torch.randn((args.batch, *shape), generator=torch.Generator().manual_seed(0))
+    report = dynnet.count_macs(model, x)
+    print(f"{args.model}{' + ' + args.recipe if args.recipe else ''} at {args.batch}x{'x'.join(map(str, shape))}")
+    # A converted model wraps the network as ``net``: one level deeper shows the same modules.
+    print(report.table(args.depth + (1 if args.recipe else 0)))
+    print(f"per sample: {report.mean:,.0f} MACs (dense {report.dense:,.0f}, fraction {report.fraction:.3f})")
+    if report.uncounted:
+        print(f"ops without a counting rule: {', '.join(sorted(report.uncounted))}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from dynnet.bench.experiment import run_experiment
+
+    recipe = None if args.recipe in (None, "none") else args.recipe
+    result = run_experiment(
+        model=args.model, recipe=recipe, budget=args.budget if recipe else None, dataset=args.data,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, subset=args.subset or None, out_dir=args.out,
+        seed=args.seed, data_root=args.data_root, threads=args.threads, profile=not args.no_profile,
+        progress=args.progress, model_kwargs={"width": args.width} if args.width else None,
+    )  # fmt: skip
+    print(result.summary())
+    if args.out:
+        print(f"  written                 {args.out}/results.json, log.csv, checkpoint.json + .safetensors")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from dynnet.data import build_loaders
+    from dynnet.train import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, meta = load_checkpoint(args.checkpoint)
+    loaders = build_loaders(args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.0)
+    return model, meta, loaders
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from dynnet.train import evaluate
+
+    model, meta, loaders = _load(args)
+    result = evaluate(model, loaders.test, mode=args.mode, max_batches=args.max_batches)
+    s = result.summary()
+    print(f"{args.checkpoint} ({meta.get('recipe') or 'static'}) on {args.data} test, {args.mode} mode:")
+    print(f"  accuracy {100 * s['accuracy']:.2f} %  loss {s['loss']:.4f}  images {s['num_samples']}")
+    print(f"  MACs/image {s['mean_macs']:,.0f} ({100 * s['mac_fraction']:.1f} % of dense {s['dense_macs']:,.0f}); ")
+    print(f"  executed {s['mean_executed_macs']:,.0f}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from dynnet.bench.harness import profile_model
+
+    model, _, loaders = _load(args)
+    need = max(max(args.batch_sizes), 32)
+    xs, got = [], 0
+    for x, _ in loaders.test:
+        xs.append(x)
+        got += x.shape[0]
+        if got >= need:
+            break
+    row = profile_model(
+        model, torch.cat(xs), batch_sizes=args.batch_sizes, threads=args.threads, min_run_time=args.min_run_time
+    )
+    print(json.dumps(row, indent=1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dynnet`` command; returns the exit status (0 ok, 2 usage or input error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed "dynnet: error: ..." (or the help)
+        return int(exit_.code or 0)
+    from dynnet.core import UnknownNameError
+    from dynnet.data import DatasetNotFoundError
+
+    if args.command in ("train", "quickstart"):
+        # The command is an application: show the loop's epoch lines and gate-health warnings.
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"list": _list, "macs": _macs, "train": _train, "quickstart": _train, "eval": _eval, "bench": _bench}
+    try:
+        handlers[args.command](args)
+    except (UnknownNameError, DatasetNotFoundError, ValueError, TypeError, ImportError) as err:
+        # ValueError covers CheckpointError and bad budgets; TypeError unknown recipe settings.
+        message = " ".join(str(err).split())
+        print(f"dynnet: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

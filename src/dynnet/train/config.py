@@ -1,0 +1,121 @@
+"""`TrainConfig`: every setting of :func:`dynnet.train.fit`, with the reason for its default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+OPTIMIZERS = ("sgd", "adamw")
+TAU_SCHEDULES = ("exponential", "linear")
+EVAL_MODES = ("sparse", "masked", "dense")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run.
+
+    Attributes:
+        epochs: passes over the training loader.
+        lr: peak learning rate (after warmup). 0.1 is the CIFAR-ResNet SGD default.
+        momentum: SGD momentum (or AdamW beta1): 0.9, the value of the papers we reproduce.
+        weight_decay: L2 penalty, applied to weights with ≥ 2 dims only — decaying BN scales and biases
+            hurts small networks and is not what the ResNet papers do.
+        optimizer: ``"sgd"`` (the papers' choice for ResNets) or ``"adamw"`` (robust for short fine-tunes).
+        nesterov: Nesterov momentum for SGD.
+        cosine: cosine learning-rate decay to 0 over the run (step-wise, so a short run still anneals).
+        warmup_epochs: linear learning-rate warmup (fractional epochs allowed); stabilises fresh gates.
+        budget: target of the budget loss (fraction of dense MACs or execution rate); ``None``: the model's own.
+        budget_start: if set, the target is annealed linearly from ``budget_start`` to ``budget`` over
+            ``budget_warmup_epochs`` — starting from an open network (1.0) avoids collapsing gates at step 0.
+        budget_warmup_epochs: length of that annealing, in (fractional) epochs.
+        tau_start: estimator temperature at step 0; ``None`` leaves each block's own ``tau`` untouched.
+        tau_end: temperature at the last step; ``None``: constant ``tau_start``.
+        tau_schedule: ``"exponential"`` (geometric interpolation, the usual Gumbel annealing) or ``"linear"``.
+        max_steps: stop after this many optimiser steps in total (tests, quick runs); the schedules are laid
+            out over ``min(epochs × len(loader), max_steps)`` steps.
+        log_every: log a training line every this many steps (``logging`` at INFO, progress bar postfix).
+        out_dir: where ``log.csv``, TensorBoard events (if installed) and checkpoints go; ``None``: nowhere.
+        checkpoint_every_steps: also checkpoint every this many steps (0: at the end of each epoch only).
+        resume: continue from ``out_dir/checkpoint`` when it exists (same epoch, step and batch).
+        seed: seeds torch's global RNG and the per-epoch shuffling, so that runs and resumed runs repeat.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None``: ``cuda:<LOCAL_RANK>`` if CUDA is available.
+        grad_clip: clip the global gradient norm to this value (``None``: no clipping).
+        progress: show a tqdm progress bar (rank 0 only).
+        eval_mode: execution mode of the per-epoch validation (``"sparse"``: what inference really runs).
+        find_unused_parameters: passed to ``DistributedDataParallel``. Training runs in masked mode, where every
+            parameter takes part in every step, so the default ``False`` is right; recipes whose training skips
+            parameters (e.g. exits not evaluated) need ``True``.
+    """
+
+    epochs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    nesterov: bool = True
+    cosine: bool = True
+    warmup_epochs: float = 0.0
+    budget: float | None = None
+    budget_start: float | None = None
+    budget_warmup_epochs: float = 0.0
+    tau_start: float | None = None
+    tau_end: float | None = None
+    tau_schedule: str = "exponential"
+    max_steps: int | None = None
+    log_every: int = 50
+    out_dir: str | Path | None = None
+    checkpoint_every_steps: int = 0
+    resume: bool = False
+    seed: int = 0
+    device: str | None = "cpu"
+    grad_clip: float | None = None
+    progress: bool = False
+    eval_mode: str = "sparse"
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        _positive_int("epochs", self.epochs)
+        if self.max_steps is not None:
+            _positive_int("max_steps", self.max_steps)
+        _positive_int("log_every", self.log_every)
+        if not isinstance(self.checkpoint_every_steps, int) or self.checkpoint_every_steps < 0:
+            raise ValueError(f"checkpoint_every_steps must be an int >= 0, got {self.checkpoint_every_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"tau_schedule must be one of {TAU_SCHEDULES}, got {self.tau_schedule!r}")
+        if self.eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}")
+        for name in ("budget", "budget_start"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+        for name in ("tau_start", "tau_end"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.tau_end is not None and self.tau_start is None:
+            raise ValueError("tau_end needs tau_start")
+        if self.warmup_epochs < 0 or self.budget_warmup_epochs < 0:
+            raise ValueError("warmup_epochs and budget_warmup_epochs must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip!r}")
+        if self.resume and self.out_dir is None:
+            raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (paths as strings)."""
+        d = dataclasses.asdict(self)
+        d["out_dir"] = None if self.out_dir is None else str(self.out_dir)
+        return d
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,258 @@
+"""Hooks: small objects :func:`dynnet.train.fit` calls at fixed points with the :class:`FitState`.
+
+Built in: :class:`GateHealth` (gate collapse detection), :class:`CSVLogger` (``log.csv``),
+:class:`TensorBoardLogger` (if ``tensorboard`` is installed) and :class:`Checkpoint`. ``fit`` installs them
+itself from the config, in this order: ``GateHealth``, the user's hooks, the loggers, ``Checkpoint`` — so
+that what the first ones add to the epoch's log is logged and checkpointed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dynnet.core import Trace
+from dynnet.train.checkpoint import save_checkpoint
+from dynnet.train.config import TrainConfig
+from dynnet.train.evaluate import decision_rates
+
+__all__ = ["CSVLogger", "Checkpoint", "FitState", "GateHealth", "Hook", "TensorBoardLogger"]
+
+logger = logging.getLogger("dynnet.train")
+
+
+@dataclass
+class FitState:
+    """Where training stands; passed to every hook call.
+
+    Attributes:
+        config: the run's :class:`TrainConfig`.
+        model: the model being trained (unwrapped: never the ``DistributedDataParallel`` wrapper).
+        optimizer: its optimiser.
+        scheduler: its learning-rate scheduler.
+        epoch: current epoch (0-based).
+        step: optimiser steps done since the start of the run.
+        batch_in_epoch: batches done in the current epoch.
+        steps_per_epoch: batches per epoch on this process.
+        total_steps: steps the schedules are laid out over.
+        logs: the history so far: one dict per finished epoch.
+        step_log: scalars of the last step (loss parts, lr, tau, budget, ...).
+        trace: the trace of the last forward pass (``on_step_end`` only), for hooks that read decisions.
+        is_main: True on rank 0 (the process that writes files).
+        out_dir: ``config.out_dir`` as a path, or ``None``.
+    """
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    epoch: int = 0
+    step: int = 0
+    batch_in_epoch: int = 0
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    step_log: dict[str, float] = field(default_factory=dict)
+    trace: Trace | None = None
+    is_main: bool = True
+    out_dir: Path | None = None
+    hooks: list[Hook] = field(default_factory=list)
+    meter: dict[str, float] = field(default_factory=dict)
+
+
+class Hook:
+    """Base class: override any of the ``on_*`` methods; ``state_dict`` lets a hook survive a resume."""
+
+    def on_fit_start(self, state: FitState) -> None:
+        pass
+
+    def on_epoch_start(self, state: FitState) -> None:
+        pass
+
+    def on_step_end(self, state: FitState) -> None:
+        pass
+
+    def on_epoch_end(self, state: FitState) -> None:
+        """Called after the epoch's log was appended to ``state.logs`` (``state.logs[-1]`` can be extended)."""
+
+    def on_fit_end(self, state: FitState) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state to checkpoint (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class GateHealth(Hook):
+    """Gate collapse detection: a gate always on (rate > ``high``) or always off (< ``low``) over an epoch.
+
+    Tracks, for every binary decision of the training trace, the mean of its hard decisions over the epoch.
+    At the end of the epoch it writes ``gate_rates`` (name → rate) and ``collapsed_gates`` (the names of the
+    collapsed gates, e.g. ``"layer1.0:off"``) into the epoch's log and logs a WARNING naming them.
+
+    Args:
+        low: below this execution rate a gate counts as always off.
+        high: above this rate, always on.
+    """
+
+    def __init__(self, low: float = 0.01, high: float = 0.99) -> None:
+        self.low, self.high = low, high
+        self._sums: dict[str, list[float]] = {}
+
+    def on_epoch_start(self, state: FitState) -> None:
+        if state.batch_in_epoch == 0:
+            self._sums = {}
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.trace is None:
+            return
+        for name, (s, n) in decision_rates(state.trace).items():
+            acc = self._sums.setdefault(name, [0.0, 0])
+            acc[0] += s
+            acc[1] += n
+
+    def rates(self) -> dict[str, float]:
+        """Execution rate of each gate over the epoch so far."""
+        return {k: s / n for k, (s, n) in self._sums.items() if n}
+
+    def on_epoch_end(self, state: FitState) -> None:
+        rates = self.rates()
+        collapsed = [f"{k}:on" for k, r in rates.items() if r > self.high]
+        collapsed += [f"{k}:off" for k, r in rates.items() if r < self.low]
+        entry = state.logs[-1]
+        entry["gate_rates"] = {k: round(r, 4) for k, r in rates.items()}
+        entry["collapsed_gates"] = collapsed
+        if collapsed:
+            logger.warning(
+                "epoch %d: %d gate(s) collapsed (always on > %.2f or always off < %.2f): %s",
+                state.epoch,
+                len(collapsed),
+                self.high,
+                self.low,
+                ", ".join(collapsed),
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self._sums}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._sums = {k: list(v) for k, v in state.get("sums", {}).items()}
+
+
+_SKIP_CSV = ("gate_rates",)
+
+
+class CSVLogger(Hook):
+    """Appends one row per epoch to ``out_dir/log.csv`` (rank 0); ``collapsed_gates`` joined by ``;``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_fit_start(self, state: FitState) -> None:
+        if state.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rewrite(state.logs)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if state.is_main:
+            self._rewrite(state.logs)
+
+    def _rewrite(self, logs: list[dict[str, Any]]) -> None:
+        # The whole file is rewritten (a few rows): columns stay consistent when a later epoch adds one,
+        # and a resumed run's log holds the epochs of the interrupted one.
+        rows = [
+            {k: (";".join(v) if isinstance(v, list) else v) for k, v in r.items() if k not in _SKIP_CSV} for r in logs
+        ]
+        columns: list[str] = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.replace(self.path)
+
+
+class TensorBoardLogger(Hook):
+    """Step scalars and epoch scalars to TensorBoard (``out_dir/tb``), when ``tensorboard`` is installed."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # raises ImportError without tensorboard
+
+        self._writer_cls = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self._writer: Any = None
+
+    def on_fit_start(self, state: FitState) -> None:
+        if state.is_main:
+            self._writer = self._writer_cls(str(self.log_dir))
+
+    def on_step_end(self, state: FitState) -> None:
+        if self._writer is not None and state.step % state.config.log_every == 0:
+            for k, v in state.step_log.items():
+                self._writer.add_scalar(f"train/{k}", v, state.step)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if self._writer is not None:
+            for k, v in state.logs[-1].items():
+                if isinstance(v, (int, float)):
+                    self._writer.add_scalar(f"epoch/{k}", v, state.epoch)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class Checkpoint(Hook):
+    """Saves ``out_dir/checkpoint`` every ``every_steps`` steps (if > 0), at every epoch end and at the end.
+
+    Only rank 0 writes. The state stored lets :func:`fit` resume at the same epoch, batch and step, with the
+    same RNG states, epoch accumulators and hook states.
+    """
+
+    def __init__(self, path: str | Path, every_steps: int = 0) -> None:
+        self.path = Path(path)
+        self.every_steps = every_steps
+        self.last: Path | None = None
+
+    def on_step_end(self, state: FitState) -> None:
+        if self.every_steps and state.step % self.every_steps == 0 and state.batch_in_epoch < state.steps_per_epoch:
+            self.save(state)
+
+    def on_epoch_end(self, state: FitState) -> None:
+        self.save(state, epoch_done=True)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self.last is None:
+            self.save(state)
+
+    def save(self, state: FitState, *, epoch_done: bool = False) -> None:
+        """Write the checkpoint now (rank 0 only)."""
+        if not state.is_main:
+            return
+        # At an epoch end the next position is (epoch + 1, batch 0); mid-epoch it is (epoch, batch_in_epoch).
+        epoch, batch = (state.epoch + 1, 0) if epoch_done else (state.epoch, state.batch_in_epoch)
+        train_state = {
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "step": state.step,
+            "budget": state.step_log.get("budget"),
+            "tau": state.step_log.get("tau"),
+            "history": state.logs,
+            "meter": {} if epoch_done else dict(state.meter),
+            "hooks": {f"{i}:{type(h).__name__}": h.state_dict() for i, h in enumerate(state.hooks)},
+            "config": state.config.as_dict(),
+        }
+        self.last = save_checkpoint(
+            self.path, state.model, optimizer=state.optimizer, scheduler=state.scheduler, state=train_state
+        )

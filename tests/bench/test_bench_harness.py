@@ -1,0 +1,71 @@
+"""`profile_model`: keys, MAC figures against the trace, and the model left as it was."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import dynnet
+from dynnet.bench.harness import profile_model
+from dynnet.core import dynamic_blocks
+from dynnet.testing import scramble_gates
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models; on a shared CPU a second OpenMP thread only spins
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_profile_model_reports_and_restores() -> None:
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="convnet_aig", width=0.25, in_channels=1)
+    scramble_gates(model, seed=3)
+    model.train()
+    dynnet.set_mode(model, "masked")
+    images = torch.randn(10, 1, 12, 12)
+    row = profile_model(model, images, batch_sizes=(1, 8), min_run_time=0.01, batch1_samples=6)
+
+    for b in (1, 8):
+        for key in ("dense_ms", "sparse_ms", "mean_macs", "executed_macs", "mac_fraction", "mac_speedup",
+                    "latency_speedup", "realized_ratio"):  # fmt: skip
+            assert isinstance(row[f"b{b}_{key}"], float), key
+            assert row[f"b{b}_{key}"] > 0
+        assert row[f"b{b}_realized_ratio"] == pytest.approx(row[f"b{b}_latency_speedup"] / row[f"b{b}_mac_speedup"])
+    assert row["b1_images"] == 6 and row["b8_images"] == 8
+
+    # the MAC figures are those of sparse eval-mode execution of exactly those images
+    model.eval()
+    dynnet.set_mode(model, "sparse")
+    with torch.no_grad(), dynnet.trace() as t:
+        model(images[:8])
+    assert row["b8_mean_macs"] == pytest.approx(float(t.macs().mean()))
+    assert row["dense_macs"] == t.dense_macs()
+    assert row["b8_mac_speedup"] == pytest.approx(t.dense_macs() / float(t.macs().mean()))
+    assert row["b8_mac_fraction"] < 1.0  # the scrambled gates skip blocks
+
+    # restored: train flag and per-block modes
+    model.train()
+    dynnet.set_mode(model, "masked")
+    blocks = [b for _, b in dynamic_blocks(model)]
+    blocks[0].mode = "dense"
+    profile_model(model, images, batch_sizes=(2,), min_run_time=0.01)
+    assert model.training
+    assert [b.mode for b in blocks] == ["dense"] + ["masked"] * (len(blocks) - 1)
+
+
+def test_profile_static_model() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    row = profile_model(model, torch.randn(4, 1, 4, 4), batch_sizes=(4,), min_run_time=0.01)
+    assert row["dense_macs"] == 48 and row["b4_mac_speedup"] == 1.0 and row["b4_latency_speedup"] == 1.0
+    assert row["dynamic"] is False
+
+
+def test_profile_rejects_bad_images() -> None:
+    with pytest.raises(ValueError, match="Tensor"):
+        profile_model(nn.Identity(), torch.randn(3, 4))

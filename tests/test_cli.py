@@ -1,0 +1,85 @@
+"""The `dynnet` command: real output for list / macs / eval, exit status 2 with one line on bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import dynnet
+from dynnet.cli import main
+from dynnet.macs.report import format_macs
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models; on a shared CPU a second OpenMP thread only spins
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_list_recipes_and_datasets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "convnet_aig" in out and "layer_skip" in out and "Adaptive Inference Graphs" in out
+    assert main(["list", "datasets"]) == 0
+    assert "fashion_mnist" in capsys.readouterr().out.split()
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "models:" in out and "cifar_resnet20" in out
+
+
+def test_macs_table_matches_count_macs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["macs", "--model", "cifar_resnet8", "--input", "1,16,16", "--depth", "1"]) == 0
+    out = capsys.readouterr().out
+    model = dynnet.create_model("cifar_resnet8", in_channels=1).eval()
+    report = dynnet.count_macs(model, torch.randn(1, 1, 16, 16))
+    assert f"per sample: {report.mean:,.0f} MACs" in out
+    layer1 = report.by_module()["layer1"]
+    assert any(line.split()[:1] == ["layer1"] and format_macs(layer1) in line for line in out.splitlines())
+
+
+def test_macs_of_a_converted_model(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["macs", "--model", "cifar_resnet8", "--recipe", "convnet_aig", "--budget", "0.5", "--input", "3,16,16"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "net.layer1" in out and "fraction 1.000" in out  # fresh gates are open
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["macs", "--model", "cifar_resnet8", "--recipe", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+        (["macs", "--model", "no_such_model"], "unknown model 'no_such_model'"),
+        (["macs", "--model", "cifar_resnet8", "--recipe", "convnet_aig", "--budget", "1.5"], "budget must be"),
+        (["train", "--data", "no_such_data", "--epochs", "1"], "unknown dataset 'no_such_data'"),
+        (["macs", "--model", "cifar_resnet8", "--input", "3,32"], "C,H,W"),
+    ],
+)
+def test_errors_exit_2_with_one_line(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dynnet: error: ") and match in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_eval_of_corrupt_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "ck.json").write_text("{truncated")
+    assert main(["eval", "--checkpoint", str(tmp_path / "ck"), "--data", "synthetic"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynnet: error: corrupt checkpoint") and "ck.json" in err
+
+
+def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--model", "cifar_resnet8", "--width", "0.25", "--data", "synthetic", "--epochs", "1",
+            "--subset", "64", "--batch-size", "32", "--out", str(out), "--no-profile"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "test accuracy (sparse)" in text and (out / "results.json").is_file()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint"), "--data", "synthetic", "--mode", "masked"]) == 0
+    text = capsys.readouterr().out
+    assert "masked mode" in text and "accuracy" in text
