@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from torch import nn
@@ -76,19 +77,32 @@ def create_model(name: str, recipe: str | None = None, *, budget: float | None =
     if recipe is None:
         if budget is not None:
             raise ValueError("budget needs a recipe")
-        return build_base_model(name, **kwargs)
+        return _remember_build(build_base_model(name, **kwargs), name, dict(kwargs))
     _load_methods()
     spec = RECIPES.get(recipe)
     fields = set(spec.config_cls.__dataclass_fields__)
     recipe_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
     targets = kwargs.pop("targets", "auto")
+    build_kw = dict(kwargs)  # model arguments; the recipe and its config are saved from the model itself
     try:
         base = build_base_model(name, **kwargs)
     except TypeError as err:
         raise TypeError(
             f"{err}; recipe {recipe!r} has no setting by that name either (its settings: {sorted(fields)})"
         ) from None
-    return convert(base, recipe, budget=budget, targets=targets, inplace=True, **recipe_kw)
+    model = convert(base, recipe, budget=budget, targets=targets, inplace=True, **recipe_kw)
+    return _remember_build(model, name, build_kw)
+
+
+def _remember_build(model: nn.Module, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Record how the base network was built (``build_base_model(name, **kwargs)``) so that a checkpoint's JSON
+    can rebuild the model (see ``dynnet.train.load_checkpoint``); skipped when the arguments are not JSON-able."""
+    try:
+        json.dumps(kwargs)
+    except TypeError:
+        return model
+    object.__setattr__(model, "_dynnet_build", {"name": name, "kwargs": kwargs})
+    return model
 
 
 def _load_methods() -> None:

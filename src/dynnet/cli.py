@@ -5,6 +5,7 @@
     dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ...
     dynnet eval --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
+    dynnet bench --profile quick|full [--recipes a,b] [--budgets 0.25,0.5] [--out DIR] [--report-only]
     dynnet quickstart
 
 Errors (unknown names, bad values, missing data, corrupt checkpoints) print one ``dynnet: error: ...`` line on
@@ -92,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("quickstart", help="train with the defaults (ResNet-20 + ConvNet-AIG, Fashion-MNIST)")
     )
 
-    for name, text in (("eval", "test accuracy and MACs of a checkpoint"), ("bench", "dense vs sparse latency")):
+    for name, text in (
+        ("eval", "test accuracy and MACs of a checkpoint"),
+        ("bench", "dense vs sparse latency of a checkpoint, or the benchmark suite (--profile quick|full)"),
+    ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=True, help="checkpoint stem or its .json/.safetensors file")
+        p.add_argument("--checkpoint", required=name == "eval", help="checkpoint stem or its .json/.safetensors file")
         p.add_argument("--data", default="fashion_mnist")
         p.add_argument("--data-root", default=None)
         p.add_argument("--batch-size", type=int, default=128)
@@ -105,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--batch-sizes", type=_ints, default=(1, 64))
             p.add_argument("--min-run-time", type=float, default=1.0)
+            from dynnet.bench.suite import add_suite_arguments
+
+            add_suite_arguments(p)  # --profile, --out, --recipes, --budgets, ... (keeps the --threads above)
     return parser
 
 
@@ -199,6 +206,13 @@ def _bench(args: argparse.Namespace) -> None:
 
     from dynnet.bench.harness import profile_model
 
+    if args.profile is not None:
+        from dynnet.bench.suite import bench_main
+
+        bench_main(args)
+        return
+    if args.checkpoint is None:
+        raise ValueError("dynnet bench needs --checkpoint (one model) or --profile quick|full (the benchmark suite)")
     model, _, loaders = _load(args)
     need = max(max(args.batch_sizes), 32)
     xs, got = [], 0

@@ -1,5 +1,18 @@
 """Benchmarking: latency, realized speedup, accuracy × MACs × latency reports."""
 
+from dynnet.bench.experiment import ExperimentResult, run_experiment
+from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import Latency, machine_info, measure_latency, realized_speedup
+from dynnet.bench.suite import BenchProfile, run_suite
 
-__all__ = ["Latency", "machine_info", "measure_latency", "realized_speedup"]
+__all__ = [
+    "BenchProfile",
+    "ExperimentResult",
+    "Latency",
+    "machine_info",
+    "measure_latency",
+    "profile_model",
+    "realized_speedup",
+    "run_experiment",
+    "run_suite",
+]

@@ -37,10 +37,20 @@ class ResidualAdapter:
 
 
 _ADAPTERS: dict[type, ResidualAdapter] = {}
+_BUILTIN_LOADED = False
+
+
+def _ensure_builtin() -> None:
+    """Register the built-in adapters on first use (importing torchvision and timm costs seconds)."""
+    global _BUILTIN_LOADED
+    if not _BUILTIN_LOADED:
+        _BUILTIN_LOADED = True
+        _register_builtin()
 
 
 def register_residual_adapter(cls: type, adapter: ResidualAdapter) -> None:
     """Teach the converters a residual block class; raises if the class already has one."""
+    _ensure_builtin()
     if cls in _ADAPTERS:
         raise ValueError(f"a residual adapter for {cls.__qualname__} is already registered")
     _ADAPTERS[cls] = adapter
@@ -48,6 +58,7 @@ def register_residual_adapter(cls: type, adapter: ResidualAdapter) -> None:
 
 def find_adapter(block: nn.Module) -> ResidualAdapter | None:
     """The adapter for ``block``'s exact class, if it applies to this instance."""
+    _ensure_builtin()
     adapter = _ADAPTERS.get(type(block))
     return adapter if adapter is not None and adapter.applies(block) else None
 
@@ -83,18 +94,15 @@ def _register_builtin() -> None:
         out = b.relu(b.bn2(b.conv2(out)))
         return b.bn3(b.conv3(out))
 
-    register_residual_adapter(CifarBasic, ResidualAdapter(basic_body, _downsample, _relu, _conv1_in))
-    register_residual_adapter(TvBasic, ResidualAdapter(basic_body, _downsample, _relu, _conv1_in))
-    register_residual_adapter(TvBottleneck, ResidualAdapter(bottleneck_body, _downsample, _relu, _conv1_in))
-    register_residual_adapter(
-        InvertedResidual,
-        ResidualAdapter(
-            body=lambda b, x: b.conv(x),
-            shortcut=_identity,
-            post=lambda b, y: y,
-            in_channels=lambda b: b.conv[0][0].in_channels,
-            applies=lambda b: bool(b.use_res_connect),
-        ),
+    _ADAPTERS[CifarBasic] = ResidualAdapter(basic_body, _downsample, _relu, _conv1_in)
+    _ADAPTERS[TvBasic] = ResidualAdapter(basic_body, _downsample, _relu, _conv1_in)
+    _ADAPTERS[TvBottleneck] = ResidualAdapter(bottleneck_body, _downsample, _relu, _conv1_in)
+    _ADAPTERS[InvertedResidual] = ResidualAdapter(
+        body=lambda b, x: b.conv(x),
+        shortcut=_identity,
+        post=lambda b, y: y,
+        in_channels=lambda b: b.conv[0][0].in_channels,
+        applies=lambda b: bool(b.use_res_connect),
     )
     try:
         from timm.models.resnet import BasicBlock as TimmBasic
@@ -118,12 +126,5 @@ def _register_builtin() -> None:
         x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
         return timm_tail(b, b.bn3(b.conv3(x)))
 
-    register_residual_adapter(
-        TimmBasic, ResidualAdapter(timm_basic_body, _downsample, lambda b, y: b.act2(y), _conv1_in)
-    )
-    register_residual_adapter(
-        TimmBottleneck, ResidualAdapter(timm_bottleneck_body, _downsample, lambda b, y: b.act3(y), _conv1_in)
-    )
-
-
-_register_builtin()
+    _ADAPTERS[TimmBasic] = ResidualAdapter(timm_basic_body, _downsample, lambda b, y: b.act2(y), _conv1_in)
+    _ADAPTERS[TimmBottleneck] = ResidualAdapter(timm_bottleneck_body, _downsample, lambda b, y: b.act3(y), _conv1_in)

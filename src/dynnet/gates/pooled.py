@@ -7,8 +7,9 @@ from torch import Tensor, nn
 
 __all__ = ["PooledMLPGate", "open_bias_"]
 
-# A logit of 6 gives p(open) = 0.9975: decisions are open at start, yet gradients are not saturated.
-OPEN_LOGIT = 6.0
+# A logit of 3 gives p(open) = 0.95: decisions are open at start, and the softmax gradient (p(1-p) = 0.045)
+# is large enough for a short schedule to move the gates (at 6 it is 0.0025 and they barely move).
+OPEN_LOGIT = 3.0
 
 
 def open_bias_(linear: nn.Linear, *, open_index: int | None = None, logit: float = OPEN_LOGIT) -> nn.Linear:

@@ -53,7 +53,11 @@ class AIGBlock(GatedResidual):
 
     def decide(self, x: Tensor) -> Decision:
         logits = self.gate(x)
-        sample, probs = gumbel_softmax(logits, self.tau, hard=True, noise=self.training)
+        if not self.training:
+            # Inference: the argmax of two logits, without the softmax / one-hot / straight-through work
+            # that would cost more than a skipped block saves at batch 1.
+            return Decision(hard=(logits[:, 1] > logits[:, 0]).to(x.dtype), soft=None, granularity="layer")
+        sample, probs = gumbel_softmax(logits, self.tau, hard=True, noise=True)
         return Decision(hard=sample[:, 1], soft=probs[:, 1], granularity="layer")
 
 
