@@ -1,1 +1,67 @@
-"""Family: early_exit (recipes register on import)."""
+"""Early exits: classifiers along the network; each sample stops at the first exit confident enough.
+
+Importing this package registers the recipes ``branchynet``, ``cdl``, ``adaptive_nn``, ``msdnet``, ``imta``,
+``dynexit``, ``hierarchical_exits``, ``triple_wins`` and ``early_exit_cnn`` (and the base model ``msdnet_tiny``).
+Shared machinery: :mod:`._common` (trunks, exit placement, the exit cascade with batch compaction) and
+:mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration).
+"""
+
+from dynnet.methods.early_exit import (
+    adaptive_nn,
+    branchynet,
+    cdl,
+    dynexit,
+    early_exit_cnn,
+    hierarchical_exits,
+    imta,
+    msdnet,
+    triple_wins,
+)
+from dynnet.methods.early_exit._common import (
+    EarlyExitModel,
+    ExitCascade,
+    ExitPlan,
+    Trunk,
+    place_exits,
+    plan_exits,
+    register_trunk,
+    trunk_of,
+)
+from dynnet.methods.early_exit.calibration import (
+    Calibration,
+    ExitProfile,
+    anytime_curve,
+    apply_thresholds,
+    budgeted_curve,
+    calibrate_,
+    calibrate_thresholds,
+    collect_exits,
+)
+
+__all__ = [
+    "Calibration",
+    "EarlyExitModel",
+    "ExitCascade",
+    "ExitPlan",
+    "ExitProfile",
+    "Trunk",
+    "adaptive_nn",
+    "anytime_curve",
+    "apply_thresholds",
+    "branchynet",
+    "budgeted_curve",
+    "calibrate_",
+    "calibrate_thresholds",
+    "cdl",
+    "collect_exits",
+    "dynexit",
+    "early_exit_cnn",
+    "hierarchical_exits",
+    "imta",
+    "msdnet",
+    "place_exits",
+    "plan_exits",
+    "register_trunk",
+    "triple_wins",
+    "trunk_of",
+]

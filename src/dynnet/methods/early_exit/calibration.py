@@ -1,0 +1,230 @@
+"""Anytime evaluation and budget calibration of early-exit networks.
+
+* :func:`collect_exits` runs a model in masked mode once over a loader and keeps, for every sample, each exit's
+  prediction and score, plus the MACs a sample pays to stop at each exit (:class:`ExitProfile`).
+* :func:`anytime_curve` — accuracy and MACs when every sample leaves at exit ``k`` (the anytime setting).
+* :func:`calibrate_thresholds` — the budgeted-batch setting of MSDNet (Huang et al., ICLR 2018, §4): exit
+  proportions follow a geometric profile ``q_k ∝ p^k``; on the validation profile each exit's threshold is set
+  so that a fraction ``q_k`` of the samples stops there (most confident first), and ``p`` is searched so that
+  the mean MACs meet the target.
+* :func:`calibrate_` does it for a model and a validation loader and sets the thresholds;
+  :func:`budgeted_curve` calibrates on validation and reports accuracy and MACs on the test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dynnet.core import set_mode, trace
+from dynnet.methods.early_exit._common import NEVER, EarlyExitModel
+
+__all__ = [
+    "Calibration",
+    "ExitProfile",
+    "anytime_curve",
+    "apply_thresholds",
+    "budgeted_curve",
+    "calibrate_",
+    "calibrate_thresholds",
+    "collect_exits",
+]
+
+
+@dataclass(frozen=True)
+class ExitProfile:
+    """Every exit's verdict on every sample of a split.
+
+    Attributes:
+        scores: Tensor[N, K - 1] exit scores of the early exits (exit when ``score >= threshold``).
+        correct: Tensor[N, K] bool, whether exit ``k`` classifies sample ``n`` correctly.
+        predictions: Tensor[N, K] long, each exit's predicted class.
+        costs: Tensor[K] float64 MACs per sample of stopping at exit ``k`` (segments, heads and decisions).
+        dense_macs: MACs per sample of the static base network.
+    """
+
+    scores: Tensor
+    correct: Tensor
+    predictions: Tensor
+    costs: Tensor
+    dense_macs: float
+
+    @property
+    def num_exits(self) -> int:
+        return self.correct.shape[1]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds for a budget and what they achieve on the split they were fitted on."""
+
+    thresholds: Tensor
+    target_fraction: float
+    achieved_fraction: float
+    accuracy: float
+    exit_rates: Tensor
+    p: float
+
+
+def collect_exits(
+    model: EarlyExitModel, loader: Iterable[tuple[Tensor, Tensor]], *, max_batches: int | None = None
+) -> ExitProfile:
+    """Run ``model`` (eval, masked mode: every exit computed) over ``loader``; see :class:`ExitProfile`.
+
+    The model is left in eval mode and masked execution.
+    """
+    model.eval()
+    set_mode(model, "masked")
+    device = next(model.parameters()).device
+    scores, correct, preds = [], [], []
+    costs, dense = None, None
+    with torch.no_grad():
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            with trace() as t:
+                model(x)
+            exits = model.exit_outputs(t)
+            k = len(exits)
+            scores.append(torch.stack([t.outputs[f"exit{j}/score"].float() for j in range(k - 1)], 1).cpu())
+            p = torch.stack([z.argmax(1) for z in exits], 1).cpu()
+            preds.append(p)
+            correct.append(p == y.cpu().view(-1, 1))
+            if costs is None:
+                costs = model.cascade.cumulative_costs(x)
+                dense = t.dense_macs()
+    if costs is None:
+        raise ValueError("collect_exits: the loader yielded no batch")
+    return ExitProfile(torch.cat(scores), torch.cat(correct), torch.cat(preds), costs, float(dense))
+
+
+def apply_thresholds(scores: Tensor, thresholds: Tensor) -> Tensor:
+    """Tensor[N] long: the first exit whose score reaches its threshold (``K - 1`` when none does)."""
+    hit = scores >= thresholds.view(1, -1).to(scores.dtype)
+    k_last = scores.shape[1]
+    first = torch.where(hit, torch.arange(k_last).view(1, -1), k_last)
+    return first.amin(1) if k_last else torch.zeros(scores.shape[0], dtype=torch.long)
+
+
+def _evaluate(profile: ExitProfile, exit_index: Tensor) -> tuple[float, float, Tensor]:
+    """(accuracy, mean MAC fraction, exit rates) of a given exit assignment."""
+    acc = float(profile.correct.gather(1, exit_index.view(-1, 1)).float().mean())
+    frac = float(profile.costs[exit_index].mean()) / profile.dense_macs
+    rates = torch.bincount(exit_index, minlength=profile.num_exits).double() / exit_index.numel()
+    return acc, frac, rates
+
+
+def anytime_curve(profile: ExitProfile) -> list[dict[str, float]]:
+    """Accuracy and MACs when every sample stops at exit ``k``, for each ``k``."""
+    return [
+        {
+            "exit": k,
+            "accuracy": float(profile.correct[:, k].float().mean()),
+            "macs": float(profile.costs[k]),
+            "mac_fraction": float(profile.costs[k]) / profile.dense_macs,
+        }
+        for k in range(profile.num_exits)
+    ]
+
+
+def _geometric_thresholds(scores: Tensor, p: float) -> Tensor:
+    """MSDNet's thresholds: exit k takes the ``q_k N`` most confident remaining samples, ``q_k ∝ p^k``."""
+    n, k_early = scores.shape
+    k_all = k_early + 1
+    q = torch.tensor([p**k for k in range(k_all)], dtype=torch.float64)
+    q = q / q.sum()
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds = torch.full((k_early,), NEVER)
+    for k in range(k_early):
+        count = int(torch.floor(q[k] * n))
+        cand = remaining.nonzero().squeeze(1)
+        if count <= 0 or cand.numel() == 0:
+            continue
+        count = min(count, cand.numel())
+        s = scores[cand, k]
+        order = s.argsort(descending=True)
+        thresholds[k] = float(s[order[count - 1]])
+        remaining &= ~(scores[:, k] >= thresholds[k])
+    return thresholds
+
+
+def calibrate_thresholds(profile: ExitProfile, target_fraction: float, *, iters: int = 60) -> Calibration:
+    """Thresholds whose mean MACs on ``profile`` meet ``target_fraction`` of the dense network's.
+
+    Searches the geometric profile parameter ``log p`` by bisection (the mean cost grows with ``p``). A target
+    below the cheapest reachable cost (everyone stops at the first exit) or above the most expensive one is
+    clamped; :attr:`Calibration.achieved_fraction` says what was reached.
+
+    Args:
+        profile: the validation split's :class:`ExitProfile`.
+        target_fraction: mean MACs as a fraction of the dense network, > 0.
+        iters: bisection steps.
+    """
+    if not target_fraction > 0:
+        raise ValueError(f"target_fraction must be positive, got {target_fraction}")
+    scores = profile.scores.float()
+
+    def cost_of(log_p: float) -> tuple[Tensor, float]:
+        thr = _geometric_thresholds(scores, float(torch.tensor(log_p).exp()))
+        return thr, _evaluate(profile, apply_thresholds(scores, thr))[1]
+
+    lo, hi = -12.0, 12.0
+    best = None
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        thr, frac = cost_of(mid)
+        if best is None or abs(frac - target_fraction) < abs(best[1] - target_fraction):
+            best = (thr, frac, mid)
+        if frac > target_fraction:
+            hi = mid
+        else:
+            lo = mid
+    thr, _, log_p = best
+    acc, frac, rates = _evaluate(profile, apply_thresholds(scores, thr))
+    return Calibration(thr, float(target_fraction), frac, acc, rates, float(torch.tensor(log_p).exp()))
+
+
+def calibrate_(
+    model: EarlyExitModel,
+    val_loader: Iterable[tuple[Tensor, Tensor]],
+    budget: float | None = None,
+    *,
+    max_batches: int | None = None,
+) -> Calibration:
+    """Calibrate ``model``'s thresholds on a validation loader for a mean-MAC budget and set them.
+
+    Args:
+        model: an early-exit model.
+        val_loader: validation batches.
+        budget: target mean MACs as a fraction of the dense network (default: ``model.config.budget``).
+        max_batches: use only this many batches.
+    """
+    budget = model.config.budget if budget is None else budget
+    cal = calibrate_thresholds(collect_exits(model, val_loader, max_batches=max_batches), budget)
+    model.set_thresholds(cal.thresholds)
+    return cal
+
+
+def budgeted_curve(val: ExitProfile, test: ExitProfile, budgets: Sequence[float]) -> list[dict[str, float]]:
+    """For each budget: calibrate on ``val``, then accuracy and mean MAC fraction on ``test``."""
+    rows = []
+    for b in budgets:
+        cal = calibrate_thresholds(val, b)
+        acc, frac, rates = _evaluate(test, apply_thresholds(test.scores.float(), cal.thresholds))
+        rows.append(
+            {
+                "budget": float(b),
+                "val_fraction": cal.achieved_fraction,
+                "val_accuracy": cal.accuracy,
+                "test_fraction": frac,
+                "test_accuracy": acc,
+                "test_macs": frac * test.dense_macs,
+                "exit_rates": [round(float(r), 4) for r in rates],
+                "thresholds": [float(t) for t in cal.thresholds],
+            }
+        )
+    return rows

@@ -1,0 +1,84 @@
+"""CDL — Panda, Sengupta & Roy, "Conditional Deep Learning for Energy-Efficient and Enhanced Pattern
+Recognition", DATE 2016. https://arxiv.org/abs/1509.08971
+
+Linear classifiers are attached to intermediate feature maps of an already trained network; the base network
+is not changed by them. At inference the cascade is confidence-gated: a sample stops at the first linear
+classifier whose output confidence reaches that stage's threshold, otherwise it continues to the next stage.
+
+Departures from the paper:
+* each linear classifier sees globally average-pooled features (the paper feeds the flattened feature map of
+  small MNIST/CIFAR networks to the linear layer; pooling keeps the heads cheap on larger networks);
+* the confidence is the maximum softmax probability (the paper thresholds the maximum output activation);
+* classifiers are placed at fixed fractions of the trunk's MACs instead of the paper's greedy stage-by-stage
+  addition that keeps a stage only if it lowers the energy;
+* the linear classifiers and the base network can be trained in one run: the classifiers see detached features,
+  so the base network's gradients come only from its own classifier (as when training them after the base);
+* thresholds are calibrated on a validation split for a target mean MAC budget (the paper hand-picks them).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets
+from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.methods.early_exit._common import EarlyExitModel, ExitCascade, PooledLinearHead, State, plan_exits
+
+__all__ = ["CDLCascade", "CDLConfig", "CDLModel", "convert"]
+
+
+@dataclass(frozen=True)
+class CDLConfig:
+    """Settings of CDL.
+
+    Attributes:
+        budget: target mean MACs (fraction of the dense network) that calibration aims at.
+        exit_fractions: cumulative fractions of the trunk's MACs after which linear classifiers go.
+        train_base: also train the base network on its own cross-entropy (``False``: only the classifiers).
+    """
+
+    budget: float = 0.5
+    exit_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    train_base: bool = True
+
+
+class CDLCascade(ExitCascade):
+    """Linear classifiers on detached features: they never change the base network."""
+
+    def exit_logits(self, k: int, h: State, carry: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.exits[k](h.detach()), carry
+
+
+class CDLModel(EarlyExitModel):
+    """Objective: the base network's cross-entropy (if ``train_base``) + every linear classifier's."""
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        exits = self.exit_outputs(t)
+        linear = sum(F.cross_entropy(z, target) for z in exits[:-1])
+        final = F.cross_entropy(exits[-1], target)
+        total = linear + final if self.config.train_base else linear + 0.0 * final
+        return LossOutput(total, {"linear": float(linear.detach()), "final": float(final.detach())})
+
+
+def convert(model: nn.Module, config: CDLConfig, targets: Targets = "auto") -> CDLModel:
+    """Attach CDL's linear classifiers to ``model`` (in place). ``targets`` is unused."""
+    plan = plan_exits(model, config.exit_fractions)
+    heads = [PooledLinearHead(c, plan.num_classes) for c in plan.channels]
+    cascade = CDLCascade(model, plan.trunk, plan.positions, heads)
+    return CDLModel(cascade, recipe="cdl", config=copy.copy(config), in_channels=plan.in_channels)
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="cdl",
+        family="early_exit",
+        config_cls=CDLConfig,
+        convert=convert,
+        paper="Conditional Deep Learning for Energy-Efficient and Enhanced Pattern Recognition (DATE 2016), "
+        "arXiv:1509.08971",
+    )
+)

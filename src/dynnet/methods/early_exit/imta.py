@@ -1,0 +1,129 @@
+"""IMTA — Li, Zhang, Bao, Xiang, Xu & Huang, "Improved Techniques for Training Adaptive Deep Networks",
+ICCV 2019. https://arxiv.org/abs/1908.06294
+
+MSDNet (:mod:`.msdnet`) trained with the paper's three techniques:
+
+* gradient equilibrium (GE): where the coarsest feature map after block ``k`` feeds both classifier ``k`` and
+  the rest of the network, the gradient from the classifier is scaled by ``1 / (K - k)`` and the gradient from
+  later blocks by ``(K - k - 1) / (K - k)`` (:func:`gradient_rescale`), so the many losses downstream do not
+  swamp the shared layers;
+* inline subnetwork collaboration (ISC): classifier ``k`` adds a weighted copy of classifier ``k - 1``'s logits,
+  ``z_k = f_k(x) + α_k z_{k-1}``;
+* one-for-all knowledge distillation (OFA): the last classifier teaches every earlier one,
+  ``L = CE(z_K, y) + Σ_{k<K} [(1 - λ) CE(z_k, y) + λ T² KL(softmax(z_K / T) || softmax(z_k / T))]``.
+
+Inference is MSDNet's: maximum-softmax thresholds calibrated for a budget on a validation split.
+
+Departures from the paper:
+* one training stage with all three techniques (the paper trains with GE first, then adds ISC and OFA);
+* ``α_k`` are learnable scalars initialised to 0, so the converted network starts as the MSDNet it converts
+  and reproduces it with open gates (the paper feeds the previous logits through the classifier's own layers);
+* the small ``msdnet_tiny`` base (see :mod:`.msdnet`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets
+from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.losses.early_exit import exit_distillation_loss
+from dynnet.methods.early_exit._common import EarlyExitModel, State, gradient_rescale
+from dynnet.methods.early_exit.msdnet import MSDNetCascade, _cascade
+
+__all__ = ["IMTACascade", "IMTAConfig", "IMTAModel", "convert"]
+
+
+@dataclass(frozen=True)
+class IMTAConfig:
+    """Settings of IMTA.
+
+    Attributes:
+        budget: target mean MACs (fraction of the static network) that calibration aims at.
+        gradient_equilibrium: rescale gradients at every exit (GE).
+        inline_collaboration: add the previous exit's weighted logits (ISC).
+        distill_weight: λ of the one-for-all distillation (0 disables it; the paper uses 0.5).
+        temperature: T of the distillation.
+    """
+
+    budget: float = 0.5
+    gradient_equilibrium: bool = True
+    inline_collaboration: bool = True
+    distill_weight: float = 0.5
+    temperature: float = 2.0
+
+
+class IMTACascade(MSDNetCascade):
+    """MSDNet with gradient equilibrium and inline subnetwork collaboration."""
+
+    def __init__(self, *args: object, collaborate: bool, equilibrium: bool, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.equilibrium = equilibrium
+        self.collaborate = collaborate
+        # α_k for exits 1..K-1 (ISC weights); the first exit has no predecessor.
+        self.alpha = nn.Parameter(torch.zeros(self.num_exits - 1)) if collaborate else None
+
+    def _rescaled(self, h: State, scale: float) -> State:
+        if not (self.equilibrium and self.training and torch.is_grad_enabled()):
+            return h
+        return (*h[:-1], gradient_rescale(h[-1], scale))
+
+    def segment(self, k: int, h: State) -> State:
+        if k > 0:  # gradient reaching exit k-1's features from the rest of the network
+            j = k - 1
+            h = self._rescaled(h, (self.num_exits - j - 1) / (self.num_exits - j))
+        return super().segment(k, h)
+
+    def _collaborate(self, k: int, logits: Tensor, carry: Tensor | None) -> Tensor:
+        if self.alpha is None or carry is None:
+            return logits
+        return logits + self.alpha[k - 1] * carry
+
+    def exit_logits(self, k: int, h: State, carry: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        h = self._rescaled(h, 1.0 / (self.num_exits - k))
+        logits = self._collaborate(k, self.classifiers[k](h[-1]), carry)
+        return logits, logits
+
+    def final_logits(self, h: State, carry: Tensor | None) -> Tensor:
+        return self._collaborate(self.num_exits - 1, self.classifiers[-1](h[-1]), carry)
+
+
+class IMTAModel(EarlyExitModel):
+    """Objective: last exit's cross-entropy + one-for-all distillation mixed with each earlier exit's CE."""
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        exits = self.exit_outputs(t)
+        lam, temp = self.config.distill_weight, self.config.temperature
+        final = F.cross_entropy(exits[-1], target)
+        ce = sum(F.cross_entropy(z, target) for z in exits[:-1])
+        kd = sum(exit_distillation_loss(z, exits[-1], temp) for z in exits[:-1])
+        total = final + (1.0 - lam) * ce + lam * kd
+        return LossOutput(
+            total, {"final": float(final.detach()), "ce": float(ce.detach()), "distill": float(kd.detach())}
+        )
+
+
+def convert(model: nn.Module, config: IMTAConfig, targets: Targets = "auto") -> IMTAModel:
+    """IMTA on an :class:`~dynnet.methods.early_exit.msdnet.MSDNet` (in place). ``targets`` is unused."""
+    cascade = _cascade(
+        model, IMTACascade, collaborate=config.inline_collaboration, equilibrium=config.gradient_equilibrium
+    )
+    in_channels = model.stem.convs[0][0].in_channels
+    return IMTAModel(cascade, recipe="imta", config=copy.copy(config), in_channels=in_channels)
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="imta",
+        family="early_exit",
+        config_cls=IMTAConfig,
+        convert=convert,
+        paper="Improved Techniques for Training Adaptive Deep Networks (ICCV 2019), arXiv:1908.06294",
+        test_base="msdnet_tiny",
+    )
+)
