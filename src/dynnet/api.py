@@ -26,6 +26,7 @@ def list_models() -> list[str]:
     """Registered dynnet base models (torchvision names and ``timm/<name>`` work too)."""
     from dynnet.models import MODELS
 
+    _load_methods()
     return MODELS.names()
 
 
@@ -77,6 +78,7 @@ def create_model(name: str, recipe: str | None = None, *, budget: float | None =
     if recipe is None:
         if budget is not None:
             raise ValueError("budget needs a recipe")
+        _load_methods()  # method packages register their own base models (e.g. msdnet_tiny)
         return _remember_build(build_base_model(name, **kwargs), name, dict(kwargs))
     _load_methods()
     spec = RECIPES.get(recipe)

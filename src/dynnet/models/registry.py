@@ -15,7 +15,7 @@ __all__ = ["MODELS", "build_base_model"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
-for _depth in (8, 20, 32, 56, 110):
+for _depth in (8, 14, 20, 26, 32, 44, 56, 110):
     MODELS.register(f"cifar_resnet{_depth}", functools.partial(CifarResNet, _depth))
 
 
