@@ -1,4 +1,4 @@
-"""The model registry: ``cifar_resnet{8,20,32,56,110}``, torchvision models, ``timm/<name>``."""
+"""The model registry: ``cifar_resnet{8,14,20,26,32,44,56,110}``, torchvision models, ``timm/<name>``."""
 
 from __future__ import annotations
 
