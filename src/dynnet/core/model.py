@@ -140,4 +140,10 @@ class DynamicModel(nn.Module):
 
 def _is_dynamic_param(key: str) -> bool:
     parts = key.split(".")
-    return any(p in {"gate", "gates", "policy", "exits", "controller", "router"} for p in parts)
+    return any(p in _DYNAMIC_PARTS for p in parts)
+
+
+# Submodule names under which recipes add parameters the base network does not have.
+_DYNAMIC_PARTS = frozenset(
+    {"gate", "gates", "policy", "exits", "controller", "router", "experts", "branches", "others", "alpha"}
+)

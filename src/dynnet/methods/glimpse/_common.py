@@ -1,0 +1,119 @@
+"""Pieces shared by the glimpse recipes: glimpse extraction, Gaussian location policies, REINFORCE, exits.
+
+The policy gradient uses :func:`dynnet.estimators.reinforce.reinforce_loss`; the confidence-threshold exit
+helpers duplicate the minimal logic of RANet's and should move to a shared core module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.estimators.reinforce import reinforce_loss
+
+__all__ = [
+    "confidence",
+    "crop_glimpse",
+    "gaussian_log_prob",
+    "num_classes_of",
+    "policy_gradient_losses",
+    "retina_glimpse",
+    "thresholds_for_fractions",
+]
+
+
+def crop_glimpse(x: Tensor, loc: Tensor, size: int) -> Tensor:
+    """Square patches of ``size`` pixels centred at ``loc``, read with bilinear sampling (0 MACs, zero padding).
+
+    Args:
+        x: Tensor[N, C, H, W] images.
+        loc: Tensor[N, 2] centres ``(x, y)`` in normalised coordinates ``[-1, 1]`` (``align_corners=False``).
+        size: patch side in input pixels.
+
+    Returns:
+        Tensor[N, C, size, size]; a centre on the pixel grid with an integer patch reads pixels exactly.
+    """
+    h, w = x.shape[-2:]
+    # Offsets of the patch's pixel centres from its centre, in normalised units (2 / W per pixel).
+    r = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
+    ox, oy = r * (2.0 / w), r * (2.0 / h)
+    gx = loc[:, 0, None, None].to(x.dtype) + ox[None, None, :]
+    gy = loc[:, 1, None, None].to(x.dtype) + oy[None, :, None]
+    grid = torch.stack(torch.broadcast_tensors(gx, gy), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def retina_glimpse(x: Tensor, loc: Tensor, size: int, num_scales: int) -> Tensor:
+    """RAM's retina: ``num_scales`` patches of side ``size * 2^s`` centred at ``loc``, each average-pooled to
+    ``size × size`` (lower resolution further out) and stacked on channels: Tensor[N, C * num_scales, size, size].
+    """
+    patches = []
+    for s in range(num_scales):
+        p = crop_glimpse(x, loc, size * 2**s)
+        patches.append(p if s == 0 else F.avg_pool2d(p, 2**s))
+    return torch.cat(patches, 1)
+
+
+def gaussian_log_prob(sample: Tensor, mean: Tensor, std: float) -> Tensor:
+    """Log-density of ``sample`` under N(mean, std² I), summed over the last dim: Tensor[N]."""
+    var = std**2
+    return (-((sample - mean) ** 2) / (2 * var) - math.log(std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def policy_gradient_losses(log_prob: Tensor, reward: Tensor, baseline: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """REINFORCE over the steps taken, with a learned baseline (Williams 1992).
+
+    Args:
+        log_prob: Tensor[N, T] log-probability of the action taken at each step.
+        reward: Tensor[N] or Tensor[N, T] return that followed each action.
+        baseline: Tensor[N, T] predicted return (trained by regression; detached in the policy term).
+        mask: Tensor[N, T] bool, the steps that were taken.
+
+    Returns:
+        ``(policy_loss, baseline_loss)``: :func:`dynnet.estimators.reinforce.reinforce_loss` over the taken
+        steps and the mean squared error of the baseline on them.
+    """
+    r = reward.detach()
+    if r.dim() == 1:
+        r = r[:, None].expand_as(baseline)
+    m = mask.bool()
+    policy = reinforce_loss(log_prob[m], r[m].to(log_prob.dtype), baseline[m].detach())
+    value = ((r[m] - baseline[m]) ** 2).mean()
+    return policy, value
+
+
+def confidence(logits: Tensor) -> Tensor:
+    """Maximum softmax probability of Tensor[N, K] logits: Tensor[N]."""
+    return logits.detach().float().softmax(-1).amax(-1)
+
+
+def thresholds_for_fractions(confidences: Tensor, fractions: Tensor) -> Tensor:
+    """Thresholds letting ``fractions[s]`` of the samples leave at exit ``s`` (see RANet's ``_exits``).
+
+    Args:
+        confidences: Tensor[N, S] confidence of every sample at every exit.
+        fractions: Tensor[S] summing to 1.
+
+    Returns:
+        Tensor[S - 1] thresholds (``inf`` where nobody should leave).
+    """
+    n, s = confidences.shape
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds = torch.full((s - 1,), float("inf"))
+    for i in range(s - 1):
+        want = min(round(float(fractions[i]) * n), int(remaining.sum()))
+        if want > 0:
+            thresholds[i] = confidences[remaining, i].sort(descending=True).values[want - 1]
+            remaining &= ~(confidences[:, i] >= thresholds[i])
+    return thresholds
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """Output features of the last linear layer of ``model`` (its number of classes)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot find the number of classes of {type(model).__name__}: it has no nn.Linear")
+    return linears[-1].out_features

@@ -1,0 +1,302 @@
+"""RAM — Mnih, Heess, Graves, Kavukcuoglu, "Recurrent Models of Visual Attention", NeurIPS 2014.
+https://arxiv.org/abs/1406.6247
+
+A recurrent network looks at the image only through glimpses: a retina (``num_scales`` patches around a
+location, each coarser than the last) feeds a glimpse network, a recurrent core integrates the glimpses, a
+Gaussian location policy picks where to look next, and the classifier reads the final hidden state. The
+location policy is trained with REINFORCE (reward 1 for a correct answer) and a learned baseline, the rest
+by back-propagated cross-entropy (the paper's hybrid loss). With ``learn_stopping=True`` (the default) a
+Bernoulli halting policy decides after each glimpse whether to stop (the paper's "learned number of glimpses"
+for its dynamic environments, here with a per-glimpse cost ``glimpse_cost`` in the reward); in sparse mode
+samples that stop leave the batch, so later glimpses run only for the samples still looking.
+
+Departures from the paper:
+
+* the first glimpse is at the image centre (the paper starts at a random location);
+* the halting policy stops when ``P(stop) > 0.5`` at inference; locations are the policy mean at inference
+  (the paper samples at test time too);
+* hidden sizes default to 128 (the paper: 256) and the retina to 3 scales of 8×8 on 64×64 canvases
+  (the paper: 3 scales of 12×12 on 60×60);
+* glimpse locations are recorded as trace outputs (``ram/location{t}``), not as decisions: decisions are the
+  binary "take glimpse t" masks so that rates mean something;
+* ``reproduces_base=False``: RAM is its own architecture; the converted base network only gives the number of
+  input channels and classes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import (
+    Decision,
+    DynamicBlock,
+    DynamicModel,
+    LossOutput,
+    RecipeSpec,
+    Trace,
+    current_trace,
+    register_recipe,
+)
+from dynnet.estimators.reinforce import bernoulli_log_prob
+from dynnet.methods.glimpse._common import gaussian_log_prob, num_classes_of, policy_gradient_losses, retina_glimpse
+
+__all__ = ["RAM", "RAMConfig", "RecurrentAttention", "convert"]
+
+_CLOSED = -6.0  # halting logit at start: P(stop) = 0.0025, every sample takes every glimpse
+
+
+@dataclass(frozen=True)
+class RAMConfig:
+    """Settings of RAM.
+
+    Attributes:
+        budget: unused (the cost enters the reward through ``glimpse_cost``); kept for the common API.
+        glimpse_size: side of the retina's patches after resampling.
+        num_scales: patches per glimpse (sides ``glimpse_size * 2^s``).
+        max_glimpses: glimpses per image (the fixed number of the paper when stopping is not learned).
+        hidden: width of the recurrent core and of the glimpse network's output.
+        glimpse_hidden: width of the "what" and "where" pathways of the glimpse network.
+        location_std: standard deviation of the Gaussian location policy (in [-1, 1] units).
+        learn_stopping: learn when to stop (Bernoulli halting policy) instead of taking ``max_glimpses``.
+        glimpse_cost: reward penalty per glimpse, as a fraction of a correct answer's reward.
+    """
+
+    budget: float | None = None
+    glimpse_size: int = 8
+    num_scales: int = 3
+    max_glimpses: int = 6
+    hidden: int = 128
+    glimpse_hidden: int = 128
+    location_std: float = 0.15
+    learn_stopping: bool = True
+    glimpse_cost: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.max_glimpses < 2:
+            raise ValueError(f"max_glimpses must be at least 2, got {self.max_glimpses}")
+        if self.location_std <= 0:
+            raise ValueError(f"location_std must be positive, got {self.location_std}")
+
+
+class GlimpseNetwork(nn.Module):
+    """``g = ReLU(W1 ReLU(W_what rho) + W2 ReLU(W_where l))``.
+
+    Maps retina patches Tensor[N, C·S, g, g] and locations Tensor[N, 2] to glimpse features Tensor[N, D].
+    """
+
+    def __init__(self, in_features: int, glimpse_hidden: int, hidden: int) -> None:
+        super().__init__()
+        self.what = nn.Linear(in_features, glimpse_hidden)
+        self.where = nn.Linear(2, glimpse_hidden)
+        self.what_out = nn.Linear(glimpse_hidden, hidden)
+        self.where_out = nn.Linear(glimpse_hidden, hidden)
+
+    def forward(self, patches: Tensor, loc: Tensor) -> Tensor:
+        what = self.what_out(F.relu(self.what(patches.flatten(1))))
+        where = self.where_out(F.relu(self.where(loc)))
+        return F.relu(what + where)
+
+
+class RecurrentAttention(DynamicBlock):
+    """Glimpse network + recurrent core + location and halting policies + classifier.
+
+    Args:
+        in_channels: image channels.
+        num_classes: K.
+        config: the recipe's settings.
+    """
+
+    granularity = "glimpse"
+
+    def __init__(self, in_channels: int, num_classes: int, config: RAMConfig) -> None:
+        super().__init__()
+        self.glimpse_size, self.num_scales = config.glimpse_size, config.num_scales
+        self.max_glimpses, self.location_std = config.max_glimpses, config.location_std
+        self.learn_stopping = config.learn_stopping
+        g = config.glimpse_size
+        self.glimpse = GlimpseNetwork(in_channels * config.num_scales * g * g, config.glimpse_hidden, config.hidden)
+        self.core_input = nn.Linear(config.hidden, config.hidden)
+        self.core_hidden = nn.Linear(config.hidden, config.hidden)
+        self.policy = nn.Linear(config.hidden, 2)  # mean of the next location (tanh)
+        self.halting = nn.Linear(config.hidden, 1) if config.learn_stopping else None  # logit of "stop now"
+        self.baseline = nn.Linear(config.hidden, 1)
+        self.classifier = nn.Linear(config.hidden, num_classes)
+        if self.halting is not None:
+            with torch.no_grad():
+                self.halting.weight.normal_(std=1e-3)
+                self.halting.bias.fill_(_CLOSED)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self, x: Tensor, loc: Tensor, h: Tensor | None) -> Tensor:
+        """One glimpse: image Tensor[N, C, H, W], location Tensor[N, 2], state Tensor[N, D] or None → new state."""
+        g = self.glimpse(retina_glimpse(x, loc, self.glimpse_size, self.num_scales), loc)
+        pre = self.core_input(g)
+        return F.relu(pre if h is None else pre + self.core_hidden(h))
+
+    def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Location mean Tensor[N, 2] and stop probability Tensor[N] from the state Tensor[N, D]."""
+        p_stop = h.new_zeros(h.shape[0]) if self.halting is None else torch.sigmoid(self.halting(h)).squeeze(1)
+        return torch.tanh(self.policy(h)), p_stop
+
+    def _costs(self, x: Tensor) -> tuple[int, int, int, int]:
+        loc = x.new_zeros((1, 2))
+        h = x.new_zeros((1, self.core_hidden.in_features))
+        first = self.cost("step0", lambda m, a, b: m.step(a, b, None), x, loc)
+        later = self.cost("step", lambda m, a, b, c: m.step(a, b, c), x, loc, h)
+        heads = self.cost("heads", lambda m, a: m.heads(a), h)
+        base = self.cost("baseline", lambda m, a: m.baseline(a), h)
+        return first, later, heads, base
+
+    # -- modes ----------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """Every glimpse for every sample, locations from the policy mean."""
+        loc, h = x.new_zeros((x.shape[0], 2)), None
+        for t in range(self.max_glimpses):
+            h = self.step(x, loc, h)
+            if t < self.max_glimpses - 1:
+                loc, _ = self.heads(h)
+        return self.classifier(h)
+
+    def forward_masked(self, x: Tensor) -> Tensor:
+        return self._run(x, sparse=False)
+
+    def forward_sparse(self, x: Tensor) -> Tensor:
+        return self._run(x, sparse=True)
+
+    def _run(self, x: Tensor, *, sparse: bool) -> Tensor:
+        tr = current_trace()
+        n, steps = x.shape[0], self.max_glimpses
+        first, later, heads_cost, base_cost = self._costs(x)
+        everyone = torch.arange(n, device=x.device)
+        alive = torch.ones(n, dtype=torch.bool, device=x.device)
+        loc = x.new_zeros((n, 2))
+        h_all = x.new_zeros((n, self.core_hidden.in_features))
+        count = torch.ones(n, dtype=x.dtype, device=x.device)
+        log_probs, baselines, taken = [], [], []
+        for t in range(steps):
+            # Sparse mode runs only the samples still looking; masked mode runs all and freezes the others.
+            rows = alive.nonzero().squeeze(1) if sparse else everyone
+            full = rows.numel() == n
+            last = t == steps - 1
+            if rows.numel() > 0:
+                h_prev = None if t == 0 else (h_all if full else h_all.index_select(0, rows))
+                h = self.step(
+                    x if full else x.index_select(0, rows), loc if full else loc.index_select(0, rows), h_prev
+                )
+                h_all = h_all.index_copy(0, rows, h) if sparse else torch.where(alive[:, None], h, h_all)
+            cost = (first if t == 0 else later) + (0 if last else heads_cost)
+            self._record_step(tr, t, alive, cost, executed_rows=rows, n=n)
+            if self.training and not last:  # the baseline only runs in training; the static network has none
+                self._record_step(tr, t, alive, base_cost, executed_rows=rows, n=n, part="baseline", dense=False)
+            if last:
+                break
+            go = torch.zeros(n, dtype=torch.bool, device=x.device)
+            p_go = x.new_zeros(n)
+            if rows.numel() > 0:
+                mean, p_stop = self.heads(h)
+                if self.training:
+                    sample = (mean.detach() + self.location_std * torch.randn_like(mean)).clamp(-1, 1)
+                    stop = torch.bernoulli(p_stop.detach())
+                    lp = gaussian_log_prob(sample, mean, self.location_std)
+                    if self.halting is not None:
+                        lp = lp + bernoulli_log_prob(p_stop[:, None], stop[:, None])
+                    log_probs.append(lp)
+                    baselines.append(self.baseline(h.detach()).squeeze(1))
+                    taken.append(alive.clone())
+                else:
+                    sample, stop = mean, (p_stop > 0.5).to(mean.dtype)
+                new_loc = sample.detach()
+                loc = loc.index_copy(0, rows, new_loc) if sparse else torch.where(alive[:, None], new_loc, loc)
+                go = go.index_copy(0, rows, stop < 0.5)
+                p_go = p_go.index_copy(0, rows, (1 - p_stop).to(x.dtype))
+            alive = alive & go
+            count = count + alive.to(x.dtype)
+            if tr is not None:
+                tr.record_decision(f"glimpse{t + 1}", Decision(alive.to(x.dtype), p_go * alive, "glimpse"))
+                tr.record_output(f"ram/location{t + 1}", loc)
+        if tr is not None:
+            tr.record_output("ram/glimpses", count)
+            if self.training and log_probs:
+                tr.record_output("ram/log_prob", torch.stack(log_probs, 1))
+                tr.record_output("ram/baseline", torch.stack(baselines, 1))
+                tr.record_output("ram/taken", torch.stack(taken, 1))
+        return self.classifier(h_all)
+
+    def _record_step(
+        self,
+        tr: Trace | None,
+        t: int,
+        alive: Tensor,
+        cost: int,
+        *,
+        executed_rows: Tensor,
+        n: int,
+        part: str = "step",
+        dense: bool = True,
+    ) -> None:
+        if tr is None:
+            return
+        executed = torch.zeros(n, dtype=torch.float64, device=alive.device).index_fill(0, executed_rows, float(cost))
+        tr.record_macs(
+            f"glimpse{t}/{part}",
+            alive.double() * cost,
+            executed=executed,
+            minimum=cost if t == 0 else 0.0,
+            maximum=cost,
+            dense=cost if dense else 0.0,
+        )
+
+
+class RAM(DynamicModel):
+    """RAM as a :class:`DynamicModel`; objective: cross-entropy + REINFORCE (location and halting) + baseline MSE."""
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        task = F.cross_entropy(logits, target)
+        parts = {"task": float(task.detach())}
+        total = task
+        if "ram/log_prob" in t.outputs:
+            correct = (logits.detach().argmax(1) == target).float()
+            steps = self.config.max_glimpses
+            glimpses = t.outputs["ram/glimpses"].float()
+            reward = correct - (self.config.glimpse_cost * glimpses / steps if self.config.learn_stopping else 0.0)
+            policy, value = policy_gradient_losses(
+                t.outputs["ram/log_prob"], reward, t.outputs["ram/baseline"], t.outputs["ram/taken"]
+            )
+            total = total + policy + value
+            parts.update(policy=float(policy.detach()), baseline=float(value.detach()))
+        return LossOutput(total, parts)
+
+    def scramble_(self, generator: torch.Generator) -> int:
+        """Random location and halting policies (testing): samples stop after different numbers of glimpses."""
+        body: RecurrentAttention = self.net
+        with torch.no_grad():
+            for lin in (m for m in (body.policy, body.halting) if m is not None):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * 3 / lin.in_features**0.5)
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=generator) * 0.5)
+        return 4
+
+
+def convert(model: nn.Module, config: RAMConfig, targets: Targets = "auto") -> RAM:
+    """Build a RAM with ``model``'s input channels and classes (the base network is not reused)."""
+    in_channels = first_conv_in_channels(model) or 1
+    body = RecurrentAttention(in_channels, num_classes_of(model), config)
+    return RAM(body, recipe="ram", config=copy.copy(config), in_channels=in_channels)
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="ram",
+        family="glimpse",
+        config_cls=RAMConfig,
+        convert=convert,
+        paper="Recurrent Models of Visual Attention (NeurIPS 2014), arXiv:1406.6247",
+        test_input=(1, 32, 32),
+        reproduces_base=False,
+    )
+)

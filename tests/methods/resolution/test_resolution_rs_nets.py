@@ -1,0 +1,66 @@
+"""RS-Nets: private batch norms per resolution, per-input resolution in sparse mode, exact MACs, objective."""
+
+import pytest
+import torch
+
+import dynnet
+from dynnet.macs import MacCounter
+from dynnet.methods.resolution.rs_nets import SwitchableBatchNorm2d, resolution_index
+
+
+def _model() -> dynnet.DynamicModel:
+    torch.manual_seed(0)
+    return dynnet.create_model("cifar_resnet8", recipe="rs_nets", in_channels=1)
+
+
+def test_switchable_batch_norm_uses_private_statistics() -> None:
+    bn = torch.nn.BatchNorm2d(2)
+    sbn = SwitchableBatchNorm2d(bn, 2).eval()
+    with torch.no_grad():
+        sbn.others[0].running_mean.fill_(1.0)
+    x = torch.ones(1, 2, 2, 2)
+    torch.testing.assert_close(sbn(x), bn.eval()(x))
+    with resolution_index(1):
+        torch.testing.assert_close(sbn(x), torch.zeros(1, 2, 2, 2), atol=1e-6, rtol=0)
+
+
+def test_sparse_runs_each_sample_at_its_resolution() -> None:
+    model = _model().eval()
+    x = torch.randn(9, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.net.policy.fc.bias.zero_()
+        model.net.policy.fc.weight.normal_(std=5.0, generator=torch.Generator().manual_seed(0))
+        logits = model.net.policy(model.net.resize(x, 2))
+        model.net.policy.fc.bias.copy_(-logits.median(0).values)  # centre each logit: choices differ per input
+    with torch.no_grad(), dynnet.trace() as tm:
+        masked = model(x)
+    choice = tm.decisions["resolution"].hard.argmax(1)
+    assert len(set(choice.tolist())) >= 2
+    for r in range(3):
+        rows = choice == r
+        if rows.any():
+            with torch.no_grad():
+                torch.testing.assert_close(masked[rows], model.net.at(r, x[rows]), rtol=1e-5, atol=1e-5)
+    dynnet.sparse(model)
+    with torch.no_grad(), dynnet.trace() as ts, MacCounter() as counter:
+        out = model(x)
+    torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
+    assert counter.total == pytest.approx(float(ts.executed_macs().sum()), abs=0.5)
+    costs = [model.net.cost(f"res{r}", lambda m, a, r=r: m.at(r, a), x) for r in range(3)]
+    assert costs[0] > costs[1] > costs[2]
+    policy = next(e for e in ts.entries if e.name == "policy").macs[0]
+    torch.testing.assert_close(ts.macs(), torch.tensor(costs, dtype=torch.float64)[choice] + policy)
+
+
+def test_objective_has_every_resolution_and_distillation() -> None:
+    model = _model().train()
+    x, y = torch.randn(6, 1, 32, 32), torch.arange(6)
+    with dynnet.trace() as t:
+        logits = model(x)
+    out = model.compute_loss(logits, y, t, budget=0.5)
+    assert {"task", "resolutions", "distill", "budget"} <= set(out.parts)
+    out.total.backward()
+    assert model.net.policy.fc.weight.grad.abs().sum() > 0
+    # each resolution's private batch norm was trained on its own statistics
+    bn = model.net.net.bn1
+    assert not torch.equal(bn.running_mean, bn.others[1].running_mean)
