@@ -145,5 +145,18 @@ def _is_dynamic_param(key: str) -> bool:
 
 # Submodule names under which recipes add parameters the base network does not have.
 _DYNAMIC_PARTS = frozenset(
-    {"gate", "gates", "policy", "exits", "controller", "router", "experts", "branches", "others", "alpha"}
+    {
+        "gate",
+        "gates",
+        "policy",
+        "exits",
+        "controller",
+        "router",
+        "halting",
+        "saliency",
+        "experts",
+        "branches",
+        "others",
+        "alpha",
+    }
 )

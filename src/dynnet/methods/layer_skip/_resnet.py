@@ -1,0 +1,104 @@
+"""Shared pieces of the layer-skip recipes whose decisions come from outside the blocks.
+
+SkipNet's recurrent gate, BlockDrop's policy network and Dual Dynamic Inference's exits need control
+flow around the blocks, so their models override :meth:`DynamicModel.run` and iterate a ResNet-style
+network themselves: ``stem → stages of residual blocks → pool → fc``. :class:`ResNetLayout` is that split.
+
+:class:`DecisionMaker` is the base of decision-making modules that live *outside* the blocks (policy
+networks, shared recurrent gates): it is a :class:`~dynnet.core.DynamicBlock` whose dense path returns
+``None`` — in dense mode (and under ``force_dense()``, where the static MAC profile is probed) no gate is
+evaluated and ``run`` executes the base network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dynnet.core import Decision, DynamicBlock
+from dynnet.estimators import gumbel_sigmoid
+from dynnet.methods.layer_skip.gated_residual import GatedResidual
+
+__all__ = ["DecisionMaker", "ResNetLayout", "SigmoidGatedResidual"]
+
+
+@dataclass(frozen=True)
+class ResNetLayout:
+    """How to run a ResNet-style network piece by piece.
+
+    Attributes:
+        stages: names of the stage containers (``nn.Sequential`` of residual blocks), in order.
+        maxpool: whether the stem ends with ``net.maxpool`` (torchvision ResNets; not the CIFAR ResNets).
+    """
+
+    stages: tuple[str, ...]
+    maxpool: bool
+
+    @classmethod
+    def of(cls, net: nn.Module) -> ResNetLayout:
+        """Find the layout of ``net`` (dynnet CIFAR ResNets, torchvision/timm-style ResNets).
+
+        Raises:
+            ValueError: ``net`` lacks ``conv1``/``bn1``/``fc``/``avgpool`` or ``layer1``.
+        """
+        needed = ("conv1", "bn1", "fc", "avgpool", "layer1")
+        missing = [a for a in needed if not hasattr(net, a)]
+        if missing:
+            raise ValueError(
+                f"this recipe runs ResNet-style networks (conv1, bn1, layer1.., avgpool, fc); "
+                f"{type(net).__name__} lacks {missing}"
+            )
+        stages, k = [], 1
+        while isinstance(getattr(net, f"layer{k}", None), nn.Sequential):
+            stages.append(f"layer{k}")
+            k += 1
+        return cls(tuple(stages), isinstance(getattr(net, "maxpool", None), nn.Module))
+
+    def stem(self, net: nn.Module, x: Tensor) -> Tensor:
+        """Tensor[N, C, H, W] → the first stage's input."""
+        act = getattr(net, "relu", None) or net.act1
+        x = act(net.bn1(net.conv1(x)))
+        return net.maxpool(x) if self.maxpool else x
+
+    def head(self, net: nn.Module, x: Tensor) -> Tensor:
+        """Last stage's output → logits Tensor[N, K]."""
+        return net.fc(torch.flatten(net.avgpool(x), 1))
+
+    def blocks(self, net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """``(dotted name, block)`` of every block of every stage, in execution order."""
+        for stage in self.stages:
+            for i, block in enumerate(getattr(net, stage)):
+                yield f"{stage}.{i}", block
+
+
+class DecisionMaker(DynamicBlock):
+    """A module outside the blocks that the static network does not have (a policy network, a shared
+    recurrent gate, an exit classifier); its dense path returns ``None`` (nothing evaluated).
+
+    Subclasses implement :meth:`decide` (masked and sparse modes both call it: a decision is computed the
+    same way whether the blocks then skip for real or not).
+    """
+
+    def decide(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
+        raise NotImplementedError
+
+    def forward_dense(self, *args: Tensor) -> None:
+        return None
+
+    def forward_masked(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
+        return self.decide(*args)
+
+    def forward_sparse(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
+        return self.decide(*args)
+
+
+class SigmoidGatedResidual(GatedResidual):
+    """A gated residual block whose gate outputs one logit: Gumbel-Sigmoid, straight-through hard decisions."""
+
+    def decide(self, x: Tensor) -> Decision:
+        logit = self.gate(x).squeeze(1)
+        hard, prob = gumbel_sigmoid(logit, self.tau, hard=True, noise=self.training)
+        return Decision(hard, prob, "layer")

@@ -1,0 +1,244 @@
+"""SkipNet — Wang, Yu, Dou, Darrell & Gonzalez, "SkipNet: Learning Dynamic Routing in Convolutional Networks",
+ECCV 2018. https://openaccess.thecvf.com/content_ECCV_2018/papers/Xin_Wang_Techniques_for_Learning_ECCV_2018_paper.pdf
+(arXiv:1711.09485)
+
+A gate before every residual block decides from the block's input whether the block runs. Three gate
+designs of the paper: ``"ffgate1"`` and ``"ffgate2"`` (feed-forward convolutional gates, one per block) and
+``"rnn"`` (the paper's default: each block's input is average-pooled and projected to ``embed`` dims, and
+*one* LSTM with ``hidden`` units shared across all blocks turns the sequence of projections into decisions;
+its hidden state is passed explicitly from block to block in :meth:`SkipNet.run`, never kept on a module).
+
+Hybrid training, as in the paper: (1) ``phase="supervised"`` — supervised pre-training of soft gates:
+the forward pass uses decisions thresholded at 0.5 and the backward pass the sigmoid's gradient
+(straight-through sigmoid); (2) ``phase="reinforce"`` — decisions are sampled from ``Bernoulli(p)`` and
+the gates are trained with REINFORCE on the reward ``-CE_n - alpha * macs_n / dense`` (accuracy plus a
+computation reward), with a moving-average baseline, while the blocks keep the cross-entropy gradient.
+Switch with :meth:`SkipNet.set_phase`. At inference a block runs when ``p > 0.5``.
+
+Departures from the paper:
+* the supervised phase adds the MAC-budget loss (``budget_weight``; set it to 0 for the paper's pure
+  cross-entropy pre-training) so that a short pre-training already approaches the budget;
+* the paper gives each gate its own reward (a computation reward at each skipped gate and ``-loss`` at the
+  end); we use one per-sample return (``-CE_n - alpha * macs_n / dense``) for every gate of the sample,
+  which is the same objective without per-gate credit assignment;
+* the feed-forward gates are simplified: FFGate-I is two stride-2 3×3 conv-BN-ReLU layers, FFGate-II one,
+  both followed by global pooling and a linear layer (the paper adds max pooling and sizes them per stage);
+* gates start open (bias trick), so the converted network reproduces the base network before training.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.estimators import straight_through_sigmoid
+from dynnet.estimators.reinforce import (
+    bernoulli_entropy,
+    bernoulli_log_prob,
+    moving_average,
+    reinforce_loss,
+    sample_bernoulli,
+)
+from dynnet.gates import open_bias_
+from dynnet.methods.layer_skip._resnet import DecisionMaker, ResNetLayout
+from dynnet.methods.layer_skip.gated_residual import GatedResidual
+
+__all__ = ["GATES", "PHASES", "SkipNet", "SkipNetConfig", "SkipNetGates"]
+
+GATES = ("ffgate1", "ffgate2", "rnn")
+PHASES = ("supervised", "reinforce")
+
+
+@dataclass(frozen=True)
+class SkipNetConfig:
+    """Settings of SkipNet.
+
+    Attributes:
+        budget: target fraction of dense MACs of the supervised phase's MAC-budget loss.
+        gate: ``"rnn"`` (the paper's RNNGate, shared LSTM), ``"ffgate1"`` or ``"ffgate2"``.
+        hidden: LSTM hidden units (10 in the paper).
+        embed: size of each block's pooled projection fed to the LSTM (10 in the paper).
+        phase: the training phase the model starts in (``"supervised"`` then ``"reinforce"``).
+        alpha: weight of the computation term of the reward (the paper's alpha).
+        budget_weight: weight of the MAC-budget loss in the supervised phase.
+        baseline_momentum: momentum of the moving-average reward baseline.
+        entropy_weight: REINFORCE entropy bonus (0 in the paper).
+    """
+
+    budget: float = 0.5
+    gate: str = "rnn"
+    hidden: int = 10
+    embed: int = 10
+    phase: str = "supervised"
+    alpha: float = 0.5
+    budget_weight: float = 1.0
+    baseline_momentum: float = 0.9
+    entropy_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+
+
+def _ff_gate(channels: int, convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(convs):
+        layers += [nn.Conv2d(channels, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), open_bias_(nn.Linear(channels, 1)))
+
+
+class SkipNetGates(DecisionMaker):
+    """All the gates of a SkipNet; :meth:`decide` gives block ``index``'s gate logit and the next LSTM state.
+
+    Args:
+        channels: input channels of each gated block, in execution order.
+        names: dotted names of the gated blocks (for the MAC entries).
+        kind: ``"ffgate1"``, ``"ffgate2"`` or ``"rnn"``.
+        hidden: LSTM hidden size.
+        embed: projection size.
+    """
+
+    def __init__(self, channels: list[int], names: list[str], kind: str, hidden: int, embed: int) -> None:
+        super().__init__()
+        self.kind, self.hidden, self.names = kind, hidden, list(names)
+        if kind == "rnn":
+            self.proj = nn.ModuleList(nn.Linear(c, embed) for c in channels)
+            self.lstm_x = nn.Linear(embed, 4 * hidden)
+            self.lstm_h = nn.Linear(hidden, 4 * hidden, bias=False)
+            self.out = open_bias_(nn.Linear(hidden, 1))
+        else:
+            self.ff = nn.ModuleList(_ff_gate(c, 2 if kind == "ffgate1" else 1) for c in channels)
+
+    def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Zero LSTM state ``(h, c)``, each Tensor[N, hidden], for a batch like ``x``."""
+        z = x.new_zeros(x.shape[0], self.hidden)
+        return z, z
+
+    def _step(self, index: int, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.kind != "rnn":
+            return self.ff[index](x).squeeze(1), h, c
+        e = self.proj[index](F.adaptive_avg_pool2d(x, 1).flatten(1))
+        i, f, g, o = (self.lstm_x(e) + self.lstm_h(h)).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return self.out(h).squeeze(1), h, c
+
+    def decide(self, x: Tensor, h: Tensor, c: Tensor, index: int) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        """Gate ``index`` on block input Tensor[N, C, H, W] and state ``(h, c)`` → ``(logit Tensor[N], h, c)``."""
+        out = self._step(index, x, h, c)
+        t = current_trace()
+        if t is not None:
+            macs = self.cost(f"gate{index}", lambda m, a, b, s: m._step(index, a, b, s), x, h, c)
+            t.record_macs(f"{self.names[index]}/gate", float(macs), batch_size=x.shape[0])
+        return out
+
+
+class SkipNet(DynamicModel):
+    """A ResNet whose blocks are gated by SkipNet gates; ``phase`` selects the training objective."""
+
+    def __init__(self, net: nn.Module, gates: SkipNetGates, *, config: SkipNetConfig, in_channels: int | None) -> None:
+        super().__init__(net, recipe="skipnet", config=config, in_channels=in_channels)
+        self.gates = gates
+        self.layout = ResNetLayout.of(net)
+        self.phase = config.phase
+        self.register_buffer("reward_baseline", torch.tensor(float("nan"), dtype=torch.float64))
+
+    def set_phase(self, phase: str) -> None:
+        """``"supervised"`` (straight-through sigmoid) or ``"reinforce"`` (sampled decisions, REINFORCE)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self.phase = phase
+
+    def _decision(self, logit: Tensor) -> Decision:
+        if not self.training:
+            prob = torch.sigmoid(logit)
+            return Decision((prob > 0.5).to(prob.dtype), prob, "layer")
+        if self.phase == "supervised":
+            hard, prob = straight_through_sigmoid(logit)
+            return Decision(hard, prob, "layer")
+        prob = torch.sigmoid(logit)
+        return Decision(sample_bernoulli(prob), prob, "layer")
+
+    def run(self, x: Tensor) -> Tensor:
+        y = self.layout.stem(self.net, x)
+        h, c = self.gates.initial_state(y)
+        index = 0
+        for _, block in self.layout.blocks(self.net):
+            if not isinstance(block, GatedResidual):
+                y = block(y)
+                continue
+            out = self.gates(y, h, c, index)
+            index += 1
+            if out is None:  # dense mode: the base network, no gate evaluated
+                y = block(y)
+                continue
+            logit, h, c = out
+            y = block(y, self._decision(logit))
+        return self.layout.head(self.net, y)
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        """Supervised phase: CE + budget loss. Reinforce phase: CE + REINFORCE on the SkipNet reward."""
+        cfg: SkipNetConfig = self.config
+        ce = F.cross_entropy(logits, target, reduction="none")
+        task = ce.mean()
+        parts = {"task": float(task.detach())}
+        if self.phase == "supervised":
+            b = t.budget_loss(cfg.budget if budget is None else budget)
+            parts["budget"] = float(b.detach())
+            return LossOutput(task + cfg.budget_weight * b, parts)
+        decisions = list(t.decisions_of("layer").values())
+        prob = torch.stack([d.soft for d in decisions], 1)
+        action = torch.stack([d.hard for d in decisions], 1)
+        reward = -ce.detach().double() - cfg.alpha * t.macs().detach() / t.dense_macs()
+        with torch.no_grad():
+            if torch.isnan(self.reward_baseline):
+                self.reward_baseline.copy_(reward.mean())
+            baseline = self.reward_baseline.clone()
+            self.reward_baseline.copy_(moving_average(self.reward_baseline, reward, cfg.baseline_momentum))
+        rl = reinforce_loss(
+            bernoulli_log_prob(prob, action),
+            reward,
+            baseline,
+            entropy=bernoulli_entropy(prob),
+            entropy_weight=cfg.entropy_weight,
+        )
+        parts.update(reinforce=float(rl.detach()), reward=float(reward.mean()))
+        return LossOutput(task + rl, parts)
+
+
+def convert(model: nn.Module, config: SkipNetConfig, targets: Targets = "auto") -> SkipNet:
+    """Gate every target residual block of ``model`` (a ResNet-style network) with SkipNet gates (in place)."""
+    channels, names = [], []
+    layout = ResNetLayout.of(model)
+    order = {name: i for i, (name, _) in enumerate(layout.blocks(model))}
+    found = sorted(residual_blocks(model, targets), key=lambda item: order.get(item[0], -1))
+    for name, block, adapter in found:
+        if name not in order:
+            raise ValueError(f"skipnet gates blocks of the stages {layout.stages}; {name!r} is not one")
+        channels.append(adapter.in_channels(block))
+        names.append(name)
+        new = GatedResidual(block, adapter, None)
+        new.block_name = name
+        replace_module(model, name, new)
+    gates = SkipNetGates(channels, names, config.gate, config.hidden, config.embed)
+    gates.block_name = "gates"
+    return SkipNet(model, gates, config=copy.copy(config), in_channels=first_conv_in_channels(model))
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="skipnet",
+        family="layer_skip",
+        config_cls=SkipNetConfig,
+        convert=convert,
+        paper="SkipNet: Learning Dynamic Routing in Convolutional Networks (ECCV 2018), arXiv:1711.09485",
+    )
+)

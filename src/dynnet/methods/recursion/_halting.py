@@ -1,0 +1,222 @@
+"""`HaltingStage`: a stage of units run one after the other until each sample halts (ACT-style).
+
+Shared by :mod:`act` (distinct units: the stage's residual blocks) and :mod:`iamnn` (a transition block
+followed by one weight-shared block iterated). After every unit but the last, a halting unit (global
+average pool → linear → sigmoid) gives ``h_n``; a sample halts by Graves's rule
+(:func:`dynnet.estimators.ponder.halts`) and its stage output is the state of the unit it halted at.
+
+* masked: every unit runs on the whole batch; the output is ``sum_n sel_n x_n`` with the straight-through
+  selection of :func:`~dynnet.estimators.ponder.straight_through_select` (exactly the halting unit's state,
+  Graves's mean-field gradient for the halting units); the ponder cost ``N + R`` goes to the trace.
+* sparse: samples that halted leave the batch (``index_select``); the ones still running continue, so a
+  unit nobody reaches costs nothing and the first units run without any gather when nobody halted yet.
+* dense: all units, no halting unit evaluated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, residual_blocks
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.estimators.ponder import act_weights, halts, ponder_cost, straight_through_select
+from dynnet.gates import open_bias_
+
+__all__ = ["HaltingModel", "HaltingStage", "HaltingUnit", "out_channels", "stages_of"]
+
+
+class HaltingUnit(nn.Module):
+    """Tensor[N, C, H, W] → halting probability Tensor[N]: global average pool → linear → sigmoid.
+
+    Starts with ``h ≈ 0.0025`` (never halts before the last unit), so a fresh stage runs every unit.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = open_bias_(nn.Linear(channels, 1), logit=-6.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc(self.pool(x).flatten(1))).squeeze(1)
+
+
+class HaltingStage(DynamicBlock):
+    """Units ``0..L-1`` with a halting unit after each unit but the last (names them ``halting.<n>``).
+
+    Subclasses define :meth:`unit`, :attr:`num_units` and register the unit modules.
+
+    Args:
+        halting: one :class:`HaltingUnit` per unit but the last.
+        eps: Graves's epsilon.
+        ponder_weight: Graves's time penalty tau; in training ``ponder_weight * mean(N + R)`` is added to the
+            trace's auxiliary losses (the per-sample ponder cost is also recorded as output ``<stage>/ponder``).
+    """
+
+    granularity = "recursion"
+
+    def __init__(self, halting: nn.ModuleList, eps: float, ponder_weight: float) -> None:
+        super().__init__()
+        self.halting = halting
+        self.eps = eps
+        self.ponder_weight = ponder_weight
+
+    @property
+    def num_units(self) -> int:
+        return len(self.halting) + 1
+
+    def unit(self, index: int) -> nn.Module:
+        raise NotImplementedError
+
+    def unit_dense(self, index: int) -> bool:
+        """Whether unit ``index`` is part of the dense (static) network — its cost counts in ``dense``."""
+        return True
+
+    # -- modes ----------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor) -> Tensor:
+        for i in range(self.num_units):
+            x = self.unit(i)(x)
+        return x
+
+    def forward_masked(self, x: Tensor) -> Tensor:
+        states, hs, inputs = [], [], []
+        for i in range(self.num_units):
+            inputs.append(x)
+            x = self.unit(i)(x)
+            states.append(x)
+            if i < self.num_units - 1:
+                hs.append(self.halting[i](x))
+        n = x.shape[0]
+        h = torch.stack([*hs, x.new_ones(n)], 1)
+        act = act_weights(h, self.eps)
+        select = straight_through_select(act.weights, act.steps).to(x.dtype)
+        out = sum(select[:, i].view(-1, 1, 1, 1) * s for i, s in enumerate(states))
+        self._record(inputs, states, act.ran, act.steps, act.remainder, executed=None)
+        return out
+
+    def forward_sparse(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        out: Tensor | None = None
+        idx = torch.arange(n, device=x.device)
+        cumulative = x.new_zeros(n)
+        ran = torch.zeros(n, self.num_units, dtype=x.dtype, device=x.device)
+        steps = torch.full((n,), self.num_units, dtype=torch.long, device=x.device)
+        remainder = x.new_zeros(n)
+        inputs, states = [], []
+        for i in range(self.num_units):
+            ran[idx, i] = 1
+            inputs.append(x)
+            x = self.unit(i)(x)
+            states.append(x)
+            if out is None:
+                out = x.new_empty((n, *x.shape[1:]))
+            if i == self.num_units - 1:
+                out[idx] = x
+                remainder[idx] = 1.0 - cumulative[idx]
+                break
+            h = self.halting[i](x)
+            stop = halts(cumulative[idx], h, self.eps)
+            if bool(stop.any()):
+                done = idx[stop]
+                out[done] = x[stop]
+                remainder[done] = 1.0 - cumulative[done]
+                steps[done] = i + 1
+                keep = ~stop
+                cumulative[idx[keep]] = cumulative[idx[keep]] + h[keep]
+                idx = idx[keep]
+                if idx.numel() == 0:
+                    break
+                x = x[keep]
+            else:
+                cumulative[idx] = cumulative[idx] + h
+        assert out is not None
+        self._record(inputs, states, ran, steps, remainder, executed=ran)
+        return out
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _record(
+        self,
+        inputs: list[Tensor],
+        states: list[Tensor],
+        ran: Tensor,
+        steps: Tensor,
+        remainder: Tensor,
+        executed: Tensor | None,
+    ) -> None:
+        t = current_trace()
+        if t is None:
+            return
+        n = ran.shape[0]
+        rho = ponder_cost(steps, remainder)
+        t.record_output(f"{self.block_name}/ponder", rho)
+        if self.training and self.ponder_weight:
+            t.add_loss("ponder", self.ponder_weight * rho.float().mean())
+        for i in range(self.num_units):
+            # Units nobody reached still need their cost (for the bounds): after unit 0 every shape is the same.
+            x = inputs[i] if i < len(inputs) else states[-1]
+            unit_cost = self.cost(f"unit{i}", lambda m, inp, k=i: m.unit(k)(inp), x)
+            z = ran[:, i].double()
+            ex = torch.full((n,), float(unit_cost), dtype=torch.float64) if executed is None else z * unit_cost
+            dense = unit_cost if self.unit_dense(i) else 0.0
+            lo = unit_cost if i == 0 else 0.0
+            t.record_macs(
+                f"{self.block_name}/unit{i}", z * unit_cost, executed=ex, minimum=lo, maximum=unit_cost, dense=dense
+            )
+            if i > 0:
+                t.record_decision(f"{self.block_name}/unit{i}", Decision(ran[:, i], None, self.granularity))
+            if i < self.num_units - 1:
+                s = states[min(i, len(states) - 1)]
+                g = self.cost(f"halting{i}", lambda m, inp, k=i: m.halting[k](inp), s)
+                ex_g = torch.full((n,), float(g), dtype=torch.float64) if executed is None else z * g
+                lo_g = g if i == 0 else 0.0
+                t.record_macs(f"{self.block_name}/halting{i}", z * g, executed=ex_g, minimum=lo_g, maximum=g)
+
+
+class HaltingModel(DynamicModel):
+    """A network with halting stages; objective: cross-entropy + ponder cost (+ optional MAC-budget term).
+
+    Its config has ``budget`` and ``budget_weight`` (0: no MAC-budget term, the papers' objective).
+    """
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        task = F.cross_entropy(logits, target)
+        total, parts = task, {"task": float(task.detach())}
+        if "ponder" in t.losses:
+            total = total + t.losses["ponder"]
+            parts["ponder"] = float(t.losses["ponder"].detach())
+        weight = getattr(self.config, "budget_weight", 0.0)
+        if weight:
+            b = t.budget_loss(self.config.budget if budget is None else budget)
+            total, parts["budget"] = total + weight * b, float(b.detach())
+        return LossOutput(total, parts)
+
+    def load_base_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load the original network's weights; the halting units keep theirs.
+
+        (``DynamicModel.load_base_state_dict`` does not yet count ``halting`` among the decision-making names.)
+        """
+        missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
+        if unexpected:
+            raise KeyError(f"keys not found in the converted network: {unexpected[:5]}")
+        not_halting = [k for k in missing if "halting" not in k.split(".")]
+        if not_halting:
+            raise KeyError(f"base weights missing from the state_dict: {not_halting[:5]}")
+
+
+def stages_of(model: nn.Module, targets: Targets) -> dict[str, list[tuple[str, nn.Module, int]]]:
+    """Target residual blocks grouped by their parent ``nn.Sequential`` (the stages), with input channels."""
+    stages: dict[str, list[tuple[str, nn.Module, int]]] = {}
+    for name, block, adapter in residual_blocks(model, targets):
+        parent, _, _ = name.rpartition(".")
+        if parent and isinstance(model.get_submodule(parent), nn.Sequential):
+            stages.setdefault(parent, []).append((name, block, adapter.in_channels(block)))
+    return stages
+
+
+def out_channels(block: nn.Module) -> int:
+    """Output channels of a residual block (the widest convolution's)."""
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"cannot find the output channels of {type(block).__name__}: it has no Conv2d")
+    return max(convs, key=lambda m: m.out_channels).out_channels

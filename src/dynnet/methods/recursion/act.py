@@ -1,0 +1,98 @@
+"""ACT — Graves, "Adaptive Computation Time for Recurrent Neural Networks", arXiv 2016,
+https://arxiv.org/abs/1603.08983, applied to the residual blocks of each ResNet stage as in
+Figurnov et al., "Spatially Adaptive Computation Time for Residual Networks", CVPR 2017 (arXiv:1612.02297).
+
+Within every stage (``layer1``, ``layer2``, ...) the residual blocks are the units of ACT: after each block
+but the last, a halting unit (global average pool → linear → sigmoid) outputs ``h_n``; a sample stops at the
+first block where ``sum h >= 1 - eps`` and skips the rest of the stage. The objective is cross-entropy plus
+Graves's ponder cost ``tau * mean(N + R)`` per stage. In sparse mode samples that halted leave the batch, so
+the executed MACs shrink with every halted sample.
+
+Departures from the papers:
+* the stage output is the state of the block the sample halted at (forward), with Graves's mean-field
+  output ``sum_n p_n x_n`` used only for the gradient of the halting units (straight-through); the papers
+  use the mean-field output in the forward pass too. This makes open halting (``h ≈ 0``) reproduce the base
+  network exactly and sparse execution equal masked execution;
+* the units are the stage's own blocks (per-block weights); the weight-shared variant is :mod:`iamnn`;
+* halting starts closed (``h ≈ 0.0025``), so the converted network runs every block before training;
+* ``budget`` is only used by the optional MAC-budget term (``budget_weight``, 0 by default: ACT's
+  compute control is the ponder cost ``ponder_weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from dynnet.convert import Targets, first_conv_in_channels, replace_module
+from dynnet.core import RecipeSpec, register_recipe
+from dynnet.methods.recursion._halting import HaltingModel, HaltingStage, HaltingUnit, out_channels, stages_of
+
+__all__ = ["ACT", "ACTConfig", "ACTStage"]
+
+
+@dataclass(frozen=True)
+class ACTConfig:
+    """Settings of ACT.
+
+    Attributes:
+        budget: target fraction of dense MACs of the optional MAC-budget term.
+        ponder_weight: Graves's time penalty tau (weight of the ponder cost ``N + R`` of every stage).
+        eps: Graves's epsilon (a sample halts when its cumulated ``h`` reaches ``1 - eps``).
+        budget_weight: weight of the MAC-budget term (0: the paper's objective).
+    """
+
+    budget: float = 0.5
+    ponder_weight: float = 0.01
+    eps: float = 0.01
+    budget_weight: float = 0.0
+
+
+class ACTStage(HaltingStage):
+    """A stage (sequence of blocks, children named ``0..L-1`` like the original ``nn.Sequential``) with halting."""
+
+    granularity = "layer"
+
+    def __init__(self, blocks: list[nn.Module], channels: list[int], eps: float, ponder_weight: float) -> None:
+        super().__init__(nn.ModuleList(HaltingUnit(c) for c in channels[:-1]), eps, ponder_weight)
+        for i, block in enumerate(blocks):
+            self.add_module(str(i), block)
+
+    def unit(self, index: int) -> nn.Module:
+        return getattr(self, str(index))
+
+
+class ACT(HaltingModel):
+    """The converted network: cross-entropy + ponder cost (+ optional MAC-budget term)."""
+
+
+def convert(model: nn.Module, config: ACTConfig, targets: Targets = "auto") -> ACT:
+    """Put ACT halting on every stage of ``model`` whose blocks are all targets and that has >= 2 blocks."""
+    converted = 0
+    for stage_name, items in stages_of(model, targets).items():
+        stage = model.get_submodule(stage_name)
+        if len(items) < 2 or len(items) != len(stage):
+            continue
+        blocks = [block for _, block, _ in items]
+        channels = [out_channels(b) for b in blocks]
+        new = ACTStage(blocks, channels, config.eps, config.ponder_weight)
+        new.block_name = stage_name
+        replace_module(model, stage_name, new)
+        converted += 1
+    if not converted:
+        raise ValueError("act needs stages (nn.Sequential) of at least 2 residual blocks; none found")
+    return ACT(model, recipe="act", config=copy.copy(config), in_channels=first_conv_in_channels(model))
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="act",
+        family="recursion",
+        config_cls=ACTConfig,
+        convert=convert,
+        paper="Adaptive Computation Time for Recurrent Neural Networks (arXiv 2016), arXiv:1603.08983",
+        test_base="cifar_resnet20",
+    )
+)

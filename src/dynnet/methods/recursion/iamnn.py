@@ -1,0 +1,109 @@
+"""IamNN — Leroux, Molchanov, Simoens, Dhoedt, Breuel & Kautz, "IamNN: Iterative and Adaptive Mobile Neural
+Network for Efficient Image Classification", ICLR 2018 Workshop. https://arxiv.org/abs/1804.10123
+
+Every ResNet stage becomes a transition block (the stage's first block, which may change the resolution
+and width) followed by ONE residual block whose weights are shared across iterations, iterated up to
+``iterations`` times; ACT halting (Graves 2016) after the transition block and after each iteration decides
+per sample when to stop, with the ponder cost ``tau * (N + R)`` as the compute objective. In sparse mode a
+sample that halted leaves the batch, so its remaining iterations cost nothing.
+
+This is its own architecture (``reproduces_base=False``): the shared block is initialised from the stage's
+second block, so a converted network is *not* the base network; its dense mode is the fully unrolled
+iteration (every iteration's MACs count as dense).
+
+Departures from the paper:
+* the stage output is the state of the iteration the sample halted at, with Graves's mean-field output used
+  only for the halting units' gradient (straight-through), as in :mod:`dynnet.methods.recursion.act`;
+* the paper iterates a block that also adapts batch-norm per iteration and prunes channels; we share the
+  whole block (its batch norms included) and keep its width;
+* halting starts closed (``h ≈ 0.0025``): a fresh model runs every iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from torch import nn
+
+from dynnet.convert import Targets, first_conv_in_channels, replace_module
+from dynnet.core import RecipeSpec, register_recipe
+from dynnet.methods.recursion._halting import HaltingModel, HaltingStage, HaltingUnit, out_channels, stages_of
+
+__all__ = ["IamNN", "IamNNConfig", "IterativeStage"]
+
+
+@dataclass(frozen=True)
+class IamNNConfig:
+    """Settings of IamNN.
+
+    Attributes:
+        budget: target fraction of dense (fully unrolled) MACs of the optional MAC-budget term.
+        iterations: maximal iterations of the shared block per stage; ``None``: the stage's block count - 1
+            (so the unrolled network has the base network's depth).
+        ponder_weight: Graves's time penalty tau.
+        eps: Graves's epsilon.
+        budget_weight: weight of the MAC-budget term (0: the paper's objective).
+    """
+
+    budget: float = 0.5
+    iterations: int | None = None
+    ponder_weight: float = 0.01
+    eps: float = 0.01
+    budget_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations!r}")
+
+
+class IterativeStage(HaltingStage):
+    """Transition block (child ``0``) then the weight-shared block (child ``shared``) iterated ``iterations`` times."""
+
+    def __init__(
+        self, first: nn.Module, shared: nn.Module, channels: int, iterations: int, eps: float, ponder_weight: float
+    ):
+        super().__init__(nn.ModuleList(HaltingUnit(channels) for _ in range(iterations)), eps, ponder_weight)
+        self.add_module("0", first)
+        self.shared = shared
+
+    def unit(self, index: int) -> nn.Module:
+        return getattr(self, "0") if index == 0 else self.shared
+
+
+class IamNN(HaltingModel):
+    """The converted network: cross-entropy + ponder cost (+ optional MAC-budget term)."""
+
+
+def convert(model: nn.Module, config: IamNNConfig, targets: Targets = "auto") -> IamNN:
+    """Turn every stage of >= 2 target blocks into a transition block + an iterated weight-shared block."""
+    converted = 0
+    for stage_name, items in stages_of(model, targets).items():
+        stage = model.get_submodule(stage_name)
+        if len(items) < 2 or len(items) != len(stage):
+            continue
+        first, second = items[0][1], items[1][1]
+        iterations = config.iterations or len(items) - 1
+        new = IterativeStage(
+            first, copy.deepcopy(second), out_channels(first), iterations, config.eps, config.ponder_weight
+        )
+        new.block_name = stage_name
+        replace_module(model, stage_name, new)
+        converted += 1
+    if not converted:
+        raise ValueError("iamnn needs stages (nn.Sequential) of at least 2 residual blocks; none found")
+    return IamNN(model, recipe="iamnn", config=copy.copy(config), in_channels=first_conv_in_channels(model))
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="iamnn",
+        family="recursion",
+        config_cls=IamNNConfig,
+        convert=convert,
+        paper="IamNN: Iterative and Adaptive Mobile Neural Network for Efficient Image Classification "
+        "(ICLR 2018 Workshop), arXiv:1804.10123",
+        test_base="cifar_resnet20",
+        reproduces_base=False,
+    )
+)

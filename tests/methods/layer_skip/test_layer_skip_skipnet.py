@@ -1,0 +1,102 @@
+"""SkipNet: the three gate designs, explicit LSTM state, hybrid training phases, real skipping."""
+
+import pytest
+import torch
+
+import dynnet
+from dynnet.macs import MacCounter
+from dynnet.testing import scramble_gates
+
+BLOCKS = ["layer1.0", "layer2.0", "layer3.0"]
+
+
+def _model(gate: str = "rnn", **kw: object) -> dynnet.DynamicModel:
+    torch.manual_seed(0)
+    return dynnet.create_model("cifar_resnet8", recipe="skipnet", gate=gate, in_channels=1, width=0.5, **kw)
+
+
+def _x(n: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ffgate1", "ffgate2"])
+def test_sparse_equals_masked_and_executes_exactly(gate: str) -> None:
+    model = _model(gate).eval()
+    scramble_gates(model, seed=4, scale=2.0)
+    x = _x()
+    with torch.no_grad(), dynnet.trace() as tm:
+        masked = model(x)
+    dynnet.sparse(model)
+    with torch.no_grad(), dynnet.trace() as ts, MacCounter() as c:
+        out = model(x)
+    torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ts.macs(), tm.macs())
+    assert ts.executed_macs().sum().item() == c.total
+    torch.testing.assert_close(ts.executed_macs(), ts.macs())
+    assert list(ts.decisions) == BLOCKS
+
+
+def test_lstm_state_flows_between_blocks_and_is_not_stored() -> None:
+    model = _model("rnn").eval()
+    scramble_gates(model, seed=1, scale=3.0)
+    before = dict(model.named_buffers())
+    x = _x()
+    with torch.no_grad(), dynnet.trace():
+        model(x)
+    assert dict(model.named_buffers()).keys() == before.keys()
+    assert not [k for k, v in vars(model.gates).items() if isinstance(v, torch.Tensor)]
+    # the third gate depends on the first block's input through the LSTM state: perturbing only the
+    # first projection changes the last decision's probability
+    with torch.no_grad(), dynnet.trace() as t1:
+        model(x)
+        model.gates.proj[0].weight.add_(1.0)
+    with torch.no_grad(), dynnet.trace() as t2:
+        model(x)
+    assert not torch.allclose(t1.decisions["layer3.0"].soft, t2.decisions["layer3.0"].soft)
+
+
+def test_dense_mode_evaluates_no_gate() -> None:
+    model = _model("ffgate1").eval()
+    base = dynnet.create_model("cifar_resnet8", in_channels=1, width=0.5).eval()
+    x = _x(2)
+    with torch.no_grad(), MacCounter() as c_base:
+        base(x)
+    dynnet.set_mode(model, "dense")
+    with torch.no_grad(), MacCounter() as c:
+        model(x)
+    assert c.total == c_base.total
+
+
+def test_supervised_phase_is_straight_through_sigmoid() -> None:
+    model = _model().train()
+    x, y = _x(), torch.arange(8) % 10
+    with dynnet.trace() as t:
+        logits = model(x)
+    for d in t.decisions.values():
+        assert torch.equal(d.hard.detach(), (d.soft > 0.5).float())
+    loss = model.compute_loss(logits, y, t)
+    assert set(loss.parts) == {"task", "budget"}
+    loss.total.backward()
+    assert model.gates.out.bias.grad.abs().sum() > 0
+
+
+def test_reinforce_phase_samples_and_uses_the_reward() -> None:
+    model = _model(alpha=0.5).train()
+    model.set_phase("reinforce")
+    with torch.no_grad():
+        model.gates.out.bias.fill_(0.0)  # p = 0.5: sampled decisions are mixed
+    x, y = _x(32, seed=2), torch.arange(32) % 10
+    with dynnet.trace() as t:
+        logits = model(x)
+    hard = torch.stack([d.hard for d in t.decisions.values()], 1)
+    assert 0 < hard.mean() < 1 and hard.grad_fn is None  # sampled, no straight-through
+    loss = model.compute_loss(logits, y, t)
+    assert {"task", "reinforce", "reward"} <= set(loss.parts)
+    ce = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none").double()
+    expected_reward = (-ce - 0.5 * t.macs().detach() / t.dense_macs()).mean()
+    assert loss.parts["reward"] == pytest.approx(expected_reward.item())
+    assert model.reward_baseline.item() == pytest.approx(expected_reward.item())  # first batch initialises it
+    loss.total.backward()
+    assert model.gates.out.bias.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="phase"):
+        model.set_phase("rl")
