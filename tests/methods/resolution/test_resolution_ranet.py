@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import dynnet
+from dynnet.gates import exit_fractions_for_rate, thresholds_for_fractions
 from dynnet.macs import MacCounter
-from dynnet.methods.resolution._exits import exit_fractions_for_rate, thresholds_for_fractions
 from dynnet.methods.resolution.ranet import RANet
 
 SHAPE = (1, 32, 32)

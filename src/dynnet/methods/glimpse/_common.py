@@ -15,13 +15,11 @@ from torch import Tensor, nn
 from dynnet.estimators.reinforce import reinforce_loss
 
 __all__ = [
-    "confidence",
     "crop_glimpse",
     "gaussian_log_prob",
     "num_classes_of",
     "policy_gradient_losses",
     "retina_glimpse",
-    "thresholds_for_fractions",
 ]
 
 
@@ -83,32 +81,6 @@ def policy_gradient_losses(log_prob: Tensor, reward: Tensor, baseline: Tensor, m
     policy = reinforce_loss(log_prob[m], r[m].to(log_prob.dtype), baseline[m].detach())
     value = ((r[m] - baseline[m]) ** 2).mean()
     return policy, value
-
-
-def confidence(logits: Tensor) -> Tensor:
-    """Maximum softmax probability of Tensor[N, K] logits: Tensor[N]."""
-    return logits.detach().float().softmax(-1).amax(-1)
-
-
-def thresholds_for_fractions(confidences: Tensor, fractions: Tensor) -> Tensor:
-    """Thresholds letting ``fractions[s]`` of the samples leave at exit ``s`` (see RANet's ``_exits``).
-
-    Args:
-        confidences: Tensor[N, S] confidence of every sample at every exit.
-        fractions: Tensor[S] summing to 1.
-
-    Returns:
-        Tensor[S - 1] thresholds (``inf`` where nobody should leave).
-    """
-    n, s = confidences.shape
-    remaining = torch.ones(n, dtype=torch.bool)
-    thresholds = torch.full((s - 1,), float("inf"))
-    for i in range(s - 1):
-        want = min(round(float(fractions[i]) * n), int(remaining.sum()))
-        if want > 0:
-            thresholds[i] = confidences[remaining, i].sort(descending=True).values[want - 1]
-            remaining &= ~(confidences[:, i] >= thresholds[i])
-    return thresholds
 
 
 def num_classes_of(model: nn.Module) -> int:

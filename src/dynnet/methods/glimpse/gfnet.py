@@ -41,13 +41,8 @@ from dynnet.core import (
     current_trace,
     register_recipe,
 )
-from dynnet.methods.glimpse._common import (
-    confidence,
-    crop_glimpse,
-    gaussian_log_prob,
-    policy_gradient_losses,
-    thresholds_for_fractions,
-)
+from dynnet.gates import confidence, thresholds_for_fractions
+from dynnet.methods.glimpse._common import crop_glimpse, gaussian_log_prob, policy_gradient_losses
 
 __all__ = ["GFNet", "GFNetConfig", "GlanceFocus", "RecurrentClassifier", "convert"]
 

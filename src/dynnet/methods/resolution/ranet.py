@@ -41,7 +41,7 @@ from dynnet.core import (
     current_trace,
     register_recipe,
 )
-from dynnet.methods.resolution._exits import confidence, exit_fractions_for_rate, thresholds_for_fractions
+from dynnet.gates import confidence, exit_fractions_for_rate, thresholds_for_fractions
 
 __all__ = ["RANet", "RANetBody", "RANetConfig", "SubNetwork", "convert", "num_classes_of"]
 

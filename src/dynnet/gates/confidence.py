@@ -1,4 +1,4 @@
-"""Confidence-threshold exits (the minimal logic RANet needs; should move to a shared core module).
+"""Confidence-threshold exit gates, shared by the recipes that stop when confident (RANet, GFNet, ...).
 
 A sample leaves at the first exit whose maximum softmax probability reaches that exit's threshold; the last
 exit takes everyone left. Thresholds are calibrated on held-out data so that a chosen fraction of samples
