@@ -1,7 +1,7 @@
-"""Pieces shared by the glimpse recipes: glimpse extraction, Gaussian location policies, REINFORCE, exits.
+"""Pieces shared by the glimpse recipes: glimpse extraction, Gaussian location policies, REINFORCE.
 
-The policy gradient uses :func:`dynnet.estimators.reinforce.reinforce_loss`; the confidence-threshold exit
-helpers duplicate the minimal logic of RANet's and should move to a shared core module.
+The policy gradient uses :func:`dynnet.estimators.reinforce.reinforce_loss`; confidence-threshold exits
+come from :mod:`dynnet.gates.confidence`.
 """
 
 from __future__ import annotations
