@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from dynnet.convert import Targets
-from dynnet.core import RECIPES, DynamicModel, build_config
+from dynnet.core import RECIPES, DynamicModel, UnknownNameError, build_config
 from dynnet.core.trace import _check_budget
 from dynnet.models import build_base_model
 
@@ -19,6 +19,10 @@ __all__ = ["convert", "create_model", "list_models", "list_recipes"]
 def list_recipes(family: str | None = None) -> list[str]:
     """Registered recipe names, optionally of one family (``"layer_skip"``, ``"early_exit"``, ...)."""
     _load_methods()
+    if family is not None:
+        families = sorted({RECIPES.get(n).family for n in RECIPES.names()})
+        if family not in families:
+            raise UnknownNameError(f"unknown family {family!r}; known families: {', '.join(families)}")
     return [n for n in RECIPES.names() if family is None or RECIPES.get(n).family == family]
 
 
@@ -57,6 +61,8 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, DynamicModel):
+        raise ValueError(f"the model is already converted (recipe {model.recipe!r}); convert its base network instead")
     _load_methods()
     spec = RECIPES.get(recipe)
     if budget is not None:

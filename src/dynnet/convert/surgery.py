@@ -31,6 +31,10 @@ def residual_blocks(model: nn.Module, targets: Targets = "auto") -> list[tuple[s
     Raises:
         ValueError: a named target is missing or is not a known residual block, or nothing matched.
     """
+    if not (isinstance(targets, str) or callable(targets) or (_is_name_list(targets))):
+        raise TypeError(
+            f'targets must be "auto", a list of block names or a predicate (name, module) -> bool, got {targets!r}'
+        )
     found = [(n, m, a) for n, m in model.named_modules() if n and (a := find_adapter(m)) is not None]
     if isinstance(targets, str):
         if targets != "auto":
@@ -58,6 +62,10 @@ def residual_blocks(model: nn.Module, targets: Targets = "auto") -> list[tuple[s
             "timm ResNet, dynnet CIFAR ResNets, or register an adapter with register_residual_adapter"
         )
     return chosen
+
+
+def _is_name_list(targets: object) -> bool:
+    return isinstance(targets, Sequence) and not isinstance(targets, bytes) and all(isinstance(t, str) for t in targets)
 
 
 def first_conv_in_channels(model: nn.Module) -> int | None:

@@ -125,7 +125,8 @@ class DynamicBlock(nn.Module):
             fn: function of the block and the inputs.
             inputs: Tensor[N, ...] inputs; the cache key is their shape without the batch dim.
         """
-        key = (part, *(tuple(x.shape[1:]) for x in inputs))
+        # int(): under the TorchScript tracer sizes are tensors, which would hash by identity and miss every time.
+        key = (part, *(tuple(int(d) for d in x.shape[1:]) for x in inputs))
         if key not in self._macs_cache:
             self._macs_cache[key] = probe_macs(self, fn, *inputs)
         return self._macs_cache[key]

@@ -23,12 +23,20 @@ class LossOutput:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def check_input(x: Any, in_channels: int | None, *, check_finite: bool = True) -> None:
+def check_input(
+    x: Any, in_channels: int | None, *, check_finite: bool = True, dtype: torch.dtype | None = None
+) -> None:
     """Validate a batch of images: Tensor[N, C, H, W], floating point, finite.
 
+    Args:
+        x: the batch.
+        in_channels: expected C, or ``None``.
+        check_finite: reject NaN/Inf values (skipped while compiling or exporting: data-dependent).
+        dtype: the model's floating-point precision; ``x`` must have it unless autocast is enabled.
+
     Raises:
-        TypeError: not a tensor or not floating point.
-        ValueError: wrong rank, wrong channel count, empty batch, NaN/Inf values.
+        TypeError: not a tensor, not floating point, or another precision than the model's.
+        ValueError: wrong rank, wrong channel count, empty batch, empty images, NaN/Inf values.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a Tensor[N, C, H, W] of images, got {type(x).__name__}")
@@ -40,6 +48,13 @@ def check_input(x: Any, in_channels: int | None, *, check_finite: bool = True) -
         raise ValueError(f"the model expects {in_channels} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
     if x.shape[0] == 0:
         raise ValueError("empty batch: N must be at least 1")
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"empty image: H and W must be at least 1, got shape {tuple(x.shape)}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"the model's weights are {dtype} but the input is {x.dtype}: convert the input with x.to({dtype}) "
+            f"or the model with model.to({x.dtype})"
+        )
     if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
         raise ValueError("input contains NaN or Inf values")
 
@@ -71,7 +86,7 @@ class DynamicModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C, H, W] → logits Tensor[N, K]; decisions and MACs go to the active trace."""
-        check_input(x, self.in_channels)
+        check_input(x, self.in_channels, dtype=self._weight_dtype())
         t = current_trace()
         if t is None:
             return self.run(x)
@@ -79,6 +94,10 @@ class DynamicModel(nn.Module):
         out = self.run(x)
         self._record_static(t, x, start)
         return out
+
+    def _weight_dtype(self) -> torch.dtype | None:
+        """The precision of the model's (first floating-point) parameter; ``None`` without parameters."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
 
     def run(self, x: Tensor) -> Tensor:
         """The network itself; recipes with extra control flow (exits, policies) override this."""

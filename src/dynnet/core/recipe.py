@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +56,37 @@ def register_recipe(spec: RecipeSpec) -> RecipeSpec:
 
 def build_config(spec: RecipeSpec, **kwargs: Any) -> Any:
     """Instantiate a recipe's config, rejecting unknown keys with the list of known ones."""
-    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
-    unknown = sorted(set(kwargs) - fields)
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise TypeError(f"recipe {spec.name!r} has no setting(s) {unknown}; its settings: {sorted(fields)}")
+    for key, value in kwargs.items():
+        kind = fields[key].type
+        annotation = kind if isinstance(kind, str) else getattr(kind, "__name__", "")
+        if not _matches_annotation(value, annotation):
+            raise TypeError(f"recipe {spec.name!r}: setting {key}={value!r} must be {annotation} (not NaN)")
     return spec.config_cls(**kwargs)
+
+
+def _matches_annotation(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits a simple annotation (``int``, ``float``, ``bool``, ``str``, unions with ``None``).
+
+    Other annotations (tuples, literals, classes) are not checked here: the config's ``__post_init__`` does.
+    """
+    options = [o.strip() for o in annotation.split("|")]
+    if not options or any(o not in ("int", "float", "bool", "str", "None") for o in options):
+        return True
+    for o in options:
+        if o == "None" and value is None:
+            return True
+        if o == "bool" and isinstance(value, bool):
+            return True
+        if isinstance(value, bool):
+            continue
+        if o == "int" and isinstance(value, numbers.Integral):
+            return True
+        if o == "float" and isinstance(value, numbers.Real) and not math.isnan(value):
+            return True
+        if o == "str" and isinstance(value, str):
+            return True
+    return False

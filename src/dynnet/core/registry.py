@@ -60,6 +60,8 @@ class Registry(Generic[T]):
         Raises:
             UnknownNameError: naming the unknown name and listing the known ones.
         """
+        if not isinstance(name, str):
+            raise TypeError(f"{self.kind} name must be a str, got {type(name).__name__}: {name!r}")
         try:
             return self._items[name]
         except KeyError:

@@ -182,7 +182,7 @@ def _as_per_sample(value: Tensor | float, n: int | None, device: torch.device | 
 
 
 def _check_budget(target: float) -> None:
-    if not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
         raise ValueError(f"budget must be a fraction in (0, 1] of the dense model's MACs, got {target!r}")
 
 

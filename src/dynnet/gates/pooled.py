@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["PooledMLPGate", "open_bias_"]
@@ -49,5 +50,12 @@ class PooledMLPGate(nn.Module):
         self.fc2 = open_bias_(nn.Linear(hidden, out_features), open_index=open_index)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.pool(x).flatten(1)
-        return self.fc2(self.act(self.bn(self.fc1(h))))
+        h = self.fc1(self.pool(x).flatten(1))
+        if self.training and h.shape[0] == 1:
+            # One sample has no batch statistics (the last batch of an epoch can be a single image):
+            # normalise with the running ones, as in eval, and leave them unchanged.
+            bn = self.bn
+            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
+        else:
+            h = self.bn(h)
+        return self.fc2(self.act(h))

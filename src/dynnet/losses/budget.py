@@ -21,6 +21,8 @@ def target_rate_loss(decisions: Iterable[Decision], target: float) -> Tensor:
         decisions: binary decisions whose ``hard`` is the straight-through value, Tensor[N] or Tensor[N, ...].
         target: the desired execution rate of every gate, in (0, 1].
     """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+        raise ValueError(f"target rate (budget) must be a fraction in (0, 1], got {target!r}")
     terms = [(d.hard.float().mean() - target) ** 2 for d in decisions]
     if not terms:
         raise ValueError("target_rate_loss needs at least one decision")

@@ -68,6 +68,8 @@ def count_macs(model: nn.Module, x: Tensor) -> MacReport:
     Returns:
         A :class:`MacReport`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"count_macs expects an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"count_macs needs a non-empty batch tensor, got {getattr(x, 'shape', type(x).__name__)}")
     n = x.shape[0]

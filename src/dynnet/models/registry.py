@@ -47,6 +47,8 @@ def build_base_model(name: str, **kwargs: Any) -> nn.Module:
     torchvision model name (``resnet18``, ``mobilenet_v2``...). Weights are never downloaded unless the
     caller asks (``weights=...`` for torchvision, ``pretrained=True`` for timm).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}: {name!r}")
     if name in MODELS:
         return MODELS.get(name)(**kwargs)
     if name.startswith("timm/"):

@@ -47,6 +47,14 @@ class ConvNetAIGConfig:
     tau: float = 1.0
     rate_weight: float = 2.0
 
+    def __post_init__(self) -> None:
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+        if not self.rate_weight >= 0:
+            raise ValueError(f"rate_weight must be >= 0, got {self.rate_weight}")
+
 
 class AIGBlock(GatedResidual):
     """A residual block with a ConvNet-AIG gate on its input."""
