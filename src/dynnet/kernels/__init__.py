@@ -1,5 +1,54 @@
-"""Kernels that really skip work (the sparse mode's engine). Pure-torch references define correctness."""
+"""Kernels that really skip work (the sparse mode's engine). Pure-torch references define correctness.
 
+* batch compaction: :func:`compact_add`, :func:`compact_apply` (layer skipping, early exits);
+* spatial: pixel gather → GEMM → scatter convolution (:func:`sparse_conv2d`) and tiles with halos (SBNet);
+* channels: weight slicing (see :mod:`dynnet.kernels.channel`);
+* experts: sort → per-expert run → scatter-add (see :mod:`dynnet.kernels.moe`).
+"""
+
+from dynnet.kernels._spatial_chain import (
+    ConvStage,
+    SpatialResidual,
+    register_spatial_chain,
+    run_masked,
+    run_pixels,
+    run_tiles,
+    spatial_chain,
+    stage_masks,
+)
+from dynnet.kernels.block import gather_tiles, reduce_to_tiles, scatter_tiles, tile_geometry, tiles_to_pixels
 from dynnet.kernels.compaction import compact_add, compact_apply
+from dynnet.kernels.spatial import (
+    calibrate_crossover,
+    gather_conv2d,
+    gather_conv_rows,
+    masked_conv2d_reference,
+    receptive_mask,
+    scatter_add_rows,
+    sparse_conv2d,
+)
 
-__all__ = ["compact_add", "compact_apply"]
+__all__ = [
+    "ConvStage",
+    "SpatialResidual",
+    "calibrate_crossover",
+    "compact_add",
+    "compact_apply",
+    "gather_conv2d",
+    "gather_conv_rows",
+    "gather_tiles",
+    "masked_conv2d_reference",
+    "receptive_mask",
+    "reduce_to_tiles",
+    "register_spatial_chain",
+    "run_masked",
+    "run_pixels",
+    "run_tiles",
+    "scatter_add_rows",
+    "scatter_tiles",
+    "spatial_chain",
+    "sparse_conv2d",
+    "stage_masks",
+    "tile_geometry",
+    "tiles_to_pixels",
+]

@@ -1,1 +1,20 @@
-"""Family: spatial (recipes register on import)."""
+"""Spatial family: pixel-wise decisions of where to compute (recipes register on import)."""
+
+from dynnet.methods.spatial import (
+    dynconv,
+    pixel_attentional_gating,
+    precision_gating,
+    sact,
+    stochastic_sampling_interp,
+)
+from dynnet.methods.spatial.gates import PixelGateUnit, SqueezeMaskUnit
+
+__all__ = [
+    "PixelGateUnit",
+    "SqueezeMaskUnit",
+    "dynconv",
+    "pixel_attentional_gating",
+    "precision_gating",
+    "sact",
+    "stochastic_sampling_interp",
+]

@@ -1,0 +1,206 @@
+"""Spatial and block recipes on Cluttered Fashion-MNIST (64×64): accuracy vs MACs vs static baselines, and
+the realized speedup of sparse execution on CPU.
+
+Protocol (short, CPU-only, shared machine):
+
+1. the base network ``cifar_resnet20`` (width ``--width``) is trained for ``--base-epochs`` on a subset of
+   the training canvases; static baselines of reduced width / depth get the same schedule;
+2. each dynamic recipe converts a copy of the trained base (gates open) and is fine-tuned for
+   ``--tune-epochs`` with its own objective (the DynConv and SACT papers also start from a trained ResNet);
+   the static base is fine-tuned for as long, so that every model sees the same number of steps;
+3. every model is evaluated on ``--test`` real test canvases in sparse mode (accuracy, theoretical and
+   executed MACs per image), and timed dense vs sparse at batch 1 and 64 with
+   :func:`dynnet.bench.harness.profile_model` (realized speedup ratio = latency speedup ÷ MAC speedup).
+
+Results: ``benchmarks/results/spatial/results.json`` (+ ``results.csv``, ``accuracy_vs_macs.png``), with
+:func:`dynnet.bench.machine_info` (load average included: the CPU is shared, latencies are noisy).
+
+Usage::
+
+    python benchmarks/spatial.py --subset 8000 --base-epochs 2 --tune-epochs 1
+    python benchmarks/spatial.py --profile-only   # re-time the saved models
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import dynnet
+from dynnet.bench import machine_info
+from dynnet.bench.harness import profile_model
+from dynnet.data import build_loaders
+from dynnet.methods.spatial.dynconv import DynConvAnnealing
+from dynnet.train import TrainConfig, evaluate, fit
+
+RECIPES = {
+    "dynconv": {"budget": 0.5},
+    "sbnet": {"budget": 0.5, "tile": 8},
+    "sact": {"ponder_weight": 0.01},
+}
+
+
+def _test_batches(loaders, n_test: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for x, y in loaders.test:
+        xs.append(x)
+        ys.append(y)
+        if sum(len(v) for v in ys) >= n_test:
+            break
+    return torch.cat(xs)[:n_test], torch.cat(ys)[:n_test]
+
+
+def _evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> dict:
+    loader = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
+    ev = evaluate(model, loader, mode="sparse")
+    return {
+        "accuracy": ev.accuracy,
+        "mean_macs": float(ev.macs.mean()),
+        "mean_executed_macs": float(ev.executed.mean()),
+        "dense_macs": ev.dense_macs,
+        "mac_fraction": ev.mac_fraction,
+    }
+
+
+def _profile(model, x_test: torch.Tensor, args) -> dict:
+    return profile_model(
+        model, x_test[:64], threads=args.threads, min_run_time=args.min_run, batch1_samples=args.batch1_samples
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/spatial")
+    parser.add_argument("--subset", type=int, default=8000)
+    parser.add_argument("--test", type=int, default=2000)
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--base-epochs", type=int, default=2)
+    parser.add_argument("--tune-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-run", type=float, default=1.0)
+    parser.add_argument("--batch1-samples", type=int, default=16)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    parser.add_argument("--profile-only", action="store_true")
+    parser.add_argument("--reuse-base", action="store_true", help="start from models/base_pretrained.pt if present")
+    parser.add_argument("--tune-steps", type=int, default=None, help="cap the fine-tuning steps (max_steps)")
+    parser.add_argument("--skip", nargs="*", default=[], help="static baselines to leave out")
+    parser.add_argument(
+        "--gate-bias",
+        type=float,
+        default=None,
+        help="initial logit of the dynconv/sbnet mask units (default: open, 6); a short fine-tune cannot close "
+        "gates that start saturated",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt = out / "models"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    loaders = build_loaders("cluttered_fashion_mnist", batch_size=128, subset=args.subset, val_fraction=0.02, seed=0)
+    x_test, y_test = _test_batches(loaders, args.test)
+
+    def base(name: str = "cifar_resnet20", **kw):
+        torch.manual_seed(0)
+        return dynnet.create_model(name, in_channels=1, num_classes=10, **kw)
+
+    static = {
+        f"static_resnet20_w{args.width}": ("cifar_resnet20", args.width),
+        f"static_resnet20_w{round(args.width * 0.7, 2)}": ("cifar_resnet20", round(args.width * 0.7, 2)),
+        f"static_resnet8_w{args.width}": ("cifar_resnet8", args.width),
+    }
+    static = {k: v for k, v in static.items() if k not in args.skip}
+    base_name = f"static_resnet20_w{args.width}"
+    tune = TrainConfig(epochs=args.tune_epochs, lr=0.02, max_steps=args.tune_steps)
+    total_epochs = args.base_epochs + args.tune_epochs
+    timings: dict[str, float] = {}
+    if not args.profile_only:
+        # The base, trained for base-epochs (the starting point of every recipe), then for tune-epochs more.
+        for name, (arch, w) in static.items():
+            model = base(arch, width=w)
+            t0 = time.time()
+            if name == base_name:
+                if args.reuse_base and (ckpt / "base_pretrained.pt").exists():
+                    model.load_state_dict(torch.load(ckpt / "base_pretrained.pt"))
+                else:
+                    fit(model, loaders.train, TrainConfig(epochs=args.base_epochs, lr=0.1, warmup_epochs=0.2))
+                    torch.save(model.state_dict(), ckpt / "base_pretrained.pt")
+                fit(model, loaders.train, tune)
+            else:
+                fit(model, loaders.train, TrainConfig(epochs=total_epochs, lr=0.1, warmup_epochs=0.2))
+            timings[name] = time.time() - t0
+            torch.save(model.state_dict(), ckpt / f"{name}.pt")
+            print(name, f"{timings[name]:.0f}s", flush=True)
+        for recipe in args.recipes:
+            pretrained = base(width=args.width)
+            pretrained.load_state_dict(torch.load(ckpt / "base_pretrained.pt"))
+            model = dynnet.convert(copy.deepcopy(pretrained), recipe, **RECIPES[recipe])
+            if args.gate_bias is not None and recipe in ("dynconv", "sbnet"):
+                with torch.no_grad():
+                    for _, block in model.blocks():
+                        block.gate.conv.bias.fill_(args.gate_bias)
+            hooks = (DynConvAnnealing(),) if recipe == "dynconv" else ()
+            t0 = time.time()
+            fit(model, loaders.train, tune, hooks=hooks)
+            timings[recipe] = time.time() - t0
+            torch.save(model.state_dict(), ckpt / f"{recipe}.pt")
+            print(recipe, f"{timings[recipe]:.0f}s", flush=True)
+
+    rows = []
+    for name, (arch, w) in static.items():
+        model = base(arch, width=w)
+        model.load_state_dict(torch.load(ckpt / f"{name}.pt"))
+        row = {"model": name, "kind": "static", **_evaluate(model, x_test, y_test)}
+        row.update(_profile(model, x_test, args))
+        rows.append(row)
+        print(row, flush=True)
+    for recipe in args.recipes:
+        model = dynnet.convert(base(width=args.width), recipe, **RECIPES[recipe])
+        model.load_state_dict(torch.load(ckpt / f"{recipe}.pt"))
+        row = {"model": recipe, "kind": "dynamic", **_evaluate(model, x_test, y_test)}
+        row.update(_profile(model, x_test, args))
+        rows.append(row)
+        print(row, flush=True)
+
+    result = {
+        "machine": info,
+        "machine_after": machine_info(),
+        "args": vars(args),
+        "train_seconds": timings,
+        "note": "CPU shared with other jobs during the run (see load averages): latencies are noisy.",
+        "rows": rows,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
+    with open(out / "results.csv", "w", newline="") as f:
+        keys = sorted({k for r in rows for k in r})
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, out / "accuracy_vs_macs.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        marker = "s" if r["kind"] == "static" else "o"
+        ax.scatter(r["mean_macs"] / 1e6, 100 * r["accuracy"], marker=marker)
+        ax.annotate(r["model"], (r["mean_macs"] / 1e6, 100 * r["accuracy"]), fontsize=7)
+    ax.set(xlabel="MACs per image (M, theoretical)", ylabel="top-1 accuracy (%)",
+           title="Cluttered Fashion-MNIST 64×64 (test subset)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

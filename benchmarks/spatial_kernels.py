@@ -1,0 +1,204 @@
+"""Realized speedup of the spatial kernels: latency of sparse vs dense execution against the MAC ratio.
+
+For each kernel (a single 3×3 convolution with the pixel gather–GEMM path; a ResNet BasicBlock branch with
+the pixel path (DynConv/SACT) and with the tile path (SBNet)), at output-mask densities 0.1 / 0.25 / 0.5 and
+batch 1 and 16, we time the dense computation and the sparse one (``torch.utils.benchmark``, median) and
+report (times are the minimum over interleaved rounds, see :func:`paired_latency`; medians are stored too)
+
+* ``mac_speedup`` = dense MACs / executed MACs (halos of the dilated mask and of the tiles included),
+* ``ideal_speedup`` = 1 / density (what the mask alone promises),
+* ``ratio_exec`` = latency speedup ÷ mac_speedup and ``ratio_ideal`` = latency speedup ÷ ideal_speedup.
+
+Masks are spatially clustered ("blobs": a random 7×7 field upsampled and thresholded at the density's
+quantile), as learned masks are; uniformly random masks are also timed for the single convolution, where no
+dilation is involved. Usage::
+
+    python benchmarks/spatial_kernels.py --out benchmarks/results/spatial
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dynnet.bench import machine_info
+from dynnet.kernels._spatial_chain import chain_sizes, run_pixels, run_tiles, spatial_chain, stage_masks
+from dynnet.kernels.block import reduce_to_tiles, scatter_tiles, tiles_to_pixels
+from dynnet.kernels.spatial import gather_conv2d, scatter_add_rows
+from dynnet.models.cifar_resnet import BasicBlock
+
+
+def blob_mask(n: int, h: int, w: int, density: float, g: torch.Generator) -> torch.Tensor:
+    """Tensor[n, h, w] bool, spatially clustered, with exactly ``round(density·h·w)`` active positions per sample."""
+    field = F.interpolate(torch.randn(n, 1, 7, 7, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    flat = field.flatten(1)
+    k = max(1, round(density * h * w))
+    idx = flat.topk(k, dim=1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True).view(n, h, w)
+
+
+def random_mask(n: int, h: int, w: int, density: float, g: torch.Generator) -> torch.Tensor:
+    k = max(1, round(density * h * w))
+    idx = torch.rand(n, h * w, generator=g).topk(k, dim=1).indices
+    return torch.zeros(n, h * w, dtype=torch.bool).scatter_(1, idx, True).view(n, h, w)
+
+
+def paired_latency(
+    fns: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[float, float]]:
+    """Interleaved timing: every round calls each function once (in a fresh random order).
+
+    Returns ``{name: (min_ms, median_ms)}``. On a CPU shared with other jobs the minimum is the least
+    disturbed estimate, and interleaving exposes dense and sparse runs to the same load. With
+    ``clock=time.thread_time`` (and one intra-op thread) the time is the CPU time of the calling thread,
+    which does not count the time the thread waited for a core — the load-robust measure.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for fn in fns.values():  # warm-up
+        fn()
+    for r in range(rounds):
+        random.Random(r).shuffle(names)
+        for k in names:
+            t0 = clock()
+            fns[k]()
+            times[k].append((clock() - t0) * 1e3)
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def bench(
+    channels: int,
+    size: int,
+    batches: list[int],
+    densities: list[float],
+    tile: int,
+    rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list:
+    g = torch.Generator().manual_seed(0)
+    block = BasicBlock(channels, channels).eval()
+    stages = spatial_chain(block)
+    conv = block.conv1
+    per_conv = conv.weight.numel() * size * size
+    rows = []
+    for n in batches:
+        x = torch.randn(n, channels, size, size, generator=g)
+        for density in densities:
+            fns: dict[str, Callable[[], object]] = {
+                "dense_conv": lambda x=x: F.conv2d(x, conv.weight, None, 1, 1),
+                "dense_block": lambda x=x: block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))) + x,
+            }
+            executed: dict[str, float] = {}
+            for pattern, make in (("random", random_mask), ("blob", blob_mask)):
+                mask = make(n, size, size, density, g)
+                fns[f"conv_{pattern}"] = lambda m=mask, x=x: gather_conv2d(x, conv.weight, m, padding=1)
+                executed[f"conv_{pattern}"] = float(mask.sum()) * conv.weight.numel() / n
+            masks = stage_masks(stages, mask, chain_sizes(stages, (size, size))[1:])
+
+            def block_pixels(ms=masks, x=x):
+                r, pos, _ = run_pixels(stages, x, ms)
+                return scatter_add_rows(x, r, pos)
+
+            fns["block_pixel"] = block_pixels
+            executed["block_pixel"] = (
+                sum(float(m.sum()) * s.per_position for s, m in zip(stages, masks, strict=True)) / n
+            )
+            tmask = reduce_to_tiles(mask, tile)
+            tiles = tmask.nonzero()
+
+            def block_tiles(t=tiles, x=x):
+                v, _ = run_tiles(stages, x, t, tile)
+                return scatter_tiles(x, v, t, tile)
+
+            fns["block_tile"] = block_tiles
+            _, ex = run_tiles(stages, x, tiles, tile)
+            executed["block_tile"] = float(ex.sum()) / n
+            lat = paired_latency(fns, rounds, clock)
+            tile_density = float(tiles_to_pixels(tmask, tile, (size, size)).float().mean())
+            for key, kernel, pattern, dense_key, dense_macs in (
+                ("conv_random", "conv3x3_pixel", "random", "dense_conv", per_conv),
+                ("conv_blob", "conv3x3_pixel", "blob", "dense_conv", per_conv),
+                ("block_pixel", "basicblock_pixel", "blob", "dense_block", 2 * per_conv),
+                ("block_tile", f"basicblock_tile{tile}", "blob", "dense_block", 2 * per_conv),
+            ):
+                row = _row(
+                    kernel, pattern, n, density, channels, size, lat[dense_key], lat[key], dense_macs, executed[key]
+                )
+                if key == "block_tile":
+                    row["tile_density"] = tile_density
+                rows.append(row)
+                print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return rows
+
+
+def _row(kernel, pattern, n, density, channels, size, dense, sparse, dense_macs, executed_macs) -> dict:
+    (dense_ms, dense_median), (sparse_ms, sparse_median) = dense, sparse
+    speed = dense_ms / sparse_ms
+    mac_speedup = dense_macs / max(executed_macs, 1.0)
+    return {
+        "kernel": kernel, "mask": pattern, "batch": n, "density": density, "channels": channels, "size": size,
+        "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_median_ms": dense_median,
+        "sparse_median_ms": sparse_median, "latency_speedup": speed,
+        "executed_mac_fraction": executed_macs / dense_macs, "mac_speedup": mac_speedup,
+        "ideal_speedup": 1.0 / density, "ratio_exec": speed / mac_speedup, "ratio_ideal": speed * density,
+    }  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, n in zip(axes[0], batches, strict=True):
+        for kernel, pattern in sorted({(r["kernel"], r["mask"]) for r in rows}):
+            sel = [r for r in rows if r["batch"] == n and r["kernel"] == kernel and r["mask"] == pattern]
+            ax.plot([r["density"] for r in sel], [r["ratio_exec"] for r in sel], "o-", label=f"{kernel} ({pattern})")
+        ax.axhline(0.8, color="gray", ls="--", lw=0.8)
+        ax.set(xlabel="output mask density", ylabel="latency speedup / MAC speedup", title=f"batch {n}", ylim=(0, 1.5))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/spatial")
+    parser.add_argument("--channels", type=int, default=128)
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--tile", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: perf_counter with --threads; cpu: CPU time of the thread (forces 1 thread; robust to load)",
+    )
+    args = parser.parse_args()
+    if args.clock == "cpu":
+        args.threads = 1
+    torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    before = machine_info()
+    with torch.no_grad():
+        rows = bench(args.channels, args.size, [1, 16], [0.1, 0.25, 0.5], args.tile, args.rounds, clock)
+    result = {"machine": before, "machine_after": machine_info(), "args": vars(args), "rows": rows}
+    (out / f"kernels_{args.clock}.json").write_text(json.dumps(result, indent=1))
+    plot(rows, out / f"kernels_{args.clock}.png")
+
+
+if __name__ == "__main__":
+    main()

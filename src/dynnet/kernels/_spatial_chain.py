@@ -1,0 +1,426 @@
+"""The spatial execution engine of a residual block: a chain of conv–BN–activation stages run under a mask.
+
+A residual branch such as ResNet's BasicBlock is a chain ``conv1 → BN → ReLU → conv2 → BN``. Given the
+mask of the output positions to compute, every earlier stage must be computed on the positions that
+the later ones read (the receptive masks: DynConv's "dilated mask"). Three executions:
+
+* :func:`run_masked` — the reference: dense stages, each output multiplied by its mask (differentiable);
+* :func:`run_pixels` — gather–GEMM–scatter at the active positions of each stage
+  (:mod:`dynnet.kernels.spatial`);
+* :func:`run_tiles` — SBNet's tile batches with halos (:mod:`dynnet.kernels.block`).
+
+:class:`SpatialResidual` is the dynamic block built on them, shared by the spatial and block families.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert.residual import ResidualAdapter
+from dynnet.core import Decision, DynamicBlock, current_trace
+from dynnet.kernels.block import gather_tiles, inside_image, scatter_tiles, tile_geometry, tiles_to_pixels
+from dynnet.kernels.spatial import (
+    conv_out_size,
+    gather_conv_rows,
+    input_lookup,
+    receptive_mask,
+    rows_lookup,
+    scatter_add_rows,
+    weight_matrix,
+)
+
+__all__ = [
+    "ConvStage",
+    "SpatialResidual",
+    "chain_sizes",
+    "folded_stage",
+    "register_spatial_chain",
+    "run_masked",
+    "run_pixels",
+    "run_tiles",
+    "spatial_chain",
+    "stage_masks",
+]
+
+
+@dataclass(frozen=True)
+class ConvStage:
+    """One stage of a residual branch: ``act(bn(conv(x)))``; ``bn`` and ``act`` may be ``None``."""
+
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d | None
+    act: Callable[[Tensor], Tensor] | None
+
+    @property
+    def geometry(self) -> tuple[int, int, int, int]:
+        """``(kernel, stride, padding, dilation)``, square."""
+        c = self.conv
+        k, s, p, d = c.kernel_size, c.stride, c.padding, c.dilation
+        if isinstance(p, str) or len({k[0], k[1]}) > 1 or s[0] != s[1] or p[0] != p[1] or d[0] != d[1]:
+            raise ValueError(f"spatial execution needs square, explicitly padded convolutions, got {c}")
+        return k[0], s[0], p[0], d[0]
+
+    @property
+    def per_position(self) -> int:
+        """MACs of one output position (``|weight|``)."""
+        return self.conv.weight.numel()
+
+
+_CHAINS: dict[type, Callable[[nn.Module], list[ConvStage]]] = {}
+
+
+def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage]]) -> None:
+    """Teach the spatial engine how to split the residual branch of ``cls`` into conv stages."""
+    if cls in _CHAINS:
+        raise ValueError(f"a spatial chain for {cls.__qualname__} is already registered")
+    _CHAINS[cls] = fn
+
+
+def spatial_chain(block: nn.Module) -> list[ConvStage] | None:
+    """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class."""
+    fn = _CHAINS.get(type(block))
+    if fn is None:
+        return None
+    stages = fn(block)
+    for st in stages:
+        if st.conv.groups != 1:
+            return None
+    return stages
+
+
+def _basic(b: nn.Module) -> list[ConvStage]:
+    return [ConvStage(b.conv1, b.bn1, b.relu), ConvStage(b.conv2, b.bn2, None)]
+
+
+def _bottleneck(b: nn.Module) -> list[ConvStage]:
+    return [ConvStage(b.conv1, b.bn1, b.relu), ConvStage(b.conv2, b.bn2, b.relu), ConvStage(b.conv3, b.bn3, None)]
+
+
+def _register_builtin() -> None:
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    from dynnet.models.cifar_resnet import BasicBlock as CifarBasic
+
+    register_spatial_chain(CifarBasic, _basic)
+    register_spatial_chain(TvBasic, _basic)
+    register_spatial_chain(TvBottleneck, _bottleneck)
+
+
+_register_builtin()
+
+
+# -- pure functions ---------------------------------------------------------------------------------------------
+
+
+def chain_sizes(stages: list[ConvStage], size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Spatial sizes ``[(H_0, W_0), (H_1, W_1), ...]``: the input, then each stage's output."""
+    sizes = [size]
+    for st in stages:
+        k, s, p, d = st.geometry
+        h, w = sizes[-1]
+        sizes.append((conv_out_size(h, k, s, p, d), conv_out_size(w, k, s, p, d)))
+    return sizes
+
+
+def stage_masks(stages: list[ConvStage], out_mask: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """The output mask of every stage: the last is ``out_mask``, each earlier one the receptive mask of the next.
+
+    Args:
+        stages: the chain.
+        out_mask: Tensor[N, H_L, W_L] (bool, or float straight-through values: gradients flow).
+        sizes: :func:`chain_sizes`.
+
+    Returns:
+        ``[m_1, ..., m_L]`` with ``m_i`` Tensor[N, H_i, W_i].
+    """
+    masks = [out_mask]
+    for i in range(len(stages) - 1, 0, -1):
+        k, s, p, d = stages[i].geometry
+        masks.append(receptive_mask(masks[-1], k, s, p, d, sizes[i]))
+    return masks[::-1]
+
+
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Tensor, Tensor | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def folded_stage(st: ConvStage) -> tuple[Tensor, Tensor | None]:
+    """The stage's convolution with inference batch norm folded in, as a GEMM: ``(Tensor[k·k·C, C_out], bias)``.
+
+    ``w' = w · γ/σ``, ``b' = β + (b - μ) · γ/σ`` (0 MACs at inference: done once). Cached per convolution and
+    recomputed whenever a parameter or running statistic changes (tensor version counters); computed without
+    gradient (sparse mode is inference only).
+    """
+    tensors = [st.conv.weight, st.conv.bias]
+    if st.bn is not None:
+        tensors += [st.bn.weight, st.bn.bias, st.bn.running_mean, st.bn.running_var]
+    key = tuple(-1 if t is None else t._version for t in tensors) + tuple(id(t) for t in tensors)
+    hit = _FOLDED.get(st.conv)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        w, b = st.conv.weight, st.conv.bias
+        if st.bn is not None:
+            bn = st.bn
+            scale = bn.running_var.add(bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if b is not None:
+                shift = shift + b * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+            w, b = w * scale.view(-1, 1, 1, 1), shift
+        wmat = weight_matrix(w).contiguous()
+        b = None if b is None else b.contiguous()
+    _FOLDED[st.conv] = (key, wmat, b)
+    return wmat, b
+
+
+def run_masked(stages: list[ConvStage], x: Tensor, masks: list[Tensor | None]) -> Tensor:
+    """Reference: each stage dense, its output multiplied by its mask (``None``: not masked).
+
+    Args:
+        x: Tensor[N, C, H, W]; masks: per stage, Tensor[N, H_i, W_i] or ``None``.
+
+    Returns:
+        Tensor[N, C_L, H_L, W_L].
+    """
+    h = x
+    for st, m in zip(stages, masks, strict=True):
+        h = st.conv(h)
+        if st.bn is not None:
+            h = st.bn(h)
+        if st.act is not None:
+            h = st.act(h)
+        if m is not None:
+            h = h * m.unsqueeze(1).to(h.dtype)
+    return h
+
+
+def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather–GEMM execution of the chain at the active positions of each stage (inference).
+
+    Intermediate results stay compact (``Tensor[P_i, C_i]`` rows with a position → row lookup); batch norm is
+    folded into each GEMM (:func:`folded_stage`).
+
+    Args:
+        x: Tensor[N, C, H, W]; masks: bool masks from :func:`stage_masks`.
+
+    Returns:
+        ``(rows, positions, executed)``: Tensor[P_L, C_L] outputs of the last stage at its active positions
+        Tensor[P_L, 3], and Tensor[N] float64 MACs executed per sample.
+    """
+    n, c, h, w = x.shape
+    executed = torch.zeros(n, dtype=torch.float64, device=x.device)
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    lookup = input_lookup(n, h, w, x.device)
+    positions = x.new_zeros((0, 3), dtype=torch.long)
+    for i, (st, m) in enumerate(zip(stages, masks, strict=True)):
+        k, s, p, d = st.geometry
+        if i > 0:
+            lookup = rows_lookup(positions, (n, *masks[i - 1].shape[1:]))
+        positions = m.nonzero()
+        wmat, bias = folded_stage(st)
+        rows = gather_conv_rows(rows, lookup, wmat, positions, kernel=k, stride=s, padding=p, dilation=d, bias=bias)
+        if st.act is not None:
+            rows = st.act(rows)
+        executed += m.flatten(1).sum(1).double() * st.per_position
+    return rows, positions, executed
+
+
+def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> tuple[Tensor, Tensor]:
+    """SBNet execution: the chain on a batch of haloed input tiles (inference).
+
+    Args:
+        x: Tensor[N, C, H, W].
+        tiles: Tensor[T, 3] long ``(n, ty, tx)`` active output tiles (on the last stage's grid).
+        tile: tile side.
+
+    Returns:
+        ``(values, executed)``: Tensor[T, C_L, tile, tile] output tiles and Tensor[N] float64 MACs per sample.
+    """
+    n = x.shape[0]
+    sizes = chain_sizes(stages, tuple(x.shape[2:]))
+    geo = tile_geometry(tile, [st.geometry for st in stages])
+    h = gather_tiles(x, tiles, geo.regions[0], geo.offsets[0], geo.steps[0])
+    per_tile = 0
+    for i, st in enumerate(stages, start=1):
+        _, s, _, d = st.geometry
+        h = F.conv2d(h, st.conv.weight, st.conv.bias, s, 0, d)
+        per_tile += geo.regions[i] ** 2 * st.per_position
+        if st.bn is not None:
+            h = st.bn(h)
+        if st.act is not None:
+            h = st.act(h)
+        if i < len(stages):
+            # Halo positions outside the image must read as the zero padding of the next convolution.
+            h = h * inside_image(tiles, geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i]).to(h.dtype)
+    counts = torch.bincount(tiles[:, 0], minlength=n).double() if tiles.shape[0] else torch.zeros(n).double()
+    return h, counts * per_tile
+
+
+# -- the dynamic block ------------------------------------------------------------------------------------------
+
+
+class SpatialResidual(DynamicBlock):
+    """A residual block whose branch is computed only at the positions of a spatial mask.
+
+    ``out = post(shortcut(x) + M ⊙ branch(x))`` with ``M`` the output mask. In ``"pixel"`` execution the
+    intermediate stages are also masked by their receptive masks (DynConv), so the masked mode is exactly
+    what the gather kernels compute; in ``"tile"`` execution (SBNet) the intermediate stages are dense and
+    only the output is masked, which the haloed tiles reproduce exactly.
+
+    Args:
+        block: the original residual block (its children keep their names).
+        adapter: body / shortcut / post of the block.
+        stages: the branch's conv stages (:func:`spatial_chain`).
+        gate: the mask unit (``None`` when masks come from outside, e.g. SACT's halting).
+        execution: ``"pixel"`` or ``"tile"``.
+        tile: tile side for ``"tile"`` execution (and the granularity of block decisions).
+
+    Subclasses implement :meth:`decide`; a decision's ``hard`` is Tensor[N, H_L, W_L] (pixel) or
+    Tensor[N, ceil(H_L/tile), ceil(W_L/tile)] (tile).
+    """
+
+    granularity = "spatial"
+
+    def __init__(
+        self,
+        block: nn.Module,
+        adapter: ResidualAdapter,
+        stages: list[ConvStage],
+        gate: nn.Module | None,
+        *,
+        execution: str = "pixel",
+        tile: int = 4,
+    ) -> None:
+        super().__init__()
+        if execution not in ("pixel", "tile"):
+            raise ValueError(f"execution must be 'pixel' or 'tile', got {execution!r}")
+        for child_name, child in block.named_children():
+            self.add_module(child_name, child)
+        object.__setattr__(self, "_block", block)
+        object.__setattr__(self, "_stages", stages)
+        self.adapter = adapter
+        self.execution = execution
+        self.tile = int(tile)
+        if gate is not None:
+            self.gate = gate
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def body(self, x: Tensor) -> Tensor:
+        return self.adapter.body(self._block, x)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return self.adapter.shortcut(self._block, x)
+
+    def post(self, y: Tensor) -> Tensor:
+        return self.adapter.post(self._block, y)
+
+    def decide(self, x: Tensor) -> Decision:
+        """The decision for Tensor[N, C, H, W] (straight-through ``hard`` in training)."""
+        raise NotImplementedError
+
+    def out_size(self, x: Tensor) -> tuple[int, int]:
+        """Spatial size of the branch output for input ``x``."""
+        return chain_sizes(self._stages, tuple(x.shape[2:]))[-1]
+
+    def interpolate(self, branch: Tensor, mask: Tensor) -> Tensor:
+        """Fill the skipped positions of the masked branch output (Tensor[N, C, H, W], zeros where ``mask``
+        Tensor[N, H, W] is 0). The default keeps zeros (the skipped positions keep the shortcut); recipes that
+        interpolate (stochastic sampling) override it and set ``interpolates = True``."""
+        return branch
+
+    interpolates: bool = False
+
+    def pixel_mask(self, d: Decision, x: Tensor) -> Tensor:
+        """The decision as a Tensor[N, H_L, W_L] output mask (tiles upsampled in tile execution)."""
+        if self.execution == "tile":
+            return tiles_to_pixels(d.hard, self.tile, self.out_size(x))
+        return d.hard
+
+    # -- modes ------------------------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor, decision: Decision | None = None) -> Tensor:
+        return self.post(self.shortcut(x) + self.body(x))
+
+    def forward_masked(self, x: Tensor, decision: Decision | None = None) -> Tensor:
+        d = self._decision(x, decision)
+        gate_ran = decision is None
+        sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
+        masks = stage_masks(self._stages, self.pixel_mask(d, x), sizes[1:])
+        used: list[Tensor | None] = (
+            list(masks) if self.execution == "pixel" else [None] * (len(masks) - 1) + [masks[-1]]
+        )
+        branch = run_masked(self._stages, x, used)
+        if self.interpolates:
+            branch = self.interpolate(branch, masks[-1])
+        out = self.post(self.shortcut(x) + branch)
+        self._record(x, d, masks, executed=None, gate_ran=gate_ran)
+        return out
+
+    def forward_sparse(self, x: Tensor, decision: Decision | None = None) -> Tensor:
+        d = self._decision(x, decision)
+        gate_ran = decision is None
+        sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
+        hard = d.hard.detach() > 0.5
+        base = self.shortcut(x)
+        if self.execution == "pixel":
+            masks = stage_masks(self._stages, hard, sizes[1:])
+            if not bool(masks[0].any()):
+                out, executed = base, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            else:
+                rows, positions, executed = run_pixels(self._stages, x, masks)
+                out = scatter_add_rows(base if not self.interpolates else torch.zeros_like(base), rows, positions)
+            if self.interpolates:
+                out = base + self.interpolate(out if bool(masks[0].any()) else torch.zeros_like(base), masks[-1])
+        else:
+            masks = stage_masks(self._stages, tiles_to_pixels(hard, self.tile, sizes[-1]), sizes[1:])
+            tiles = hard.nonzero()
+            values, executed = run_tiles(self._stages, x, tiles, self.tile)
+            out = scatter_tiles(base, values, tiles, self.tile)
+        self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
+        return self.post(out)
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def _decision(self, x: Tensor, decision: Decision | None) -> Decision:
+        return self.decide(x) if decision is None else decision
+
+    def _check_chain(self, x: Tensor) -> float:
+        """Dense MACs of the branch; checks that the conv stages account for all of them."""
+        body = self.cost("body", lambda m, inp: m.body(inp), x)
+        sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
+        chain = sum(st.per_position * h * w for st, (h, w) in zip(self._stages, sizes[1:], strict=True))
+        if chain != body:
+            raise RuntimeError(
+                f"{self.block_name}: the conv stages cost {chain} MACs but the residual branch costs {body}; "
+                "register the right chain with dynnet.kernels.register_spatial_chain"
+            )
+        return float(body)
+
+    def _record(self, x: Tensor, d: Decision, masks: list[Tensor], executed: Tensor | None, gate_ran: bool) -> None:
+        t = current_trace()
+        if t is None:
+            return
+        t.record_decision(self.block_name, d)
+        body = self._check_chain(x)
+        macs = sum(m.flatten(1).sum(1).double() * st.per_position for st, m in zip(self._stages, masks, strict=True))
+        t.record_macs(
+            f"{self.block_name}/body",
+            macs,
+            executed=body if executed is None else executed,
+            minimum=0.0,
+            maximum=body,
+            dense=body,
+        )
+        if gate_ran and hasattr(self, "gate"):  # a decision passed in from outside costs this block nothing
+            g = self.cost("gate", lambda m, inp: m.gate(inp), x)
+            t.record_macs(f"{self.block_name}/gate", float(g), batch_size=x.shape[0], minimum=g, maximum=g)

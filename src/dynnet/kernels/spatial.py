@@ -1,0 +1,340 @@
+"""Pixel-wise sparse convolution: compute a convolution only at the active output positions of a mask.
+
+The fast path is a gather–GEMM–scatter ("im2col over active pixels"):
+
+1. the input is laid out as channels-last rows ``Tensor[R, C]`` with a ``lookup`` Tensor[N, H, W] from
+   position to row (-1: reads as zero — the padding, or positions a previous sparse stage did not compute),
+   so intermediate results stay compact and no padded copy is ever made;
+2. for the ``P`` active output positions, the ``k·k`` input rows each needs are gathered with one
+   ``index_select`` into ``Tensor[P, k·k·C]`` (0 MACs: a copy);
+3. one GEMM (``addmm``, with batch norm folded into the weight and bias) with the weight reshaped to
+   ``Tensor[k·k·C, C_out]`` gives ``Tensor[P, C_out]``: exactly ``P·k·k·C·C_out`` MACs (what the aten rule counts);
+4. the rows are added back onto the dense tensor (``index_select`` + ``index_copy``, 0 MACs).
+
+:func:`sparse_conv2d` falls back to the dense convolution when the mask is denser than a crossover
+density, which :func:`calibrate_crossover` measures per layer shape (wall clock, so it is never run
+implicitly). The pure-PyTorch references that define correctness are :func:`masked_conv2d_reference`
+(dense convolution, then the active rows) and the masked mode of the recipes.
+
+Shapes: ``mask`` is ``Tensor[N, Ho, Wo]`` bool on the *output* grid; rows follow the order of
+``mask.nonzero()`` (batch, then row, then column).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "CROSSOVERS",
+    "SparseConvResult",
+    "active_positions",
+    "calibrate_crossover",
+    "conv_out_size",
+    "gather_conv2d",
+    "gather_conv_rows",
+    "input_lookup",
+    "masked_conv2d_reference",
+    "receptive_mask",
+    "rows_lookup",
+    "scatter_add_rows",
+    "sparse_conv2d",
+    "weight_matrix",
+]
+
+CROSSOVERS: dict[tuple[int, ...], float] = {}
+"""Measured density above which the dense convolution is faster, keyed by
+``(C_in, C_out, k, stride, H, W, N)``; filled by :func:`calibrate_crossover`."""
+
+DEFAULT_CROSSOVER = 1.0
+"""Without a calibration, the gather path runs at every density below 1 (the sparse kernel is always used)."""
+
+
+def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one axis."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pair(v: int | tuple[int, int]) -> int:
+    if isinstance(v, tuple):
+        if v[0] != v[1]:
+            raise ValueError(f"only square kernels, strides, paddings and dilations are supported, got {v}")
+        return int(v[0])
+    return int(v)
+
+
+def receptive_mask(
+    mask: Tensor, kernel: int, stride: int, padding: int, dilation: int, in_size: tuple[int, int]
+) -> Tensor:
+    """The input positions that the active output positions of a convolution read.
+
+    Works on bool masks and on float masks (straight-through decisions): for floats it is the max over
+    the receptive fields, so gradients flow to the output mask (DynConv's dilated mask is
+    ``max_pool2d(mask, 3, 1, 1)``, which this equals for a 3×3, stride-1 convolution).
+
+    Args:
+        mask: Tensor[N, Ho, Wo] output mask (bool or float in [0, 1]).
+        kernel, stride, padding, dilation: the convolution's geometry (square).
+        in_size: ``(H, W)`` of the convolution's input.
+
+    Returns:
+        Tensor[N, H, W] of ``mask``'s dtype.
+    """
+    n, ho, wo = mask.shape
+    h, w = in_size
+    is_bool = mask.dtype == torch.bool
+    m = mask.float() if is_bool else mask
+    if kernel == 1 and stride == 1 and padding == 0:
+        return mask
+    if stride == 1 and dilation == 1 and 2 * padding == kernel - 1 and (h, w) == (ho, wo):
+        out = F.max_pool2d(m.unsqueeze(1), kernel, 1, padding).squeeze(1)
+        return out > 0.5 if is_bool else out
+    canvas_h = max(h + 2 * padding, (ho - 1) * stride + (kernel - 1) * dilation + 1)
+    canvas_w = max(w + 2 * padding, (wo - 1) * stride + (kernel - 1) * dilation + 1)
+    hu, wu = (ho - 1) * stride + 1, (wo - 1) * stride + 1
+    if stride > 1:  # spread the output positions onto the input grid (a fresh tensor: autograd-safe)
+        spread = m.new_zeros((n, hu, wu))
+        spread[:, ::stride, ::stride] = m
+    else:
+        spread = m
+    shifted = []
+    for kh in range(kernel):
+        for kw in range(kernel):
+            r0, c0 = kh * dilation, kw * dilation
+            shifted.append(F.pad(spread, (c0, canvas_w - c0 - wu, r0, canvas_h - r0 - hu)))
+    canvas = torch.stack(shifted).amax(0)
+    out = canvas[:, padding : padding + h, padding : padding + w]
+    return out > 0.5 if is_bool else out
+
+
+def active_positions(mask: Tensor) -> Tensor:
+    """Tensor[P, 3] long ``(n, row, col)`` of the active entries of a Tensor[N, H, W] bool mask."""
+    return mask.nonzero()
+
+
+def input_lookup(n: int, h: int, w: int, device: torch.device | None = None) -> Tensor:
+    """Tensor[N, H, W] long: the row of every position in ``x.permute(0, 2, 3, 1).reshape(-1, C)``."""
+    return torch.arange(n * h * w, device=device).view(n, h, w)
+
+
+def rows_lookup(positions: Tensor, size: tuple[int, int, int]) -> Tensor:
+    """Tensor[N, H, W] long: ``i`` at ``positions[i]`` (Tensor[P, 3]), -1 elsewhere (positions that read as zero)."""
+    lookup = torch.full(size, -1, dtype=torch.long, device=positions.device)
+    lookup[positions[:, 0], positions[:, 1], positions[:, 2]] = torch.arange(
+        positions.shape[0], device=positions.device
+    )
+    return lookup
+
+
+def weight_matrix(weight: Tensor) -> Tensor:
+    """Tensor[C_out, C_in, k, k] → Tensor[k·k·C_in, C_out] in the (kh, kw, c) order of the gathered rows."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out)
+
+
+def gather_conv_rows(
+    rows: Tensor,
+    lookup: Tensor,
+    wmat: Tensor,
+    positions: Tensor,
+    *,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """The convolution at the given output positions, reading its input from compact rows.
+
+    This is the fast path: one ``index_select`` gathers the ``k·k`` input rows of every active output position
+    (``Tensor[P, k·k·C]``), one GEMM (``addmm`` with the bias, e.g. folded batch norm) computes them. No padded
+    copy of the input is made: positions outside the image or not present in ``rows`` read as zero.
+
+    Args:
+        rows: Tensor[R, C] input rows (channels-last pixels).
+        lookup: Tensor[N, H, W] long, the row of each input position, -1 for zero positions.
+        wmat: Tensor[k·k·C, C_out] (:func:`weight_matrix`).
+        positions: Tensor[P, 3] long ``(n, oh, ow)`` output positions.
+        kernel, stride, padding, dilation: the convolution's geometry.
+        bias: Tensor[C_out] or ``None``.
+
+    Returns:
+        Tensor[P, C_out]. Costs exactly ``P·k·k·C·C_out`` MACs.
+    """
+    c = rows.shape[1]
+    p = positions.shape[0]
+    if wmat.shape[0] != kernel * kernel * c:
+        raise ValueError(f"weight matrix of {wmat.shape[0]} rows does not match k·k·C = {kernel * kernel * c}")
+    if p == 0:
+        return rows.new_zeros((0, wmat.shape[1]))
+    h, w = lookup.shape[1:]
+    hp, wp = h + 2 * padding, w + 2 * padding
+    if padding:
+        lookup = F.pad(lookup, (padding, padding, padding, padding), value=-1)
+    base = positions[:, 0] * (hp * wp) + positions[:, 1] * (stride * wp) + positions[:, 2] * stride
+    ar = torch.arange(kernel, device=rows.device) * dilation
+    offsets = (ar.view(kernel, 1) * wp + ar.view(1, kernel)).reshape(-1)
+    src = lookup.reshape(-1).index_select(0, (base.view(p, 1) + offsets.view(1, -1)).reshape(-1))
+    valid = src >= 0
+    cols = rows.index_select(0, src.clamp_min(0))
+    if not bool(valid.all()):
+        cols.masked_fill_(~valid.unsqueeze(1), 0.0)
+    cols = cols.view(p, kernel * kernel * c)
+    return torch.mm(cols, wmat) if bias is None else torch.addmm(bias, cols, wmat)
+
+
+def gather_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    *,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """``conv2d(x, weight)`` evaluated only where ``mask`` is set.
+
+    Args:
+        x: Tensor[N, C, H, W].
+        weight: Tensor[C_out, C, k, k].
+        mask: Tensor[N, Ho, Wo] bool on the output grid.
+
+    Returns:
+        Tensor[P, C_out], the output rows of the active positions in ``mask.nonzero()`` order.
+    """
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    n, _, h, w = x.shape
+    k = weight.shape[-1]
+    ho, wo = conv_out_size(h, k, s, p, d), conv_out_size(w, k, s, p, d)
+    if tuple(mask.shape) != (n, ho, wo):
+        raise ValueError(f"mask must be Tensor[{n}, {ho}, {wo}] for this convolution, got {tuple(mask.shape)}")
+    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    lookup = input_lookup(n, h, w, x.device)
+    return gather_conv_rows(
+        rows, lookup, weight_matrix(weight), active_positions(mask), kernel=k, stride=s, padding=p, dilation=d
+    )
+
+
+def masked_conv2d_reference(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+) -> Tensor:
+    """The reference of :func:`gather_conv2d`: dense convolution, then the active rows (Tensor[P, C_out])."""
+    y = F.conv2d(x, weight, None, stride, padding, dilation)
+    return y.permute(0, 2, 3, 1)[mask]
+
+
+def scatter_add_rows(base: Tensor, values: Tensor, positions: Tensor) -> Tensor:
+    """``base`` (Tensor[N, C, H, W]) plus ``values`` (Tensor[P, C]) at ``positions`` (Tensor[P, 3]).
+
+    Returns a new tensor in channels-last memory format (``base`` is not modified).
+    """
+    n, c, h, w = base.shape
+    out = base.permute(0, 2, 3, 1).contiguous()
+    if values.shape[0]:
+        index = (positions[:, 0] * h + positions[:, 1]) * w + positions[:, 2]
+        flat = out.view(n * h * w, c)
+        # Positions are unique: gather + add + copy is much faster on CPU than index_add_ (a scatter_add).
+        flat.index_copy_(0, index, flat.index_select(0, index) + values.to(out.dtype))
+    return out.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class SparseConvResult:
+    """Output of :func:`sparse_conv2d`.
+
+    Attributes:
+        rows: Tensor[P, C_out] the active output rows.
+        executed: Tensor[N] float64 MACs really performed per sample (all positions when it ran dense).
+        dense: whether the dense fallback ran.
+    """
+
+    rows: Tensor
+    executed: Tensor
+    dense: bool
+
+
+def sparse_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    crossover: float | None = None,
+) -> SparseConvResult:
+    """The convolution at the active positions, with the dense fallback above the crossover density.
+
+    Args:
+        x: Tensor[N, C, H, W]; weight: Tensor[C_out, C, k, k]; mask: Tensor[N, Ho, Wo] bool.
+        crossover: density above which the dense convolution runs; ``None``: the calibrated value of this
+            layer shape in :data:`CROSSOVERS`, else :data:`DEFAULT_CROSSOVER`.
+    """
+    n, c, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    if crossover is None:
+        crossover = CROSSOVERS.get((c, c_out, k, stride, h, w, n), DEFAULT_CROSSOVER)
+    per_position = float(weight.numel())
+    density = float(mask.float().mean()) if mask.numel() else 0.0
+    if density > crossover:
+        rows = masked_conv2d_reference(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
+        executed = torch.full((n,), per_position * mask[0].numel(), dtype=torch.float64, device=x.device)
+        return SparseConvResult(rows, executed, True)
+    rows = gather_conv2d(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
+    executed = mask.flatten(1).sum(1).double() * per_position
+    return SparseConvResult(rows, executed, False)
+
+
+def calibrate_crossover(
+    c_in: int,
+    c_out: int,
+    kernel: int,
+    size: tuple[int, int],
+    *,
+    batch: int = 1,
+    stride: int = 1,
+    densities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+    repeats: int = 20,
+    seed: int = 0,
+) -> float:
+    """Measure the density above which the dense convolution beats the gather path for one layer shape.
+
+    Stores the result in :data:`CROSSOVERS` and returns it (1.0 when the gather path wins everywhere).
+    Wall-clock timing: call it once per deployment shape, never in a test.
+    """
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    padding = kernel // 2
+    x = torch.randn(batch, c_in, h, w, generator=g)
+    weight = torch.randn(c_out, c_in, kernel, kernel, generator=g)
+    ho, wo = conv_out_size(h, kernel, stride, padding, 1), conv_out_size(w, kernel, stride, padding, 1)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    with torch.no_grad():
+        dense_t = best(lambda: F.conv2d(x, weight, None, stride, padding))
+        crossover = 1.0
+        for d in densities:
+            mask = torch.rand(batch, ho, wo, generator=g) < d
+            t = best(lambda m=mask: gather_conv2d(x, weight, m, stride=stride, padding=padding))
+            if t >= dense_t:
+                crossover = d
+                break
+    CROSSOVERS[(c_in, c_out, kernel, stride, h, w, batch)] = crossover
+    return crossover

@@ -1,0 +1,152 @@
+"""Stochastic sampling and interpolation — Xie, Zhang, Xia, Zhang, Xie & Hu, "Spatially Adaptive Inference with
+Stochastic Feature Sampling and Interpolation", ECCV 2020.
+https://www.ecva.net/papers/eccv_2020/papers_ECCV/html/1383_ECCV_2020_paper.php (arXiv:2003.08866).
+
+Each residual block gets a sampling unit that chooses, per output pixel, whether the residual branch is
+computed there (Gumbel-Sigmoid, stochastic in training, thresholded at inference). The branch is computed
+only at the sampled pixels (first convolution on the dilated mask; gather → GEMM → scatter in sparse mode),
+and the branch output at the *unsampled* pixels is interpolated from the sampled ones with a Gaussian
+(RBF) kernel whose bandwidth is learned:
+
+    F̂(p) = F(p)                                              if p is sampled,
+    F̂(p) = Σ_q M(q) e^{-λ‖p-q‖²} F(q) / Σ_q M(q) e^{-λ‖p-q‖²}   otherwise (q in a k×k window),
+
+so skipped positions are not left at zero as in DynConv. The interpolation is a depthwise k×k
+convolution of the masked branch output and a k×k convolution of the mask; both run densely in masked and
+sparse mode and their MACs are counted (entry ``<block>/interp``). Objective: cross-entropy +
+``budget_weight`` × the MAC-budget loss (the paper's FLOPs constraint).
+
+Departures from the paper:
+* the sampling unit is DynConv's squeeze unit (3×3 conv + global-pool term); the paper uses a small
+  convolutional sampling module;
+* the RBF interpolation uses one learned bandwidth per block over a fixed ``k × k`` window; the paper
+  also evaluates learned interpolation kernels per channel group;
+* sampling is per pixel of the block's output; the paper also samples on a coarser grid and upsamples;
+* units start with every pixel sampled (bias trick), so a fresh conversion reproduces the base network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels, replace_module
+from dynnet.core import Decision, DynamicModel, RecipeSpec, current_trace, register_recipe
+from dynnet.estimators import gumbel_sigmoid
+from dynnet.kernels._spatial_chain import SpatialResidual
+from dynnet.methods.spatial._common import chain_stride, spatial_targets
+from dynnet.methods.spatial.gates import SqueezeMaskUnit
+
+__all__ = ["SamplingUnit", "StochasticSamplingBlock", "StochasticSamplingConfig", "rbf_interpolate"]
+
+
+@dataclass(frozen=True)
+class StochasticSamplingConfig:
+    """Settings of stochastic sampling and interpolation.
+
+    Attributes:
+        budget: target fraction of the dense network's MACs.
+        window: side ``k`` of the interpolation window (odd).
+        bandwidth: initial RBF coefficient λ.
+        tau: Gumbel-Sigmoid temperature.
+        budget_weight: weight of the MAC-budget loss.
+    """
+
+    budget: float = 0.5
+    window: int = 5
+    bandwidth: float = 0.5
+    tau: float = 1.0
+    budget_weight: float = 5.0
+
+
+def rbf_interpolate(branch: Tensor, mask: Tensor, log_bandwidth: Tensor, window: int) -> Tensor:
+    """Fill the unsampled positions of ``branch`` by RBF-weighted averages of the sampled neighbours.
+
+    Args:
+        branch: Tensor[N, C, H, W] branch output, zero at unsampled positions.
+        mask: Tensor[N, H, W] sampling mask (0/1; straight-through values keep their gradient).
+        log_bandwidth: scalar tensor, ``log λ``.
+        window: odd window side ``k``.
+
+    Returns:
+        Tensor[N, C, H, W]: ``branch`` at sampled positions, the interpolation elsewhere (0 where no sampled
+        neighbour lies in the window). Costs ``N·H·W·(C + 1)·k²`` MACs (two convolutions).
+    """
+    r = window // 2
+    ar = torch.arange(-r, r + 1, dtype=branch.dtype, device=branch.device)
+    d2 = ar.view(-1, 1) ** 2 + ar.view(1, -1) ** 2
+    kernel = torch.exp(-log_bandwidth.exp() * d2)
+    c = branch.shape[1]
+    m = mask.unsqueeze(1).to(branch.dtype)
+    num = F.conv2d(branch, kernel.expand(c, 1, window, window), padding=r, groups=c)
+    den = F.conv2d(m, kernel.view(1, 1, window, window), padding=r)
+    return branch + (1.0 - m) * num / den.clamp_min(1e-6)
+
+
+class SamplingUnit(nn.Module):
+    """The sampling decision (a squeeze mask unit) and the block's interpolation bandwidth ``log λ``."""
+
+    def __init__(self, in_channels: int, stride: int, bandwidth: float) -> None:
+        super().__init__()
+        self.mask = SqueezeMaskUnit(in_channels, stride)
+        self.log_bandwidth = nn.Parameter(torch.tensor(math.log(bandwidth)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tensor[N, C, H, W] → sampling logits Tensor[N, H', W']."""
+        return self.mask(x)
+
+
+class StochasticSamplingBlock(SpatialResidual):
+    """A residual block computed at sampled pixels, with RBF interpolation of the others."""
+
+    granularity = "spatial"
+    interpolates = True
+
+    def __init__(self, *args, window: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"window must be a positive odd number, got {window}")
+        self.window = window
+
+    def decide(self, x: Tensor) -> Decision:
+        hard, prob = gumbel_sigmoid(self.gate(x), self.tau, noise=self.training)
+        return Decision(hard=hard, soft=prob, granularity="spatial")
+
+    def interpolate(self, branch: Tensor, mask: Tensor) -> Tensor:
+        out = rbf_interpolate(branch, mask, self.gate.log_bandwidth, self.window)
+        t = current_trace()
+        if t is not None:
+            c = self.cost(
+                "interp", lambda m, b, mk: rbf_interpolate(b, mk, m.gate.log_bandwidth, m.window), branch, mask
+            )
+            t.record_macs(f"{self.block_name}/interp", float(c), batch_size=branch.shape[0], minimum=c, maximum=c)
+        return out
+
+
+def convert(model: nn.Module, config: StochasticSamplingConfig, targets: Targets = "auto") -> DynamicModel:
+    """Put a sampling unit and RBF interpolation on every target residual block of ``model`` (in place)."""
+    for name, block, adapter, stages in spatial_targets(model, targets):
+        gate = SamplingUnit(adapter.in_channels(block), chain_stride(stages), config.bandwidth)
+        new = StochasticSamplingBlock(block, adapter, stages, gate, execution="pixel", window=config.window)
+        new.block_name, new.tau = name, config.tau
+        replace_module(model, name, new)
+    return DynamicModel(
+        model, recipe="stochastic_sampling_interp", config=copy.copy(config), in_channels=first_conv_in_channels(model)
+    )
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="stochastic_sampling_interp",
+        family="spatial",
+        config_cls=StochasticSamplingConfig,
+        convert=convert,
+        paper="Spatially Adaptive Inference with Stochastic Feature Sampling and Interpolation (ECCV 2020), "
+        "arXiv:2003.08866",
+    )
+)

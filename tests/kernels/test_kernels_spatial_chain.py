@@ -1,0 +1,159 @@
+"""The residual-branch engine: pixel and tile execution equal their masked references."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from dynnet.convert import find_adapter
+from dynnet.kernels._spatial_chain import (
+    chain_sizes,
+    run_masked,
+    run_pixels,
+    run_tiles,
+    spatial_chain,
+    stage_masks,
+)
+from dynnet.kernels.block import reduce_to_tiles, scatter_tiles, tile_geometry, tiles_to_pixels
+from dynnet.kernels.spatial import scatter_add_rows
+from dynnet.macs import MacCounter
+from dynnet.models.cifar_resnet import BasicBlock
+
+MANY = settings(max_examples=1000, deadline=None, derandomize=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny kernels: one thread avoids the thread-pool overhead that dominates on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _block(c_in: int, c_out: int, stride: int, seed: int) -> BasicBlock:
+    torch.manual_seed(seed)
+    b = BasicBlock(c_in, c_out, stride)
+    with torch.no_grad():  # non-trivial BN statistics, so BN on rows is really tested
+        for bn in (b.bn1, b.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return b.eval()
+
+
+@st.composite
+def block_cases(draw):
+    c_in, c_out = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    stride = draw(st.integers(1, 2))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    n = draw(st.integers(1, 3))
+    kind = draw(st.sampled_from(["random", "random", "empty", "full"]))
+    density = draw(st.floats(0.0, 1.0))
+    tile = draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return c_in, c_out, stride, h, w, n, kind, density, tile, seed
+
+
+def _out_mask(kind: str, density: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    if kind == "empty":
+        return torch.zeros(shape, dtype=torch.bool)
+    if kind == "full":
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.rand(shape, generator=g) < density
+
+
+@MANY
+@given(block_cases())
+def test_pixel_execution_equals_masked(case) -> None:
+    c_in, c_out, stride, h, w, n, kind, density, _, seed = case
+    b = _block(c_in, c_out, stride, seed % 1000)
+    stages = spatial_chain(b)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    sizes = chain_sizes(stages, (h, w))
+    masks = stage_masks(stages, _out_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
+    with torch.no_grad():
+        ref = run_masked(stages, x, list(masks))
+        if bool(masks[0].any()):
+            rows, positions, executed = run_pixels(stages, x, masks)
+            got = scatter_add_rows(torch.zeros_like(ref), rows, positions)
+        else:
+            got, executed = torch.zeros_like(ref), torch.zeros(n, dtype=torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    expected = sum(m.flatten(1).sum(1).double() * s.per_position for s, m in zip(stages, masks, strict=True))
+    torch.testing.assert_close(executed, expected)
+
+
+@MANY
+@given(block_cases())
+def test_tile_execution_equals_masked(case) -> None:
+    c_in, c_out, stride, h, w, n, kind, density, tile, seed = case
+    b = _block(c_in, c_out, stride, seed % 1000)
+    stages = spatial_chain(b)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    ho, wo = chain_sizes(stages, (h, w))[-1]
+    tiles_mask = _out_mask(kind, density, (n, -(-ho // tile), -(-wo // tile)), g)
+    pixel = tiles_to_pixels(tiles_mask, tile, (ho, wo))
+    with torch.no_grad():
+        ref = run_masked(stages, x, [None, pixel])
+        tiles = tiles_mask.nonzero()
+        values, executed = run_tiles(stages, x, tiles, tile)
+        got = scatter_tiles(torch.zeros_like(ref), values, tiles, tile)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    geo = tile_geometry(tile, [s.geometry for s in stages])
+    per_tile = sum(r * r * s.per_position for r, s in zip(geo.regions[1:], stages, strict=True))
+    torch.testing.assert_close(executed, tiles_mask.flatten(1).sum(1).double() * per_tile)
+
+
+def test_tile_macs_seen_by_counter() -> None:
+    b = _block(4, 6, 2, 0)
+    stages = spatial_chain(b)
+    x = torch.randn(2, 4, 16, 16)
+    tiles_mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]], dtype=torch.bool)
+    with torch.no_grad(), MacCounter() as counter:
+        _, executed = run_tiles(stages, x, tiles_mask.nonzero(), 4)
+    assert counter.total == executed.sum().item()
+    # conv1 covers a (4+2)² region per tile, conv2 the 4² tile itself: 3 tiles in all.
+    assert counter.total == 3 * (36 * 6 * 4 * 9 + 16 * 6 * 6 * 9)
+
+
+def test_reduce_to_tiles_and_back() -> None:
+    mask = torch.zeros(1, 5, 7, dtype=torch.bool)
+    mask[0, 4, 6] = True  # the bottom-right partial tile
+    tiles = reduce_to_tiles(mask, 4)
+    assert tiles.shape == (1, 2, 2) and tiles.sum() == 1 and tiles[0, 1, 1]
+    pixels = tiles_to_pixels(tiles, 4, (5, 7))
+    assert pixels.shape == (1, 5, 7) and pixels[0, 4:, 4:].all() and pixels.sum() == 3
+
+
+def test_chain_covers_the_branch_of_known_blocks() -> None:
+    import torchvision
+
+    for block in (BasicBlock(4, 8, 2), torchvision.models.resnet.Bottleneck(16, 4, 2, nn.Sequential())):
+        stages = spatial_chain(block.eval())
+        adapter = find_adapter(block)
+        x = torch.randn(2, stages[0].conv.in_channels, 9, 9)
+        with torch.no_grad():
+            ref = adapter.body(block, x)
+            masks = [None] * len(stages)
+            torch.testing.assert_close(run_masked(stages, x, masks), ref)
+
+
+def test_folded_weights_follow_parameter_updates() -> None:
+    b = _block(3, 4, 1, 0)
+    stages = spatial_chain(b)
+    x = torch.randn(1, 3, 6, 6)
+    masks = stage_masks(stages, torch.ones(1, 6, 6, dtype=torch.bool), [(6, 6), (6, 6)])
+    with torch.no_grad():
+        run_pixels(stages, x, masks)  # fills the cache
+        b.bn1.running_mean.add_(0.3)  # an in-place update must invalidate it
+        b.conv2.weight.mul_(2.0)
+        rows, positions, _ = run_pixels(stages, x, masks)
+        ref = run_masked(stages, x, [None, None])
+    torch.testing.assert_close(scatter_add_rows(torch.zeros_like(ref), rows, positions), ref, rtol=1e-4, atol=1e-4)

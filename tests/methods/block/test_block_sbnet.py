@@ -1,0 +1,77 @@
+"""SBNet: tile decisions, haloed tile execution equal to the dense block at active tiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynnet
+from dynnet.core import Decision
+from dynnet.macs import MacCounter
+from dynnet.methods.block.sbnet import SBNetBlock
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(tile: int = 4):
+    torch.manual_seed(0)
+    return dynnet.create_model("cifar_resnet8", recipe="sbnet", in_channels=1, tile=tile).eval()
+
+
+def test_decisions_are_tiles() -> None:
+    model = _model(tile=4)
+    with torch.no_grad(), dynnet.trace() as t:
+        model(torch.randn(2, 1, 28, 28))
+    shapes = [tuple(d.hard.shape) for d in t.decisions.values()]
+    assert shapes == [(2, 7, 7), (2, 4, 4), (2, 2, 2)]
+    assert all(d.granularity == "block" for d in t.decisions.values())
+
+
+def test_active_tiles_equal_the_dense_block_and_halos_are_counted() -> None:
+    model = _model(tile=4)
+    block = model.net.layer2[0]  # stride 2, 16 → 32 channels, 28×28 → 14×14 (4 × 4 tiles, partial border)
+    assert isinstance(block, SBNetBlock)
+    x = torch.randn(2, 16, 28, 28)
+    hard = torch.zeros(2, 4, 4)
+    hard[0, 0, 0] = hard[0, 3, 3] = hard[1, 1, 2] = 1.0
+    d = Decision(hard=hard, soft=None, granularity="block")
+    with torch.no_grad():
+        dense = block.forward_dense(x)
+        dynnet.set_mode(model, "sparse")
+        with dynnet.trace() as t, MacCounter() as counter:
+            out = block(x, d)
+    pixels = hard.repeat_interleave(4, 1).repeat_interleave(4, 2)[:, :14, :14].bool()
+    torch.testing.assert_close(out.permute(0, 2, 3, 1)[pixels], dense.permute(0, 2, 3, 1)[pixels])
+    shortcut = torch.relu(block.shortcut(x))
+    torch.testing.assert_close(out.permute(0, 2, 3, 1)[~pixels], shortcut.permute(0, 2, 3, 1)[~pixels])
+    # conv1 (3×3, stride 2, 16→32) on a 6×6 region per tile, conv2 (3×3, 32→32) on the 4×4 tile; 1×1 shortcut dense
+    per_tile = 36 * 32 * 16 * 9 + 16 * 32 * 32 * 9
+    shortcut_macs = 2 * 14 * 14 * 32 * 16
+    assert counter.total == 3 * per_tile + shortcut_macs
+    body = next(e for e in t.entries if e.name.endswith("/body"))
+    assert body.executed.tolist() == [2.0 * per_tile, 1.0 * per_tile]
+    assert (body.executed >= body.macs).all()
+
+
+def test_tile_mask_unit_averages_partial_tiles() -> None:
+    model = _model(tile=4)
+    gate = model.net.layer1[0].gate
+    with torch.no_grad():
+        logits = gate(torch.randn(1, 16, 6, 6))
+    assert logits.shape == (1, 2, 2)
+
+
+def test_budget_loss_trains_the_mask_units() -> None:
+    model = _model().train()
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with dynnet.trace() as t:
+        logits = model(x)
+    loss = model.compute_loss(logits, y, t, budget=0.3)
+    loss.total.backward()
+    assert model.net.layer1[0].gate.conv.bias.grad.abs().item() > 0
