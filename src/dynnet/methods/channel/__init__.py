@@ -1,1 +1,25 @@
-"""Family: channel (recipes register on import)."""
+"""Channel gating: per-input decisions over the channels of residual blocks, executed channel-sliced."""
+
+from dynnet.methods.channel import (
+    batch_shaping,
+    channel_gating,
+    fbs,
+    gaternet,
+    instance_sparsity,
+    rnp,
+    runtime_routing,
+    stochastic_neurons,
+)
+from dynnet.methods.channel._block import ChannelGatedBlock
+
+__all__ = [
+    "ChannelGatedBlock",
+    "batch_shaping",
+    "channel_gating",
+    "fbs",
+    "gaternet",
+    "instance_sparsity",
+    "rnp",
+    "runtime_routing",
+    "stochastic_neurons",
+]
