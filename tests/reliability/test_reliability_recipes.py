@@ -18,17 +18,6 @@ from dynnet.testing import build_recipe_pair, diverse_inputs, scramble_until_mix
 
 pytestmark = pytest.mark.slow  # one model per recipe and test: seconds each on a loaded CPU
 
-_CLOSURES = (
-    "early_exit/_common.py builds its segments as lambdas closing over the original blocks (e.g. "
-    "`lambda x: b.relu(b.bn1(b.conv1(x)))`); copy.deepcopy copies the modules but not the closures, so the copy keeps "
-    "running the original's weights (and .to(dtype) / .to(device) on the copy does not reach them); fix: make the "
-    "segment units small nn.Modules (or look the blocks up through self at call time)"
-)
-DEEPCOPY_XFAIL = dict.fromkeys(
-    ["adaptive_nn", "branchynet", "cdl", "dynexit", "early_exit_cnn", "hierarchical_exits", "imta", "msdnet",
-     "triple_wins"],
-    _CLOSURES,
-)  # fmt: skip
 
 _BN_ONE = (
     "a BatchNorm1d in the decision network cannot normalise a single sample in training ('Expected more than 1 value "
@@ -87,7 +76,7 @@ def test_training_batch_of_one(recipe: str) -> None:
     assert logits.shape == (1, 10) and torch.isfinite(loss.total)
 
 
-@pytest.mark.parametrize("recipe", _params(DEEPCOPY_XFAIL))
+@pytest.mark.parametrize("recipe", dynnet.list_recipes())
 def test_deepcopy_is_independent(recipe: str) -> None:
     """A deep copy runs on its own weights: poisoning the original's weights does not change the copy's output."""
     _, model = build_recipe_pair(recipe)

@@ -19,6 +19,7 @@ Per-sample MACs: segment ``k``, exit head ``k`` and decision ``k`` count for a s
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -361,6 +362,17 @@ class ExitCascade(DynamicBlock):
         else:
             self.gates.register_buffer("threshold", thr)
         self._cost_cache: dict[tuple, list[tuple[int, int, int]]] = {}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExitCascade:
+        # The trunk's units are closures over the base network's modules; a plain deep copy would keep
+        # them pointing at the original's weights, so the copy rebuilds its trunk from its own base.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "trunk":
+                object.__setattr__(new, key, copy.deepcopy(value, memo))
+        object.__setattr__(new, "trunk", trunk_of(new._base))
+        return new
 
     # -- structure ----------------------------------------------------------------------------------
     @property
