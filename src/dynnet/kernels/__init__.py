@@ -17,6 +17,7 @@ from dynnet.kernels._spatial_chain import (
     stage_masks,
 )
 from dynnet.kernels.block import gather_tiles, reduce_to_tiles, scatter_tiles, tile_geometry, tiles_to_pixels
+from dynnet.kernels.channel import ConvSpec, fold_bn, gated_rest_conv, sliced_conv_in, sliced_pair
 from dynnet.kernels.compaction import compact_add, compact_apply
 from dynnet.kernels.spatial import (
     calibrate_crossover,
@@ -29,11 +30,14 @@ from dynnet.kernels.spatial import (
 )
 
 __all__ = [
+    "ConvSpec",
     "ConvStage",
     "SpatialResidual",
     "calibrate_crossover",
     "compact_add",
     "compact_apply",
+    "fold_bn",
+    "gated_rest_conv",
     "gather_conv2d",
     "gather_conv_rows",
     "gather_tiles",
@@ -46,6 +50,8 @@ __all__ = [
     "run_tiles",
     "scatter_add_rows",
     "scatter_tiles",
+    "sliced_conv_in",
+    "sliced_pair",
     "sparse_conv2d",
     "spatial_chain",
     "stage_masks",

@@ -1,0 +1,197 @@
+"""Channel gating family on Fashion-MNIST ResNet-20: accuracy × MACs × realized CPU speedup, and static baselines.
+
+Protocol (short, CPU-only, shared machine — numbers are indicative, not paper reproductions):
+
+1. a base ``cifar_resnet20`` (1 input channel) is trained for ``--base-steps`` SGD steps on a ``--subset`` of the
+   Fashion-MNIST training split;
+2. every recipe of the family is converted from that base at three budgets (or, for recipes whose trade-off is a
+   different knob, three values of it) and fine-tuned for ``--steps`` steps with ``dynnet.train.fit``;
+3. test accuracy and MAC fraction come from ``dynnet.train.evaluate`` in sparse mode on the first
+   ``--eval-batches`` × 128 *real* test images; latency (dense vs sparse, batch 1 and 64, ``torch.set_num_threads(2)``)
+   from ``dynnet.bench.harness.profile_model``;
+4. width-reduced static ResNet-20s (width 0.5, 0.75, 1.0) trained for ``base-steps + steps`` steps are the baselines.
+
+Usage: ``python benchmarks/channel.py [--quick]``; writes ``benchmarks/results/channel/{results.csv,results.json,
+channel.png}``. ``--plot-only`` redraws the figure from the CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import dynnet
+from dynnet.bench import machine_info
+from dynnet.bench.harness import profile_model
+from dynnet.data import build_loaders
+from dynnet.train import TrainConfig, evaluate, fit
+
+OUT = Path(__file__).parent / "results" / "channel"
+
+# recipe -> list of (label, create_model kwargs); three operating points each.
+SETTINGS: dict[str, list[tuple[str, dict]]] = {
+    "batch_shaping": [(f"budget={b}", {"budget": b}) for b in (0.35, 0.5, 0.7)],
+    "stochastic_neurons": [(f"budget={b}", {"budget": b}) for b in (0.35, 0.5, 0.7)],
+    "gaternet": [(f"budget={b}", {"budget": b}) for b in (0.35, 0.5, 0.7)],
+    "fbs": [(f"density={b}", {"budget": b}) for b in (0.3, 0.5, 0.75)],
+    "rnp": [(f"penalty={p}", {"penalty": p}) for p in (0.5, 1.0, 2.0)],
+    "runtime_routing": [(f"penalty={p}", {"penalty": p}) for p in (0.5, 1.0, 2.0)],
+    "channel_gating": [
+        (f"budget={b}", {"budget": b, "target_threshold": t, "init_threshold": t})
+        for b, t in ((0.4, 1.0), (0.55, 0.5), (0.7, 0.0))
+    ],
+    "instance_sparsity": [(f"threshold={r}", {"threshold": r, "decay_weight": 1e-2}) for r in (0.5, 1.0, 1.5)],
+}
+
+
+def _fieldnames(rows: list[dict]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        names += [k for k in r if k not in names]
+    return names
+
+
+def _save(rows: list[dict], info: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(OUT / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_fieldnames(rows))
+        w.writeheader()
+        w.writerows(rows)
+    (OUT / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1, default=float))
+
+
+def plot(rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    recipes = sorted({r["recipe"] for r in rows})
+    for name in recipes:
+        rs = sorted((r for r in rows if r["recipe"] == name), key=lambda r: float(r["mac_fraction"]))
+        style = "k--s" if name == "static_width" else "-o"
+        ax1.plot([float(r["mac_fraction"]) for r in rs], [100 * float(r["accuracy"]) for r in rs], style, label=name)
+        if name != "static_width":
+            for b, m in ((1, "o"), (64, "^")):
+                ax2.plot(
+                    [float(r["mac_fraction"]) for r in rs],
+                    [float(r[f"b{b}_realized_ratio"]) for r in rs],
+                    m,
+                    label=f"{name} b{b}",
+                )
+    ax1.set_xlabel("MAC fraction of dense ResNet-20")
+    ax1.set_ylabel("test accuracy (%)")
+    ax1.set_title("Fashion-MNIST, short schedule")
+    ax1.legend(fontsize=7)
+    ax2.axhline(0.85, color="gray", ls=":")
+    ax2.axhline(0.7, color="gray", ls="--")
+    ax2.set_xlabel("MAC fraction")
+    ax2.set_ylabel("realized speedup / MAC speedup (clipped at 2)")
+    ax2.set_ylim(0, 2)
+    ax2.set_title("CPU, 2 threads, shared (noisy)")
+    ax2.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(OUT / "channel.png", dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--subset", type=int, default=1000)
+    p.add_argument("--base-steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--eval-batches", type=int, default=1)
+    p.add_argument("--min-run-time", type=float, default=0.05)
+    p.add_argument("--recipes", nargs="*", default=list(SETTINGS))
+    p.add_argument("--base-cache", default="", help="reuse/save the trained base network here (a .pt path)")
+    p.add_argument("--quick", action="store_true", help="tiny run to check the script")
+    p.add_argument("--plot-only", action="store_true")
+    args = p.parse_args()
+    if args.plot_only:
+        with open(OUT / "results.csv") as f:
+            plot(list(csv.DictReader(f)))
+        return
+    if args.quick:
+        args.subset, args.base_steps, args.steps, args.eval_batches, args.min_run_time = 512, 4, 2, 1, 0.05
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    info = machine_info()
+    info["protocol"] = vars(args)
+    loaders = build_loaders("fashion_mnist", batch_size=64, subset=args.subset, val_fraction=0.0, seed=0)
+    test = build_loaders("fashion_mnist", batch_size=128, subset=args.subset, val_fraction=0.0, seed=0).test
+    images = torch.cat([x for i, (x, _) in zip(range(3), test, strict=False)])[:256]
+    rows: list[dict] = []
+
+    def train(model: torch.nn.Module, steps: int, lr: float) -> None:
+        fit(model, loaders.train, TrainConfig(epochs=100, lr=lr, max_steps=steps, progress=False, device="cpu"))
+
+    def record(model: torch.nn.Module, recipe: str, label: str, t0: float) -> None:
+        ev = evaluate(model, test, mode="sparse", max_batches=args.eval_batches, device="cpu")
+        prof = profile_model(
+            model, images, batch_sizes=(1, 64), threads=2, min_run_time=args.min_run_time, batch1_samples=4
+        )
+        row = {"recipe": recipe, "setting": label, "accuracy": ev.accuracy, "mac_fraction": ev.mac_fraction}
+        row.update({k: v for k, v in prof.items() if k.startswith("b") or k == "dense_macs"})
+        row["load_1m"] = machine_info()["loadavg_1m"]
+        row["seconds"] = round(time.time() - t0, 1)
+        rows.append(row)
+        _save(rows, info)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if "iqr" not in k}, flush=True)
+
+    t0 = time.time()
+    base = dynnet.create_model("cifar_resnet20", in_channels=1, num_classes=10)
+    cache = Path(args.base_cache) if args.base_cache else None
+    if cache is not None and cache.exists():
+        base.load_state_dict(torch.load(cache))
+    else:
+        train(base, args.base_steps, 0.1)
+        if cache is not None:
+            torch.save(base.state_dict(), cache)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    dense_macs = dynnet.count_macs(base.eval(), images[:1]).per_sample[0].item()
+    for width in (0.5, 0.75, 1.0):
+        t0 = time.time()
+        if width == 1.0:
+            static = base
+            train(static, args.steps, 0.02)
+        else:
+            static = dynnet.create_model("cifar_resnet20", in_channels=1, num_classes=10, width=width)
+            train(static, args.base_steps + args.steps, 0.1)
+        ev = evaluate(static, test, mode="dense", max_batches=args.eval_batches, device="cpu")
+        prof = profile_model(
+            static, images, batch_sizes=(1, 64), threads=2, min_run_time=args.min_run_time, batch1_samples=4
+        )
+        macs = dynnet.count_macs(static.eval(), images[:1]).per_sample[0].item()
+        rows.append({
+            "recipe": "static_width", "setting": f"width={width}", "accuracy": ev.accuracy,
+            "mac_fraction": macs / dense_macs, "b1_dense_ms": prof["b1_dense_ms"], "b64_dense_ms": prof["b64_dense_ms"],
+            "load_1m": machine_info()["loadavg_1m"], "seconds": round(time.time() - t0, 1),
+        })  # fmt: skip
+        _save(rows, info)
+        print(rows[-1], flush=True)
+    # Operating point outer, recipe inner: an interrupted run still covers every recipe.
+    for point in range(3):
+        for recipe in args.recipes:
+            label, kwargs = SETTINGS[recipe][point]
+            t0 = time.time()
+            torch.manual_seed(0)
+            model = dynnet.create_model("cifar_resnet20", recipe=recipe, in_channels=1, num_classes=10, **kwargs)
+            # DynamicModel.load_base_state_dict does not yet know the "saliency" submodule name (FBS): load directly.
+            missing, unexpected = model.net.load_state_dict(base_state, strict=False)
+            assert not unexpected and all(
+                k.endswith(("gate", "saliency")) or ".gate." in k or ".saliency." in k for k in missing
+            ), (missing, unexpected)
+            train(model, args.steps, 0.02)
+            record(model, recipe, label, t0)
+    info["finished"] = machine_info()["date"]
+    _save(rows, info)
+    plot(rows)
+
+
+if __name__ == "__main__":
+    main()

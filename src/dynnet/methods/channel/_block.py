@@ -1,0 +1,189 @@
+"""`ChannelGatedBlock`: a residual block whose inner channels are switched per input.
+
+The gated channels are the *inner* channels of a basic residual block — the outputs of ``conv1``, which are the
+inputs of ``conv2``. Switching channel ``c`` off for a sample removes ``1 / C`` of ``conv1``'s MACs (one output
+channel fewer) and ``1 / C`` of ``conv2``'s (one input channel fewer) while the block's output width, and so the
+residual stream, is unchanged.
+
+* masked mode: ``post(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))) * scale)))`` with ``scale`` Tensor[N, C]
+  (the straight-through decision, or the decision times a boosting factor for FBS-style recipes);
+* sparse mode: the batch norms are folded into the convolutions and
+  :func:`dynnet.kernels.channel.sliced_pair` computes only the kept channels of each sample;
+* dense mode: the original block.
+
+The per-sample MACs of the branch are ``k_n · body / C`` where ``body`` is the probed cost of both convolutions;
+the branch's MACs are linear in the inner width (both convolutions' costs are), so this is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, replace_module, residual_blocks
+from dynnet.convert.residual import ResidualAdapter
+from dynnet.core import Decision, DynamicBlock, current_trace
+from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_pair
+
+__all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks"]
+
+
+def check_basic_block(block: nn.Module) -> None:
+    """Raise unless ``block`` is a basic residual block (``conv1 → bn1 → relu → conv2 → bn2``)."""
+    needed = ("conv1", "bn1", "conv2", "bn2", "relu")
+    missing = [a for a in needed if not hasattr(block, a)]
+    if missing or hasattr(block, "conv3"):
+        raise ValueError(
+            f"channel gating needs basic residual blocks (conv1, bn1, relu, conv2, bn2); "
+            f"{type(block).__name__} lacks {missing or ['(it is a bottleneck)']}"
+        )
+    for name in ("conv1", "conv2"):
+        ConvSpec.of(getattr(block, name))  # raises on grouped convolutions
+
+
+class ChannelGatedBlock(DynamicBlock):
+    """Wraps a basic residual block; its children keep their names (state_dict keys are unchanged).
+
+    Args:
+        block: the original block (dynnet CIFAR or torchvision ``BasicBlock``); its submodules are reused.
+        adapter: the block's residual adapter (shortcut and post-op).
+        gate: module producing the decision from the block input, or ``None`` when decisions come from outside
+            (a recurrent controller or a separate gater network passes them to :meth:`forward`).
+        strategy: sparse-mode batch strategy (see :mod:`dynnet.kernels.channel`).
+
+    Subclasses with their own gate implement :meth:`decide`.
+    """
+
+    granularity = "channel"
+
+    def __init__(
+        self, block: nn.Module, adapter: ResidualAdapter, gate: nn.Module | None, strategy: str = "auto"
+    ) -> None:
+        super().__init__()
+        check_basic_block(block)
+        for child_name, child in block.named_children():
+            self.add_module(child_name, child)
+        object.__setattr__(self, "_block", block)
+        self.adapter = adapter
+        self.strategy = strategy
+        if gate is not None:
+            self.gate = gate
+
+    @property
+    def channels(self) -> int:
+        """C: the number of gated inner channels."""
+        return self.conv1.out_channels
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def inner(self, x: Tensor) -> Tensor:
+        """``relu(bn1(conv1(x)))``: Tensor[N, C_in, H, W] → Tensor[N, C, H', W']."""
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def outer(self, h: Tensor) -> Tensor:
+        """``bn2(conv2(h))``: Tensor[N, C, H', W'] → Tensor[N, C_out, H', W']."""
+        return self.bn2(self.conv2(h))
+
+    def body(self, x: Tensor) -> Tensor:
+        return self.outer(self.inner(x))
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return self.adapter.shortcut(self._block, x)
+
+    def post(self, y: Tensor) -> Tensor:
+        return self.adapter.post(self._block, y)
+
+    def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
+        """Decision for the block input Tensor[N, C_in, H, W].
+
+        Returns:
+            ``(decision, scale)``: ``decision.hard`` Tensor[N, C] of 0/1 (straight-through in training) and the
+            channel multipliers ``scale`` Tensor[N, C] (zero exactly where the decision is off).
+        """
+        raise NotImplementedError
+
+    def binary_scale(self) -> bool:
+        """Whether ``scale`` only takes the values 0 and 1 (sparse mode then skips the multiplication)."""
+        return True
+
+    # -- modes ----------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
+        return self.post(self.shortcut(x) + self.body(x))
+
+    def forward_masked(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
+        d, s = self._decision(x, decision, scale)
+        h = self.inner(x) * s.to(x.dtype)[:, :, None, None]
+        out = self.post(self.shortcut(x) + self.outer(h))
+        self._record(x, d, executed_channels=None)
+        return out
+
+    def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
+        d, s = self._decision(x, decision, scale)
+        w1, b1 = fold_bn(self.conv1, self.bn1)
+        w2, b2 = fold_bn(self.conv2, self.bn2)
+        y, executed = sliced_pair(
+            x,
+            w1,
+            b1,
+            w2,
+            b2,
+            s.to(x.dtype),
+            ConvSpec.of(self.conv1),
+            ConvSpec.of(self.conv2),
+            binary=self.binary_scale(),
+            strategy=self.strategy,
+        )
+        out = self.post(self.shortcut(x) + y)
+        self._record(x, d, executed_channels=executed)
+        return out
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _decision(self, x: Tensor, decision: Decision | None, scale: Tensor | None) -> tuple[Decision, Tensor]:
+        if decision is None:
+            decision, scale = self.decide(x)
+        if scale is None:
+            scale = decision.hard
+        expected = (x.shape[0], self.channels)
+        if tuple(decision.hard.shape) != expected or tuple(scale.shape) != expected:
+            raise ValueError(
+                f"{self.block_name}: expected a decision and scale of shape {expected}, "
+                f"got {tuple(decision.hard.shape)} and {tuple(scale.shape)}"
+            )
+        return decision, scale
+
+    def branch_macs_per_channel(self, x: Tensor) -> float:
+        """MACs of ``conv1`` + ``conv2`` for one inner channel of one sample (exact: both are linear in C)."""
+        return self.cost("body", lambda m, inp: m.body(inp), x) / self.channels
+
+    def _record(self, x: Tensor, d: Decision, executed_channels: Tensor | None) -> None:
+        t = current_trace()
+        if t is None:
+            return
+        t.record_decision(self.block_name, d)
+        n, c = x.shape[0], self.channels
+        per = self.branch_macs_per_channel(x)
+        body = per * c
+        macs = d.hard.double().sum(1) * per
+        executed = body if executed_channels is None else executed_channels.double() * per
+        t.record_macs(f"{self.block_name}/body", macs, executed=executed, minimum=0.0, maximum=body, dense=body)
+        for part in ("gate", "saliency"):
+            if hasattr(self, part):
+                g = self.cost(part, lambda m, inp, p=part: getattr(m, p)(inp), x)
+                t.record_macs(f"{self.block_name}/{part}", float(g), batch_size=n, minimum=g, maximum=g)
+
+
+def convert_blocks(
+    model: nn.Module, targets: Targets, make: Callable[[str, nn.Module, ResidualAdapter], ChannelGatedBlock]
+) -> list[ChannelGatedBlock]:
+    """Replace every target basic residual block of ``model`` (in place) by ``make(name, block, adapter)``.
+
+    Returns:
+        The new blocks in execution order (their ``block_name`` is set).
+    """
+    new_blocks = []
+    for name, block, adapter in residual_blocks(model, targets):
+        new = make(name, block, adapter)
+        new.block_name = name
+        replace_module(model, name, new)
+        new_blocks.append(new)
+    return new_blocks

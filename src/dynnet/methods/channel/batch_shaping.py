@@ -1,0 +1,126 @@
+"""Batch-shaping channel gates — Bejnordi, Blankevoort & Welling, "Batch-Shaping for Learning Conditional
+Channel Gated Networks", ICLR 2020. https://arxiv.org/abs/1907.06627
+
+Every residual block gets a gate on its input (global average pool → FC(16) → BN → ReLU → FC(C)) that emits one
+logit per inner channel (the outputs of ``conv1``, i.e. the inputs of ``conv2``, as in the paper's ResNet
+blocks). Training samples the gates with the Gumbel-sigmoid at temperature 2/3 and a straight-through hard
+threshold; inference thresholds the logits at 0. The objective is cross-entropy + ``bs_weight`` × the batch-shaping
+loss (empirical CDF of each gate's probabilities over the batch pulled towards a Beta prior) + ``l0_weight`` × the
+mean probability of the gates being on (the paper's L0 term for the hard-concrete-style gates).
+
+Sparse mode folds the batch norms and computes only the kept channels of ``conv1`` and ``conv2``
+(:func:`dynnet.kernels.channel.sliced_pair`).
+
+Departures from the paper:
+* the Beta prior is ``Beta(budget·s, (1 - budget)·s)`` with ``s = prior_strength`` (1 by default), so its mean is
+  the requested budget; ``budget = 0.6`` gives the paper's Beta(0.6, 0.4);
+* the paper's schedule (batch-shaping weight annealed to 0, L0 switched on after a warm-up) is replaced by
+  constant weights, plus the library's MAC-budget loss with weight ``budget_weight`` (0 disables it) so that a
+  short fine-tuning reaches the requested MAC fraction;
+* the batch-shaping loss uses the gates' noise-free probabilities ``sigmoid(logit)`` and is divided by the
+  batch size;
+* gates start open (bias trick), so the converted network reproduces the base network at step 0, where the paper
+  trains the gated network from a pretrained one with gates initialised at random.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.estimators import gumbel_sigmoid
+from dynnet.gates import PooledMLPGate
+from dynnet.losses.batch_shaping import batch_shaping_loss
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+
+__all__ = ["BatchShaping", "BatchShapingBlock", "BatchShapingConfig"]
+
+
+@dataclass(frozen=True)
+class BatchShapingConfig:
+    """Settings of batch-shaping channel gating.
+
+    Attributes:
+        budget: target fraction of kept inner channels (mean of the Beta prior) and of dense MACs.
+        hidden: hidden width of each gate (16 in the paper).
+        tau: Gumbel-sigmoid temperature (2/3 in the paper).
+        bs_weight: weight of the batch-shaping loss (0.75 in the paper's CIFAR-10 runs).
+        l0_weight: weight of the mean gate probability (the L0 term).
+        budget_weight: weight of the MAC-budget loss (not in the paper; 0 disables it).
+        prior_strength: ``a + b`` of the Beta prior (1 in the paper).
+        strategy: sparse-mode batch strategy (see :mod:`dynnet.kernels.channel`).
+    """
+
+    budget: float = 0.6
+    hidden: int = 16
+    tau: float = 2.0 / 3.0
+    bs_weight: float = 0.75
+    l0_weight: float = 0.01
+    budget_weight: float = 1.0
+    prior_strength: float = 1.0
+    strategy: str = "auto"
+
+
+class BatchShapingBlock(ChannelGatedBlock):
+    """A basic block whose inner channels are switched by a Gumbel-sigmoid gate on the block input."""
+
+    def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
+        logits = self.gate(x)  # Tensor[N, C]
+        hard, prob = gumbel_sigmoid(logits, self.tau, hard=True, noise=self.training)
+        d = Decision(hard=hard, soft=prob, granularity="channel")
+        return d, hard
+
+
+class BatchShaping(DynamicModel):
+    """The converted network; objective: CE + batch-shaping + L0 (+ MAC budget)."""
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        cfg = self.config
+        budget = cfg.budget if budget is None else budget
+        task = F.cross_entropy(logits, target)
+        decisions = list(t.decisions_of("channel").values())
+        a, b = budget * cfg.prior_strength, (1.0 - budget) * cfg.prior_strength
+        total, parts = task, {"task": float(task.detach())}
+        if logits.shape[0] >= 2 and budget < 1.0:
+            bs = sum(batch_shaping_loss(d.soft, a, b) for d in decisions) / len(decisions)
+            total = total + cfg.bs_weight * bs
+            parts["batch_shaping"] = float(bs.detach())
+        l0 = sum(d.soft.mean() for d in decisions) / len(decisions)
+        total = total + cfg.l0_weight * l0
+        parts["l0"] = float(l0.detach())
+        if cfg.budget_weight:
+            mac = t.budget_loss(budget)
+            total = total + cfg.budget_weight * mac
+            parts["budget"] = float(mac.detach())
+        return LossOutput(total, parts)
+
+
+def convert(model: nn.Module, config: BatchShapingConfig, targets: Targets = "auto") -> BatchShaping:
+    """Put a batch-shaping channel gate on every target basic residual block of ``model`` (in place)."""
+
+    def make(name: str, block: nn.Module, adapter) -> BatchShapingBlock:
+        gate = PooledMLPGate(adapter.in_channels(block), block.conv1.out_channels, config.hidden, open_index=None)
+        new = BatchShapingBlock(block, adapter, gate, strategy=config.strategy)
+        new.tau = config.tau
+        return new
+
+    convert_blocks(model, targets, make)
+    return BatchShaping(
+        model, recipe="batch_shaping", config=copy.copy(config), in_channels=first_conv_in_channels(model)
+    )
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="batch_shaping",
+        family="channel",
+        config_cls=BatchShapingConfig,
+        convert=convert,
+        paper="Batch-Shaping for Learning Conditional Channel Gated Networks (ICLR 2020), arXiv:1907.06627",
+    )
+)

@@ -1,0 +1,160 @@
+"""GaterNet — Chen, Li, Bengio & Si, "You Look Twice: GaterNet for Dynamic Filter Selection in
+CNNs", CVPR 2019. https://arxiv.org/abs/1811.11205
+
+A separate *gater* network looks at the image once and emits one gate per filter of the whole backbone; the
+backbone then runs with those filters switched on or off. The gater is a small CNN (feature extractor) followed by
+a fully connected bottleneck and a fully connected layer with one output per gated filter; the gates are trained
+end to end with improved semantic hashing (:func:`dynnet.estimators.semhash.improved_semhash`), and a sparsity
+loss on the gates pushes filters off.
+
+The gated filters are the inner channels of every basic residual block (``conv1`` outputs = ``conv2`` inputs);
+sparse mode computes only the kept filters of both convolutions.
+
+Departures from the paper:
+* the gater is a two-convolution CNN (the paper uses a ResNet-18/ResNet-50 gater for ResNet backbones);
+* the sparsity term is the mean gate probability ``sigmoid(a)`` plus the library's MAC-budget loss (the paper
+  uses an L1 loss on the gates with a weight chosen per target);
+* only the inner filters of residual blocks are gated (the block outputs feed the residual stream);
+* the gater's last layer starts open (bias trick) so a fresh conversion reproduces the base network.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.estimators.semhash import improved_semhash
+from dynnet.gates import open_bias_
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._resnet import Controller, iter_blocks, resnet_head, resnet_stem
+
+__all__ = ["GaterNet", "GaterNetConfig", "GaterNetwork"]
+
+
+@dataclass(frozen=True)
+class GaterNetConfig:
+    """Settings of GaterNet.
+
+    Attributes:
+        budget: target fraction of dense MACs.
+        width: channels of the gater's first convolution (the second has twice as many).
+        bottleneck: width of the gater's fully connected bottleneck.
+        noise_std: improved-semhash noise in training.
+        sparsity_weight: weight of the mean gate probability.
+        budget_weight: weight of the MAC-budget loss.
+        strategy: sparse-mode batch strategy.
+    """
+
+    budget: float = 0.5
+    width: int = 16
+    bottleneck: int = 64
+    noise_std: float = 1.0
+    sparsity_weight: float = 0.1
+    budget_weight: float = 1.0
+    strategy: str = "auto"
+
+
+class GaterNetwork(Controller):
+    """Image Tensor[N, C, H, W] → gate values Tensor[N, F] and probabilities for the F gated filters."""
+
+    def __init__(self, in_channels: int, filters: int, width: int, bottleneck: int, noise_std: float) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(2 * width, bottleneck, bias=False),
+            nn.BatchNorm1d(bottleneck),
+            nn.ReLU(inplace=True),
+        )
+        self.fc = open_bias_(nn.Linear(bottleneck, filters))
+        self.noise_std = noise_std
+        self.block_name = "gater"
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+    def decide(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        value, prob = improved_semhash(self.logits(x), sample=self.training, noise_std=self.noise_std)
+        t = current_trace()
+        if t is not None:
+            g = self.cost("gater", lambda m, inp: m.logits(inp), x)
+            t.record_macs("gater", float(g), batch_size=x.shape[0], minimum=g, maximum=g)
+        return value, prob
+
+
+class GaterNet(DynamicModel):
+    """The converted network: the gater decides for every block, then the backbone runs block by block."""
+
+    def run(self, x: Tensor) -> Tensor:
+        out = self.gate(x)
+        if out is None:  # dense mode / static cost probe: the base network
+            return self.net(x)
+        value, prob = out
+        h = resnet_stem(self.net, x)
+        offset = 0
+        for block in iter_blocks(self.net):
+            if isinstance(block, ChannelGatedBlock):
+                c = block.channels
+                v, p = value[:, offset : offset + c], prob[:, offset : offset + c]
+                offset += c
+                # hard: 0/1 in the forward pass with the gradient of the gate values.
+                hard = (v.detach() > 0).to(v.dtype) + (v - v.detach())
+                h = block(h, Decision(hard=hard, soft=p, granularity="channel"), v)
+            else:
+                h = block(h)
+        return resnet_head(self.net, h)
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        cfg = self.config
+        budget = cfg.budget if budget is None else budget
+        task = F.cross_entropy(logits, target)
+        decisions = list(t.decisions_of("channel").values())
+        sparsity = sum(d.soft.mean() for d in decisions) / len(decisions)
+        total = task + cfg.sparsity_weight * sparsity
+        parts = {"task": float(task.detach()), "sparsity": float(sparsity.detach())}
+        if cfg.budget_weight:
+            b = t.budget_loss(budget)
+            total = total + cfg.budget_weight * b
+            parts["budget"] = float(b.detach())
+        return LossOutput(total, parts)
+
+
+class _GatedBlock(ChannelGatedBlock):
+    """A block whose gates come from the gater network (values in [0, 1]; binary at inference)."""
+
+    def binary_scale(self) -> bool:
+        return not self.training
+
+
+def convert(model: nn.Module, config: GaterNetConfig, targets: Targets = "auto") -> GaterNet:
+    """Gate the inner filters of every target basic residual block of ``model`` (in place) from one gater network."""
+    in_channels = first_conv_in_channels(model)
+    blocks = convert_blocks(model, targets, lambda n, b, a: _GatedBlock(b, a, None, strategy=config.strategy))
+    total = sum(b.channels for b in blocks)
+    net = GaterNet(model, recipe="gaternet", config=copy.copy(config), in_channels=in_channels)
+    net.gate = GaterNetwork(in_channels or 3, total, config.width, config.bottleneck, config.noise_std)
+    if [b for b in iter_blocks(model) if isinstance(b, ChannelGatedBlock)] != blocks:
+        raise ValueError("gaternet gates blocks inside the stages (layer1, layer2, ...) of a ResNet-style network")
+    return net
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="gaternet",
+        family="channel",
+        config_cls=GaterNetConfig,
+        convert=convert,
+        paper="You Look Twice: GaterNet for Dynamic Filter Selection in CNNs (CVPR 2019), arXiv:1811.11205",
+    )
+)

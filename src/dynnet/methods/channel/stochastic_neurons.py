@@ -1,0 +1,166 @@
+"""Stochastic binary neurons as channel gates — Bengio, Léonard & Courville, "Estimating or Propagating Gradients
+Through Stochastic Neurons for Conditional Computation", arXiv 2013. https://arxiv.org/abs/1308.3432
+
+Every residual block gets a gate on its input (global average pool → FC → BN → ReLU → FC) that emits one
+pre-activation per inner channel; each channel's gate is a stochastic neuron, trained with one of the estimators
+the paper compares (``estimator``):
+
+* ``"straight_through"`` — stochastic binary unit, straight-through with the sigmoid's derivative;
+* ``"straight_through_identity"`` — the same with the plain identity straight-through;
+* ``"stochastic_times_smooth"`` — ``h = b · sqrt(sigmoid(a))``, ``b ~ Bernoulli(sqrt(sigmoid(a)))``;
+* ``"noisy_rectifier"`` — ``h = max(0, a + z)``, Gaussian ``z``;
+* ``"unbiased"`` — Bernoulli units trained by the unbiased likelihood-ratio (REINFORCE) estimator with a moving
+  average baseline; the reward of a sample is ``-CE - cost_weight · MAC fraction``.
+
+The gate output multiplies the block's inner channels (``conv1`` outputs = ``conv2`` inputs); a zero output
+switches the channel off, and sparse mode computes only the channels with a non-zero gate.
+
+Departures from the paper:
+* the paper gates hidden units of fully connected networks (MNIST/conditional computation); here the units are the
+  inner channels of residual blocks, with the gate computed from the block input;
+* the unbiased estimator uses one scalar moving-average baseline (the paper also derives a per-unit optimal
+  baseline) and a per-sample reward (negative loss and cost);
+* the objective adds the library's MAC-budget loss (weight ``budget_weight``) to reach a target MAC fraction;
+* gates start open (bias trick) so a fresh conversion reproduces the base network (exact for the binary units;
+  ``stochastic_times_smooth`` and ``noisy_rectifier`` scale channels by a value close to, not equal to, 1);
+* at inference the units are deterministic (threshold ``p > 1/2``; no rectifier noise).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.estimators.reinforce import bernoulli_log_prob, moving_average, reinforce_loss
+from dynnet.estimators.stochastic_neurons import noisy_rectifier, st_binary, stochastic_times_smooth, unbiased_binary
+from dynnet.gates import PooledMLPGate
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+
+__all__ = ["ESTIMATORS", "StochasticNeuronBlock", "StochasticNeurons", "StochasticNeuronsConfig"]
+
+ESTIMATORS = (
+    "straight_through",
+    "straight_through_identity",
+    "stochastic_times_smooth",
+    "noisy_rectifier",
+    "unbiased",
+)
+
+
+@dataclass(frozen=True)
+class StochasticNeuronsConfig:
+    """Settings of stochastic-neuron channel gates.
+
+    Attributes:
+        budget: target fraction of dense MACs.
+        estimator: one of :data:`ESTIMATORS`.
+        hidden: hidden width of each gate.
+        noise_std: standard deviation of the noisy rectifier's noise.
+        budget_weight: weight of the MAC-budget loss.
+        cost_weight: weight of the MAC fraction in the unbiased estimator's reward.
+        baseline_momentum: momentum of the unbiased estimator's moving-average baseline.
+        strategy: sparse-mode batch strategy.
+    """
+
+    budget: float = 0.5
+    estimator: str = "straight_through"
+    hidden: int = 16
+    noise_std: float = 1.0
+    budget_weight: float = 1.0
+    cost_weight: float = 1.0
+    baseline_momentum: float = 0.9
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+
+
+class StochasticNeuronBlock(ChannelGatedBlock):
+    """A basic block whose inner channels are gated by stochastic neurons."""
+
+    def __init__(self, *args, estimator: str = "straight_through", noise_std: float = 1.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.estimator = estimator
+        self.noise_std = noise_std
+
+    def binary_scale(self) -> bool:
+        return self.estimator in ("straight_through", "straight_through_identity", "unbiased")
+
+    def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
+        a = self.gate(x)  # Tensor[N, C]
+        sample = self.training
+        if self.estimator == "straight_through":
+            hard, value, p = st_binary(a, sample=sample)
+        elif self.estimator == "straight_through_identity":
+            hard, value, p = st_binary(a, sample=sample, identity=True)
+        elif self.estimator == "stochastic_times_smooth":
+            hard, value, p = stochastic_times_smooth(a, sample=sample)
+        elif self.estimator == "noisy_rectifier":
+            hard, value, p = noisy_rectifier(a, sample=sample, noise_std=self.noise_std)
+        else:
+            hard, value, p = unbiased_binary(a, sample=sample)
+        return Decision(hard=hard, soft=p, granularity="channel"), value
+
+
+class StochasticNeurons(DynamicModel):
+    """The converted network; objective: CE + MAC budget (+ the REINFORCE surrogate for ``"unbiased"``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("reward_baseline", torch.zeros((), dtype=torch.float64))
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        cfg = self.config
+        budget = cfg.budget if budget is None else budget
+        ce = F.cross_entropy(logits, target, reduction="none")
+        task = ce.mean()
+        total, parts = task, {"task": float(task.detach())}
+        if cfg.budget_weight:
+            b = t.budget_loss(budget)
+            total = total + cfg.budget_weight * b
+            parts["budget"] = float(b.detach())
+        if cfg.estimator == "unbiased":
+            decisions = list(t.decisions_of("channel").values())
+            log_prob = sum(bernoulli_log_prob(d.soft, d.hard) for d in decisions)
+            reward = -ce.detach().double() - cfg.cost_weight * t.mac_fraction().detach()
+            policy = reinforce_loss(log_prob, reward.to(log_prob.dtype), self.reward_baseline.to(log_prob.dtype))
+            if self.training:
+                with torch.no_grad():
+                    self.reward_baseline.copy_(moving_average(self.reward_baseline, reward, cfg.baseline_momentum))
+            total = total + policy
+            parts["policy"] = float(policy.detach())
+        return LossOutput(total, parts)
+
+
+def convert(model: nn.Module, config: StochasticNeuronsConfig, targets: Targets = "auto") -> StochasticNeurons:
+    """Put stochastic-neuron channel gates on every target basic residual block of ``model`` (in place)."""
+
+    def make(name: str, block: nn.Module, adapter) -> StochasticNeuronBlock:
+        gate = PooledMLPGate(adapter.in_channels(block), block.conv1.out_channels, config.hidden, open_index=None)
+        return StochasticNeuronBlock(
+            block, adapter, gate, strategy=config.strategy, estimator=config.estimator, noise_std=config.noise_std
+        )
+
+    convert_blocks(model, targets, make)
+    return StochasticNeurons(
+        model, recipe="stochastic_neurons", config=copy.copy(config), in_channels=first_conv_in_channels(model)
+    )
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="stochastic_neurons",
+        family="channel",
+        config_cls=StochasticNeuronsConfig,
+        convert=convert,
+        paper="Estimating or Propagating Gradients Through Stochastic Neurons for Conditional Computation "
+        "(arXiv 2013), arXiv:1308.3432",
+    )
+)
