@@ -13,11 +13,6 @@ from dynnet.core import RECIPES
 from dynnet.export import UnsupportedExportError, export_model, load_exported, onnx_available
 from dynnet.testing import build_recipe_pair, diverse_inputs, scramble_until_mixed
 
-_CACHE_KEY = (
-    "DynamicBlock.cost keys its MAC cache on x.shape, which the TorchScript tracer turns into tensors: every call "
-    "misses the cache and probes (torch.func.functional_call) inside the tracer; fix: int() the shape in the key "
-    "(core/block.py)"
-)
 _AUTOGRAD = (
     "DCN's attention is a gradient (torch.autograd.grad of the coarse prediction's entropy) taken inside forward; "
     "neither torch.export nor the TorchScript tracer captures autograd.grad in the graph"
@@ -29,9 +24,6 @@ _SCATTER = (
 # (recipe, format) pairs whose masked graph does not export yet, with the reason. The sweep checks that each of them
 # fails with a clear UnsupportedExportError, and fails itself when one starts to export, so the list stays true.
 EXPORT_UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("ram", "torchscript"): _CACHE_KEY,
-    ("ranet", "torchscript"): _CACHE_KEY,
-    ("gfnet", "torchscript"): _CACHE_KEY,
     ("dcn", "torch_export"): _AUTOGRAD,
     ("dcn", "torchscript"): _AUTOGRAD,
     ("hydranets", "torchscript"): _SCATTER,

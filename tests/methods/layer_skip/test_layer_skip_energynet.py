@@ -55,7 +55,8 @@ def test_energy_loss_trains_the_gates() -> None:
     with dynnet.trace() as t:
         logits = model(x)
     loss = model.compute_loss(logits, y, t)
-    assert loss.parts["energy_fraction"] == pytest.approx(1.0, abs=0.01)  # open gates: all energy spent
+    # gates start open (p = sigmoid(OPEN_LOGIT) = 0.95 under training noise): nearly all energy is spent
+    assert loss.parts["energy_fraction"] == pytest.approx(1.0, abs=0.05)
     assert loss.parts["energy"] == pytest.approx((loss.parts["energy_fraction"] - 0.3) ** 2, rel=1e-4)
     loss.total.backward()
     assert model.net.layer3[0].gate.fc2.bias.grad.abs().sum() > 0
