@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 from torch import nn
 
 import dynnet
@@ -113,9 +114,13 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypa
     monkeypatch.setattr(ckpt_module, "_atomic_write", real_write)
     assert calls == ["ck.safetensors", "ck.json"]
     assert (tmp_path / "ck.json").read_bytes() == before["ck.json"]  # the commit marker is the old one
-    # ... and it refuses the mismatched new weights instead of loading them silently
-    with pytest.raises(CheckpointError, match="ck.safetensors"):
-        load_checkpoint(tmp_path / "ck", _model())
+    # ... and loading gives the previous checkpoint (its data was kept as .prev), never the uncommitted weights
+    previous, meta = load_checkpoint(tmp_path / "ck", _model())
+    assert meta["state"]["step"] == 1
+    old = _model()
+    old.load_state_dict(st_load(before["ck.safetensors"]), strict=True)
+    for (k, a), b in zip(previous.state_dict().items(), old.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
 
     # a failure while writing the data file itself (killed mid-write) leaves every old file as it was
     save_checkpoint(tmp_path / "ok", model, state={"step": 3})
@@ -128,7 +133,9 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "ok", _model(seed=5), state={"step": 4})
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in tmp_path.glob("ok.*")} == ok_before
+    after = {p.name: p.read_bytes() for p in tmp_path.glob("ok.*")}
+    assert {k: after[k] for k in ok_before} == ok_before  # every committed file as it was
+    assert set(after) - set(ok_before) <= {"ok.safetensors.prev"}  # plus, at most, the backup of its data
     assert not list(tmp_path.glob(".*.tmp"))  # temporary files cleaned up
     _, meta = load_checkpoint(tmp_path / "ok", _model())
     assert meta["state"]["step"] == 3

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,10 @@ def save_checkpoint(
         meta["files"]["optimizer"] = {"name": optim_path.name, "sha256": _sha256(optim_bytes)}
     json_bytes = json.dumps(meta, indent=1, allow_nan=True).encode()
 
+    # Keep the committed data files as <name>.prev until the new JSON commits: a kill between the renames
+    # leaves the old JSON next to new data files, and the loader then finds the old data in .prev.
+    _keep_previous(weights_path)
+    _keep_previous(optim_path)
     _atomic_write(weights_path, weights_bytes)
     if optim_bytes is not None:
         _atomic_write(optim_path, optim_bytes)
@@ -300,12 +305,35 @@ def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
+def _previous(path: Path) -> Path:
+    return path.with_name(path.name + ".prev")
+
+
+def _keep_previous(path: Path) -> None:
+    """Hard-link (or copy) the committed ``path`` to ``path.prev`` atomically, before ``path`` is replaced."""
+    if not path.is_file():
+        return
+    tmp = path.with_name(f".{path.name}.prev.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, _previous(path))
+
+
 def _read_tensors(folder: Path, entry: dict[str, str], json_path: Path) -> dict[str, Tensor]:
     file = folder / entry["name"]
     try:
         data = file.read_bytes()
     except OSError as err:
         raise CheckpointError(f"checkpoint {json_path}: cannot read {file} ({err})") from None
+    if _sha256(data) != entry["sha256"] and _previous(file).is_file():
+        # Interrupted save: the JSON still describes the previous data, kept in .prev.
+        previous = _previous(file).read_bytes()
+        if _sha256(previous) == entry["sha256"]:
+            data = previous
     if _sha256(data) != entry["sha256"]:
         raise CheckpointError(
             f"corrupt or truncated checkpoint file {file}: its SHA-256 does not match {json_path} "
