@@ -74,6 +74,18 @@ def test_gate_collapse_detection(loaders, caplog: pytest.LogCaptureFixture) -> N
     assert any("layer2.0:off" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
+def test_dead_exit_detection(loaders) -> None:
+    """An early exit that no sample takes during an epoch is reported like a gate that is always off."""
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="branchynet", width=0.25, in_channels=1)
+    result = fit(model, loaders.train, TrainConfig(epochs=1, lr=1e-5, max_steps=2))
+    entry = result.history[-1]
+    exits = [k for k in entry["gate_rates"] if k.startswith("exit")]
+    assert exits, "exit decisions must be tracked"
+    # thresholds start at "never exit": every early exit is dead
+    assert all(f"{k}:off" in entry["collapsed_gates"] for k in exits)
+
+
 def test_max_steps_stops_early(loaders) -> None:
     model = _model()
     result = fit(model, loaders.train, TrainConfig(epochs=5, lr=0.01, max_steps=3))
