@@ -1,8 +1,5 @@
 """Every registered recipe under the inputs and operations users throw at models: channels_last, a batch of one,
 bfloat16, a training batch of one, ``copy.deepcopy`` (EMA copies, model soups).
-
-Known failures are ``xfail(strict=True)`` with the reason and the fix (docs/reliability.md): a listed recipe that
-starts to pass fails the suite, so the lists stay true.
 """
 
 from __future__ import annotations
@@ -19,25 +16,6 @@ from dynnet.testing import build_recipe_pair, diverse_inputs, scramble_until_mix
 pytestmark = pytest.mark.slow  # one model per recipe and test: seconds each on a loaded CPU
 
 
-_BN_ONE = (
-    "a BatchNorm1d in the decision network cannot normalise a single sample in training ('Expected more than 1 value "
-    "per channel when training'): the last batch of an epoch with len(data) % batch_size == 1 crashes; fix: gates "
-    "normalise with their running statistics when N == 1 in training (gates/pooled.py PooledMLPGate, and the "
-    "recipes' own gate MLPs)"
-)
-TRAIN_ONE_XFAIL = dict.fromkeys(
-    ["gaternet"],
-    _BN_ONE,
-)  # fmt: skip
-
-
-def _params(xfail: dict[str, str]) -> list:
-    return [
-        pytest.param(r, marks=pytest.mark.xfail(strict=True, reason=xfail[r])) if r in xfail else r
-        for r in dynnet.list_recipes()
-    ]
-
-
 def _scrambled(recipe: str, n: int = 6) -> tuple[dynnet.DynamicModel, torch.Tensor]:
     _, model = build_recipe_pair(recipe)
     x = diverse_inputs(n, RECIPES.get(recipe).test_input, seed=4)
@@ -45,7 +23,7 @@ def _scrambled(recipe: str, n: int = 6) -> tuple[dynnet.DynamicModel, torch.Tens
     return model.eval(), x
 
 
-@pytest.mark.parametrize("recipe", _params({}))
+@pytest.mark.parametrize("recipe", dynnet.list_recipes())
 def test_channels_last_batch_of_one_and_bfloat16(recipe: str) -> None:
     """Sparse mode (batch compaction) gives each sample the answer it gets alone, in either memory format; the
     model converted with ``.to(torch.bfloat16)`` runs bfloat16 inputs and its sparse mode equals its masked mode."""
@@ -65,7 +43,7 @@ def test_channels_last_batch_of_one_and_bfloat16(recipe: str) -> None:
     torch.testing.assert_close(sparse_out.float(), masked.float(), rtol=0.02, atol=0.02 * masked.abs().max().item())
 
 
-@pytest.mark.parametrize("recipe", _params(TRAIN_ONE_XFAIL))
+@pytest.mark.parametrize("recipe", dynnet.list_recipes())
 def test_training_batch_of_one(recipe: str) -> None:
     _, model = build_recipe_pair(recipe)
     x = diverse_inputs(1, RECIPES.get(recipe).test_input)

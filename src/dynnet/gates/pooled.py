@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PooledMLPGate", "open_bias_"]
+__all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_"]
 
 # A logit of 3 gives p(open) = 0.95: decisions are open at start, and the softmax gradient (p(1-p) = 0.045)
 # is large enough for a short schedule to move the gates (at 6 it is 0.0025 and they barely move).
@@ -31,6 +31,22 @@ def open_bias_(linear: nn.Linear, *, open_index: int | None = None, logit: float
     return linear
 
 
+class GateBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d for decision networks that also trains on a batch of one sample.
+
+    One sample has no batch statistics (the last batch of an epoch can be a single image): it is normalised
+    with the running statistics, as in eval, which stay unchanged. Same parameters and state_dict keys as
+    ``nn.BatchNorm1d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+            )
+        return super().forward(x)
+
+
 class PooledMLPGate(nn.Module):
     """Global average pool → Linear → BN → ReLU → Linear: Tensor[N, C, H, W] → logits Tensor[N, K].
 
@@ -45,17 +61,10 @@ class PooledMLPGate(nn.Module):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(in_channels, hidden, bias=False)
-        self.bn = nn.BatchNorm1d(hidden)
+        self.bn = GateBatchNorm1d(hidden)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = open_bias_(nn.Linear(hidden, out_features), open_index=open_index)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(self.pool(x).flatten(1))
-        if self.training and h.shape[0] == 1:
-            # One sample has no batch statistics (the last batch of an epoch can be a single image):
-            # normalise with the running ones, as in eval, and leave them unchanged.
-            bn = self.bn
-            h = F.batch_norm(h, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
-        else:
-            h = self.bn(h)
-        return self.fc2(self.act(h))
+        return self.fc2(self.act(self.bn(h)))

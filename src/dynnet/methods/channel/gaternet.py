@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
 from dynnet.estimators.semhash import improved_semhash
-from dynnet.gates import open_bias_
+from dynnet.gates import GateBatchNorm1d, open_bias_
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 from dynnet.methods.channel._resnet import Controller, iter_blocks, resnet_head, resnet_stem
 
@@ -74,7 +74,7 @@ class GaterNetwork(Controller):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Linear(2 * width, bottleneck, bias=False),
-            nn.BatchNorm1d(bottleneck),
+            GateBatchNorm1d(bottleneck),
             nn.ReLU(inplace=True),
         )
         self.fc = open_bias_(nn.Linear(bottleneck, filters))
