@@ -25,7 +25,17 @@ from torch import Tensor, nn
 
 from dynnet.core.trace import no_trace
 
-__all__ = ["MODES", "DynamicBlock", "dynamic_blocks", "force_dense", "probe_macs", "set_mode", "set_tau", "sparse"]
+__all__ = [
+    "MODES",
+    "DynamicBlock",
+    "dynamic_blocks",
+    "force_dense",
+    "probe_macs",
+    "run_on_meta",
+    "set_mode",
+    "set_tau",
+    "sparse",
+]
 
 MODES = ("masked", "sparse", "dense")
 _FORCE_DENSE: ContextVar[bool] = ContextVar("dynnet_force_dense", default=False)
@@ -53,8 +63,31 @@ class _Call(nn.Module):
         return self.fn(self.m, *args)
 
 
+def run_on_meta(module: nn.Module, fn: Callable[..., Any], *inputs: Tensor) -> Any:
+    """``fn(module, *inputs)`` on the meta device: parameters, buffers and inputs (batch 2) are meta tensors.
+
+    Nothing is computed and no state of ``module`` changes; the ops are hidden from MAC counters entered
+    before the call (a counter entered inside ``fn`` counts them) and nothing is recorded into the trace.
+    Batch 2, not 1: batch norm in training mode refuses a single value per channel.
+
+    Args:
+        module: the module whose parameters ``fn`` uses.
+        fn: ``fn(module, *inputs)``.
+        inputs: example inputs, Tensor[N, ...]; only their shapes from dim 1 on matter.
+    """
+    from dynnet.macs.counter import suspend_counting
+
+    state = {
+        f"m.{k}": v.to("meta")
+        for k, v in chain(module.named_parameters(), module.named_buffers(remove_duplicate=False))
+    }
+    meta_inputs = tuple(torch.empty((2, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs)
+    with torch.no_grad(), no_trace(), suspend_counting():
+        return torch.func.functional_call(_Call(module, fn), state, meta_inputs, strict=False)
+
+
 def probe_macs(module: nn.Module, fn: Callable[..., Any], *inputs: Tensor) -> int:
-    """MACs per sample of ``fn(module, *inputs)``, measured on meta tensors (no compute, no state change).
+    """MACs per sample of ``fn(module, *inputs)`` with every dynamic block dense, measured by :func:`run_on_meta`.
 
     Args:
         module: the module whose parameters ``fn`` uses.
@@ -64,19 +97,18 @@ def probe_macs(module: nn.Module, fn: Callable[..., Any], *inputs: Tensor) -> in
     Returns:
         MACs for one sample.
     """
-    from dynnet.macs.counter import MacCounter, suspend_counting
+    from dynnet.macs.counter import MacCounter
 
-    state = {
-        f"m.{k}": v.to("meta")
-        for k, v in chain(module.named_parameters(), module.named_buffers(remove_duplicate=False))
-    }
-    # Batch 2, not 1: batch norm in training mode refuses a single value per channel.
-    meta_inputs = [torch.empty((2, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs]
-    with torch.no_grad(), no_trace(), force_dense(), suspend_counting(), MacCounter() as counter:
-        torch.func.functional_call(_Call(module, fn), state, tuple(meta_inputs), strict=False)
-    if counter.total % 2:
-        raise RuntimeError(f"MACs of {type(module).__name__} are not linear in the batch size ({counter.total} for 2)")
-    return counter.total // 2
+    def counted(m: nn.Module, *args: Tensor) -> int:
+        with MacCounter() as counter:
+            fn(m, *args)
+        return counter.total
+
+    with force_dense():
+        total = run_on_meta(module, counted, *inputs)
+    if total % 2:
+        raise RuntimeError(f"MACs of {type(module).__name__} are not linear in the batch size ({total} for 2)")
+    return total // 2
 
 
 class DynamicBlock(nn.Module):

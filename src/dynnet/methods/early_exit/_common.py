@@ -23,15 +23,14 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace, no_trace
-from dynnet.macs import MacCounter, suspend_counting
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace, run_on_meta
+from dynnet.macs import MacCounter
 
 __all__ = [
     "NEVER",
@@ -165,29 +164,6 @@ _register_builtin_trunks()
 
 
 # ------------------------------------------------------------------------------------ meta-tensor probes
-class _Probe(nn.Module):
-    """Holds a module so that ``functional_call`` can run any function of it on meta tensors."""
-
-    def __init__(self, module: nn.Module, fn: Callable[..., Any]) -> None:
-        super().__init__()
-        self.m = module
-        self.fn = fn
-
-    def forward(self, *args: Any) -> Any:
-        return self.fn(self.m, *args)
-
-
-def _on_meta(module: nn.Module, fn: Callable[..., Any], *inputs: Tensor) -> Any:
-    """``fn(module, *inputs)`` with parameters, buffers and inputs on the meta device, batch 2, uncounted."""
-    state = {
-        f"m.{k}": v.to("meta")
-        for k, v in chain(module.named_parameters(), module.named_buffers(remove_duplicate=False))
-    }
-    meta = tuple(torch.empty((2, *x.shape[1:]), dtype=x.dtype, device="meta") for x in inputs)
-    with torch.no_grad(), no_trace(), suspend_counting():
-        return torch.func.functional_call(_Probe(module, fn), state, meta, strict=False)
-
-
 def _count(fn: Callable[[], Any]) -> tuple[Any, int]:
     """``(fn(), MACs per sample)`` for a call on a meta batch of 2."""
     with MacCounter() as c:
@@ -207,7 +183,7 @@ def unit_profile(base: nn.Module, trunk: Trunk, input_shape: tuple[int, int, int
             rows.append((h, macs))
         return rows
 
-    return _on_meta(base, run, torch.empty((1, *input_shape)))
+    return run_on_meta(base, run, torch.empty((1, *input_shape)))
 
 
 def place_exits(unit_macs: Sequence[float], fractions: Sequence[float]) -> list[int]:
@@ -428,7 +404,7 @@ class ExitCascade(DynamicBlock):
                     rows.append((seg, head, gate))
                 return rows
 
-            self._cost_cache[key] = _on_meta(self, run, x)
+            self._cost_cache[key] = run_on_meta(self, run, x)
         return self._cost_cache[key]
 
     def cumulative_costs(self, x: Tensor) -> Tensor:
@@ -695,7 +671,7 @@ def plan_exits(base: nn.Module, fractions: Sequence[float], *, probe_size: int =
 
     channels = [last(profile[p][0]).shape[1] for p in positions]
     final = profile[-1][0]
-    num_classes = _on_meta(base, lambda m, *s: trunk.head(s[0] if len(s) == 1 else tuple(s)), *_as_tuple(final))
+    num_classes = run_on_meta(base, lambda m, *s: trunk.head(s[0] if len(s) == 1 else tuple(s)), *_as_tuple(final))
     return ExitPlan(trunk, positions, channels, int(num_classes.shape[1]), unit_macs, in_channels)
 
 
