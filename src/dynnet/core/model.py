@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from dynnet.core.block import dynamic_blocks, probe_macs
 from dynnet.core.trace import Trace, current_trace
 
-__all__ = ["DynamicModel", "LossOutput", "check_input"]
+__all__ = ["DECISION_MODULE_NAMES", "DynamicModel", "LossOutput", "check_input"]
 
 
 @dataclass
@@ -162,20 +162,7 @@ def _is_dynamic_param(key: str) -> bool:
     return any(p in _DYNAMIC_PARTS for p in parts)
 
 
+# Names of the submodules that make decisions (docs/design.md, contract 5).
+DECISION_MODULE_NAMES = frozenset({"gate", "gates", "policy", "controller", "router", "halting", "saliency"})
 # Submodule names under which recipes add parameters the base network does not have.
-_DYNAMIC_PARTS = frozenset(
-    {
-        "gate",
-        "gates",
-        "policy",
-        "exits",
-        "controller",
-        "router",
-        "halting",
-        "saliency",
-        "experts",
-        "branches",
-        "others",
-        "alpha",
-    }
-)
+_DYNAMIC_PARTS = DECISION_MODULE_NAMES | {"exits", "experts", "branches", "others", "alpha"}

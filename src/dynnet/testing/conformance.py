@@ -9,12 +9,10 @@ from torch import nn
 
 from dynnet.api import convert, list_recipes
 from dynnet.core import RECIPES, DynamicModel
+from dynnet.core.model import DECISION_MODULE_NAMES
 from dynnet.models import build_base_model
 
 __all__ = ["DECISION_MODULE_NAMES", "build_recipe_pair", "diverse_inputs", "scramble_gates", "scramble_until_mixed"]
-
-# Submodules with these names produce decisions; scrambling them makes decisions differ across inputs.
-DECISION_MODULE_NAMES = frozenset({"gate", "gates", "policy", "controller", "router", "halting", "saliency"})
 
 
 def build_recipe_pair(recipe: str, *, seed: int = 0, num_classes: int = 10) -> tuple[nn.Module, DynamicModel]:
