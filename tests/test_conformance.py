@@ -23,7 +23,7 @@ def _inputs(recipe: str, n: int = BATCH, seed: int = 1) -> torch.Tensor:
 def _scrambled(recipe: str) -> tuple[torch.nn.Module, dynnet.DynamicModel]:
     """The base and a conversion whose gates take different decisions for different test inputs."""
     base, model = build_recipe_pair(recipe)
-    scramble_until_mixed(model, _inputs(recipe, n=8))
+    scramble_until_mixed(model, _inputs(recipe, n=8), across_inputs=RECIPES.get(recipe).input_dependent)
     return base, model.eval()
 
 
@@ -132,3 +132,13 @@ def test_state_dict_round_trip(recipe: str) -> None:
     other.load_state_dict(copy.deepcopy(model.state_dict()), strict=True)
     x = _inputs(recipe)
     torch.testing.assert_close(other.eval()(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPE_NAMES if not RECIPES.get(r).input_dependent])
+def test_input_independent_recipes_decide_the_same_for_every_input(recipe: str) -> None:
+    _, model = _scrambled(recipe)
+    with dynnet.trace() as t:
+        model(_inputs(recipe, n=8))
+    for key, d in t.decisions.items():
+        hard = d.hard.detach()
+        assert torch.equal(hard, hard[:1].expand_as(hard)), f"{recipe}: decision {key} depends on the input"

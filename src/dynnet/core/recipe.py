@@ -30,6 +30,9 @@ class RecipeSpec:
         test_input: (C, H, W) of the conformance suite's inputs.
         exact_executed: sparse mode executes exactly the theoretical MACs (no gather/halo overheads).
         reproduces_base: open gates reproduce the base network's logits.
+        input_dependent: decisions depend on the input. ``False`` for methods whose masks are fixed per
+            layer (perforation, bandit-chosen channel subsets): the conformance suite then asks for masks
+            that are partial (some units off, some on) instead of masks that differ across inputs.
     """
 
     name: str
@@ -41,6 +44,7 @@ class RecipeSpec:
     test_input: tuple[int, int, int] = (3, 32, 32)
     exact_executed: bool = True
     reproduces_base: bool = True
+    input_dependent: bool = True
 
 
 RECIPES: Registry[RecipeSpec] = Registry("recipe")

@@ -57,8 +57,11 @@ def diverse_inputs(n: int, shape: tuple[int, ...], *, seed: int = 1) -> torch.Te
     return torch.randn((n, *shape), generator=g) * scale + offset
 
 
-def scramble_until_mixed(model: nn.Module, x: torch.Tensor, *, tries: int = 32) -> int:
-    """Scramble the gates with successive seeds until some decision differs across the samples of ``x``.
+def scramble_until_mixed(model: nn.Module, x: torch.Tensor, *, tries: int = 32, across_inputs: bool = True) -> int:
+    """Scramble the gates with successive seeds until the decisions are mixed.
+
+    Mixed means: some decision differs across the samples of ``x`` (``across_inputs=True``), or, for
+    input-independent recipes (``across_inputs=False``), some decision has units both on and off.
 
     Returns the seed used. Raises AssertionError when no seed gives mixed decisions: the recipe's
     decisions do not depend on the input, or ``scramble_`` does not reach them.
@@ -71,6 +74,9 @@ def scramble_until_mixed(model: nn.Module, x: torch.Tensor, *, tries: int = 32) 
             model.eval()(x)
         for d in t.decisions.values():
             hard = d.hard.detach().flatten(1) if d.hard.dim() > 1 else d.hard.detach().view(-1, 1)
-            if not bool((hard == hard[:1]).all()):
+            if across_inputs and not bool((hard == hard[:1]).all()):
                 return seed
-    raise AssertionError(f"no scrambling out of {tries} made the decisions differ across inputs")
+            if not across_inputs and bool((hard > 0.5).any()) and bool((hard < 0.5).any()):
+                return seed
+    what = "differ across inputs" if across_inputs else "turn some units off and others on"
+    raise AssertionError(f"no scrambling out of {tries} made the decisions {what}")
