@@ -2,6 +2,7 @@
 
 from dynnet.methods.spatial import (
     dynconv,
+    perforated_cnn,
     pixel_attentional_gating,
     precision_gating,
     sact,
@@ -13,6 +14,7 @@ __all__ = [
     "PixelGateUnit",
     "SqueezeMaskUnit",
     "dynconv",
+    "perforated_cnn",
     "pixel_attentional_gating",
     "precision_gating",
     "sact",
