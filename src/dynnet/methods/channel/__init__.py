@@ -3,6 +3,7 @@
 from dynnet.methods.channel import (
     batch_shaping,
     channel_gating,
+    dynamic_channel_exec,
     fbs,
     gaternet,
     instance_sparsity,
@@ -16,6 +17,7 @@ __all__ = [
     "ChannelGatedBlock",
     "batch_shaping",
     "channel_gating",
+    "dynamic_channel_exec",
     "fbs",
     "gaternet",
     "instance_sparsity",

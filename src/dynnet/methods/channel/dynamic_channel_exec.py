@@ -1,0 +1,244 @@
+"""Dynamic channel execution — Spasov & Liò, "Dynamic Neural Network Channel Execution for Efficient Training",
+BMVC 2019. https://arxiv.org/abs/1905.06435
+
+Every gated layer runs a combinatorial multi-armed bandit whose arms are its channels. At each training step the
+bandit picks the ``k`` channels to execute with the combinatorial upper confidence bound rule (CUCB),
+
+    score_c = μ̂_c + α · sqrt(ln t / T_c)        (T_c = 0: +∞, every channel is tried first),
+
+the same subset for the whole batch; only those channels run forward and backward, and each played channel's
+reward is observed. The reward is the channel's estimated importance from the training signal: the first-order
+Taylor saliency of its activation ``a`` (Molchanov et al.), ``mean_n |Σ_{hw} a · ∂L/∂a|``, divided by the largest
+value among the played channels of that step so that rewards lie in ``[0, 1]`` as CUCB assumes; ``μ̂_c`` is the
+running mean of channel ``c``'s rewards and ``T_c`` how often it was played. At inference the subset is fixed:
+the ``k`` channels of highest estimated value ``μ̂`` (ties to the lowest index), a compact static network.
+
+The bandit statistics ``value`` (μ̂), ``count`` (T), ``steps`` (t) and ``keep`` (k) are buffers of the block's
+``gate`` submodule (saved in the state_dict). The selection advances ``steps`` in training-mode forward passes;
+the rewards are observed by a hook on the inner activation's gradient during the backward pass (under no_grad).
+Nothing per-batch is kept on modules: the hook's closure holds the activation for the one backward pass.
+
+Where the channels are: the inner channels of each basic residual block (``conv1``'s outputs = ``conv2``'s inputs,
+:class:`~dynnet.methods.channel.ChannelGatedBlock`): ``conv1`` computes and ``conv2`` reads only the kept ones.
+Sparse mode folds the batch norms and runs one sliced convolution pair for the whole batch (the mask is shared:
+:func:`dynnet.kernels.channel.sliced_pair`, strategy ``groups`` with one group). MACs: ``k / C`` of the branch.
+``budget`` is the fraction of inner channels kept (``k = ceil(budget · C)``); the objective is plain
+cross-entropy (the budget is a hard constraint, not a loss).
+
+Departures from the paper:
+* the paper gates the output channels of every convolution of VGG/ResNet/DenseNet; here the inner channels of
+  basic residual blocks (the residual stream stays dense);
+* the reward: the paper derives channel rewards from the training signal as well, but its exact formula and
+  normalisation may differ from the Taylor saliency normalised per step used here;
+* training runs in masked mode (dense convolutions × the channel mask), so the training compute saving is
+  theoretical here (``t.macs()`` shows it; the trace's executed MACs are dense); real skipping is in sparse mode
+  (inference);
+* ``μ̂`` is a plain running mean over the whole training run (non-stationary rewards are not discounted);
+* the default ``budget = 1.0`` keeps every channel, so a fresh conversion reproduces the base network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+
+__all__ = [
+    "ChannelBandit",
+    "DynamicChannelExec",
+    "DynamicChannelExecBlock",
+    "DynamicChannelExecConfig",
+    "cucb_scores",
+    "taylor_reward",
+    "top_k_mask",
+]
+
+
+@dataclass(frozen=True)
+class DynamicChannelExecConfig:
+    """Settings of dynamic channel execution.
+
+    Attributes:
+        budget: fraction of inner channels executed per block (``k = ceil(budget · C)``); 1.0 keeps all.
+        exploration: ``α`` of the CUCB bonus ``α · sqrt(ln t / T_c)`` (``sqrt(3/2)``: the CUCB bound).
+        strategy: sparse-mode batch strategy (:mod:`dynnet.kernels.channel`; one shared mask → one group).
+    """
+
+    budget: float = 1.0
+    exploration: float = math.sqrt(1.5)
+    strategy: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1] of the channels kept, got {self.budget}")
+        if self.exploration < 0:
+            raise ValueError(f"exploration must be non-negative, got {self.exploration}")
+
+
+# -- pure functions ------------------------------------------------------------------------------------------------
+
+
+def cucb_scores(value: Tensor, count: Tensor, step: int, exploration: float) -> Tensor:
+    """CUCB indices ``μ̂ + α·sqrt(ln t / T)`` of Tensor[C] statistics; ``+∞`` for arms never played."""
+    bonus = exploration * torch.sqrt(math.log(max(step, 1)) / count.clamp_min(1e-12))
+    return torch.where(count > 0, value + bonus, torch.full_like(value, math.inf))
+
+
+def top_k_mask(scores: Tensor, k: int | Tensor) -> Tensor:
+    """Tensor[C] bool: the ``k`` highest scores (ties to the lowest index).
+
+    ``k`` may be a 0-dim tensor (a buffer): no value leaves the device, so meta-tensor cost probes run it too.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return rank < k
+
+
+def taylor_reward(activation: Tensor, grad: Tensor) -> Tensor:
+    """First-order Taylor saliency per channel, ``mean_n |Σ_{hw} a · ∂L/∂a|``: Tensor[N, C, H, W] ×2 → Tensor[C]."""
+    return (activation * grad).sum((2, 3)).abs().mean(0)
+
+
+# -- the bandit and the block --------------------------------------------------------------------------------------
+
+
+class ChannelBandit(nn.Module):
+    """A combinatorial UCB bandit over ``channels`` arms choosing ``keep`` of them; statistics are buffers.
+
+    Args:
+        channels: C, the number of arms.
+        keep: k, the arms played per round.
+        exploration: ``α`` of the UCB bonus.
+    """
+
+    def __init__(self, channels: int, keep: int, exploration: float) -> None:
+        super().__init__()
+        if not 1 <= keep <= channels:
+            raise ValueError(f"keep must be in [1, {channels}], got {keep}")
+        self.exploration = float(exploration)
+        self.register_buffer("value", torch.zeros(channels))
+        self.register_buffer("count", torch.zeros(channels))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("keep", torch.tensor(keep, dtype=torch.long))
+
+    @property
+    def channels(self) -> int:
+        return self.value.shape[0]
+
+    def fixed(self) -> Tensor:
+        """The inference subset: Tensor[C] bool, the ``k`` arms of highest estimated value."""
+        return top_k_mask(self.value, self.keep)
+
+    def explore_(self) -> Tensor:
+        """One training round: advance ``t`` and return the CUCB choice, Tensor[C] bool."""
+        with torch.no_grad():
+            self.steps += 1
+            return top_k_mask(cucb_scores(self.value, self.count, int(self.steps), self.exploration), self.keep)
+
+    def update_(self, played: Tensor, reward: Tensor) -> None:
+        """Observe the rewards (Tensor[C], in [0, 1]) of the played arms (Tensor[C] bool): running means."""
+        with torch.no_grad():
+            p = played.to(self.count.device)
+            self.count += p.to(self.count.dtype)
+            delta = (reward.to(self.value) - self.value) / self.count.clamp_min(1.0)
+            self.value += torch.where(p, delta, torch.zeros_like(delta))
+
+    def observe_(self, played: Tensor, activation: Tensor, grad: Tensor) -> None:
+        """Reward the played arms with their Taylor saliency, normalised by the largest among them."""
+        r = taylor_reward(activation.detach(), grad.detach()).float()
+        top = r[played].max() if bool(played.any()) else r.new_ones(())
+        self.update_(played, r / top.clamp_min(1e-12))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Tensor[N, ...] → the inference subset for every sample, Tensor[N, C] bool (no MACs)."""
+        return self.fixed().unsqueeze(0).expand(x.shape[0], -1)
+
+
+class DynamicChannelExecBlock(ChannelGatedBlock):
+    """A basic block whose inner channels are chosen by a bandit (the same subset for the whole batch)."""
+
+    def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
+        # Training: a CUCB round per step (the selection changes from step to step); inference: the fixed subset.
+        chosen = self.gate.explore_().unsqueeze(0).expand(x.shape[0], -1) if self.training else self.gate(x)
+        hard = chosen.to(x.dtype if x.is_floating_point() else torch.float32)
+        return Decision(hard=hard, soft=None, granularity="channel"), hard
+
+    def forward_masked(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
+        d, s = self._decision(x, decision, scale)
+        a = self.inner(x)
+        h = a * s.to(a.dtype)[:, :, None, None]
+        if self.training and h.requires_grad and decision is None:
+            played = s[0].detach() > 0
+            # The bandit's feedback: ∂L/∂h equals ∂L/∂a on the played channels (0 elsewhere, unobserved arms).
+            act, bandit = a.detach(), self.gate
+
+            def observe(g: Tensor) -> None:  # returns None: the gradient itself is left unchanged
+                bandit.observe_(played, act, g)
+
+            h.register_hook(observe)
+        out = self.post(self.shortcut(x) + self.outer(h))
+        self._record(x, d, executed_channels=None)
+        return out
+
+
+class DynamicChannelExec(DynamicModel):
+    """The converted network. Objective: cross-entropy (the kept fraction is fixed by ``budget``)."""
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        task = F.cross_entropy(logits, target)
+        return LossOutput(task, {"task": float(task.detach())})
+
+    def bandits(self) -> list[ChannelBandit]:
+        """The bandits of every gated block, in execution order."""
+        return [m.gate for m in self.modules() if isinstance(m, DynamicChannelExecBlock)]
+
+    def scramble_(self, generator: torch.Generator) -> int:
+        """Random statistics and kept counts (20-80 % of the channels) for every bandit; returns their number.
+
+        The conformance suite's scrambling: the bandit statistics are the decisions, and they are buffers.
+        """
+        for bandit in self.bandits():
+            c = bandit.channels
+            with torch.no_grad():
+                bandit.value.copy_(torch.rand(c, generator=generator))
+                bandit.count.copy_(torch.randint(1, 50, (c,), generator=generator).float())
+                bandit.steps.fill_(int(bandit.count.sum()))
+                frac = 0.2 + 0.6 * float(torch.rand((), generator=generator))
+                bandit.keep.fill_(min(c - 1, max(1, round(frac * c))) if c > 1 else 1)
+        return len(self.bandits())
+
+
+def convert(model: nn.Module, config: DynamicChannelExecConfig, targets: Targets = "auto") -> DynamicChannelExec:
+    """Put a channel bandit on the inner channels of every target basic residual block of ``model`` (in place)."""
+
+    def make(name: str, block: nn.Module, adapter) -> DynamicChannelExecBlock:
+        c = block.conv1.out_channels
+        keep = max(1, min(c, math.ceil(config.budget * c - 1e-9)))
+        return DynamicChannelExecBlock(
+            block, adapter, ChannelBandit(c, keep, config.exploration), strategy=config.strategy
+        )
+
+    convert_blocks(model, targets, make)
+    return DynamicChannelExec(
+        model, recipe="dynamic_channel_exec", config=copy.copy(config), in_channels=first_conv_in_channels(model)
+    )
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="dynamic_channel_exec",
+        family="channel",
+        config_cls=DynamicChannelExecConfig,
+        convert=convert,
+        paper="Dynamic Neural Network Channel Execution for Efficient Training (BMVC 2019), arXiv:1905.06435",
+        input_dependent=False,
+    )
+)
