@@ -1,0 +1,390 @@
+"""Visual attention for action recognition — Sharma, Kiros, Salakhutdinov, "Action Recognition using Visual
+Attention", ICLR 2016 workshop. https://arxiv.org/abs/1511.04119
+
+A CNN turns frame ``t`` into a feature map ``X_t`` of ``L = K × K`` locations; at every step an LSTM reads the
+map through soft attention, ``x_t = sum_i l_{t,i} X_{t,i}`` with the location softmax
+``l_t = softmax(W h_{t-1})`` computed from the previous hidden state alone, and predicts the class from ``h_t``.
+The LSTM's initial memory and hidden state are MLPs of the mean feature (``c_0 = f_c(mean X)``,
+``h_0 = f_h(mean X)``). The objective is the cross-entropy of every step's prediction plus the paper's doubly
+stochastic attention regulariser ``lambda sum_i (1 - sum_t l_{t,i})^2``, which pushes the model to look at every
+location at some step (:func:`doubly_stochastic_penalty`). The attention's entropy (the paper's measure of how
+focused it is) is recorded per step as ``visual_attention_action/entropy``.
+
+Adaptation to image classification and to dynamic computation (departures from the paper):
+
+* frames: there is no video. Frame ``t`` is the image translated by a fixed, deterministic offset of
+  ``frame_shift`` pixels (zero fill; frame 0 is the image itself), standing in for the small motion between
+  video frames; every frame gets its own CNN feature map, as every video frame does in the paper. With
+  ``frame_shift=0`` every step reads the same image's feature map, which is then computed once;
+* the CNN is the converted base network's trunk (its children up to the global pooling, e.g. the CIFAR
+  ResNet's stem and stages), trained jointly; its map is average-pooled to ``grid × grid`` locations (the paper
+  uses GoogLeNet's precomputed 7 × 7 × 1024 maps);
+* the number of steps is learned per sample (the paper always runs its ``T = 30`` frames): a halting unit after
+  every step gives ``h_t = sigmoid(w · h_t + b)`` and the sample stops by Graves's adaptive computation time
+  rule (ACT, https://arxiv.org/abs/1603.08983: stop when ``sum h_t >= 1 - eps``; the last step always stops),
+  trained with ACT's ponder cost ``N + R`` (weight ``ponder_weight``). The prediction is the halting step's (a
+  straight-through selection with ACT's mean-field gradient). ACT is used instead of a confidence exit because
+  the stop rule is learned with the rest and needs no threshold calibration. The halting unit starts closed
+  (``h ≈ 0.0025``), so a fresh model runs every step. In sparse mode samples that stop leave the batch: later
+  frames go through the CNN only for the samples still looking, which is where the compute goes;
+* the initial state is computed from the mean feature of frame 0 (the paper averages over all frames, which a
+  model that decides when to stop cannot see in advance);
+* one LSTM layer of ``hidden`` units and a one-layer ``tanh`` initialisation (the paper: three layers of 1024 and
+  MLPs); the LSTM is written with two linear layers so that its products are counted matmuls;
+* the objective's per-step cross-entropy averages over the steps a sample took (weight ``step_weight``) and adds
+  the cross-entropy of the halting step's prediction; the regulariser sums over the steps taken. With fewer steps
+  than locations (``T < L``) it cannot reach 0: its minimum, ``L (1 - T / L)^2``, is attention spread uniformly;
+  weight decay (the paper's third term) is left to the optimiser;
+* ``reproduces_base=False``: the classifier is a new LSTM; the base network gives the CNN, channels and classes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import (
+    Decision,
+    DynamicBlock,
+    DynamicModel,
+    LossOutput,
+    RecipeSpec,
+    Trace,
+    current_trace,
+    register_recipe,
+)
+from dynnet.estimators.ponder import act_weights, halts, ponder_cost, straight_through_select
+from dynnet.gates import open_bias_
+
+__all__ = [
+    "AttentionLSTM",
+    "VisualAttentionAction",
+    "VisualAttentionActionConfig",
+    "attention_entropy",
+    "convert",
+    "doubly_stochastic_penalty",
+    "shift_frame",
+]
+
+NAME = "visual_attention_action"
+_CLOSED = -6.0  # halting logit at start: h = 0.0025, every sample takes every step
+# Direction of frame t's translation (multiplied by frame_shift, and by 2 from the tenth frame on, ...).
+_DIRECTIONS = ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+@dataclass(frozen=True)
+class VisualAttentionActionConfig:
+    """Settings of the visual-attention LSTM.
+
+    Attributes:
+        budget: unused (the ponder cost sets the number of steps); kept for the common API.
+        max_steps: T, frames (steps) at most per image.
+        frame_shift: pixels between successive frames; 0: every step reads the same feature map (computed once).
+        grid: K, the feature map is average-pooled to K × K attention locations.
+        hidden: LSTM width.
+        eps: ACT's epsilon (a sample stops when its halting probabilities sum to ``1 - eps``).
+        ponder_weight: weight of ACT's ponder cost ``N + R`` (Graves's tau).
+        attention_weight: lambda, weight of the doubly stochastic attention regulariser.
+        step_weight: weight of the mean cross-entropy of the steps taken (the paper's per-step loss).
+    """
+
+    budget: float | None = None
+    max_steps: int = 4
+    frame_shift: int = 2
+    grid: int = 4
+    hidden: int = 128
+    eps: float = 0.01
+    ponder_weight: float = 0.01
+    attention_weight: float = 1.0
+    step_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 2:
+            raise ValueError(f"max_steps must be at least 2, got {self.max_steps}")
+        if self.frame_shift < 0 or self.grid < 1 or self.hidden < 1:
+            raise ValueError(
+                f"frame_shift must be >= 0 and grid, hidden >= 1, got {self.frame_shift}, {self.grid}, {self.hidden}"
+            )
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+
+
+def shift_frame(x: Tensor, t: int, shift: int) -> Tensor:
+    """Frame ``t``: Tensor[N, C, H, W] translated by ``shift`` pixels in the ``t``-th direction, zero fill (0 MACs).
+
+    Frame 0 is ``x`` itself; directions cycle through the 8 neighbours, with twice the shift on the next cycle.
+    """
+    dx, dy = _DIRECTIONS[t % len(_DIRECTIONS)]
+    scale = shift * (1 + t // len(_DIRECTIONS))
+    dx, dy = dx * scale, dy * scale
+    if dx == 0 and dy == 0:
+        return x
+    h, w = x.shape[-2:]
+    p = max(abs(dx), abs(dy))
+    padded = F.pad(x, (p, p, p, p))
+    return padded[..., p - dy : p - dy + h, p - dx : p - dx + w]
+
+
+def doubly_stochastic_penalty(attention: Tensor, taken: Tensor | None = None) -> Tensor:
+    """The paper's attention regulariser ``sum_i (1 - sum_t l_{t,i})^2`` per sample.
+
+    Args:
+        attention: Tensor[N, T, L] attention maps (each row sums to 1 over the L locations).
+        taken: Tensor[N, T] 0/1, the steps each sample took (``None``: all).
+
+    Returns:
+        Tensor[N]; 0 exactly when every location gets a total attention of 1 over the steps (e.g. ``T = L`` steps
+        of uniform attention, or one location per step, each once).
+    """
+    a = attention if taken is None else attention * taken[:, :, None].to(attention.dtype)
+    return ((1.0 - a.sum(1)) ** 2).sum(1)
+
+
+def attention_entropy(attention: Tensor) -> Tensor:
+    """Entropy (nats) of each attention map: Tensor[..., L] → Tensor[...]; ``log L`` for uniform attention."""
+    return -(attention * attention.clamp_min(1e-12).log()).sum(-1)
+
+
+def _trunk_of(model: nn.Module) -> tuple[nn.Sequential, int, int]:
+    """``model``'s children before its global pooling as a Sequential, its feature width D and classes."""
+    children = list(model.named_children())
+    pools = [i for i, (_, m) in enumerate(children) if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not pools or not linears:
+        raise ValueError(
+            f"{NAME} needs a network whose children run in order up to a global pooling and end in nn.Linear "
+            f"(a CIFAR or torchvision ResNet); {type(model).__name__} has "
+            f"{'no adaptive pooling child' if not pools else 'no nn.Linear'}"
+        )
+    fc = linears[-1]
+    return nn.Sequential(OrderedDict(children[: pools[0]])), fc.in_features, fc.out_features
+
+
+class AttentionLSTM(nn.Module):
+    """Location softmax from the previous state, attention-weighted context, one LSTM step and the classifier.
+
+    Args:
+        features: D.
+        locations: L.
+        hidden: H.
+        num_classes: K.
+    """
+
+    def __init__(self, features: int, locations: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.attention = nn.Linear(hidden, locations)  # W_i h_{t-1}: one weight vector per location
+        self.input = nn.Linear(features, 4 * hidden)
+        self.state = nn.Linear(hidden, 4 * hidden)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, feats: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Map Tensor[N, D, L], state (h, c) Tensor[N, H] → (h, c, logits Tensor[N, K], attention Tensor[N, L])."""
+        attention = F.softmax(self.attention(h), 1)
+        context = torch.bmm(feats, attention.unsqueeze(2)).squeeze(2)
+        i, f, g, o = (self.input(context) + self.state(h)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c, self.classifier(h), attention
+
+
+class VisualAttentionAction(DynamicBlock):
+    """CNN trunk, LSTM initialisation, attention LSTM and ACT halting over frames.
+
+    Args:
+        trunk: Tensor[N, C, H, W] → feature map Tensor[N, D, h, w].
+        features: D.
+        num_classes: K.
+        config: the recipe's settings.
+    """
+
+    granularity = "glimpse"
+
+    def __init__(self, trunk: nn.Module, features: int, num_classes: int, config: VisualAttentionActionConfig) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.max_steps, self.frame_shift, self.grid = config.max_steps, config.frame_shift, config.grid
+        self.eps, self.ponder_weight = config.eps, config.ponder_weight
+        self.init = nn.Linear(features, 2 * config.hidden)  # f_init,h and f_init,c
+        self.core = AttentionLSTM(features, config.grid**2, config.hidden, num_classes)
+        self.halting = open_bias_(nn.Linear(config.hidden, 1), logit=_CLOSED)
+
+    # -- pieces -----------------------------------------------------------------------------------
+    def features(self, frame: Tensor) -> Tensor:
+        """Frame Tensor[N, C, H, W] → its feature map at the attention locations, Tensor[N, D, L]."""
+        return F.adaptive_avg_pool2d(self.trunk(frame), self.grid).flatten(2)
+
+    def initial_state(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """``(h_0, c_0)`` Tensor[N, H] from the mean feature of a map Tensor[N, D, L]."""
+        h, c = torch.tanh(self.init(feats.mean(2))).chunk(2, 1)
+        return h, c
+
+    def halt(self, h: Tensor) -> Tensor:
+        """Halting probability Tensor[N] from the state Tensor[N, H]."""
+        return torch.sigmoid(self.halting(h)).squeeze(1)
+
+    def _frame_features(self, x: Tensor, t: int, first: Tensor | None) -> Tensor:
+        if first is not None and (t == 0 or self.frame_shift == 0):
+            return first
+        return self.features(shift_frame(x, t, self.frame_shift))
+
+    def _costs(self, x: Tensor) -> tuple[int, int, int, int]:
+        d = self.init.in_features
+        feats = x.new_empty((1, d, self.grid**2))
+        h = x.new_empty((1, self.core.hidden))
+        trunk = self.cost("trunk", lambda m, a: m.features(a), x)
+        init = self.cost("init", lambda m, a: m.initial_state(a), feats)
+        step = self.cost("step", lambda m, a, b, c: m.core(a, b, c), feats, h, h)
+        halting = self.cost("halting", lambda m, a: m.halt(a), h)
+        return trunk, init, step, halting
+
+    # -- modes ----------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor) -> Tensor:
+        """Every frame for every sample, no halting unit evaluated; the last step's prediction."""
+        first = self.features(x)
+        h, c = self.initial_state(first)
+        for t in range(self.max_steps):
+            h, c, logits, _ = self.core(self._frame_features(x, t, first), h, c)
+        return logits
+
+    def forward_masked(self, x: Tensor) -> Tensor:
+        first = self.features(x)
+        h, c = self.initial_state(first)
+        step_logits, attentions, halting = [], [], []
+        for t in range(self.max_steps):
+            h, c, logits, att = self.core(self._frame_features(x, t, first), h, c)
+            step_logits.append(logits)
+            attentions.append(att)
+            if t < self.max_steps - 1:
+                halting.append(self.halt(h))
+        n = x.shape[0]
+        act = act_weights(torch.stack([*halting, x.new_ones(n)], 1), self.eps)
+        select = straight_through_select(act.weights, act.steps).to(x.dtype)
+        out = sum(select[:, t, None] * z for t, z in enumerate(step_logits))
+        tr = current_trace()
+        if tr is not None:
+            for t, z in enumerate(step_logits):
+                tr.record_output(f"{NAME}/logits{t}", z)
+        self._record(x, act.ran, act.steps, act.remainder, torch.stack(attentions, 1), sparse=False)
+        return out
+
+    def forward_sparse(self, x: Tensor) -> Tensor:
+        n, steps = x.shape[0], self.max_steps
+        rows = torch.arange(n, device=x.device)
+        first = self.features(x)
+        h, c = self.initial_state(first)
+        out = x.new_zeros((n, self.core.classifier.out_features))
+        attention = x.new_zeros((n, steps, self.grid**2))
+        ran = x.new_zeros((n, steps))
+        cumulative, remainder = x.new_zeros(n), x.new_zeros(n)
+        halted_at = torch.full((n,), steps, dtype=torch.long, device=x.device)
+        for t in range(steps):
+            # Only the samples still looking get frame t through the CNN: the others left the batch.
+            full = rows.numel() == n
+            if t == 0 or self.frame_shift == 0:
+                feats = first if full else first.index_select(0, rows)
+            else:
+                feats = self.features(shift_frame(x if full else x.index_select(0, rows), t, self.frame_shift))
+            h, c, logits, att = self.core(feats, h, c)
+            ran[rows, t] = 1.0
+            attention[rows, t] = att
+            if t == steps - 1:
+                out[rows] = logits
+                remainder[rows] = 1.0 - cumulative[rows]
+                break
+            p = self.halt(h)
+            stop = halts(cumulative[rows], p, self.eps)
+            done = rows[stop]
+            out[done] = logits[stop]
+            remainder[done] = 1.0 - cumulative[done]
+            halted_at[done] = t + 1
+            keep = ~stop
+            cumulative[rows[keep]] = cumulative[rows[keep]] + p[keep]
+            rows, h, c = rows[keep], h[keep], c[keep]
+            if rows.numel() == 0:
+                break
+        self._record(x, ran, halted_at, remainder, attention, sparse=True)
+        return out
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _record(
+        self, x: Tensor, ran: Tensor, steps: Tensor, remainder: Tensor, attention: Tensor, *, sparse: bool
+    ) -> None:
+        tr = current_trace()
+        if tr is None:
+            return
+        trunk, init, step, halting = self._costs(x)
+        rho = ponder_cost(steps, remainder)
+        tr.record_output(f"{NAME}/attention", attention)
+        tr.record_output(f"{NAME}/entropy", attention_entropy(attention) * ran)
+        tr.record_output(f"{NAME}/taken", ran)
+        tr.record_output(f"{NAME}/steps", steps.to(x.dtype))
+        tr.record_output(f"{NAME}/ponder", rho)
+        for t in range(self.max_steps):
+            cost = step + (trunk + init if t == 0 else (trunk if self.frame_shift else 0))
+            z = ran[:, t].double()
+            executed = z * cost if sparse else float(cost)
+            tr.record_macs(
+                f"step{t}", z * cost, executed=executed, minimum=cost if t == 0 else 0.0, maximum=cost, dense=cost
+            )
+            if t < self.max_steps - 1:
+                executed = z * halting if sparse else float(halting)
+                lo = halting if t == 0 else 0.0
+                tr.record_macs(f"step{t}/halting", z * halting, executed=executed, minimum=lo, maximum=halting)
+            if t > 0:
+                tr.record_decision(f"step{t}", Decision(ran[:, t], None, self.granularity))
+
+
+class VisualAttentionActionModel(DynamicModel):
+    """The recipe's model; objective: CE of the halting step + mean per-step CE + attention regulariser + ponder."""
+
+    def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        cfg: VisualAttentionActionConfig = self.config
+        task = F.cross_entropy(logits, target)
+        total, parts = task, {"task": float(task.detach())}
+        if f"{NAME}/taken" not in t.outputs:
+            return LossOutput(total, parts)
+        taken = t.outputs[f"{NAME}/taken"]
+        step_logits = [
+            t.outputs[f"{NAME}/logits{s}"] for s in range(taken.shape[1]) if f"{NAME}/logits{s}" in t.outputs
+        ]
+        if step_logits and cfg.step_weight:
+            ce = torch.stack([F.cross_entropy(z, target, reduction="none") for z in step_logits], 1)
+            steps = (ce * taken).sum() / taken.sum()
+            total, parts["steps"] = total + cfg.step_weight * steps, float(steps.detach())
+        if cfg.attention_weight:
+            reg = doubly_stochastic_penalty(t.outputs[f"{NAME}/attention"], taken).mean()
+            total, parts["attention"] = total + cfg.attention_weight * reg, float(reg.detach())
+        if cfg.ponder_weight:
+            ponder = t.outputs[f"{NAME}/ponder"].mean()
+            total, parts["ponder"] = total + cfg.ponder_weight * ponder, float(ponder.detach())
+        return LossOutput(total, parts)
+
+
+def convert(
+    model: nn.Module, config: VisualAttentionActionConfig, targets: Targets = "auto"
+) -> VisualAttentionActionModel:
+    """Use ``model``'s trunk (its children up to the global pooling) as the CNN of the attention LSTM."""
+    in_channels = first_conv_in_channels(model)
+    trunk, features, num_classes = _trunk_of(model)
+    body = VisualAttentionAction(trunk, features, num_classes, config)
+    return VisualAttentionActionModel(body, recipe=NAME, config=copy.copy(config), in_channels=in_channels)
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name=NAME,
+        family="glimpse",
+        config_cls=VisualAttentionActionConfig,
+        convert=convert,
+        paper="Action Recognition using Visual Attention (ICLR 2016 workshop), arXiv:1511.04119",
+        test_input=(1, 32, 32),
+        reproduces_base=False,
+    )
+)
