@@ -139,10 +139,22 @@ class RecurrentAttention(DynamicBlock):
         pre = self.core_input(g)
         return F.relu(pre if h is None else pre + self.core_hidden(h))
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the halting policy acts (subclasses switch it off, e.g. during a fixed-steps curriculum)."""
+        return self.halting is not None
+
     def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Location mean Tensor[N, 2] and stop probability Tensor[N] from the state Tensor[N, D]."""
-        p_stop = h.new_zeros(h.shape[0]) if self.halting is None else torch.sigmoid(self.halting(h)).squeeze(1)
+        p_stop = torch.sigmoid(self.halting(h)).squeeze(1) if self.stopping else h.new_zeros(h.shape[0])
         return torch.tanh(self.policy(h)), p_stop
+
+    def stop_rule(self, p_stop: Tensor, t: int) -> Tensor:
+        """Inference decision after glimpse ``t``: Tensor[N] bool, stop when ``P(stop) > 0.5``."""
+        return p_stop > 0.5
+
+    def _after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
+        """Called after glimpse ``t`` updated the states ``h_all`` of the ``alive`` samples (extension point)."""
 
     def _costs(self, x: Tensor) -> tuple[int, int, int, int]:
         loc = x.new_zeros((1, 2))
@@ -194,6 +206,7 @@ class RecurrentAttention(DynamicBlock):
             self._record_step(tr, t, alive, cost, executed_rows=rows, n=n)
             if self.training and not last:  # the baseline only runs in training; the static network has none
                 self._record_step(tr, t, alive, base_cost, executed_rows=rows, n=n, part="baseline", dense=False)
+            self._after_step(tr, t, h_all, alive, rows)
             if last:
                 break
             go = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -204,13 +217,13 @@ class RecurrentAttention(DynamicBlock):
                     sample = (mean.detach() + self.location_std * torch.randn_like(mean)).clamp(-1, 1)
                     stop = torch.bernoulli(p_stop.detach())
                     lp = gaussian_log_prob(sample, mean, self.location_std)
-                    if self.halting is not None:
+                    if self.stopping:
                         lp = lp + bernoulli_log_prob(p_stop[:, None], stop[:, None])
                     log_probs.append(lp)
                     baselines.append(self.baseline(h.detach()).squeeze(1))
                     taken.append(alive.clone())
                 else:
-                    sample, stop = mean, (p_stop > 0.5).to(mean.dtype)
+                    sample, stop = mean, self.stop_rule(p_stop, t).to(mean.dtype)
                 new_loc = sample.detach()
                 loc = loc.index_copy(0, rows, new_loc) if sparse else torch.where(alive[:, None], new_loc, loc)
                 go = go.index_copy(0, rows, stop < 0.5)
@@ -257,20 +270,28 @@ class RAM(DynamicModel):
     """RAM as a :class:`DynamicModel`; objective: cross-entropy + REINFORCE (location and halting) + baseline MSE."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
-        task = F.cross_entropy(logits, target)
+        task = self.task_loss(logits, target, t)
         parts = {"task": float(task.detach())}
         total = task
         if "ram/log_prob" in t.outputs:
-            correct = (logits.detach().argmax(1) == target).float()
-            steps = self.config.max_glimpses
-            glimpses = t.outputs["ram/glimpses"].float()
-            reward = correct - (self.config.glimpse_cost * glimpses / steps if self.config.learn_stopping else 0.0)
+            reward = self.reward(logits, target, t)
             policy, value = policy_gradient_losses(
                 t.outputs["ram/log_prob"], reward, t.outputs["ram/baseline"], t.outputs["ram/taken"]
             )
             total = total + policy + value
             parts.update(policy=float(policy.detach()), baseline=float(value.detach()))
         return LossOutput(total, parts)
+
+    def task_loss(self, logits: Tensor, target: Tensor, t: Trace) -> Tensor:
+        """The back-propagated part of the hybrid loss: cross-entropy of the answer."""
+        return F.cross_entropy(logits, target)
+
+    def reward(self, logits: Tensor, target: Tensor, t: Trace) -> Tensor:
+        """Tensor[N] return of each sample's episode: 1 if correct, minus ``glimpse_cost`` per glimpse / T."""
+        correct = (logits.detach().argmax(1) == target).float()
+        glimpses = t.outputs["ram/glimpses"].float()
+        cost = self.config.glimpse_cost * glimpses / self.config.max_glimpses if self.config.learn_stopping else 0.0
+        return correct - cost
 
     def scramble_(self, generator: torch.Generator) -> int:
         """Random location and halting policies (testing): samples stop after different numbers of glimpses."""
