@@ -1,7 +1,8 @@
 """Early exits: classifiers along the network; each sample stops at the first exit confident enough.
 
 Importing this package registers the recipes ``branchynet``, ``cdl``, ``adaptive_nn``, ``msdnet``, ``imta``,
-``dynexit``, ``hierarchical_exits``, ``triple_wins`` and ``early_exit_cnn`` (and the base model ``msdnet_tiny``).
+``dynexit``, ``hierarchical_exits``, ``triple_wins``, ``early_exit_cnn`` and ``dt_ram`` (and the base model
+``msdnet_tiny``).
 Shared machinery: :mod:`._common` (trunks, exit placement, the exit cascade with batch compaction) and
 :mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration).
 """
@@ -10,6 +11,7 @@ from dynnet.methods.early_exit import (
     adaptive_nn,
     branchynet,
     cdl,
+    dt_ram,
     dynexit,
     early_exit_cnn,
     hierarchical_exits,
@@ -54,6 +56,7 @@ __all__ = [
     "calibrate_thresholds",
     "cdl",
     "collect_exits",
+    "dt_ram",
     "dynexit",
     "early_exit_cnn",
     "hierarchical_exits",

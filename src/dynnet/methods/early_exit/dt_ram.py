@@ -1,0 +1,374 @@
+"""DT-RAM — Li, Yang, Liu, Zhou, Wen, Xu, "Dynamic Computational Time for Visual Attention", ICCV 2017 workshops.
+https://arxiv.org/abs/1703.10332 (code: https://github.com/baidu-research/DT-RAM)
+
+RAM (:mod:`dynnet.methods.glimpse.ram`) with a **stop action**: after each glimpse a Bernoulli policy reads the
+recurrent state and decides whether to stop; the answer of a sample is the classifier's output at the step where
+it stopped. Everything else is RAM's :class:`~dynnet.methods.glimpse.ram.RecurrentAttention` (retina, glimpse
+network, recurrent core, Gaussian location policy, baseline), reused through its extension points. What DT-RAM
+adds:
+
+* **intermediate supervision**: in training the (shared) classifier reads the hidden state after every glimpse,
+  and every glimpse a sample took gets a cross-entropy loss (``task_loss``), so that stopping early gives a
+  usable answer;
+* a **reward that makes stopping early cheaper**: ``correct · discount^(glimpses - 1) - step_cost · glimpses / T``
+  (correctness of the answer at the stop step, minus a per-glimpse cost), trained by REINFORCE with RAM's learned
+  baseline for both the location and the stop actions;
+* a **curriculum**: first a fixed number of glimpses (stop action disabled, the paper's RAM pre-training), then
+  stopping enabled — :class:`DTRAMCurriculum`, a :mod:`dynnet.train` hook, switches
+  ``model.stopping`` at ``fixed_fraction`` of the run;
+* **budget calibration**: at inference a sample stops after glimpse ``t`` when ``P(stop) >= thresholds[t]``
+  (a buffer, ``stop_threshold`` everywhere by default); :meth:`DTRAM.calibrate` picks the per-step thresholds
+  whose mean MACs on held-out data meet ``budget`` (MSDNet's budgeted-batch schedule from
+  :mod:`dynnet.methods.early_exit.calibration`, with ``P(stop)`` as the exit score).
+
+Sparse mode: samples that stop leave the batch (RAM's compaction), so later glimpses and heads run only for the
+samples still looking; per-sample MACs count the glimpses and heads each sample ran, plus one classifier.
+
+Departures from the paper:
+
+* the classifier is shared across steps (as in the paper's MNIST code; its CUB/Cars models have one linear
+  classifier per step); at inference it runs once per sample, on the state where the sample stopped (the same
+  answer as reading every step, without the extra MACs); in training it runs after every glimpse (recorded as
+  training-only MACs, ``dense=0``);
+* the stop policy is one linear layer on the hidden state (the paper's code: a two-layer MLP); it is RAM's
+  ``halting`` module, initialised closed (``P(stop) ≈ 0.0025``), so a fresh model takes every glimpse;
+* the reward subtracts a per-glimpse cost (``step_cost``, default 0.05 per ``T`` glimpses); the paper's code
+  instead discounts a correct answer by ``γ^step`` (``discount``, default 1: off);
+* intermediate supervision covers every glimpse a sample took, in both curriculum stages (the paper's fixed-step
+  stage supervises every step; its code's stopping stage back-propagates the answer at the stop step only);
+* in the stopping stage every module keeps training (the paper's MNIST code freezes the core and the location
+  policy and trains the stop policy alone); no ε-greedy exploration of random stop steps;
+* inference stops at ``P(stop) >= 0.5`` by default (the paper's code: ``> 0.9``), or at calibrated per-step
+  thresholds;
+* the first glimpse is at the image centre, locations are the policy mean at inference, hidden sizes and the
+  retina are RAM's defaults here (see :mod:`dynnet.methods.glimpse.ram`);
+* trace keys are RAM's (``ram/glimpses``, ``ram/location{t}``, decisions ``glimpse{t}`` = "takes glimpse t"),
+  plus ``exit_index`` (the 0-based stop step, as the early-exit recipes record it) and, in training,
+  ``dt_ram/logits{t}`` and ``dt_ram/looked{t}``;
+* ``reproduces_base=False``: DT-RAM is its own architecture; the converted base network only gives the number of
+  input channels and classes. It lives in the ``early_exit`` family (issue #4) but is built on the glimpse
+  family's RAM (the one cross-family import).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.core import RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.methods.early_exit.calibration import Calibration, ExitProfile, calibrate_thresholds
+from dynnet.methods.glimpse._common import num_classes_of
+from dynnet.methods.glimpse.ram import RAM, RAMConfig, RecurrentAttention
+from dynnet.train.hooks import FitState, Hook
+
+__all__ = ["DTRAM", "DTRAMConfig", "DTRAMCurriculum", "DynamicTimeAttention", "convert"]
+
+
+@dataclass(frozen=True)
+class DTRAMConfig:
+    """Settings of DT-RAM.
+
+    Attributes:
+        budget: target mean MACs (fraction of every-glimpse MACs) for :meth:`DTRAM.calibrate`; ``None``: keep the
+            ``stop_threshold`` rule. Training does not use it: the cost enters the reward through ``step_cost``.
+        glimpse_size: side of the retina's patches after resampling.
+        num_scales: patches per glimpse (sides ``glimpse_size * 2^s``).
+        max_glimpses: T, the most glimpses per image (the fixed number of the first curriculum stage).
+        hidden: width of the recurrent core and of the glimpse network's output.
+        glimpse_hidden: width of the "what" and "where" pathways of the glimpse network.
+        location_std: standard deviation of the Gaussian location policy (in [-1, 1] units).
+        step_cost: reward penalty per glimpse, as a fraction of a correct answer's reward, per ``T`` glimpses.
+        discount: a correct answer after ``s`` glimpses earns ``discount^(s - 1)`` (the paper's code's γ; 1: off).
+        stop_threshold: inference stops after glimpse ``t`` when ``P(stop) >= stop_threshold`` (until calibrated).
+        fixed_fraction: fraction of training run with the stop action disabled (:class:`DTRAMCurriculum`).
+    """
+
+    budget: float | None = None
+    glimpse_size: int = 8
+    num_scales: int = 3
+    max_glimpses: int = 6
+    hidden: int = 128
+    glimpse_hidden: int = 128
+    location_std: float = 0.15
+    step_cost: float = 0.05
+    discount: float = 1.0
+    stop_threshold: float = 0.5
+    fixed_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.step_cost < 0:
+            raise ValueError(f"step_cost must be non-negative, got {self.step_cost}")
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {self.discount}")
+        if not 0.0 <= self.fixed_fraction <= 1.0:
+            raise ValueError(f"fixed_fraction must be in [0, 1], got {self.fixed_fraction}")
+        self.ram_config()  # RAM's own checks (max_glimpses >= 2, location_std > 0)
+
+    def ram_config(self) -> RAMConfig:
+        """The RAM settings of the attention network (stopping learned, the step cost as RAM's glimpse cost)."""
+        return RAMConfig(
+            budget=self.budget,
+            glimpse_size=self.glimpse_size,
+            num_scales=self.num_scales,
+            max_glimpses=self.max_glimpses,
+            hidden=self.hidden,
+            glimpse_hidden=self.glimpse_hidden,
+            location_std=self.location_std,
+            learn_stopping=True,
+            glimpse_cost=self.step_cost,
+        )
+
+
+class DynamicTimeAttention(RecurrentAttention):
+    """RAM's recurrent attention with a switchable stop action, per-step stop thresholds and per-step logits.
+
+    Args:
+        in_channels: image channels.
+        num_classes: K.
+        config: the recipe's settings.
+
+    Attributes:
+        stopping_enabled: the stop action acts (``False`` in the curriculum's fixed-glimpses stage).
+        thresholds: buffer Tensor[T - 1]: at inference a sample stops after glimpse ``t`` when
+            ``P(stop) >= thresholds[t]`` (``inf``: never).
+    """
+
+    granularity = "glimpse"
+
+    def __init__(self, in_channels: int, num_classes: int, config: DTRAMConfig) -> None:
+        super().__init__(in_channels, num_classes, config.ram_config())
+        self.stopping_enabled = True
+        self.register_buffer("thresholds", torch.full((config.max_glimpses - 1,), float(config.stop_threshold)))
+
+    @property
+    def stopping(self) -> bool:
+        return self.stopping_enabled
+
+    def stop_rule(self, p_stop: Tensor, t: int) -> Tensor:
+        return p_stop >= self.thresholds[t].to(p_stop.dtype)
+
+    def classifier_cost(self, x: Tensor) -> int:
+        """Per-sample MACs of one classifier read-out."""
+        h = x.new_zeros((1, self.core_hidden.in_features))
+        return self.cost("classifier", lambda m, a: m.classifier(a), h)
+
+    def _after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
+        # Intermediate supervision: in training the classifier reads every step's state. The last step's read-out
+        # is the model's output (the static network's classifier), so only the earlier ones are extra work.
+        if tr is None or not self.training:
+            return
+        tr.record_output(f"dt_ram/looked{t}", alive.clone())
+        if t < self.max_glimpses - 1:
+            tr.record_output(f"dt_ram/logits{t}", self.classifier(h_all))
+            cost = self.classifier_cost(h_all)
+            self._record_step(tr, t, alive, cost, executed_rows=rows, n=h_all.shape[0], part="classifier", dense=False)
+
+    def _run(self, x: Tensor, *, sparse: bool) -> Tensor:
+        out = super()._run(x, sparse=sparse)
+        tr = current_trace()
+        if tr is not None:
+            tr.record_output("exit_index", tr.outputs["ram/glimpses"].round().long() - 1)
+        return out
+
+    def step_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Every glimpse for every sample (locations from the policy mean), no stopping, no trace.
+
+        Args:
+            x: Tensor[N, C, H, W] images.
+
+        Returns:
+            ``(p_stop, logits)``: Tensor[N, T - 1] stop probability after each glimpse but the last, and
+            Tensor[N, T, K] the answer a sample would give if it stopped after glimpse ``t``. At inference a
+            sample's trajectory up to its stop step does not depend on the stop decisions, so these are the
+            answers and scores of every possible stop step.
+        """
+        loc, h = x.new_zeros((x.shape[0], 2)), None
+        scores, logits = [], []
+        for t in range(self.max_glimpses):
+            h = self.step(x, loc, h)
+            logits.append(self.classifier(h))
+            if t < self.max_glimpses - 1:
+                loc, p_stop = self.heads(h)
+                scores.append(p_stop)
+        return torch.stack(scores, 1), torch.stack(logits, 1)
+
+    def stop_costs(self, x: Tensor) -> Tensor:
+        """Tensor[T] float64: per-sample MACs of stopping after glimpse ``t`` (glimpses, heads, one classifier)."""
+        first, later, heads, _ = self._costs(x)
+        cls = self.classifier_cost(x)
+        steps = self.max_glimpses
+        return torch.tensor(
+            [first + t * later + min(t + 1, steps - 1) * heads + cls for t in range(steps)], dtype=torch.float64
+        )
+
+
+class DTRAM(RAM):
+    """DT-RAM as a :class:`DynamicModel`: intermediate cross-entropy + REINFORCE (location and stop) with a step
+    cost + baseline MSE."""
+
+    # -- curriculum ---------------------------------------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        """Whether the stop action acts (``False``: every sample takes ``max_glimpses`` glimpses)."""
+        return self.net.stopping_enabled
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.net.stopping_enabled = bool(value)
+
+    # -- objective ----------------------------------------------------------------------------------
+    def step_logits(self, logits: Tensor, t: Trace) -> tuple[Tensor, Tensor]:
+        """Per-step answers and masks from a training trace.
+
+        Returns:
+            ``(logits, looked)``: Tensor[N, T, K] the classifier's output after each glimpse (the last one is the
+            model's output) and Tensor[N, T] bool, whether the sample took glimpse ``t``.
+        """
+        steps = self.config.max_glimpses
+        per_step = [t.outputs[f"dt_ram/logits{s}"] for s in range(steps - 1)] + [logits]
+        looked = [t.outputs[f"dt_ram/looked{s}"] for s in range(steps)]
+        return torch.stack(per_step, 1), torch.stack(looked, 1)
+
+    def task_loss(self, logits: Tensor, target: Tensor, t: Trace) -> Tensor:
+        """Intermediate supervision: each sample's mean cross-entropy over the glimpses it took, averaged over the
+        batch (the answer at the stop step is among them). Plain cross-entropy without a training trace."""
+        if "dt_ram/looked0" not in t.outputs:
+            return F.cross_entropy(logits, target)
+        per_step, looked = self.step_logits(logits, t)
+        n, steps, k = per_step.shape
+        ce = F.cross_entropy(per_step.reshape(n * steps, k), target.repeat_interleave(steps), reduction="none")
+        mask = looked.to(ce.dtype)
+        return ((ce.view(n, steps) * mask).sum(1) / mask.sum(1).clamp_min(1.0)).mean()
+
+    def reward(self, logits: Tensor, target: Tensor, t: Trace) -> Tensor:
+        """Tensor[N]: ``correct · discount^(glimpses - 1) - step_cost · glimpses / T``; ``correct`` is the answer at
+        the stop step (the model's output)."""
+        correct = (logits.detach().argmax(1) == target).float()
+        glimpses = t.outputs["ram/glimpses"].float()
+        cfg: DTRAMConfig = self.config
+        return correct * cfg.discount ** (glimpses - 1) - cfg.step_cost * glimpses / cfg.max_glimpses
+
+    # -- budget calibration -------------------------------------------------------------------------
+    @property
+    def thresholds(self) -> Tensor:
+        """Tensor[T - 1]: stop after glimpse ``t`` when ``P(stop) >= thresholds[t]``."""
+        return self.net.thresholds.detach().clone()
+
+    def set_thresholds(self, thresholds: Sequence[float] | Tensor) -> None:
+        """Set the per-step stop thresholds (``math.inf``: never stop there)."""
+        thr = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
+        if thr.numel() != self.config.max_glimpses - 1:
+            raise ValueError(f"expected {self.config.max_glimpses - 1} thresholds, got {thr.numel()}")
+        with torch.no_grad():
+            self.net.thresholds.copy_(thr)
+
+    def exit_profile(self, loader: Iterable[tuple[Tensor, Tensor]], *, max_batches: int | None = None) -> ExitProfile:
+        """Every stop step's verdict on every sample of ``loader`` (an :class:`ExitProfile` whose scores are the
+        stop probabilities); the model is left in eval mode."""
+        self.eval()
+        device = next(self.parameters()).device
+        scores, preds, targets, costs, dense = [], [], [], None, None
+        with torch.no_grad():
+            for i, (x, y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = x.to(device)
+                p_stop, logits = self.net.step_outputs(x)
+                scores.append(p_stop.float().cpu())
+                preds.append(logits.argmax(2).cpu())
+                targets.append(y.cpu().view(-1, 1))
+                if costs is None:
+                    costs, dense = self.net.stop_costs(x), float(self.dense_macs(x))
+        if costs is None:
+            raise ValueError("exit_profile: the loader yielded no batch")
+        p = torch.cat(preds)
+        return ExitProfile(torch.cat(scores), p == torch.cat(targets), p, costs, dense)
+
+    def calibrate(
+        self,
+        loader: Iterable[tuple[Tensor, Tensor]],
+        budget: float | None = None,
+        *,
+        max_batches: int | None = None,
+    ) -> Calibration:
+        """Set the stop thresholds whose mean MACs on ``loader`` meet ``budget`` (default ``config.budget``).
+
+        The stopping stage must have been trained (a closed stop policy gives scores near 0; the thresholds then
+        admit the most willing samples first, as for confidence exits).
+        """
+        budget = self.config.budget if budget is None else budget
+        if budget is None:
+            raise ValueError("calibrate needs a budget (a fraction of the every-glimpse MACs)")
+        cal = calibrate_thresholds(self.exit_profile(loader, max_batches=max_batches), budget)
+        self.set_thresholds(cal.thresholds)
+        return cal
+
+
+class DTRAMCurriculum(Hook):
+    """The paper's curriculum as a :mod:`dynnet.train` hook: the stop action is disabled (every sample takes
+    ``max_glimpses`` glimpses) for the first ``fixed_fraction`` of the optimiser steps, then enabled.
+
+    Args:
+        fixed_fraction: fraction of the run with a fixed number of glimpses (default: the model's
+            ``config.fixed_fraction``).
+    """
+
+    def __init__(self, fixed_fraction: float | None = None) -> None:
+        if fixed_fraction is not None and not 0.0 <= fixed_fraction <= 1.0:
+            raise ValueError(f"fixed_fraction must be in [0, 1], got {fixed_fraction}")
+        self.fixed_fraction = fixed_fraction
+
+    def stopping_at(self, model: nn.Module, step: int, total_steps: int) -> bool:
+        """Whether the stop action acts at optimiser step ``step`` of ``total_steps``."""
+        fraction = model.config.fixed_fraction if self.fixed_fraction is None else self.fixed_fraction
+        return step >= math.ceil(fraction * total_steps)
+
+    def on_fit_start(self, state: FitState) -> None:
+        self._set(state)
+
+    def on_step_end(self, state: FitState) -> None:
+        self._set(state)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if isinstance(state.model, DTRAM):
+            state.model.stopping = True  # the trained model stops at inference
+
+    def _set(self, state: FitState) -> None:
+        if isinstance(state.model, DTRAM):
+            state.model.stopping = self.stopping_at(state.model, state.step, state.total_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fixed_fraction": self.fixed_fraction}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fixed_fraction = state.get("fixed_fraction", self.fixed_fraction)
+
+
+def convert(model: nn.Module, config: DTRAMConfig, targets: Targets = "auto") -> DTRAM:
+    """Build a DT-RAM with ``model``'s input channels and classes (the base network is not reused)."""
+    in_channels = first_conv_in_channels(model) or 1
+    body = DynamicTimeAttention(in_channels, num_classes_of(model), config)
+    return DTRAM(body, recipe="dt_ram", config=copy.copy(config), in_channels=in_channels)
+
+
+SPEC = register_recipe(
+    RecipeSpec(
+        name="dt_ram",
+        family="early_exit",
+        config_cls=DTRAMConfig,
+        convert=convert,
+        paper="Dynamic Computational Time for Visual Attention (ICCV 2017 workshops), arXiv:1703.10332",
+        test_input=(1, 32, 32),
+        reproduces_base=False,
+    )
+)
