@@ -47,6 +47,14 @@ def test_interpolation_fills_skipped_positions_with_the_nearest_evaluated_value(
             torch.testing.assert_close(out[:, 0, r, c], v[:, 0, src[0], src[1]])
     assert torch.equal(out[:, :, 0, 0], v[:, :, 0, 0]) and torch.equal(out[:, :, 3, 4], v[:, :, 3, 4])
     assert set(rank.tolist()) == {0, 1}
+    static = interpolation_maps(mask, static=True)  # the export-friendly variant gives the same maps
+    assert torch.equal(static[0], nearest) and torch.equal(static[1], rank)
+    g = torch.Generator().manual_seed(0)
+    for keep in (0.05, 0.3, 0.7):
+        m = uniform_mask((7, 9), keep, g)
+        dyn, stat = interpolation_maps(m), interpolation_maps(m, static=True)
+        assert torch.equal(dyn[0], stat[0]) and torch.equal(dyn[1], stat[1])
+        assert bool(m.reshape(-1)[dyn[0]].all()), "every position reads an evaluated one"
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.25, 0.5, 0.9])

@@ -195,11 +195,13 @@ def pooling_structure_mask(
     return torch.zeros(h * w, dtype=torch.bool).index_fill_(0, order[: _count(size, keep)], True).view(h, w)
 
 
-def interpolation_maps(mask: Tensor) -> tuple[Tensor, Tensor]:
+def interpolation_maps(mask: Tensor, *, static: bool = False) -> tuple[Tensor, Tensor]:
     """Nearest-neighbour interpolation of a perforation mask.
 
     Args:
         mask: Tensor[H, W] bool, at least one position set.
+        static: compute without data-dependent shapes (no ``nonzero``: ``H·W × H·W`` distances instead of
+            ``H·W × P``), so that ``torch.export`` and the TorchScript tracer can record it.
 
     Returns:
         ``(nearest, rank)``: Tensor[H·W] long, the flat index of the nearest evaluated position of every position
@@ -208,10 +210,14 @@ def interpolation_maps(mask: Tensor) -> tuple[Tensor, Tensor]:
     """
     h, w = mask.shape
     flat = mask.reshape(-1)
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2).to(mask.device)
+    if static:
+        d2 = ((grid[:, None, :] - grid[None, :, :]) ** 2).sum(-1).float()  # Tensor[H·W, H·W]
+        nearest = d2.masked_fill(~flat[None, :], math.inf).argmin(1)
+        return nearest, (flat.long().cumsum(0) - 1).index_select(0, nearest)
     kept = flat.nonzero().squeeze(1)
     if kept.numel() == 0:
         raise ValueError("a perforation mask must evaluate at least one position")
-    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1).view(-1, 2).to(mask.device)
     d2 = ((grid[:, None, :] - grid[kept][None, :, :]) ** 2).sum(-1)  # Tensor[H·W, P]
     nearest_row = d2.argmin(1)
     return kept[nearest_row], nearest_row
@@ -270,7 +276,7 @@ class PerforationMasks(nn.Module):
         version (the cache holds derived data only; it is rebuilt whenever a mask changes)."""
         m = self.at(i, size)
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return (m, *interpolation_maps(m))
+            return (m, *interpolation_maps(m, static=True))
         stored = self.mask(i)
         cache = _MAPS.setdefault(self, {})
         key = (i, tuple(size))
