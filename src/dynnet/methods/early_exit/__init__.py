@@ -39,9 +39,11 @@ from dynnet.methods.early_exit.calibration import (
     calibrate_thresholds,
     collect_exits,
 )
+from dynnet.methods.early_exit.dt_ram import DTRAMCurriculum
 
 __all__ = [
     "Calibration",
+    "DTRAMCurriculum",
     "EarlyExitModel",
     "ExitCascade",
     "ExitPlan",
