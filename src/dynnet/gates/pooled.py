@@ -65,6 +65,78 @@ class PooledMLPGate(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = open_bias_(nn.Linear(hidden, out_features), open_index=open_index)
 
+        self.open_index = open_index
+        self._folded: tuple[tuple, tuple[Tensor, ...]] | None = None
+
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(self.pool(x).flatten(1))
         return self.fc2(self.act(self.bn(h)))
+
+    def inference_logits(self, x: Tensor) -> Tensor:
+        """``forward(x)`` for inference (eval mode), with the BatchNorm folded into the first layer.
+
+        Tensor[N, C, H, W] → logits Tensor[N, K]: three kernels (sum, addmm + ReLU, addmm) instead of six
+        module calls, which matters at batch 1 where a gate costs more in overhead than in MACs. Same MACs.
+        """
+        if self.training or _tracing():
+            return self(x)
+        w1, b1, w2, b2, _, _ = self._inference_weights()
+        h = torch.addmm(b1, x.sum((2, 3)), w1.t(), alpha=1.0 / (x.shape[2] * x.shape[3])).relu_()
+        return torch.addmm(b2, h, w2.t())
+
+    def inference_open(self, x: Tensor) -> Tensor:
+        """For an off/on gate (K = 2, ``open_index`` set): Tensor[N] bool, whether the open logit wins.
+
+        Equals ``forward(x).argmax(1) == open_index`` (ties go to "off") in eval mode up to rounding, computed
+        as the sign of one folded logit difference.
+        """
+        if self.open_index is None or self.fc2.out_features != 2:
+            raise ValueError("inference_open needs a two-logit gate with an open_index")
+        if self.training or _tracing():
+            logits = self(x)
+            return logits[:, self.open_index] > logits[:, 1 - self.open_index]
+        w1, b1, _, _, wd, bd = self._inference_weights()
+        h = torch.addmm(b1, x.sum((2, 3)), w1.t(), alpha=1.0 / (x.shape[2] * x.shape[3])).relu_()
+        return torch.addmm(bd, h, wd).squeeze(1) > 0  # addmm, not addmv: autocast knows addmm
+
+    def _inference_weights(self) -> tuple[Tensor, ...]:
+        """Folded ``(W1·γ/σ, β - μγ/σ, W2, b2, W2[open] - W2[off], b2[open] - b2[off])``, cached until a
+        parameter or running statistic changes (their storage and version counters are the cache key)."""
+        # Read the tensors from the module dicts: nn.Module.__getattr__ would cost more than the gate's math.
+        fc1, bn, fc2 = self._modules["fc1"], self._modules["bn"], self._modules["fc2"]
+        p, b = bn._parameters, bn._buffers
+        tensors = (
+            fc1._parameters["weight"],
+            p["weight"],
+            p["bias"],
+            b["running_mean"],
+            b["running_var"],
+            b["num_batches_tracked"],  # the batch-norm kernel updates the running stats without a version bump
+            fc2._parameters["weight"],
+            fc2._parameters["bias"],
+        )
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        folded = self._folded
+        if folded is not None and folded[0] == key:
+            return folded[1]
+        with torch.inference_mode(False), torch.no_grad():
+            scale = (bn.running_var + bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            shift = -bn.running_mean * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias
+            w1 = (fc1.weight * scale[:, None]).contiguous()
+            w2, b2 = fc2.weight.detach().clone(), fc2.bias.detach().clone()
+            if self.open_index is not None and w2.shape[0] == 2:
+                o = self.open_index
+                wd, bd = (w2[o] - w2[1 - o]).reshape(-1, 1).contiguous(), (b2[o] - b2[1 - o]).reshape(1)
+            else:
+                wd, bd = w2[:1].t().contiguous(), b2[:1]
+        self._folded = (key, (w1, shift.contiguous(), w2, b2, wd, bd))
+        return self._folded[1]
+
+
+def _tracing() -> bool:
+    """Inside torch.jit tracing/scripting or torch.compile/export: use the plain modules (no cached folds)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()

@@ -20,13 +20,15 @@ def compact_add(fn: Callable[[Tensor], Tensor], x: Tensor, keep: Tensor, base: T
     Args:
         fn: batch-wise function whose output has ``base``'s shape for the same samples.
         x: Tensor[N, ...] input of ``fn``.
-        keep: Tensor[N] bool (or 0/1) — which samples run ``fn``.
+        keep: Tensor[N] bool or exactly 0/1 — which samples run ``fn``.
         base: Tensor[N, ...] what every sample gets (e.g. the shortcut); never modified in place.
 
     Returns:
         Tensor[N, ...]. Costs nothing when no sample is kept and runs ``fn`` on the whole batch,
         without gathers, when all are.
     """
+    if x.shape[0] == 1:  # batch 1: a branch, no index tensors
+        return base + fn(x) if bool(keep) else base
     idx = keep.nonzero().squeeze(1)
     k = idx.numel()
     if k == 0:

@@ -57,17 +57,23 @@ def diverse_inputs(n: int, shape: tuple[int, ...], *, seed: int = 1) -> torch.Te
     return torch.randn((n, *shape), generator=g) * scale + offset
 
 
-def scramble_until_mixed(model: nn.Module, x: torch.Tensor, *, tries: int = 32, across_inputs: bool = True) -> int:
+def scramble_until_mixed(
+    model: nn.Module, x: torch.Tensor, *, tries: int = 32, across_inputs: bool | None = None
+) -> int:
     """Scramble the gates with successive seeds until the decisions are mixed.
 
     Mixed means: some decision differs across the samples of ``x`` (``across_inputs=True``), or, for
-    input-independent recipes (``across_inputs=False``), some decision has units both on and off.
+    input-independent recipes (``across_inputs=False``), some decision has units both on and off. By default
+    the recipe's ``RecipeSpec.input_dependent`` decides (``True`` for a model that is not a converted recipe).
 
     Returns the seed used. Raises AssertionError when no seed gives mixed decisions: the recipe's
     decisions do not depend on the input, or ``scramble_`` does not reach them.
     """
     from dynnet.core import trace
 
+    if across_inputs is None:
+        recipe = getattr(model, "recipe", None)
+        across_inputs = RECIPES.get(recipe).input_dependent if recipe in RECIPES else True
     for seed in range(tries):
         scramble_gates(model, seed=seed)
         with torch.no_grad(), trace() as t:

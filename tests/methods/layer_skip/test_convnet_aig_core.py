@@ -14,7 +14,9 @@ BODY = {
     "layer2.0": 16 * 32 * 9 * 256 + 32 * 32 * 9 * 256,
     "layer3.0": 32 * 64 * 9 * 64 + 64 * 64 * 9 * 64,
 }
-GATES = (16 * 16 + 16 * 2) * 2 + (32 * 16 + 16 * 2)
+GATES = (16 * 16 + 16 * 2) * 2 + (32 * 16 + 16 * 2)  # training: fc1 + fc2 (two logits)
+# Inference folds the gate's BN into fc1 and compares the two logits through one difference row.
+GATES_EVAL = (16 * 16 + 16) * 2 + (32 * 16 + 16)
 
 
 def _model() -> dynnet.DynamicModel:
@@ -29,10 +31,14 @@ def test_per_sample_macs_match_hand_count() -> None:
     with torch.no_grad(), dynnet.trace() as t:
         model(x)
     z = {k: d.hard for k, d in t.decisions.items()}
-    expected = STEM + FC + SHORTCUTS + GATES + sum(z[k].double() * v for k, v in BODY.items())
+    expected = STEM + FC + SHORTCUTS + GATES_EVAL + sum(z[k].double() * v for k, v in BODY.items())
     torch.testing.assert_close(t.macs(), expected)
     assert t.dense_macs() == STEM + FC + SHORTCUTS + sum(BODY.values())
-    assert t.min_macs() == STEM + FC + SHORTCUTS + GATES
+    assert t.min_macs() == STEM + FC + SHORTCUTS + GATES_EVAL
+    model.train()
+    with dynnet.trace() as t_train:
+        model(x)
+    assert t_train.min_macs() == STEM + FC + SHORTCUTS + GATES
     assert 0 < torch.stack(list(z.values())).mean() < 1
 
 
@@ -47,7 +53,7 @@ def test_sparse_mode_really_skips_blocks() -> None:
     with torch.no_grad(), MacCounter() as sparse:
         model(x)
     assert masked.total - sparse.total == 4 * BODY["layer2.0"]
-    assert sparse.total == 4 * (STEM + FC + SHORTCUTS + GATES + BODY["layer1.0"] + BODY["layer3.0"])
+    assert sparse.total == 4 * (STEM + FC + SHORTCUTS + GATES_EVAL + BODY["layer1.0"] + BODY["layer3.0"])
 
 
 def test_compaction_runs_body_on_kept_samples_only() -> None:

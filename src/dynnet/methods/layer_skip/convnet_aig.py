@@ -59,12 +59,16 @@ class ConvNetAIGConfig:
 class AIGBlock(GatedResidual):
     """A residual block with a ConvNet-AIG gate on its input."""
 
+    def gate_inference(self, x: Tensor) -> Tensor:
+        """Tensor[N] bool: the open logit wins (BN folded, one logit difference)."""
+        return self.gate.inference_open(x)
+
     def decide(self, x: Tensor) -> Decision:
-        logits = self.gate(x)
         if not self.training:
-            # Inference: the argmax of two logits, without the softmax / one-hot / straight-through work
-            # that would cost more than a skipped block saves at batch 1.
-            return Decision(hard=(logits[:, 1] > logits[:, 0]).to(x.dtype), soft=None, granularity="layer")
+            # Inference: the argmax of two logits (BN folded, one logit difference), without the softmax /
+            # one-hot / straight-through work that would cost more than a skipped block saves at batch 1.
+            return Decision(hard=self.gate_inference(x).to(x.dtype), soft=None, granularity="layer")
+        logits = self.gate(x)
         sample, probs = gumbel_softmax(logits, self.tau, hard=True, noise=True)
         return Decision(hard=sample[:, 1], soft=probs[:, 1], granularity="layer")
 

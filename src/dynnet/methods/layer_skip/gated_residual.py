@@ -51,6 +51,10 @@ class GatedResidual(DynamicBlock):
     def post(self, y: Tensor) -> Tensor:
         return self.adapter.post(self._block, y)
 
+    def gate_inference(self, x: Tensor) -> Tensor:
+        """What the gate computes at inference (eval); its MACs are the gate's cost in eval. Default: ``gate(x)``."""
+        return self.gate(x)
+
     def decide(self, x: Tensor) -> Decision:
         """The decision for input Tensor[N, C, H, W]: ``hard`` Tensor[N] of 0/1 (straight-through in training)."""
         raise NotImplementedError
@@ -68,7 +72,7 @@ class GatedResidual(DynamicBlock):
 
     def forward_sparse(self, x: Tensor, decision: Decision | None = None) -> Tensor:
         d = self._decision(x, decision)
-        keep = d.hard > 0.5
+        keep = d.hard.detach()  # exact 0/1 in eval
         out = self.post(compact_add(self.body, x, keep, self.shortcut(x)))
         self._record(x, d, executed_body=keep)
         return out
@@ -94,5 +98,8 @@ class GatedResidual(DynamicBlock):
         executed = body if executed_body is None else executed_body.double() * body
         t.record_macs(f"{self.block_name}/body", z * body, executed=executed, minimum=0.0, maximum=body, dense=body)
         if hasattr(self, "gate"):
-            g = self.cost("gate", lambda m, inp: m.gate(inp), x)
+            if self.training:
+                g = self.cost("gate", lambda m, inp: m.gate(inp), x)
+            else:
+                g = self.cost("gate_inference", lambda m, inp: m.gate_inference(inp), x)
             t.record_macs(f"{self.block_name}/gate", float(g), batch_size=n, minimum=g, maximum=g)
