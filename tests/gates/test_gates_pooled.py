@@ -42,6 +42,11 @@ def test_inference_open_is_the_argmax(open_index: int) -> None:
 def test_inference_open_needs_a_two_logit_gate() -> None:
     with pytest.raises(ValueError, match="two-logit"):
         _gate(None, 3).inference_open(torch.randn(1, 8, 2, 2))
+    three = _gate(1, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(three.inference_logits(torch.ones(1, 8, 2, 2)), three(torch.ones(1, 8, 2, 2)))
+    with pytest.raises(ValueError, match="two-logit"):
+        three.inference_open(torch.randn(1, 8, 2, 2))
 
 
 def test_cache_follows_in_place_edits_state_dicts_and_training() -> None:

@@ -66,7 +66,7 @@ class PooledMLPGate(nn.Module):
         self.fc2 = open_bias_(nn.Linear(hidden, out_features), open_index=open_index)
 
         self.open_index = open_index
-        self._folded: tuple[tuple, tuple[Tensor, ...]] | None = None
+        self._folded: tuple[tuple, tuple[Tensor | None, ...]] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(self.pool(x).flatten(1))
@@ -90,12 +90,14 @@ class PooledMLPGate(nn.Module):
         Equals ``forward(x).argmax(1) == open_index`` (ties go to "off") in eval mode up to rounding, computed
         as the sign of one folded logit difference.
         """
-        if self.open_index is None or self.fc2.out_features != 2:
+        if self.open_index is None:
             raise ValueError("inference_open needs a two-logit gate with an open_index")
         if self.training or _tracing():
             logits = self(x)
             return logits[:, self.open_index] > logits[:, 1 - self.open_index]
         w1, b1, _, _, wd, bd = self._inference_weights()
+        if wd is None:
+            raise ValueError("inference_open needs a two-logit gate with an open_index")
         h = torch.addmm(b1, x.sum((2, 3)), w1.t(), alpha=1.0 / (x.shape[2] * x.shape[3])).relu_()
         return torch.addmm(bd, h, wd).squeeze(1) > 0  # addmm, not addmv: autocast knows addmm
 
@@ -132,11 +134,11 @@ class PooledMLPGate(nn.Module):
                 o = self.open_index
                 wd, bd = (w2[o] - w2[1 - o]).reshape(-1, 1).contiguous(), (b2[o] - b2[1 - o]).reshape(1)
             else:
-                wd, bd = w2[:1].t().contiguous(), b2[:1]
+                wd, bd = None, None  # inference_open is for two-logit gates only
         self._folded = (key, (w1, shift.contiguous(), w2, b2, wd, bd))
         return self._folded[1]
 
 
 def _tracing() -> bool:
     """Inside torch.jit tracing/scripting or torch.compile/export: use the plain modules (no cached folds)."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
