@@ -132,6 +132,10 @@ def test_samples_that_halt_leave_the_batch(frame_shift: int) -> None:
         sparse_out = model(x)
     torch.testing.assert_close(sparse_out, masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ts.outputs[f"{NAME}/steps"], steps)
+    # The prediction is the average of the step predictions up to the halting step (the paper's video average).
+    step_logits = torch.stack([tm.outputs[f"{NAME}/logits{t}"] for t in range(4)], 1)
+    average = torch.stack([step_logits[i, : int(s)].mean(0) for i, s in enumerate(steps)])
+    torch.testing.assert_close(sparse_out, average, rtol=1e-5, atol=1e-5)
     # Per sample: the first frame, the initial state, one LSTM step per step taken, a new frame for every later
     # step when frames move, and a halting unit after every step taken but the last possible one.
     trunk, init, step, halting = model.net._costs(x)

@@ -5,10 +5,11 @@ A CNN turns frame ``t`` into a feature map ``X_t`` of ``L = K × K`` locations; 
 map through soft attention, ``x_t = sum_i l_{t,i} X_{t,i}`` with the location softmax
 ``l_t = softmax(W h_{t-1})`` computed from the previous hidden state alone, and predicts the class from ``h_t``.
 The LSTM's initial memory and hidden state are MLPs of the mean feature (``c_0 = f_c(mean X)``,
-``h_0 = f_h(mean X)``). The objective is the cross-entropy of every step's prediction plus the paper's doubly
-stochastic attention regulariser ``lambda sum_i (1 - sum_t l_{t,i})^2``, which pushes the model to look at every
-location at some step (:func:`doubly_stochastic_penalty`). The attention's entropy (the paper's measure of how
-focused it is) is recorded per step as ``visual_attention_action/entropy``.
+``h_0 = f_h(mean X)``). A video's prediction is the average of the step predictions. The objective is the
+cross-entropy of every step's prediction plus the paper's doubly stochastic attention regulariser
+``lambda sum_i (1 - sum_t l_{t,i})^2``, which pushes the model to look at every location at some step
+(:func:`doubly_stochastic_penalty`). The entropy of each step's attention (how focused it is) is recorded as
+``visual_attention_action/entropy``.
 
 Adaptation to image classification and to dynamic computation (departures from the paper):
 
@@ -19,22 +20,24 @@ Adaptation to image classification and to dynamic computation (departures from t
 * the CNN is the converted base network's trunk (its children up to the global pooling, e.g. the CIFAR
   ResNet's stem and stages), trained jointly; its map is average-pooled to ``grid × grid`` locations (the paper
   uses GoogLeNet's precomputed 7 × 7 × 1024 maps);
-* the number of steps is learned per sample (the paper always runs its ``T = 30`` frames): a halting unit after
+* the number of steps is learned per sample (the paper runs a fixed number of frames): a halting unit after
   every step gives ``h_t = sigmoid(w · h_t + b)`` and the sample stops by Graves's adaptive computation time
   rule (ACT, https://arxiv.org/abs/1603.08983: stop when ``sum h_t >= 1 - eps``; the last step always stops),
-  trained with ACT's ponder cost ``N + R`` (weight ``ponder_weight``). The prediction is the halting step's (a
-  straight-through selection with ACT's mean-field gradient). ACT is used instead of a confidence exit because
-  the stop rule is learned with the rest and needs no threshold calibration. The halting unit starts closed
-  (``h ≈ 0.0025``), so a fresh model runs every step. In sparse mode samples that stop leave the batch: later
-  frames go through the CNN only for the samples still looking, which is where the compute goes;
+  trained with ACT's ponder cost ``N + R`` (weight ``ponder_weight``). The prediction is the average of the
+  step predictions up to the halting step (the paper's average, over the steps taken), chosen among the running
+  averages by a straight-through selection with ACT's mean-field gradient for the halting units. ACT rather
+  than a confidence exit: the stop rule is learned with the rest and needs no threshold calibration. The
+  halting unit starts closed (``h ≈ 0.0025``), so a fresh model runs every step. In sparse mode samples that
+  stop leave the batch: later frames go through the CNN only for the samples still looking, which is where the
+  compute goes;
 * the initial state is computed from the mean feature of frame 0 (the paper averages over all frames, which a
   model that decides when to stop cannot see in advance);
-* one LSTM layer of ``hidden`` units and a one-layer ``tanh`` initialisation (the paper: three layers of 1024 and
+* one LSTM layer of ``hidden`` units and a one-layer ``tanh`` initialisation (the paper: three LSTM layers and
   MLPs); the LSTM is written with two linear layers so that its products are counted matmuls;
 * the objective's per-step cross-entropy averages over the steps a sample took (weight ``step_weight``) and adds
-  the cross-entropy of the halting step's prediction; the regulariser sums over the steps taken. With fewer steps
-  than locations (``T < L``) it cannot reach 0: its minimum, ``L (1 - T / L)^2``, is attention spread uniformly;
-  weight decay (the paper's third term) is left to the optimiser;
+  the cross-entropy of the prediction (the average up to the halting step); the regulariser sums over the steps
+  taken. With fewer steps than locations (``T < L``) it cannot reach 0: its minimum, ``L (1 - T / L)^2``, is
+  attention spread uniformly; weight decay (the paper's third term) is left to the optimiser;
 * ``reproduces_base=False``: the classifier is a new LSTM; the base network gives the CNN, channels and classes.
 """
 
@@ -66,6 +69,7 @@ __all__ = [
     "AttentionLSTM",
     "VisualAttentionAction",
     "VisualAttentionActionConfig",
+    "VisualAttentionActionModel",
     "attention_entropy",
     "convert",
     "doubly_stochastic_penalty",
@@ -249,9 +253,11 @@ class VisualAttentionAction(DynamicBlock):
         """Every frame for every sample, no halting unit evaluated; the last step's prediction."""
         first = self.features(x)
         h, c = self.initial_state(first)
+        total = None
         for t in range(self.max_steps):
             h, c, logits, _ = self.core(self._frame_features(x, t, first), h, c)
-        return logits
+            total = logits if total is None else total + logits
+        return total / self.max_steps
 
     def forward_masked(self, x: Tensor) -> Tensor:
         first = self.features(x)
@@ -266,7 +272,10 @@ class VisualAttentionAction(DynamicBlock):
         n = x.shape[0]
         act = act_weights(torch.stack([*halting, x.new_ones(n)], 1), self.eps)
         select = straight_through_select(act.weights, act.steps).to(x.dtype)
-        out = sum(select[:, t, None] * z for t, z in enumerate(step_logits))
+        # The prediction after t + 1 steps is the mean of the first t + 1 steps' (the paper averages over the video).
+        counts = torch.arange(1, self.max_steps + 1, dtype=x.dtype, device=x.device)
+        means = torch.cumsum(torch.stack(step_logits, 1), 1) / counts[:, None]
+        out = (select.unsqueeze(2) * means).sum(1)
         tr = current_trace()
         if tr is not None:
             for t, z in enumerate(step_logits):
@@ -280,6 +289,7 @@ class VisualAttentionAction(DynamicBlock):
         first = self.features(x)
         h, c = self.initial_state(first)
         out = x.new_zeros((n, self.core.classifier.out_features))
+        total: Tensor | None = None  # sum of the step predictions of the samples still looking
         attention = x.new_zeros((n, steps, self.grid**2))
         ran = x.new_zeros((n, steps))
         cumulative, remainder = x.new_zeros(n), x.new_zeros(n)
@@ -292,21 +302,22 @@ class VisualAttentionAction(DynamicBlock):
             else:
                 feats = self.features(shift_frame(x if full else x.index_select(0, rows), t, self.frame_shift))
             h, c, logits, att = self.core(feats, h, c)
+            total = logits if total is None else total + logits
             ran[rows, t] = 1.0
             attention[rows, t] = att
             if t == steps - 1:
-                out[rows] = logits
+                out[rows] = total / (t + 1)
                 remainder[rows] = 1.0 - cumulative[rows]
                 break
             p = self.halt(h)
             stop = halts(cumulative[rows], p, self.eps)
             done = rows[stop]
-            out[done] = logits[stop]
+            out[done] = total[stop] / (t + 1)
             remainder[done] = 1.0 - cumulative[done]
             halted_at[done] = t + 1
             keep = ~stop
             cumulative[rows[keep]] = cumulative[rows[keep]] + p[keep]
-            rows, h, c = rows[keep], h[keep], c[keep]
+            rows, h, c, total = rows[keep], h[keep], c[keep], total[keep]
             if rows.numel() == 0:
                 break
         self._record(x, ran, halted_at, remainder, attention, sparse=True)
