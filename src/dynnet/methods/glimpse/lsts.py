@@ -1,9 +1,9 @@
-"""LSTS — Jiang, Liu, Wang, Wang, Zhang, Yang, Wang, Yan, Fan, "Learning Where to Focus for Efficient Video
-Object Detection" (Learnable Spatio-Temporal Sampling), ECCV 2020. https://arxiv.org/abs/1911.05253
+"""LSTS — Jiang, Liu, Yang, Liu, Gao, Zhang, Xiang, Pan, "Learning Where to Focus for Efficient Video Object
+Detection" (Learnable Spatio-Temporal Sampling), ECCV 2020. https://arxiv.org/abs/1911.05253
 
 LSTS propagates features between video frames without optical flow: it samples the features of one frame at
-``K`` locations around each position (a fixed initial grid moved by learned offsets, read with bilinear
-interpolation, so the locations are trained by back-propagation through the interpolation), measures the
+``K`` learnable locations around each position (randomly initialised, read with bilinear interpolation, so the
+locations are updated by back-propagation of the detection loss through the interpolation), measures the
 similarity of the embedded sampled features with the embedded features of the current frame, normalises the
 similarities with a softmax and aggregates the sampled features with these weights. Expensive features are
 computed only sparsely (on key frames); cheap features elsewhere.
@@ -15,11 +15,12 @@ Adaptation to image classification (departures from the paper):
   high-resolution patches: the converted base network (without its classifier) runs on ``patch_size``-pixel
   crops centred at the ``K = grid × grid`` sampling locations. Only these patches go through the expensive
   network, which is where LSTS's saving comes from (it runs the expensive network only on key frames);
-* sampling locations: a fixed ``grid × grid`` grid of patch centres moved by offsets ``tanh(W f_n + b)`` (at
-  most ``max_offset`` grid cells) predicted from the coarse feature ``f_n`` sampled at each grid point
-  (``policy``). With ``W = 0`` (its initialisation) the offsets are LSTS's learned, input-independent ones (the
-  bias ``b``); ``W`` makes *where to look* a per-input decision. The crops are bilinear (``grid_sample``), so the
-  offsets are trained by the task loss through the interpolation, as in LSTS (no REINFORCE);
+* sampling locations: a ``grid × grid`` grid of patch centres moved by offsets ``tanh(W f_n + b)`` (at most
+  ``max_offset`` grid cells) predicted from the coarse feature ``f_n`` sampled at each grid point (``policy``).
+  The bias ``b`` plays the part of LSTS's learned, input-independent locations (initialised at the grid, ``b = 0``,
+  rather than at random); ``W`` (also 0 at start) makes *where to look* a per-input decision. The crops are
+  bilinear (``grid_sample``), so the offsets are trained by the task loss through the interpolation, as in LSTS
+  (no REINFORCE);
 * aggregation: the query is an embedding of the coarse token (the mean coarse feature lifted to the fine
   features' width), the keys are embeddings of the patch features and of the coarse token, the weights are the
   softmax of their scaled dot products over the coarse token and the kept patches, and the weighted sum of the
