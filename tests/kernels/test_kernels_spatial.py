@@ -9,12 +9,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 from dynnet.kernels.spatial import (
+    channels_last_rows,
     conv_out_size,
     gather_conv2d,
+    gather_conv_rows,
     masked_conv2d_reference,
+    matmul_rows,
     receptive_mask,
+    rows_lookup,
     scatter_add_rows,
     sparse_conv2d,
+    weight_matrix,
 )
 from dynnet.macs import MacCounter
 
@@ -136,3 +141,106 @@ def test_gather_conv2d_rejects_wrong_mask_shape() -> None:
         gather_conv2d(
             torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.ones(1, 4, 4, dtype=torch.bool), padding=1
         )
+
+
+@st.composite
+def rows_cases(draw):
+    """Compact rows with holes: a lookup in which some positions read as zero (-1)."""
+    n = draw(st.integers(1, 3))
+    c_in, c_out = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    k = draw(st.sampled_from([1, 3]))
+    stride = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, k // 2))
+    h, w = draw(st.integers(max(1, k - 2 * padding), 10)), draw(st.integers(max(1, k - 2 * padding), 10))
+    kind = draw(st.sampled_from(["random", "empty", "full"]))
+    present = draw(st.floats(0.0, 1.0))
+    density = draw(st.floats(0.0, 1.0))
+    chunk = draw(st.sampled_from([1, 37, 1 << 19]))  # 1: a chunk of 64 rows; 1 << 19: one chunk
+    seed = draw(st.integers(0, 2**31 - 1))
+    return n, c_in, c_out, k, stride, padding, h, w, kind, present, density, chunk, seed
+
+
+@MANY
+@given(rows_cases())
+def test_gather_conv_rows_with_holes_equals_masked_input(case) -> None:
+    """Rows absent from the lookup read as zero, with and without a zero row, in one chunk or many."""
+    import dynnet.kernels.spatial as spatial
+
+    n, c_in, c_out, k, stride, padding, h, w, kind, present, density, chunk, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    weight = torch.randn(c_out, c_in, k, k, generator=g)
+    bias = torch.randn(c_out, generator=g)
+    keep = torch.rand(n, h, w, generator=g) < present  # input positions that have a row
+    ho, wo = conv_out_size(h, k, stride, padding, 1), conv_out_size(w, k, stride, padding, 1)
+    mask = _mask(kind, density, (n, ho, wo), g)
+    kept = keep.nonzero()
+    rows = x.permute(0, 2, 3, 1)[keep]  # Tensor[R, C], in kept order
+    with_zero = torch.cat([rows, rows.new_zeros((1, c_in))])
+    holes = rows_lookup(kept, (n, h, w))
+    ref = F.conv2d(x * keep.unsqueeze(1), weight, bias, stride, padding).permute(0, 2, 3, 1)[mask]
+    saved = spatial.GATHER_CHUNK_ELEMENTS
+    spatial.GATHER_CHUNK_ELEMENTS = chunk
+    try:
+        wmat = weight_matrix(weight)
+        geometry = {"kernel": k, "stride": stride, "padding": padding, "bias": bias}
+        plain = gather_conv_rows(rows, holes, wmat, mask.nonzero(), **geometry)
+        zero = gather_conv_rows(with_zero, holes, wmat, mask.nonzero(), zero_row=rows.shape[0], **geometry)
+        filled = rows_lookup(kept, (n, h, w), fill=rows.shape[0])
+        zero_filled = gather_conv_rows(with_zero, filled, wmat, mask.nonzero(), zero_row=rows.shape[0], **geometry)
+    finally:
+        spatial.GATHER_CHUNK_ELEMENTS = saved
+    for got in (plain, zero, zero_filled):
+        assert got.shape == (int(mask.sum()), c_out)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 300])
+def test_matmul_rows_equals_addmm(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    cols, weight, bias = torch.randn(rows, 20, generator=g), torch.randn(7, 20, generator=g), torch.randn(7)
+    wmat = weight.t()  # the layout weight_matrix returns
+    with torch.no_grad():
+        got = matmul_rows(cols, wmat, bias)
+        with MacCounter() as counter:
+            matmul_rows(cols, wmat)
+    torch.testing.assert_close(got, torch.addmm(bias, cols, wmat), rtol=1e-5, atol=1e-5)
+    assert counter.total == rows * 20 * 7
+    # With autograd it is addmm, and gradients flow.
+    cols.requires_grad_(True)
+    matmul_rows(cols, wmat, bias).sum().backward()
+    torch.testing.assert_close(cols.grad, wmat.sum(1).expand(rows, 20))
+
+
+def test_gather_conv2d_weight_cache_follows_edits() -> None:
+    g = torch.Generator().manual_seed(3)
+    x, mask = torch.randn(1, 4, 6, 6, generator=g), torch.rand(1, 6, 6, generator=g) < 0.5
+    conv = torch.nn.Conv2d(4, 5, 3, padding=1, bias=False)
+    with torch.no_grad():
+        gather_conv2d(x, conv.weight, mask, padding=1)  # fills the cache
+        conv.weight.mul_(-2.0)  # in place: a new version
+        torch.testing.assert_close(
+            gather_conv2d(x, conv.weight, mask, padding=1), masked_conv2d_reference(x, conv.weight, mask, padding=1)
+        )
+        conv.weight.data = torch.randn(5, 4, 3, 3, generator=g)  # a new storage
+        torch.testing.assert_close(
+            gather_conv2d(x, conv.weight, mask, padding=1), masked_conv2d_reference(x, conv.weight, mask, padding=1)
+        )
+        for _ in range(3):  # fresh tensors, possibly at a recycled address, never hit a stale entry
+            weight = torch.randn(5, 4, 3, 3, generator=g)
+            ref = masked_conv2d_reference(x, weight, mask, padding=1)
+            torch.testing.assert_close(gather_conv2d(x, weight, mask, padding=1), ref)
+            del weight
+
+
+def test_channels_last_rows_and_scatter_keep_inputs() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 5, generator=g)
+    rows, zero_row = channels_last_rows(x)
+    assert zero_row == 40 and rows.shape == (41, 3) and not rows[40].any()
+    torch.testing.assert_close(rows[:40], x.permute(0, 2, 3, 1).reshape(40, 3))
+    base = x.contiguous(memory_format=torch.channels_last)
+    before = base.clone()
+    mask = torch.rand(2, 4, 5, generator=g) < 0.5
+    scatter_add_rows(base, torch.ones(int(mask.sum()), 3), mask.nonzero())
+    torch.testing.assert_close(base, before)  # a channels-last base is not modified in place

@@ -10,6 +10,7 @@ from torch import nn
 
 from dynnet.convert import find_adapter
 from dynnet.kernels._spatial_chain import (
+    ConvStage,
     chain_sizes,
     run_masked,
     run_pixels,
@@ -157,3 +158,22 @@ def test_folded_weights_follow_parameter_updates() -> None:
         rows, positions, _ = run_pixels(stages, x, masks)
         ref = run_masked(stages, x, [None, None])
     torch.testing.assert_close(scatter_add_rows(torch.zeros_like(ref), rows, positions), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(inplace=True), nn.SiLU(), None])
+@pytest.mark.parametrize("grad", [False, True])
+def test_pixel_execution_any_activation_and_autograd(act, grad: bool) -> None:
+    """The intermediate rows (ReLU written into the zero-row buffer, other activations, autograd) match."""
+    b = _block(5, 6, 1, 1)
+    stages = [ConvStage(b.conv1, b.bn1, act), ConvStage(b.conv2, b.bn2, None)]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 7, 7, generator=g, requires_grad=grad)
+    masks = stage_masks(stages, torch.rand(2, 7, 7, generator=g) < 0.4, [(7, 7), (7, 7)])
+    with torch.set_grad_enabled(grad):
+        rows, positions, _ = run_pixels(stages, x, masks)
+        ref = run_masked(stages, x, list(masks))
+    got = scatter_add_rows(torch.zeros_like(ref), rows, positions)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    if grad:
+        got.sum().backward()
+        assert x.grad is not None

@@ -26,6 +26,7 @@ from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, current_trace
 from dynnet.kernels.block import gather_tiles, inside_image, scatter_tiles, tile_geometry, tiles_to_pixels
 from dynnet.kernels.spatial import (
+    channels_last_rows,
     conv_out_size,
     gather_conv_rows,
     input_lookup,
@@ -147,25 +148,20 @@ def stage_masks(stages: list[ConvStage], out_mask: Tensor, sizes: list[tuple[int
     return masks[::-1]
 
 
-_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Tensor, Tensor | None]] = (
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], Tensor, Tensor | None, Tensor]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def folded_stage(st: ConvStage) -> tuple[Tensor, Tensor | None]:
-    """The stage's convolution with inference batch norm folded in, as a GEMM: ``(Tensor[k·k·C, C_out], bias)``.
-
-    ``w' = w · γ/σ``, ``b' = β + (b - μ) · γ/σ`` (0 MACs at inference: done once). Cached per convolution and
-    recomputed whenever a parameter or running statistic changes (tensor version counters); computed without
-    gradient (sparse mode is inference only).
-    """
+def _folded(st: ConvStage) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(weight, bias, wmat)``: the folded Tensor[C_out, C, k, k], its bias, and its GEMM form."""
     tensors = [st.conv.weight, st.conv.bias]
     if st.bn is not None:
         tensors += [st.bn.weight, st.bn.bias, st.bn.running_mean, st.bn.running_var]
     key = tuple(-1 if t is None else t._version for t in tensors) + tuple(id(t) for t in tensors)
     hit = _FOLDED.get(st.conv)
     if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
+        return hit[1], hit[2], hit[3]
     with torch.no_grad():
         w, b = st.conv.weight, st.conv.bias
         if st.bn is not None:
@@ -179,10 +175,28 @@ def folded_stage(st: ConvStage) -> tuple[Tensor, Tensor | None]:
             if bn.bias is not None:
                 shift = shift + bn.bias
             w, b = w * scale.view(-1, 1, 1, 1), shift
-        wmat = weight_matrix(w).contiguous()
+        w = w.contiguous()
+        wmat = weight_matrix(w)  # the transpose of a contiguous Tensor[C_out, k·k·C]: oneDNN's layout
         b = None if b is None else b.contiguous()
-    _FOLDED[st.conv] = (key, wmat, b)
+    _FOLDED[st.conv] = (key, w, b, wmat)
+    return w, b, wmat
+
+
+def folded_stage(st: ConvStage) -> tuple[Tensor, Tensor | None]:
+    """The stage's convolution with inference batch norm folded in, as a GEMM: ``(Tensor[k·k·C, C_out], bias)``.
+
+    ``w' = w · γ/σ``, ``b' = β + (b - μ) · γ/σ`` (0 MACs at inference: done once). Cached per convolution and
+    recomputed whenever a parameter or running statistic changes (tensor version counters); computed without
+    gradient (sparse mode is inference only).
+    """
+    _, b, wmat = _folded(st)
     return wmat, b
+
+
+def folded_conv(st: ConvStage) -> tuple[Tensor, Tensor | None]:
+    """:func:`folded_stage` as a convolution: ``(Tensor[C_out, C, k, k], bias)`` (same cache)."""
+    w, b, _ = _folded(st)
+    return w, b
 
 
 def run_masked(stages: list[ConvStage], x: Tensor, masks: list[Tensor | None]) -> Tensor:
@@ -219,22 +233,50 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
         ``(rows, positions, executed)``: Tensor[P_L, C_L] outputs of the last stage at its active positions
         Tensor[P_L, 3], and Tensor[N] float64 MACs executed per sample.
     """
-    n, c, h, w = x.shape
+    n = x.shape[0]
     executed = torch.zeros(n, dtype=torch.float64, device=x.device)
-    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    lookup = input_lookup(n, h, w, x.device)
+    rows, zero_row = channels_last_rows(x)
+    lookup = input_lookup(n, *x.shape[2:], device=x.device)
     positions = x.new_zeros((0, 3), dtype=torch.long)
+    last = len(stages) - 1
     for i, (st, m) in enumerate(zip(stages, masks, strict=True)):
         k, s, p, d = st.geometry
         if i > 0:
-            lookup = rows_lookup(positions, (n, *masks[i - 1].shape[1:]))
+            lookup = rows_lookup(positions, (n, *masks[i - 1].shape[1:]), fill=zero_row)
         positions = m.nonzero()
         wmat, bias = folded_stage(st)
-        rows = gather_conv_rows(rows, lookup, wmat, positions, kernel=k, stride=s, padding=p, dilation=d, bias=bias)
-        if st.act is not None:
-            rows = st.act(rows)
+        out = gather_conv_rows(
+            rows, lookup, wmat, positions, kernel=k, stride=s, padding=p, dilation=d, bias=bias, zero_row=zero_row
+        )
+        if i < last:
+            # The next stage reads these rows through a lookup whose holes point at one extra zero row; the
+            # activation writes straight into that buffer (no separate copy).
+            zero_row = out.shape[0]
+            if torch.is_grad_enabled() and out.requires_grad:
+                rows = torch.cat([out if st.act is None else st.act(out), out.new_zeros((1, out.shape[1]))])
+            else:
+                rows = out.new_empty((zero_row + 1, out.shape[1]))
+                rows[zero_row].zero_()
+                if _is_relu(st.act):
+                    torch.clamp_min(out, 0.0, out=rows[:zero_row])
+                else:
+                    rows[:zero_row] = out if st.act is None else st.act(out)
+        else:
+            rows = out if st.act is None else st.act(out)
         executed += m.flatten(1).sum(1).double() * st.per_position
     return rows, positions, executed
+
+
+def _border_tiles(tiles: Tensor, region: int, offset: int, step: int, size: tuple[int, int]) -> Tensor | None:
+    """Tensor[B] long: the tiles whose region sticks out of the ``size`` grid (``None`` when there are none)."""
+    lo_r, lo_c = tiles[:, 1] * step + offset, tiles[:, 2] * step + offset
+    out = (lo_r < 0) | (lo_c < 0) | (lo_r + region > size[0]) | (lo_c + region > size[1])
+    index = out.nonzero().squeeze(1)
+    return index if index.numel() else None
+
+
+def _is_relu(act: Callable[[Tensor], Tensor] | None) -> bool:
+    return isinstance(act, nn.ReLU) or act is F.relu or act is torch.relu
 
 
 def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> tuple[Tensor, Tensor]:
@@ -255,15 +297,20 @@ def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> t
     per_tile = 0
     for i, st in enumerate(stages, start=1):
         _, s, _, d = st.geometry
-        h = F.conv2d(h, st.conv.weight, st.conv.bias, s, 0, d)
+        weight, bias = folded_conv(st)  # batch norm folded in: one pass less over the tile batch
+        h = F.conv2d(h, weight, bias, s, 0, d)
         per_tile += geo.regions[i] ** 2 * st.per_position
-        if st.bn is not None:
-            h = st.bn(h)
-        if st.act is not None:
+        if _is_relu(st.act):
+            h = h.relu_()
+        elif st.act is not None:
             h = st.act(h)
         if i < len(stages):
-            # Halo positions outside the image must read as the zero padding of the next convolution.
-            h = h * inside_image(tiles, geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i]).to(h.dtype)
+            # Halo positions outside the image must read as the zero padding of the next convolution
+            # (only tiles at the border have any: the others are left untouched).
+            border = _border_tiles(tiles, geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
+            if border is not None:
+                inside = inside_image(tiles[border], geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
+                h[border] = h[border] * inside.to(h.dtype)
     counts = torch.bincount(tiles[:, 0], minlength=n).double() if tiles.shape[0] else torch.zeros(n).double()
     return h, counts * per_tile
 

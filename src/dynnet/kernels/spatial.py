@@ -22,7 +22,9 @@ Shapes: ``mask`` is ``Tensor[N, Ho, Wo]`` bool on the *output* grid; rows follow
 
 from __future__ import annotations
 
+import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,17 +36,40 @@ __all__ = [
     "SparseConvResult",
     "active_positions",
     "calibrate_crossover",
+    "channels_last_rows",
     "conv_out_size",
     "gather_conv2d",
     "gather_conv_rows",
     "input_lookup",
     "masked_conv2d_reference",
+    "matmul_rows",
     "receptive_mask",
     "rows_lookup",
     "scatter_add_rows",
     "sparse_conv2d",
     "weight_matrix",
 ]
+
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _register_onednn_mac_rule() -> None:
+    """The MAC counter sees oneDNN's matmul as a linear layer: ``rows · |weight|`` MACs."""
+    from dynnet.macs import MAC_RULES, register_mac_rule
+
+    if not _HAS_ONEDNN_LINEAR or torch.ops.mkldnn._linear_pointwise in MAC_RULES:
+        return
+
+    @register_mac_rule(torch.ops.mkldnn._linear_pointwise)
+    def _onednn_linear_rule(args: tuple, kwargs: dict, out: object) -> int:
+        x, weight = args[0], args[1]
+        return math.prod(x.shape[:-1]) * weight.numel()
+
+
+_register_onednn_mac_rule()
+
+GATHER_CHUNK_ELEMENTS = 1 << 19
+"""Elements of the gathered ``Tensor[rows, k·k·C]`` made at a time by :func:`gather_conv_rows` (2 MB in float32)."""
 
 CROSSOVERS: dict[tuple[int, ...], float] = {}
 """Measured density above which the dense convolution is faster, keyed by
@@ -121,9 +146,10 @@ def input_lookup(n: int, h: int, w: int, device: torch.device | None = None) -> 
     return torch.arange(n * h * w, device=device).view(n, h, w)
 
 
-def rows_lookup(positions: Tensor, size: tuple[int, int, int]) -> Tensor:
-    """Tensor[N, H, W] long: ``i`` at ``positions[i]`` (Tensor[P, 3]), -1 elsewhere (positions that read as zero)."""
-    lookup = torch.full(size, -1, dtype=torch.long, device=positions.device)
+def rows_lookup(positions: Tensor, size: tuple[int, int, int], *, fill: int = -1) -> Tensor:
+    """Tensor[N, H, W] long: ``i`` at ``positions[i]`` (Tensor[P, 3]), ``fill`` elsewhere (positions that read
+    as zero: -1, or the index of a zero row)."""
+    lookup = torch.full(size, fill, dtype=torch.long, device=positions.device)
     lookup[positions[:, 0], positions[:, 1], positions[:, 2]] = torch.arange(
         positions.shape[0], device=positions.device
     )
@@ -131,9 +157,62 @@ def rows_lookup(positions: Tensor, size: tuple[int, int, int]) -> Tensor:
 
 
 def weight_matrix(weight: Tensor) -> Tensor:
-    """Tensor[C_out, C_in, k, k] → Tensor[k·k·C_in, C_out] in the (kh, kw, c) order of the gathered rows."""
+    """Tensor[C_out, C_in, k, k] → Tensor[k·k·C_in, C_out] in the (kh, kw, c) order of the gathered rows.
+
+    The result is the transpose of a contiguous Tensor[C_out, k·k·C_in], the layout :func:`matmul_rows` wants.
+    """
     c_out = weight.shape[0]
-    return weight.permute(2, 3, 1, 0).reshape(-1, c_out)
+    return weight.permute(0, 2, 3, 1).reshape(c_out, -1).contiguous().t()
+
+
+def _onednn_usable(*tensors: Tensor | None) -> bool:
+    """Whether :func:`matmul_rows` may call oneDNN: float32 CPU tensors, and no gradient to record."""
+    if not _HAS_ONEDNN_LINEAR:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype != torch.float32 or t.is_sparse or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def matmul_rows(cols: Tensor, wmat: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``cols @ wmat + bias``: Tensor[P, K] × Tensor[K, C_out] → Tensor[P, C_out] (``P·K·C_out`` MACs).
+
+    On CPU (float32, inference) this runs oneDNN's matmul (``mkldnn::_linear_pointwise``, the kernel behind
+    inductor's frozen linear layers): for the skinny GEMMs of the gather path it is about twice as fast as
+    the BLAS behind ``torch.addmm`` here, and as fast per MAC as oneDNN's dense convolution, which is what
+    the sparse path is compared against. Elsewhere (autograd, other dtypes or devices) it is ``addmm``.
+    Pass ``wmat`` as the transpose of a contiguous Tensor[C_out, K] (as :func:`weight_matrix` returns it) to
+    avoid a copy of the weight.
+    """
+    if cols.shape[0] and _onednn_usable(cols, wmat, bias):
+        return torch.ops.mkldnn._linear_pointwise(cols.contiguous(), wmat.t().contiguous(), bias, "none", [], "")
+    return torch.mm(cols, wmat) if bias is None else torch.addmm(bias, cols, wmat)
+
+
+_WEIGHT_MATRICES: dict[int, tuple[weakref.ref, tuple[int, ...], Tensor]] = {}
+
+
+def _cached_weight_matrix(weight: Tensor) -> Tensor:
+    """:func:`weight_matrix` of a weight used again and again (a layer's parameter), computed once.
+
+    The entry is keyed on the tensor itself (a weak reference: it dies with the tensor) and checked against
+    its version counter, storage pointer and shape, so in-place edits and ``.data`` swaps recompute it. A
+    weight that needs a gradient is never cached (the matrix must stay on the autograd graph).
+    """
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return weight_matrix(weight)
+    key = id(weight)
+    stamp = (weight._version, weight.data_ptr(), *weight.shape)
+    hit = _WEIGHT_MATRICES.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+        return hit[2]
+    wmat = weight_matrix(weight.detach())
+    _WEIGHT_MATRICES[key] = (weakref.ref(weight, lambda _, k=key: _WEIGHT_MATRICES.pop(k, None)), stamp, wmat)
+    return wmat
 
 
 def gather_conv_rows(
@@ -147,12 +226,13 @@ def gather_conv_rows(
     padding: int = 0,
     dilation: int = 1,
     bias: Tensor | None = None,
+    zero_row: int | None = None,
 ) -> Tensor:
     """The convolution at the given output positions, reading its input from compact rows.
 
     This is the fast path: one ``index_select`` gathers the ``k·k`` input rows of every active output position
-    (``Tensor[P, k·k·C]``), one GEMM (``addmm`` with the bias, e.g. folded batch norm) computes them. No padded
-    copy of the input is made: positions outside the image or not present in ``rows`` read as zero.
+    (``Tensor[P, k·k·C]``), one GEMM (:func:`matmul_rows`, with the bias, e.g. folded batch norm) computes them.
+    No padded copy of the input is made: positions outside the image or not present in ``rows`` read as zero.
 
     Args:
         rows: Tensor[R, C] input rows (channels-last pixels).
@@ -161,6 +241,8 @@ def gather_conv_rows(
         positions: Tensor[P, 3] long ``(n, oh, ow)`` output positions.
         kernel, stride, padding, dilation: the convolution's geometry.
         bias: Tensor[C_out] or ``None``.
+        zero_row: index of an all-zero row of ``rows``. Given, zero positions (padding, -1 in ``lookup``) read
+            that row, which saves zeroing them after the gather; ``None``: they are zeroed after the gather.
 
     Returns:
         Tensor[P, C_out]. Costs exactly ``P·k·k·C·C_out`` MACs.
@@ -179,12 +261,43 @@ def gather_conv_rows(
     ar = torch.arange(kernel, device=rows.device) * dilation
     offsets = (ar.view(kernel, 1) * wp + ar.view(1, kernel)).reshape(-1)
     src = lookup.reshape(-1).index_select(0, (base.view(p, 1) + offsets.view(1, -1)).reshape(-1))
-    valid = src >= 0
-    cols = rows.index_select(0, src.clamp_min(0))
-    if not bool(valid.all()):
-        cols.masked_fill_(~valid.unsqueeze(1), 0.0)
-    cols = cols.view(p, kernel * kernel * c)
-    return torch.mm(cols, wmat) if bias is None else torch.addmm(bias, cols, wmat)
+    # A row-major source makes index_select a row copy (a column-major view, e.g. a permuted batch of one,
+    # would be gathered element by element, ten times slower).
+    rows = rows.contiguous() if rows.shape[0] else rows.new_zeros((1, c))  # no rows: everything reads zero
+    if zero_row is not None:
+        src, valid = torch.where(src < 0, zero_row, src), None
+    else:
+        valid = src >= 0
+        src = src.clamp_min(0)
+        if bool(valid.all()):
+            valid = None
+    taps = kernel * kernel
+    # The gathered matrix is made and consumed in chunks of about 2 MB: a chunk stays in cache between the
+    # gather and the GEMM, and no allocation is large enough to be a fresh mmap (page faults on every call).
+    chunk = max(64, GATHER_CHUNK_ELEMENTS // (taps * c))
+    outs = []
+    for start in range(0, p, chunk):
+        stop = min(p, start + chunk)
+        cols = rows.index_select(0, src[start * taps : stop * taps])
+        if valid is not None:
+            # A multiply, not masked_fill_: a broadcast masked_fill_ is many times slower on CPU.
+            cols.mul_(valid[start * taps : stop * taps].unsqueeze(1).to(cols.dtype))
+        outs.append(matmul_rows(cols.view(stop - start, taps * c), wmat, bias))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def channels_last_rows(x: Tensor) -> tuple[Tensor, int]:
+    """Tensor[N, C, H, W] → ``(Tensor[N·H·W + 1, C], N·H·W)``: the pixels as rows, plus a zero row at the end.
+
+    The rows of pixel ``(n, h, w)`` is ``(n·H + h)·W + w`` (:func:`input_lookup`); the last row is the
+    ``zero_row`` of :func:`gather_conv_rows`. One copy, as ``x.permute(0, 2, 3, 1).contiguous()`` would make.
+    """
+    n, c, h, w = x.shape
+    r = n * h * w
+    buf = x.new_empty((r + 1, c))
+    buf[:r].view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))
+    buf[r].zero_()
+    return buf, r
 
 
 def gather_conv2d(
@@ -212,10 +325,21 @@ def gather_conv2d(
     ho, wo = conv_out_size(h, k, s, p, d), conv_out_size(w, k, s, p, d)
     if tuple(mask.shape) != (n, ho, wo):
         raise ValueError(f"mask must be Tensor[{n}, {ho}, {wo}] for this convolution, got {tuple(mask.shape)}")
-    rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    positions = active_positions(mask)
+    if positions.shape[0] == 0:
+        return x.new_zeros((0, weight.shape[0]))
+    rows, zero_row = channels_last_rows(x)
     lookup = input_lookup(n, h, w, x.device)
     return gather_conv_rows(
-        rows, lookup, weight_matrix(weight), active_positions(mask), kernel=k, stride=s, padding=p, dilation=d
+        rows,
+        lookup,
+        _cached_weight_matrix(weight),
+        positions,
+        kernel=k,
+        stride=s,
+        padding=p,
+        dilation=d,
+        zero_row=zero_row,
     )
 
 
@@ -239,7 +363,7 @@ def scatter_add_rows(base: Tensor, values: Tensor, positions: Tensor) -> Tensor:
     Returns a new tensor in channels-last memory format (``base`` is not modified).
     """
     n, c, h, w = base.shape
-    out = base.permute(0, 2, 3, 1).contiguous()
+    out = base.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)  # a copy even if channels-last
     if values.shape[0]:
         index = (positions[:, 0] * h + positions[:, 1]) * w + positions[:, 2]
         flat = out.view(n * h * w, c)
