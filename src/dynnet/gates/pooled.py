@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_"]
+__all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_", "tracing_or_compiling", "version_key"]
 
 # A logit of 3 gives p(open) = 0.95: decisions are open at start, and the softmax gradient (p(1-p) = 0.045)
 # is large enough for a short schedule to move the gates (at 6 it is 0.0025 and they barely move).
@@ -78,7 +78,7 @@ class PooledMLPGate(nn.Module):
         Tensor[N, C, H, W] → logits Tensor[N, K]: three kernels (sum, addmm + ReLU, addmm) instead of six
         module calls, which matters at batch 1 where a gate costs more in overhead than in MACs. Same MACs.
         """
-        if self.training or _tracing():
+        if self.training or tracing_or_compiling():
             return self(x)
         w1, b1, w2, b2, _, _ = self._inference_weights()
         h = torch.addmm(b1, x.sum((2, 3)), w1.t(), alpha=1.0 / (x.shape[2] * x.shape[3])).relu_()
@@ -92,7 +92,7 @@ class PooledMLPGate(nn.Module):
         """
         if self.open_index is None:
             raise ValueError("inference_open needs a two-logit gate with an open_index")
-        if self.training or _tracing():
+        if self.training or tracing_or_compiling():
             logits = self(x)
             return logits[:, self.open_index] > logits[:, 1 - self.open_index]
         w1, b1, _, _, wd, bd = self._inference_weights()
@@ -117,7 +117,7 @@ class PooledMLPGate(nn.Module):
             fc2._parameters["weight"],
             fc2._parameters["bias"],
         )
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        key = version_key(tensors)
         folded = self._folded
         if folded is not None and folded[0] == key:
             return folded[1]
@@ -139,6 +139,11 @@ class PooledMLPGate(nn.Module):
         return self._folded[1]
 
 
-def _tracing() -> bool:
+def version_key(tensors: tuple[Tensor | None, ...]) -> tuple:
+    """A cache key that changes whenever one of ``tensors`` is edited in place or replaced: storage + version."""
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
+
+def tracing_or_compiling() -> bool:
     """Inside torch.jit tracing/scripting or torch.compile/export: use the plain modules (no cached folds)."""
     return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()

@@ -100,3 +100,18 @@ def test_reinforce_phase_samples_and_uses_the_reward() -> None:
     assert model.gates.out.bias.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="phase"):
         model.set_phase("rl")
+
+
+def test_rnn_gate_inference_step_equals_the_training_step() -> None:
+    """Eval runs the LSTM gate as sum → addmm → fused lstm_cell → addmm; it must compute what training computes."""
+    model = _model("rnn")
+    scramble_gates(model, seed=2, scale=2.0)
+    gates = model.gates
+    x, h, c = torch.randn(5, 8, 6, 6), torch.randn(5, 10), torch.randn(5, 10)
+    with torch.no_grad(), MacCounter() as train_macs:
+        expected = gates.train()._step(1, x, h, c)
+    with torch.no_grad(), MacCounter() as eval_macs:
+        got = gates.eval()._step(1, x, h, c)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert eval_macs.total == train_macs.total
