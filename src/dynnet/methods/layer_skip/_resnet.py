@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dynnet.core import Decision, DynamicBlock
 from dynnet.estimators import gumbel_sigmoid
+from dynnet.gates import PooledMLPGate
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 
 __all__ = ["DecisionMaker", "ResNetLayout", "SigmoidGatedResidual"]
@@ -99,6 +100,10 @@ class SigmoidGatedResidual(GatedResidual):
     """A gated residual block whose gate outputs one logit: Gumbel-Sigmoid, straight-through hard decisions."""
 
     def decide(self, x: Tensor) -> Decision:
+        if not self.training and isinstance(self.gate, PooledMLPGate):
+            # Inference: sigmoid(logit / tau) > 0.5 is logit > 0; the gate runs with its BN folded (same MACs).
+            logit = self.gate.inference_logits(x).squeeze(1)
+            return Decision((logit > 0).to(logit.dtype), torch.sigmoid(logit), "layer")
         logit = self.gate(x).squeeze(1)
         hard, prob = gumbel_sigmoid(logit, self.tau, hard=True, noise=self.training)
         return Decision(hard, prob, "layer")
