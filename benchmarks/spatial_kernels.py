@@ -2,24 +2,31 @@
 
 For each kernel (a single 3×3 convolution with the pixel gather–GEMM path; a ResNet BasicBlock branch with
 the pixel path (DynConv/SACT) and with the tile path (SBNet)), at output-mask densities 0.1 / 0.25 / 0.5 and
-batch 1 and 16, we time the dense computation and the sparse one (``torch.utils.benchmark``, median) and
-report (times are the minimum over interleaved rounds, see :func:`paired_latency`; medians are stored too)
+batch 1 and 16, we time the dense computation and the sparse one, interleaved (see :func:`paired_latency`),
+and report
 
 * ``mac_speedup`` = dense MACs / executed MACs (halos of the dilated mask and of the tiles included),
 * ``ideal_speedup`` = 1 / density (what the mask alone promises),
-* ``ratio_exec`` = latency speedup ÷ mac_speedup and ``ratio_ideal`` = latency speedup ÷ ideal_speedup.
+* ``ratio_exec`` = latency speedup ÷ mac_speedup and ``ratio_ideal`` = latency speedup ÷ ideal_speedup,
+
+from median times. Two clocks: ``wall`` (``torch.utils.benchmark.Timer.blocked_autorange`` medians, for each
+``--threads`` value) and ``cpu`` (the CPU time of the calling thread with one intra-op thread: it does not
+count the time the thread waited for a core, so it is the measure least disturbed by other jobs on a shared
+machine). Every row records the 1-minute load average at the time it was measured.
 
 Masks are spatially clustered ("blobs": a random 7×7 field upsampled and thresholded at the density's
 quantile), as learned masks are; uniformly random masks are also timed for the single convolution, where no
 dilation is involved. Usage::
 
-    python benchmarks/spatial_kernels.py --out benchmarks/results/spatial
+    python benchmarks/spatial_kernels.py --clock cpu                  # → kernels_cpu.{json,png}
+    python benchmarks/spatial_kernels.py --clock wall --threads 1 2   # → kernels_wall.{json,png}
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -28,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 
 from dynnet.bench import machine_info
 from dynnet.kernels._spatial_chain import chain_sizes, run_pixels, run_tiles, spatial_chain, stage_masks
@@ -52,14 +60,14 @@ def random_mask(n: int, h: int, w: int, density: float, g: torch.Generator) -> t
 
 
 def paired_latency(
-    fns: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter
+    fns: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float] | None = time.perf_counter
 ) -> dict[str, tuple[float, float]]:
-    """Interleaved timing: every round calls each function once (in a fresh random order).
+    """Interleaved timing: every round times each function once (in a fresh random order).
 
-    Returns ``{name: (min_ms, median_ms)}``. On a CPU shared with other jobs the minimum is the least
-    disturbed estimate, and interleaving exposes dense and sparse runs to the same load. With
-    ``clock=time.thread_time`` (and one intra-op thread) the time is the CPU time of the calling thread,
-    which does not count the time the thread waited for a core — the load-robust measure.
+    Returns ``{name: (min_ms, median_ms)}`` over the rounds. Interleaving exposes dense and sparse runs to the
+    same load. With ``clock=None`` each round's time is a ``Timer.blocked_autorange`` median (wall clock);
+    otherwise a single call timed with ``clock`` (``time.thread_time`` with one intra-op thread: the CPU time
+    of the calling thread, which does not count the time the thread waited for a core).
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
@@ -68,9 +76,13 @@ def paired_latency(
     for r in range(rounds):
         random.Random(r).shuffle(names)
         for k in names:
-            t0 = clock()
-            fns[k]()
-            times[k].append((clock() - t0) * 1e3)
+            if clock is None:
+                t = benchmark.Timer("fn()", globals={"fn": fns[k]}).blocked_autorange(min_run_time=0.05).median
+                times[k].append(t * 1e3)
+            else:
+                t0 = clock()
+                fns[k]()
+                times[k].append((clock() - t0) * 1e3)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
@@ -81,7 +93,7 @@ def bench(
     densities: list[float],
     tile: int,
     rounds: int,
-    clock: Callable[[], float] = time.perf_counter,
+    clock: Callable[[], float] | None = None,
 ) -> list:
     g = torch.Generator().manual_seed(0)
     block = BasicBlock(channels, channels).eval()
@@ -122,6 +134,7 @@ def bench(
             _, ex = run_tiles(stages, x, tiles, tile)
             executed["block_tile"] = float(ex.sum()) / n
             lat = paired_latency(fns, rounds, clock)
+            load = os.getloadavg()[0]
             tile_density = float(tiles_to_pixels(tmask, tile, (size, size)).float().mean())
             for key, kernel, pattern, dense_key, dense_macs in (
                 ("conv_random", "conv3x3_pixel", "random", "dense_conv", per_conv),
@@ -132,6 +145,8 @@ def bench(
                 row = _row(
                     kernel, pattern, n, density, channels, size, lat[dense_key], lat[key], dense_macs, executed[key]
                 )
+                row["threads"] = torch.get_num_threads()
+                row["load_1m"] = load
                 if key == "block_tile":
                     row["tile_density"] = tile_density
                 rows.append(row)
@@ -140,14 +155,13 @@ def bench(
 
 
 def _row(kernel, pattern, n, density, channels, size, dense, sparse, dense_macs, executed_macs) -> dict:
-    (dense_ms, dense_median), (sparse_ms, sparse_median) = dense, sparse
+    (dense_min, dense_ms), (sparse_min, sparse_ms) = dense, sparse
     speed = dense_ms / sparse_ms
     mac_speedup = dense_macs / max(executed_macs, 1.0)
     return {
         "kernel": kernel, "mask": pattern, "batch": n, "density": density, "channels": channels, "size": size,
-        "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_median_ms": dense_median,
-        "sparse_median_ms": sparse_median, "latency_speedup": speed,
-        "executed_mac_fraction": executed_macs / dense_macs, "mac_speedup": mac_speedup,
+        "dense_ms": dense_ms, "sparse_ms": sparse_ms, "dense_min_ms": dense_min, "sparse_min_ms": sparse_min,
+        "latency_speedup": speed, "executed_mac_fraction": executed_macs / dense_macs, "mac_speedup": mac_speedup,
         "ideal_speedup": 1.0 / density, "ratio_exec": speed / mac_speedup, "ratio_ideal": speed * density,
     }  # fmt: skip
 
@@ -158,14 +172,19 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    for ax, n in zip(axes[0], batches, strict=True):
+    panels = sorted({(r["threads"], r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (threads, n) in zip(axes[0], panels, strict=True):
         for kernel, pattern in sorted({(r["kernel"], r["mask"]) for r in rows}):
-            sel = [r for r in rows if r["batch"] == n and r["kernel"] == kernel and r["mask"] == pattern]
+            sel = [
+                r
+                for r in rows
+                if r["batch"] == n and r["threads"] == threads and r["kernel"] == kernel and r["mask"] == pattern
+            ]
             ax.plot([r["density"] for r in sel], [r["ratio_exec"] for r in sel], "o-", label=f"{kernel} ({pattern})")
         ax.axhline(0.8, color="gray", ls="--", lw=0.8)
-        ax.set(xlabel="output mask density", ylabel="latency speedup / MAC speedup", title=f"batch {n}", ylim=(0, 1.5))
+        title = f"batch {n}, {threads} thread{'s' if threads > 1 else ''}"
+        ax.set(xlabel="output mask density", ylabel="latency speedup / MAC speedup", title=title, ylim=(0, 1.5))
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -177,24 +196,27 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=128)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--tile", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=None, help="default: 7 (wall), 40 (cpu)")
     parser.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
-        help="wall: perf_counter with --threads; cpu: CPU time of the thread (forces 1 thread; robust to load)",
+        help="wall: Timer.blocked_autorange medians for each --threads; cpu: CPU time of the thread (1 thread)",
     )
     args = parser.parse_args()
     if args.clock == "cpu":
-        args.threads = 1
-    torch.set_num_threads(args.threads)
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        args.threads = [1]
+    rounds = args.rounds or (40 if args.clock == "cpu" else 7)
+    clock = time.thread_time if args.clock == "cpu" else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     before = machine_info()
+    rows = []
     with torch.no_grad():
-        rows = bench(args.channels, args.size, [1, 16], [0.1, 0.25, 0.5], args.tile, args.rounds, clock)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            rows += bench(args.channels, args.size, [1, 16], [0.1, 0.25, 0.5], args.tile, rounds, clock)
     result = {"machine": before, "machine_after": machine_info(), "args": vars(args), "rows": rows}
     (out / f"kernels_{args.clock}.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / f"kernels_{args.clock}.png")

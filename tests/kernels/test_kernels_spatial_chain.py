@@ -18,7 +18,7 @@ from dynnet.kernels._spatial_chain import (
     spatial_chain,
     stage_masks,
 )
-from dynnet.kernels.block import reduce_to_tiles, scatter_tiles, tile_geometry, tiles_to_pixels
+from dynnet.kernels.block import gather_tiles, reduce_to_tiles, scatter_tiles, tile_geometry, tiles_to_pixels
 from dynnet.kernels.spatial import scatter_add_rows
 from dynnet.macs import MacCounter
 from dynnet.models.cifar_resnet import BasicBlock
@@ -177,3 +177,21 @@ def test_pixel_execution_any_activation_and_autograd(act, grad: bool) -> None:
     if grad:
         got.sum().backward()
         assert x.grad is not None
+
+
+@MANY
+@given(block_cases())
+def test_gather_tiles_equals_padded_slices(case) -> None:
+    """Each gathered region is the zero-padded input cut at the tile's origin (halo outside the image: zeros)."""
+    c_in, _, stride, h, w, n, _, density, tile, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    tiles = (torch.rand(n, -(-h // tile), -(-w // tile), generator=g) < density).nonzero()
+    region, offset, step = tile + 2 * stride, -stride, tile
+    got = gather_tiles(x, tiles, region, offset, step)
+    pad = region + step
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    assert got.shape == (tiles.shape[0], c_in, region, region)
+    for t, (b, ty, tx) in enumerate(tiles.tolist()):
+        y0, x0 = ty * step + offset + pad, tx * step + offset + pad
+        torch.testing.assert_close(got[t], xp[b, :, y0 : y0 + region, x0 : x0 + region])
