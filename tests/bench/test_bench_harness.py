@@ -69,3 +69,19 @@ def test_profile_static_model() -> None:
 def test_profile_rejects_bad_images() -> None:
     with pytest.raises(ValueError, match="Tensor"):
         profile_model(nn.Identity(), torch.randn(3, 4))
+
+
+def test_profile_reports_each_modes_fastest_layout_and_restores_the_weights() -> None:
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="convnet_aig", width=0.25, in_channels=1)
+    row = profile_model(model, torch.randn(6, 1, 12, 12), batch_sizes=(4,), min_run_time=0.01)
+    assert row["b4_dense_layout"] in ("contiguous", "channels_last")
+    assert row["b4_sparse_layout"] in ("contiguous", "channels_last")
+    conv_weights = [p for p in model.parameters() if p.dim() == 4]
+    assert conv_weights and all(p.is_contiguous() for p in conv_weights)
+
+    x = torch.randn(6, 1, 12, 12)
+    only = profile_model(model, x, batch_sizes=(4,), min_run_time=0.01, layouts=["channels_last"])
+    assert only["b4_dense_layout"] == only["b4_sparse_layout"] == "channels_last"
+    with pytest.raises(ValueError, match="layouts"):
+        profile_model(model, torch.randn(6, 1, 12, 12), batch_sizes=(4,), layouts=["nhwc"])
