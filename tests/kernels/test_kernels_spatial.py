@@ -244,3 +244,17 @@ def test_channels_last_rows_and_scatter_keep_inputs() -> None:
     mask = torch.rand(2, 4, 5, generator=g) < 0.5
     scatter_add_rows(base, torch.ones(int(mask.sum()), 3), mask.nonzero())
     torch.testing.assert_close(base, before)  # a channels-last base is not modified in place
+
+
+def test_matmul_rows_packed_weight_follows_edits() -> None:
+    g = torch.Generator().manual_seed(6)
+    cols, weight = torch.randn(9, 12, generator=g), torch.randn(5, 12, generator=g)
+    wmat = weight.t()
+    with torch.no_grad():
+        for _ in range(3):  # the second call packs the weight, the third reuses it
+            torch.testing.assert_close(matmul_rows(cols, wmat), cols @ wmat, rtol=1e-5, atol=1e-5)
+        weight.mul_(-3.0)  # shares wmat's version counter
+        torch.testing.assert_close(matmul_rows(cols, wmat), cols @ wmat, rtol=1e-5, atol=1e-5)
+        with MacCounter() as counter:
+            matmul_rows(cols, wmat)
+    assert counter.total == 9 * 12 * 5
