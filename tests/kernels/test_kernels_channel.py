@@ -14,9 +14,12 @@ from dynnet.kernels.channel import (
     choose_strategy,
     fold_bn,
     gated_pair_reference,
+    gated_rest_add_,
     gated_rest_conv,
     sliced_conv_in,
     sliced_pair,
+    sliced_pair_single,
+    version_key,
 )
 from dynnet.macs import MacCounter
 
@@ -130,3 +133,75 @@ def test_gated_rest_conv_computes_only_gated_entries(stride: int) -> None:
     assert counter.total == int(gate.sum()) * 5 * 9
     empty = gated_rest_conv(x, conv.weight, torch.zeros_like(gate), ConvSpec.of(conv))
     assert empty.shape == y.shape and not empty.any()
+
+
+@pytest.mark.parametrize("kept", ["all", "none", "some"])
+@pytest.mark.parametrize("boost", [False, True])
+def test_single_sample_path_matches_the_reference(kept: str, boost: bool) -> None:
+    c1, b1, c2, b2 = _pair(stride=2)
+    x = torch.randn(1, 3, 9, 9)
+    on = {"all": torch.ones(1, 6), "none": torch.zeros(1, 6), "some": torch.tensor([[1.0, 0, 0, 1, 1, 0]])}[kept]
+    values = torch.rand(1, 6) + 0.5
+    scale = on * values if boost else on
+    w1, bb1 = fold_bn(c1, b1)
+    w2, bb2 = fold_bn(c2, b2)
+    s1, s2 = ConvSpec.of(c1), ConvSpec.of(c2)
+    ref = gated_pair_reference(x, w1, bb1, w2, bb2, scale, s1, s2)
+    with torch.no_grad(), MacCounter() as counter:
+        y, k = sliced_pair_single(x, w1, bb1, w2, bb2, scale, s1, s2, binary=not boost)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    assert k == int(on.sum())
+    assert counter.total == k * (9 * 3 * 25 + 9 * 5 * 25)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_binary_scale_only_reads_the_non_zero_positions(strategy: str) -> None:
+    c1, b1, c2, b2 = _pair()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 8, 8, generator=g)
+    on = torch.rand(4, 6, generator=g) < 0.5
+    w1, bb1 = fold_bn(c1, b1)
+    w2, bb2 = fold_bn(c2, b2)
+    s1, s2 = ConvSpec.of(c1), ConvSpec.of(c2)
+    ref = gated_pair_reference(x, w1, bb1, w2, bb2, on.float(), s1, s2)
+    logits_like = on.float() * (torch.rand(4, 6, generator=g) + 0.1)  # e.g. relu(logits): non-zero where kept
+    for xs, ss, r in ((x, logits_like, ref), (x[:1], logits_like[:1], ref[:1])):
+        y, _ = sliced_pair(xs, w1, bb1, w2, bb2, ss, s1, s2, binary=True, strategy=strategy)
+        torch.testing.assert_close(y, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dense_density", [0.0, 0.3, 2.0])
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gated_rest_add_matches_the_masked_sum_and_the_counter(
+    dense_density: float, density: float, stride: int
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(5, 4, 3, stride, 1, bias=False)
+    x = torch.randn(2, 5, 7, 7, generator=g)
+    ho = (7 + 2 - 3) // stride + 1
+    gate = (torch.rand(2, 4, ho, ho, generator=g) < density).float()
+    gate[:, 0] = 0.0  # a channel with no kept entry
+    p = torch.randn(2, 4, ho, ho, generator=g)
+    expected = p + gate * conv(x).detach()
+    with torch.no_grad(), MacCounter() as counter:
+        y, executed = gated_rest_add_(
+            p.clone(), x, conv.weight.detach(), gate, ConvSpec.of(conv), dense_density=dense_density
+        )
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert counter.total == int(executed.sum()) * 5 * 9
+    assert (executed >= gate.flatten(1).sum(1).double()).all()  # a superset of the gated entries
+    if dense_density == 0.0:  # every channel with a kept entry is computed everywhere
+        per_channel = (gate.sum((0, 2, 3)) > 0).sum() * ho * ho
+        torch.testing.assert_close(executed, torch.full((2,), float(per_channel), dtype=torch.float64))
+
+
+def test_version_key_tracks_in_place_edits_and_refuses_inference_tensors() -> None:
+    w = torch.randn(3)
+    key = version_key(w, None)
+    assert version_key(w, None) == key
+    w.add_(1.0)
+    assert version_key(w, None) != key
+    with torch.inference_mode():
+        assert version_key(torch.randn(3)) is None
+    assert version_key(torch.empty(3, device="meta")) is None

@@ -42,9 +42,12 @@ __all__ = [
     "choose_strategy",
     "fold_bn",
     "gated_pair_reference",
+    "gated_rest_add_",
     "gated_rest_conv",
     "sliced_conv_in",
     "sliced_pair",
+    "sliced_pair_single",
+    "version_key",
 ]
 
 STRATEGIES = ("auto", "dense", "groups", "padded", "per_sample")
@@ -84,6 +87,25 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     if conv.bias is not None:
         b = b + conv.bias * gamma * inv
     return w, b
+
+
+def version_key(*tensors: Tensor | None) -> tuple | None:
+    """A cache key that changes whenever one of ``tensors`` is replaced or edited in place.
+
+    ``(data_ptr, _version)`` per tensor: assigning a new tensor changes the pointer, an in-place edit (optimiser
+    step, ``load_state_dict``, ``fill_``) bumps the version counter. Used to cache BN-folded weights.
+    ``None`` (do not cache) when a tensor has no version counter: inference tensors, and the meta tensors a MAC
+    probe substitutes for the parameters.
+    """
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif t.is_inference() or t.is_meta:
+            return None
+        else:
+            key.append((t.data_ptr(), t._version))
+    return tuple(key)
 
 
 def gated_pair_reference(
@@ -129,6 +151,10 @@ def _out_hw(spec1: ConvSpec, spec2: ConvSpec, x: Tensor, w1: Tensor, w2: Tensor)
     return size[0], size[1]
 
 
+def _conv_out(size: int, kernel: int, spec: ConvSpec, d: int) -> int:
+    return (size + 2 * spec.padding[d] - spec.dilation[d] * (kernel - 1) - 1) // spec.stride[d] + 1
+
+
 def _run_slice(
     x: Tensor,
     w1: Tensor,
@@ -145,6 +171,51 @@ def _run_slice(
     if scale is not None:
         h = h * scale.index_select(1, channels)[:, :, None, None]
     return spec2.conv(h, w2.index_select(1, channels), b2)
+
+
+def sliced_pair_single(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    scale: Tensor,
+    spec1: ConvSpec,
+    spec2: ConvSpec,
+    *,
+    binary: bool = False,
+) -> tuple[Tensor, int]:
+    """:func:`sliced_pair` for one sample, with as few kernel launches as possible (the batch-1 inference path).
+
+    At batch 1 a ResNet-20 block's convolutions take tens of microseconds, so every extra op (mask comparison,
+    ``all()``, ``sum()``, a count tensor) costs a visible fraction of the saving. Here the kept channels come from
+    one ``nonzero`` on ``scale`` itself; every channel kept → the plain convolutions (no slicing); none kept →
+    the folded bias ``b2`` (no MACs); otherwise one weight slice.
+
+    Args:
+        x: Tensor[1, C_in, H, W].
+        w1, b1, w2, b2, spec1, spec2: as :func:`sliced_pair` (BN folded).
+        scale: Tensor[1, C] or Tensor[C] channel multipliers (0 = off).
+        binary: the kept channels are multiplied by 1 (only the non-zero positions of ``scale`` matter).
+
+    Returns:
+        ``(y, k)``: Tensor[1, C_out, H', W'] and the number of inner channels computed.
+    """
+    s = scale.reshape(-1)
+    channels = s.nonzero().squeeze(1)
+    k, c = channels.shape[0], s.shape[0]
+    if k == c:  # all on: no slicing
+        h = spec1.conv(x, w1, b1).relu_()
+        if not binary:
+            h = h * s[None, :, None, None]
+        return spec2.conv(h, w2, b2), k
+    if k == 0:
+        ho, wo = _out_hw(spec1, spec2, x, w1, w2)
+        return b2.view(1, -1, 1, 1).expand(x.shape[0], -1, ho, wo), 0
+    h = spec1.conv(x, w1.index_select(0, channels), b1.index_select(0, channels)).relu_()
+    if not binary:
+        h = h * s.index_select(0, channels)[None, :, None, None]
+    return spec2.conv(h, w2.index_select(1, channels), b2), k
 
 
 def sliced_pair(
@@ -168,7 +239,8 @@ def sliced_pair(
         w2, b2: Tensor[C_out, C, k, k], Tensor[C_out] second convolution (BN folded).
         scale: Tensor[N, C] channel multipliers (0 = off).
         spec1, spec2: geometry of the two convolutions.
-        binary: ``scale`` holds only 0/1 values, so the multiplication is skipped.
+        binary: the kept channels are multiplied by 1: only the positions of the non-zeros of ``scale`` matter
+            (its values are ignored), and the multiplication is skipped.
         strategy: one of :data:`STRATEGIES`.
 
     Returns:
@@ -181,23 +253,23 @@ def sliced_pair(
             f"shapes disagree: x {tuple(x.shape)}, scale {tuple(scale.shape)}, "
             f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}"
         )
+    if n == 1 and strategy in ("auto", "groups", "per_sample"):  # one slice, no grouping work
+        y, k = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, binary=binary)
+        return y, torch.full((1,), float(k), dtype=torch.float64, device=x.device)
     active = scale != 0
     mult = None if binary else scale
     how = choose_strategy(active, strategy)
     if how == "dense":
         h = F.relu(spec1.conv(x, w1, b1))
-        if mult is not None or not bool(active.all()):
+        if mult is not None:
             h = h * scale[:, :, None, None]
+        elif not bool(active.all()):
+            h = h * active.to(h.dtype)[:, :, None, None]
         return spec2.conv(h, w2, b2), torch.full((n,), float(c), dtype=torch.float64, device=x.device)
     ho, wo = _out_hw(spec1, spec2, x, w1, w2)
     counts = active.sum(1)
     if how == "padded":
-        return _padded(x, w1, b1, w2, b2, scale, active, counts, spec1, spec2, (ho, wo))
-    if n == 1 and how in ("groups", "per_sample"):  # batch 1: one slice, no grouping work
-        channels = active[0].nonzero().squeeze(1)
-        if channels.numel() == 0:
-            return b2.view(1, -1, 1, 1).expand(1, -1, ho, wo).contiguous(), counts.double()
-        return _run_slice(x, w1, b1, w2, b2, mult, channels, spec1, spec2), counts.double()
+        return _padded(x, w1, b1, w2, b2, scale, active, counts, spec1, spec2, (ho, wo), binary)
     out = b2.view(1, -1, 1, 1).expand(n, -1, ho, wo).contiguous()
     if how == "per_sample":
         groups = [(torch.tensor([i], device=x.device), active[i]) for i in range(n)]
@@ -230,6 +302,7 @@ def _padded(
     spec1: ConvSpec,
     spec2: ConvSpec,
     out_hw: tuple[int, int],
+    binary: bool,
 ) -> tuple[Tensor, Tensor]:
     """Every sample's own slice in one grouped convolution (``groups = N``), padded to ``k_max`` channels."""
     n = scale.shape[0]
@@ -239,7 +312,8 @@ def _padded(
         return b2.view(1, -1, 1, 1).expand(n, -1, *out_hw).contiguous(), executed
     # Kept channels first (stable order), then padding slots whose multiplier is 0.
     order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :kmax]  # Tensor[N, k_max]
-    slot_scale = torch.gather(scale, 1, order) * (torch.arange(kmax, device=x.device) < counts[:, None])
+    valid = torch.arange(kmax, device=x.device) < counts[:, None]
+    slot_scale = valid.to(x.dtype) if binary else torch.gather(scale, 1, order) * valid
     flat = order.reshape(-1)
     cin, hh, ww = x.shape[1:]
     h = spec1.conv(x.reshape(1, n * cin, hh, ww), w1.index_select(0, flat), b1.index_select(0, flat), groups=n)
@@ -272,6 +346,16 @@ def sliced_conv_in(
         ``(y, executed)``: Tensor[N, C_out, H', W'] and Tensor[N] float64, the input channels really read.
     """
     n, c = active.shape
+    if n == 1 and strategy in ("auto", "groups", "per_sample"):  # one slice: no strategy choice, one nonzero
+        channels = active.reshape(-1).nonzero().squeeze(1)
+        k = channels.shape[0]
+        executed = torch.full((1,), float(k), dtype=torch.float64, device=h.device)
+        if k == c:
+            return spec.conv(h, w, b), executed
+        if k == 0:
+            ho, wo = (_conv_out(h.shape[2 + d], w.shape[2 + d], spec, d) for d in range(2))
+            return b.view(1, -1, 1, 1).expand(1, -1, ho, wo), executed
+        return spec.conv(h.index_select(1, channels), w.index_select(1, channels), b), executed
     how = choose_strategy(active, strategy)
     counts = active.sum(1)
     if how == "dense":
@@ -291,9 +375,7 @@ def sliced_conv_in(
             )
             return y.view(n, cout, *y.shape[2:]), torch.full((n,), float(kmax), dtype=torch.float64, device=h.device)
         how = "groups"
-    # Output geometry from a zero-channel probe would cost nothing, but computing it directly is clearer.
-    ho = (h.shape[2] + 2 * spec.padding[0] - spec.dilation[0] * (w.shape[2] - 1) - 1) // spec.stride[0] + 1
-    wo = (h.shape[3] + 2 * spec.padding[1] - spec.dilation[1] * (w.shape[3] - 1) - 1) // spec.stride[1] + 1
+    ho, wo = (_conv_out(h.shape[2 + d], w.shape[2 + d], spec, d) for d in range(2))
     out = b.view(1, -1, 1, 1).expand(n, -1, ho, wo).contiguous()
     if how == "per_sample":
         groups = [(torch.tensor([i], device=h.device), active[i]) for i in range(n)]
@@ -339,3 +421,76 @@ def gated_rest_conv(x_rest: Tensor, w_rest: Tensor, gate: Tensor, spec: ConvSpec
             continue
         out[rows, o] = torch.mm(cols.index_select(0, rows), w[o : o + 1].t()).squeeze(1)
     return out.view(n, ho, wo, cout).permute(0, 3, 1, 2)
+
+
+def gated_rest_add_(
+    p: Tensor, x_rest: Tensor, w_rest: Tensor, gate: Tensor, spec: ConvSpec, *, dense_density: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """``p += gate · conv(x_rest; w_rest)`` without a loop over output channels (channel gating's fast path).
+
+    Output channels are split by the fraction of their (sample, position) entries the gate keeps in the batch:
+
+    * none kept → skipped (0 MACs);
+    * at least ``dense_density`` kept → one dense convolution over these output channels (a weight slice),
+      multiplied by the gate: every entry of these channels is computed;
+    * the others → the gather–GEMM engine of :mod:`dynnet.kernels.spatial` at the union of their active
+      positions (one ``index_select`` of the input patches, one GEMM with the weight rows of these channels).
+
+    Each channel is computed at a superset of its gated entries, so the result equals the masked computation,
+    and the executed MACs (returned per sample, in entries of ``C_rest · k · k`` MACs) exceed the theoretical
+    ones by the union's and the dense channels' extra entries. :func:`gated_rest_conv` is the exact-MAC
+    reference (a GEMV per output channel: exact, but a Python loop and slow on CPU).
+
+    Args:
+        p: Tensor[N, C_out, H', W'] the base partial sum, updated in place and returned.
+        x_rest: Tensor[N, C_rest, H, W].
+        w_rest: Tensor[C_out, C_rest, k, k].
+        gate: Tensor[N, C_out, H', W'] (bool or 0/1): where the rest is added.
+        spec: the convolution's geometry (square kernel, equal stride/padding/dilation along both axes for the
+            gather part).
+        dense_density: the kept fraction from which a channel is computed densely (0: every channel with an
+            active entry dense; above 1: none).
+
+    Returns:
+        ``(p, executed)``: ``p`` and Tensor[N] float64, the entries (output channel × position) computed per sample.
+    """
+    from dynnet.kernels import spatial
+
+    n, cout, ho, wo = gate.shape
+    g = gate.to(p.dtype)
+    counts = g.sum((0, 2, 3)).tolist()  # one host sync: the partition is decided in Python
+    total = n * ho * wo
+    dense = [o for o, c in enumerate(counts) if c > 0 and c >= dense_density * total]
+    sparse = [o for o, c in enumerate(counts) if 0 < c < dense_density * total]
+    executed = torch.zeros(n, dtype=torch.float64, device=p.device)
+    if dense:
+        if len(dense) == cout:
+            p.addcmul_(spec.conv(x_rest, w_rest), g)
+        else:
+            idx = torch.tensor(dense, device=p.device)
+            r = spec.conv(x_rest, w_rest.index_select(0, idx)) * g.index_select(1, idx)
+            p.index_add_(1, idx, r)
+        executed += len(dense) * ho * wo
+    if sparse:
+        idx = torch.tensor(sparse, device=p.device)
+        gs = g.index_select(1, idx)  # Tensor[N, S, H', W']
+        positions = gs.amax(1).nonzero()  # Tensor[P, 3] (n, row, col): the union of the sparse channels' entries
+        rows, zero_row = spatial.channels_last_rows(x_rest)
+        lookup = spatial.input_lookup(n, x_rest.shape[2], x_rest.shape[3], x_rest.device)
+        vals = spatial.gather_conv_rows(
+            rows,
+            lookup,
+            spatial.weight_matrix(w_rest.index_select(0, idx)),
+            positions,
+            kernel=w_rest.shape[-1],
+            stride=spec.stride[0],
+            padding=spec.padding[0],
+            dilation=spec.dilation[0],
+            zero_row=zero_row,
+        )  # Tensor[P, S]
+        pn, py, px = positions.unbind(1)
+        vals = vals * gs.permute(0, 2, 3, 1)[pn, py, px]
+        flat = ((pn[:, None] * cout + idx[None, :]) * ho + py[:, None]) * wo + px[:, None]  # Tensor[P, S]
+        p.view(-1).index_add_(0, flat.reshape(-1), vals.reshape(-1))
+        executed += torch.bincount(pn, minlength=n).double() * len(sparse)
+    return p, executed

@@ -108,7 +108,8 @@ class QRoutingModel(DynamicModel):
             if t is not None:
                 t.record_output(f"{self.recipe}/q{index}", q)
                 t.record_output(f"{self.recipe}/action{index}", action)
-            h = block(h, Decision(hard=mask, soft=torch.softmax(q, 1), granularity="channel"), mask)
+            soft = torch.softmax(q, 1) if t is not None else None  # only a trace reads the probabilities
+            h = block(h, Decision(hard=mask, soft=soft, granularity="channel"), mask)
             index += 1
         return resnet_head(self.net, h)
 

@@ -8,7 +8,9 @@ residual stream, is unchanged.
 * masked mode: ``post(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))) * scale)))`` with ``scale`` Tensor[N, C]
   (the straight-through decision, or the decision times a boosting factor for FBS-style recipes);
 * sparse mode: the batch norms are folded into the convolutions and
-  :func:`dynnet.kernels.channel.sliced_pair` computes only the kept channels of each sample;
+  :func:`dynnet.kernels.channel.sliced_pair` computes only the kept channels of each sample. The folded weights
+  are cached until a convolution or batch-norm tensor is replaced or edited in place (:meth:`folded_weights`),
+  and batch 1 takes :func:`~dynnet.kernels.channel.sliced_pair_single` (one ``nonzero``, no strategy choice);
 * dense mode: the original block.
 
 The per-sample MACs of the branch are ``k_n · body / C`` where ``body`` is the probed cost of both convolutions;
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, current_trace
-from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_pair
+from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_pair, sliced_pair_single, version_key
 
 __all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks"]
 
@@ -65,6 +68,7 @@ class ChannelGatedBlock(DynamicBlock):
         for child_name, child in block.named_children():
             self.add_module(child_name, child)
         object.__setattr__(self, "_block", block)
+        self._folded: tuple[tuple, tuple] | None = None
         self.adapter = adapter
         self.strategy = strategy
         if gate is not None:
@@ -102,6 +106,13 @@ class ChannelGatedBlock(DynamicBlock):
         """
         raise NotImplementedError
 
+    def sparse_scale(self, x: Tensor) -> Tensor:
+        """Channel multipliers for sparse inference when no trace records the decision: Tensor[N, C] whose
+        non-zero entries are exactly the kept channels. When :meth:`binary_scale` is true only the positions of
+        the non-zeros matter (subclasses return e.g. ``relu(logits)`` and save the 0/1 conversion, a few
+        microseconds per block that count at batch 1); otherwise the values are the multipliers."""
+        return self.decide(x)[1]
+
     def binary_scale(self) -> bool:
         """Whether ``scale`` only takes the values 0 and 1 (sparse mode then skips the multiplication)."""
         return True
@@ -118,24 +129,55 @@ class ChannelGatedBlock(DynamicBlock):
         return out
 
     def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
-        d, s = self._decision(x, decision, scale)
-        w1, b1 = fold_bn(self.conv1, self.bn1)
-        w2, b2 = fold_bn(self.conv2, self.bn2)
-        y, executed = sliced_pair(
-            x,
-            w1,
-            b1,
-            w2,
-            b2,
-            s.to(x.dtype),
-            ConvSpec.of(self.conv1),
-            ConvSpec.of(self.conv2),
-            binary=self.binary_scale(),
-            strategy=self.strategy,
-        )
+        t = current_trace()
+        if decision is None and t is None:  # nothing records the decision: only the kept channels are needed
+            d, s = None, self.sparse_scale(x)
+        else:
+            d, s = self._decision(x, decision, scale)
+        w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
+        if x.shape[0] == 1 and self.strategy in ("auto", "groups", "per_sample"):
+            y, k = sliced_pair_single(x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale())
+            executed = None if t is None else torch.full((1,), float(k), dtype=torch.float64, device=x.device)
+        else:
+            y, executed = sliced_pair(
+                x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale(), strategy=self.strategy
+            )
         out = self.post(self.shortcut(x) + y)
-        self._record(x, d, executed_channels=executed)
+        if t is not None:
+            self._record(x, d, executed_channels=executed)
         return out
+
+    def folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, ConvSpec, ConvSpec]:
+        """``(w1, b1, w2, b2, spec1, spec2)``: both convolutions with their batch norms folded (eval only).
+
+        Cached without autograd until a weight, BN parameter or running statistic is replaced or edited in place
+        (:func:`~dynnet.kernels.channel.version_key`); with gradients enabled (or under tracing/compilation) they
+        are recomputed on every call so that gradients reach the parameters.
+        """
+        m = self._modules
+        c1, n1, c2, n2 = m["conv1"], m["bn1"], m["conv2"], m["bn2"]
+        key = None
+        if not (torch.is_grad_enabled() or _tracing()):
+            # Read the tensors from the module dicts: nn.Module.__getattr__ costs more than a batch-1 slice.
+            tensors = [c._parameters[k] for c in (c1, c2) for k in ("weight", "bias")]
+            tensors += [n._parameters[k] for n in (n1, n2) for k in ("weight", "bias")]
+            tensors += [n._buffers[k] for n in (n1, n2) for k in ("running_mean", "running_var")]
+            versions = version_key(*tensors)
+            key = None if versions is None else (*versions, n1.eps, n2.eps, n1.training, n2.training)
+        if key is None:
+            w1, b1 = fold_bn(c1, n1)
+            w2, b2 = fold_bn(c2, n2)
+            return w1, b1, w2, b2, ConvSpec.of(c1), ConvSpec.of(c2)
+        folded = self._folded
+        if folded is not None and folded[0] == key:
+            return folded[1]
+        with torch.inference_mode(False), torch.no_grad():
+            w1, b1 = fold_bn(c1, n1)
+            w2, b2 = fold_bn(c2, n2)
+            weights = tuple(w.contiguous() for w in (w1, b1, w2, b2))
+        value = (*weights, ConvSpec.of(c1), ConvSpec.of(c2))
+        self._folded = (key, value)
+        return value
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _decision(self, x: Tensor, decision: Decision | None, scale: Tensor | None) -> tuple[Decision, Tensor]:
@@ -187,3 +229,8 @@ def convert_blocks(
         replace_module(model, name, new)
         new_blocks.append(new)
     return new_blocks
+
+
+def _tracing() -> bool:
+    """Inside torch.jit tracing/scripting or torch.compile/export: no cached folds (shared with channel_gating)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()

@@ -28,11 +28,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
 from dynnet.losses.batch_shaping import batch_shaping_loss
@@ -70,10 +71,22 @@ class BatchShapingBlock(ChannelGatedBlock):
     """A basic block whose inner channels are switched by a Gumbel-sigmoid gate on the block input."""
 
     def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
+        if not self.training:
+            # Inference: the gate with its BN folded, thresholded at logit 0 (= noise-free sigmoid(l / tau) > 1/2);
+            # the probabilities are only computed when a trace will record them.
+            logits = self.gate.inference_logits(x)  # Tensor[N, C]
+            hard = (logits > 0).to(logits.dtype)
+            soft = torch.sigmoid(logits) if current_trace() is not None else None
+            return Decision(hard=hard, soft=soft, granularity="channel"), hard
         logits = self.gate(x)  # Tensor[N, C]
         hard, prob = gumbel_sigmoid(logits, self.tau, hard=True, noise=self.training)
         d = Decision(hard=hard, soft=prob, granularity="channel")
         return d, hard
+
+    def sparse_scale(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().sparse_scale(x)
+        return self.gate.inference_logits(x).relu_()  # non-zero exactly where logit > 0
 
 
 class BatchShaping(DynamicModel):

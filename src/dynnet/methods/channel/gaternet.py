@@ -108,8 +108,9 @@ class GaterNet(DynamicModel):
                 c = block.channels
                 v, p = value[:, offset : offset + c], prob[:, offset : offset + c]
                 offset += c
-                # hard: 0/1 in the forward pass with the gradient of the gate values.
-                hard = (v.detach() > 0).to(v.dtype) + (v - v.detach())
+                # hard: 0/1 in the forward pass with the gradient of the gate values (at inference the values are
+                # already 0/1: improved semantic hashing thresholds them).
+                hard = (v.detach() > 0).to(v.dtype) + (v - v.detach()) if self.training else v
                 h = block(h, Decision(hard=hard, soft=p, granularity="channel"), v)
             else:
                 h = block(h)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
-from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_conv_in
+from dynnet.kernels.channel import sliced_conv_in
 from dynnet.losses.instance_sparsity import channel_norms, feature_l21, instance_keep_mask
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
@@ -91,11 +91,10 @@ class InstanceSparsityBlock(ChannelGatedBlock):
         return out
 
     def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
-        w1, b1 = fold_bn(self.conv1, self.bn1)
-        h = F.relu(ConvSpec.of(self.conv1).conv(x, w1, b1))
+        w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
+        h = spec1.conv(x, w1, b1).relu_()
         d, s = self._mask(h)
-        w2, b2 = fold_bn(self.conv2, self.bn2)
-        y, executed = sliced_conv_in(h, w2, b2, s > 0, ConvSpec.of(self.conv2), strategy=self.strategy)
+        y, executed = sliced_conv_in(h, w2, b2, s > 0, spec2, strategy=self.strategy)
         out = self.post(self.shortcut(x) + y)
         self._record_in(x, d, executed_channels=executed)
         return out

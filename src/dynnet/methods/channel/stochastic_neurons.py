@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
 from dynnet.estimators.reinforce import bernoulli_log_prob, moving_average, reinforce_loss
 from dynnet.estimators.stochastic_neurons import noisy_rectifier, st_binary, stochastic_times_smooth, unbiased_binary
 from dynnet.gates import PooledMLPGate
@@ -93,8 +93,21 @@ class StochasticNeuronBlock(ChannelGatedBlock):
     def binary_scale(self) -> bool:
         return self.estimator in ("straight_through", "straight_through_identity", "unbiased")
 
+    def sparse_scale(self, x: Tensor) -> Tensor:
+        if self.training or not self.binary_scale():
+            return super().sparse_scale(x)
+        return self.gate.inference_logits(x).relu_()  # non-zero exactly where a > 0
+
     def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
-        a = self.gate(x)  # Tensor[N, C]
+        if not self.training:
+            a = self.gate.inference_logits(x)  # Tensor[N, C], the gate's BN folded
+            if self.binary_scale():
+                # Deterministic binary units: sigmoid(a) > 1/2, i.e. a > 0; p only when a trace records it.
+                hard = (a > 0).to(a.dtype)
+                p = torch.sigmoid(a) if current_trace() is not None else None
+                return Decision(hard=hard, soft=p, granularity="channel"), hard
+        else:
+            a = self.gate(x)  # Tensor[N, C]
         sample = self.training
         if self.estimator == "straight_through":
             hard, value, p = st_binary(a, sample=sample)
