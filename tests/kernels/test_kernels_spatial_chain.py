@@ -195,3 +195,19 @@ def test_gather_tiles_equals_padded_slices(case) -> None:
     for t, (b, ty, tx) in enumerate(tiles.tolist()):
         y0, x0 = ty * step + offset + pad, tx * step + offset + pad
         torch.testing.assert_close(got[t], xp[b, :, y0 : y0 + region, x0 : x0 + region])
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_scatter_tiles_keeps_base_and_its_format(memory_format) -> None:
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 3, 5, 7, generator=g).contiguous(memory_format=memory_format)
+    before = base.clone()
+    tiles = torch.tensor([[0, 1, 1], [1, 0, 0]])  # the first sticks out of the 5×7 image
+    values = torch.randn(2, 3, 4, 4, generator=g)
+    out = scatter_tiles(base, values, tiles, 4)
+    torch.testing.assert_close(base, before)
+    assert out.is_contiguous(memory_format=memory_format)
+    expected = before.clone()
+    expected[0, :, 4:5, 4:7] += values[0, :, :1, :3]
+    expected[1, :, 0:4, 0:4] += values[1]
+    torch.testing.assert_close(out, expected)
