@@ -97,15 +97,14 @@ def version_key(*tensors: Tensor | None) -> tuple | None:
     ``None`` (do not cache) when a tensor has no version counter: inference tensors, and the meta tensors a MAC
     probe substitutes for the parameters.
     """
-    key = []
-    for t in tensors:
-        if t is None:
-            key.append(None)
-        elif t.is_inference() or t.is_meta:
-            return None
-        else:
-            key.append((t.data_ptr(), t._version))
-    return tuple(key)
+    # One pass without per-tensor checks: this runs once per block per batch-1 inference.
+    try:
+        key = tuple([None if t is None else (t.data_ptr(), t._version) for t in tensors])
+    except RuntimeError:  # an inference tensor has no version counter
+        return None
+    if any(k is not None and k[0] == 0 for k in key):  # meta (or empty) tensors: nothing to cache
+        return None
+    return key
 
 
 def gated_pair_reference(

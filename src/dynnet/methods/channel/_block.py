@@ -174,7 +174,8 @@ class ChannelGatedBlock(DynamicBlock):
         with torch.inference_mode(False), torch.no_grad():
             w1, b1 = fold_bn(c1, n1)
             w2, b2 = fold_bn(c2, n2)
-            weights = tuple(w.contiguous() for w in (w1, b1, w2, b2))
+            # The folds keep the convolution weights' memory format (channels-last models stay channels-last).
+            weights = (w1, b1.contiguous(), w2, b2.contiguous())
         value = (*weights, ConvSpec.of(c1), ConvSpec.of(c2))
         self._folded = (key, value)
         return value
