@@ -177,9 +177,14 @@ def _onednn_usable(*tensors: Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or t.dtype != torch.float32 or t.is_sparse or (grad and t.requires_grad):
+        if not _plain_cpu(t) or t.dtype != torch.float32 or (grad and t.requires_grad):
             return False
     return True
+
+
+def _plain_cpu(t: Tensor) -> bool:
+    """A dense CPU tensor of a plain class (not a fake, functional or other tensor subclass)."""
+    return t.device.type == "cpu" and t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def matmul_rows(cols: Tensor, wmat: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -231,7 +236,7 @@ def _cached_weight_matrix(weight: Tensor) -> Tensor:
     its version counter, storage pointer and shape, so in-place edits and ``.data`` swaps recompute it. A
     weight that needs a gradient is never cached (the matrix must stay on the autograd graph).
     """
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if (torch.is_grad_enabled() and weight.requires_grad) or not _plain_cpu(weight):
         return weight_matrix(weight)
     key = id(weight)
     stamp = (weight._version, weight.data_ptr(), *weight.shape)
