@@ -142,7 +142,7 @@ class GatedConv(DynamicBlock):
             return w[:, : self.base], w[:, self.base :]
         cached = self._split_cache
         if cached is None or cached[0] != key:
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 cached = (key, (w[:, : self.base].contiguous(), w[:, self.base :].contiguous()))
             self._split_cache = cached
         return cached[1]
