@@ -1,5 +1,5 @@
 """Spatial and block recipes on Cluttered Fashion-MNIST (64×64): accuracy vs MACs vs static baselines, and
-the realized speedup of sparse execution on CPU.
+the realized speedup of sparse execution on CPU (batch 1, 16 and 64).
 
 Protocol (short, CPU-only, shared machine):
 
@@ -7,18 +7,36 @@ Protocol (short, CPU-only, shared machine):
    the training canvases; static baselines of reduced width / depth get the same schedule;
 2. each dynamic recipe converts a copy of the trained base (gates open) and is fine-tuned for
    ``--tune-epochs`` with its own objective (the DynConv and SACT papers also start from a trained ResNet);
-   the static base is fine-tuned for as long, so that every model sees the same number of steps;
+   the static base is fine-tuned for as long, so that every model sees the same number of steps.
+   PerforatedCNNs (input-independent masks) run at several keep rates: impact masks (the paper's best kind,
+   :func:`~dynnet.methods.spatial.perforated_cnn.impact_masks_`, 3 removal rounds on ``--impact-batches`` training
+   batches of the trained base, then the fine-tune) at 0.3 / 0.5 / 0.7 and a data-free grid mask at 0.5;
 3. every model is evaluated on ``--test`` real test canvases in sparse mode (accuracy, theoretical and
-   executed MACs per image), and timed dense vs sparse at batch 1 and 64 with
-   :func:`dynnet.bench.harness.profile_model` (realized speedup ratio = latency speedup ÷ MAC speedup).
+   executed MACs per image), and timed dense vs sparse at batch 1, 16 (the spatial kernels' batch of issue #6)
+   and 64 with :func:`dynnet.bench.harness.profile_model` (realized speedup ratio = latency speedup ÷ MAC
+   speedup, ``b{B}_realized_ratio``).
 
-Results: ``benchmarks/results/spatial/results.json`` (+ ``results.csv``, ``accuracy_vs_macs.png``), with
-:func:`dynnet.bench.machine_info` (load average included: the CPU is shared, latencies are noisy).
+Results: ``<out>/results.json`` (+ ``results.csv``, ``accuracy_vs_macs.png``; ``<out>`` defaults to
+``benchmarks/results/spatial``), with :func:`dynnet.bench.machine_info` at the start and the end (date, load
+average, torch threads: latencies under load are noisy).
 
 Usage::
 
-    python benchmarks/spatial.py --subset 8000 --base-epochs 2 --tune-epochs 1
+    python benchmarks/spatial.py                  # defaults below
     python benchmarks/spatial.py --profile-only   # re-time the saved models
+    python benchmarks/spatial.py --quick --threads 1 --out /tmp/bench_check/spatial   # smoke test
+
+Default schedule and time estimate (quiet 2-core CPU, 2 threads; from the CPU time of a few timed training steps
+of every model at 1 thread, scaled by ResNet-20's measured ~800 training images/s at 2 threads, 64×64 canvases):
+8,000 training canvases (validation held out apart), batch 128; base ResNet-20 ×0.5 2 epochs + 1 (~75 s); static
+ResNet-20 ×0.35 and ResNet-8 ×0.5 3 epochs each (~100 s together); 7 dynamic models fine-tuned 1 epoch each
+(dynconv ~42 s, sbnet ~36 s, sact ~35 s, 4 × perforated_cnn ~43 s: ~290 s; the 3 impact masks ~8 s each);
+sparse test on 2,000 canvases and timing at 3 batch sizes × 0.5 s per configuration for 10 models (~100 s):
+**about 10.5 minutes** in all (≤ 12 min). DynConv and SBNet masks start at logit ``--gate-bias`` 2.0
+(p ≈ 0.88) rather than the saturated open 6: one epoch cannot close saturated gates (the earlier results,
+8 steps under load, kept every position). In a probe of this fine-tune (1 epoch of 8,000 canvases from a barely
+trained base, 1 thread) DynConv reached a MAC fraction of 0.35 and SACT 1.03 at ponder weight 0.01 but 0.89 at
+0.1, hence ``--sact-ponder-weight`` 0.1.
 """
 
 from __future__ import annotations
@@ -37,13 +55,25 @@ from dynnet.bench import machine_info
 from dynnet.bench.harness import profile_model
 from dynnet.data import build_loaders
 from dynnet.methods.spatial.dynconv import DynConvAnnealing
+from dynnet.methods.spatial.perforated_cnn import impact_masks_
 from dynnet.train import TrainConfig, evaluate, fit
 
-RECIPES = {
-    "dynconv": {"budget": 0.5},
-    "sbnet": {"budget": 0.5, "tile": 8},
-    "sact": {"ponder_weight": 0.01},
+# label -> (recipe, conversion settings, impact-mask keep rate or None)
+RECIPES: dict[str, tuple[str, dict, float | None]] = {
+    "dynconv": ("dynconv", {"budget": 0.5}, None),
+    "sbnet": ("sbnet", {"budget": 0.5, "tile": 8}, None),
+    "sact": ("sact", {"ponder_weight": 0.1}, None),  # --sact-ponder-weight
+    "perforated_cnn_impact0.3": ("perforated_cnn", {"input_size": 64}, 0.3),
+    "perforated_cnn_impact0.5": ("perforated_cnn", {"input_size": 64}, 0.5),
+    "perforated_cnn_impact0.7": ("perforated_cnn", {"input_size": 64}, 0.7),
+    "perforated_cnn_grid0.5": ("perforated_cnn", {"budget": 0.5, "mask": "grid", "input_size": 64}, None),
 }
+BATCH_SIZES = (1, 16, 64)
+
+
+def _convert(pretrained: torch.nn.Module, label: str) -> torch.nn.Module:
+    recipe, kwargs, _ = RECIPES[label]
+    return dynnet.convert(copy.deepcopy(pretrained), recipe, **kwargs)
 
 
 def _test_batches(loaders, n_test: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +100,12 @@ def _evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> dict
 
 def _profile(model, x_test: torch.Tensor, args) -> dict:
     return profile_model(
-        model, x_test[:64], threads=args.threads, min_run_time=args.min_run, batch1_samples=args.batch1_samples
+        model,
+        x_test[:64],
+        batch_sizes=BATCH_SIZES,
+        threads=args.threads,
+        min_run_time=args.min_run,
+        batch1_samples=args.batch1_samples,
     )
 
 
@@ -83,7 +118,7 @@ def main() -> None:
     parser.add_argument("--base-epochs", type=int, default=2)
     parser.add_argument("--tune-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run", type=float, default=1.0)
+    parser.add_argument("--min-run", type=float, default=0.5)
     parser.add_argument("--batch1-samples", type=int, default=16)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--profile-only", action="store_true")
@@ -93,11 +128,18 @@ def main() -> None:
     parser.add_argument(
         "--gate-bias",
         type=float,
-        default=None,
-        help="initial logit of the dynconv/sbnet mask units (default: open, 6); a short fine-tune cannot close "
-        "gates that start saturated",
+        default=2.0,
+        help="initial logit of the dynconv/sbnet mask units (the recipes' own start: open, 6); a short fine-tune "
+        "cannot close gates that start saturated",
     )
+    parser.add_argument("--impact-batches", type=int, default=2, help="batches of 128 for the impact masks")
+    parser.add_argument("--sact-ponder-weight", type=float, default=0.1, help="SACT's ponder cost weight")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 256 canvases, 2 steps, short timing")
     args = parser.parse_args()
+    RECIPES["sact"][1]["ponder_weight"] = args.sact_ponder_weight
+    if args.quick:
+        args.subset, args.test, args.base_epochs, args.tune_epochs, args.tune_steps = 256, 64, 1, 1, 2
+        args.min_run, args.batch1_samples = 0.02, 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     ckpt = out / "models"
@@ -140,13 +182,17 @@ def main() -> None:
         for recipe in args.recipes:
             pretrained = base(width=args.width)
             pretrained.load_state_dict(torch.load(ckpt / "base_pretrained.pt"))
-            model = dynnet.convert(copy.deepcopy(pretrained), recipe, **RECIPES[recipe])
-            if args.gate_bias is not None and recipe in ("dynconv", "sbnet"):
+            model = _convert(pretrained, recipe)
+            kind, impact_keep = RECIPES[recipe][0], RECIPES[recipe][2]
+            if args.gate_bias is not None and kind in ("dynconv", "sbnet"):
                 with torch.no_grad():
                     for _, block in model.blocks():
                         block.gate.conv.bias.fill_(args.gate_bias)
-            hooks = (DynConvAnnealing(),) if recipe == "dynconv" else ()
             t0 = time.time()
+            if impact_keep is not None:  # masks from the trained base's loss, then the fine-tune (the paper's order)
+                batches = [b for _, b in zip(range(args.impact_batches), loaders.train, strict=False)]
+                impact_masks_(model, batches, impact_keep, rounds=3)
+            hooks = (DynConvAnnealing(),) if kind == "dynconv" else ()
             fit(model, loaders.train, tune, hooks=hooks)
             timings[recipe] = time.time() - t0
             torch.save(model.state_dict(), ckpt / f"{recipe}.pt")
@@ -161,9 +207,9 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     for recipe in args.recipes:
-        model = dynnet.convert(base(width=args.width), recipe, **RECIPES[recipe])
-        model.load_state_dict(torch.load(ckpt / f"{recipe}.pt"))
-        row = {"model": recipe, "kind": "dynamic", **_evaluate(model, x_test, y_test)}
+        model = _convert(base(width=args.width), recipe)
+        model.load_state_dict(torch.load(ckpt / f"{recipe}.pt"))  # perforation masks are buffers: loaded too
+        row = {"model": recipe, "recipe": RECIPES[recipe][0], "kind": "dynamic", **_evaluate(model, x_test, y_test)}
         row.update(_profile(model, x_test, args))
         rows.append(row)
         print(row, flush=True)
@@ -173,7 +219,7 @@ def main() -> None:
         "machine_after": machine_info(),
         "args": vars(args),
         "train_seconds": timings,
-        "note": "CPU shared with other jobs during the run (see load averages): latencies are noisy.",
+        "note": "see the load averages of machine / machine_after: latencies under load are noisy.",
         "rows": rows,
     }
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
