@@ -189,3 +189,27 @@ def test_masks_survive_a_state_dict_round_trip_and_train() -> None:
     loss.total.backward()
     assert set(loss.parts) == {"task"}
     assert other.net.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,plan", [("grid", "grid"), ("uniform", "gather"), ("pooling", "gather")])
+def test_sparse_mode_plans_grid_masks_as_one_strided_convolution(kind: str, plan: str) -> None:
+    """A Cartesian (grid) mask runs as a dense convolution over the gathered rows/columns; others as im2col+GEMM."""
+    from dynnet.methods.spatial.perforated_cnn import stage_plan
+
+    model = _model()
+    set_perforation_(model, kind, 0.4, seed=1)
+    block = model.perforated_blocks()[1]  # layer2.0: its first stage has stride 2
+    for i, st in enumerate(block._stages):
+        mask = block.gate.mask(i)
+        p = stage_plan(mask, st.geometry, (32, 32) if i == 0 else tuple(mask.shape))
+        assert p.kind == plan and p.evaluated == int(mask.sum()) and p.out_size == tuple(mask.shape)
+    x = diverse_inputs(3, (16, 32, 32))
+    with torch.no_grad():
+        masked = block.eval()(x)
+        block.mode = "sparse"
+        with MacCounter() as counter:
+            sparse_out = block(x)
+    torch.testing.assert_close(sparse_out, masked, rtol=1e-4, atol=1e-4)
+    evaluated = sum(int(block.gate.mask(i).sum()) * st.per_position for i, st in enumerate(block._stages))
+    shortcut = counter.total - 3 * evaluated
+    assert 0 <= shortcut < 3 * evaluated  # the branch's MACs are only the evaluated positions (+ the 1×1 shortcut)

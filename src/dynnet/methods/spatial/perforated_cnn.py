@@ -72,8 +72,8 @@ from dynnet.core import (
     register_recipe,
     run_on_meta,
 )
-from dynnet.kernels._spatial_chain import SpatialResidual, chain_sizes, folded_stage
-from dynnet.kernels.spatial import conv_out_size, gather_conv_rows, input_lookup
+from dynnet.kernels._spatial_chain import ConvStage, SpatialResidual, chain_sizes, folded_conv
+from dynnet.kernels.spatial import conv_out_size
 from dynnet.methods.spatial._common import spatial_targets
 
 __all__ = [
@@ -235,6 +235,9 @@ _MAPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, int, Tenso
 )
 
 
+_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, int, StagePlan]]] = weakref.WeakKeyDictionary()
+
+
 class PerforationMasks(nn.Module):
     """The perforation masks of one block's conv stages: buffers ``mask0``, ``mask1``, ... (Tensor[H_i, W_i] bool).
 
@@ -271,6 +274,18 @@ class PerforationMasks(nn.Module):
             r[size[0] // 2, size[1] // 2] = True
         return r
 
+    def plan(self, i: int, mask: Tensor, geometry: tuple[int, int, int, int], in_size: tuple[int, int]) -> StagePlan:
+        """:func:`stage_plan` of stage ``i`` (its mask at this size), cached per mask version like :meth:`maps`."""
+        stored = self.mask(i)
+        cache = _PLANS.setdefault(self, {})
+        key = (i, tuple(mask.shape), tuple(in_size), geometry)
+        hit = cache.get(key)
+        if hit is not None and hit[0] is stored and hit[1] == stored._version:
+            return hit[2]
+        plan = stage_plan(mask, geometry, in_size)
+        cache[key] = (stored, stored._version, plan)
+        return plan
+
     def maps(self, i: int, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         """``(mask, nearest, rank)`` of stage ``i`` at ``size`` (:func:`interpolation_maps`), cached per mask
         version (the cache holds derived data only; it is rebuilt whenever a mask changes)."""
@@ -286,6 +301,91 @@ class PerforationMasks(nn.Module):
         nearest, rank = interpolation_maps(m)
         cache[key] = (stored, stored._version, nearest, rank)
         return m, nearest, rank
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How sparse mode runs one perforated stage (derived from its mask; cached per mask version).
+
+    Attributes:
+        kind: ``"dense"`` (nothing perforated), ``"grid"`` (the mask is a Cartesian product of rows and columns:
+            the stage runs as one dense convolution over the gathered rows and columns, stride = kernel), or
+            ``"gather"`` (any other mask: an im2col of the evaluated positions in NCHW and one batched GEMM).
+        evaluated: P, the number of evaluated positions.
+        out_size: ``(H_out, W_out)``.
+        rows, cols: ``"grid"``: Tensor[k·|R|] / Tensor[k·|C|] indices into the padded input (the k taps of every
+            evaluated row / column); ``"gather"``: ``rows`` = Tensor[k·k·P] flat indices into the padded input,
+            tap-major; ``cols`` unused.
+        near_rows, near_cols: ``"grid"``: Tensor[H_out] / Tensor[W_out], the rank of the nearest evaluated row /
+            column (the nearest position of a Cartesian mask is separable).
+    """
+
+    kind: str
+    evaluated: int
+    out_size: tuple[int, int]
+    rows: Tensor | None = None
+    cols: Tensor | None = None
+    near_rows: Tensor | None = None
+    near_cols: Tensor | None = None
+
+
+def stage_plan(mask: Tensor, geometry: tuple[int, int, int, int], in_size: tuple[int, int]) -> StagePlan:
+    """The :class:`StagePlan` of a stage with output mask Tensor[H_out, W_out] bool and conv ``geometry``."""
+    k, s, p, d = geometry
+    evaluated, out_size = int(mask.sum()), (int(mask.shape[0]), int(mask.shape[1]))
+    if evaluated == mask.numel():
+        return StagePlan("dense", evaluated, out_size)
+    taps = torch.arange(k, device=mask.device) * d
+    rows_on, cols_on = mask.any(1), mask.any(0)
+    if bool(torch.equal(mask, rows_on[:, None] & cols_on[None, :])):
+        r, c = rows_on.nonzero().squeeze(1), cols_on.nonzero().squeeze(1)
+        # padded-input index of tap i of output row r: r·s + i·d (the padding shifts by p, which the pad undoes)
+        in_rows = (r[:, None] * s + taps[None, :]).reshape(-1)
+        in_cols = (c[:, None] * s + taps[None, :]).reshape(-1)
+        near_rows = _nearest_rank(rows_on)
+        near_cols = _nearest_rank(cols_on)
+        return StagePlan("grid", evaluated, out_size, in_rows, in_cols, near_rows, near_cols)
+    pos = mask.reshape(-1).nonzero().squeeze(1)
+    wp = in_size[1] + 2 * p
+    top, left = (pos // mask.shape[1]) * s, (pos % mask.shape[1]) * s  # padded coordinates of tap (0, 0)
+    flat = (top[None, None, :] + taps[:, None, None]) * wp + (left[None, None, :] + taps[None, :, None])
+    return StagePlan("gather", evaluated, out_size, flat.reshape(-1))  # Tensor[k, k, P] → tap-major
+
+
+def _nearest_rank(on: Tensor) -> Tensor:
+    """Tensor[L] bool → Tensor[L] long: the rank (among the set entries) of the nearest set entry, ties low."""
+    idx = on.nonzero().squeeze(1)
+    d = (torch.arange(on.numel(), device=on.device)[:, None] - idx[None, :]).abs()
+    return d.argmin(1)
+
+
+def _run_stage(st: ConvStage, h: Tensor, plan: StagePlan, rank: Tensor) -> Tensor:
+    """One perforated stage in sparse mode: Tensor[N, C, H, W] → interpolated Tensor[N, C_out, H_out, W_out]."""
+    if plan.kind == "dense":
+        h = st.conv(h)
+        if st.bn is not None:
+            h = st.bn(h)
+        return st.act(h) if st.act is not None else h
+    k, _, p, _ = st.geometry
+    w, b = folded_conv(st)  # batch norm folded in, cached on the parameters' versions
+    hp = F.pad(h, (p, p, p, p)) if p else h
+    if plan.kind == "grid":
+        assert plan.cols is not None and plan.near_rows is not None and plan.near_cols is not None
+        g = hp.index_select(2, plan.rows).index_select(3, plan.cols)  # Tensor[N, C, k·|R|, k·|C|]
+        out = F.conv2d(g, w, b, stride=k, groups=st.conv.groups)  # Tensor[N, C_out, |R|, |C|]: evaluated only
+        if st.act is not None:
+            out = st.act(out)
+        return out.index_select(2, plan.near_rows).index_select(3, plan.near_cols)
+    n, c = h.shape[:2]
+    if st.conv.groups != 1:
+        raise ValueError("perforated sparse execution of grouped convolutions needs a grid mask")
+    cols = hp.flatten(2).index_select(2, plan.rows).view(n, c * k * k, plan.evaluated)  # im2col, NCHW
+    out = torch.matmul(w.reshape(w.shape[0], -1), cols)  # Tensor[N, C_out, P]: one batched GEMM
+    if b is not None:
+        out = out + b[:, None]
+    if st.act is not None:
+        out = st.act(out)
+    return out.index_select(2, rank).view(n, -1, *plan.out_size)
 
 
 class PerforatedBlock(SpatialResidual):
@@ -316,41 +416,10 @@ class PerforatedBlock(SpatialResidual):
         n = x.shape[0]
         executed = torch.zeros(n, dtype=torch.float64, device=x.device)
         h = x
-        for st, (mask, _, rank) in zip(self._stages, maps, strict=True):
-            k, s, p, d = st.geometry
-            ho, wo = mask.shape
-            if bool(mask.all()):  # nothing perforated: the plain convolution costs the same
-                h = st.conv(h)
-                if st.bn is not None:
-                    h = st.bn(h)
-                if st.act is not None:
-                    h = st.act(h)
-                executed += float(ho * wo * st.per_position)
-                continue
-            c, hh, ww = h.shape[1:]
-            rows = h.permute(0, 2, 3, 1).reshape(n * hh * ww, c)
-            kept = mask.nonzero()  # Tensor[P, 2]: the same positions for every sample
-            positions = torch.cat(
-                [torch.arange(n, device=x.device).repeat_interleave(kept.shape[0])[:, None], kept.repeat(n, 1)], 1
-            )
-            wmat, bias = folded_stage(st)
-            out = gather_conv_rows(
-                rows,
-                input_lookup(n, hh, ww, x.device),
-                wmat,
-                positions,
-                kernel=k,
-                stride=s,
-                padding=p,
-                dilation=d,
-                bias=bias,
-            )  # one GEMM for the batch: Tensor[N·P, C_out]
-            if st.act is not None:
-                out = st.act(out)
-            # Interpolation: every position takes the row of its nearest evaluated position (a gather).
-            out = out.view(n, kept.shape[0], -1).index_select(1, rank)
-            h = out.view(n, ho, wo, -1).permute(0, 3, 1, 2)
-            executed += float(kept.shape[0] * st.per_position)
+        for i, (st, (mask, _, rank)) in enumerate(zip(self._stages, maps, strict=True)):
+            plan = self.gate.plan(i, mask, st.geometry, tuple(h.shape[2:]))
+            h = _run_stage(st, h, plan, rank)
+            executed += float(plan.evaluated * st.per_position)
         out = self.post(self.shortcut(x) + h)
         self._record_perforated(x, maps, executed=executed)
         return out
