@@ -26,10 +26,11 @@ interpolating the convolution's output):
 
 * masked mode (training, the reference): the dense convolution, then the interpolation as a gather by the
   nearest-evaluated-position map (which reads only evaluated positions: equal to masking then interpolating);
-* sparse mode: the evaluated positions of every sample are gathered into one ``Tensor[N·P, k·k·C]`` (the mask is
-  the same for the whole batch) and run as one GEMM with batch norm folded in (:func:`dynnet.kernels.spatial.
-  gather_conv_rows`); the interpolation is one ``index_select`` of the compact rows (0 MACs).
-
+* sparse mode (the mask is the same for the whole batch; a per-mask plan is cached, :func:`stage_plan`): a *grid*
+  mask (a Cartesian product of rows and columns) runs as one dense convolution, stride = kernel, over the input
+  rows and columns its evaluated positions read (oneDNN speed, exactly the evaluated positions' MACs); any other
+  mask as an im2col of the evaluated positions in NCHW (one ``index_select``) and one batched GEMM; batch norm is
+  folded in; the interpolation is one ``index_select`` (0 MACs).
 MACs: only evaluated positions count (``P_i · |W_i|`` per stage and sample); interpolation is a copy. Training is
 fine-tuning of the perforated network in masked mode with plain cross-entropy (:meth:`PerforatedCNN.compute_loss`).
 
