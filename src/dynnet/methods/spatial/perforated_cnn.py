@@ -83,12 +83,14 @@ __all__ = [
     "PerforatedCNN",
     "PerforatedCNNConfig",
     "PerforationMasks",
+    "StagePlan",
     "grid_mask",
     "impact_masks_",
     "interpolation_maps",
     "nearest_interpolate",
     "pooling_structure_mask",
     "set_perforation_",
+    "stage_plan",
     "uniform_mask",
 ]
 
