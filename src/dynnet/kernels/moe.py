@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from dynnet.kernels.compaction import index_add_rows, index_select_rows
+
 __all__ = ["capacity_keep", "dense_combine", "dispatch_add", "expert_capacity", "expert_counts"]
 
 Expert = Callable[[Tensor], Tensor]
@@ -94,10 +96,10 @@ def dispatch_add(
         if c == 0:
             continue
         r, we = rows[start : start + c], w[start : start + c]
-        y = experts[e](x if c == n and bool((r == torch.arange(n, device=r.device)).all()) else x.index_select(0, r))
+        y = experts[e](x if c == n and bool((r == torch.arange(n, device=r.device)).all()) else index_select_rows(x, r))
         if out is None:
             out = y.new_zeros((n, *y.shape[1:]))
-        out = out.index_add(0, r, y * we.view(-1, *([1] * (y.dim() - 1))).to(y.dtype))
+        out = index_add_rows(out, r, y * we.view(-1, *([1] * (y.dim() - 1))).to(y.dtype))
         start += c
     if out is None:
         raise ValueError("dispatch_add without a base needs at least one routed (sample, expert) pair")

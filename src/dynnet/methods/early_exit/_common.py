@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace, run_on_meta
+from dynnet.kernels.compaction import index_select_rows
 from dynnet.macs import MacCounter
 
 __all__ = [
@@ -218,8 +219,8 @@ def select(state: State | None, idx: Tensor) -> State | None:
     if state is None:
         return None
     if isinstance(state, Tensor):
-        return state.index_select(0, idx)
-    return type(state)(s.index_select(0, idx) for s in state)
+        return index_select_rows(state, idx)
+    return type(state)(index_select_rows(s, idx) for s in state)
 
 
 def max_softmax_confidence(logits: Tensor) -> Tensor:
