@@ -142,3 +142,17 @@ def test_input_independent_recipes_decide_the_same_for_every_input(recipe: str) 
     for key, d in t.decisions.items():
         hard = d.hard.detach()
         assert torch.equal(hard, hard[:1].expand_as(hard)), f"{recipe}: decision {key} depends on the input"
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_inference_mode_first_then_no_grad_and_autograd(recipe: str) -> None:
+    """Caches filled under torch.inference_mode (a deployment's first call) must not poison later calls."""
+    _, model = _scrambled(recipe)
+    dynnet.sparse(model)
+    x = _inputs(recipe)
+    with torch.inference_mode():
+        first = model(x)
+        model(x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), first)
+    torch.testing.assert_close(model(x).detach(), first)

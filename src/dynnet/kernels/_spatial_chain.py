@@ -162,7 +162,8 @@ def _folded(st: ConvStage) -> tuple[Tensor, Tensor | None, Tensor]:
     hit = _FOLDED.get(st.conv)
     if hit is not None and hit[0] == key:
         return hit[1], hit[2], hit[3]
-    with torch.no_grad():
+    # Not an inference tensor even when first called under inference_mode: the cache outlives that context.
+    with torch.inference_mode(False), torch.no_grad():
         w, b = st.conv.weight, st.conv.bias
         if st.bn is not None:
             bn = st.bn

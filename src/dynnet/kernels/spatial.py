@@ -213,12 +213,15 @@ def _packed_weight(wmat: Tensor) -> Tensor:
     Keyed on the tensor itself through a weak reference and checked against its version counter, storage
     pointer and shape (in-place edits repack it).
     """
+    if wmat.is_inference():  # no version counter to key a cache on: a one-off matrix
+        return wmat.t().contiguous()
     key = id(wmat)
     stamp = (wmat._version, wmat.data_ptr(), *wmat.shape)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is wmat and hit[1] == stamp:
         if hit[2] is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(wmat.t().contiguous())
+            with torch.inference_mode(False):
+                packed = torch.ops.mkldnn._reorder_linear_weight(wmat.t().contiguous())
             _PACKED[key] = (hit[0], stamp, packed)
             return packed
         return hit[2]
@@ -236,14 +239,15 @@ def _cached_weight_matrix(weight: Tensor) -> Tensor:
     its version counter, storage pointer and shape, so in-place edits and ``.data`` swaps recompute it. A
     weight that needs a gradient is never cached (the matrix must stay on the autograd graph).
     """
-    if (torch.is_grad_enabled() and weight.requires_grad) or not _plain_cpu(weight):
+    if (torch.is_grad_enabled() and weight.requires_grad) or not _plain_cpu(weight) or weight.is_inference():
         return weight_matrix(weight)
     key = id(weight)
     stamp = (weight._version, weight.data_ptr(), *weight.shape)
     hit = _WEIGHT_MATRICES.get(key)
     if hit is not None and hit[0]() is weight and hit[1] == stamp:
         return hit[2]
-    wmat = weight_matrix(weight.detach())
+    with torch.inference_mode(False):
+        wmat = weight_matrix(weight.detach())
     _WEIGHT_MATRICES[key] = (weakref.ref(weight, lambda _, k=key: _WEIGHT_MATRICES.pop(k, None)), stamp, wmat)
     return wmat
 

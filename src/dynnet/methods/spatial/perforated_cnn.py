@@ -285,7 +285,8 @@ class PerforationMasks(nn.Module):
         hit = cache.get(key)
         if hit is not None and hit[0] is stored and hit[1] == stored._version:
             return hit[2]
-        plan = stage_plan(mask, geometry, in_size)
+        with torch.inference_mode(False):  # the cache outlives an inference_mode context
+            plan = stage_plan(mask.clone() if mask.is_inference() else mask, geometry, in_size)
         cache[key] = (stored, stored._version, plan)
         return plan
 
@@ -301,7 +302,8 @@ class PerforationMasks(nn.Module):
         hit = cache.get(key)
         if hit is not None and hit[0] is stored and hit[1] == stored._version:
             return m, hit[2], hit[3]
-        nearest, rank = interpolation_maps(m)
+        with torch.inference_mode(False):  # the cache outlives an inference_mode context
+            nearest, rank = interpolation_maps(m.clone() if m.is_inference() else m)
         cache[key] = (stored, stored._version, nearest, rank)
         return m, nearest, rank
 
