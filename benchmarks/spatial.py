@@ -54,6 +54,7 @@ import dynnet
 from dynnet.bench import machine_info
 from dynnet.bench.harness import profile_model
 from dynnet.data import build_loaders
+from dynnet.kernels import calibrate_dense_fallback_
 from dynnet.methods.spatial.dynconv import DynConvAnnealing
 from dynnet.methods.spatial.perforated_cnn import impact_masks_
 from dynnet.train import TrainConfig, evaluate, fit
@@ -122,6 +123,11 @@ def main() -> None:
     parser.add_argument("--batch1-samples", type=int, default=16)
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES))
     parser.add_argument("--profile-only", action="store_true")
+    parser.add_argument(
+        "--dense-fallback",
+        action="store_true",
+        help="calibrate each block's dense fallback (dynnet.kernels.calibrate_dense_fallback_) before timing",
+    )
     parser.add_argument("--reuse-base", action="store_true", help="start from models/base_pretrained.pt if present")
     parser.add_argument("--tune-steps", type=int, default=None, help="cap the fine-tuning steps (max_steps)")
     parser.add_argument("--skip", nargs="*", default=[], help="static baselines to leave out")
@@ -210,6 +216,8 @@ def main() -> None:
         model = _convert(base(width=args.width), recipe)
         model.load_state_dict(torch.load(ckpt / f"{recipe}.pt"))  # perforation masks are buffers: loaded too
         row = {"model": recipe, "recipe": RECIPES[recipe][0], "kind": "dynamic", **_evaluate(model, x_test, y_test)}
+        if args.dense_fallback:  # per block: the gather kernels only where they measured faster than dense
+            row["dense_fallback"] = calibrate_dense_fallback_(model, x_test[:16], min_run_time=args.min_run / 5)
         row.update(_profile(model, x_test, args))
         rows.append(row)
         print(row, flush=True)

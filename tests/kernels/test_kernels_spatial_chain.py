@@ -211,3 +211,49 @@ def test_scatter_tiles_keeps_base_and_its_format(memory_format) -> None:
     expected[0, :, 4:5, 4:7] += values[0, :, :1, :3]
     expected[1, :, 0:4, 0:4] += values[1]
     torch.testing.assert_close(out, expected)
+
+
+def test_dense_fallback_equals_masked_and_counts_dense_macs() -> None:
+    """Above ``dense_above`` sparse mode runs the masked dense path: same output, executed MACs = the dense branch."""
+    import dynnet
+    from dynnet.kernels import SpatialResidual
+    from dynnet.testing import diverse_inputs, scramble_until_mixed
+
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="dynconv", num_classes=10)
+    x = diverse_inputs(4, (3, 32, 32))
+    scramble_until_mixed(model, x)
+    model.eval()
+    with torch.no_grad(), dynnet.trace() as tm:
+        masked = model(x)
+    dynnet.sparse(model)
+    blocks = [b for b in model.modules() if isinstance(b, SpatialResidual)]
+    for b in blocks:
+        b.dense_above = -1.0  # always fall back
+    with torch.no_grad(), dynnet.trace() as ts, MacCounter() as counter:
+        out = model(x)
+    torch.testing.assert_close(out, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ts.macs(), tm.macs())  # theoretical MACs follow the decisions either way
+    assert ts.executed_macs().sum().item() == pytest.approx(counter.total, abs=0.5)
+    assert (ts.executed_macs() > ts.macs()).all()  # the fallback executes the dense branch
+    for b in blocks:
+        b.dense_above = 1.0
+    with torch.no_grad(), dynnet.trace() as tg:
+        model(x)
+    torch.testing.assert_close(tg.executed_macs(), tg.macs())
+
+
+def test_calibrate_dense_fallback_sets_every_gated_pixel_block_and_restores_modes() -> None:
+    import dynnet
+    from dynnet.kernels import SpatialResidual, calibrate_dense_fallback_
+
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="dynconv", num_classes=10, width=0.25)
+    model.train()
+    dynnet.set_mode(model, "masked")
+    choice = calibrate_dense_fallback_(model, torch.randn(2, 3, 16, 16), min_run_time=0.01)
+    blocks = [b for b in model.modules() if isinstance(b, SpatialResidual)]
+    assert set(choice) == {b.block_name for b in blocks}
+    assert all(0.0 <= v <= 1.0 for v in choice.values())
+    assert [b.dense_above for b in blocks] == [choice[b.block_name] for b in blocks]
+    assert model.training and all(b.mode == "masked" for b in blocks)

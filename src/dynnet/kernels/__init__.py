@@ -9,6 +9,7 @@
 from dynnet.kernels._spatial_chain import (
     ConvStage,
     SpatialResidual,
+    calibrate_dense_fallback_,
     register_spatial_chain,
     run_masked,
     run_pixels,
@@ -34,6 +35,7 @@ __all__ = [
     "ConvStage",
     "SpatialResidual",
     "calibrate_crossover",
+    "calibrate_dense_fallback_",
     "compact_add",
     "compact_apply",
     "fold_bn",

@@ -39,6 +39,7 @@ from dynnet.kernels.spatial import (
 __all__ = [
     "ConvStage",
     "SpatialResidual",
+    "calibrate_dense_fallback_",
     "chain_sizes",
     "folded_stage",
     "register_spatial_chain",
@@ -361,6 +362,9 @@ class SpatialResidual(DynamicBlock):
         self.adapter = adapter
         self.execution = execution
         self.tile = int(tile)
+        # Density of the output mask above which sparse mode runs the masked (dense) computation instead of the
+        # gather kernels: 1.0 = never (the default); set per block from measurements by calibrate_dense_fallback_.
+        self.dense_above = 1.0
         if gate is not None:
             self.gate = gate
 
@@ -423,6 +427,15 @@ class SpatialResidual(DynamicBlock):
         base = self.shortcut(x)
         if self.execution == "pixel":
             masks = stage_masks(self._stages, hard, sizes[1:])
+            if self.dense_above < 1.0 and float(masks[-1].float().mean()) > self.dense_above:
+                # Measured to be faster for this layer at this density: the dense convolutions, masked.
+                branch = run_masked(self._stages, x, list(masks))
+                if self.interpolates:
+                    branch = self.interpolate(branch, masks[-1])
+                body = self.cost("body", lambda m, inp: m.body(inp), x)
+                executed = torch.full((x.shape[0],), float(body), dtype=torch.float64, device=x.device)
+                self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
+                return self.post(base + branch)
             if not bool(masks[0].any()):
                 out, executed = base, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             else:
@@ -472,3 +485,81 @@ class SpatialResidual(DynamicBlock):
         if gate_ran and hasattr(self, "gate"):  # a decision passed in from outside costs this block nothing
             g = self.cost("gate", lambda m, inp: m.gate(inp), x)
             t.record_macs(f"{self.block_name}/gate", float(g), batch_size=x.shape[0], minimum=g, maximum=g)
+
+
+def calibrate_dense_fallback_(
+    model: nn.Module, images: Tensor, *, min_run_time: float = 0.2, margin: float = 1.0
+) -> dict[str, float]:
+    """Measure, block by block, whether the gather kernels beat the masked dense path on ``images``; set each
+    pixel-executed :class:`SpatialResidual`'s ``dense_above`` accordingly (in place).
+
+    Each block is timed on the input it receives from ``images`` (captured by a forward hook), in sparse mode
+    (gather kernels) and with the dense fallback forced, under ``torch.inference_mode``. Where the fallback is
+    faster (by ``margin``), ``dense_above`` becomes the block's measured output density minus a little (the
+    fallback then runs at this density and above); elsewhere it stays 1.0. Narrow layers (few channels, small
+    maps) typically fall back: their gathers cost more than the convolution they skip. Wall-clock timing:
+    call it once per deployment shape, never in a test that asserts a speed.
+
+    Args:
+        model: a converted model in eval mode.
+        images: Tensor[N, C, H, W] representative inputs (the deployment batch size).
+        min_run_time: seconds of timing per block and path.
+        margin: the fallback is chosen when ``sparse_time > margin × dense_time``.
+
+    Returns:
+        ``{block_name: dense_above}`` for every calibrated block: pixel-executed blocks that take their own
+        decisions and use this class's sparse path (DynConv, pixel-wise attentional gating, stochastic sampling).
+    """
+    from torch.utils.benchmark import Timer
+
+    blocks = [  # blocks that decide for themselves and run SpatialResidual's own sparse path
+        m
+        for m in model.modules()
+        if isinstance(m, SpatialResidual)
+        and m.execution == "pixel"
+        and hasattr(m, "gate")
+        and type(m).forward_sparse is SpatialResidual.forward_sparse
+    ]
+    inputs: dict[int, Tensor] = {}
+    hooks = [
+        b.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, args[0].detach()))
+        for i, b in enumerate(blocks)
+    ]
+    modes = {i: b.mode for i, b in enumerate(blocks)}
+    was_training = model.training
+    model.eval()
+    result: dict[str, float] = {}
+    try:
+        with torch.inference_mode():
+            model(images)
+        for h in hooks:
+            h.remove()
+        hooks = []
+        for i, b in enumerate(blocks):
+            if i not in inputs:
+                continue
+            x = inputs[i]
+            b.mode = "sparse"
+            saved = b.dense_above
+            timings = {}
+            for label, threshold in (("sparse", 1.0), ("dense", -1.0)):
+                b.dense_above = threshold
+                with torch.inference_mode():
+                    timings[label] = (
+                        Timer("b(x)", globals={"b": b, "x": x}).blocked_autorange(min_run_time=min_run_time).median
+                    )
+            b.dense_above = saved
+            choice = 1.0
+            if timings["sparse"] > margin * timings["dense"]:
+                with torch.inference_mode():
+                    density = float((b.decide(x).hard > 0.5).float().mean())
+                choice = max(0.0, density - 0.1)
+            b.dense_above = choice
+            result[b.block_name or f"block{i}"] = choice
+    finally:
+        for h in hooks:
+            h.remove()
+        for i, b in enumerate(blocks):
+            b.mode = modes[i]
+        model.train(was_training)
+    return result
