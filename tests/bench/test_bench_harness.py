@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -13,13 +11,7 @@ from dynnet.bench.harness import profile_model
 from dynnet.core import dynamic_blocks
 from dynnet.testing import scramble_gates
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models; on a shared CPU a second OpenMP thread only spins
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_profile_model_reports_and_restores() -> None:

@@ -26,13 +26,7 @@ from dynnet.models.cifar_resnet import BasicBlock
 MANY = settings(max_examples=1000, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny kernels: one thread avoids the thread-pool overhead that dominates on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block(c_in: int, c_out: int, stride: int, seed: int) -> BasicBlock:

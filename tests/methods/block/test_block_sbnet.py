@@ -10,13 +10,7 @@ from dynnet.core import Decision
 from dynnet.macs import MacCounter
 from dynnet.methods.block.sbnet import SBNetBlock
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(tile: int = 4):

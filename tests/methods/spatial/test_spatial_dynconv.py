@@ -13,13 +13,7 @@ from dynnet.kernels.spatial import receptive_mask
 from dynnet.macs import MacCounter
 from dynnet.methods.spatial.dynconv import DynConvBlock, block_bounds, block_sparsity_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model():

@@ -15,13 +15,7 @@ from dynnet.macs import MacCounter
 from dynnet.methods.spatial.precision_gating import PrecisionGatedConv, split_precision
 from dynnet.methods.spatial.stochastic_sampling_interp import StochasticSamplingBlock, rbf_interpolate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(recipe: str, **kw):

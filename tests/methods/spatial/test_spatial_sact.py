@@ -10,13 +10,7 @@ from dynnet.estimators.ponder import act_weights
 from dynnet.macs import MacCounter
 from dynnet.methods.spatial.sact import SACTStage, act_step
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_act_step_matches_graves_weights_per_position() -> None:
