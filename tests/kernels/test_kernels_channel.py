@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from dynnet.core import version_key
 from dynnet.kernels.channel import (
     STRATEGIES,
     ConvSpec,
@@ -19,7 +20,6 @@ from dynnet.kernels.channel import (
     sliced_conv_in,
     sliced_pair,
     sliced_pair_single,
-    version_key,
 )
 from dynnet.macs import MacCounter
 

@@ -11,6 +11,7 @@ from dynnet.core.block import (
     set_tau,
     sparse,
 )
+from dynnet.core.cache import tracing_or_compiling, version_key
 from dynnet.core.decision import GRANULARITIES, Decision
 from dynnet.core.model import DynamicModel, LossOutput, check_input
 from dynnet.core.recipe import RECIPES, RecipeSpec, build_config, register_recipe
@@ -43,4 +44,6 @@ __all__ = [
     "set_tau",
     "sparse",
     "trace",
+    "tracing_or_compiling",
+    "version_key",
 ]

@@ -1,7 +1,7 @@
 """Gate modules and decision rules: small networks mapping features to decision logits."""
 
 from dynnet.gates.confidence import confidence, exit_fractions_for_rate, thresholds_for_fractions
-from dynnet.gates.pooled import GateBatchNorm1d, PooledMLPGate, open_bias_, tracing_or_compiling, version_key
+from dynnet.gates.pooled import GateBatchNorm1d, PooledMLPGate, open_bias_
 
 __all__ = [
     "GateBatchNorm1d",
@@ -10,6 +10,4 @@ __all__ = [
     "exit_fractions_for_rate",
     "open_bias_",
     "thresholds_for_fractions",
-    "tracing_or_compiling",
-    "version_key",
 ]

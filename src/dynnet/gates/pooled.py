@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_", "tracing_or_compiling", "version_key"]
+from dynnet.core.cache import tracing_or_compiling, version_key
+
+__all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_"]
 
 # A logit of 3 gives p(open) = 0.95: decisions are open at start, and the softmax gradient (p(1-p) = 0.045)
 # is large enough for a short schedule to move the gates (at 6 it is 0.0025 and they barely move).
@@ -103,7 +105,7 @@ class PooledMLPGate(nn.Module):
 
     def _inference_weights(self) -> tuple[Tensor, ...]:
         """Folded ``(W1·γ/σ, β - μγ/σ, W2, b2, W2[open] - W2[off], b2[open] - b2[off])``, cached until a
-        parameter or running statistic changes (their storage and version counters are the cache key)."""
+        parameter or running statistic changes (:func:`dynnet.core.version_key` is the cache key)."""
         # Read the tensors from the module dicts: nn.Module.__getattr__ would cost more than the gate's math.
         fc1, bn, fc2 = self._modules["fc1"], self._modules["bn"], self._modules["fc2"]
         p, b = bn._parameters, bn._buffers
@@ -117,9 +119,9 @@ class PooledMLPGate(nn.Module):
             fc2._parameters["weight"],
             fc2._parameters["bias"],
         )
-        key = version_key(tensors)
+        key = version_key(*tensors)
         folded = self._folded
-        if folded is not None and folded[0] == key:
+        if key is not None and folded is not None and folded[0] == key:
             return folded[1]
         with torch.inference_mode(False), torch.no_grad():
             scale = (bn.running_var + bn.eps).rsqrt()
@@ -135,15 +137,7 @@ class PooledMLPGate(nn.Module):
                 wd, bd = (w2[o] - w2[1 - o]).reshape(-1, 1).contiguous(), (b2[o] - b2[1 - o]).reshape(1)
             else:
                 wd, bd = None, None  # inference_open is for two-logit gates only
-        self._folded = (key, (w1, shift.contiguous(), w2, b2, wd, bd))
-        return self._folded[1]
-
-
-def version_key(tensors: tuple[Tensor | None, ...]) -> tuple:
-    """A cache key that changes whenever one of ``tensors`` is edited in place or replaced: storage + version."""
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
-
-
-def tracing_or_compiling() -> bool:
-    """Inside torch.jit tracing/scripting or torch.compile/export: use the plain modules (no cached folds)."""
-    return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+        weights = (w1, shift.contiguous(), w2, b2, wd, bd)
+        if key is not None:  # meta (MAC probe) and inference tensors have no version to key a cache on
+            self._folded = (key, weights)
+        return weights

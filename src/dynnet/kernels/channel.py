@@ -47,7 +47,6 @@ __all__ = [
     "sliced_conv_in",
     "sliced_pair",
     "sliced_pair_single",
-    "version_key",
 ]
 
 STRATEGIES = ("auto", "dense", "groups", "padded", "per_sample")
@@ -87,24 +86,6 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     if conv.bias is not None:
         b = b + conv.bias * gamma * inv
     return w, b
-
-
-def version_key(*tensors: Tensor | None) -> tuple | None:
-    """A cache key that changes whenever one of ``tensors`` is replaced or edited in place.
-
-    ``(data_ptr, _version)`` per tensor: assigning a new tensor changes the pointer, an in-place edit (optimiser
-    step, ``load_state_dict``, ``fill_``) bumps the version counter. Used to cache BN-folded weights.
-    ``None`` (do not cache) when a tensor has no version counter: inference tensors, and the meta tensors a MAC
-    probe substitutes for the parameters.
-    """
-    # One pass without per-tensor checks: this runs once per block per batch-1 inference.
-    try:
-        key = tuple([None if t is None else (t.data_ptr(), t._version) for t in tensors])
-    except RuntimeError:  # an inference tensor has no version counter
-        return None
-    if any(k is not None and k[0] == 0 for k in key):  # meta (or empty) tensors: nothing to cache
-        return None
-    return key
 
 
 def gated_pair_reference(

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
-from dynnet.core import Decision, DynamicBlock, current_trace
-from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_pair, sliced_pair_single, version_key
+from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
+from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_pair, sliced_pair_single
 
 __all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks"]
 
@@ -151,13 +151,13 @@ class ChannelGatedBlock(DynamicBlock):
         """``(w1, b1, w2, b2, spec1, spec2)``: both convolutions with their batch norms folded (eval only).
 
         Cached without autograd until a weight, BN parameter or running statistic is replaced or edited in place
-        (:func:`~dynnet.kernels.channel.version_key`); with gradients enabled (or under tracing/compilation) they
+        (:func:`~dynnet.core.version_key`); with gradients enabled (or under tracing/compilation) they
         are recomputed on every call so that gradients reach the parameters.
         """
         m = self._modules
         c1, n1, c2, n2 = m["conv1"], m["bn1"], m["conv2"], m["bn2"]
         key = None
-        if not (torch.is_grad_enabled() or _tracing()):
+        if not (torch.is_grad_enabled() or tracing_or_compiling()):
             # Read the tensors from the module dicts: nn.Module.__getattr__ costs more than a batch-1 slice.
             tensors = [c._parameters[k] for c in (c1, c2) for k in ("weight", "bias")]
             tensors += [n._parameters[k] for n in (n1, n2) for k in ("weight", "bias")]
@@ -230,8 +230,3 @@ def convert_blocks(
         replace_module(model, name, new)
         new_blocks.append(new)
     return new_blocks
-
-
-def _tracing() -> bool:
-    """Inside torch.jit tracing/scripting or torch.compile/export: no cached folds (shared with channel_gating)."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()

@@ -49,10 +49,12 @@ from dynnet.core import (
     Trace,
     current_trace,
     register_recipe,
+    tracing_or_compiling,
+    version_key,
 )
 from dynnet.estimators import straight_through
-from dynnet.kernels.channel import ConvSpec, gated_rest_add_, version_key
-from dynnet.methods.channel._block import _tracing, check_basic_block
+from dynnet.kernels.channel import ConvSpec, gated_rest_add_
+from dynnet.methods.channel._block import check_basic_block
 
 __all__ = ["ChannelGating", "ChannelGatingConfig", "GatedConv", "PartialSumGate"]
 
@@ -137,7 +139,7 @@ class GatedConv(DynamicBlock):
         """``(W_base, W_rest)``; without autograd, contiguous copies cached until the weight changes (a strided
         slice would be copied by every convolution call)."""
         w = self.weight
-        key = None if torch.is_grad_enabled() or _tracing() else version_key(w)
+        key = None if torch.is_grad_enabled() or tracing_or_compiling() else version_key(w)
         if key is None:
             return w[:, : self.base], w[:, self.base :]
         cached = self._split_cache

@@ -36,7 +36,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.core import (
+    Decision,
+    DynamicModel,
+    LossOutput,
+    RecipeSpec,
+    Trace,
+    current_trace,
+    register_recipe,
+    tracing_or_compiling,
+)
 from dynnet.estimators import straight_through_sigmoid
 from dynnet.estimators.reinforce import (
     bernoulli_entropy,
@@ -45,7 +54,7 @@ from dynnet.estimators.reinforce import (
     reinforce_loss,
     sample_bernoulli,
 )
-from dynnet.gates import open_bias_, tracing_or_compiling
+from dynnet.gates import open_bias_
 from dynnet.methods.layer_skip._resnet import DecisionMaker, ResNetLayout
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 

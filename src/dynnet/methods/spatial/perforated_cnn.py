@@ -72,6 +72,7 @@ from dynnet.core import (
     current_trace,
     register_recipe,
     run_on_meta,
+    tracing_or_compiling,
 )
 from dynnet.kernels._spatial_chain import ConvStage, SpatialResidual, chain_sizes, folded_conv, folded_stage
 from dynnet.kernels.spatial import conv_out_size, gather_conv_rows, input_lookup
@@ -294,7 +295,7 @@ class PerforationMasks(nn.Module):
         """``(mask, nearest, rank)`` of stage ``i`` at ``size`` (:func:`interpolation_maps`), cached per mask
         version (the cache holds derived data only; it is rebuilt whenever a mask changes)."""
         m = self.at(i, size)
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if tracing_or_compiling():
             return (m, *interpolation_maps(m, static=True))
         stored = self.mask(i)
         cache = _MAPS.setdefault(self, {})
