@@ -55,8 +55,9 @@ from __future__ import annotations
 import copy
 import math
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -234,12 +235,9 @@ def nearest_interpolate(v: Tensor, nearest: Tensor) -> Tensor:
 
 # -- the masks module and the block --------------------------------------------------------------------------------
 
-_MAPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, int, Tensor, Tensor]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-_PLANS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, int, StagePlan]]] = weakref.WeakKeyDictionary()
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, int, Any]]] = weakref.WeakKeyDictionary()
+"""Per masks module: data derived from a stage's mask (interpolation maps, execution plans), with the mask and
+its version when it was derived."""
 
 
 class PerforationMasks(nn.Module):
@@ -278,18 +276,28 @@ class PerforationMasks(nn.Module):
             r[size[0] // 2, size[1] // 2] = True
         return r
 
-    def plan(self, i: int, mask: Tensor, geometry: tuple[int, int, int, int], in_size: tuple[int, int]) -> StagePlan:
-        """:func:`stage_plan` of stage ``i`` (its mask at this size), cached per mask version like :meth:`maps`."""
+    def _cached(self, i: int, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()`` cached per stage ``i`` and ``key`` until stage ``i``'s mask changes (identity and version).
+
+        The cache holds derived data only; it is built outside ``inference_mode`` because it outlives that context.
+        """
         stored = self.mask(i)
-        cache = _PLANS.setdefault(self, {})
-        key = (i, tuple(mask.shape), tuple(in_size), geometry)
-        hit = cache.get(key)
+        cache = _DERIVED.setdefault(self, {})
+        hit = cache.get((i, *key))
         if hit is not None and hit[0] is stored and hit[1] == stored._version:
             return hit[2]
-        with torch.inference_mode(False):  # the cache outlives an inference_mode context
-            plan = stage_plan(mask.clone() if mask.is_inference() else mask, geometry, in_size)
-        cache[key] = (stored, stored._version, plan)
-        return plan
+        with torch.inference_mode(False):
+            value = build()
+        cache[(i, *key)] = (stored, stored._version, value)
+        return value
+
+    def plan(self, i: int, mask: Tensor, geometry: tuple[int, int, int, int], in_size: tuple[int, int]) -> StagePlan:
+        """:func:`stage_plan` of stage ``i`` (its mask at this size), cached per mask version like :meth:`maps`."""
+        return self._cached(
+            i,
+            ("plan", tuple(mask.shape), tuple(in_size), geometry),
+            lambda: stage_plan(mask.clone() if mask.is_inference() else mask, geometry, in_size),
+        )
 
     def maps(self, i: int, size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         """``(mask, nearest, rank)`` of stage ``i`` at ``size`` (:func:`interpolation_maps`), cached per mask
@@ -297,15 +305,9 @@ class PerforationMasks(nn.Module):
         m = self.at(i, size)
         if tracing_or_compiling():
             return (m, *interpolation_maps(m, static=True))
-        stored = self.mask(i)
-        cache = _MAPS.setdefault(self, {})
-        key = (i, tuple(size))
-        hit = cache.get(key)
-        if hit is not None and hit[0] is stored and hit[1] == stored._version:
-            return m, hit[2], hit[3]
-        with torch.inference_mode(False):  # the cache outlives an inference_mode context
-            nearest, rank = interpolation_maps(m.clone() if m.is_inference() else m)
-        cache[key] = (stored, stored._version, nearest, rank)
+        nearest, rank = self._cached(
+            i, ("maps", tuple(size)), lambda: interpolation_maps(m.clone() if m.is_inference() else m)
+        )
         return m, nearest, rank
 
 
