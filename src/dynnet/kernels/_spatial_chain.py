@@ -409,13 +409,7 @@ class SpatialResidual(DynamicBlock):
         gate_ran = decision is None
         sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
         masks = stage_masks(self._stages, self.pixel_mask(d, x), sizes[1:])
-        used: list[Tensor | None] = (
-            list(masks) if self.execution == "pixel" else [None] * (len(masks) - 1) + [masks[-1]]
-        )
-        branch = run_masked(self._stages, x, used)
-        if self.interpolates:
-            branch = self.interpolate(branch, masks[-1])
-        out = self.post(self.shortcut(x) + branch)
+        out = self.post(self.shortcut(x) + self._masked_branch(x, masks))
         self._record(x, d, masks, executed=None, gate_ran=gate_ran)
         return out
 
@@ -429,9 +423,7 @@ class SpatialResidual(DynamicBlock):
             masks = stage_masks(self._stages, hard, sizes[1:])
             if self.dense_above < 1.0 and float(masks[-1].float().mean()) > self.dense_above:
                 # Measured to be faster for this layer at this density: the dense convolutions, masked.
-                branch = run_masked(self._stages, x, list(masks))
-                if self.interpolates:
-                    branch = self.interpolate(branch, masks[-1])
+                branch = self._masked_branch(x, masks)
                 body = self.cost("body", lambda m, inp: m.body(inp), x)
                 executed = torch.full((x.shape[0],), float(body), dtype=torch.float64, device=x.device)
                 self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
@@ -450,6 +442,14 @@ class SpatialResidual(DynamicBlock):
             out = scatter_tiles(base, values, tiles, self.tile)
         self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
         return self.post(out)
+
+    def _masked_branch(self, x: Tensor, masks: list[Tensor]) -> Tensor:
+        """The branch computed densely and masked (pixel execution: every stage; tile: the output only)."""
+        used: list[Tensor | None] = (
+            list(masks) if self.execution == "pixel" else [None] * (len(masks) - 1) + [masks[-1]]
+        )
+        branch = run_masked(self._stages, x, used)
+        return self.interpolate(branch, masks[-1]) if self.interpolates else branch
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
     def _decision(self, x: Tensor, decision: Decision | None) -> Decision:
