@@ -26,11 +26,12 @@ interpolating the convolution's output):
 
 * masked mode (training, the reference): the dense convolution, then the interpolation as a gather by the
   nearest-evaluated-position map (which reads only evaluated positions: equal to masking then interpolating);
-* sparse mode (the mask is the same for the whole batch; a per-mask plan is cached, :func:`stage_plan`): a *grid*
-  mask (a Cartesian product of rows and columns) runs as one dense convolution, stride = kernel, over the input
-  rows and columns its evaluated positions read (oneDNN speed, exactly the evaluated positions' MACs); any other
-  mask through the pixel engine (:func:`dynnet.kernels.spatial.gather_conv_rows`: the evaluated positions of the
-  whole batch as one GEMM); batch norm is folded in; gathers and the interpolation (0 MACs) run on NHWC rows.
+* sparse mode (the mask is the same for the whole batch; a per-mask plan is cached, :func:`stage_plan`): at batch 1
+  a *grid* mask (a Cartesian product of rows and columns) runs as one dense convolution, stride = kernel, over the
+  input rows and columns its evaluated positions read (exactly the evaluated positions' MACs; measured faster than
+  the gathers at batch 1, slower at batch 64); every other case through the pixel engine
+  (:func:`dynnet.kernels.spatial.gather_conv_rows`: the evaluated positions of the whole batch as one GEMM);
+  batch norm is folded in; gathers and the interpolation (0 MACs) run on NHWC rows.
 MACs: only evaluated positions count (``P_i · |W_i|`` per stage and sample); interpolation is a copy. Training is
 fine-tuning of the perforated network in masked mode with plain cross-entropy (:meth:`PerforatedCNN.compute_loss`).
 
