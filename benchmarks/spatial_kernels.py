@@ -9,10 +9,14 @@ and report
 * ``ideal_speedup`` = 1 / density (what the mask alone promises),
 * ``ratio_exec`` = latency speedup ÷ mac_speedup and ``ratio_ideal`` = latency speedup ÷ ideal_speedup,
 
-from median times. Two clocks: ``wall`` (``torch.utils.benchmark.Timer.blocked_autorange`` medians, for each
-``--threads`` value) and ``cpu`` (the CPU time of the calling thread with one intra-op thread: it does not
-count the time the thread waited for a core, so it is the measure least disturbed by other jobs on a shared
-machine). Every row records the 1-minute load average at the time it was measured.
+from median times. Each computation (dense and sparse) is timed on NCHW and on channels-last input and keeps its
+faster layout (recorded as ``dense_layout`` / ``sparse_layout``), as :func:`dynnet.bench.profile_model` does;
+``native`` records whether the compiled gather (:mod:`dynnet.kernels.native`) ran.
+
+Two clocks: ``wall`` (``torch.utils.benchmark.Timer.blocked_autorange`` medians, for each ``--threads`` value)
+and ``cpu`` (the CPU time of the calling thread with one intra-op thread: it does not count the time the thread
+waited for a core, so it is the measure least disturbed by other jobs on a shared machine). Every row records
+the 1-minute load average at the time it was measured.
 
 Masks are spatially clustered ("blobs": a random 7×7 field upsampled and thresholded at the density's
 quantile), as learned masks are; uniformly random masks are also timed for the single convolution, where no
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
 from dynnet.bench import machine_info
+from dynnet.kernels import native
 from dynnet.kernels._spatial_chain import chain_sizes, run_pixels, run_tiles, spatial_chain, stage_masks
 from dynnet.kernels.block import reduce_to_tiles, scatter_tiles, tiles_to_pixels
 from dynnet.kernels.spatial import gather_conv2d, scatter_add_rows
@@ -102,38 +107,48 @@ def bench(
     per_conv = conv.weight.numel() * size * size
     rows = []
     for n in batches:
-        x = torch.randn(n, channels, size, size, generator=g)
+        x_nchw = torch.randn(n, channels, size, size, generator=g)
+        inputs = {"contiguous": x_nchw, "channels_last": x_nchw.contiguous(memory_format=torch.channels_last)}
         for density in densities:
-            fns: dict[str, Callable[[], object]] = {
-                "dense_conv": lambda x=x: F.conv2d(x, conv.weight, None, 1, 1),
-                "dense_block": lambda x=x: block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))) + x,
-            }
+            fns: dict[str, Callable[[], object]] = {}
             executed: dict[str, float] = {}
+            masks_of = {}
             for pattern, make in (("random", random_mask), ("blob", blob_mask)):
-                mask = make(n, size, size, density, g)
-                fns[f"conv_{pattern}"] = lambda m=mask, x=x: gather_conv2d(x, conv.weight, m, padding=1)
-                executed[f"conv_{pattern}"] = float(mask.sum()) * conv.weight.numel() / n
+                masks_of[pattern] = make(n, size, size, density, g)
+                executed[f"conv_{pattern}"] = float(masks_of[pattern].sum()) * conv.weight.numel() / n
+            mask = masks_of["blob"]
             masks = stage_masks(stages, mask, chain_sizes(stages, (size, size))[1:])
-
-            def block_pixels(ms=masks, x=x):
-                r, pos, _ = run_pixels(stages, x, ms)
-                return scatter_add_rows(x, r, pos)
-
-            fns["block_pixel"] = block_pixels
             executed["block_pixel"] = (
                 sum(float(m.sum()) * s.per_position for s, m in zip(stages, masks, strict=True)) / n
             )
             tmask = reduce_to_tiles(mask, tile)
             tiles = tmask.nonzero()
-
-            def block_tiles(t=tiles, x=x):
-                v, _ = run_tiles(stages, x, t, tile)
-                return scatter_tiles(x, v, t, tile)
-
-            fns["block_tile"] = block_tiles
-            _, ex = run_tiles(stages, x, tiles, tile)
+            _, ex = run_tiles(stages, x_nchw, tiles, tile)
             executed["block_tile"] = float(ex.sum()) / n
-            lat = paired_latency(fns, rounds, clock)
+            # Every computation is timed on NCHW and on channels-last input; each keeps its faster layout.
+            for layout, x in inputs.items():
+                fns[f"dense_conv@{layout}"] = lambda x=x: F.conv2d(x, conv.weight, None, 1, 1)
+                fns[f"dense_block@{layout}"] = lambda x=x: (
+                    block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))) + x
+                )
+                for pattern, m in masks_of.items():
+                    fns[f"conv_{pattern}@{layout}"] = lambda m=m, x=x: gather_conv2d(x, conv.weight, m, padding=1)
+
+                def block_pixels(ms=masks, x=x):
+                    r, pos, _ = run_pixels(stages, x, ms)
+                    return scatter_add_rows(x, r, pos)
+
+                def block_tiles(t=tiles, x=x):
+                    v, _ = run_tiles(stages, x, t, tile)
+                    return scatter_tiles(x, v, t, tile)
+
+                fns[f"block_pixel@{layout}"] = block_pixels
+                fns[f"block_tile@{layout}"] = block_tiles
+            timed = paired_latency(fns, rounds, clock)
+            lat, layouts = {}, {}
+            for key in {k.split("@")[0] for k in timed}:
+                best = min(inputs, key=lambda lay, key=key: timed[f"{key}@{lay}"][1])
+                lat[key], layouts[key] = timed[f"{key}@{best}"], best
             load = os.getloadavg()[0]
             tile_density = float(tiles_to_pixels(tmask, tile, (size, size)).float().mean())
             for key, kernel, pattern, dense_key, dense_macs in (
@@ -147,6 +162,8 @@ def bench(
                 )
                 row["threads"] = torch.get_num_threads()
                 row["load_1m"] = load
+                row["dense_layout"], row["sparse_layout"] = layouts[dense_key], layouts[key]
+                row["native"] = native.status()
                 if key == "block_tile":
                     row["tile_density"] = tile_density
                 rows.append(row)

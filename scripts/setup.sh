@@ -39,4 +39,7 @@ fi
 if [ "$VENV" != ".venv" ]; then
   ln -sfn "$VENV" .venv
 fi
+# 3. The compiled CPU kernels (C++, built once per source into ~/.cache/dynnet/native; needs g++). Without a
+#    compiler dynnet runs its pure-PyTorch kernels: same results, slower; the line says why.
+.venv/bin/python -m dynnet.kernels.native 2>/dev/null || echo "[setup] compiled kernels: not built (see above)"
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, dynnet; print("torch", torch.__version__, "dynnet", dynnet.__version__)')"

@@ -22,6 +22,7 @@ from dynnet.kernels.spatial import (
     weight_matrix,
 )
 from dynnet.macs import MacCounter
+from dynnet.testing.engines import ENGINES, kernel_engine
 
 MANY = settings(max_examples=1000, deadline=None, derandomize=True)
 
@@ -53,16 +54,20 @@ def _mask(kind: str, density: float, shape: tuple[int, ...], g: torch.Generator)
     return torch.rand(shape, generator=g) < density
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @MANY
-@given(conv_cases())
-def test_gather_conv2d_equals_dense_reference(case) -> None:
+@given(case=conv_cases(), channels_last=st.booleans())
+def test_gather_conv2d_equals_dense_reference(engine, case, channels_last) -> None:
     n, c_in, c_out, k, stride, padding, dilation, h, w, kind, density, seed = case
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c_in, h, w, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, k, k, generator=g)
     ho, wo = conv_out_size(h, k, stride, padding, dilation), conv_out_size(w, k, stride, padding, dilation)
     mask = _mask(kind, density, (n, ho, wo), g)
-    rows = gather_conv2d(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
+    with kernel_engine(engine):
+        rows = gather_conv2d(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
     ref = masked_conv2d_reference(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
     assert rows.shape == (int(mask.sum()), c_out)
     torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-4)
@@ -154,9 +159,10 @@ def rows_cases(draw):
     return n, c_in, c_out, k, stride, padding, h, w, kind, present, density, chunk, seed
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @MANY
-@given(rows_cases())
-def test_gather_conv_rows_with_holes_equals_masked_input(case) -> None:
+@given(case=rows_cases())
+def test_gather_conv_rows_with_holes_equals_masked_input(engine, case) -> None:
     """Rows absent from the lookup read as zero, with and without a zero row, in one chunk or many."""
     import dynnet.kernels.spatial as spatial
 
@@ -176,12 +182,13 @@ def test_gather_conv_rows_with_holes_equals_masked_input(case) -> None:
     saved = spatial.GATHER_CHUNK_ELEMENTS
     spatial.GATHER_CHUNK_ELEMENTS = chunk
     try:
-        wmat = weight_matrix(weight)
-        geometry = {"kernel": k, "stride": stride, "padding": padding, "bias": bias}
-        plain = gather_conv_rows(rows, holes, wmat, mask.nonzero(), **geometry)
-        zero = gather_conv_rows(with_zero, holes, wmat, mask.nonzero(), zero_row=rows.shape[0], **geometry)
-        filled = rows_lookup(kept, (n, h, w), fill=rows.shape[0])
-        zero_filled = gather_conv_rows(with_zero, filled, wmat, mask.nonzero(), zero_row=rows.shape[0], **geometry)
+        with kernel_engine(engine):
+            wmat = weight_matrix(weight)
+            geometry = {"kernel": k, "stride": stride, "padding": padding, "bias": bias}
+            plain = gather_conv_rows(rows, holes, wmat, mask.nonzero(), **geometry)
+            zero = gather_conv_rows(with_zero, holes, wmat, mask.nonzero(), zero_row=rows.shape[0], **geometry)
+            filled = rows_lookup(kept, (n, h, w), fill=rows.shape[0])
+            zero_filled = gather_conv_rows(with_zero, filled, wmat, mask.nonzero(), zero_row=rows.shape[0], **geometry)
     finally:
         spatial.GATHER_CHUNK_ELEMENTS = saved
     for got in (plain, zero, zero_filled):

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dynnet.kernels import native
+
 __all__ = [
     "CROSSOVERS",
     "SparseConvResult",
@@ -252,6 +254,19 @@ def _cached_weight_matrix(weight: Tensor) -> Tensor:
     return wmat
 
 
+def _native_gather(data: Tensor, *indices: Tensor):
+    """The compiled extension when it can gather from ``data`` with these index tensors (float32 and int64 CPU
+    tensors, nothing to differentiate), else ``None``."""
+    if (
+        data.dtype != torch.float32
+        or not _plain_cpu(data)
+        or (torch.is_grad_enabled() and data.requires_grad)
+        or any(t.dtype != torch.long or not _plain_cpu(t) for t in indices)
+    ):
+        return None
+    return native.load()
+
+
 def gather_conv_rows(
     rows: Tensor,
     lookup: Tensor,
@@ -267,9 +282,12 @@ def gather_conv_rows(
 ) -> Tensor:
     """The convolution at the given output positions, reading its input from compact rows.
 
-    This is the fast path: one ``index_select`` gathers the ``k·k`` input rows of every active output position
-    (``Tensor[P, k·k·C]``), one GEMM (:func:`matmul_rows`, with the bias, e.g. folded batch norm) computes them.
+    This is the fast path: the ``k·k`` input rows of every active output position are gathered into
+    ``Tensor[P, k·k·C]`` and one GEMM (:func:`matmul_rows`, with the bias, e.g. folded batch norm) computes them.
     No padded copy of the input is made: positions outside the image or not present in ``rows`` read as zero.
+    The gather is the compiled ``gather_im2col`` (:mod:`dynnet.kernels.native`: lookup, tap arithmetic and row
+    copies in one pass) when it is available and nothing needs a gradient, else one ``index_select`` over
+    indices computed with tensor ops (the reference; both give identical rows).
 
     Args:
         rows: Tensor[R, C] input rows (channels-last pixels).
@@ -290,6 +308,19 @@ def gather_conv_rows(
         raise ValueError(f"weight matrix of {wmat.shape[0]} rows does not match k·k·C = {kernel * kernel * c}")
     if p == 0:
         return rows.new_zeros((0, wmat.shape[1]))
+    taps = kernel * kernel
+    # The gathered matrix is made and consumed in chunks of about 2 MB: a chunk stays in cache between the
+    # gather and the GEMM, and no allocation is large enough to be a fresh mmap (page faults on every call).
+    chunk = max(64, GATHER_CHUNK_ELEMENTS // (taps * c))
+    ext = _native_gather(rows, lookup, positions)
+    if ext is not None:
+        rows, lookup = rows.contiguous(), lookup.contiguous()
+        geometry = (kernel, stride, padding, dilation)
+        outs = [
+            matmul_rows(ext.gather_im2col(rows, lookup, positions, i, min(p, i + chunk), *geometry), wmat, bias)
+            for i in range(0, p, chunk)
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     h, w = lookup.shape[1:]
     hp, wp = h + 2 * padding, w + 2 * padding
     if padding:
@@ -308,10 +339,6 @@ def gather_conv_rows(
         src = src.clamp_min(0)
         if bool(valid.all()):
             valid = None
-    taps = kernel * kernel
-    # The gathered matrix is made and consumed in chunks of about 2 MB: a chunk stays in cache between the
-    # gather and the GEMM, and no allocation is large enough to be a fresh mmap (page faults on every call).
-    chunk = max(64, GATHER_CHUNK_ELEMENTS // (taps * c))
     outs = []
     for start in range(0, p, chunk):
         stop = min(p, start + chunk)
@@ -365,12 +392,24 @@ def gather_conv2d(
     positions = active_positions(mask)
     if positions.shape[0] == 0:
         return x.new_zeros((0, weight.shape[0]))
+    wmat = _cached_weight_matrix(weight)
+    ext = _native_gather(x, positions)
+    if ext is not None and wmat.shape[0] == k * k * x.shape[1]:
+        # Channels-last input is read in place (no copy); NCHW is transposed once.
+        image = x.permute(0, 2, 3, 1).contiguous()
+        p_ = positions.shape[0]
+        chunk = max(64, GATHER_CHUNK_ELEMENTS // (wmat.shape[0]))
+        outs = [
+            matmul_rows(ext.gather_im2col_image(image, positions, i, min(p_, i + chunk), k, s, p, d), wmat)
+            for i in range(0, p_, chunk)
+        ]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
     rows, zero_row = channels_last_rows(x)
     lookup = input_lookup(n, h, w, x.device)
     return gather_conv_rows(
         rows,
         lookup,
-        _cached_weight_matrix(weight),
+        wmat,
         positions,
         kernel=k,
         stride=s,

@@ -1,0 +1,111 @@
+// dynnet compiled CPU kernels (built on first use by dynnet.kernels.native through torch.utils.cpp_extension).
+//
+// gather_im2col: the im2col rows of a convolution at chosen output positions, read from channels-last input
+// rows through a position -> row lookup. It replaces, in one pass, the padded lookup, the tap index arithmetic,
+// the validity mask and the row index_select of the pure-PyTorch path (dynnet.kernels.spatial.gather_conv_rows),
+// which is the reference it is tested against.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstring>
+
+namespace {
+
+void check_positions(const at::Tensor& positions, int64_t start, int64_t stop, int64_t kernel, int64_t stride,
+                     int64_t padding, int64_t dilation) {
+  TORCH_CHECK(positions.device().is_cpu() && positions.dim() == 2 && positions.size(1) == 3 &&
+                  positions.scalar_type() == at::kLong,
+              "gather_im2col: positions must be an int64 CPU Tensor[P, 3], got ", positions.sizes());
+  TORCH_CHECK(0 <= start && start <= stop && stop <= positions.size(0), "gather_im2col: bad range [", start, ", ",
+              stop, ") of ", positions.size(0), " positions");
+  TORCH_CHECK(kernel > 0 && stride > 0 && padding >= 0 && dilation > 0, "gather_im2col: bad geometry");
+}
+
+// The shared loop: row_of(n, ih, iw) gives the source row of an in-image input position (< 0: zero).
+template <typename RowOf>
+at::Tensor gather_loop(const at::Tensor& rows, int64_t N, int64_t H, int64_t W, const at::Tensor& positions,
+                       int64_t start, int64_t stop, int64_t kernel, int64_t stride, int64_t padding,
+                       int64_t dilation, RowOf row_of) {
+  const int64_t R = rows.size(0), C = rows.size(1);
+  const int64_t taps = kernel * kernel, P = stop - start, width = taps * C;
+  at::Tensor out = at::empty({P, width}, rows.options());
+  if (P == 0 || C == 0) return out;
+  const float* src = rows.data_ptr<float>();
+  // Any strides (nonzero() returns a column-major Tensor[P, 3]).
+  const int64_t ps = positions.stride(0), pc = positions.stride(1);
+  const int64_t* pos = positions.data_ptr<int64_t>() + ps * start;
+  float* dst = out.data_ptr<float>();
+  const size_t row_bytes = static_cast<size_t>(C) * sizeof(float);
+  std::atomic<int> bad{0};
+  // About 64 KiB of output per task: small gathers stay on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / width);
+  at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = pos[ps * i], oh = pos[ps * i + pc], ow = pos[ps * i + 2 * pc];
+      float* o = dst + i * width;
+      if (n < 0 || n >= N) {
+        bad.store(1);
+        std::memset(o, 0, width * sizeof(float));
+        continue;
+      }
+      for (int64_t ky = 0; ky < kernel; ++ky) {
+        const int64_t ih = oh * stride - padding + ky * dilation;
+        for (int64_t kx = 0; kx < kernel; ++kx, o += C) {
+          const int64_t iw = ow * stride - padding + kx * dilation;
+          int64_t r = -1;
+          if (ih >= 0 && ih < H && iw >= 0 && iw < W) r = row_of(n, ih, iw);
+          if (r >= 0 && r < R) {
+            std::memcpy(o, src + r * C, row_bytes);
+          } else {
+            if (r >= R) bad.store(2);
+            std::memset(o, 0, row_bytes);
+          }
+        }
+      }
+    }
+  });
+  TORCH_CHECK(bad.load() != 1, "gather_im2col: a position's batch index is outside [0, ", N, ")");
+  TORCH_CHECK(bad.load() != 2, "gather_im2col: the lookup names a row outside [0, ", R, ")");
+  return out;
+}
+
+void check_rows(const at::Tensor& rows) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2 && rows.scalar_type() == at::kFloat && rows.is_contiguous(),
+              "gather_im2col: rows must be a contiguous float32 CPU Tensor[R, C], got ", rows.sizes(), " ",
+              rows.scalar_type());
+}
+
+// Rows reached through lookup: Tensor[N, H, W] int64, the row of each input position (< 0: reads zero).
+at::Tensor gather_im2col(const at::Tensor& rows, const at::Tensor& lookup, const at::Tensor& positions,
+                         int64_t start, int64_t stop, int64_t kernel, int64_t stride, int64_t padding,
+                         int64_t dilation) {
+  check_rows(rows);
+  TORCH_CHECK(lookup.device().is_cpu() && lookup.dim() == 3 && lookup.scalar_type() == at::kLong &&
+                  lookup.is_contiguous(),
+              "gather_im2col: lookup must be a contiguous int64 CPU Tensor[N, H, W], got ", lookup.sizes());
+  check_positions(positions, start, stop, kernel, stride, padding, dilation);
+  const int64_t N = lookup.size(0), H = lookup.size(1), W = lookup.size(2);
+  const int64_t* lk = lookup.data_ptr<int64_t>();
+  return gather_loop(rows, N, H, W, positions, start, stop, kernel, stride, padding, dilation,
+                     [=](int64_t n, int64_t ih, int64_t iw) { return lk[(n * H + ih) * W + iw]; });
+}
+
+// Rows of a whole channels-last image: Tensor[N, H, W, C] contiguous (row of (n, h, w) = (n·H + h)·W + w).
+at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positions, int64_t start, int64_t stop,
+                               int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  TORCH_CHECK(image.dim() == 4, "gather_im2col_image: image must be Tensor[N, H, W, C], got ", image.sizes());
+  const int64_t N = image.size(0), H = image.size(1), W = image.size(2), C = image.size(3);
+  const at::Tensor rows = image.view({N * H * W, C});
+  check_rows(rows);
+  check_positions(positions, start, stop, kernel, stride, padding, dilation);
+  return gather_loop(rows, N, H, W, positions, start, stop, kernel, stride, padding, dilation,
+                     [=](int64_t n, int64_t ih, int64_t iw) { return (n * H + ih) * W + iw; });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gather_im2col", &gather_im2col, "im2col rows of output positions, input rows through a lookup");
+  m.def("gather_im2col_image", &gather_im2col_image, "im2col rows of output positions of a channels-last image");
+}

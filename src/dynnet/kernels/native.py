@@ -1,0 +1,107 @@
+"""Compiled CPU kernels: a small C++/OpenMP extension, built on first use, with a pure-PyTorch fallback.
+
+The sources live in ``dynnet/kernels/_native/``. :func:`load` compiles them once per source, compiler flags
+and torch version with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ``ninja``, both
+installed by ``scripts/setup.sh``) into ``$DYNNET_CACHE/native`` (default ``~/.cache/dynnet/native``) and
+imports the result. When that is not possible the callers run their pure-PyTorch code, which is also the
+reference the compiled kernels are tested against, and :func:`load` warns once with the reason and what to
+install. ``DYNNET_NATIVE=0`` turns the compiled kernels off (no build, no warning).
+
+``python -m dynnet.kernels.native`` builds the extension and prints its status (``scripts/setup.sh`` runs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["disabled", "load", "status"]
+
+_SOURCES = (Path(__file__).with_name("_native") / "gather.cpp",)
+_CFLAGS = ("-O3",)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def disabled() -> bool:
+    """Whether ``DYNNET_NATIVE=0`` (or ``false``/``off``/``no``) turns the compiled kernels off."""
+    return os.environ.get("DYNNET_NATIVE", "1").strip().lower() in {"0", "false", "off", "no"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DYNNET_CACHE") or str(Path.home() / ".cache" / "dynnet")
+    return Path(root) / "native"
+
+
+def _build_name() -> str:
+    """A module name unique to the sources, the flags and the torch/Python build (a stale binary is never loaded)."""
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}".encode())
+    return f"dynnet_native_{h.hexdigest()[:16]}"
+
+
+def _build(verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    name = _build_name()
+    build_dir = _cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=list(_CFLAGS),
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+def load(*, verbose: bool = False, warn: bool = True) -> ModuleType | None:
+    """The compiled extension, building it on the first call; ``None`` when it is off or cannot be built.
+
+    Args:
+        verbose: show the compiler's output.
+        warn: warn (once per process) with the reason when the extension is unavailable.
+
+    Returns:
+        The extension module (functions ``gather_im2col``...), or ``None``.
+    """
+    if disabled():
+        return None
+    if "module" in _state or "error" in _state:
+        return _state.get("module")  # type: ignore[return-value]
+    with _lock:
+        if "module" not in _state and "error" not in _state:
+            try:
+                _state["module"] = _build(verbose)
+            except Exception as exc:  # compiler, ninja or headers missing; a compile error
+                _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+                if warn:
+                    warnings.warn(
+                        "dynnet: the compiled CPU kernels are unavailable, using the pure-PyTorch kernels "
+                        f"(same results, slower) — {_state['error']}. To build them install a C++ compiler "
+                        "(e.g. apt-get install g++) and `pip install ninja`; DYNNET_NATIVE=0 silences this.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+    return _state.get("module")  # type: ignore[return-value]
+
+
+def status() -> str:
+    """``"available"``, ``"disabled (DYNNET_NATIVE=0)"`` or ``"unavailable: <reason>"`` (builds if needed)."""
+    if disabled():
+        return "disabled (DYNNET_NATIVE=0)"
+    return "available" if load(warn=False) is not None else f"unavailable: {_state.get('error')}"
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised by scripts/setup.sh
+    print(f"[dynnet] compiled kernels: {status()}")

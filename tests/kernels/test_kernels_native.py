@@ -1,0 +1,113 @@
+"""The compiled extension: it builds where a compiler is present, gathers exactly what the reference gathers,
+rejects bad indices with a clear error, and its absence falls back to the pure-PyTorch path with a warning."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from dynnet.kernels import native
+from dynnet.kernels.spatial import gather_conv2d, masked_conv2d_reference
+from dynnet.testing.engines import kernel_engine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler here")
+def test_extension_builds_where_a_compiler_is_present(monkeypatch) -> None:
+    monkeypatch.delenv("DYNNET_NATIVE", raising=False)
+    assert native.status() == "available"
+    assert hasattr(native.load(), "gather_im2col")
+
+
+def _reference_im2col(rows, lookup, positions, k, s, p, d):
+    """Tensor[P, k·k·C] by plain indexing (the definition)."""
+    _, h, w = lookup.shape
+    c = rows.shape[1]
+    out = torch.zeros(positions.shape[0], k * k * c)
+    for i, (b, oh, ow) in enumerate(positions.tolist()):
+        for ky in range(k):
+            for kx in range(k):
+                ih, iw = oh * s - p + ky * d, ow * s - p + kx * d
+                if 0 <= ih < h and 0 <= iw < w and lookup[b, ih, iw] >= 0:
+                    out[i, (ky * k + kx) * c : (ky * k + kx + 1) * c] = rows[lookup[b, ih, iw]]
+    return out
+
+
+@pytest.mark.parametrize("geometry", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1), (3, 1, 2, 2), (5, 2, 2, 1)])
+def test_gather_im2col_equals_indexing(geometry) -> None:
+    with kernel_engine("native"):
+        ext = native.load()
+        k, s, p, d = geometry
+        g = torch.Generator().manual_seed(sum(geometry))
+        rows = torch.randn(30, 5, generator=g)
+        lookup = torch.randint(-1, 30, (2, 7, 6), generator=g)
+        positions = torch.tensor([[0, 0, 0], [1, 2, 3], [0, 1, 1], [1, 0, 2]])
+        got = ext.gather_im2col(rows, lookup, positions, 0, 4, k, s, p, d)
+        torch.testing.assert_close(got, _reference_im2col(rows, lookup, positions, k, s, p, d), rtol=0, atol=0)
+        part = ext.gather_im2col(rows, lookup, positions, 1, 3, k, s, p, d)
+        torch.testing.assert_close(part, got[1:3], rtol=0, atol=0)
+        image = torch.randn(2, 7, 6, 5, generator=g)
+        ident = torch.arange(2 * 7 * 6).view(2, 7, 6)
+        torch.testing.assert_close(
+            ext.gather_im2col_image(image, positions.t().contiguous().t(), 0, 4, k, s, p, d),
+            _reference_im2col(image.reshape(-1, 5), ident, positions, k, s, p, d),
+            rtol=0,
+            atol=0,
+        )
+
+
+def test_gather_im2col_rejects_bad_indices() -> None:
+    with kernel_engine("native"):
+        ext = native.load()
+        rows = torch.randn(4, 3)
+        lookup = torch.full((1, 3, 3), 9)  # row 9 of 4
+        with pytest.raises(RuntimeError, match="lookup names a row outside"):
+            ext.gather_im2col(rows, lookup, torch.tensor([[0, 1, 1]]), 0, 1, 3, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="batch index is outside"):
+            ext.gather_im2col(rows, lookup.clamp(max=3), torch.tensor([[2, 1, 1]]), 0, 1, 3, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="float32"):
+            ext.gather_im2col(rows.double(), lookup, torch.tensor([[0, 1, 1]]), 0, 1, 3, 1, 1, 1)
+        with pytest.raises(RuntimeError, match="bad range"):
+            ext.gather_im2col(rows, lookup, torch.tensor([[0, 1, 1]]), 0, 2, 3, 1, 1, 1)
+
+
+def test_unbuildable_extension_falls_back_with_a_warning(monkeypatch) -> None:
+    monkeypatch.delenv("DYNNET_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_state", {})
+
+    def fail(verbose: bool):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(native, "_build", fail)
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 3, 6, 6, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    mask = torch.rand(1, 6, 6, generator=g) < 0.5
+    with pytest.warns(RuntimeWarning, match="Ninja is required.*pip install ninja"):
+        rows = gather_conv2d(x, weight, mask, padding=1)
+    torch.testing.assert_close(rows, masked_conv2d_reference(x, weight, mask, padding=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per process, not on every call
+        gather_conv2d(x, weight, mask, padding=1)
+    assert native.status().startswith("unavailable: RuntimeError: Ninja is required")
+
+
+def test_disabled_by_environment(monkeypatch) -> None:
+    monkeypatch.setenv("DYNNET_NATIVE", "0")
+    assert native.load() is None
+    assert native.status() == "disabled (DYNNET_NATIVE=0)"
+
+
+def test_gradients_take_the_reference_path() -> None:
+    """The compiled gather has no backward: with a gradient to record, the differentiable path runs."""
+    with kernel_engine("native"):
+        x = torch.randn(1, 2, 5, 5, requires_grad=True)
+        weight = torch.randn(3, 2, 3, 3, requires_grad=True)
+        mask = torch.ones(1, 5, 5, dtype=torch.bool)
+        gather_conv2d(x, weight, mask, padding=1).sum().backward()
+        ref_x = x.detach().clone().requires_grad_(True)
+        masked_conv2d_reference(ref_x, weight.detach(), mask, padding=1).sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad)
