@@ -6,8 +6,10 @@ from __future__ import annotations
 import shutil
 import warnings
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
 from dynnet.kernels import native
 from dynnet.kernels.spatial import gather_conv2d, masked_conv2d_reference
@@ -111,3 +113,55 @@ def test_gradients_take_the_reference_path() -> None:
         ref_x = x.detach().clone().requires_grad_(True)
         masked_conv2d_reference(ref_x, weight.detach(), mask, padding=1).sum().backward()
         torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+@st.composite
+def pair_cases(draw):
+    c, m, c_out = draw(st.integers(1, 24)), draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    h, w = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    stride = draw(st.sampled_from([1, 2]))
+    kind = draw(st.sampled_from(["random", "none", "all"]))
+    binary = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return c, m, c_out, h, w, stride, kind, binary, seed
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(pair_cases())
+def test_sliced_pair3x3_equals_the_sliced_reference(case) -> None:
+    """The compiled batch-1 pair computes exactly what the pure-PyTorch slices compute, and counts its MACs."""
+    from dynnet.kernels.channel import ConvSpec, sliced_pair_single
+    from dynnet.macs import MacCounter
+
+    c, m, c_out, h, w, stride, kind, binary, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g)
+    w1, b1 = torch.randn(m, c, 3, 3, generator=g), torch.randn(m, generator=g)
+    w2, b2 = torch.randn(c_out, m, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    keep = {"random": torch.rand(m, generator=g) < 0.5, "none": torch.zeros(m, dtype=torch.bool)}.get(
+        kind, torch.ones(m, dtype=torch.bool)
+    )
+    scale = keep.float() * (torch.rand(m, generator=g) + 0.5)
+    spec1, spec2 = ConvSpec((stride, stride), (1, 1), (1, 1)), ConvSpec((1, 1), (1, 1), (1, 1))
+    with kernel_engine("torch"):
+        ref, k_ref = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, binary=binary)
+    with kernel_engine("native"), MacCounter() as counter:
+        got, k = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, binary=binary)
+    assert k == k_ref == int(keep.sum())
+    torch.testing.assert_close(got, ref.expand_as(got), rtol=1e-4, atol=1e-4)
+    assert counter.total == k * (c + c_out) * 9 * got.shape[2] * got.shape[3]
+
+
+def test_sliced_pair3x3_rejects_bad_arguments() -> None:
+    with kernel_engine("native"):
+        op = torch.ops.dynnet.sliced_pair3x3
+        x, w1, b1 = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+        w2, b2, s = torch.randn(3, 6, 3, 3), torch.randn(3), torch.ones(6)
+        with pytest.raises(RuntimeError, match="one sample"):
+            op(torch.randn(2, 4, 5, 5), w1, b1, w2, b2, s, True, 1)
+        with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+            op(x, w1, b1, w2, b2, s, True, 3)
+        with pytest.raises(RuntimeError, match="w2 must be"):
+            op(x, w1, b1, torch.randn(3, 5, 3, 3), b2, s, True, 1)
+        with pytest.raises(RuntimeError, match="float32"):
+            op(x.double(), w1, b1, w2, b2, s, True, 1)

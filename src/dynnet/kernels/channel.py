@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.kernels import native
+
 __all__ = [
     "STRATEGIES",
     "ConvSpec",
@@ -153,6 +155,79 @@ def _run_slice(
     return spec2.conv(h, w2.index_select(1, channels), b2)
 
 
+_UNIT = ConvSpec((1, 1), (1, 1), (1, 1))
+_STRIDE2 = ConvSpec((2, 2), (1, 1), (1, 1))
+
+
+def native_pair_usable(spec1: ConvSpec, spec2: ConvSpec, w1: Tensor, w2: Tensor) -> bool:
+    """Whether the compiled batch-1 pair kernel (``sliced_pair3x3``) handles this pair of convolutions: both 3×3
+    with padding 1 and no dilation, the first of stride 1 or 2, the second of stride 1, float32 on CPU, and the
+    extension is available."""
+    return _pair_geometry_ok(spec1, spec2, w1, w2) and native.load() is not None
+
+
+def _pair_geometry_ok(spec1: ConvSpec, spec2: ConvSpec, w1: Tensor, w2: Tensor) -> bool:
+    return (
+        spec1 in (_UNIT, _STRIDE2)
+        and spec2 == _UNIT
+        and w1.shape[2:] == (3, 3)
+        and w2.shape[2:] == (3, 3)
+        and w1.dtype == torch.float32
+        and w1.device.type == "cpu"
+    )
+
+
+def _native_pair(
+    x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, s: Tensor, spec1: ConvSpec, spec2: ConvSpec
+):
+    """The compiled pair op when it can run this batch-1 pair, else ``None``: inference (nothing to
+    differentiate), plain float32 CPU tensors, NCHW-contiguous weights (as :meth:`ChannelGatedBlock.folded_weights`
+    keeps them when the extension is present), 3×3 / padding 1 convolutions of stride 1 or 2, then 1.
+
+    Runs once per block per image, so the checks are ordered cheapest first and the geometry check is memoised.
+    """
+    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or type(x) not in _PLAIN:
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad or w1.requires_grad or b1.requires_grad or w2.requires_grad or b2.requires_grad
+    ):
+        return None
+    if w1.dtype != torch.float32 or w2.dtype != torch.float32 or s.dtype != torch.float32:
+        return None
+    if not (w1.is_contiguous() and w2.is_contiguous() and b1.is_contiguous() and b2.is_contiguous()):
+        return None
+    key = (spec1, spec2, w1.shape[2], w1.shape[3], w2.shape[2], w2.shape[3], type(w1), type(w2), w1.device.type)
+    usable = _USABLE.get(key)
+    if usable is None:
+        usable = _USABLE[key] = type(w1) in _PLAIN and type(w2) in _PLAIN and _pair_geometry_ok(spec1, spec2, w1, w2)
+    return _pair_op() if usable and native.load() is not None else None
+
+
+_USABLE: dict[tuple, bool] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PAIR_OP: list = []
+
+
+def _pair_op():
+    """``torch.ops.dynnet.sliced_pair3x3`` (a dispatcher op, so the MAC counter sees it), its MAC rule registered
+    on first use: ``k · (C_in + C_out) · 9 · H_out · W_out``, the MACs of the two sliced convolutions it computes."""
+    if _PAIR_OP:
+        return _PAIR_OP[0]
+    op = torch.ops.dynnet.sliced_pair3x3
+    from dynnet.macs import MAC_RULES, register_mac_rule
+
+    _PAIR_OP.append(op)
+    if op not in MAC_RULES:
+
+        @register_mac_rule(op)
+        def _pair_rule(args: tuple, kwargs: dict, out: object) -> int:
+            x, w2 = args[0], args[3]
+            y, kept = out  # type: ignore[misc]
+            return int(kept) * (x.shape[1] + w2.shape[0]) * 9 * y.shape[2] * y.shape[3]
+
+    return op
+
+
 def sliced_pair_single(
     x: Tensor,
     w1: Tensor,
@@ -182,6 +257,9 @@ def sliced_pair_single(
         ``(y, k)``: Tensor[1, C_out, H', W'] and the number of inner channels computed.
     """
     s = scale.reshape(-1)
+    op = _native_pair(x, w1, b1, w2, b2, s, spec1, spec2)
+    if op is not None:
+        return op(x.contiguous(), w1, b1, w2, b2, s.contiguous(), binary, spec1.stride[0])
     channels = s.nonzero().squeeze(1)
     k, c = channels.shape[0], s.shape[0]
     if k == c:  # all on: no slicing

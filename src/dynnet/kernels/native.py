@@ -24,8 +24,12 @@ import torch
 
 __all__ = ["disabled", "load", "status"]
 
-_SOURCES = (Path(__file__).with_name("_native") / "gather.cpp",)
-_CFLAGS = ("-O3",)
+_DIR = Path(__file__).with_name("_native")
+_SOURCES = tuple(_DIR / name for name in ("module.cpp", "gather.cpp", "channel.cpp"))
+_HEADERS = (_DIR / "native.h",)
+# Built on the machine that runs it, so it may use that CPU's vector instructions (the CPU is in the build key).
+_CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")  # at::parallel_for is OpenMP in ATen
+_LDFLAGS = ("-fopenmp",)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -40,11 +44,25 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def _cpu_signature() -> str:
+    """The CPU model and instruction-set flags (a binary built with ``-march=native`` runs only on such a CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
 def _build_name() -> str:
-    """A module name unique to the sources, the flags and the torch/Python build (a stale binary is never loaded)."""
+    """A module name unique to the sources, the flags, the CPU and the torch/Python build (a stale binary is
+    never loaded)."""
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in (*_SOURCES, *_HEADERS):
         h.update(src.read_bytes())
+    h.update(_cpu_signature().encode())
     h.update(" ".join(_CFLAGS).encode())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{sys.platform}".encode())
     return f"dynnet_native_{h.hexdigest()[:16]}"
@@ -60,6 +78,7 @@ def _build(verbose: bool) -> ModuleType:
         name=name,
         sources=[str(s) for s in _SOURCES],
         extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
         build_directory=str(build_dir),
         verbose=verbose,
     )

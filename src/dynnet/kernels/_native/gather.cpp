@@ -4,7 +4,7 @@
 // rows through a position -> row lookup. It replaces, in one pass, the padded lookup, the tap index arithmetic,
 // the validity mask and the row index_select of the pure-PyTorch path (dynnet.kernels.spatial.gather_conv_rows),
 // which is the reference it is tested against.
-#include <torch/extension.h>
+#include "native.h"
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -76,6 +76,10 @@ void check_rows(const at::Tensor& rows) {
               rows.scalar_type());
 }
 
+}  // namespace
+
+namespace dynnet {
+
 // Rows reached through lookup: Tensor[N, H, W] int64, the row of each input position (< 0: reads zero).
 at::Tensor gather_im2col(const at::Tensor& rows, const at::Tensor& lookup, const at::Tensor& positions,
                          int64_t start, int64_t stop, int64_t kernel, int64_t stride, int64_t padding,
@@ -103,9 +107,4 @@ at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positi
                      [=](int64_t n, int64_t ih, int64_t iw) { return (n * H + ih) * W + iw; });
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gather_im2col", &gather_im2col, "im2col rows of output positions, input rows through a lookup");
-  m.def("gather_im2col_image", &gather_im2col_image, "im2col rows of output positions of a channels-last image");
-}
+}  // namespace dynnet

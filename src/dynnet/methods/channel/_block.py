@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from dynnet.convert import Targets, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
-from dynnet.kernels.channel import ConvSpec, fold_bn, sliced_pair, sliced_pair_single
+from dynnet.kernels.channel import ConvSpec, fold_bn, native_pair_usable, sliced_pair, sliced_pair_single
 
 __all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks"]
 
@@ -171,12 +171,16 @@ class ChannelGatedBlock(DynamicBlock):
         folded = self._folded
         if folded is not None and folded[0] == key:
             return folded[1]
+        spec1, spec2 = ConvSpec.of(c1), ConvSpec.of(c2)
         with torch.inference_mode(False), torch.no_grad():
             w1, b1 = fold_bn(c1, n1)
             w2, b2 = fold_bn(c2, n2)
-            # The folds keep the convolution weights' memory format (channels-last models stay channels-last).
+            if native_pair_usable(spec1, spec2, w1, w2):
+                # The compiled batch-1 kernel reads NCHW weights.
+                w1, w2 = w1.contiguous(), w2.contiguous()
+            # Otherwise the folds keep the convolution weights' memory format (channels-last models stay so).
             weights = (w1, b1.contiguous(), w2, b2.contiguous())
-        value = (*weights, ConvSpec.of(c1), ConvSpec.of(c2))
+        value = (*weights, spec1, spec2)
         self._folded = (key, value)
         return value
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core.cache import tracing_or_compiling, version_key
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
 __all__ = [
@@ -128,14 +129,26 @@ class ChannelBandit(nn.Module):
         self.register_buffer("count", torch.zeros(channels))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.long))
+        self._fixed: tuple[tuple, Tensor] | None = None
 
     @property
     def channels(self) -> int:
         return self.value.shape[0]
 
     def fixed(self) -> Tensor:
-        """The inference subset: Tensor[C] bool, the ``k`` arms of highest estimated value."""
-        return top_k_mask(self.value, self.keep)
+        """The inference subset: Tensor[C] bool, the ``k`` arms of highest estimated value.
+
+        Cached while ``value`` and ``keep`` are unchanged (:func:`~dynnet.core.cache.version_key`): a training
+        round or ``load_state_dict`` edits them in place and so recomputes it.
+        """
+        key = None if tracing_or_compiling() else version_key(self.value, self.keep)
+        if key is not None and self._fixed is not None and self._fixed[0] == key:
+            return self._fixed[1]
+        with torch.inference_mode(False), torch.no_grad():
+            mask = top_k_mask(self.value, self.keep)
+        if key is not None:
+            self._fixed = (key, mask)
+        return mask
 
     def explore_(self) -> Tensor:
         """One training round: advance ``t`` and return the CUCB choice, Tensor[C] bool."""

@@ -1,0 +1,255 @@
+// dynnet compiled CPU kernels: a channel-sliced pair of 3x3 convolutions for one sample (batch-1 inference of
+// the channel-gating recipes; reference: dynnet.kernels.channel.sliced_pair_single).
+//
+//   y = conv2(relu(conv1(x; W1[S], b1[S])) * s[S]; W2[:, S]) + b2,   S = {c : s[c] != 0}
+//
+// Both convolutions are 3x3 with padding 1; conv1 has stride 1 or 2, conv2 stride 1. They run as a direct convolution over a zero-padded,
+// flattened copy of each input plane: output position p = r * (W + 2) + c reads input p + ky * (W + 2) + kx, so
+// every tap is a contiguous run of positions and a register block of 4 output channels x 64 positions is
+// updated by vector FMAs with broadcast weights. The cost is linear in the kept channels (no im2col of the
+// input, no GEMM whose efficiency falls with a narrow matrix), which is what batch-1 channel gating needs.
+// The two columns per row that fall on the padding are computed and discarded (or zeroed in the hidden
+// buffer, where they land exactly on its padding).
+#include "native.h"
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+constexpr int64_t NV = 4;         // vectors per register block
+constexpr int64_t VB = 16 * NV;   // positions per register block
+constexpr int64_t OB = 4;         // output channels per register block
+
+inline v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// acc[o][v] = sum over input channels c and taps t of w[o](c, t) * x[c][p0 + 16 v + toff[t]].
+// wrow[o] points at output channel o's weights; coff[c] is the offset of input channel c's 9 taps in it.
+template <int64_t NO>
+inline void conv_block(const float* x, int64_t plane, const int64_t* toff, int64_t cin, const int64_t* coff,
+                       const float* const* wrow, int64_t p0, v16 acc[NO][NV]) {
+  for (int64_t o = 0; o < NO; ++o)
+    for (int64_t v = 0; v < NV; ++v) acc[o][v] = v16{} ;
+  for (int64_t c = 0; c < cin; ++c) {
+    const float* xc = x + c * plane + p0;
+    const int64_t co = coff[c];
+    for (int64_t t = 0; t < 9; ++t) {
+      const float* xs = xc + toff[t];
+      v16 xv[NV];
+      for (int64_t v = 0; v < NV; ++v) xv[v] = load(xs + 16 * v);
+      for (int64_t o = 0; o < NO; ++o) {
+        const float w = wrow[o][co + t];
+        for (int64_t v = 0; v < NV; ++v) acc[o][v] += w * xv[v];
+      }
+    }
+  }
+}
+
+// Where a 3x3 convolution (padding 1, stride 1 or 2) reads its zero-padded input and writes its outputs.
+// Output (r, c) is position p = r * rowlen + c; columns c >= Wo of a row are computed and discarded. Tap t reads
+// input element p + toff[t] of the channel's region (region floats per channel).
+//   stride 1: the region is the padded plane, rowlen = W + 2, toff = ky * rowlen + kx;
+//   stride 2: the region holds the four phases (even/odd padded row x even/odd padded column) of the padded
+//             plane, each rowlen = ceil((W + 2) / 2) wide, so that every tap is again a contiguous run.
+struct Geometry {
+  int64_t stride, H, W, Ho, Wo, rowlen, L, phase, region;
+  int64_t toff[9];
+  Geometry(int64_t h, int64_t w, int64_t s) : stride(s), H(h), W(w) {
+    Ho = (H - 1) / s + 1;
+    Wo = (W - 1) / s + 1;
+    rowlen = s == 1 ? W + 2 : (W + 3) / 2;
+    L = Ho * rowlen;
+    const int64_t blocks_end = (L + VB - 1) / VB * VB;
+    if (s == 1) {
+      phase = blocks_end + 2 * rowlen + 2 + 16;  // every read of every block stays inside the region
+      region = phase;
+      for (int64_t t = 0; t < 9; ++t) toff[t] = (t / 3) * rowlen + (t % 3);
+    } else {
+      const int64_t hq = (H + 3) / 2;
+      phase = std::max(hq * rowlen, blocks_end + rowlen + 1 + 16);
+      region = 4 * phase;
+      for (int64_t t = 0; t < 9; ++t) {
+        const int64_t ky = t / 3, kx = t % 3;
+        toff[t] = ((ky % 2) * 2 + kx % 2) * phase + (ky / 2) * rowlen + kx / 2;
+      }
+    }
+  }
+  // Index in a channel's region of padded input position (i, j) (0 <= i < H + 2, 0 <= j < W + 2).
+  int64_t at(int64_t i, int64_t j) const {
+    return stride == 1 ? i * rowlen + j : ((i % 2) * 2 + j % 2) * phase + (i / 2) * rowlen + j / 2;
+  }
+};
+
+// Splits the positions [p0, p0 + VB) ∩ [0, L) of a block into runs inside the output (column < Wo) or on the
+// discarded columns: run(j0, j1, r, c, inside) covers block entries [j0, j1), starting at output (r, c).
+template <typename Run>
+inline void for_row_runs(const Geometry& g, int64_t p0, Run run) {
+  const int64_t end = std::min(VB, g.L - p0);
+  int64_t j = 0;
+  while (j < end) {
+    const int64_t p = p0 + j, r = p / g.rowlen, col = p % g.rowlen;
+    const bool inside = col < g.Wo;
+    const int64_t len = std::min(end - j, inside ? g.Wo - col : g.rowlen - col);
+    run(j, j + len, r, col, inside);
+    j += len;
+  }
+}
+
+// One convolution over all register blocks. store(o_first, count, p0, acc) writes a block's results.
+template <typename Store>
+void conv_all(const Geometry& g, const float* x, int64_t cin, const int64_t* coff, const std::vector<const float*>& rows,
+              Store store) {
+  const int64_t cout = static_cast<int64_t>(rows.size());
+  const int64_t pblocks = (g.L + VB - 1) / VB, oblocks = (cout + OB - 1) / OB;
+  const int64_t work = cout * cin * 9 * g.L;  // MACs; below ~128k a second thread costs more than it gives
+  const int64_t grain = work < (1 << 17) ? pblocks * oblocks : 1;
+  at::parallel_for(0, pblocks * oblocks, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t ob = i / pblocks, p0 = (i % pblocks) * VB, o0 = ob * OB;
+      const int64_t no = std::min(OB, cout - o0);
+      const float* const* wr = rows.data() + o0;
+      if (no == OB) {
+        v16 acc[OB][NV];
+        conv_block<OB>(x, g.region, g.toff, cin, coff, wr, p0, acc);
+        store(o0, OB, p0, &acc[0][0]);
+      } else {
+        v16 acc[1][NV];
+        for (int64_t o = 0; o < no; ++o) {
+          conv_block<1>(x, g.region, g.toff, cin, coff, wr + o, p0, acc);
+          store(o0 + o, 1, p0, &acc[0][0]);
+        }
+      }
+    }
+  });
+}
+
+// A zero-initialised scratch buffer of `channels` regions of geometry g, kept per thread and per geometry. Only
+// interior positions are ever written (input copies, conv1's epilogue), so the padding stays zero across calls
+// and the buffer is not cleared again.
+float* scratch(const Geometry& g, int64_t channels, int slot) {
+  struct Key {
+    int64_t stride, H, W, channels;
+    int slot;
+    bool operator==(const Key& o) const {
+      return stride == o.stride && H == o.H && W == o.W && channels == o.channels && slot == o.slot;
+    }
+  };
+  thread_local std::vector<std::pair<Key, std::vector<float>>> buffers;
+  const Key key{g.stride, g.H, g.W, channels, slot};
+  for (auto& entry : buffers)
+    if (entry.first == key) return entry.second.data();
+  if (buffers.size() >= 64) buffers.erase(buffers.begin());  // many shapes: drop the oldest
+  buffers.emplace_back(key, std::vector<float>(static_cast<size_t>(channels * g.region), 0.f));
+  return buffers.back().second.data();
+}
+
+void check(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
+              "sliced_pair3x3: ", name, " must be a contiguous float32 CPU tensor of ", dim, " dims, got ",
+              t.sizes(), " ", t.scalar_type());
+}
+
+}  // namespace
+
+namespace dynnet {
+
+// Returns (y: Tensor[1, C_out, Ho, Wo], k: number of kept inner channels). conv1 has the given stride (1 or 2).
+std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
+                                               bool binary, int64_t stride) {
+  check(x, 4, "x");
+  check(w1, 4, "w1");
+  check(b1, 1, "b1");
+  check(w2, 4, "w2");
+  check(b2, 1, "b2");
+  check(scale, 1, "scale");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), M = w1.size(0), CO = w2.size(0);
+  TORCH_CHECK(x.size(0) == 1, "sliced_pair3x3: one sample, got a batch of ", x.size(0));
+  TORCH_CHECK(stride == 1 || stride == 2, "sliced_pair3x3: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(H > 0 && W > 0, "sliced_pair3x3: empty input ", x.sizes());
+  TORCH_CHECK(w1.size(1) == C && w1.size(2) == 3 && w1.size(3) == 3, "sliced_pair3x3: w1 must be [M, ", C,
+              ", 3, 3], got ", w1.sizes());
+  TORCH_CHECK(w2.size(1) == M && w2.size(2) == 3 && w2.size(3) == 3, "sliced_pair3x3: w2 must be [C_out, ", M,
+              ", 3, 3], got ", w2.sizes());
+  TORCH_CHECK(b1.size(0) == M && scale.size(0) == M && b2.size(0) == CO, "sliced_pair3x3: b1/scale need ", M,
+              " entries and b2 ", CO);
+  const Geometry g1(H, W, stride);
+  const int64_t Ho = g1.Ho, Wo = g1.Wo;
+  const Geometry g2(Ho, Wo, 1);
+  const float* s = scale.data_ptr<float>();
+  std::vector<int64_t> kept;
+  kept.reserve(M);
+  for (int64_t m = 0; m < M; ++m)
+    if (s[m] != 0.f) kept.push_back(m);
+  const int64_t K = static_cast<int64_t>(kept.size());
+  at::Tensor y = at::empty({1, CO, Ho, Wo}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* b2p = b2.data_ptr<float>();
+  if (K == 0) {
+    for (int64_t o = 0; o < CO; ++o) std::fill(yp + o * Ho * Wo, yp + (o + 1) * Ho * Wo, b2p[o]);
+    return {y, 0};
+  }
+  // Zero-padded input (phases for stride 2).
+  float* xp = scratch(g1, C, 0);
+  const float* xs = x.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    float* dst = xp + c * g1.region;
+    for (int64_t r = 0; r < H; ++r) {
+      const float* src = xs + (c * H + r) * W;
+      if (stride == 1) {
+        std::memcpy(dst + g1.at(r + 1, 1), src, W * sizeof(float));
+      } else {
+        for (int64_t q = 0; q < W; ++q) dst[g1.at(r + 1, q + 1)] = src[q];
+      }
+    }
+  }
+  // conv1 over the kept output channels into the zero-padded hidden planes (relu, scale).
+  float* hp = scratch(g2, M, 1);
+  const float* w1p = w1.data_ptr<float>();
+  const float* b1p = b1.data_ptr<float>();
+  std::vector<const float*> rows1(K);
+  std::vector<int64_t> coff1(C);
+  for (int64_t i = 0; i < K; ++i) rows1[i] = w1p + kept[i] * C * 9;
+  for (int64_t c = 0; c < C; ++c) coff1[c] = c * 9;
+  conv_all(g1, xp, C, coff1.data(), rows1, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    for (int64_t o = 0; o < no; ++o) {
+      const int64_t m = kept[o0 + o];
+      const float bias = b1p[m], mult = binary ? 1.f : s[m];
+      const float* a = reinterpret_cast<const float*>(acc + o * NV);
+      float* dst = hp + (o0 + o) * g2.region;
+      for_row_runs(g1, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
+        if (!inside) return;
+        float* d = dst + g2.at(r + 1, col + 1);
+        for (int64_t j = j0; j < j1; ++j) d[j - j0] = std::max(a[j] + bias, 0.f) * mult;
+      });
+    }
+  });
+  // conv2 reads the kept hidden channels (input channel i = inner channel kept[i]).
+  const float* w2p = w2.data_ptr<float>();
+  std::vector<const float*> rows2(CO);
+  std::vector<int64_t> coff2(K);
+  for (int64_t o = 0; o < CO; ++o) rows2[o] = w2p + o * M * 9;
+  for (int64_t i = 0; i < K; ++i) coff2[i] = kept[i] * 9;
+  conv_all(g2, hp, K, coff2.data(), rows2, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    for (int64_t o = 0; o < no; ++o) {
+      const float bias = b2p[o0 + o];
+      const float* a = reinterpret_cast<const float*>(acc + o * NV);
+      float* dst = yp + (o0 + o) * Ho * Wo;
+      for_row_runs(g2, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
+        if (!inside) return;
+        float* d = dst + r * Wo + col;
+        for (int64_t j = j0; j < j1; ++j) d[j - j0] = a[j] + bias;
+      });
+    }
+  });
+  return {y, K};
+}
+
+}  // namespace dynnet

@@ -1,0 +1,21 @@
+// dynnet compiled CPU kernels: the functions each source file exports (bound in module.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace dynnet {
+
+// gather.cpp
+at::Tensor gather_im2col(const at::Tensor& rows, const at::Tensor& lookup, const at::Tensor& positions,
+                         int64_t start, int64_t stop, int64_t kernel, int64_t stride, int64_t padding,
+                         int64_t dilation);
+at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positions, int64_t start, int64_t stop,
+                               int64_t kernel, int64_t stride, int64_t padding, int64_t dilation);
+
+// channel.cpp
+std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
+                                               bool binary, int64_t stride);
+
+}  // namespace dynnet
