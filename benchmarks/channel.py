@@ -8,7 +8,9 @@ Protocol (short, CPU-only, shared machine — numbers are indicative, not paper 
    different knob, three values of it) and fine-tuned for ``--steps`` steps with ``dynnet.train.fit``;
 3. test accuracy and MAC fraction come from ``dynnet.train.evaluate`` in sparse mode on the first
    ``--eval-batches`` × 128 *real* test images; latency (dense vs sparse, batch 1 and 64, ``--threads`` threads)
-   from ``dynnet.bench.harness.profile_model``, with the realized speedup ÷ MAC speedup (``b{B}_realized_ratio``);
+   from ``dynnet.bench.harness.profile_model``, with the realized speedup ÷ MAC speedup (``b{B}_realized_ratio``),
+   and the same ratio against the base network run by the same sparse engine with every channel kept
+   (``b{B}_engine_ratio``, ``b{B}_engine_dense_ms``; timed in the same window);
 4. width-reduced static ResNet-20s (width 0.5, 0.75, 1.0) trained for ``base-steps + steps`` steps are the baselines.
 
 Every row stores the load average; ``results.json`` holds :func:`dynnet.bench.machine_info` (date, load average,
@@ -42,6 +44,7 @@ import torch
 import dynnet
 from dynnet.bench import machine_info
 from dynnet.bench.harness import profile_model
+from dynnet.bench.latency import realized_speedup
 from dynnet.data import build_loaders
 from dynnet.gates.pooled import OPEN_LOGIT
 from dynnet.train import TrainConfig, evaluate, fit
@@ -188,6 +191,15 @@ def main() -> None:
         row = {"recipe": recipe, "setting": label, "accuracy": ev.accuracy, "mac_fraction": ev.mac_fraction}
         row["softened_gate_layers"] = softened
         row.update({k: v for k, v in prof.items() if k.startswith("b") or k == "dense_macs"})
+        # The same static network on the same sparse engine (every channel kept), timed in the same window.
+        eng = profile_model(
+            engine, images, batch_sizes=(1, 64), threads=args.threads, min_run_time=args.min_run_time, batch1_samples=4
+        )
+        for b in (1, 64):
+            row[f"b{b}_engine_dense_ms"] = eng[f"b{b}_sparse_ms"]
+            row[f"b{b}_engine_ratio"] = realized_speedup(
+                eng[f"b{b}_sparse_ms"], prof[f"b{b}_sparse_ms"], prof["dense_macs"], prof[f"b{b}_mean_macs"]
+            )
         row["load_1m"] = machine_info()["loadavg_1m"]
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
@@ -204,6 +216,11 @@ def main() -> None:
         if cache is not None:
             torch.save(base.state_dict(), cache)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    # "Engine dense": the base network with every inner channel kept, run by the channel family's sparse path (the
+    # compiled batch-1 kernel where it is built). The realized ratio against it isolates how well the engine turns
+    # fewer channels into less time from how fast the engine is against PyTorch's own convolutions.
+    engine = dynnet.create_model("cifar_resnet20", recipe="dynamic_channel_exec", in_channels=1, budget=1.0)
+    engine.net.load_state_dict(base_state, strict=False)
     dense_macs = dynnet.count_macs(base.eval(), images[:1]).per_sample[0].item()
     for width in (0.5, 0.75, 1.0):
         t0 = time.time()

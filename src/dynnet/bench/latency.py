@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
 
+from dynnet.kernels import native
+
 __all__ = ["Latency", "machine_info", "measure_latency", "realized_speedup"]
 
 
@@ -88,4 +90,5 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "loadavg_1m": round(load[0], 2),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "compiled_kernels": native.status(),
     }
