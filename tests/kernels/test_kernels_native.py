@@ -165,3 +165,30 @@ def test_sliced_pair3x3_rejects_bad_arguments() -> None:
             op(x, w1, b1, torch.randn(3, 5, 3, 3), b2, s, True, 1)
         with pytest.raises(RuntimeError, match="float32"):
             op(x.double(), w1, b1, w2, b2, s, True, 1)
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(pair_cases())
+def test_conv3x3_in_equals_the_sliced_reference(case) -> None:
+    """The compiled input-sliced convolution equals ``sliced_conv_in``'s PyTorch path and counts its MACs."""
+    from dynnet.kernels.channel import ConvSpec, native_conv3x3_in, sliced_conv_in
+    from dynnet.macs import MacCounter
+
+    c, _, c_out, h, w, stride, kind, _, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g)
+    weight, bias = torch.randn(c_out, c, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    active = {"random": torch.rand(1, c, generator=g) < 0.5, "none": torch.zeros(1, c, dtype=torch.bool)}.get(
+        kind, torch.ones(1, c, dtype=torch.bool)
+    )
+    spec = ConvSpec((stride, stride), (1, 1), (1, 1))
+    with kernel_engine("torch"):
+        ref, k_ref = sliced_conv_in(x, weight, bias, active, spec)
+    with kernel_engine("native"), MacCounter() as counter:
+        got, k = sliced_conv_in(x, weight, bias, active, spec)
+        full, k_full = native_conv3x3_in(x, weight, bias, None, spec)
+    assert float(k) == float(k_ref) == int(active.sum())
+    torch.testing.assert_close(got, ref.expand_as(got), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(full, torch.nn.functional.conv2d(x, weight, bias, stride, 1), rtol=1e-4, atol=1e-4)
+    assert k_full == c
+    assert counter.total == (int(active.sum()) + c) * c_out * 9 * got.shape[2] * got.shape[3]

@@ -208,6 +208,32 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _PAIR_OP: list = []
 
 
+def native_conv3x3_in(x: Tensor, w: Tensor, b: Tensor, active: Tensor | None, spec: ConvSpec):
+    """``conv(x · active; w) + b`` for one sample on the compiled kernel, reading only the active input channels.
+
+    Args:
+        x: Tensor[1, C, H, W]; w, b: Tensor[C_out, C, 3, 3] (NCHW-contiguous), Tensor[C_out].
+        active: Tensor[C] (non-zero = read) or ``None`` (every channel).
+        spec: the convolution's geometry.
+
+    Returns:
+        ``(y, k)`` — Tensor[1, C_out, H', W'] and the number of channels read — or ``None`` when the compiled
+        kernel does not apply (not 3×3 / padding 1 / stride 1 or 2, gradients, other dtypes or devices, no
+        extension); the caller then runs its PyTorch path.
+    """
+    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or type(x) not in _PLAIN:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+        return None
+    if w.dtype != torch.float32 or not (w.is_contiguous() and b.is_contiguous()) or type(w) not in _PLAIN:
+        return None
+    if spec not in (_UNIT, _STRIDE2) or w.shape[2:] != (3, 3) or native.load() is None:
+        return None
+    act = x.new_ones(x.shape[1]) if active is None else active.reshape(-1).to(torch.float32).contiguous()
+    _pair_op()  # registers the MAC rules
+    return torch.ops.dynnet.conv3x3_in(x.contiguous(), w, b, act, spec.stride[0])
+
+
 def _pair_op():
     """``torch.ops.dynnet.sliced_pair3x3`` (a dispatcher op, so the MAC counter sees it), its MAC rule registered
     on first use: ``k · (C_in + C_out) · 9 · H_out · W_out``, the MACs of the two sliced convolutions it computes."""
@@ -224,6 +250,14 @@ def _pair_op():
             x, w2 = args[0], args[3]
             y, kept = out  # type: ignore[misc]
             return int(kept) * (x.shape[1] + w2.shape[0]) * 9 * y.shape[2] * y.shape[3]
+
+    conv = torch.ops.dynnet.conv3x3_in
+    if conv not in MAC_RULES:
+
+        @register_mac_rule(conv)
+        def _conv_rule(args: tuple, kwargs: dict, out: object) -> int:
+            y, kept = out  # type: ignore[misc]
+            return int(kept) * y.shape[1] * 9 * y.shape[2] * y.shape[3]
 
     return op
 
@@ -405,6 +439,10 @@ def sliced_conv_in(
     """
     n, c = active.shape
     if n == 1 and strategy in ("auto", "groups", "per_sample"):  # one slice: no strategy choice, one nonzero
+        fast = native_conv3x3_in(h, w, b, active, spec)
+        if fast is not None:
+            y, k = fast
+            return y, torch.full((1,), float(k), dtype=torch.float64, device=h.device)
         channels = active.reshape(-1).nonzero().squeeze(1)
         k = channels.shape[0]
         executed = torch.full((1,), float(k), dtype=torch.float64, device=h.device)

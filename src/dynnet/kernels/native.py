@@ -34,9 +34,20 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+_OFF = {"0", "false", "off", "no"}
+_env_seen: list[str | None] = [None]
+_env_off: list[bool] = [False]
+
+
 def disabled() -> bool:
-    """Whether ``DYNNET_NATIVE=0`` (or ``false``/``off``/``no``) turns the compiled kernels off."""
-    return os.environ.get("DYNNET_NATIVE", "1").strip().lower() in {"0", "false", "off", "no"}
+    """Whether ``DYNNET_NATIVE=0`` (or ``false``/``off``/``no``) turns the compiled kernels off.
+
+    Called once per kernel call, so the environment variable is parsed only when its value changes.
+    """
+    value = os.environ.get("DYNNET_NATIVE")
+    if value != _env_seen[0]:
+        _env_seen[0], _env_off[0] = value, value is not None and value.strip().lower() in _OFF
+    return _env_off[0]
 
 
 def _cache_dir() -> Path:
@@ -94,10 +105,11 @@ def load(*, verbose: bool = False, warn: bool = True) -> ModuleType | None:
     Returns:
         The extension module (functions ``gather_im2col``...), or ``None``.
     """
+    module = _state.get("module")
+    if module is not None or "error" in _state:
+        return None if disabled() else module  # type: ignore[return-value]
     if disabled():
         return None
-    if "module" in _state or "error" in _state:
-        return _state.get("module")  # type: ignore[return-value]
     with _lock:
         if "module" not in _state and "error" not in _state:
             try:

@@ -252,4 +252,68 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   return {y, K};
 }
 
+// y = conv(x; W[:, S]) + b for S = {c : active[c] != 0}: one 3x3 convolution (padding 1, stride 1 or 2) reading
+// only the active input channels of one sample. Returns (y: Tensor[1, C_out, Ho, Wo], |S|).
+std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                           const at::Tensor& active, int64_t stride) {
+  check(x, 4, "x");
+  check(w, 4, "w");
+  check(b, 1, "b");
+  check(active, 1, "active");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), CO = w.size(0);
+  TORCH_CHECK(x.size(0) == 1, "conv3x3_in: one sample, got a batch of ", x.size(0));
+  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_in: stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(H > 0 && W > 0, "conv3x3_in: empty input ", x.sizes());
+  TORCH_CHECK(w.size(1) == C && w.size(2) == 3 && w.size(3) == 3, "conv3x3_in: w must be [C_out, ", C,
+              ", 3, 3], got ", w.sizes());
+  TORCH_CHECK(b.size(0) == CO && active.size(0) == C, "conv3x3_in: b needs ", CO, " entries and active ", C);
+  const Geometry g(H, W, stride);
+  const float* a = active.data_ptr<float>();
+  std::vector<int64_t> kept;
+  kept.reserve(C);
+  for (int64_t c = 0; c < C; ++c)
+    if (a[c] != 0.f) kept.push_back(c);
+  const int64_t K = static_cast<int64_t>(kept.size());
+  at::Tensor y = at::empty({1, CO, g.Ho, g.Wo}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const int64_t plane = g.Ho * g.Wo;
+  if (K == 0) {
+    for (int64_t o = 0; o < CO; ++o) std::fill(yp + o * plane, yp + (o + 1) * plane, bp[o]);
+    return {y, 0};
+  }
+  // The kept input planes, zero-padded, one region each.
+  float* xp = scratch(g, C, 2);
+  const float* xs = x.data_ptr<float>();
+  for (int64_t i = 0; i < K; ++i) {
+    float* dst = xp + i * g.region;
+    for (int64_t r = 0; r < H; ++r) {
+      const float* src = xs + (kept[i] * H + r) * W;
+      if (stride == 1) {
+        std::memcpy(dst + g.at(r + 1, 1), src, W * sizeof(float));
+      } else {
+        for (int64_t q = 0; q < W; ++q) dst[g.at(r + 1, q + 1)] = src[q];
+      }
+    }
+  }
+  const float* wp = w.data_ptr<float>();
+  std::vector<const float*> rows(CO);
+  std::vector<int64_t> coff(K);
+  for (int64_t o = 0; o < CO; ++o) rows[o] = wp + o * C * 9;
+  for (int64_t i = 0; i < K; ++i) coff[i] = kept[i] * 9;
+  conv_all(g, xp, K, coff.data(), rows, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    for (int64_t o = 0; o < no; ++o) {
+      const float bias = bp[o0 + o];
+      const float* av = reinterpret_cast<const float*>(acc + o * NV);
+      float* dst = yp + (o0 + o) * plane;
+      for_row_runs(g, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
+        if (!inside) return;
+        float* d = dst + r * g.Wo + col;
+        for (int64_t j = j0; j < j1; ++j) d[j - j0] = av[j] + bias;
+      });
+    }
+  });
+  return {y, K};
+}
+
 }  // namespace dynnet

@@ -65,8 +65,12 @@ class QAgent(Controller):
 
     def step(self, x: Tensor, state: Tensor, index: int) -> tuple[Tensor, Tensor]:
         """Q-values Tensor[N, A] and the next state Tensor[N, hidden] for block ``index``'s input Tensor[N, C, H, W]."""
-        state = self.rnn(F.relu(self.encoders[index](x.mean((2, 3)))), state)
-        return self.decoder(state), state
+        # Functional calls on the modules' parameters: the same graph as calling the modules, without three
+        # nn.Module dispatches per block (a visible share of a batch-1 block's time).
+        enc, rnn, dec = self.encoders[index], self.rnn, self.decoder
+        z = F.relu(F.linear(x.mean((2, 3)), enc.weight, enc.bias))
+        state = torch.gru_cell(z, state, rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh)
+        return F.linear(state, dec.weight, dec.bias), state
 
     def decide(self, x: Tensor, state: Tensor | None, index: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(q, action, state)`` for block ``index``; ``state`` None at the first block."""

@@ -129,7 +129,7 @@ class ChannelBandit(nn.Module):
         self.register_buffer("count", torch.zeros(channels))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("keep", torch.tensor(keep, dtype=torch.long))
-        self._fixed: tuple[tuple, Tensor] | None = None
+        self._fixed: tuple[tuple, tuple[Tensor, Tensor]] | None = None
 
     @property
     def channels(self) -> int:
@@ -141,14 +141,22 @@ class ChannelBandit(nn.Module):
         Cached while ``value`` and ``keep`` are unchanged (:func:`~dynnet.core.cache.version_key`): a training
         round or ``load_state_dict`` edits them in place and so recomputes it.
         """
+        return self._fixed_pair()[0]
+
+    def fixed_scale(self) -> Tensor:
+        """:meth:`fixed` as Tensor[1, C] float32 0/1 channel multipliers (cached with it)."""
+        return self._fixed_pair()[1]
+
+    def _fixed_pair(self) -> tuple[Tensor, Tensor]:
         key = None if tracing_or_compiling() else version_key(self.value, self.keep)
         if key is not None and self._fixed is not None and self._fixed[0] == key:
             return self._fixed[1]
         with torch.inference_mode(False), torch.no_grad():
             mask = top_k_mask(self.value, self.keep)
+            pair = (mask, mask.to(torch.float32).unsqueeze(0))
         if key is not None:
-            self._fixed = (key, mask)
-        return mask
+            self._fixed = (key, pair)
+        return pair
 
     def explore_(self) -> Tensor:
         """One training round: advance ``t`` and return the CUCB choice, Tensor[C] bool."""
@@ -183,6 +191,12 @@ class DynamicChannelExecBlock(ChannelGatedBlock):
         chosen = self.gate.explore_().unsqueeze(0).expand(x.shape[0], -1) if self.training else self.gate(x)
         hard = chosen.to(x.dtype if x.is_floating_point() else torch.float32)
         return Decision(hard=hard, soft=None, granularity="channel"), hard
+
+    def sparse_scale(self, x: Tensor) -> Tensor:
+        # Inference: the fixed subset, the same for every sample (Tensor[1, C] broadcasts over the batch).
+        if self.training or x.dtype != torch.float32:
+            return super().sparse_scale(x)
+        return self.gate.fixed_scale().expand(x.shape[0], -1)
 
     def forward_masked(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
         d, s = self._decision(x, decision, scale)

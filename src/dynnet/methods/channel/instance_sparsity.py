@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
-from dynnet.kernels.channel import sliced_conv_in
+from dynnet.kernels.channel import native_conv3x3_in, sliced_conv_in
 from dynnet.losses.instance_sparsity import channel_norms, feature_l21, instance_keep_mask
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
@@ -92,7 +92,8 @@ class InstanceSparsityBlock(ChannelGatedBlock):
 
     def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
-        h = spec1.conv(x, w1, b1).relu_()
+        fast = native_conv3x3_in(x, w1, b1, None, spec1)  # batch 1 on the compiled kernel, else None
+        h = (spec1.conv(x, w1, b1) if fast is None else fast[0]).relu_()
         d, s = self._mask(h)
         y, executed = sliced_conv_in(h, w2, b2, s > 0, spec2, strategy=self.strategy)
         out = self.post(self.shortcut(x) + y)
