@@ -26,10 +26,9 @@ from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, current_trace
 from dynnet.kernels.block import gather_tiles, inside_image, scatter_tiles, tile_geometry, tiles_to_pixels
 from dynnet.kernels.spatial import (
-    channels_last_rows,
     conv_out_size,
+    gather_conv_image,
     gather_conv_rows,
-    input_lookup,
     receptive_mask,
     rows_lookup,
     scatter_add_rows,
@@ -237,19 +236,19 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
     """
     n = x.shape[0]
     executed = torch.zeros(n, dtype=torch.float64, device=x.device)
-    rows, zero_row = channels_last_rows(x)
-    lookup = input_lookup(n, *x.shape[2:], device=x.device)
+    rows, zero_row = x, 0
     positions = x.new_zeros((0, 3), dtype=torch.long)
     last = len(stages) - 1
     for i, (st, m) in enumerate(zip(stages, masks, strict=True)):
         k, s, p, d = st.geometry
-        if i > 0:
-            lookup = rows_lookup(positions, (n, *masks[i - 1].shape[1:]), fill=zero_row)
-        positions = m.nonzero()
+        prev, positions = positions, m.nonzero()
         wmat, bias = folded_stage(st)
-        out = gather_conv_rows(
-            rows, lookup, wmat, positions, kernel=k, stride=s, padding=p, dilation=d, bias=bias, zero_row=zero_row
-        )
+        geometry = {"kernel": k, "stride": s, "padding": p, "dilation": d, "bias": bias}
+        if i == 0:  # the input image (read in place when channels-last and the compiled gather is built)
+            out = gather_conv_image(x, wmat, positions, **geometry)
+        else:
+            lookup = rows_lookup(prev, (n, *masks[i - 1].shape[1:]), fill=zero_row)
+            out = gather_conv_rows(rows, lookup, wmat, positions, zero_row=zero_row, **geometry)
         if i < last:
             # The next stage reads these rows through a lookup whose holes point at one extra zero row; the
             # activation writes straight into that buffer (no separate copy).

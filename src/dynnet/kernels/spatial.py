@@ -41,6 +41,7 @@ __all__ = [
     "channels_last_rows",
     "conv_out_size",
     "gather_conv2d",
+    "gather_conv_image",
     "gather_conv_rows",
     "input_lookup",
     "masked_conv2d_reference",
@@ -392,29 +393,55 @@ def gather_conv2d(
     positions = active_positions(mask)
     if positions.shape[0] == 0:
         return x.new_zeros((0, weight.shape[0]))
-    wmat = _cached_weight_matrix(weight)
-    ext = _native_gather(x, positions)
-    if ext is not None and wmat.shape[0] == k * k * x.shape[1]:
-        # Channels-last input is read in place (no copy); NCHW is transposed once.
+    return gather_conv_image(x, _cached_weight_matrix(weight), positions, kernel=k, stride=s, padding=p, dilation=d)
+
+
+def gather_conv_image(
+    x: Tensor,
+    wmat: Tensor,
+    positions: Tensor,
+    *,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """:func:`gather_conv_rows` reading a whole image: the convolution of ``x`` at ``positions``.
+
+    With the compiled gather the image is read in place when it is channels-last (an NCHW image is transposed
+    once); otherwise it is laid out as rows plus a zero row (:func:`channels_last_rows`) for the reference path.
+
+    Args:
+        x: Tensor[N, C, H, W]; wmat: Tensor[k·k·C, C_out] (:func:`weight_matrix`); positions: Tensor[P, 3] long.
+        kernel, stride, padding, dilation: the convolution's geometry; bias: Tensor[C_out] or ``None``.
+
+    Returns:
+        Tensor[P, C_out].
+    """
+    n, c, h, w = x.shape
+    p = positions.shape[0]
+    ext = _native_gather(x, positions) if p else None
+    if ext is not None and wmat.shape[0] == kernel * kernel * c:
         image = x.permute(0, 2, 3, 1).contiguous()
-        p_ = positions.shape[0]
-        chunk = max(64, GATHER_CHUNK_ELEMENTS // (wmat.shape[0]))
+        chunk = max(64, GATHER_CHUNK_ELEMENTS // wmat.shape[0])
+        geometry = (kernel, stride, padding, dilation)
         outs = [
-            matmul_rows(ext.gather_im2col_image(image, positions, i, min(p_, i + chunk), k, s, p, d), wmat)
-            for i in range(0, p_, chunk)
+            matmul_rows(ext.gather_im2col_image(image, positions, i, min(p, i + chunk), *geometry), wmat, bias)
+            for i in range(0, p, chunk)
         ]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     rows, zero_row = channels_last_rows(x)
-    lookup = input_lookup(n, h, w, x.device)
     return gather_conv_rows(
         rows,
-        lookup,
+        input_lookup(n, h, w, x.device),
         wmat,
         positions,
-        kernel=k,
-        stride=s,
-        padding=p,
-        dilation=d,
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        bias=bias,
         zero_row=zero_row,
     )
 
