@@ -124,15 +124,21 @@ def test_sparse_conv2d_dense_fallback_above_crossover() -> None:
     assert dense.executed.item() == 64 * weight.numel()
 
 
-def test_scatter_add_rows_matches_masked_add() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scatter_add_rows_matches_masked_add(channels_last: bool) -> None:
     g = torch.Generator().manual_seed(2)
     base = torch.randn(2, 3, 4, 5, generator=g)
+    if channels_last:
+        base = base.contiguous(memory_format=torch.channels_last)
+    kept = base.clone()
     mask = torch.rand(2, 4, 5, generator=g) < 0.5
     values = torch.randn(int(mask.sum()), 3, generator=g)
     out = scatter_add_rows(base, values, mask.nonzero())
     dense = torch.zeros(2, 4, 5, 3)
     dense[mask] = values
     torch.testing.assert_close(out, base + dense.permute(0, 3, 1, 2))
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(base, kept, rtol=0, atol=0)  # the input is not modified
 
 
 def test_gather_conv2d_rejects_wrong_mask_shape() -> None:
