@@ -47,7 +47,7 @@ def main() -> None:
     op = torch.ops.dynnet.sliced_pair3x3
     g = torch.Generator().manual_seed(0)
     rows = []
-    with torch.inference_mode():
+    with torch.no_grad():
         for c, size in SHAPES:
             x = torch.randn(1, c, size, size, generator=g)
             w1, b1 = torch.randn(c, c, 3, 3, generator=g) * 0.1, torch.randn(c, generator=g)
