@@ -41,5 +41,6 @@ if [ "$VENV" != ".venv" ]; then
 fi
 # 3. The compiled CPU kernels (C++, built once per source into ~/.cache/dynnet/native; needs g++). Without a
 #    compiler dynnet runs its pure-PyTorch kernels: same results, slower; the line says why.
-.venv/bin/python -m dynnet.kernels.native 2>/dev/null || echo "[setup] compiled kernels: not built (see above)"
+.venv/bin/python -c 'from dynnet.kernels import native; print("[setup] compiled kernels:", native.status())' 2>/dev/null \
+  || echo "[setup] compiled kernels: not built"
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, dynnet; print("torch", torch.__version__, "dynnet", dynnet.__version__)')"

@@ -79,20 +79,38 @@ def _build_name() -> str:
     return f"dynnet_native_{h.hexdigest()[:16]}"
 
 
+def _tool_dirs() -> list[str]:
+    """Where the ``ninja`` of this environment lives (the pip package), which ``cpp_extension`` looks up on
+    ``PATH``: an environment used without activating it (``.venv/bin/python ...``) has it off ``PATH``."""
+    dirs = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        dirs.append(str(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    return dirs
+
+
 def _build(verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
     name = _build_name()
     build_dir = _cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=list(_CFLAGS),
-        extra_ldflags=list(_LDFLAGS),
-        build_directory=str(build_dir),
-        verbose=verbose,
-    )
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([*_tool_dirs(), saved])
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+    finally:
+        os.environ["PATH"] = saved
 
 
 def load(*, verbose: bool = False, warn: bool = True) -> ModuleType | None:
