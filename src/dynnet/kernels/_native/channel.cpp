@@ -150,6 +150,45 @@ float* scratch(const Geometry& g, int64_t channels, int slot) {
   return buffers.back().second.data();
 }
 
+// Copies input planes into zero-padded regions of `dst` (phases for stride 2): region i <- plane channels[i]
+// (plane i when `channels` is null) of the Tensor[C, H, W] data at `xs`.
+void fill_padded(float* dst, const Geometry& g, const float* xs, const int64_t* channels, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    float* region = dst + i * g.region;
+    const int64_t c = channels == nullptr ? i : channels[i];
+    for (int64_t r = 0; r < g.H; ++r) {
+      const float* src = xs + (c * g.H + r) * g.W;
+      if (g.stride == 1) {
+        std::memcpy(region + g.at(r + 1, 1), src, g.W * sizeof(float));
+      } else {
+        for (int64_t q = 0; q < g.W; ++q) region[g.at(r + 1, q + 1)] = src[q];
+      }
+    }
+  }
+}
+
+// y[o] = bias[o] everywhere (no input channel kept): Tensor[C_out, plane] at `y`.
+void fill_bias(float* y, int64_t cout, int64_t plane, const float* bias) {
+  for (int64_t o = 0; o < cout; ++o) std::fill(y + o * plane, y + (o + 1) * plane, bias[o]);
+}
+
+// A convolution written to the NCHW output `y` (Tensor[C_out, Ho, Wo]) with its bias added.
+void conv_to_output(const Geometry& g, const float* in, int64_t cin, const int64_t* coff,
+                    const std::vector<const float*>& rows, const float* bias, float* y) {
+  conv_all(g, in, cin, coff, rows, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    for (int64_t o = 0; o < no; ++o) {
+      const float b = bias[o0 + o];
+      const float* a = reinterpret_cast<const float*>(acc + o * NV);
+      float* dst = y + (o0 + o) * g.Ho * g.Wo;
+      for_row_runs(g, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
+        if (!inside) return;
+        float* d = dst + r * g.Wo + col;
+        for (int64_t j = j0; j < j1; ++j) d[j - j0] = a[j] + b;
+      });
+    }
+  });
+}
+
 void check(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
               "sliced_pair3x3: ", name, " must be a contiguous float32 CPU tensor of ", dim, " dims, got ",
@@ -193,23 +232,12 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   float* yp = y.data_ptr<float>();
   const float* b2p = b2.data_ptr<float>();
   if (K == 0) {
-    for (int64_t o = 0; o < CO; ++o) std::fill(yp + o * Ho * Wo, yp + (o + 1) * Ho * Wo, b2p[o]);
+    fill_bias(yp, CO, Ho * Wo, b2p);
     return {y, 0};
   }
   // Zero-padded input (phases for stride 2).
   float* xp = scratch(g1, C, 0);
-  const float* xs = x.data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    float* dst = xp + c * g1.region;
-    for (int64_t r = 0; r < H; ++r) {
-      const float* src = xs + (c * H + r) * W;
-      if (stride == 1) {
-        std::memcpy(dst + g1.at(r + 1, 1), src, W * sizeof(float));
-      } else {
-        for (int64_t q = 0; q < W; ++q) dst[g1.at(r + 1, q + 1)] = src[q];
-      }
-    }
-  }
+  fill_padded(xp, g1, x.data_ptr<float>(), nullptr, C);
   // conv1 over the kept output channels into the zero-padded hidden planes (relu, scale).
   float* hp = scratch(g2, M, 1);
   const float* w1p = w1.data_ptr<float>();
@@ -237,18 +265,7 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   std::vector<int64_t> coff2(K);
   for (int64_t o = 0; o < CO; ++o) rows2[o] = w2p + o * M * 9;
   for (int64_t i = 0; i < K; ++i) coff2[i] = kept[i] * 9;
-  conv_all(g2, hp, K, coff2.data(), rows2, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
-    for (int64_t o = 0; o < no; ++o) {
-      const float bias = b2p[o0 + o];
-      const float* a = reinterpret_cast<const float*>(acc + o * NV);
-      float* dst = yp + (o0 + o) * Ho * Wo;
-      for_row_runs(g2, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
-        if (!inside) return;
-        float* d = dst + r * Wo + col;
-        for (int64_t j = j0; j < j1; ++j) d[j - j0] = a[j] + bias;
-      });
-    }
-  });
+  conv_to_output(g2, hp, K, coff2.data(), rows2, b2p, yp);
   return {y, K};
 }
 
@@ -277,42 +294,19 @@ std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor
   at::Tensor y = at::empty({1, CO, g.Ho, g.Wo}, x.options());
   float* yp = y.data_ptr<float>();
   const float* bp = b.data_ptr<float>();
-  const int64_t plane = g.Ho * g.Wo;
   if (K == 0) {
-    for (int64_t o = 0; o < CO; ++o) std::fill(yp + o * plane, yp + (o + 1) * plane, bp[o]);
+    fill_bias(yp, CO, g.Ho * g.Wo, bp);
     return {y, 0};
   }
   // The kept input planes, zero-padded, one region each.
   float* xp = scratch(g, C, 2);
-  const float* xs = x.data_ptr<float>();
-  for (int64_t i = 0; i < K; ++i) {
-    float* dst = xp + i * g.region;
-    for (int64_t r = 0; r < H; ++r) {
-      const float* src = xs + (kept[i] * H + r) * W;
-      if (stride == 1) {
-        std::memcpy(dst + g.at(r + 1, 1), src, W * sizeof(float));
-      } else {
-        for (int64_t q = 0; q < W; ++q) dst[g.at(r + 1, q + 1)] = src[q];
-      }
-    }
-  }
+  fill_padded(xp, g, x.data_ptr<float>(), kept.data(), K);
   const float* wp = w.data_ptr<float>();
   std::vector<const float*> rows(CO);
   std::vector<int64_t> coff(K);
   for (int64_t o = 0; o < CO; ++o) rows[o] = wp + o * C * 9;
   for (int64_t i = 0; i < K; ++i) coff[i] = kept[i] * 9;
-  conv_all(g, xp, K, coff.data(), rows, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
-    for (int64_t o = 0; o < no; ++o) {
-      const float bias = bp[o0 + o];
-      const float* av = reinterpret_cast<const float*>(acc + o * NV);
-      float* dst = yp + (o0 + o) * plane;
-      for_row_runs(g, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
-        if (!inside) return;
-        float* d = dst + r * g.Wo + col;
-        for (int64_t j = j0; j < j1; ++j) d[j - j0] = av[j] + bias;
-      });
-    }
-  });
+  conv_to_output(g, xp, K, coff.data(), rows, bp, yp);
   return {y, K};
 }
 
