@@ -150,6 +150,15 @@ def test_sliced_pair3x3_equals_the_sliced_reference(case) -> None:
     assert k == k_ref == int(keep.sum())
     torch.testing.assert_close(got, ref.expand_as(got), rtol=1e-4, atol=1e-4)
     assert counter.total == k * (c + c_out) * 9 * got.shape[2] * got.shape[3]
+    # The fused block epilogue: relu(residual + pair), on both engines.
+    residual = torch.randn(got.shape, generator=g)
+    block = {"binary": binary, "residual": residual, "relu": True}
+    with kernel_engine("native"):
+        fused, _ = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, **block)
+    with kernel_engine("torch"):
+        plain, _ = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, **block)
+    torch.testing.assert_close(fused, torch.relu(residual + ref), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain, torch.relu(residual + ref), rtol=1e-4, atol=1e-4)
 
 
 def test_sliced_pair3x3_rejects_bad_arguments() -> None:

@@ -75,6 +75,12 @@ def _relu(block: nn.Module, y: Tensor) -> Tensor:
     return block.relu(y)
 
 
+def post_is_relu(adapter: ResidualAdapter, block: nn.Module) -> bool:
+    """Whether ``adapter.post`` is exactly a ReLU for this block (a built-in ResNet adapter whose block's ``relu``
+    is an ``nn.ReLU``): fused kernels may then apply it themselves."""
+    return adapter.post is _relu and type(getattr(block, "relu", None)) is nn.ReLU
+
+
 def _conv1_in(block: nn.Module) -> int:
     return block.conv1.in_channels
 

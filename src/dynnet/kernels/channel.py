@@ -273,6 +273,8 @@ def sliced_pair_single(
     spec2: ConvSpec,
     *,
     binary: bool = False,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> tuple[Tensor, int]:
     """:func:`sliced_pair` for one sample, with as few kernel launches as possible (the batch-1 inference path).
 
@@ -286,14 +288,37 @@ def sliced_pair_single(
         w1, b1, w2, b2, spec1, spec2: as :func:`sliced_pair` (BN folded).
         scale: Tensor[1, C] or Tensor[C] channel multipliers (0 = off).
         binary: the kept channels are multiplied by 1 (only the non-zero positions of ``scale`` matter).
+        residual: Tensor[1, C_out, H', W'] added to the result (the block's shortcut), or ``None``.
+        relu: apply a ReLU at the end (after the residual): with both, the whole basic block's output, which the
+            compiled kernel computes in its epilogue.
 
     Returns:
         ``(y, k)``: Tensor[1, C_out, H', W'] and the number of inner channels computed.
     """
     s = scale.reshape(-1)
     op = _native_pair(x, w1, b1, w2, b2, s, spec1, spec2)
-    if op is not None:
-        return op(x.contiguous(), w1, b1, w2, b2, s.contiguous(), binary, spec1.stride[0])
+    if op is not None and (residual is None or _native_residual_ok(residual)):
+        res = None if residual is None else residual.contiguous()
+        return op(x.contiguous(), w1, b1, w2, b2, s.contiguous(), binary, spec1.stride[0], res, relu)
+    y, k = _sliced_pair_single_torch(x, w1, b1, w2, b2, s, spec1, spec2, binary)
+    if residual is not None:
+        y = residual + y
+    return (y.relu() if relu else y), k
+
+
+def _native_residual_ok(residual: Tensor) -> bool:
+    return (
+        residual.dtype == torch.float32
+        and residual.device.type == "cpu"
+        and type(residual) in _PLAIN
+        and not (torch.is_grad_enabled() and residual.requires_grad)
+    )
+
+
+def _sliced_pair_single_torch(
+    x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, s: Tensor, spec1: ConvSpec, spec2: ConvSpec, binary: bool
+) -> tuple[Tensor, int]:
+    """The PyTorch path of :func:`sliced_pair_single` (``s``: Tensor[C] multipliers)."""
     channels = s.nonzero().squeeze(1)
     k, c = channels.shape[0], s.shape[0]
     if k == c:  # all on: no slicing

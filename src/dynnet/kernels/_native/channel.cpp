@@ -172,18 +172,32 @@ void fill_bias(float* y, int64_t cout, int64_t plane, const float* bias) {
   for (int64_t o = 0; o < cout; ++o) std::fill(y + o * plane, y + (o + 1) * plane, bias[o]);
 }
 
-// A convolution written to the NCHW output `y` (Tensor[C_out, Ho, Wo]) with its bias added.
+// The block's epilogue on an output Tensor[C_out, plane] at `y` that already holds conv + bias: add the residual
+// (Tensor[C_out, plane], may be null), then the ReLU if asked.
+void residual_relu(float* y, int64_t count, const float* res, bool relu) {
+  if (res != nullptr)
+    for (int64_t i = 0; i < count; ++i) y[i] += res[i];
+  if (relu)
+    for (int64_t i = 0; i < count; ++i) y[i] = std::max(y[i], 0.f);
+}
+
+// A convolution written to the NCHW output `y` (Tensor[C_out, Ho, Wo]) with its bias added, then the residual
+// `res` (same layout, may be null) and the ReLU if asked: the end of a residual block in one pass.
 void conv_to_output(const Geometry& g, const float* in, int64_t cin, const int64_t* coff,
-                    const std::vector<const float*>& rows, const float* bias, float* y) {
+                    const std::vector<const float*>& rows, const float* bias, float* y, const float* res = nullptr,
+                    bool relu = false) {
   conv_all(g, in, cin, coff, rows, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
     for (int64_t o = 0; o < no; ++o) {
       const float b = bias[o0 + o];
       const float* a = reinterpret_cast<const float*>(acc + o * NV);
-      float* dst = y + (o0 + o) * g.Ho * g.Wo;
+      const int64_t base = (o0 + o) * g.Ho * g.Wo;
+      float* dst = y + base;
+      const float* rs = res == nullptr ? nullptr : res + base;
       for_row_runs(g, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
         if (!inside) return;
         float* d = dst + r * g.Wo + col;
         for (int64_t j = j0; j < j1; ++j) d[j - j0] = a[j] + b;
+        if (rs != nullptr || relu) residual_relu(d, j1 - j0, rs == nullptr ? nullptr : rs + r * g.Wo + col, relu);
       });
     }
   });
@@ -200,9 +214,11 @@ void check(const at::Tensor& t, int64_t dim, const char* name) {
 namespace dynnet {
 
 // Returns (y: Tensor[1, C_out, Ho, Wo], k: number of kept inner channels). conv1 has the given stride (1 or 2).
+// With `residual` (Tensor[1, C_out, Ho, Wo]) and `relu`, y = relu(residual + pair): a whole residual block.
 std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
-                                               bool binary, int64_t stride) {
+                                               bool binary, int64_t stride,
+                                               const c10::optional<at::Tensor>& residual, bool relu) {
   check(x, 4, "x");
   check(w1, 4, "w1");
   check(b1, 1, "b1");
@@ -221,6 +237,13 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
               " entries and b2 ", CO);
   const Geometry g1(H, W, stride);
   const int64_t Ho = g1.Ho, Wo = g1.Wo;
+  const float* res = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    check(*residual, 4, "residual");
+    TORCH_CHECK(residual->size(0) == 1 && residual->size(1) == CO && residual->size(2) == Ho && residual->size(3) == Wo,
+                "sliced_pair3x3: residual must be [1, ", CO, ", ", Ho, ", ", Wo, "], got ", residual->sizes());
+    res = residual->data_ptr<float>();
+  }
   const Geometry g2(Ho, Wo, 1);
   const float* s = scale.data_ptr<float>();
   std::vector<int64_t> kept;
@@ -233,6 +256,7 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   const float* b2p = b2.data_ptr<float>();
   if (K == 0) {
     fill_bias(yp, CO, Ho * Wo, b2p);
+    residual_relu(yp, CO * Ho * Wo, res, relu);
     return {y, 0};
   }
   // Zero-padded input (phases for stride 2).
@@ -265,7 +289,7 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   std::vector<int64_t> coff2(K);
   for (int64_t o = 0; o < CO; ++o) rows2[o] = w2p + o * M * 9;
   for (int64_t i = 0; i < K; ++i) coff2[i] = kept[i] * 9;
-  conv_to_output(g2, hp, K, coff2.data(), rows2, b2p, yp);
+  conv_to_output(g2, hp, K, coff2.data(), rows2, b2p, yp, res, relu);
   return {y, K};
 }
 

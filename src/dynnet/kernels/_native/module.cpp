@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // The convolution kernels are dispatcher operators (torch.ops.dynnet.*), so that dispatch-level tools (dynnet's
 // MAC counter, profilers) see them as ops. The gathers above are plain copies (0 MACs).
 TORCH_LIBRARY(dynnet, m) {
-  m.def("sliced_pair3x3(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor scale, bool binary, int stride) -> (Tensor, int)");
+  m.def("sliced_pair3x3(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor scale, bool binary, int stride, Tensor? residual=None, bool relu=False) -> (Tensor, int)");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 

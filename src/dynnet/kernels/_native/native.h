@@ -16,7 +16,8 @@ at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positi
 // channel.cpp
 std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
-                                               bool binary, int64_t stride);
+                                               bool binary, int64_t stride,
+                                               const c10::optional<at::Tensor>& residual, bool relu);
 std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                            const at::Tensor& active, int64_t stride);
 

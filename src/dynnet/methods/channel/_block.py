@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, replace_module, residual_blocks
-from dynnet.convert.residual import ResidualAdapter
+from dynnet.convert.residual import ResidualAdapter, post_is_relu
 from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
 from dynnet.kernels.channel import ConvSpec, fold_bn, native_pair_usable, sliced_pair, sliced_pair_single
 
@@ -69,6 +69,7 @@ class ChannelGatedBlock(DynamicBlock):
             self.add_module(child_name, child)
         object.__setattr__(self, "_block", block)
         self._folded: tuple[tuple, tuple] | None = None
+        self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
         self.adapter = adapter
         self.strategy = strategy
         if gate is not None:
@@ -136,13 +137,22 @@ class ChannelGatedBlock(DynamicBlock):
             d, s = self._decision(x, decision, scale)
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
         if x.shape[0] == 1 and self.strategy in ("auto", "groups", "per_sample"):
-            y, k = sliced_pair_single(x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale())
+            if self._fused_post is None:
+                self._fused_post = post_is_relu(self.adapter, self._block)
+            if self._fused_post:  # the shortcut, the addition and the ReLU in the kernel's epilogue
+                out, k = sliced_pair_single(
+                    x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale(),
+                    residual=self.shortcut(x), relu=True,
+                )  # fmt: skip
+            else:
+                y, k = sliced_pair_single(x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale())
+                out = self.post(self.shortcut(x) + y)
             executed = None if t is None else torch.full((1,), float(k), dtype=torch.float64, device=x.device)
         else:
             y, executed = sliced_pair(
                 x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale(), strategy=self.strategy
             )
-        out = self.post(self.shortcut(x) + y)
+            out = self.post(self.shortcut(x) + y)
         if t is not None:
             self._record(x, d, executed_channels=executed)
         return out
