@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -255,6 +256,21 @@ def _cached_weight_matrix(weight: Tensor) -> Tensor:
     return wmat
 
 
+def _gather_chunk(width: int) -> int:
+    """Rows of gathered matrix made at a time for rows of ``width`` elements: about 2 MB, so that a chunk stays
+    in cache between the gather and the GEMM and no allocation is large enough to be a fresh mmap (page faults on
+    every call)."""
+    return max(64, GATHER_CHUNK_ELEMENTS // width)
+
+
+def _chunked_gemm(
+    p: int, chunk: int, gather: Callable[[int, int], Tensor], wmat: Tensor, bias: Tensor | None
+) -> Tensor:
+    """Tensor[p, C_out]: ``gather(i, j) @ wmat + bias`` over the row ranges ``[i, j)`` of ``chunk`` rows."""
+    outs = [matmul_rows(gather(i, min(p, i + chunk)), wmat, bias) for i in range(0, p, chunk)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def _native_gather(data: Tensor, *indices: Tensor):
     """The compiled extension when it can gather from ``data`` with these index tensors (float32 and int64 CPU
     tensors, nothing to differentiate), else ``None``."""
@@ -310,18 +326,14 @@ def gather_conv_rows(
     if p == 0:
         return rows.new_zeros((0, wmat.shape[1]))
     taps = kernel * kernel
-    # The gathered matrix is made and consumed in chunks of about 2 MB: a chunk stays in cache between the
-    # gather and the GEMM, and no allocation is large enough to be a fresh mmap (page faults on every call).
-    chunk = max(64, GATHER_CHUNK_ELEMENTS // (taps * c))
+    chunk = _gather_chunk(taps * c)
     ext = _native_gather(rows, lookup, positions)
     if ext is not None:
         rows, lookup = rows.contiguous(), lookup.contiguous()
         geometry = (kernel, stride, padding, dilation)
-        outs = [
-            matmul_rows(ext.gather_im2col(rows, lookup, positions, i, min(p, i + chunk), *geometry), wmat, bias)
-            for i in range(0, p, chunk)
-        ]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return _chunked_gemm(
+            p, chunk, lambda i, j: ext.gather_im2col(rows, lookup, positions, i, j, *geometry), wmat, bias
+        )
     h, w = lookup.shape[1:]
     hp, wp = h + 2 * padding, w + 2 * padding
     if padding:
@@ -340,15 +352,15 @@ def gather_conv_rows(
         src = src.clamp_min(0)
         if bool(valid.all()):
             valid = None
-    outs = []
-    for start in range(0, p, chunk):
-        stop = min(p, start + chunk)
+
+    def gather(start: int, stop: int) -> Tensor:
         cols = rows.index_select(0, src[start * taps : stop * taps])
         if valid is not None:
             # A multiply, not masked_fill_: a broadcast masked_fill_ is many times slower on CPU.
             cols.mul_(valid[start * taps : stop * taps].unsqueeze(1).to(cols.dtype))
-        outs.append(matmul_rows(cols.view(stop - start, taps * c), wmat, bias))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return cols.view(stop - start, taps * c)
+
+    return _chunked_gemm(p, chunk, gather, wmat, bias)
 
 
 def channels_last_rows(x: Tensor) -> tuple[Tensor, int]:
@@ -424,13 +436,14 @@ def gather_conv_image(
     ext = _native_gather(x, positions) if p else None
     if ext is not None and wmat.shape[0] == kernel * kernel * c:
         image = x.permute(0, 2, 3, 1).contiguous()
-        chunk = max(64, GATHER_CHUNK_ELEMENTS // wmat.shape[0])
         geometry = (kernel, stride, padding, dilation)
-        outs = [
-            matmul_rows(ext.gather_im2col_image(image, positions, i, min(p, i + chunk), *geometry), wmat, bias)
-            for i in range(0, p, chunk)
-        ]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return _chunked_gemm(
+            p,
+            _gather_chunk(wmat.shape[0]),
+            lambda i, j: ext.gather_im2col_image(image, positions, i, j, *geometry),
+            wmat,
+            bias,
+        )
     rows, zero_row = channels_last_rows(x)
     return gather_conv_rows(
         rows,

@@ -30,7 +30,7 @@ interpolating the convolution's output):
   a *grid* mask (a Cartesian product of rows and columns) runs as one dense convolution, stride = kernel, over the
   input rows and columns its evaluated positions read (exactly the evaluated positions' MACs; measured faster than
   the gathers at batch 1, slower at batch 64); every other case through the pixel engine
-  (:func:`dynnet.kernels.spatial.gather_conv_rows`: the evaluated positions of the whole batch as one GEMM);
+  (:func:`dynnet.kernels.spatial.gather_conv_image`: the evaluated positions of the whole batch as one GEMM);
   batch norm is folded in; gathers and the interpolation (0 MACs) run on NHWC rows.
 MACs: only evaluated positions count (``P_i · |W_i|`` per stage and sample); interpolation is a copy. Training is
 fine-tuning of the perforated network in masked mode with plain cross-entropy (:meth:`PerforatedCNN.compute_loss`).
@@ -77,7 +77,7 @@ from dynnet.core import (
     tracing_or_compiling,
 )
 from dynnet.kernels._spatial_chain import ConvStage, SpatialResidual, chain_sizes, folded_conv, folded_stage
-from dynnet.kernels.spatial import conv_out_size, gather_conv_rows, input_lookup
+from dynnet.kernels.spatial import conv_out_size, gather_conv_image
 from dynnet.methods.spatial._common import spatial_targets
 
 __all__ = [
@@ -373,7 +373,7 @@ def _run_stage(st: ConvStage, h: Tensor, plan: StagePlan, rank: Tensor) -> Tenso
             h = st.bn(h)
         return st.act(h) if st.act is not None else h
     k, s, p, d = st.geometry
-    n, c, hh, ww = h.shape
+    n = h.shape[0]
     # Gathers run on the NHWC view (whole rows / C-vectors per index): along an inner NCHW dim, index_select
     # copies element by element and costs more than the convolution it saves.
     hl = h.permute(0, 2, 3, 1)
@@ -397,16 +397,8 @@ def _run_stage(st: ConvStage, h: Tensor, plan: StagePlan, rank: Tensor) -> Tenso
     wmat, bias = folded_stage(st)
     positions = torch.cat([torch.arange(n, device=h.device).repeat_interleave(plan.evaluated)[:, None],
                            kept.repeat(n, 1)], 1)  # fmt: skip
-    out = gather_conv_rows(
-        hl.reshape(n * hh * ww, c),
-        input_lookup(n, hh, ww, h.device),
-        wmat,
-        positions,
-        kernel=k,
-        stride=s,
-        padding=p,
-        dilation=d,
-        bias=bias,
+    out = gather_conv_image(
+        h, wmat, positions, kernel=k, stride=s, padding=p, dilation=d, bias=bias
     )  # one GEMM for the batch: Tensor[N·P, C_out]
     if st.act is not None:
         out = st.act(out)
