@@ -186,26 +186,29 @@ def _native_pair(
 
     Runs once per block per image, so the checks are ordered cheapest first and the geometry check is memoised.
     """
-    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or type(x) not in _PLAIN:
-        return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad or w1.requires_grad or b1.requires_grad or w2.requires_grad or b2.requires_grad
-    ):
-        return None
-    if w1.dtype != torch.float32 or w2.dtype != torch.float32 or s.dtype != torch.float32:
-        return None
-    if not (w1.is_contiguous() and w2.is_contiguous() and b1.is_contiguous() and b2.is_contiguous()):
+    if s.dtype != torch.float32 or not _native_operands_ok(x, w1, b1, w2, b2):
         return None
     key = (spec1, spec2, w1.shape[2], w1.shape[3], w2.shape[2], w2.shape[3], type(w1), type(w2), w1.device.type)
     usable = _USABLE.get(key)
     if usable is None:
         usable = _USABLE[key] = type(w1) in _PLAIN and type(w2) in _PLAIN and _pair_geometry_ok(spec1, spec2, w1, w2)
-    return _pair_op() if usable and native.load() is not None else None
+    return _native_ops()[0] if usable and native.load() is not None else None
+
+
+def _native_operands_ok(x: Tensor, *operands: Tensor) -> bool:
+    """What both compiled channel kernels need: one sample of a plain float32 CPU input, float32 NCHW-contiguous
+    weights and biases, and nothing to differentiate (they have no backward)."""
+    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or type(x) not in _PLAIN:
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return False
+    return all(t.dtype == torch.float32 and t.is_contiguous() and not (grad and t.requires_grad) for t in operands)
 
 
 _USABLE: dict[tuple, bool] = {}
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-_PAIR_OP: list = []
+_OPS: list[tuple] = []
 
 
 def native_conv3x3_in(x: Tensor, w: Tensor, b: Tensor, active: Tensor | None, spec: ConvSpec):
@@ -221,28 +224,24 @@ def native_conv3x3_in(x: Tensor, w: Tensor, b: Tensor, active: Tensor | None, sp
         kernel does not apply (not 3×3 / padding 1 / stride 1 or 2, gradients, other dtypes or devices, no
         extension); the caller then runs its PyTorch path.
     """
-    if x.shape[0] != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or type(x) not in _PLAIN:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
-        return None
-    if w.dtype != torch.float32 or not (w.is_contiguous() and b.is_contiguous()) or type(w) not in _PLAIN:
+    if type(w) not in _PLAIN or not _native_operands_ok(x, w, b):
         return None
     if spec not in (_UNIT, _STRIDE2) or w.shape[2:] != (3, 3) or native.load() is None:
         return None
     act = x.new_ones(x.shape[1]) if active is None else active.reshape(-1).to(torch.float32).contiguous()
-    _pair_op()  # registers the MAC rules
-    return torch.ops.dynnet.conv3x3_in(x.contiguous(), w, b, act, spec.stride[0])
+    return _native_ops()[1](x.contiguous(), w, b, act, spec.stride[0])
 
 
-def _pair_op():
-    """``torch.ops.dynnet.sliced_pair3x3`` (a dispatcher op, so the MAC counter sees it), its MAC rule registered
-    on first use: ``k · (C_in + C_out) · 9 · H_out · W_out``, the MACs of the two sliced convolutions it computes."""
-    if _PAIR_OP:
-        return _PAIR_OP[0]
-    op = torch.ops.dynnet.sliced_pair3x3
+def _native_ops() -> tuple:
+    """``(torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in)``, dispatcher ops so that the MAC counter
+    sees them, with their MAC rules registered on first use: ``k · (C_in + C_out) · 9 · H_out · W_out`` for the pair
+    and ``k · C_out · 9 · H_out · W_out`` for the input-sliced convolution (``k`` the channels kept or read)."""
+    if _OPS:
+        return _OPS[0]
+    op, conv = torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in
     from dynnet.macs import MAC_RULES, register_mac_rule
 
-    _PAIR_OP.append(op)
+    _OPS.append((op, conv))
     if op not in MAC_RULES:
 
         @register_mac_rule(op)
@@ -251,7 +250,6 @@ def _pair_op():
             y, kept = out  # type: ignore[misc]
             return int(kept) * (x.shape[1] + w2.shape[0]) * 9 * y.shape[2] * y.shape[3]
 
-    conv = torch.ops.dynnet.conv3x3_in
     if conv not in MAC_RULES:
 
         @register_mac_rule(conv)
@@ -259,7 +257,7 @@ def _pair_op():
             y, kept = out  # type: ignore[misc]
             return int(kept) * y.shape[1] * 9 * y.shape[2] * y.shape[3]
 
-    return op
+    return _OPS[0]
 
 
 def sliced_pair_single(
