@@ -1,13 +1,12 @@
 """Compiled CPU kernels: a small C++/OpenMP extension, built on first use, with a pure-PyTorch fallback.
 
-The sources live in ``dynnet/kernels/_native/``. :func:`load` compiles them once per source, compiler flags
-and torch version with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ``ninja``, both
-installed by ``scripts/setup.sh``) into ``$DYNNET_CACHE/native`` (default ``~/.cache/dynnet/native``) and
-imports the result. When that is not possible the callers run their pure-PyTorch code, which is also the
-reference the compiled kernels are tested against, and :func:`load` warns once with the reason and what to
-install. ``DYNNET_NATIVE=0`` turns the compiled kernels off (no build, no warning).
-
-``python -m dynnet.kernels.native`` builds the extension and prints its status (``scripts/setup.sh`` runs it).
+The sources live in ``dynnet/kernels/_native/``. :func:`load` compiles them once per source, compiler flags, CPU
+and torch version with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler such as g++, and ``ninja``, a
+dependency of dynnet) into ``$DYNNET_CACHE/native`` (default ``~/.cache/dynnet/native``) and imports the result.
+When that is not possible the callers run their pure-PyTorch code, which is also the reference the compiled
+kernels are tested against, and :func:`load` warns once with the reason and what to install. ``DYNNET_NATIVE=0``
+turns the compiled kernels off (no build, no warning). ``scripts/setup.sh`` builds the extension by calling
+:func:`status`, which prints nothing and reports whether it is available.
 """
 
 from __future__ import annotations
@@ -150,7 +149,3 @@ def status() -> str:
     if disabled():
         return "disabled (DYNNET_NATIVE=0)"
     return "available" if load(warn=False) is not None else f"unavailable: {_state.get('error')}"
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised by scripts/setup.sh
-    print(f"[dynnet] compiled kernels: {status()}")
