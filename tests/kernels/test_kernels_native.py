@@ -126,6 +126,14 @@ def pair_cases(draw):
     return c, m, c_out, h, w, stride, kind, binary, seed
 
 
+def _kept(kind: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """A bool channel mask of ``kind`` "random" (each kept with probability 1/2), "none" or "all"."""
+    random = torch.rand(shape, generator=g) < 0.5
+    if kind == "random":
+        return random
+    return torch.zeros(shape, dtype=torch.bool) if kind == "none" else torch.ones(shape, dtype=torch.bool)
+
+
 @settings(max_examples=1000, deadline=None, derandomize=True)
 @given(pair_cases())
 def test_sliced_pair3x3_equals_the_sliced_reference(case) -> None:
@@ -138,9 +146,7 @@ def test_sliced_pair3x3_equals_the_sliced_reference(case) -> None:
     x = torch.randn(1, c, h, w, generator=g)
     w1, b1 = torch.randn(m, c, 3, 3, generator=g), torch.randn(m, generator=g)
     w2, b2 = torch.randn(c_out, m, 3, 3, generator=g), torch.randn(c_out, generator=g)
-    keep = {"random": torch.rand(m, generator=g) < 0.5, "none": torch.zeros(m, dtype=torch.bool)}.get(
-        kind, torch.ones(m, dtype=torch.bool)
-    )
+    keep = _kept(kind, (m,), g)
     scale = keep.float() * (torch.rand(m, generator=g) + 0.5)
     spec1, spec2 = ConvSpec((stride, stride), (1, 1), (1, 1)), ConvSpec((1, 1), (1, 1), (1, 1))
     with kernel_engine("torch"):
@@ -187,9 +193,7 @@ def test_conv3x3_in_equals_the_sliced_reference(case) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, c, h, w, generator=g)
     weight, bias = torch.randn(c_out, c, 3, 3, generator=g), torch.randn(c_out, generator=g)
-    active = {"random": torch.rand(1, c, generator=g) < 0.5, "none": torch.zeros(1, c, dtype=torch.bool)}.get(
-        kind, torch.ones(1, c, dtype=torch.bool)
-    )
+    active = _kept(kind, (1, c), g)
     spec = ConvSpec((stride, stride), (1, 1), (1, 1))
     with kernel_engine("torch"):
         ref, k_ref = sliced_conv_in(x, weight, bias, active, spec)
