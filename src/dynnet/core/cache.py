@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["tracing_or_compiling", "version_key"]
+__all__ = ["structure_generation", "tracing_or_compiling", "version_key"]
 
 
 def version_key(*tensors: Tensor | None) -> tuple | None:
@@ -32,3 +32,26 @@ def version_key(*tensors: Tensor | None) -> tuple | None:
 def tracing_or_compiling() -> bool:
     """Inside the TorchScript tracer or torch.compile / torch.export: use no cached derived tensors."""
     return torch._C._get_tracing_state() is not None or torch.compiler.is_compiling()
+
+
+_GENERATION = [0]
+
+
+def _bump(*args: object) -> None:
+    _GENERATION[0] += 1
+
+
+# Every parameter, buffer or submodule registered or assigned on any module (``m.weight = nn.Parameter(...)``,
+# ``load_state_dict(assign=True)``, module surgery) bumps the generation; in-place edits do not (versions catch them).
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+torch.nn.modules.module.register_module_module_registration_hook(_bump)
+
+
+def structure_generation() -> int:
+    """A counter that changes whenever a parameter, buffer or submodule is registered or replaced on any module.
+
+    Inference plans that hold references to a module's tensors key on it (with the tensors' versions) to notice a
+    replaced tensor or module, which a version counter cannot see.
+    """
+    return _GENERATION[0]

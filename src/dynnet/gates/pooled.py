@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core.cache import tracing_or_compiling, version_key
+from dynnet.kernels.channel import GATE_MLP, NativeGate
 
 __all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_"]
 
@@ -103,13 +104,21 @@ class PooledMLPGate(nn.Module):
         h = torch.addmm(b1, x.sum((2, 3)), w1.t(), alpha=1.0 / (x.shape[2] * x.shape[3])).relu_()
         return torch.addmm(bd, h, wd).squeeze(1) > 0  # addmm, not addmv: autocast knows addmm
 
-    def _inference_weights(self) -> tuple[Tensor, ...]:
-        """Folded ``(W1·γ/σ, β - μγ/σ, W2, b2, W2[open] - W2[off], b2[open] - b2[off])``, cached until a
-        parameter or running statistic changes (:func:`dynnet.core.version_key` is the cache key)."""
+    def native_gate(self) -> NativeGate | None:
+        """This gate as the pooled-MLP gate of the compiled gated pair (:data:`~dynnet.kernels.channel.GATE_MLP`:
+        channel ``c`` kept where its logit is positive), for per-unit gates (``open_index=None``) in eval mode;
+        otherwise ``None``."""
+        if self.training or self.open_index is not None or tracing_or_compiling():
+            return None
+        w1, b1, w2, b2, _, _ = self._inference_weights()
+        return NativeGate(GATE_MLP, w1, b1, w2, b2, 0, self._inference_sources())
+
+    def _inference_sources(self) -> tuple[Tensor, ...]:
+        """The tensors the folded inference weights derive from."""
         # Read the tensors from the module dicts: nn.Module.__getattr__ would cost more than the gate's math.
         fc1, bn, fc2 = self._modules["fc1"], self._modules["bn"], self._modules["fc2"]
         p, b = bn._parameters, bn._buffers
-        tensors = (
+        return (
             fc1._parameters["weight"],
             p["weight"],
             p["bias"],
@@ -119,7 +128,12 @@ class PooledMLPGate(nn.Module):
             fc2._parameters["weight"],
             fc2._parameters["bias"],
         )
-        key = version_key(*tensors)
+
+    def _inference_weights(self) -> tuple[Tensor, ...]:
+        """Folded ``(W1·γ/σ, β - μγ/σ, W2, b2, W2[open] - W2[off], b2[open] - b2[off])``, cached until a
+        parameter or running statistic changes (:func:`dynnet.core.version_key` is the cache key)."""
+        fc1, bn, fc2 = self._modules["fc1"], self._modules["bn"], self._modules["fc2"]
+        key = version_key(*self._inference_sources())
         folded = self._folded
         if key is not None and folded is not None and folded[0] == key:
             return folded[1]

@@ -31,6 +31,7 @@ All functions are pure: per-batch masks are arguments, never module state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +40,18 @@ from torch import Tensor, nn
 from dynnet.kernels import native
 
 __all__ = [
+    "GATE_GIVEN",
+    "GATE_INSTANCE",
+    "GATE_KWTA",
+    "GATE_MLP",
     "STRATEGIES",
     "ConvSpec",
+    "NativeGate",
     "choose_strategy",
     "fold_bn",
+    "gated_pair_plan",
     "gated_pair_reference",
+    "gated_pair_single",
     "gated_rest_add_",
     "gated_rest_conv",
     "sliced_conv_in",
@@ -52,6 +60,32 @@ __all__ = [
 ]
 
 STRATEGIES = ("auto", "dense", "groups", "padded", "per_sample")
+
+# Gate kinds of the compiled gated pair (torch.ops.dynnet.gated_pair3x3), see :func:`gated_pair_single`.
+GATE_MLP = 0
+GATE_KWTA = 1
+GATE_GIVEN = 2
+GATE_INSTANCE = 3
+
+
+class NativeGate(NamedTuple):
+    """A block's inference decision as operands of the compiled gated pair (see :func:`gated_pair_single`).
+
+    Attributes:
+        kind: :data:`GATE_MLP` or :data:`GATE_KWTA`.
+        gw1, gb1, gw2, gb2: the gate's (folded) weights; ``gw2``, ``gb2`` are unused by k-WTA.
+        k: channels kept by k-WTA (unused by the pooled MLP).
+        sources: the parameters and buffers the operands derive from: a plan holding the operands is stale once
+            one of them is edited in place.
+    """
+
+    kind: int
+    gw1: Tensor
+    gb1: Tensor
+    gw2: Tensor
+    gb2: Tensor
+    k: int
+    sources: tuple[Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,13 +220,22 @@ def _native_pair(
 
     Runs once per block per image, so the checks are ordered cheapest first and the geometry check is memoised.
     """
-    if s.dtype != torch.float32 or not _native_operands_ok(x, w1, b1, w2, b2):
+    if s.dtype != torch.float32 or not _native_pair_ok(x, w1, b1, w2, b2, spec1, spec2):
         return None
+    return _native_ops()[0]
+
+
+def _native_pair_ok(
+    x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, spec1: ConvSpec, spec2: ConvSpec
+) -> bool:
+    """Whether the compiled pair kernels can run this batch-1 pair (see :func:`_native_pair`)."""
+    if not _native_operands_ok(x, w1, b1, w2, b2):
+        return False
     key = (spec1, spec2, w1.shape[2], w1.shape[3], w2.shape[2], w2.shape[3], type(w1), type(w2), w1.device.type)
     usable = _USABLE.get(key)
     if usable is None:
         usable = _USABLE[key] = type(w1) in _PLAIN and type(w2) in _PLAIN and _pair_geometry_ok(spec1, spec2, w1, w2)
-    return _native_ops()[0] if usable and native.load() is not None else None
+    return usable and native.load() is not None
 
 
 def _native_operands_ok(x: Tensor, *operands: Tensor) -> bool:
@@ -233,15 +276,19 @@ def native_conv3x3_in(x: Tensor, w: Tensor, b: Tensor, active: Tensor | None, sp
 
 
 def _native_ops() -> tuple:
-    """``(torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in)``, dispatcher ops so that the MAC counter
-    sees them, with their MAC rules registered on first use: ``k · (C_in + C_out) · 9 · H_out · W_out`` for the pair
-    and ``k · C_out · 9 · H_out · W_out`` for the input-sliced convolution (``k`` the channels kept or read)."""
+    """``(torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in, torch.ops.dynnet.gated_pair3x3)``,
+    dispatcher ops so that the MAC counter sees them, with their MAC rules registered on first use:
+    ``k · (C_in + C_out) · 9 · H_out · W_out`` for the pair, ``k · C_out · 9 · H_out · W_out`` for the input-sliced
+    convolution (``k`` the channels kept or read), and for the gated pair the pair's plus its gate's matrix-vector
+    products (``J·C_in + C·J`` for the pooled MLP, ``C·C_in`` for k-WTA, none for given multipliers), as the counter
+    counts the Python gates' ``addmm`` (the pooling is not a MAC); for instance sparsity every channel of ``conv1``
+    and the ``k`` kept inputs of ``conv2``."""
     if _OPS:
         return _OPS[0]
-    op, conv = torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in
+    op, conv, gated = torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in, torch.ops.dynnet.gated_pair3x3
     from dynnet.macs import MAC_RULES, register_mac_rule
 
-    _OPS.append((op, conv))
+    _OPS.append((op, conv, gated))
     if op not in MAC_RULES:
 
         @register_mac_rule(op)
@@ -256,6 +303,18 @@ def _native_ops() -> tuple:
         def _conv_rule(args: tuple, kwargs: dict, out: object) -> int:
             y, kept = out  # type: ignore[misc]
             return int(kept) * y.shape[1] * 9 * y.shape[2] * y.shape[3]
+
+    if gated not in MAC_RULES:
+
+        @register_mac_rule(gated)
+        def _gated_rule(args: tuple, kwargs: dict, out: object) -> int:
+            x, kind, gw1, gw2, w1, w2 = args[0], args[1], args[2], args[4], args[7], args[9]
+            y, _, kept = out  # type: ignore[misc]
+            plane = 9 * y.shape[2] * y.shape[3]
+            if kind == GATE_INSTANCE:  # conv1 on every channel, conv2 on the kept ones
+                return w1.shape[0] * x.shape[1] * plane + int(kept) * w2.shape[0] * plane
+            gate = {GATE_MLP: gw1.numel() + gw2.numel(), GATE_KWTA: gw1.numel()}.get(kind, 0)
+            return gate + int(kept) * (x.shape[1] + w2.shape[0]) * plane
 
     return _OPS[0]
 
@@ -302,6 +361,76 @@ def sliced_pair_single(
     if residual is not None:
         y = residual + y
     return (y.relu() if relu else y), k
+
+
+def gated_pair_single(
+    x: Tensor,
+    gate: NativeGate,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    spec1: ConvSpec,
+    spec2: ConvSpec,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor, int] | None:
+    """A block's decision and its channel-sliced pair for one sample in one compiled call, or ``None`` when the
+    compiled kernel does not apply (then the caller runs the gate and :func:`sliced_pair_single`).
+
+    At batch 1 the gate's few small ops (pooling, two matrix-vector products, a threshold or a top-k, a scatter)
+    cost about as much as the kept channels' convolutions; here they run inside the kernel call.
+
+    Args:
+        x: Tensor[1, C_in, H, W].
+        gate: ``(kind, gw1, gb1, gw2, gb2, k)``:
+
+            * :data:`GATE_MLP`: ``h = relu(gw1 · mean_hw(x) + gb1)`` (gw1 Tensor[J, C_in] with the gate's BN folded),
+              ``logits = gw2 · h + gb2`` (gw2 Tensor[C, J]); channel ``c`` is kept, multiplier 1, where
+              ``logits[c] > 0`` (``k`` unused);
+            * :data:`GATE_KWTA`: ``g = relu(gw1 · mean_hw|x| + gb1)`` (gw1 Tensor[C, C_in]); the ``k`` largest
+              ``g`` are kept (ties: lowest index) with multiplier ``g`` (FBS); ``gw2``, ``gb2`` are unused;
+            * :data:`GATE_GIVEN`: the multipliers ``gw1`` Tensor[C] (a decision made outside the block); with
+              ``k != 0`` they are binary (non-zero = kept with multiplier 1);
+            * :data:`GATE_INSTANCE`: ``conv1`` computes every channel and ``conv2`` reads the channels whose RMS
+              exceeds ``gw1[0]`` (Tensor[1]) times the mean RMS and is non-zero
+              (:func:`~dynnet.losses.instance_sparsity.instance_keep_mask`); ``k`` is then ``conv2``'s inputs.
+        w1, b1, w2, b2, spec1, spec2: as :func:`sliced_pair` (BN folded).
+        residual, relu: as :func:`sliced_pair_single`.
+
+    Returns:
+        ``(y, scale, k)``: Tensor[1, C_out, H', W'], the multipliers used Tensor[C] (the 0/1 decision for
+        :data:`GATE_INSTANCE`) and the kept count, or ``None``.
+    """
+    kind, gw1, gb1, gw2, gb2, k, _ = gate
+    if not _native_pair_ok(x, w1, b1, w2, b2, spec1, spec2) or not _native_operands_ok(x, gw1, gb1, gw2, gb2):
+        return None
+    if residual is not None and not _native_residual_ok(residual):
+        return None
+    res = None if residual is None else residual.contiguous()
+    return _native_ops()[2](x.contiguous(), kind, gw1, gb1, gw2, gb2, k, w1, b1, w2, b2, spec1.stride[0], res, relu)
+
+
+def gated_pair_plan(
+    w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, spec1: ConvSpec, spec2: ConvSpec, gate: NativeGate | None = None
+) -> tuple[object, tuple, tuple | None] | None:
+    """The operands of :func:`gated_pair_single` without its per-call checks, for a block that caches them:
+    ``(op, weights, gate_operands)`` such that ``op(x, *gate_operands, *weights, residual, relu)`` runs the block,
+    or with a decision made outside, ``op(x, GATE_GIVEN, s, s, s, s, binary, *weights, residual, relu)``.
+    ``gate_operands`` is ``None`` without ``gate``. ``None`` when the compiled kernel cannot run these weights (not
+    3×3 / padding 1 / stride 1 or 2 then 1, not float32 NCHW-contiguous CPU tensors, no extension). The caller
+    checks the input (one float32 CPU sample, gradients off) on every call."""
+    operands = (w1, b1, w2, b2) if gate is None else (w1, b1, w2, b2, gate.gw1, gate.gb1, gate.gw2, gate.gb2)
+    if not all(type(t) in _PLAIN and t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu for t in operands):
+        return None
+    if not _pair_geometry_ok(spec1, spec2, w1, w2) or native.load() is None:
+        return None
+    weights = (w1, b1, w2, b2, spec1.stride[0])
+    if gate is None:
+        return _native_ops()[2], weights, None
+    gw1, gb1, gw2, gb2 = (t.detach() for t in operands[4:])
+    return _native_ops()[2], weights, (gate.kind, gw1, gb1, gw2, gb2, gate.k)
 
 
 def _native_residual_ok(residual: Tensor) -> bool:

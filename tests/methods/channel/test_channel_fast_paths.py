@@ -8,6 +8,7 @@ import torch
 
 import dynnet
 from dynnet.testing import diverse_inputs, scramble_until_mixed
+from dynnet.testing.engines import kernel_engine
 
 FAST_RECIPES = [
     "batch_shaping",
@@ -106,3 +107,112 @@ def test_folded_weights_are_cached_and_keep_gradients_when_enabled() -> None:
         assert block.folded_weights()[0] is first[0]  # cached
     w1 = block.folded_weights()[0]  # gradients enabled: recomputed on the graph
     assert w1.requires_grad and w1 is not first[0]
+
+
+# Recipes whose batch-1 blocks run as one compiled call (gate inside the call, or a controller's decision passed in).
+COMPILED = [
+    ("batch_shaping", {}),
+    ("stochastic_neurons", {}),
+    ("fbs", {"budget": 0.5}),
+    ("dynamic_channel_exec", {"budget": 0.5}),
+    ("instance_sparsity", {"threshold": 1.0}),
+    ("gaternet", {}),
+    ("rnp", {}),
+    ("runtime_routing", {}),
+]
+
+
+def _python_path(monkeypatch) -> None:
+    """Turn the compiled block calls and agent steps off (the Python gates and per-op kernels run)."""
+    from dynnet.methods.channel._agent import QAgent
+    from dynnet.methods.channel._block import ChannelGatedBlock
+
+    monkeypatch.setattr(ChannelGatedBlock, "_forward_native", lambda self, *a, **k: None)
+    monkeypatch.setattr(QAgent, "native_step", lambda self, *a, **k: None)
+
+
+@pytest.mark.parametrize(("recipe", "config"), COMPILED, ids=[r for r, _ in COMPILED])
+def test_compiled_blocks_equal_masked_and_count_the_python_path_macs(recipe: str, config: dict, monkeypatch) -> None:
+    from dynnet.macs import MacCounter
+    from dynnet.methods.channel._block import ChannelGatedBlock
+
+    with kernel_engine("native"):
+        model = _model(recipe, **config)
+        x = diverse_inputs(4, (3, 16, 16))
+        scramble_until_mixed(model, x)
+        masked, _, single = _outputs(model, x)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        blocks = [b for b in model.modules() if isinstance(b, ChannelGatedBlock)]
+        assert blocks and all(b._plan is not None for b in blocks)  # the compiled call ran in every block
+        own_gate = recipe not in ("gaternet", "rnp", "runtime_routing")
+        assert all((b._plan[4] is not None) == own_gate for b in blocks)
+        with torch.inference_mode():
+            with MacCounter() as compiled:
+                fast = model(x[:1])
+            with monkeypatch.context() as m:
+                _python_path(m)
+                with MacCounter() as python:
+                    slow = model(x[:1])
+        assert compiled.total == python.total
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_plans_follow_edits_replacements_and_settings() -> None:
+    """A cached plan never answers for weights it was not built from: in-place gate edits, replaced parameters
+    and buffers, and recipe settings (FBS density, instance threshold) rebuild it; a deep copy drops it."""
+    import copy
+
+    with kernel_engine("native"):
+        x = diverse_inputs(3, (3, 16, 16))
+        model = _model("batch_shaping")
+        scramble_until_mixed(model, x)
+        block = model.net.layer1[0]
+
+        def check() -> torch.Tensor:
+            masked, _, single = _outputs(model, x)
+            torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+            return single
+
+        first = check()
+        with torch.no_grad():
+            block.gate.fc2.bias.fill_(-100.0)  # every channel of the block off
+        closed = check()
+        assert not torch.allclose(closed, first)
+        with torch.no_grad():
+            block.gate.fc2.bias.fill_(100.0)
+        opened = check()
+        block.conv2.weight = torch.nn.Parameter(block.conv2.weight.detach() * 3)  # replaced, not edited
+        replaced = check()
+        assert not torch.allclose(replaced, opened)
+        block.bn1.running_var = block.bn1.running_var * 4  # a buffer assigned, not edited
+        assert not torch.allclose(check(), replaced)
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(_outputs(clone, x)[2], _outputs(model, x)[2])
+
+        fbs = _model("fbs", budget=0.75)
+        scramble_until_mixed(fbs, x)
+        dense_k = _outputs(fbs, x)[2]
+        for b in fbs.blocks():
+            b[1].density = 0.25
+        masked, _, single = _outputs(fbs, x)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(single, dense_k)
+
+        inst = _model("instance_sparsity", threshold=0.5)
+        scramble_until_mixed(inst, x)
+        _outputs(inst, x)
+        inst.set_threshold(1.5)
+        masked, _, single = _outputs(inst, x)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_blocks_step_aside_for_gradients_and_the_torch_engine() -> None:
+    model = _model("batch_shaping")
+    x = diverse_inputs(2, (3, 16, 16))
+    with kernel_engine("torch"):
+        masked, _, single = _outputs(model, x)
+    assert all(b._plan is None for _, b in model.blocks())  # DYNNET_NATIVE=0: nothing compiled is used
+    torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+    dynnet.sparse(model)
+    y = model(x[:1])  # gradients enabled: the differentiable path
+    assert y.requires_grad

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -205,52 +206,48 @@ void conv_to_output(const Geometry& g, const float* in, int64_t cin, const int64
 
 void check(const at::Tensor& t, int64_t dim, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim && t.is_contiguous(),
-              "sliced_pair3x3: ", name, " must be a contiguous float32 CPU tensor of ", dim, " dims, got ",
+              "dynnet kernel: ", name, " must be a contiguous float32 CPU tensor of ", dim, " dims, got ",
               t.sizes(), " ", t.scalar_type());
 }
 
-}  // namespace
-
-namespace dynnet {
-
-// Returns (y: Tensor[1, C_out, Ho, Wo], k: number of kept inner channels). conv1 has the given stride (1 or 2).
-// With `residual` (Tensor[1, C_out, Ho, Wo]) and `relu`, y = relu(residual + pair): a whole residual block.
-std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
-                                               bool binary, int64_t stride,
-                                               const c10::optional<at::Tensor>& residual, bool relu) {
+// The pair for one sample with the channel multipliers `s` (M floats; kept channels are the non-zero ones), after
+// the operand checks. Returns (y, number of kept channels).
+// With `instance_ratio` (instance-wise sparsity), conv1 computes every channel and the kept channels are those whose
+// root-mean-square output exceeds ratio x the mean over channels (and is non-zero); conv2 reads only those, and `s`
+// receives the 0/1 decision (its input values are ignored). The count returned is then conv2's input channels.
+std::tuple<at::Tensor, int64_t> pair_impl(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                          const at::Tensor& w2, const at::Tensor& b2, float* s, bool binary,
+                                          int64_t stride, const c10::optional<at::Tensor>& residual, bool relu,
+                                          const char* op, const float* instance_ratio = nullptr) {
   check(x, 4, "x");
   check(w1, 4, "w1");
   check(b1, 1, "b1");
   check(w2, 4, "w2");
   check(b2, 1, "b2");
-  check(scale, 1, "scale");
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3), M = w1.size(0), CO = w2.size(0);
-  TORCH_CHECK(x.size(0) == 1, "sliced_pair3x3: one sample, got a batch of ", x.size(0));
-  TORCH_CHECK(stride == 1 || stride == 2, "sliced_pair3x3: stride must be 1 or 2, got ", stride);
-  TORCH_CHECK(H > 0 && W > 0, "sliced_pair3x3: empty input ", x.sizes());
-  TORCH_CHECK(w1.size(1) == C && w1.size(2) == 3 && w1.size(3) == 3, "sliced_pair3x3: w1 must be [M, ", C,
+  TORCH_CHECK(x.size(0) == 1, op, ": one sample, got a batch of ", x.size(0));
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  TORCH_CHECK(H > 0 && W > 0, op, ": empty input ", x.sizes());
+  TORCH_CHECK(w1.size(1) == C && w1.size(2) == 3 && w1.size(3) == 3, op, ": w1 must be [M, ", C,
               ", 3, 3], got ", w1.sizes());
-  TORCH_CHECK(w2.size(1) == M && w2.size(2) == 3 && w2.size(3) == 3, "sliced_pair3x3: w2 must be [C_out, ", M,
+  TORCH_CHECK(w2.size(1) == M && w2.size(2) == 3 && w2.size(3) == 3, op, ": w2 must be [C_out, ", M,
               ", 3, 3], got ", w2.sizes());
-  TORCH_CHECK(b1.size(0) == M && scale.size(0) == M && b2.size(0) == CO, "sliced_pair3x3: b1/scale need ", M,
-              " entries and b2 ", CO);
+  TORCH_CHECK(b1.size(0) == M && b2.size(0) == CO, op, ": b1 needs ", M, " entries and b2 ", CO);
   const Geometry g1(H, W, stride);
   const int64_t Ho = g1.Ho, Wo = g1.Wo;
   const float* res = nullptr;
   if (residual.has_value() && residual->defined()) {
     check(*residual, 4, "residual");
     TORCH_CHECK(residual->size(0) == 1 && residual->size(1) == CO && residual->size(2) == Ho && residual->size(3) == Wo,
-                "sliced_pair3x3: residual must be [1, ", CO, ", ", Ho, ", ", Wo, "], got ", residual->sizes());
+                op, ": residual must be [1, ", CO, ", ", Ho, ", ", Wo, "], got ", residual->sizes());
     res = residual->data_ptr<float>();
   }
   const Geometry g2(Ho, Wo, 1);
-  const float* s = scale.data_ptr<float>();
   std::vector<int64_t> kept;
   kept.reserve(M);
   for (int64_t m = 0; m < M; ++m)
-    if (s[m] != 0.f) kept.push_back(m);
-  const int64_t K = static_cast<int64_t>(kept.size());
+    if (instance_ratio != nullptr || s[m] != 0.f) kept.push_back(m);
+  int64_t K = static_cast<int64_t>(kept.size());
   at::Tensor y = at::empty({1, CO, Ho, Wo}, x.options());
   float* yp = y.data_ptr<float>();
   const float* b2p = b2.data_ptr<float>();
@@ -273,7 +270,7 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   conv_all(g1, xp, C, coff1.data(), rows1, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
     for (int64_t o = 0; o < no; ++o) {
       const int64_t m = kept[o0 + o];
-      const float bias = b1p[m], mult = binary ? 1.f : s[m];
+      const float bias = b1p[m], mult = binary || instance_ratio != nullptr ? 1.f : s[m];
       const float* a = reinterpret_cast<const float*>(acc + o * NV);
       float* dst = hp + (o0 + o) * g2.region;
       for_row_runs(g1, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
@@ -283,6 +280,37 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
       });
     }
   });
+  if (instance_ratio != nullptr) {
+    // Channel norms of the hidden planes (interior rows only: the padding is zero), the decision, and the kept
+    // planes moved to the front (kept2[i] >= i: a forward copy never overwrites a plane still to be read).
+    std::vector<float> norms(M);
+    float total = 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* region = hp + m * g2.region;
+      float acc = 0.f;
+      for (int64_t r = 0; r < Ho; ++r) {
+        const float* row = region + g2.at(r + 1, 1);
+        for (int64_t c = 0; c < Wo; ++c) acc += row[c] * row[c];
+      }
+      norms[m] = std::sqrt(std::max(acc / static_cast<float>(Ho * Wo), 0.f));
+      total += norms[m];
+    }
+    const float bar = *instance_ratio * (total / static_cast<float>(M));
+    kept.clear();
+    for (int64_t m = 0; m < M; ++m) {
+      const bool keep = norms[m] > bar && norms[m] > 0.f;
+      s[m] = keep ? 1.f : 0.f;
+      if (keep) kept.push_back(m);
+    }
+    K = static_cast<int64_t>(kept.size());
+    if (K == 0) {
+      fill_bias(yp, CO, Ho * Wo, b2p);
+      residual_relu(yp, CO * Ho * Wo, res, relu);
+      return {y, 0};
+    }
+    for (int64_t i = 0; i < K; ++i)
+      if (kept[i] != i) std::memcpy(hp + i * g2.region, hp + kept[i] * g2.region, g2.region * sizeof(float));
+  }
   // conv2 reads the kept hidden channels (input channel i = inner channel kept[i]).
   const float* w2p = w2.data_ptr<float>();
   std::vector<const float*> rows2(CO);
@@ -291,6 +319,136 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
   for (int64_t i = 0; i < K; ++i) coff2[i] = kept[i] * 9;
   conv_to_output(g2, hp, K, coff2.data(), rows2, b2p, yp, res, relu);
   return {y, K};
+}
+
+// Per-channel spatial means of one sample's planes (of |x| when `absolute`): x Tensor[1, C, H, W] → out[C].
+// Vector partial sums, then a scalar tail: the summation order differs from PyTorch's mean by rounding only.
+void channel_means(const at::Tensor& x, bool absolute, float* out) {
+  const int64_t C = x.size(1), HW = x.size(2) * x.size(3), body = HW / 16 * 16;
+  const float* xp = x.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const float* p = xp + c * HW;
+    v16 acc = v16{};
+    float tail = 0.f;
+    if (absolute) {
+      typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+      const i16 magnitude = i16{} + 0x7fffffff;  // every bit but the sign
+      for (int64_t i = 0; i < body; i += 16) acc += reinterpret_cast<v16>(reinterpret_cast<i16>(load(p + i)) & magnitude);
+      for (int64_t i = body; i < HW; ++i) tail += std::abs(p[i]);
+    } else {
+      for (int64_t i = 0; i < body; i += 16) acc += load(p + i);
+      for (int64_t i = body; i < HW; ++i) tail += p[i];
+    }
+    for (int64_t l = 0; l < 16; ++l) tail += acc[l];
+    out[c] = tail / static_cast<float>(HW);
+  }
+}
+
+// out[r] = bias[r] + sum_c w[r, c] * v[c] for a row-major Tensor[R, C] at w.
+void matvec(const float* w, const float* v, const float* bias, int64_t R, int64_t C, float* out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* wr = w + r * C;
+    float acc = 0.f;
+    for (int64_t c = 0; c < C; ++c) acc += wr[c] * v[c];
+    out[r] = acc + bias[r];
+  }
+}
+
+// A gate operand: Tensor[rows, cols] (cols < 0: Tensor[rows]).
+void check_gate(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  check(t, cols < 0 ? 1 : 2, name);
+  TORCH_CHECK(t.size(0) == rows && (cols < 0 || t.size(1) == cols), "dynnet kernel: ", name, " must have ", rows,
+              " rows", cols < 0 ? "" : " and columns: ", cols < 0 ? 0 : cols, ", got ", t.sizes());
+}
+
+}  // namespace
+
+namespace dynnet {
+
+// Returns (y: Tensor[1, C_out, Ho, Wo], k: number of kept inner channels). conv1 has the given stride (1 or 2).
+// With `residual` (Tensor[1, C_out, Ho, Wo]) and `relu`, y = relu(residual + pair): a whole residual block.
+std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
+                                               bool binary, int64_t stride,
+                                               const c10::optional<at::Tensor>& residual, bool relu) {
+  check(scale, 1, "scale");
+  TORCH_CHECK(scale.size(0) == w1.size(0), "sliced_pair3x3: scale needs ", w1.size(0), " entries, got ", scale.size(0));
+  // pair_impl writes to its multipliers only for instance sparsity, which this op does not run.
+  return pair_impl(x, w1, b1, w2, b2, const_cast<float*>(scale.data_ptr<float>()), binary, stride, residual, relu,
+                   "sliced_pair3x3");
+}
+
+// The block's decision and the pair in one call (reference: the recipes' Python inference gates, then
+// sliced_pair3x3). Gate kinds, on the block input x Tensor[1, C, H, W] (M inner channels):
+//   GATE_MLP (0):  h = relu(gw1 mean_hw(x) + gb1) (gw1 Tensor[J, C], BN folded), logits = gw2 h + gb2
+//                  (gw2 Tensor[M, J]); channel m is kept (multiplier 1) where logits[m] > 0;
+//   GATE_KWTA (1): g = relu(gw1 mean_hw|x| + gb1) (gw1 Tensor[M, C]); the k largest g are kept (ties: lowest index)
+//                  with multiplier g (FBS boosting; a kept g of 0 is a channel off). gw2, gb2 unused.
+//   GATE_GIVEN (2): the multipliers gw1 Tensor[M] (a decision made outside: a controller, a fixed subset); with
+//                  k != 0 they are binary (non-zero = kept, multiplier 1). gb1, gw2, gb2 unused;
+//   GATE_INSTANCE (3): conv1 computes every channel; conv2 reads those whose RMS exceeds gw1[0] x their mean
+//                  (Liu et al.'s instance-wise sparsity; gw1 Tensor[1] the ratio). The count is conv2's inputs.
+// Returns (y, scale: Tensor[M] the multipliers used (the 0/1 decision for GATE_INSTANCE), k: kept channels).
+std::tuple<at::Tensor, at::Tensor, int64_t> gated_pair3x3(
+    const at::Tensor& x, int64_t gate, const at::Tensor& gw1, const at::Tensor& gb1, const at::Tensor& gw2,
+    const at::Tensor& gb2, int64_t k, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu) {
+  check(x, 4, "x");
+  check(w1, 4, "w1");
+  TORCH_CHECK(x.size(0) == 1, "gated_pair3x3: one sample, got a batch of ", x.size(0));
+  TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "gated_pair3x3: empty input ", x.sizes());
+  const int64_t C = x.size(1), M = w1.size(0);
+  at::Tensor scale = at::zeros({M}, x.options());
+  float* s = scale.data_ptr<float>();
+  std::vector<float> mean(C);
+  if (gate == 0) {
+    check(gw1, 2, "gw1");
+    const int64_t J = gw1.size(0);
+    check_gate(gw1, "gw1", J, C);
+    check_gate(gb1, "gb1", J, -1);
+    check_gate(gw2, "gw2", M, J);
+    check_gate(gb2, "gb2", M, -1);
+    channel_means(x, false, mean.data());
+    std::vector<float> h(J), logits(M);
+    matvec(gw1.data_ptr<float>(), mean.data(), gb1.data_ptr<float>(), J, C, h.data());
+    for (auto& v : h) v = std::max(v, 0.f);
+    matvec(gw2.data_ptr<float>(), h.data(), gb2.data_ptr<float>(), M, J, logits.data());
+    for (int64_t m = 0; m < M; ++m) s[m] = logits[m] > 0.f ? 1.f : 0.f;
+    auto [y, K] = pair_impl(x, w1, b1, w2, b2, s, true, stride, residual, relu, "gated_pair3x3");
+    return {y, scale, K};
+  }
+  if (gate == 2) {
+    check_gate(gw1, "gw1", M, -1);
+    std::memcpy(s, gw1.data_ptr<float>(), M * sizeof(float));
+    auto [y, K] = pair_impl(x, w1, b1, w2, b2, s, k != 0, stride, residual, relu, "gated_pair3x3");
+    return {y, scale, K};
+  }
+  if (gate == 3) {
+    check_gate(gw1, "gw1", 1, -1);
+    const float ratio = gw1.data_ptr<float>()[0];
+    auto [y, K] = pair_impl(x, w1, b1, w2, b2, s, true, stride, residual, relu, "gated_pair3x3", &ratio);
+    return {y, scale, K};
+  }
+  TORCH_CHECK(gate == 1, "gated_pair3x3: gate must be 0 (pooled MLP), 1 (k-winners-take-all), 2 (given multipliers) "
+              "or 3 (instance-wise sparsity), got ", gate);
+  check_gate(gw1, "gw1", M, C);
+  check_gate(gb1, "gb1", M, -1);
+  TORCH_CHECK(k >= 1 && k <= M, "gated_pair3x3: k must be in [1, ", M, "], got ", k);
+  channel_means(x, true, mean.data());
+  std::vector<float> g(M);
+  matvec(gw1.data_ptr<float>(), mean.data(), gb1.data_ptr<float>(), M, C, g.data());
+  for (auto& v : g) v = std::max(v, 0.f);
+  if (k == M) {
+    std::copy(g.begin(), g.end(), s);
+  } else {
+    std::vector<int64_t> order(M);
+    for (int64_t m = 0; m < M; ++m) order[m] = m;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return g[a] > g[b] || (g[a] == g[b] && a < b); });
+    for (int64_t i = 0; i < k; ++i) s[order[i]] = g[order[i]];
+  }
+  auto [y, K] = pair_impl(x, w1, b1, w2, b2, s, false, stride, residual, relu, "gated_pair3x3");
+  return {y, scale, K};
 }
 
 // y = conv(x; W[:, S]) + b for S = {c : active[c] != 0}: one 3x3 convolution (padding 1, stride 1 or 2) reading
@@ -332,6 +490,58 @@ std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor
   for (int64_t i = 0; i < K; ++i) coff[i] = kept[i] * 9;
   conv_to_output(g, xp, K, coff.data(), rows, bp, yp);
   return {y, K};
+}
+
+}  // namespace dynnet
+
+namespace dynnet {
+
+// One step of a recurrent channel-routing agent (RNP, runtime routing; reference: dynnet.methods.channel._agent.
+// QAgent.step and epsilon_greedy without exploration) for one sample:
+//   z = relu(enc_w mean_hw(x) + enc_b)                      enc_w Tensor[J, C]
+//   h' = GRUCell(z, h)                                       w_ih, w_hh Tensor[3J, J] (r, z, n), b_ih, b_hh [3J]
+//   q = dec_w h' + dec_b, action = argmax q (first maximum)  dec_w Tensor[A, J]
+// Returns (q: Tensor[1, A], h': Tensor[1, J], action).
+std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, const at::Tensor& enc_w,
+                                                       const at::Tensor& enc_b, const at::Tensor& w_ih,
+                                                       const at::Tensor& w_hh, const at::Tensor& b_ih,
+                                                       const at::Tensor& b_hh, const at::Tensor& dec_w,
+                                                       const at::Tensor& dec_b, const at::Tensor& state) {
+  check(x, 4, "x");
+  TORCH_CHECK(x.size(0) == 1 && x.size(2) > 0 && x.size(3) > 0, "agent_step: one non-empty sample, got ", x.sizes());
+  const int64_t C = x.size(1), J = enc_w.size(0), A = dec_w.size(0);
+  check_gate(enc_w, "enc_w", J, C);
+  check_gate(enc_b, "enc_b", J, -1);
+  check_gate(w_ih, "w_ih", 3 * J, J);
+  check_gate(w_hh, "w_hh", 3 * J, J);
+  check_gate(b_ih, "b_ih", 3 * J, -1);
+  check_gate(b_hh, "b_hh", 3 * J, -1);
+  check_gate(dec_w, "dec_w", A, J);
+  check_gate(dec_b, "dec_b", A, -1);
+  check(state, 2, "state");
+  TORCH_CHECK(state.size(0) == 1 && state.size(1) == J, "agent_step: state must be [1, ", J, "], got ", state.sizes());
+  std::vector<float> mean(C), z(J), gi(3 * J), gh(3 * J);
+  channel_means(x, false, mean.data());
+  matvec(enc_w.data_ptr<float>(), mean.data(), enc_b.data_ptr<float>(), J, C, z.data());
+  for (auto& v : z) v = std::max(v, 0.f);
+  const float* h = state.data_ptr<float>();
+  matvec(w_ih.data_ptr<float>(), z.data(), b_ih.data_ptr<float>(), 3 * J, J, gi.data());
+  matvec(w_hh.data_ptr<float>(), h, b_hh.data_ptr<float>(), 3 * J, J, gh.data());
+  at::Tensor next = at::empty({1, J}, x.options());
+  float* hn = next.data_ptr<float>();
+  for (int64_t j = 0; j < J; ++j) {
+    const float r = 1.f / (1.f + std::exp(-(gi[j] + gh[j])));
+    const float u = 1.f / (1.f + std::exp(-(gi[J + j] + gh[J + j])));
+    const float n = std::tanh(gi[2 * J + j] + r * gh[2 * J + j]);
+    hn[j] = (1.f - u) * n + u * h[j];
+  }
+  at::Tensor q = at::empty({1, A}, x.options());
+  float* qp = q.data_ptr<float>();
+  matvec(dec_w.data_ptr<float>(), hn, dec_b.data_ptr<float>(), A, J, qp);
+  int64_t action = 0;
+  for (int64_t a = 1; a < A; ++a)
+    if (qp[a] > qp[action]) action = a;
+  return {q, next, action};
 }
 
 }  // namespace dynnet

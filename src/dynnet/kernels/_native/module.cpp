@@ -1,7 +1,40 @@
 // dynnet compiled CPU kernels: the Python module (built by dynnet.kernels.native).
 #include "native.h"
 
+#include <utility>
+#include <vector>
+
+namespace {
+
+// The (data pointer, version counter) of a set of tensors at construction; fresh() says whether none of them has
+// been edited in place (version bump) or given new storage (``.data =``) since. A cached inference plan built from
+// these tensors is valid while it is fresh: one call instead of reading two attributes per tensor in Python.
+class Stamp {
+ public:
+  explicit Stamp(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+    seen_.reserve(tensors_.size());
+    for (const auto& t : tensors_) {
+      TORCH_CHECK(t.defined() && !t.is_inference(), "Stamp: tensors must be defined and not inference tensors");
+      seen_.emplace_back(t.data_ptr(), t._version());
+    }
+  }
+  bool fresh() const {
+    for (size_t i = 0; i < tensors_.size(); ++i)
+      if (tensors_[i].data_ptr() != seen_[i].first || tensors_[i]._version() != seen_[i].second) return false;
+    return true;
+  }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+  std::vector<std::pair<const void*, uint32_t>> seen_;
+};
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Stamp>(m, "Stamp")
+      .def(pybind11::init<std::vector<at::Tensor>>())
+      .def("fresh", &Stamp::fresh, "whether no tensor was edited in place or re-pointed since construction");
   m.def("gather_im2col", &dynnet::gather_im2col, "im2col rows of output positions, input rows through a lookup");
   m.def("gather_im2col_image", &dynnet::gather_im2col_image,
         "im2col rows of output positions of a channels-last image");
@@ -11,10 +44,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // MAC counter, profilers) see them as ops. The gathers above are plain copies (0 MACs).
 TORCH_LIBRARY(dynnet, m) {
   m.def("sliced_pair3x3(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor scale, bool binary, int stride, Tensor? residual=None, bool relu=False) -> (Tensor, int)");
+  m.def("gated_pair3x3(Tensor x, int gate, Tensor gw1, Tensor gb1, Tensor gw2, Tensor gb2, int k, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False) -> (Tensor, Tensor, int)");
+  m.def("agent_step(Tensor x, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor state) -> (Tensor, Tensor, int)");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("sliced_pair3x3", &dynnet::sliced_pair3x3);
+  m.impl("gated_pair3x3", &dynnet::gated_pair3x3);
+  m.impl("agent_step", &dynnet::agent_step);
   m.impl("conv3x3_in", &dynnet::conv3x3_in);
 }

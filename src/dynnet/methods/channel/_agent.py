@@ -16,13 +16,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, tracing_or_compiling
+from dynnet.core.cache import structure_generation
 from dynnet.estimators.q_learning import epsilon_greedy, q_learning_loss
 from dynnet.gates import open_bias_
+from dynnet.kernels import native
 from dynnet.methods.channel._block import ChannelGatedBlock
 from dynnet.methods.channel._resnet import Controller, iter_blocks, resnet_head, resnet_stem
 
 __all__ = ["QAgent", "QRoutingModel", "nested_group_masks", "path_masks"]
+
+
+def _register_agent_rule() -> None:
+    """The MAC rule of ``torch.ops.dynnet.agent_step``: the encoder, the GRU cell's two products and the decoder
+    (``J·C + 2·3J·J + A·J``), as the counter counts the Python step's ``linear`` / ``gru_cell`` products."""
+    from dynnet.macs import MAC_RULES, register_mac_rule
+
+    op = torch.ops.dynnet.agent_step
+    if op in MAC_RULES:
+        return
+
+    @register_mac_rule(op)
+    def _rule(args: tuple, kwargs: dict, out: object) -> int:
+        enc_w, w_ih, w_hh, dec_w = args[1], args[3], args[4], args[7]
+        return enc_w.numel() + w_ih.numel() + w_hh.numel() + dec_w.numel()
 
 
 def nested_group_masks(channels: int, groups: int) -> Tensor:
@@ -62,6 +79,7 @@ class QAgent(Controller):
         self.hidden = hidden
         self.epsilon = epsilon
         self.block_name = "agent"
+        self._native: tuple | None = None  # (structure generation, per-block compiled step operands or None)
 
     def step(self, x: Tensor, state: Tensor, index: int) -> tuple[Tensor, Tensor]:
         """Q-values Tensor[N, A] and the next state Tensor[N, hidden] for block ``index``'s input Tensor[N, C, H, W]."""
@@ -71,6 +89,50 @@ class QAgent(Controller):
         z = F.relu(F.linear(x.mean((2, 3)), enc.weight, enc.bias))
         state = torch.gru_cell(z, state, rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh)
         return F.linear(state, dec.weight, dec.bias), state
+
+    def native_step(self, x: Tensor, state: Tensor | None, index: int) -> tuple[Tensor, int, Tensor] | None:
+        """``(q, action, state)`` of a greedy inference step on the compiled kernel (``torch.ops.dynnet.agent_step``:
+        pooling, encoder, GRU cell, decoder and argmax in one call), or ``None`` when it does not apply (not in
+        sparse eval mode, gradients on, not one float32 CPU sample, no extension, tracing)."""
+        if self.mode != "sparse" or self.training or torch.is_grad_enabled() or tracing_or_compiling():
+            return None
+        if native.disabled():
+            return None
+        if type(x) is not Tensor or x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_cpu:
+            return None
+        operands = self._native_operands(index)
+        if operands is None:
+            return None
+        op, args = operands
+        if state is None:
+            state = x.new_zeros(1, self.hidden)
+        q, state, action = op(x.contiguous(), *args, state)
+        return q, action, state
+
+    def _native_operands(self, index: int) -> tuple[object, tuple] | None:
+        """The compiled step op and block ``index``'s parameters, cached until a module's parameters or submodules
+        are replaced (:func:`~dynnet.core.cache.structure_generation`; in-place edits reach the same tensors)."""
+        cache = self._native
+        if cache is None or cache[0] != structure_generation():
+            ext = native.load(warn=False)
+            ops = None
+            rnn, dec = self.rnn, self.decoder
+            shared = (rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh, dec.weight, dec.bias)
+            per_block = [(enc.weight, enc.bias) for enc in self.encoders]
+            tensors = [*shared, *(t for pair in per_block for t in pair)]
+            if ext is not None and all(
+                t is not None and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors
+            ):
+                w_ih, w_hh, b_ih, b_hh, dw, db = shared
+                ops = [(torch.ops.dynnet.agent_step, (ew, eb, w_ih, w_hh, b_ih, b_hh, dw, db)) for ew, eb in per_block]
+                _register_agent_rule()
+            cache = self._native = (structure_generation(), ops)
+        return None if cache[1] is None else cache[1][index]
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_native"] = None  # holds dispatcher ops; rebuilt on use
+        return state
 
     def decide(self, x: Tensor, state: Tensor | None, index: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(q, action, state)`` for block ``index``; ``state`` None at the first block."""
@@ -101,6 +163,13 @@ class QRoutingModel(DynamicModel):
         for block in iter_blocks(self.net):
             if not isinstance(block, ChannelGatedBlock):
                 h = block(h)
+                continue
+            fast = None if t is not None else self.controller.native_step(h, state, index)
+            if fast is not None:  # batch-1 inference: the agent step and then the block, each one compiled call
+                q, action, state = fast
+                mask = self.masks_of(index)[action : action + 1].to(h.dtype)  # Tensor[1, C]
+                h = block(h, Decision(hard=mask, soft=None, granularity="channel"), mask)
+                index += 1
                 continue
             out = self.controller(h, state, index)
             if out is None:  # dense mode / static cost probe

@@ -27,7 +27,18 @@ from torch import Tensor, nn
 from dynnet.convert import Targets, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter, post_is_relu
 from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
-from dynnet.kernels.channel import ConvSpec, fold_bn, native_pair_usable, sliced_pair, sliced_pair_single
+from dynnet.core.cache import structure_generation
+from dynnet.kernels import native
+from dynnet.kernels.channel import (
+    GATE_GIVEN,
+    ConvSpec,
+    NativeGate,
+    fold_bn,
+    gated_pair_plan,
+    native_pair_usable,
+    sliced_pair,
+    sliced_pair_single,
+)
 
 __all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks"]
 
@@ -70,10 +81,16 @@ class ChannelGatedBlock(DynamicBlock):
         object.__setattr__(self, "_block", block)
         self._folded: tuple[tuple, tuple] | None = None
         self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
+        self._plan: tuple | None = None  # the batch-1 compiled call's operands (_build_plan)
         self.adapter = adapter
         self.strategy = strategy
         if gate is not None:
             self.gate = gate
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_plan"] = None  # holds a compiled-extension object that cannot be copied or pickled; rebuilt on use
+        return state
 
     @property
     def channels(self) -> int:
@@ -131,12 +148,17 @@ class ChannelGatedBlock(DynamicBlock):
 
     def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
         t = current_trace()
+        single = x.shape[0] == 1 and self.strategy in ("auto", "groups", "per_sample")
+        if single and t is None:  # batch-1 inference: the whole block (and its decision) in one compiled call
+            out = self._forward_native(x, decision, scale)
+            if out is not None:
+                return out
         if decision is None and t is None:  # nothing records the decision: only the kept channels are needed
             d, s = None, self.sparse_scale(x)
         else:
             d, s = self._decision(x, decision, scale)
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
-        if x.shape[0] == 1 and self.strategy in ("auto", "groups", "per_sample"):
+        if single:
             if self._fused_post is None:
                 self._fused_post = post_is_relu(self.adapter, self._block)
             if self._fused_post:  # the shortcut, the addition and the ReLU in the kernel's epilogue
@@ -157,6 +179,67 @@ class ChannelGatedBlock(DynamicBlock):
             self._record(x, d, executed_channels=executed)
         return out
 
+    def native_gate(self) -> NativeGate | None:
+        """The block's inference decision as operands of the compiled gated pair
+        (:func:`~dynnet.kernels.channel.gated_pair_single`), or ``None`` when its gate has no compiled form (the
+        decision then runs in Python: :meth:`sparse_scale`). Called only in eval mode."""
+        return None
+
+    def _forward_native(
+        self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None
+    ) -> Tensor | None:
+        """The whole block for one sample in one compiled call (decision, kept channels, shortcut + ReLU), or
+        ``None`` when it does not apply: gradients on, no compiled form of the post-op, of the gate (when no
+        decision is given) or of these operands.
+
+        Without ``decision`` the block's own gate runs inside the call (:meth:`native_gate`); with one (a
+        controller's), its multipliers ``scale`` (default ``decision.hard``), Tensor[1, C], are passed in. The
+        call's operands are cached as a plan, valid while no source tensor (convolution, batch norm, gate) is edited
+        in place or re-pointed (a ``Stamp`` of the extension checks them all in one call) and no parameter, buffer
+        or submodule is registered or replaced on any module (:func:`~dynnet.core.cache.structure_generation`).
+        The batch norms' ``eps`` is read when the plan is built.
+        """
+        if torch.is_grad_enabled() or type(x) is not Tensor or x.dtype != torch.float32 or not x.is_cpu:
+            return None
+        if tracing_or_compiling() or native.disabled():
+            return None
+        plan = self._plan
+        if plan is None or plan[0] != structure_generation() or not plan[1].fresh():
+            plan = self._build_plan()
+            if plan is None:
+                return None
+        op, weights, gate = plan[2], plan[3], plan[4]
+        if decision is None:
+            if gate is None:
+                return None
+            return op(x.contiguous(), *gate, *weights, self.shortcut(x).contiguous(), True)[0]
+        s = decision.hard if scale is None else scale
+        if type(s) is not Tensor or tuple(s.shape) != (1, weights[0].shape[0]) or not s.is_cpu:
+            return None  # the general path validates (and names) a wrong shape
+        s = s.reshape(-1).to(torch.float32).contiguous()
+        binary = int(self.binary_scale())
+        return op(x.contiguous(), GATE_GIVEN, s, s, s, s, binary, *weights, self.shortcut(x).contiguous(), True)[0]
+
+    def _build_plan(self) -> tuple | None:
+        """``(generation, stamp, op, weights, gate_operands)`` for :meth:`_forward_native`, stored on the block, or
+        ``None`` (nothing stored) when the compiled gated pair does not apply (``gate_operands`` is ``None`` when
+        the gate has no compiled form: only given decisions then run compiled)."""
+        self._plan = None
+        if self._fused_post is None:
+            self._fused_post = post_is_relu(self.adapter, self._block)
+        ext = native.load(warn=False)
+        if not self._fused_post or ext is None:
+            return None
+        generation = structure_generation()
+        gate = self.native_gate()
+        w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
+        call = gated_pair_plan(w1, b1, w2, b2, spec1, spec2, gate)
+        sources = [t for t in (*self._fold_sources(), *(() if gate is None else gate.sources)) if t is not None]
+        if call is None or any(t.is_inference() for t in sources):
+            return None
+        self._plan = (generation, ext.Stamp(sources), *call)
+        return self._plan
+
     def folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, ConvSpec, ConvSpec]:
         """``(w1, b1, w2, b2, spec1, spec2)``: both convolutions with their batch norms folded (eval only).
 
@@ -168,11 +251,7 @@ class ChannelGatedBlock(DynamicBlock):
         c1, n1, c2, n2 = m["conv1"], m["bn1"], m["conv2"], m["bn2"]
         key = None
         if not (torch.is_grad_enabled() or tracing_or_compiling()):
-            # Read the tensors from the module dicts: nn.Module.__getattr__ costs more than a batch-1 slice.
-            tensors = [c._parameters[k] for c in (c1, c2) for k in ("weight", "bias")]
-            tensors += [n._parameters[k] for n in (n1, n2) for k in ("weight", "bias")]
-            tensors += [n._buffers[k] for n in (n1, n2) for k in ("running_mean", "running_var")]
-            versions = version_key(*tensors)
+            versions = version_key(*self._fold_sources())
             key = None if versions is None else (*versions, n1.eps, n2.eps, n1.training, n2.training)
         if key is None:
             w1, b1 = fold_bn(c1, n1)
@@ -193,6 +272,17 @@ class ChannelGatedBlock(DynamicBlock):
         value = (*weights, spec1, spec2)
         self._folded = (key, value)
         return value
+
+    def _fold_sources(self) -> list[Tensor | None]:
+        """The tensors the folded weights derive from (convolution weights and biases, batch-norm parameters and
+        running statistics)."""
+        # Read the tensors from the module dicts: nn.Module.__getattr__ costs more than a batch-1 slice.
+        m = self._modules
+        c1, n1, c2, n2 = m["conv1"], m["bn1"], m["conv2"], m["bn2"]
+        tensors = [c._parameters[k] for c in (c1, c2) for k in ("weight", "bias")]
+        tensors += [n._parameters[k] for n in (n1, n2) for k in ("weight", "bias")]
+        tensors += [n._buffers[k] for n in (n1, n2) for k in ("running_mean", "running_var")]
+        return tensors
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _decision(self, x: Tensor, decision: Decision | None, scale: Tensor | None) -> tuple[Decision, Tensor]:

@@ -36,6 +36,7 @@ from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
+from dynnet.kernels.channel import NativeGate
 from dynnet.losses.batch_shaping import batch_shaping_loss
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
@@ -87,6 +88,9 @@ class BatchShapingBlock(ChannelGatedBlock):
         if self.training:
             return super().sparse_scale(x)
         return self.gate.inference_logits(x).relu_()  # non-zero exactly where logit > 0
+
+    def native_gate(self) -> NativeGate | None:
+        return self.gate.native_gate()
 
 
 class BatchShaping(DynamicModel):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
 from dynnet.core.cache import tracing_or_compiling, version_key
+from dynnet.kernels.channel import GATE_GIVEN, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
 __all__ = [
@@ -197,6 +198,12 @@ class DynamicChannelExecBlock(ChannelGatedBlock):
         if self.training or x.dtype != torch.float32:
             return super().sparse_scale(x)
         return self.gate.fixed_scale().expand(x.shape[0], -1)
+
+    def native_gate(self) -> NativeGate | None:
+        # The fixed subset as given binary multipliers; the plan is rebuilt when the bandit's statistics change.
+        bandit = self.gate
+        s = bandit.fixed_scale().reshape(-1)
+        return NativeGate(GATE_GIVEN, s, s, s, s, 1, (bandit.value, bandit.keep))
 
     def forward_masked(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
         d, s = self._decision(x, decision, scale)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.kernels.channel import GATE_KWTA, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
 __all__ = ["FBS", "FBSBlock", "FBSConfig", "SaliencyPredictor", "winners_take_all"]
@@ -87,6 +88,16 @@ class FBSBlock(ChannelGatedBlock):
         super().__init__(*args, **kwargs)
         self.density = density
 
+    @property
+    def density(self) -> float:
+        """The fraction of inner channels k-WTA keeps per sample."""
+        return self._density
+
+    @density.setter
+    def density(self, value: float) -> None:
+        self._density = float(value)
+        self._plan = None  # a cached inference plan holds k
+
     def binary_scale(self) -> bool:
         return False
 
@@ -97,6 +108,16 @@ class FBSBlock(ChannelGatedBlock):
     def sparse_scale(self, x: Tensor) -> Tensor:
         return self._boosts(x)[0]
 
+    def native_gate(self) -> NativeGate | None:
+        if type(self.saliency) is not SaliencyPredictor or self.saliency.fc.bias is None:
+            return None  # a replaced predictor: its Python forward decides
+        fc = self.saliency.fc
+        w, b = fc.weight, fc.bias
+        return NativeGate(GATE_KWTA, w, b, w, b, self._k(), (w, b))  # gw2, gb2 are unused by k-WTA
+
+    def _k(self) -> int:
+        return max(1, math.ceil(self.density * self.channels - 1e-9))
+
     def _boosts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(pi, g)``: the k-WTA-masked saliencies (the channel multipliers) and the saliencies, Tensor[N, C]."""
         if self.training:
@@ -104,8 +125,7 @@ class FBSBlock(ChannelGatedBlock):
         else:  # the predictor's math without its two module calls (they cost more than its MACs at batch 1)
             fc = self.saliency.fc
             g = torch.addmm(fc.bias, x.abs().mean((2, 3)), fc.weight.t()).relu_()
-        k = max(1, math.ceil(self.density * self.channels - 1e-9))
-        return winners_take_all(g, k), g
+        return winners_take_all(g, self._k()), g
 
 
 class FBS(DynamicModel):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
-from dynnet.kernels.channel import native_conv3x3_in, sliced_conv_in
+from dynnet.kernels.channel import GATE_INSTANCE, NativeGate, native_conv3x3_in, sliced_conv_in
 from dynnet.losses.instance_sparsity import channel_norms, feature_l21, instance_keep_mask
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
@@ -90,7 +90,16 @@ class InstanceSparsityBlock(ChannelGatedBlock):
         self._record_in(x, d, executed_channels=None)
         return out
 
+    def native_gate(self) -> NativeGate | None:
+        threshold = self.gate.threshold
+        ratio = threshold.reshape(1)
+        return NativeGate(GATE_INSTANCE, ratio, ratio, ratio, ratio, 0, (threshold,))
+
     def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
+        if x.shape[0] == 1 and decision is None and current_trace() is None:
+            out = self._forward_native(x)  # conv1, the norms, the decision and conv2 in one compiled call
+            if out is not None:
+                return out
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
         fast = native_conv3x3_in(x, w1, b1, None, spec1)  # batch 1 on the compiled kernel, else None
         h = (spec1.conv(x, w1, b1) if fast is None else fast[0]).relu_()

@@ -40,6 +40,7 @@ from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, c
 from dynnet.estimators.reinforce import bernoulli_log_prob, moving_average, reinforce_loss
 from dynnet.estimators.stochastic_neurons import noisy_rectifier, st_binary, stochastic_times_smooth, unbiased_binary
 from dynnet.gates import PooledMLPGate
+from dynnet.kernels.channel import NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 
 __all__ = ["ESTIMATORS", "StochasticNeuronBlock", "StochasticNeurons", "StochasticNeuronsConfig"]
@@ -97,6 +98,9 @@ class StochasticNeuronBlock(ChannelGatedBlock):
         if self.training or not self.binary_scale():
             return super().sparse_scale(x)
         return self.gate.inference_logits(x).relu_()  # non-zero exactly where a > 0
+
+    def native_gate(self) -> NativeGate | None:
+        return self.gate.native_gate() if self.binary_scale() else None
 
     def decide(self, x: Tensor) -> tuple[Decision, Tensor]:
         if not self.training:

@@ -1,0 +1,168 @@
+"""The compiled gated pair (a block's decision and its channel-sliced convolutions in one call) and the compiled
+routing-agent step: they decide what the recipes' Python gates decide, compute what the reference slices compute,
+count their MACs as the counter counts the Python path, and reject bad operands with a clear error."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+from dynnet.kernels.channel import (
+    GATE_GIVEN,
+    GATE_INSTANCE,
+    GATE_KWTA,
+    GATE_MLP,
+    ConvSpec,
+    NativeGate,
+    gated_pair_single,
+    sliced_pair_single,
+)
+from dynnet.losses.instance_sparsity import channel_norms, instance_keep_mask
+from dynnet.macs import MacCounter
+from dynnet.methods.channel.fbs import winners_take_all
+from dynnet.testing.engines import kernel_engine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = (GATE_MLP, GATE_KWTA, GATE_GIVEN, GATE_INSTANCE)
+MARGIN = 1e-3  # decisions this close to their threshold may round either way; they are not compared
+
+
+@st.composite
+def gated_cases(draw):
+    c, m, c_out = draw(st.integers(1, 20)), draw(st.integers(1, 20)), draw(st.integers(1, 20))
+    h, w = draw(st.integers(1, 16)), draw(st.integers(1, 16))
+    stride = draw(st.sampled_from([1, 2]))
+    kind = draw(st.sampled_from(KINDS))
+    k = draw(st.integers(1, m))
+    flag = draw(st.booleans())  # GATE_GIVEN: binary multipliers; GATE_INSTANCE: ratio 0 (keep every non-zero)
+    seed = draw(st.integers(0, 2**31 - 1))
+    return c, m, c_out, h, w, stride, kind, k, flag, seed
+
+
+def _python_decision(kind: int, x, gate: NativeGate, w1, b1, spec1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, margin)``: the recipes' Python decision Tensor[M] and, per channel, how far it is from flipping."""
+    gw1, gb1, gw2, gb2, k = gate.gw1, gate.gb1, gate.gw2, gate.gb2, gate.k
+    if kind == GATE_MLP:
+        h = torch.addmm(gb1, x.sum((2, 3)), gw1.t(), alpha=1.0 / (x.shape[2] * x.shape[3])).relu_()
+        logits = torch.addmm(gb2, h, gw2.t())[0]
+        return (logits > 0).float(), logits.abs()
+    if kind == GATE_KWTA:
+        g = torch.addmm(gb1, x.abs().mean((2, 3)), gw1.t()).relu_()
+        scale = winners_take_all(g, k)[0]
+        top = g[0].sort(descending=True).values
+        gap = (top[k - 1] - top[k]).abs() if k < g.shape[1] else torch.tensor(float("inf"))
+        return scale, torch.full_like(scale, float(gap))
+    if kind == GATE_GIVEN:
+        return gw1.clone(), torch.full_like(gw1, float("inf"))
+    hidden = F.relu(spec1.conv(x, w1, b1))
+    norms = channel_norms(hidden)
+    bar = gw1 * norms.mean(1, keepdim=True)
+    keep = instance_keep_mask(norms, gw1)[0]
+    return keep.float(), torch.minimum((norms - bar).abs(), norms)[0]
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(gated_cases())
+def test_gated_pair_decides_and_computes_as_the_python_path(case) -> None:
+    c, m, c_out, h, w, stride, kind, k, flag, seed = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g)
+    w1, b1 = torch.randn(m, c, 3, 3, generator=g), torch.randn(m, generator=g)
+    w2, b2 = torch.randn(c_out, m, 3, 3, generator=g), torch.randn(c_out, generator=g)
+    spec1, spec2 = ConvSpec((stride, stride), (1, 1), (1, 1)), ConvSpec((1, 1), (1, 1), (1, 1))
+    if kind == GATE_MLP:
+        j = 1 + seed % 8
+        operands = [torch.randn(j, c, generator=g), torch.randn(j, generator=g)]
+        operands += [torch.randn(m, j, generator=g), torch.randn(m, generator=g)]
+        binary = True
+    elif kind == GATE_KWTA:
+        operands = [torch.randn(m, c, generator=g), torch.randn(m, generator=g)] * 2
+        binary = False
+    elif kind == GATE_GIVEN:
+        given_scale = (torch.rand(m, generator=g) < 0.5).float() * (torch.rand(m, generator=g) + 0.5)
+        operands, binary = [given_scale] * 4, flag
+    else:
+        operands, binary = [torch.tensor([0.0 if flag else 0.9])] * 4, True
+    gate = NativeGate(kind, *operands, k if kind == GATE_KWTA else int(binary))
+    with kernel_engine("native"), MacCounter() as counter:
+        y, scale, kept = gated_pair_single(x, gate, w1, b1, w2, b2, spec1, spec2)
+    expected, margin = _python_decision(kind, x, gate, w1, b1, spec1)
+    clear = margin > MARGIN
+    torch.testing.assert_close(scale[clear], expected[clear], rtol=1e-5, atol=1e-5)
+    assert kept == int((scale != 0).sum())
+    # The convolutions are exactly the sliced pair of the decision the kernel took.
+    with kernel_engine("torch"):
+        ref, k_ref = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, binary=binary)
+    assert kept == k_ref
+    torch.testing.assert_close(y, ref.expand_as(y), rtol=1e-4, atol=1e-4)
+    plane = 9 * y.shape[2] * y.shape[3]
+    if kind == GATE_INSTANCE:
+        assert counter.total == m * c * plane + kept * c_out * plane
+    else:
+        gate_macs = {GATE_MLP: operands[0].numel() + operands[2].numel(), GATE_KWTA: m * c}.get(kind, 0)
+        assert counter.total == gate_macs + kept * (c + c_out) * plane
+
+
+def test_gated_pair_fused_epilogue_and_empty_decision() -> None:
+    with kernel_engine("native"):
+        g = torch.Generator().manual_seed(1)
+        x, residual = torch.randn(1, 4, 6, 6, generator=g), torch.randn(1, 5, 6, 6, generator=g)
+        w1, b1, w2, b2 = torch.randn(3, 4, 3, 3), torch.randn(3), torch.randn(5, 3, 3, 3), torch.randn(5)
+        spec = ConvSpec((1, 1), (1, 1), (1, 1))
+        off = torch.zeros(3)
+        y, scale, kept = gated_pair_single(
+            x, NativeGate(GATE_GIVEN, off, off, off, off, 1), w1, b1, w2, b2, spec, spec, residual=residual, relu=True
+        )
+        assert kept == 0 and not scale.any()
+        torch.testing.assert_close(y, torch.relu(residual + b2.view(1, -1, 1, 1)))
+
+
+def test_gated_pair_rejects_bad_operands() -> None:
+    with kernel_engine("native"):
+        op = torch.ops.dynnet.gated_pair3x3
+        x, w1, b1 = torch.randn(1, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+        w2, b2, s = torch.randn(3, 6, 3, 3), torch.randn(3), torch.ones(6)
+        with pytest.raises(RuntimeError, match="gate must be 0"):
+            op(x, 7, s, s, s, s, 1, w1, b1, w2, b2, 1)
+        with pytest.raises(RuntimeError, match="gw1 must have 6 rows"):
+            op(x, GATE_GIVEN, torch.ones(5), s, s, s, 1, w1, b1, w2, b2, 1)
+        with pytest.raises(RuntimeError, match="gw1 must have 6 rows and columns: 4"):
+            op(x, GATE_KWTA, torch.randn(6, 3), s, s, s, 2, w1, b1, w2, b2, 1)
+        with pytest.raises(RuntimeError, match=r"k must be in \[1, 6\]"):
+            op(x, GATE_KWTA, torch.randn(6, 4), s, s, s, 0, w1, b1, w2, b2, 1)
+        with pytest.raises(RuntimeError, match="one sample"):
+            op(torch.randn(2, 4, 5, 5), GATE_GIVEN, s, s, s, s, 1, w1, b1, w2, b2, 1)
+
+
+def test_agent_step_equals_the_python_step() -> None:
+    """The compiled RNP/RNR agent step: the same Q-values, next state and greedy action as ``QAgent.step``."""
+    from dynnet.methods.channel._agent import QAgent, _register_agent_rule
+
+    with kernel_engine("native"), torch.no_grad():
+        torch.manual_seed(0)
+        agent = QAgent([4, 8], actions=5, hidden=6, epsilon=0.0).eval()
+        for p in agent.parameters():
+            p.normal_(0, 0.7)
+        _register_agent_rule()
+        state = torch.zeros(1, 6)
+        for index, channels in enumerate((4, 8)):
+            x = torch.randn(1, channels, 7, 5)
+            q_ref, state_ref = agent.step(x, state, index)
+            enc = agent.encoders[index]
+            rnn, dec = agent.rnn, agent.decoder
+            args = (enc.weight, enc.bias, rnn.weight_ih, rnn.weight_hh, rnn.bias_ih, rnn.bias_hh, dec.weight, dec.bias)
+            with MacCounter() as counter:
+                q, nxt, action = torch.ops.dynnet.agent_step(x, *args, state)
+            torch.testing.assert_close(q, q_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(nxt, state_ref, rtol=1e-5, atol=1e-5)
+            assert action == int(q_ref.argmax())
+            with MacCounter() as python:
+                agent.step(x, state, index)
+            assert counter.total == python.total
+            state = nxt
+        with pytest.raises(RuntimeError, match="state must be"):
+            torch.ops.dynnet.agent_step(x, *args, torch.zeros(1, 5))
