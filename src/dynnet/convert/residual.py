@@ -75,6 +75,23 @@ def _relu(block: nn.Module, y: Tensor) -> Tensor:
     return block.relu(y)
 
 
+def projection_shortcut(adapter: ResidualAdapter, block: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    """The ``(conv, bn)`` of a built-in adapter's projection shortcut when it is exactly ``bn(conv1x1(x))``
+    (``downsample = Sequential(Conv2d 1×1, BatchNorm2d)``, no padding, groups or dilation), so that fused kernels may
+    compute it themselves; ``None`` otherwise (identity shortcuts included)."""
+    if adapter.shortcut is not _downsample:
+        return None
+    ds = getattr(block, "downsample", None)
+    if type(ds) is not nn.Sequential or len(ds) != 2:
+        return None
+    conv, bn = ds[0], ds[1]
+    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+        return None
+    if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1) or conv.groups != 1:
+        return None
+    return conv, bn
+
+
 def post_is_relu(adapter: ResidualAdapter, block: nn.Module) -> bool:
     """Whether ``adapter.post`` is exactly a ReLU for this block (a built-in ResNet adapter whose block's ``relu``
     is an ``nn.ReLU``): fused kernels may then apply it themselves."""

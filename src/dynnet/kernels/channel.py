@@ -311,9 +311,11 @@ def _native_ops() -> tuple:
             x, kind, gw1, gw2, w1, w2 = args[0], args[1], args[2], args[4], args[7], args[9]
             y, _, kept = out  # type: ignore[misc]
             plane = 9 * y.shape[2] * y.shape[3]
+            shortcut = args[14] if len(args) > 14 else kwargs.get("shortcut_w")
+            extra = 0 if shortcut is None else shortcut.numel() * y.shape[2] * y.shape[3]  # projection shortcut
             if kind == GATE_INSTANCE:  # conv1 on every channel, conv2 on the kept ones
-                return w1.shape[0] * x.shape[1] * plane + int(kept) * w2.shape[0] * plane
-            gate = {GATE_MLP: gw1.numel() + gw2.numel(), GATE_KWTA: gw1.numel()}.get(kind, 0)
+                return extra + w1.shape[0] * x.shape[1] * plane + int(kept) * w2.shape[0] * plane
+            gate = extra + {GATE_MLP: gw1.numel() + gw2.numel(), GATE_KWTA: gw1.numel()}.get(kind, 0)
             return gate + int(kept) * (x.shape[1] + w2.shape[0]) * plane
 
     return _OPS[0]

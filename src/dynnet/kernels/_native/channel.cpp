@@ -144,9 +144,14 @@ float* scratch(const Geometry& g, int64_t channels, int slot) {
   };
   thread_local std::vector<std::pair<Key, std::vector<float>>> buffers;
   const Key key{g.stride, g.H, g.W, channels, slot};
-  for (auto& entry : buffers)
-    if (entry.first == key) return entry.second.data();
-  if (buffers.size() >= 64) buffers.erase(buffers.begin());  // many shapes: drop the oldest
+  // Least recently used first: a hit moves to the back, so that evicting the front never frees a buffer the
+  // current call is still using (a call takes at most two, and moving the vectors keeps their data in place).
+  for (size_t i = 0; i < buffers.size(); ++i)
+    if (buffers[i].first == key) {
+      std::rotate(buffers.begin() + i, buffers.begin() + i + 1, buffers.end());
+      return buffers.back().second.data();
+    }
+  if (buffers.size() >= 64) buffers.erase(buffers.begin());  // many shapes: drop the least recently used
   buffers.emplace_back(key, std::vector<float>(static_cast<size_t>(channels * g.region), 0.f));
   return buffers.back().second.data();
 }
@@ -196,9 +201,18 @@ void conv_to_output(const Geometry& g, const float* in, int64_t cin, const int64
       const float* rs = res == nullptr ? nullptr : res + base;
       for_row_runs(g, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
         if (!inside) return;
-        float* d = dst + r * g.Wo + col;
-        for (int64_t j = j0; j < j1; ++j) d[j - j0] = a[j] + b;
-        if (rs != nullptr || relu) residual_relu(d, j1 - j0, rs == nullptr ? nullptr : rs + r * g.Wo + col, relu);
+        float* d = dst + r * g.Wo + col - j0;
+        const float* rr = rs == nullptr ? nullptr : rs + r * g.Wo + col - j0;
+        // One pass per run, each variant a plain vectorisable loop.
+        if (rr != nullptr && relu) {
+          for (int64_t j = j0; j < j1; ++j) d[j] = std::max(a[j] + b + rr[j], 0.f);
+        } else if (rr != nullptr) {
+          for (int64_t j = j0; j < j1; ++j) d[j] = a[j] + b + rr[j];
+        } else if (relu) {
+          for (int64_t j = j0; j < j1; ++j) d[j] = std::max(a[j] + b, 0.f);
+        } else {
+          for (int64_t j = j0; j < j1; ++j) d[j] = a[j] + b;
+        }
       });
     }
   });
@@ -354,6 +368,40 @@ void matvec(const float* w, const float* v, const float* bias, int64_t R, int64_
   }
 }
 
+// The projection shortcut of a downsampling block, BN folded: a 1x1 convolution of stride s (padding 0),
+// Tensor[1, C, H, W] -> Tensor[1, C_out, Ho, Wo] with w Tensor[C_out, C], b Tensor[C_out].
+at::Tensor shortcut1x1(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t s) {
+  check(w, 2, "shortcut_w");
+  check(b, 1, "shortcut_b");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3), CO = w.size(0);
+  TORCH_CHECK(w.size(1) == C && b.size(0) == CO, "gated_pair3x3: shortcut_w must be [C_out, ", C,
+              "] and shortcut_b [C_out], got ", w.sizes(), " and ", b.sizes());
+  const int64_t Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1, P = Ho * Wo;
+  std::vector<float> sub;  // the input positions the shortcut reads, Tensor[C, Ho * Wo]
+  const float* xs = x.data_ptr<float>();
+  if (s != 1) {
+    sub.resize(C * P);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < Ho; ++r)
+        for (int64_t q = 0; q < Wo; ++q) sub[(c * Ho + r) * Wo + q] = xs[(c * H + r * s) * W + q * s];
+    xs = sub.data();
+  }
+  at::Tensor y = at::empty({1, CO, Ho, Wo}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  for (int64_t o = 0; o < CO; ++o) {
+    float* dst = yp + o * P;
+    std::fill(dst, dst + P, bp[o]);
+    for (int64_t c = 0; c < C; ++c) {
+      const float wc = wp[o * C + c];
+      const float* src = xs + c * P;
+      for (int64_t p = 0; p < P; ++p) dst[p] += wc * src[p];
+    }
+  }
+  return y;
+}
+
 // A gate operand: Tensor[rows, cols] (cols < 0: Tensor[rows]).
 void check_gate(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
   check(t, cols < 0 ? 1 : 2, name);
@@ -392,12 +440,20 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
 std::tuple<at::Tensor, at::Tensor, int64_t> gated_pair3x3(
     const at::Tensor& x, int64_t gate, const at::Tensor& gw1, const at::Tensor& gb1, const at::Tensor& gw2,
     const at::Tensor& gb2, int64_t k, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-    const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu) {
+    const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual_in, bool relu,
+    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b) {
   check(x, 4, "x");
   check(w1, 4, "w1");
   TORCH_CHECK(x.size(0) == 1, "gated_pair3x3: one sample, got a batch of ", x.size(0));
   TORCH_CHECK(x.size(2) > 0 && x.size(3) > 0, "gated_pair3x3: empty input ", x.sizes());
   const int64_t C = x.size(1), M = w1.size(0);
+  c10::optional<at::Tensor> residual = residual_in;
+  if (shortcut_w.has_value() && shortcut_w->defined()) {
+    TORCH_CHECK(!(residual_in.has_value() && residual_in->defined()) && shortcut_b.has_value() &&
+                    shortcut_b->defined(), "gated_pair3x3: a shortcut needs shortcut_b and no residual");
+    TORCH_CHECK(stride == 1 || stride == 2, "gated_pair3x3: stride must be 1 or 2, got ", stride);
+    residual = shortcut1x1(x, *shortcut_w, *shortcut_b, stride);
+  }
   at::Tensor scale = at::zeros({M}, x.options());
   float* s = scale.data_ptr<float>();
   std::vector<float> mean(C);

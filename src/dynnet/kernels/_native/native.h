@@ -21,7 +21,8 @@ std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Te
 std::tuple<at::Tensor, at::Tensor, int64_t> gated_pair3x3(
     const at::Tensor& x, int64_t gate, const at::Tensor& gw1, const at::Tensor& gb1, const at::Tensor& gw2,
     const at::Tensor& gb2, int64_t k, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-    const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu);
+    const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu,
+    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
 std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, const at::Tensor& enc_w,
                                                        const at::Tensor& enc_b, const at::Tensor& w_ih,
                                                        const at::Tensor& w_hh, const at::Tensor& b_ih,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, replace_module, residual_blocks
-from dynnet.convert.residual import ResidualAdapter, post_is_relu
+from dynnet.convert.residual import ResidualAdapter, post_is_relu, projection_shortcut
 from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
 from dynnet.core.cache import structure_generation
 from dynnet.kernels import native
@@ -208,22 +208,25 @@ class ChannelGatedBlock(DynamicBlock):
             plan = self._build_plan()
             if plan is None:
                 return None
-        op, weights, gate = plan[2], plan[3], plan[4]
+        op, weights, gate, projection = plan[2], plan[3], plan[4], plan[5]
         if decision is None:
             if gate is None:
                 return None
-            return op(x.contiguous(), *gate, *weights, self.shortcut(x).contiguous(), True)[0]
-        s = decision.hard if scale is None else scale
-        if type(s) is not Tensor or tuple(s.shape) != (1, weights[0].shape[0]) or not s.is_cpu:
-            return None  # the general path validates (and names) a wrong shape
-        s = s.reshape(-1).to(torch.float32).contiguous()
-        binary = int(self.binary_scale())
-        return op(x.contiguous(), GATE_GIVEN, s, s, s, s, binary, *weights, self.shortcut(x).contiguous(), True)[0]
+        else:
+            s = decision.hard if scale is None else scale
+            if type(s) is not Tensor or tuple(s.shape) != (1, weights[0].shape[0]) or not s.is_cpu:
+                return None  # the general path validates (and names) a wrong shape
+            s = s.reshape(-1).to(torch.float32).contiguous()
+            gate = (GATE_GIVEN, s, s, s, s, int(self.binary_scale()))
+        if projection is not None:  # the downsampling shortcut inside the call too
+            return op(x.contiguous(), *gate, *weights, None, True, *projection)[0]
+        return op(x.contiguous(), *gate, *weights, self.shortcut(x).contiguous(), True)[0]
 
     def _build_plan(self) -> tuple | None:
-        """``(generation, stamp, op, weights, gate_operands)`` for :meth:`_forward_native`, stored on the block, or
-        ``None`` (nothing stored) when the compiled gated pair does not apply (``gate_operands`` is ``None`` when
-        the gate has no compiled form: only given decisions then run compiled)."""
+        """``(generation, stamp, op, weights, gate_operands, projection)`` for :meth:`_forward_native`, stored on
+        the block, or ``None`` (nothing stored) when the compiled gated pair does not apply. ``gate_operands`` is
+        ``None`` when the gate has no compiled form (only given decisions then run compiled); ``projection`` is the
+        BN-folded 1×1 shortcut ``(Tensor[C_out, C_in], Tensor[C_out])`` of a downsampling block, or ``None``."""
         self._plan = None
         if self._fused_post is None:
             self._fused_post = post_is_relu(self.adapter, self._block)
@@ -234,10 +237,21 @@ class ChannelGatedBlock(DynamicBlock):
         gate = self.native_gate()
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
         call = gated_pair_plan(w1, b1, w2, b2, spec1, spec2, gate)
-        sources = [t for t in (*self._fold_sources(), *(() if gate is None else gate.sources)) if t is not None]
+        sources = [*self._fold_sources(), *(() if gate is None else gate.sources)]
+        projection = None
+        shortcut = projection_shortcut(self.adapter, self._block)
+        if shortcut is not None and shortcut[0].stride == spec1.stride:
+            conv, bn = shortcut
+            with torch.inference_mode(False), torch.no_grad():
+                w, b = fold_bn(conv, bn)
+                projection = (w.reshape(w.shape[0], -1).contiguous(), b.contiguous())
+            sources += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+            if w.dtype != torch.float32 or not w.is_cpu:
+                projection = None
+        sources = [t for t in sources if t is not None]
         if call is None or any(t.is_inference() for t in sources):
             return None
-        self._plan = (generation, ext.Stamp(sources), *call)
+        self._plan = (generation, ext.Stamp(sources), *call, projection)
         return self._plan
 
     def folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, ConvSpec, ConvSpec]:
