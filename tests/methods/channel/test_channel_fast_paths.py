@@ -216,3 +216,30 @@ def test_compiled_blocks_step_aside_for_gradients_and_the_torch_engine() -> None
     dynnet.sparse(model)
     y = model(x[:1])  # gradients enabled: the differentiable path
     assert y.requires_grad
+
+
+def test_gater_inference_logits_fold_the_batch_norms_exactly() -> None:
+    from dynnet.macs import MacCounter
+
+    model = _model("gaternet").eval()
+    gater = model.gate
+    with torch.no_grad():
+        for m in gater.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.3)
+                m.bias.normal_(0, 0.3)
+    x = diverse_inputs(3, (3, 16, 16))
+    with torch.no_grad():
+        with MacCounter() as plain:
+            ref = gater.logits(x)
+        with MacCounter() as folded:
+            got = gater.inference_logits(x)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert folded.total == plain.total
+        assert gater.inference_logits(x) is not got and gater._folded is not None  # cached folds
+        gater.features[4].running_var.mul_(3.0)  # an in-place edit refolds
+        torch.testing.assert_close(gater.inference_logits(x), gater.logits(x), rtol=1e-4, atol=1e-4)
+        gater.features[2] = torch.nn.Sigmoid()  # another structure: the modules run as they are
+        torch.testing.assert_close(gater.inference_logits(x), gater.logits(x))
