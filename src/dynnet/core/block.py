@@ -30,6 +30,7 @@ __all__ = [
     "DynamicBlock",
     "dynamic_blocks",
     "force_dense",
+    "forcing_dense",
     "probe_macs",
     "run_on_meta",
     "set_mode",
@@ -49,6 +50,11 @@ def force_dense() -> Iterator[None]:
         yield
     finally:
         _FORCE_DENSE.reset(token)
+
+
+def forcing_dense() -> bool:
+    """Whether :func:`force_dense` is active."""
+    return _FORCE_DENSE.get()
 
 
 class _Call(nn.Module):

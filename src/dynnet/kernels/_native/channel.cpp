@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -88,20 +89,34 @@ struct Geometry {
   }
 };
 
-// Splits the positions [p0, p0 + VB) ∩ [0, L) of a block into runs inside the output (column < Wo) or on the
-// discarded columns: run(j0, j1, r, c, inside) covers block entries [j0, j1), starting at output (r, c).
-template <typename Run>
-inline void for_row_runs(const Geometry& g, int64_t p0, Run run) {
-  const int64_t end = std::min(VB, g.L - p0);
-  int64_t j = 0;
-  while (j < end) {
-    const int64_t p = p0 + j, r = p / g.rowlen, col = p % g.rowlen;
-    const bool inside = col < g.Wo;
-    const int64_t len = std::min(end - j, inside ? g.Wo - col : g.rowlen - col);
-    run(j, j + len, r, col, inside);
-    j += len;
+// The runs of a block's positions [p0, p0 + VB) ∩ [0, L) that fall inside the output (column < Wo): run i covers
+// block entries [j0[i], j1[i]) and starts at output (r[i], col[i]). Computed once per block (two divisions) and
+// shared by all the block's output channels.
+struct RowRuns {
+  int64_t n = 0;
+  int64_t j0[VB], j1[VB], r[VB], col[VB];
+  RowRuns(const Geometry& g, int64_t p0) {
+    const int64_t end = std::min(VB, g.L - p0);
+    int64_t j = 0, row = p0 / g.rowlen, c = p0 % g.rowlen;
+    while (j < end) {
+      const bool inside = c < g.Wo;
+      const int64_t len = std::min(end - j, inside ? g.Wo - c : g.rowlen - c);
+      if (inside) {
+        j0[n] = j, j1[n] = j + len, r[n] = row, col[n] = c;
+        ++n;
+      }
+      j += len;
+      c += len;
+      if (c == g.rowlen) c = 0, ++row;
+    }
   }
-}
+};
+
+// The work (MACs) from which a convolution is split over threads: waking a second thread costs more than it
+// saves on small convolutions, and more between calls separated by Python than back to back.
+std::atomic<int64_t> parallel_min{int64_t{1} << 22};  // measured: ResNet-20 blocks at batch 1 ran fastest on one thread
+
+int64_t parallel_min_macs() { return parallel_min.load(std::memory_order_relaxed); }
 
 // One convolution over all register blocks. store(o_first, count, p0, acc) writes a block's results.
 template <typename Store>
@@ -109,8 +124,8 @@ void conv_all(const Geometry& g, const float* x, int64_t cin, const int64_t* cof
               Store store) {
   const int64_t cout = static_cast<int64_t>(rows.size());
   const int64_t pblocks = (g.L + VB - 1) / VB, oblocks = (cout + OB - 1) / OB;
-  const int64_t work = cout * cin * 9 * g.L;  // MACs; below ~128k a second thread costs more than it gives
-  const int64_t grain = work < (1 << 17) ? pblocks * oblocks : 1;
+  const int64_t work = cout * cin * 9 * g.L;  // MACs; below parallel_min_macs() one thread runs them all
+  const int64_t grain = work < parallel_min_macs() ? pblocks * oblocks : 1;
   at::parallel_for(0, pblocks * oblocks, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t ob = i / pblocks, p0 = (i % pblocks) * VB, o0 = ob * OB;
@@ -193,16 +208,15 @@ void conv_to_output(const Geometry& g, const float* in, int64_t cin, const int64
                     const std::vector<const float*>& rows, const float* bias, float* y, const float* res = nullptr,
                     bool relu = false) {
   conv_all(g, in, cin, coff, rows, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    const RowRuns runs(g, p0);
     for (int64_t o = 0; o < no; ++o) {
       const float b = bias[o0 + o];
       const float* a = reinterpret_cast<const float*>(acc + o * NV);
       const int64_t base = (o0 + o) * g.Ho * g.Wo;
-      float* dst = y + base;
-      const float* rs = res == nullptr ? nullptr : res + base;
-      for_row_runs(g, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
-        if (!inside) return;
-        float* d = dst + r * g.Wo + col - j0;
-        const float* rr = rs == nullptr ? nullptr : rs + r * g.Wo + col - j0;
+      for (int64_t i = 0; i < runs.n; ++i) {
+        const int64_t j0 = runs.j0[i], j1 = runs.j1[i], at = base + runs.r[i] * g.Wo + runs.col[i] - j0;
+        float* d = y + at;
+        const float* rr = res == nullptr ? nullptr : res + at;
         // One pass per run, each variant a plain vectorisable loop.
         if (rr != nullptr && relu) {
           for (int64_t j = j0; j < j1; ++j) d[j] = std::max(a[j] + b + rr[j], 0.f);
@@ -213,7 +227,7 @@ void conv_to_output(const Geometry& g, const float* in, int64_t cin, const int64
         } else {
           for (int64_t j = j0; j < j1; ++j) d[j] = a[j] + b;
         }
-      });
+      }
     }
   });
 }
@@ -282,16 +296,17 @@ std::tuple<at::Tensor, int64_t> pair_impl(const at::Tensor& x, const at::Tensor&
   for (int64_t i = 0; i < K; ++i) rows1[i] = w1p + kept[i] * C * 9;
   for (int64_t c = 0; c < C; ++c) coff1[c] = c * 9;
   conv_all(g1, xp, C, coff1.data(), rows1, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    const RowRuns runs(g1, p0);
     for (int64_t o = 0; o < no; ++o) {
       const int64_t m = kept[o0 + o];
       const float bias = b1p[m], mult = binary || instance_ratio != nullptr ? 1.f : s[m];
       const float* a = reinterpret_cast<const float*>(acc + o * NV);
       float* dst = hp + (o0 + o) * g2.region;
-      for_row_runs(g1, p0, [&](int64_t j0, int64_t j1, int64_t r, int64_t col, bool inside) {
-        if (!inside) return;
-        float* d = dst + g2.at(r + 1, col + 1);
-        for (int64_t j = j0; j < j1; ++j) d[j - j0] = std::max(a[j] + bias, 0.f) * mult;
-      });
+      for (int64_t i = 0; i < runs.n; ++i) {
+        const int64_t j0 = runs.j0[i], j1 = runs.j1[i];
+        float* d = dst + g2.at(runs.r[i] + 1, runs.col[i] + 1) - j0;
+        for (int64_t j = j0; j < j1; ++j) d[j] = std::max(a[j] + bias, 0.f) * mult;
+      }
     }
   });
   if (instance_ratio != nullptr) {
@@ -412,6 +427,11 @@ void check_gate(const at::Tensor& t, const char* name, int64_t rows, int64_t col
 }  // namespace
 
 namespace dynnet {
+
+int64_t set_parallel_min_macs(int64_t value) {
+  TORCH_CHECK(value >= 0, "parallel_min_macs must be >= 0, got ", value);
+  return parallel_min.exchange(value);
+}
 
 // Returns (y: Tensor[1, C_out, Ho, Wo], k: number of kept inner channels). conv1 has the given stride (1 or 2).
 // With `residual` (Tensor[1, C_out, Ho, Wo]) and `relu`, y = relu(residual + pair): a whole residual block.

@@ -35,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Stamp>(m, "Stamp")
       .def(pybind11::init<std::vector<at::Tensor>>())
       .def("fresh", &Stamp::fresh, "whether no tensor was edited in place or re-pointed since construction");
+  m.def("set_parallel_min_macs", &dynnet::set_parallel_min_macs,
+        "the work (MACs) from which a channel-kernel convolution uses several threads; returns the old value");
   m.def("gather_im2col", &dynnet::gather_im2col, "im2col rows of output positions, input rows through a lookup");
   m.def("gather_im2col_image", &dynnet::gather_im2col_image,
         "im2col rows of output positions of a channels-last image");

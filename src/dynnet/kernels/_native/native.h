@@ -14,6 +14,8 @@ at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positi
                                int64_t kernel, int64_t stride, int64_t padding, int64_t dilation);
 
 // channel.cpp
+// Sets the work (MACs) from which the channel kernels' convolutions use several threads; returns the old value.
+int64_t set_parallel_min_macs(int64_t value);
 std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& scale,
                                                bool binary, int64_t stride,

@@ -17,14 +17,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, tracing_or_compiling
-from dynnet.core.cache import structure_generation
+from dynnet.core.block import forcing_dense
+from dynnet.core.cache import structure_generation, version_key
 from dynnet.estimators.q_learning import epsilon_greedy, q_learning_loss
 from dynnet.gates import open_bias_
 from dynnet.kernels import native
+from dynnet.kernels.channel import GATE_GIVEN
 from dynnet.methods.channel._block import ChannelGatedBlock
 from dynnet.methods.channel._resnet import Controller, iter_blocks, resnet_head, resnet_stem
 
 __all__ = ["QAgent", "QRoutingModel", "nested_group_masks", "path_masks"]
+
+
+def _global_hooks() -> bool:
+    """Whether global module forward hooks are registered (the compiled loop would bypass them)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def _register_agent_rule() -> None:
@@ -156,10 +164,65 @@ class QRoutingModel(DynamicModel):
     def masks_of(self, index: int) -> Tensor:
         return getattr(self, f"masks{index}")
 
+    def _float_masks(self, index: int) -> list[Tensor]:
+        """Block ``index``'s action table as float32 Tensor[1, C] rows (one per action), cached while the table is
+        unedited and no module's buffers are replaced: the batch-1 loop then indexes a list."""
+        caches = self.__dict__.setdefault("_masks_cache", {})
+        cached = caches.get(index)
+        if cached is not None and cached[0] == structure_generation() and version_key(cached[1]) == cached[2]:
+            return cached[3]
+        table = self.masks_of(index)
+        rows = [r.unsqueeze(0) for r in table.to(torch.float32)]
+        caches[index] = (structure_generation(), table, version_key(table), rows)
+        return rows
+
+    def _run_compiled(self, x: Tensor) -> Tensor | None:
+        """Batch-1 inference without a trace as compiled calls only: per block the agent's step
+        (``agent_step``) and the block with the chosen action's channels (``gated_pair3x3``), with no module call
+        or decision object in between; ``None`` (nothing computed) when the agent or a block is not in sparse eval
+        mode, has hooks, or has no compiled form, or the input is not one float32 CPU sample."""
+        ctrl = self.controller
+        if ctrl.mode != "sparse" or ctrl.training or torch.is_grad_enabled() or tracing_or_compiling():
+            return None
+        if type(x) is not Tensor or x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_cpu:
+            return None
+        if native.disabled() or forcing_dense() or _global_hooks():
+            return None
+        steps: list[tuple] = []  # (block, None) for an ungated block, else (block, plan, step operands, binary)
+        gated = 0
+        for block in iter_blocks(self.net):
+            if not isinstance(block, ChannelGatedBlock):
+                steps.append((block, None))
+                continue
+            if block.mode != "sparse" or block.training or block._forward_hooks or block._forward_pre_hooks:
+                return None
+            operands, plan = ctrl._native_operands(gated), block.valid_plan()
+            gated += 1
+            if operands is None or plan is None:
+                return None
+            steps.append((block, plan, operands, int(block.binary_scale())))
+        h = resnet_stem(self.net, x)
+        state, index = h.new_zeros(1, ctrl.hidden), 0
+        for block, plan, *rest in steps:
+            if plan is None:
+                h = block(h)
+                continue
+            (op, args), binary = rest
+            h = h.contiguous()
+            _, state, action = op(h, *args, state)
+            s = self._float_masks(index)[action].view(-1)
+            h = block.run_plan(plan, h, (GATE_GIVEN, s, s, s, s, binary))
+            index += 1
+        return resnet_head(self.net, h)
+
     def run(self, x: Tensor) -> Tensor:
+        t = current_trace()
+        if t is None:
+            out = self._run_compiled(x)
+            if out is not None:
+                return out
         h = resnet_stem(self.net, x)
         state, index = None, 0
-        t = current_trace()
         for block in iter_blocks(self.net):
             if not isinstance(block, ChannelGatedBlock):
                 h = block(h)
@@ -167,7 +230,7 @@ class QRoutingModel(DynamicModel):
             fast = None if t is not None else self.controller.native_step(h, state, index)
             if fast is not None:  # batch-1 inference: the agent step and then the block, each one compiled call
                 q, action, state = fast
-                mask = self.masks_of(index)[action : action + 1].to(h.dtype)  # Tensor[1, C]
+                mask = self._float_masks(index)[action]  # Tensor[1, C]
                 h = block(h, Decision(hard=mask, soft=None, granularity="channel"), mask)
                 index += 1
                 continue

@@ -203,21 +203,33 @@ class ChannelGatedBlock(DynamicBlock):
             return None
         if tracing_or_compiling() or native.disabled():
             return None
-        plan = self._plan
-        if plan is None or plan[0] != structure_generation() or not plan[1].fresh():
-            plan = self._build_plan()
-            if plan is None:
-                return None
-        op, weights, gate, projection = plan[2], plan[3], plan[4], plan[5]
+        plan = self.valid_plan()
+        if plan is None:
+            return None
+        gate = plan[4]
         if decision is None:
             if gate is None:
                 return None
         else:
             s = decision.hard if scale is None else scale
-            if type(s) is not Tensor or tuple(s.shape) != (1, weights[0].shape[0]) or not s.is_cpu:
+            if type(s) is not Tensor or tuple(s.shape) != (1, plan[3][0].shape[0]) or not s.is_cpu:
                 return None  # the general path validates (and names) a wrong shape
             s = s.reshape(-1).to(torch.float32).contiguous()
             gate = (GATE_GIVEN, s, s, s, s, int(self.binary_scale()))
+        return self.run_plan(plan, x, gate)
+
+    def valid_plan(self) -> tuple | None:
+        """The block's compiled-call plan (see :meth:`_forward_native`), rebuilt when stale; ``None`` when the
+        compiled gated pair does not apply. The caller has checked the input and the mode (eval, no gradients)."""
+        plan = self._plan
+        if plan is None or plan[0] != structure_generation() or not plan[1].fresh():
+            plan = self._build_plan()
+        return plan
+
+    def run_plan(self, plan: tuple, x: Tensor, gate: tuple) -> Tensor:
+        """The block on one sample Tensor[1, C_in, H, W] as one compiled call, with ``gate`` the gate operands
+        (``plan[4]``, or ``(GATE_GIVEN, s, s, s, s, binary)`` for multipliers ``s`` Tensor[C] decided outside)."""
+        op, weights, projection = plan[2], plan[3], plan[5]
         if projection is not None:  # the downsampling shortcut inside the call too
             return op(x.contiguous(), *gate, *weights, None, True, *projection)[0]
         return op(x.contiguous(), *gate, *weights, self.shortcut(x).contiguous(), True)[0]
