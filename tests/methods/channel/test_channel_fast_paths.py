@@ -126,10 +126,12 @@ def _python_path(monkeypatch) -> None:
     """Turn the compiled block calls and agent steps off (the Python gates and per-op kernels run)."""
     from dynnet.methods.channel._agent import QAgent, QRoutingModel
     from dynnet.methods.channel._block import ChannelGatedBlock
+    from dynnet.methods.channel.gaternet import GaterNet
 
     monkeypatch.setattr(ChannelGatedBlock, "_forward_native", lambda self, *a, **k: None)
     monkeypatch.setattr(QAgent, "native_step", lambda self, *a, **k: None)
     monkeypatch.setattr(QRoutingModel, "_run_compiled", lambda self, *a, **k: None)
+    monkeypatch.setattr(GaterNet, "_run_compiled", lambda self, *a, **k: None)
 
 
 @pytest.mark.parametrize(("recipe", "config"), COMPILED, ids=[r for r, _ in COMPILED])

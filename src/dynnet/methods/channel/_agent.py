@@ -17,22 +17,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, tracing_or_compiling
-from dynnet.core.block import forcing_dense
 from dynnet.core.cache import structure_generation, version_key
 from dynnet.estimators.q_learning import epsilon_greedy, q_learning_loss
 from dynnet.gates import open_bias_
 from dynnet.kernels import native
 from dynnet.kernels.channel import GATE_GIVEN
 from dynnet.methods.channel._block import ChannelGatedBlock
-from dynnet.methods.channel._resnet import Controller, iter_blocks, resnet_head, resnet_stem
+from dynnet.methods.channel._resnet import (
+    Controller,
+    block_compiled_ok,
+    compiled_loop_ok,
+    iter_blocks,
+    resnet_head,
+    resnet_stem,
+)
 
 __all__ = ["QAgent", "QRoutingModel", "nested_group_masks", "path_masks"]
-
-
-def _global_hooks() -> bool:
-    """Whether global module forward hooks are registered (the compiled loop would bypass them)."""
-    m = nn.modules.module
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
 
 
 def _register_agent_rule() -> None:
@@ -182,11 +182,7 @@ class QRoutingModel(DynamicModel):
         or decision object in between; ``None`` (nothing computed) when the agent or a block is not in sparse eval
         mode, has hooks, or has no compiled form, or the input is not one float32 CPU sample."""
         ctrl = self.controller
-        if ctrl.mode != "sparse" or ctrl.training or torch.is_grad_enabled() or tracing_or_compiling():
-            return None
-        if type(x) is not Tensor or x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_cpu:
-            return None
-        if native.disabled() or forcing_dense() or _global_hooks():
+        if not compiled_loop_ok(x, ctrl):
             return None
         steps: list[tuple] = []  # (block, None) for an ungated block, else (block, plan, step operands, binary)
         gated = 0
@@ -194,7 +190,7 @@ class QRoutingModel(DynamicModel):
             if not isinstance(block, ChannelGatedBlock):
                 steps.append((block, None))
                 continue
-            if block.mode != "sparse" or block.training or block._forward_hooks or block._forward_pre_hooks:
+            if not block_compiled_ok(block):
                 return None
             operands, plan = ctrl._native_operands(gated), block.valid_plan()
             gated += 1

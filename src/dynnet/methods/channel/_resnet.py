@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from dynnet.core import DynamicBlock
+from dynnet.core import DynamicBlock, tracing_or_compiling
+from dynnet.core.block import forcing_dense
+from dynnet.kernels import native
 
-__all__ = ["Controller", "iter_blocks", "resnet_head", "resnet_stem"]
+__all__ = ["Controller", "block_compiled_ok", "compiled_loop_ok", "iter_blocks", "resnet_head", "resnet_stem"]
 
 
 def _stages(net: nn.Module) -> list[nn.Sequential]:
@@ -51,6 +53,31 @@ def iter_blocks(net: nn.Module) -> Iterator[nn.Module]:
 def resnet_head(net: nn.Module, x: Tensor) -> Tensor:
     """``avgpool → flatten → fc``: logits Tensor[N, K]."""
     return net.fc(torch.flatten(net.avgpool(x), 1))
+
+
+def compiled_loop_ok(x: Tensor, controller: nn.Module) -> bool:
+    """The preconditions of a batch-1 loop of compiled block calls driven by ``controller`` (RNP/RNR's agent,
+    GaterNet's gater): no gradients, tracing, ``force_dense``, ``DYNNET_NATIVE=0`` or forward hooks (the loop calls
+    no module), the controller in sparse eval mode, and one float32 CPU sample. Each block must also pass
+    :func:`block_compiled_ok`."""
+    if torch.is_grad_enabled() or tracing_or_compiling() or forcing_dense() or native.disabled():
+        return False
+    if type(x) is not Tensor or x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_cpu:
+        return False
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
+        return False
+    return block_compiled_ok(controller)
+
+
+def block_compiled_ok(module: nn.Module) -> bool:
+    """Whether a dynamic block (or controller) may be run by a compiled loop: sparse eval mode and no hooks."""
+    return (
+        getattr(module, "mode", None) == "sparse"
+        and not module.training
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+    )
 
 
 class Controller(DynamicBlock):

@@ -32,9 +32,16 @@ from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, c
 from dynnet.core.cache import structure_generation, tracing_or_compiling, version_key
 from dynnet.estimators.semhash import improved_semhash
 from dynnet.gates import GateBatchNorm1d, open_bias_
-from dynnet.kernels.channel import fold_bn
+from dynnet.kernels.channel import GATE_GIVEN, ConvSpec, fold_bn, native_conv3x3_in
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
-from dynnet.methods.channel._resnet import Controller, iter_blocks, resnet_head, resnet_stem
+from dynnet.methods.channel._resnet import (
+    Controller,
+    block_compiled_ok,
+    compiled_loop_ok,
+    iter_blocks,
+    resnet_head,
+    resnet_stem,
+)
 
 __all__ = ["GaterNet", "GaterNetConfig", "GaterNetwork"]
 
@@ -60,6 +67,13 @@ class GaterNetConfig:
     sparsity_weight: float = 0.1
     budget_weight: float = 1.0
     strategy: str = "auto"
+
+
+def _conv3x3(x: Tensor, w: Tensor, b: Tensor, stride: tuple[int, int]) -> Tensor:
+    """A 3×3 / padding 1 convolution: the compiled direct kernel for one sample where it applies, else PyTorch's."""
+    spec = ConvSpec(stride, (1, 1), (1, 1))
+    out = native_conv3x3_in(x, w, b, None, spec)
+    return spec.conv(x, w, b) if out is None else out[0]
 
 
 class GaterNetwork(Controller):
@@ -96,8 +110,8 @@ class GaterNetwork(Controller):
         if folded is None:
             return self.logits(x)
         (w1, b1, s1), (w2, b2, s2), (wl, bl), (wf, bf) = folded
-        h = F.conv2d(x, w1, b1, s1, 1).relu_()
-        h = F.conv2d(h, w2, b2, s2, 1).relu_()
+        h = _conv3x3(x, w1, b1, s1).relu_()
+        h = _conv3x3(h, w2, b2, s2).relu_()
         z = torch.addmm(bl, h.mean((2, 3)), wl.t()).relu_()
         return torch.addmm(bf, z, wf.t())
 
@@ -159,7 +173,40 @@ class GaterNetwork(Controller):
 class GaterNet(DynamicModel):
     """The converted network: the gater decides for every block, then the backbone runs block by block."""
 
+    def _run_compiled(self, x: Tensor) -> Tensor | None:
+        """Batch-1 inference without a trace as compiled calls: the gater (BNs folded), then each block with its
+        slice of the gater's 0/1 values (``gated_pair3x3``), with no module call or decision object between them;
+        ``None`` (nothing computed) when the gater or a block is not in sparse eval mode, has hooks or has no
+        compiled form, or the input is not one float32 CPU sample."""
+        if not compiled_loop_ok(x, self.gate):
+            return None
+        steps: list[tuple] = []  # (block, None, 0) for an ungated block, else (block, plan, binary)
+        for block in iter_blocks(self.net):
+            if not isinstance(block, ChannelGatedBlock):
+                steps.append((block, None, 0))
+                continue
+            plan = block.valid_plan() if block_compiled_ok(block) else None
+            if plan is None:
+                return None
+            steps.append((block, plan, int(block.binary_scale())))
+        value = improved_semhash(self.gate.inference_logits(x), sample=False)[0].reshape(-1)
+        h = resnet_stem(self.net, x)
+        offset = 0
+        for block, plan, binary in steps:
+            if plan is None:
+                h = block(h)
+                continue
+            c = plan[3][0].shape[0]
+            s = value[offset : offset + c]
+            offset += c
+            h = block.run_plan(plan, h, (GATE_GIVEN, s, s, s, s, binary))
+        return resnet_head(self.net, h)
+
     def run(self, x: Tensor) -> Tensor:
+        if current_trace() is None:
+            out = self._run_compiled(x)
+            if out is not None:
+                return out
         out = self.gate(x)
         if out is None:  # dense mode / static cost probe: the base network
             return self.net(x)
