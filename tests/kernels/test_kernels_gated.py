@@ -166,3 +166,49 @@ def test_agent_step_equals_the_python_step() -> None:
             state = nxt
         with pytest.raises(RuntimeError, match="state must be"):
             torch.ops.dynnet.agent_step(x, *args, torch.zeros(1, 5))
+
+
+def test_routed_pair_is_the_agent_step_then_the_given_pair() -> None:
+    """``routed_pair3x3`` = ``agent_step`` (state updated in place) + ``gated_pair3x3`` with the action's mask row,
+    the projection shortcut included, and counts the sum of their MACs."""
+    from dynnet.methods.channel._agent import _register_agent_rule
+
+    with kernel_engine("native"), torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        c, m, c_out, j, actions = 6, 8, 10, 5, 4
+        x = torch.randn(1, c, 9, 7, generator=g)
+        agent = [torch.randn(j, c, generator=g), torch.randn(j, generator=g)]
+        agent += [torch.randn(3 * j, j, generator=g), torch.randn(3 * j, j, generator=g)]
+        agent += [torch.randn(3 * j, generator=g), torch.randn(3 * j, generator=g)]
+        agent += [torch.randn(actions, j, generator=g), torch.randn(actions, generator=g)]
+        masks = (torch.rand(actions, m, generator=g) < 0.5).float()
+        w1, b1 = torch.randn(m, c, 3, 3, generator=g), torch.randn(m, generator=g)
+        w2, b2 = torch.randn(c_out, m, 3, 3, generator=g), torch.randn(c_out, generator=g)
+        sw, sb = torch.randn(c_out, c, generator=g), torch.randn(c_out, generator=g)
+        state = torch.randn(1, j, generator=g)
+        _register_agent_rule()
+        with MacCounter() as step_count:
+            _, expected_state, action = torch.ops.dynnet.agent_step(x, *agent, state)
+        row = masks[action].contiguous()
+        with MacCounter() as pair_count:
+            expected, _, kept = torch.ops.dynnet.gated_pair3x3(
+                x, GATE_GIVEN, row, row, row, row, 1, w1, b1, w2, b2, 2, None, True, sw, sb
+            )
+        with MacCounter() as routed_count:
+            y, got_action, got_kept = torch.ops.dynnet.routed_pair3x3(
+                x, state, *agent, masks, w1, b1, w2, b2, 2, None, True, sw, sb
+            )
+        assert (got_action, got_kept) == (action, kept)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        torch.testing.assert_close(state, expected_state, rtol=1e-6, atol=1e-6)  # updated in place
+        assert routed_count.total == step_count.total + pair_count.total
+        # The shortcut is the BN-folded 1×1 convolution of stride 2.
+        shortcut = F.conv2d(x, sw[:, :, None, None], sb, stride=2)
+        with kernel_engine("torch"):
+            ref, _ = sliced_pair_single(
+                x, w1, b1, w2, b2, row, ConvSpec((2, 2), (1, 1), (1, 1)), ConvSpec((1, 1), (1, 1), (1, 1)),
+                binary=True, residual=shortcut, relu=True,
+            )  # fmt: skip
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="masks must be"):
+            torch.ops.dynnet.routed_pair3x3(x, state, *agent, masks[:, :3], w1, b1, w2, b2, 2)

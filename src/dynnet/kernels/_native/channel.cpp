@@ -570,19 +570,11 @@ std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor
 
 }  // namespace dynnet
 
-namespace dynnet {
+namespace {
 
-// One step of a recurrent channel-routing agent (RNP, runtime routing; reference: dynnet.methods.channel._agent.
-// QAgent.step and epsilon_greedy without exploration) for one sample:
-//   z = relu(enc_w mean_hw(x) + enc_b)                      enc_w Tensor[J, C]
-//   h' = GRUCell(z, h)                                       w_ih, w_hh Tensor[3J, J] (r, z, n), b_ih, b_hh [3J]
-//   q = dec_w h' + dec_b, action = argmax q (first maximum)  dec_w Tensor[A, J]
-// Returns (q: Tensor[1, A], h': Tensor[1, J], action).
-std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, const at::Tensor& enc_w,
-                                                       const at::Tensor& enc_b, const at::Tensor& w_ih,
-                                                       const at::Tensor& w_hh, const at::Tensor& b_ih,
-                                                       const at::Tensor& b_hh, const at::Tensor& dec_w,
-                                                       const at::Tensor& dec_b, const at::Tensor& state) {
+void check_agent(const at::Tensor& x, const at::Tensor& enc_w, const at::Tensor& enc_b, const at::Tensor& w_ih,
+                 const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& dec_w,
+                 const at::Tensor& dec_b, const at::Tensor& state) {
   check(x, 4, "x");
   TORCH_CHECK(x.size(0) == 1 && x.size(2) > 0 && x.size(3) > 0, "agent_step: one non-empty sample, got ", x.sizes());
   const int64_t C = x.size(1), J = enc_w.size(0), A = dec_w.size(0);
@@ -596,28 +588,78 @@ std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, cons
   check_gate(dec_b, "dec_b", A, -1);
   check(state, 2, "state");
   TORCH_CHECK(state.size(0) == 1 && state.size(1) == J, "agent_step: state must be [1, ", J, "], got ", state.sizes());
+}
+
+// The agent's step after check_agent: the next state into hn[J] (may alias h), the Q-values into q[A]; returns the
+// greedy action (the first maximum).
+int64_t agent_impl(const at::Tensor& x, const at::Tensor& enc_w, const at::Tensor& enc_b, const at::Tensor& w_ih,
+                   const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& dec_w,
+                   const at::Tensor& dec_b, const float* h, float* hn, float* q) {
+  const int64_t C = x.size(1), J = enc_w.size(0), A = dec_w.size(0);
   std::vector<float> mean(C), z(J), gi(3 * J), gh(3 * J);
   channel_means(x, false, mean.data());
   matvec(enc_w.data_ptr<float>(), mean.data(), enc_b.data_ptr<float>(), J, C, z.data());
   for (auto& v : z) v = std::max(v, 0.f);
-  const float* h = state.data_ptr<float>();
   matvec(w_ih.data_ptr<float>(), z.data(), b_ih.data_ptr<float>(), 3 * J, J, gi.data());
   matvec(w_hh.data_ptr<float>(), h, b_hh.data_ptr<float>(), 3 * J, J, gh.data());
-  at::Tensor next = at::empty({1, J}, x.options());
-  float* hn = next.data_ptr<float>();
+  std::vector<float> next(J);
   for (int64_t j = 0; j < J; ++j) {
     const float r = 1.f / (1.f + std::exp(-(gi[j] + gh[j])));
     const float u = 1.f / (1.f + std::exp(-(gi[J + j] + gh[J + j])));
     const float n = std::tanh(gi[2 * J + j] + r * gh[2 * J + j]);
-    hn[j] = (1.f - u) * n + u * h[j];
+    next[j] = (1.f - u) * n + u * h[j];
   }
-  at::Tensor q = at::empty({1, A}, x.options());
-  float* qp = q.data_ptr<float>();
-  matvec(dec_w.data_ptr<float>(), hn, dec_b.data_ptr<float>(), A, J, qp);
+  std::copy(next.begin(), next.end(), hn);
+  matvec(dec_w.data_ptr<float>(), hn, dec_b.data_ptr<float>(), A, J, q);
   int64_t action = 0;
   for (int64_t a = 1; a < A; ++a)
-    if (qp[a] > qp[action]) action = a;
+    if (q[a] > q[action]) action = a;
+  return action;
+}
+
+}  // namespace
+
+namespace dynnet {
+
+// One step of a recurrent channel-routing agent (RNP, runtime routing; reference: dynnet.methods.channel._agent.
+// QAgent.step and epsilon_greedy without exploration) for one sample:
+//   z = relu(enc_w mean_hw(x) + enc_b)                      enc_w Tensor[J, C]
+//   h' = GRUCell(z, h)                                       w_ih, w_hh Tensor[3J, J] (r, z, n), b_ih, b_hh [3J]
+//   q = dec_w h' + dec_b, action = argmax q (first maximum)  dec_w Tensor[A, J]
+// Returns (q: Tensor[1, A], h': Tensor[1, J], action).
+std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, const at::Tensor& enc_w,
+                                                       const at::Tensor& enc_b, const at::Tensor& w_ih,
+                                                       const at::Tensor& w_hh, const at::Tensor& b_ih,
+                                                       const at::Tensor& b_hh, const at::Tensor& dec_w,
+                                                       const at::Tensor& dec_b, const at::Tensor& state) {
+  check_agent(x, enc_w, enc_b, w_ih, w_hh, b_ih, b_hh, dec_w, dec_b, state);
+  at::Tensor next = at::empty({1, enc_w.size(0)}, x.options());
+  at::Tensor q = at::empty({1, dec_w.size(0)}, x.options());
+  const int64_t action = agent_impl(x, enc_w, enc_b, w_ih, w_hh, b_ih, b_hh, dec_w, dec_b, state.data_ptr<float>(),
+                                    next.data_ptr<float>(), q.data_ptr<float>());
   return {q, next, action};
+}
+
+// The agent's step and the block it routes in one call (RNP / runtime routing at batch 1): the step as agent_step,
+// its next state written into `state` (in place), then the block with the action's channel mask
+// (masks Tensor[A, M] of 0/1) as gated_pair3x3 with given binary multipliers. Returns (y, action, kept channels).
+std::tuple<at::Tensor, int64_t, int64_t> routed_pair3x3(
+    const at::Tensor& x, at::Tensor& state, const at::Tensor& enc_w, const at::Tensor& enc_b, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& dec_w,
+    const at::Tensor& dec_b, const at::Tensor& masks, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu,
+    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b) {
+  check_agent(x, enc_w, enc_b, w_ih, w_hh, b_ih, b_hh, dec_w, dec_b, state);
+  check(masks, 2, "masks");
+  TORCH_CHECK(masks.size(0) == dec_w.size(0) && masks.size(1) == w1.size(0), "routed_pair3x3: masks must be [",
+              dec_w.size(0), ", ", w1.size(0), "], got ", masks.sizes());
+  std::vector<float> q(dec_w.size(0));
+  float* h = state.data_ptr<float>();
+  const int64_t action = agent_impl(x, enc_w, enc_b, w_ih, w_hh, b_ih, b_hh, dec_w, dec_b, h, h, q.data());
+  const at::Tensor row = masks.select(0, action);
+  auto [y, scale, kept] =
+      gated_pair3x3(x, 2, row, row, row, row, 1, w1, b1, w2, b2, stride, residual, relu, shortcut_w, shortcut_b);
+  return {y, action, kept};
 }
 
 }  // namespace dynnet

@@ -48,6 +48,7 @@ TORCH_LIBRARY(dynnet, m) {
   m.def("sliced_pair3x3(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor scale, bool binary, int stride, Tensor? residual=None, bool relu=False) -> (Tensor, int)");
   m.def("gated_pair3x3(Tensor x, int gate, Tensor gw1, Tensor gb1, Tensor gw2, Tensor gb2, int k, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, int)");
   m.def("agent_step(Tensor x, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor state) -> (Tensor, Tensor, int)");
+  m.def("routed_pair3x3(Tensor x, Tensor(a!) state, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor masks, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, int, int)");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 
@@ -55,5 +56,6 @@ TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("sliced_pair3x3", &dynnet::sliced_pair3x3);
   m.impl("gated_pair3x3", &dynnet::gated_pair3x3);
   m.impl("agent_step", &dynnet::agent_step);
+  m.impl("routed_pair3x3", &dynnet::routed_pair3x3);
   m.impl("conv3x3_in", &dynnet::conv3x3_in);
 }

@@ -30,6 +30,12 @@ std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, cons
                                                        const at::Tensor& w_hh, const at::Tensor& b_ih,
                                                        const at::Tensor& b_hh, const at::Tensor& dec_w,
                                                        const at::Tensor& dec_b, const at::Tensor& state);
+std::tuple<at::Tensor, int64_t, int64_t> routed_pair3x3(
+    const at::Tensor& x, at::Tensor& state, const at::Tensor& enc_w, const at::Tensor& enc_b, const at::Tensor& w_ih,
+    const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& dec_w,
+    const at::Tensor& dec_b, const at::Tensor& masks, const at::Tensor& w1, const at::Tensor& b1,
+    const at::Tensor& w2, const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu,
+    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
 std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                            const at::Tensor& active, int64_t stride);
 

@@ -21,7 +21,6 @@ from dynnet.core.cache import structure_generation, version_key
 from dynnet.estimators.q_learning import epsilon_greedy, q_learning_loss
 from dynnet.gates import open_bias_
 from dynnet.kernels import native
-from dynnet.kernels.channel import GATE_GIVEN
 from dynnet.methods.channel._block import ChannelGatedBlock
 from dynnet.methods.channel._resnet import (
     Controller,
@@ -36,11 +35,12 @@ __all__ = ["QAgent", "QRoutingModel", "nested_group_masks", "path_masks"]
 
 
 def _register_agent_rule() -> None:
-    """The MAC rule of ``torch.ops.dynnet.agent_step``: the encoder, the GRU cell's two products and the decoder
-    (``J·C + 2·3J·J + A·J``), as the counter counts the Python step's ``linear`` / ``gru_cell`` products."""
+    """The MAC rules of ``torch.ops.dynnet.agent_step`` — the encoder, the GRU cell's two products and the decoder
+    (``J·C + 2·3J·J + A·J``), as the counter counts the Python step's ``linear`` / ``gru_cell`` products — and of
+    ``routed_pair3x3`` (the step, the kept channels' pair and the projection shortcut)."""
     from dynnet.macs import MAC_RULES, register_mac_rule
 
-    op = torch.ops.dynnet.agent_step
+    op, routed = torch.ops.dynnet.agent_step, torch.ops.dynnet.routed_pair3x3
     if op in MAC_RULES:
         return
 
@@ -48,6 +48,15 @@ def _register_agent_rule() -> None:
     def _rule(args: tuple, kwargs: dict, out: object) -> int:
         enc_w, w_ih, w_hh, dec_w = args[1], args[3], args[4], args[7]
         return enc_w.numel() + w_ih.numel() + w_hh.numel() + dec_w.numel()
+
+    @register_mac_rule(routed)
+    def _routed_rule(args: tuple, kwargs: dict, out: object) -> int:
+        x, enc_w, w_ih, w_hh, dec_w, w2 = args[0], args[2], args[4], args[5], args[8], args[13]
+        y, _, kept = out  # type: ignore[misc]
+        shortcut = args[18] if len(args) > 18 else kwargs.get("shortcut_w")
+        extra = 0 if shortcut is None else shortcut.numel() * y.shape[2] * y.shape[3]
+        agent = enc_w.numel() + w_ih.numel() + w_hh.numel() + dec_w.numel()
+        return agent + extra + int(kept) * (x.shape[1] + w2.shape[0]) * 9 * y.shape[2] * y.shape[3]
 
 
 def nested_group_masks(channels: int, groups: int) -> Tensor:
@@ -164,31 +173,32 @@ class QRoutingModel(DynamicModel):
     def masks_of(self, index: int) -> Tensor:
         return getattr(self, f"masks{index}")
 
-    def _float_masks(self, index: int) -> list[Tensor]:
-        """Block ``index``'s action table as float32 Tensor[1, C] rows (one per action), cached while the table is
-        unedited and no module's buffers are replaced: the batch-1 loop then indexes a list."""
+    def _float_masks(self, index: int) -> tuple[Tensor, list[Tensor]]:
+        """Block ``index``'s action table as float32 Tensor[A, C] and as its rows Tensor[1, C], cached while the
+        table is unedited and no module's buffers are replaced (the batch-1 loops index them)."""
         caches = self.__dict__.setdefault("_masks_cache", {})
         cached = caches.get(index)
         if cached is not None and cached[0] == structure_generation() and version_key(cached[1]) == cached[2]:
             return cached[3]
         table = self.masks_of(index)
-        rows = [r.unsqueeze(0) for r in table.to(torch.float32)]
-        caches[index] = (structure_generation(), table, version_key(table), rows)
-        return rows
+        floats = table.to(torch.float32).contiguous()
+        value = (floats, [r.unsqueeze(0) for r in floats])
+        caches[index] = (structure_generation(), table, version_key(table), value)
+        return value
 
     def _run_compiled(self, x: Tensor) -> Tensor | None:
-        """Batch-1 inference without a trace as compiled calls only: per block the agent's step
-        (``agent_step``) and the block with the chosen action's channels (``gated_pair3x3``), with no module call
-        or decision object in between; ``None`` (nothing computed) when the agent or a block is not in sparse eval
+        """Batch-1 inference without a trace as compiled calls only: per block one ``routed_pair3x3`` (the agent's
+        step, its state updated in place, then the block with the chosen action's channels and its shortcut), with
+        no module call or decision object in between; ``None`` (nothing computed) when the agent or a block is not in sparse eval
         mode, has hooks, or has no compiled form, or the input is not one float32 CPU sample."""
         ctrl = self.controller
         if not compiled_loop_ok(x, ctrl):
             return None
-        steps: list[tuple] = []  # (block, None) for an ungated block, else (block, plan, step operands, binary)
+        steps: list[tuple] = []  # (block, None, None) for an ungated block, else (block, plan, step operands)
         gated = 0
         for block in iter_blocks(self.net):
             if not isinstance(block, ChannelGatedBlock):
-                steps.append((block, None))
+                steps.append((block, None, None))
                 continue
             if not block_compiled_ok(block):
                 return None
@@ -196,18 +206,22 @@ class QRoutingModel(DynamicModel):
             gated += 1
             if operands is None or plan is None:
                 return None
-            steps.append((block, plan, operands, int(block.binary_scale())))
+            steps.append((block, plan, operands))
         h = resnet_stem(self.net, x)
-        state, index = h.new_zeros(1, ctrl.hidden), 0
-        for block, plan, *rest in steps:
+        state, index = h.new_zeros(1, ctrl.hidden), 0  # updated in place by every step
+        routed = torch.ops.dynnet.routed_pair3x3
+        for block, plan, operands in steps:
             if plan is None:
                 h = block(h)
                 continue
-            (op, args), binary = rest
+            args = operands[1]
+            table = self._float_masks(index)[0]
             h = h.contiguous()
-            _, state, action = op(h, *args, state)
-            s = self._float_masks(index)[action].view(-1)
-            h = block.run_plan(plan, h, (GATE_GIVEN, s, s, s, s, binary))
+            weights, projection = plan[3], plan[5]
+            if projection is not None:  # the agent's step, the block and its projection shortcut in one call
+                h = routed(h, state, *args, table, *weights, None, True, *projection)[0]
+            else:
+                h = routed(h, state, *args, table, *weights, block.shortcut(h).contiguous(), True)[0]
             index += 1
         return resnet_head(self.net, h)
 
@@ -226,7 +240,7 @@ class QRoutingModel(DynamicModel):
             fast = None if t is not None else self.controller.native_step(h, state, index)
             if fast is not None:  # batch-1 inference: the agent step and then the block, each one compiled call
                 q, action, state = fast
-                mask = self._float_masks(index)[action]  # Tensor[1, C]
+                mask = self._float_masks(index)[1][action]  # Tensor[1, C]
                 h = block(h, Decision(hard=mask, soft=None, granularity="channel"), mask)
                 index += 1
                 continue
