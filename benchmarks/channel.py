@@ -162,6 +162,7 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--min-run-time", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="dense/sparse timings alternated, median round reported")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--recipes", nargs="*", default=list(SETTINGS))
     p.add_argument("--base-cache", default="", help="reuse/save the trained base network here (a .pt path)")
@@ -190,14 +191,26 @@ def main() -> None:
     def record(model: torch.nn.Module, recipe: str, label: str, t0: float, softened: int = 0) -> None:
         ev = evaluate(model, test, mode="sparse", max_batches=args.eval_batches, device="cpu")
         prof = profile_model(
-            model, images, batch_sizes=(1, 64), threads=args.threads, min_run_time=args.min_run_time, batch1_samples=4
+            model,
+            images,
+            batch_sizes=(1, 64),
+            threads=args.threads,
+            min_run_time=args.min_run_time,
+            batch1_samples=4,
+            rounds=args.rounds,
         )
         row = {"recipe": recipe, "setting": label, "accuracy": ev.accuracy, "mac_fraction": ev.mac_fraction}
         row["softened_gate_layers"] = softened
         row.update({k: v for k, v in prof.items() if k.startswith("b") or k == "dense_macs"})
         # The same static network on the same sparse engine (every channel kept), timed in the same window.
         eng = profile_model(
-            engine, images, batch_sizes=(1, 64), threads=args.threads, min_run_time=args.min_run_time, batch1_samples=4
+            engine,
+            images,
+            batch_sizes=(1, 64),
+            threads=args.threads,
+            min_run_time=args.min_run_time,
+            batch1_samples=4,
+            rounds=args.rounds,
         )
         for b in (1, 64):
             row[f"b{b}_engine_dense_ms"] = eng[f"b{b}_sparse_ms"]
@@ -236,7 +249,13 @@ def main() -> None:
             train(static, args.base_steps + args.steps, 0.1)
         ev = evaluate(static, test, mode="dense", max_batches=args.eval_batches, device="cpu")
         prof = profile_model(
-            static, images, batch_sizes=(1, 64), threads=args.threads, min_run_time=args.min_run_time, batch1_samples=4
+            static,
+            images,
+            batch_sizes=(1, 64),
+            threads=args.threads,
+            min_run_time=args.min_run_time,
+            batch1_samples=4,
+            rounds=args.rounds,
         )
         macs = dynnet.count_macs(static.eval(), images[:1]).per_sample[0].item()
         rows.append({

@@ -77,3 +77,25 @@ def test_profile_reports_each_modes_fastest_layout_and_restores_the_weights() ->
     assert only["b4_dense_layout"] == only["b4_sparse_layout"] == "channels_last"
     with pytest.raises(ValueError, match="layouts"):
         profile_model(model, torch.randn(6, 1, 12, 12), batch_sizes=(4,), layouts=["nhwc"])
+
+
+def test_profile_rounds_report_the_median_round(monkeypatch) -> None:
+    """With ``rounds``, dense and sparse are timed alternately and each reports its median round."""
+    import dynnet.bench.harness as harness
+    from dynnet.bench.latency import Latency
+
+    order: list[float] = []
+    times = iter([5.0, 1.0, 3.0, 9.0, 4.0, 2.0])  # dense, sparse, dense, sparse, dense, sparse
+
+    def fake(fn, x, *, threads=None, min_run_time=1.0, warmup=3):
+        t = next(times)
+        order.append(t)
+        return Latency(t, 0.0, 1, x.shape[0], threads or 1, "cpu")
+
+    monkeypatch.setattr(harness, "measure_latency", fake)
+    model = dynnet.create_model("cifar_resnet8", recipe="batch_shaping", num_classes=10)
+    row = profile_model(model, torch.randn(2, 3, 8, 8), batch_sizes=(2,), layouts=("contiguous",), rounds=3)
+    assert order == [5.0, 1.0, 3.0, 9.0, 4.0, 2.0]
+    assert row["b2_dense_ms"] == 4.0 and row["b2_sparse_ms"] == 2.0  # medians of (5, 3, 4) and (1, 9, 2)
+    with pytest.raises(ValueError, match="rounds"):
+        profile_model(model, torch.randn(2, 3, 8, 8), rounds=0)

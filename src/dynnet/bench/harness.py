@@ -76,6 +76,7 @@ def profile_model(
     min_run_time: float = 1.0,
     batch1_samples: int = 32,
     layouts: Sequence[str] = ("contiguous", "channels_last"),
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Latency of the dense (static base) network and of sparse execution, with MACs, at each batch size.
 
@@ -90,6 +91,8 @@ def profile_model(
         min_run_time: seconds of measurement per configuration.
         batch1_samples: how many different images the batch-1 latency is averaged over.
         layouts: memory layouts to try (``"contiguous"``, ``"channels_last"``); each mode reports its fastest.
+        rounds: dense and sparse are timed alternately this many times and each reports its median round, so that a
+            slow window of a shared machine does not fall on one mode only.
 
     Returns:
         A flat dict (one CSV row): for each batch size ``B``: ``b{B}_dense_ms``, ``b{B}_sparse_ms`` (per image at
@@ -97,6 +100,8 @@ def profile_model(
         ``b{B}_executed_macs``, ``b{B}_mac_fraction``, ``b{B}_mac_speedup``, ``b{B}_latency_speedup``,
         ``b{B}_realized_ratio`` (and ``b{B}_images``), plus ``dense_macs``, ``threads``, ``device``.
     """
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty Tensor[M, C, H, W], got {getattr(images, 'shape', images)}")
     unknown = set(layouts) - set(_LAYOUTS)
@@ -129,8 +134,13 @@ def profile_model(
                 assert best is not None
                 return best
 
-            dense_lat, dense_layout = timed("dense")
-            sparse_lat, sparse_layout = timed("sparse") if dynamic else (dense_lat, dense_layout)
+            dense_runs, sparse_runs = [], []
+            for _ in range(rounds):
+                dense_runs.append(timed("dense"))
+                if dynamic:
+                    sparse_runs.append(timed("sparse"))
+            dense_lat, dense_layout = _median_round(dense_runs)
+            sparse_lat, sparse_layout = _median_round(sparse_runs) if dynamic else (dense_lat, dense_layout)
             row[f"b{b}_dense_layout"], row[f"b{b}_sparse_layout"] = dense_layout, sparse_layout
             mean_macs, executed, dense_macs = _macs(model, x)  # sparse mode (last set), eval
             row["dense_macs"] = dense_macs
@@ -155,6 +165,12 @@ def profile_model(
             block.mode = dynamic.get(name, block.mode)
         model.train(was_training)
     return row
+
+
+def _median_round(runs: list[tuple[Latency, str]]) -> tuple[Latency, str]:
+    """The round with the median latency (the lower middle one for an even count), with its layout."""
+    ordered = sorted(runs, key=lambda r: r[0].median_ms)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def _per(lat: Latency, n: int) -> Latency:

@@ -189,8 +189,8 @@ class QRoutingModel(DynamicModel):
     def _run_compiled(self, x: Tensor) -> Tensor | None:
         """Batch-1 inference without a trace as compiled calls only: per block one ``routed_pair3x3`` (the agent's
         step, its state updated in place, then the block with the chosen action's channels and its shortcut), with
-        no module call or decision object in between; ``None`` (nothing computed) when the agent or a block is not in sparse eval
-        mode, has hooks, or has no compiled form, or the input is not one float32 CPU sample."""
+        no module call or decision object in between; ``None`` (nothing computed) when the agent or a block is not
+        in sparse eval mode, has hooks, or has no compiled form, or the input is not one float32 CPU sample."""
         ctrl = self.controller
         if not compiled_loop_ok(x, ctrl):
             return None
