@@ -75,6 +75,11 @@ def _relu(block: nn.Module, y: Tensor) -> Tensor:
     return block.relu(y)
 
 
+def identity_shortcut(adapter: ResidualAdapter, block: nn.Module) -> bool:
+    """Whether a built-in adapter's shortcut is the identity for this block (no ``downsample``)."""
+    return adapter.shortcut is _downsample and getattr(block, "downsample", 0) is None
+
+
 def projection_shortcut(adapter: ResidualAdapter, block: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
     """The ``(conv, bn)`` of a built-in adapter's projection shortcut when it is exactly ``bn(conv1x1(x))``
     (``downsample = Sequential(Conv2d 1×1, BatchNorm2d)``, no padding, groups or dilation), so that fused kernels may

@@ -221,7 +221,8 @@ class QRoutingModel(DynamicModel):
             if projection is not None:  # the agent's step, the block and its projection shortcut in one call
                 h = routed(h, state, *args, table, *weights, None, True, *projection)[0]
             else:
-                h = routed(h, state, *args, table, *weights, block.shortcut(h).contiguous(), True)[0]
+                residual = h if plan[6] else block.shortcut(h).contiguous()
+                h = routed(h, state, *args, table, *weights, residual, True)[0]
             index += 1
         return resnet_head(self.net, h)
 

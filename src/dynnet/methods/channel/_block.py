@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, replace_module, residual_blocks
-from dynnet.convert.residual import ResidualAdapter, post_is_relu, projection_shortcut
+from dynnet.convert.residual import ResidualAdapter, identity_shortcut, post_is_relu, projection_shortcut
 from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
 from dynnet.core.cache import structure_generation
 from dynnet.kernels import native
@@ -230,15 +230,17 @@ class ChannelGatedBlock(DynamicBlock):
         """The block on one sample Tensor[1, C_in, H, W] as one compiled call, with ``gate`` the gate operands
         (``plan[4]``, or ``(GATE_GIVEN, s, s, s, s, binary)`` for multipliers ``s`` Tensor[C] decided outside)."""
         op, weights, projection = plan[2], plan[3], plan[5]
+        x = x.contiguous()
         if projection is not None:  # the downsampling shortcut inside the call too
-            return op(x.contiguous(), *gate, *weights, None, True, *projection)[0]
-        return op(x.contiguous(), *gate, *weights, self.shortcut(x).contiguous(), True)[0]
+            return op(x, *gate, *weights, None, True, *projection)[0]
+        return op(x, *gate, *weights, x if plan[6] else self.shortcut(x).contiguous(), True)[0]
 
     def _build_plan(self) -> tuple | None:
-        """``(generation, stamp, op, weights, gate_operands, projection)`` for :meth:`_forward_native`, stored on
-        the block, or ``None`` (nothing stored) when the compiled gated pair does not apply. ``gate_operands`` is
-        ``None`` when the gate has no compiled form (only given decisions then run compiled); ``projection`` is the
-        BN-folded 1×1 shortcut ``(Tensor[C_out, C_in], Tensor[C_out])`` of a downsampling block, or ``None``."""
+        """``(generation, stamp, op, weights, gate_operands, projection, identity)`` for :meth:`_forward_native`,
+        stored on the block, or ``None`` (nothing stored) when the compiled gated pair does not apply.
+        ``gate_operands`` is ``None`` when the gate has no compiled form (only given decisions then run compiled);
+        ``projection`` is the BN-folded 1×1 shortcut ``(Tensor[C_out, C_in], Tensor[C_out])`` of a downsampling
+        block, or ``None``; ``identity`` whether the shortcut is the identity (the input is passed as residual)."""
         self._plan = None
         if self._fused_post is None:
             self._fused_post = post_is_relu(self.adapter, self._block)
@@ -263,7 +265,8 @@ class ChannelGatedBlock(DynamicBlock):
         sources = [t for t in sources if t is not None]
         if call is None or any(t.is_inference() for t in sources):
             return None
-        self._plan = (generation, ext.Stamp(sources), *call, projection)
+        identity = identity_shortcut(self.adapter, self._block)
+        self._plan = (generation, ext.Stamp(sources), *call, projection, identity)
         return self._plan
 
     def folded_weights(self) -> tuple[Tensor, Tensor, Tensor, Tensor, ConvSpec, ConvSpec]:

@@ -9,6 +9,7 @@ base network runs.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -16,12 +17,21 @@ from torch import Tensor, nn
 
 from dynnet.core import DynamicBlock, tracing_or_compiling
 from dynnet.core.block import forcing_dense
+from dynnet.core.cache import structure_generation
 from dynnet.kernels import native
 
 __all__ = ["Controller", "block_compiled_ok", "compiled_loop_ok", "iter_blocks", "resnet_head", "resnet_stem"]
 
 
+_STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> (structure generation, stages)
+
+
 def _stages(net: nn.Module) -> list[nn.Sequential]:
+    """The ``layer1, layer2, ...`` stages of ``net``, cached until a module is registered or replaced anywhere
+    (batch-1 inference walks them on every call)."""
+    cached = _STAGES.get(net)
+    if cached is not None and cached[0] == structure_generation():
+        return cached[1]
     needed = ("conv1", "bn1", "fc", "avgpool", "layer1")
     missing = [a for a in needed if not hasattr(net, a)]
     if missing:
@@ -33,6 +43,7 @@ def _stages(net: nn.Module) -> list[nn.Sequential]:
     while isinstance(getattr(net, f"layer{k}", None), nn.Sequential):
         stages.append(getattr(net, f"layer{k}"))
         k += 1
+    _STAGES[net] = (structure_generation(), stages)
     return stages
 
 
