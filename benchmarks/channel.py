@@ -23,8 +23,9 @@ Default schedule and time estimate (quiet 2-core CPU, 2 threads; from the CPU ti
 of every recipe at 1 thread, scaled by ResNet-20's measured ~800 training images/s at 2 threads): batch 64 on
 10,000 training images; base ResNet-20 600 steps (~50 s); static widths 0.5 / 0.75 from scratch for 750 steps
 (~70 s together); 9 recipes × 3 budgets = 27 fine-tunes of 150 steps (9,600 images, ~12 s each, channel_gating
-~30 s: ~410 s); sparse test on 1,024 images and timing (0.25 s per configuration) per model (~3 s each):
-**about 10.5 minutes** in all (≤ 12 min). The earlier defaults (1,000 images, 5 fine-tune steps) left the gates
+~30 s: ~410 s); sparse test on 1,024 images and timing (0.25 s per configuration, ``--rounds`` 3 alternated
+dense/sparse rounds, the median round reported) per model (~15 s each with the engine baseline): **about 15.5
+minutes** in all (926 s measured). The earlier defaults (1,000 images, 5 fine-tune steps) left the gates
 where they started. Fine-tunes run at lr 0.05 with the gates' open bias scaled by ``--gate-scale`` 0.3
 (:func:`soften_open_gates`): in a probe of this schedule (150 steps from a weaker base, 1 thread, budget 0.35)
 batch-shaping stayed at MAC fraction 1.0 at lr 0.02 and 0.95 at lr 0.05, and reached 0.55 with softened gates;
