@@ -246,3 +246,18 @@ def test_gater_inference_logits_fold_the_batch_norms_exactly() -> None:
         torch.testing.assert_close(gater.inference_logits(x), gater.logits(x), rtol=1e-4, atol=1e-4)
         gater.features[2] = torch.nn.Sigmoid()  # another structure: the modules run as they are
         torch.testing.assert_close(gater.inference_logits(x), gater.logits(x))
+
+
+def test_fbs_ties_break_to_the_lowest_index_on_every_path() -> None:
+    """A fresh FBS predictor gives every channel the same saliency: masked mode, the Python sparse path and the
+    compiled call must keep the same k channels (the lowest indices), not whichever a top-k happens to return."""
+    with kernel_engine("native"):
+        model = _model("fbs", budget=0.5)  # predictor weights 0, bias 1: all saliencies tie
+        x = diverse_inputs(3, (3, 16, 16))
+        masked, batch, single = _outputs(model, x)
+        torch.testing.assert_close(batch, masked, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        with torch.no_grad(), dynnet.trace() as t:
+            dynnet.sparse(model)(x[:1])
+        kept = next(iter(t.decisions.values())).hard[0]
+        assert kept.tolist() == [1.0] * (kept.numel() // 2) + [0.0] * (kept.numel() - kept.numel() // 2)

@@ -62,7 +62,9 @@ def winners_take_all(g: Tensor, k: int) -> Tensor:
         raise ValueError(f"k must be in [1, {g.shape[1]}], got {k}")
     if k == g.shape[1]:
         return g
-    idx = g.topk(k, dim=1).indices
+    # A stable sort, not topk: topk's choice among equal values is unspecified (and differs from the compiled
+    # kernel's), and FBS's predictor starts with every saliency equal (zero weights, bias 1).
+    idx = torch.sort(g, dim=1, descending=True, stable=True).indices[:, :k]
     keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, idx, True)
     return g * keep
 
