@@ -261,3 +261,22 @@ def test_fbs_ties_break_to_the_lowest_index_on_every_path() -> None:
             dynnet.sparse(model)(x[:1])
         kept = next(iter(t.decisions.values())).hard[0]
         assert kept.tolist() == [1.0] * (kept.numel() // 2) + [0.0] * (kept.numel() - kept.numel() // 2)
+
+
+@pytest.mark.parametrize("recipe", ["batch_shaping", "fbs", "rnp", "gaternet", "instance_sparsity"])
+def test_compiled_blocks_on_torchvision_resnet18(recipe: str) -> None:
+    """torchvision's BasicBlock (projection shortcuts ``downsample = conv1x1 + BN``, stride-2 ``conv1``): every
+    block runs as one compiled call, the three downsampling ones with their shortcut inside, equal to masked mode."""
+    from dynnet.methods.channel._block import ChannelGatedBlock
+
+    torchvision = pytest.importorskip("torchvision")
+    with kernel_engine("native"):
+        torch.manual_seed(0)
+        model = dynnet.convert(torchvision.models.resnet18(num_classes=10), recipe)
+        x = diverse_inputs(2, (3, 32, 32))
+        scramble_until_mixed(model, x)
+        masked, _, single = _outputs(model, x)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        plans = [b._plan for b in model.modules() if isinstance(b, ChannelGatedBlock)]
+        assert len(plans) == 8 and all(p is not None for p in plans)
+        assert sum(p[5] is not None for p in plans) == 3  # the projection shortcuts run inside the call
