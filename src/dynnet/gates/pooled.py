@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core.cache import tracing_or_compiling, version_key
-from dynnet.kernels.channel import GATE_MLP, NativeGate
+from dynnet.kernels.channel import GATE_MLP, NativeGate, fold_bn
 
 __all__ = ["GateBatchNorm1d", "PooledMLPGate", "open_bias_"]
 
@@ -138,13 +138,8 @@ class PooledMLPGate(nn.Module):
         if key is not None and folded is not None and folded[0] == key:
             return folded[1]
         with torch.inference_mode(False), torch.no_grad():
-            scale = (bn.running_var + bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            w1 = (fc1.weight * scale[:, None]).contiguous()
+            w1, shift = fold_bn(fc1, bn)  # fc1 has no bias: shift is the batch norm's
+            w1 = w1.contiguous()
             w2, b2 = fc2.weight.detach().clone(), fc2.bias.detach().clone()
             if self.open_index is not None and w2.shape[0] == 2:
                 o = self.open_index

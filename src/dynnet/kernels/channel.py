@@ -106,18 +106,19 @@ class ConvSpec:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, groups)
 
 
-def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Fold an eval-mode batch norm into the preceding convolution.
+def fold_bn(conv: nn.Conv2d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """Fold an eval-mode batch norm into the preceding convolution (or linear layer: a BatchNorm1d after it).
 
     Returns:
-        ``(weight, bias)``: Tensor[C_out, C_in, kh, kw] and Tensor[C_out] with ``bn(conv(x)) == conv(x; weight, bias)``.
+        ``(weight, bias)``: the layer's weight shape (Tensor[C_out, C_in, kh, kw] or Tensor[C_out, C_in]) and
+        Tensor[C_out] with ``bn(layer(x)) == layer(x; weight, bias)``.
     """
     if bn.training or bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_bn needs a batch norm in eval mode with running statistics")
     inv = torch.rsqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(inv)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(inv)
-    w = conv.weight * (gamma * inv).view(-1, 1, 1, 1)
+    w = conv.weight * (gamma * inv).view(-1, *([1] * (conv.weight.dim() - 1)))
     b = beta - bn.running_mean * gamma * inv
     if conv.bias is not None:
         b = b + conv.bias * gamma * inv

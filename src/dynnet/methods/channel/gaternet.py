@@ -146,16 +146,11 @@ class GaterNetwork(Controller):
         with torch.inference_mode(False), torch.no_grad():
             w1, b1 = fold_bn(c1, n1)
             w2, b2 = fold_bn(c2, n2)
-            scale = (n3.running_var + n3.eps).rsqrt()
-            if n3.weight is not None:
-                scale = scale * n3.weight
-            shift = -n3.running_mean * scale
-            if n3.bias is not None:
-                shift = shift + n3.bias
+            wl, bl = fold_bn(lin, n3)
             return (
                 (w1, b1, c1.stride),
                 (w2, b2, c2.stride),
-                ((lin.weight * scale[:, None]).contiguous(), shift),
+                (wl.contiguous(), bl),
                 (self.fc.weight.detach(), self.fc.bias.detach()),
             )
 
