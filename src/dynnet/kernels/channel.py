@@ -47,6 +47,7 @@ __all__ = [
     "STRATEGIES",
     "ConvSpec",
     "NativeGate",
+    "block_pair_macs",
     "choose_strategy",
     "fold_bn",
     "gated_pair_plan",
@@ -72,9 +73,9 @@ class NativeGate(NamedTuple):
     """A block's inference decision as operands of the compiled gated pair (see :func:`gated_pair_single`).
 
     Attributes:
-        kind: :data:`GATE_MLP` or :data:`GATE_KWTA`.
-        gw1, gb1, gw2, gb2: the gate's (folded) weights; ``gw2``, ``gb2`` are unused by k-WTA.
-        k: channels kept by k-WTA (unused by the pooled MLP).
+        kind: :data:`GATE_MLP`, :data:`GATE_KWTA`, :data:`GATE_GIVEN` or :data:`GATE_INSTANCE`.
+        gw1, gb1, gw2, gb2: the gate's operands (see :func:`gated_pair_single`; unused ones may repeat ``gw1``).
+        k: channels kept by k-WTA; for given multipliers, non-zero when they are binary; unused otherwise.
         sources: the parameters and buffers the operands derive from: a plan holding the operands is stale once
             one of them is edited in place.
     """
@@ -276,6 +277,14 @@ def native_conv3x3_in(x: Tensor, w: Tensor, b: Tensor, active: Tensor | None, sp
     return _native_ops()[1](x.contiguous(), w, b, act, spec.stride[0])
 
 
+def block_pair_macs(x: Tensor, w2: Tensor, y: Tensor, kept: int, shortcut_w: Tensor | None) -> int:
+    """MACs of a compiled block call's convolutions: ``kept`` inner channels of the 3×3 pair (input x
+    Tensor[1, C_in, H, W], w2 Tensor[C_out, C, 3, 3], output y Tensor[1, C_out, H', W']) and the 1×1 projection
+    shortcut ``shortcut_w`` Tensor[C_out, C_in] when the call computes it."""
+    extra = 0 if shortcut_w is None else shortcut_w.numel() * y.shape[2] * y.shape[3]
+    return extra + kept * (x.shape[1] + w2.shape[0]) * 9 * y.shape[2] * y.shape[3]
+
+
 def _native_ops() -> tuple:
     """``(torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in, torch.ops.dynnet.gated_pair3x3)``,
     dispatcher ops so that the MAC counter sees them, with their MAC rules registered on first use:
@@ -311,13 +320,13 @@ def _native_ops() -> tuple:
         def _gated_rule(args: tuple, kwargs: dict, out: object) -> int:
             x, kind, gw1, gw2, w1, w2 = args[0], args[1], args[2], args[4], args[7], args[9]
             y, _, kept = out  # type: ignore[misc]
-            plane = 9 * y.shape[2] * y.shape[3]
             shortcut = args[14] if len(args) > 14 else kwargs.get("shortcut_w")
-            extra = 0 if shortcut is None else shortcut.numel() * y.shape[2] * y.shape[3]  # projection shortcut
             if kind == GATE_INSTANCE:  # conv1 on every channel, conv2 on the kept ones
+                plane = 9 * y.shape[2] * y.shape[3]
+                extra = 0 if shortcut is None else shortcut.numel() * y.shape[2] * y.shape[3]
                 return extra + w1.shape[0] * x.shape[1] * plane + int(kept) * w2.shape[0] * plane
-            gate = extra + {GATE_MLP: gw1.numel() + gw2.numel(), GATE_KWTA: gw1.numel()}.get(kind, 0)
-            return gate + int(kept) * (x.shape[1] + w2.shape[0]) * plane
+            gate = {GATE_MLP: gw1.numel() + gw2.numel(), GATE_KWTA: gw1.numel()}.get(kind, 0)
+            return gate + block_pair_macs(x, w2, y, int(kept), shortcut)
 
     return _OPS[0]
 

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, tracing_or_compiling
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace
 from dynnet.core.cache import structure_generation, version_key
 from dynnet.estimators.q_learning import epsilon_greedy, q_learning_loss
 from dynnet.gates import open_bias_
 from dynnet.kernels import native
+from dynnet.kernels.channel import block_pair_macs
 from dynnet.methods.channel._block import ChannelGatedBlock
 from dynnet.methods.channel._resnet import (
     Controller,
@@ -54,9 +55,8 @@ def _register_agent_rule() -> None:
         x, enc_w, w_ih, w_hh, dec_w, w2 = args[0], args[2], args[4], args[5], args[8], args[13]
         y, _, kept = out  # type: ignore[misc]
         shortcut = args[18] if len(args) > 18 else kwargs.get("shortcut_w")
-        extra = 0 if shortcut is None else shortcut.numel() * y.shape[2] * y.shape[3]
         agent = enc_w.numel() + w_ih.numel() + w_hh.numel() + dec_w.numel()
-        return agent + extra + int(kept) * (x.shape[1] + w2.shape[0]) * 9 * y.shape[2] * y.shape[3]
+        return agent + block_pair_macs(x, w2, y, int(kept), shortcut)
 
 
 def nested_group_masks(channels: int, groups: int) -> Tensor:
@@ -109,13 +109,10 @@ class QAgent(Controller):
 
     def native_step(self, x: Tensor, state: Tensor | None, index: int) -> tuple[Tensor, int, Tensor] | None:
         """``(q, action, state)`` of a greedy inference step on the compiled kernel (``torch.ops.dynnet.agent_step``:
-        pooling, encoder, GRU cell, decoder and argmax in one call), or ``None`` when it does not apply (not in
-        sparse eval mode, gradients on, not one float32 CPU sample, no extension, tracing)."""
-        if self.mode != "sparse" or self.training or torch.is_grad_enabled() or tracing_or_compiling():
-            return None
-        if native.disabled():
-            return None
-        if type(x) is not Tensor or x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_cpu:
+        pooling, encoder, GRU cell, decoder and argmax in one call), or ``None`` when it does not apply
+        (:func:`~dynnet.methods.channel._resnet.compiled_loop_ok`: not in sparse eval mode, hooks, gradients, not one
+        float32 CPU sample, no extension, tracing)."""
+        if not compiled_loop_ok(x, self):  # the controller's module call (and its hooks) is bypassed
             return None
         operands = self._native_operands(index)
         if operands is None:
