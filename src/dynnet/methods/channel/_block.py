@@ -159,9 +159,7 @@ class ChannelGatedBlock(DynamicBlock):
             d, s = self._decision(x, decision, scale)
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
         if single:
-            if self._fused_post is None:
-                self._fused_post = post_is_relu(self.adapter, self._block)
-            if self._fused_post:  # the shortcut, the addition and the ReLU in the kernel's epilogue
+            if self._post_is_relu():  # the shortcut, the addition and the ReLU in the kernel's epilogue
                 out, k = sliced_pair_single(
                     x, w1, b1, w2, b2, s.to(x.dtype), spec1, spec2, binary=self.binary_scale(),
                     residual=self.shortcut(x), relu=True,
@@ -178,6 +176,12 @@ class ChannelGatedBlock(DynamicBlock):
         if t is not None:
             self._record(x, d, executed_channels=executed)
         return out
+
+    def _post_is_relu(self) -> bool:
+        """Whether the adapter's post-op is a plain ReLU (fused into the kernels' epilogue); computed once."""
+        if self._fused_post is None:
+            self._fused_post = post_is_relu(self.adapter, self._block)
+        return self._fused_post
 
     def native_gate(self) -> NativeGate | None:
         """The block's inference decision as operands of the compiled gated pair
@@ -242,10 +246,8 @@ class ChannelGatedBlock(DynamicBlock):
         ``projection`` is the BN-folded 1×1 shortcut ``(Tensor[C_out, C_in], Tensor[C_out])`` of a downsampling
         block, or ``None``; ``identity`` whether the shortcut is the identity (the input is passed as residual)."""
         self._plan = None
-        if self._fused_post is None:
-            self._fused_post = post_is_relu(self.adapter, self._block)
         ext = native.load(warn=False)
-        if not self._fused_post or ext is None:
+        if not self._post_is_relu() or ext is None:
             return None
         generation = structure_generation()
         gate = self.native_gate()
