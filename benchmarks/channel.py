@@ -186,33 +186,23 @@ def main() -> None:
     images = torch.cat([x for i, (x, _) in zip(range(3), test, strict=False)])[:256]
     rows: list[dict] = []
 
+    def profile(model: torch.nn.Module) -> dict:
+        return profile_model(
+            model, images, batch_sizes=(1, 64), threads=args.threads, min_run_time=args.min_run_time,
+            batch1_samples=4, rounds=args.rounds,
+        )  # fmt: skip
+
     def train(model: torch.nn.Module, steps: int, lr: float) -> None:
         fit(model, loaders.train, TrainConfig(epochs=100, lr=lr, max_steps=steps, progress=False, device="cpu"))
 
     def record(model: torch.nn.Module, recipe: str, label: str, t0: float, softened: int = 0) -> None:
         ev = evaluate(model, test, mode="sparse", max_batches=args.eval_batches, device="cpu")
-        prof = profile_model(
-            model,
-            images,
-            batch_sizes=(1, 64),
-            threads=args.threads,
-            min_run_time=args.min_run_time,
-            batch1_samples=4,
-            rounds=args.rounds,
-        )
+        prof = profile(model)
         row = {"recipe": recipe, "setting": label, "accuracy": ev.accuracy, "mac_fraction": ev.mac_fraction}
         row["softened_gate_layers"] = softened
         row.update({k: v for k, v in prof.items() if k.startswith("b") or k == "dense_macs"})
         # The same static network on the same sparse engine (every channel kept), timed in the same window.
-        eng = profile_model(
-            engine,
-            images,
-            batch_sizes=(1, 64),
-            threads=args.threads,
-            min_run_time=args.min_run_time,
-            batch1_samples=4,
-            rounds=args.rounds,
-        )
+        eng = profile(engine)
         for b in (1, 64):
             row[f"b{b}_engine_dense_ms"] = eng[f"b{b}_sparse_ms"]
             row[f"b{b}_engine_ratio"] = realized_speedup(
@@ -249,15 +239,7 @@ def main() -> None:
             static = dynnet.create_model("cifar_resnet20", in_channels=1, num_classes=10, width=width)
             train(static, args.base_steps + args.steps, 0.1)
         ev = evaluate(static, test, mode="dense", max_batches=args.eval_batches, device="cpu")
-        prof = profile_model(
-            static,
-            images,
-            batch_sizes=(1, 64),
-            threads=args.threads,
-            min_run_time=args.min_run_time,
-            batch1_samples=4,
-            rounds=args.rounds,
-        )
+        prof = profile(static)
         macs = dynnet.count_macs(static.eval(), images[:1]).per_sample[0].item()
         rows.append({
             "recipe": "static_width", "setting": f"width={width}", "accuracy": ev.accuracy,
