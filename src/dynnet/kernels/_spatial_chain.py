@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, current_trace
 from dynnet.kernels.block import gather_tiles, inside_image, scatter_tiles, tile_geometry, tiles_to_pixels
+from dynnet.kernels.channel import fold_bn
 from dynnet.kernels.spatial import (
     conv_out_size,
     gather_conv_image,
@@ -164,18 +165,7 @@ def _folded(st: ConvStage) -> tuple[Tensor, Tensor | None, Tensor]:
         return hit[1], hit[2], hit[3]
     # Not an inference tensor even when first called under inference_mode: the cache outlives that context.
     with torch.inference_mode(False), torch.no_grad():
-        w, b = st.conv.weight, st.conv.bias
-        if st.bn is not None:
-            bn = st.bn
-            scale = bn.running_var.add(bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if b is not None:
-                shift = shift + b * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            w, b = w * scale.view(-1, 1, 1, 1), shift
+        w, b = (st.conv.weight, st.conv.bias) if st.bn is None else fold_bn(st.conv, st.bn)
         w = w.contiguous()
         wmat = weight_matrix(w)  # the transpose of a contiguous Tensor[C_out, k·k·C]: oneDNN's layout
         b = None if b is None else b.contiguous()
