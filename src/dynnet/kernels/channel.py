@@ -58,6 +58,9 @@ __all__ = [
     "sliced_conv_in",
     "sliced_pair",
     "sliced_pair_single",
+    "tile_gated_pair_macs",
+    "tile_gated_pair_op",
+    "tile_gated_pair_reference",
 ]
 
 STRATEGIES = ("auto", "dense", "groups", "padded", "per_sample")
@@ -292,13 +295,24 @@ def _native_ops() -> tuple:
     convolution (``k`` the channels kept or read), and for the gated pair the pair's plus its gate's matrix-vector
     products (``J·C_in + C·J`` for the pooled MLP, ``C·C_in`` for k-WTA, none for given multipliers), as the counter
     counts the Python gates' ``addmm`` (the pooling is not a MAC); for instance sparsity every channel of ``conv1``
-    and the ``k`` kept inputs of ``conv2``."""
+    and the ``k`` kept inputs of ``conv2``. The fourth, ``torch.ops.dynnet.tile_gated_pair3x3``, counts
+    :func:`tile_gated_pair_macs`."""
     if _OPS:
         return _OPS[0]
     op, conv, gated = torch.ops.dynnet.sliced_pair3x3, torch.ops.dynnet.conv3x3_in, torch.ops.dynnet.gated_pair3x3
+    tiled = torch.ops.dynnet.tile_gated_pair3x3
     from dynnet.macs import MAC_RULES, register_mac_rule
 
-    _OPS.append((op, conv, gated))
+    _OPS.append((op, conv, gated, tiled))
+    if tiled not in MAC_RULES:
+
+        @register_mac_rule(tiled)
+        def _tiled_rule(args: tuple, kwargs: dict, out: object) -> int:
+            x, w1, base1, w2, base2 = args[0], args[1], args[3], args[4], args[6]
+            shortcut = args[9] if len(args) > 9 else kwargs.get("shortcut_w")
+            y, _, _, e1, e2 = out  # type: ignore[misc]
+            return tile_gated_pair_macs(x, w1, base1, w2, base2, y, int(e1), int(e2), shortcut)
+
     if op not in MAC_RULES:
 
         @register_mac_rule(op)
@@ -754,3 +768,91 @@ def gated_rest_add_(
         p.view(-1).index_add_(0, flat.reshape(-1), vals.reshape(-1))
         executed += torch.bincount(pn, minlength=n).double() * len(sparse)
     return p, executed
+
+
+# Channel gating (Hua et al.) for one sample, per (output channel, 4 × 4 tile) decisions: see tile_gated_pair_op.
+TILE = 4
+
+
+def tile_gated_pair_macs(
+    x: Tensor, w1: Tensor, base1: int, w2: Tensor, base2: int, y: Tensor, e1: int, e2: int, shortcut_w: Tensor | None
+) -> int:
+    """MACs of a tile-gated block call: both base groups densely, ``C_rest · 9`` per gated-on output entry
+    (``e1``, ``e2`` entries of ``conv1`` and ``conv2``), and the 1×1 projection shortcut when the call computes it.
+
+    Args:
+        x: Tensor[1, C_in, H, W]; w1: Tensor[M, C_in, 3, 3]; w2: Tensor[C_out, M, 3, 3]; y: Tensor[1, C_out, H', W'].
+        base1, base2: the base groups' input channels.
+        e1, e2: the gated-on output entries of each convolution.
+        shortcut_w: Tensor[C_out, C_in] or ``None``.
+    """
+    plane = y.shape[2] * y.shape[3]
+    base = (w1.shape[0] * base1 + w2.shape[0] * base2) * 9 * plane
+    rest = (e1 * (x.shape[1] - base1) + e2 * (w2.shape[1] - base2)) * 9
+    return base + rest + (0 if shortcut_w is None else shortcut_w.numel() * plane)
+
+
+def tile_gated_pair_op():
+    """``torch.ops.dynnet.tile_gated_pair3x3`` (its MAC rule registered), or ``None`` without the extension.
+
+    ``op(x, w1, a1, base1, w2, a2, base2, stride, residual=None, shortcut_w=None, shortcut_b=None)`` runs a
+    channel-gated basic residual block on one sample as :func:`tile_gated_pair_reference`, with ``a1`` Tensor[4, M]
+    and ``a2`` Tensor[4, C_out] the rows ``(b, thr, k, c)`` of each convolution (x and all tensors float32,
+    contiguous, on the CPU). It returns ``(y, mask1, mask2, e1, e2)``: the block output Tensor[1, C_out, H', W'], the
+    decisions Tensor[M, ⌈H'/4⌉, ⌈W'/4⌉] and Tensor[C_out, ⌈H'/4⌉, ⌈W'/4⌉] (0/1), and the gated-on output entries of
+    each convolution. The rest of a tile is computed only for its on channels (an im2col of the tile's receptive
+    field times their weight rows), so the MACs are those of :func:`tile_gated_pair_macs`.
+    """
+    if native.load(warn=False) is None:
+        return None
+    return _native_ops()[3]
+
+
+def _tile_gated_conv(x: Tensor, w: Tensor, b: Tensor, thr: Tensor, base: int, stride: int) -> tuple[Tensor, Tensor]:
+    p = F.conv2d(x[:, :base], w[:, :base], b, stride, 1)
+    on = F.avg_pool2d(p, TILE, ceil_mode=True) > thr.view(1, -1, 1, 1)  # Tensor[1, C_out, th, tw]
+    h, wd = p.shape[2:]
+    s = on.to(p.dtype).repeat_interleave(TILE, 2).repeat_interleave(TILE, 3)[:, :, :h, :wd]
+    return p + s * F.conv2d(x[:, base:], w[:, base:], None, stride, 1), on[0].to(p.dtype)
+
+
+def tile_gated_pair_reference(
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    thr1: Tensor,
+    k1: Tensor,
+    c1: Tensor,
+    base1: int,
+    w2: Tensor,
+    b2: Tensor,
+    thr2: Tensor,
+    k2: Tensor,
+    c2: Tensor,
+    base2: int,
+    stride: int,
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The PyTorch reference of the compiled tile-gated block (:func:`tile_gated_pair_op`).
+
+    Each 3×3 convolution (padding 1) computes ``p = conv(x[:, :base]; W[:, :base]) + b``; channel ``o``'s 4 × 4
+    tile of output positions is on where the mean of ``p`` over the tile (its positions inside the output) exceeds
+    ``thr[o]``, and there ``conv(x[:, base:]; W[:, base:])`` is added. Then
+    ``h = relu(k1 · y1 + c1)`` and ``y = relu(k2 · y2 + c2 + residual)`` (``k, c`` Tensor[C]: the batch norms as
+    per-channel affine maps).
+
+    Args:
+        x: Tensor[N, C_in, H, W]; w1: Tensor[M, C_in, 3, 3] (stride ``stride``); w2: Tensor[C_out, M, 3, 3]
+            (stride 1); b, thr, k, c: Tensor[M] and Tensor[C_out].
+        base1, base2: the base groups' input channels.
+        residual: Tensor[N, C_out, H', W'] or ``None``.
+
+    Returns:
+        ``(y, mask1, mask2)``: Tensor[N, C_out, H', W'] and the decisions of the first sample,
+        Tensor[M, ⌈H'/4⌉, ⌈W'/4⌉] and Tensor[C_out, ⌈H'/4⌉, ⌈W'/4⌉] (0/1).
+    """
+    y1, m1 = _tile_gated_conv(x, w1, b1, thr1, base1, stride)
+    h = torch.relu(k1.view(1, -1, 1, 1) * y1 + c1.view(1, -1, 1, 1))
+    y2, m2 = _tile_gated_conv(h, w2, b2, thr2, base2, 1)
+    y = k2.view(1, -1, 1, 1) * y2 + c2.view(1, -1, 1, 1)
+    return torch.relu(y if residual is None else y + residual), m1, m2

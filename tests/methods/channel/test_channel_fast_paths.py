@@ -280,3 +280,127 @@ def test_compiled_blocks_on_torchvision_resnet18(recipe: str) -> None:
         plans = [b._plan for b in model.modules() if isinstance(b, ChannelGatedBlock)]
         assert len(plans) == 8 and all(p is not None for p in plans)
         assert sum(p[5] is not None for p in plans) == 3  # the projection shortcuts run inside the call
+
+
+def _scrambled_channel_gating(density: float = 0.3, **config) -> tuple[dynnet.DynamicModel, torch.Tensor]:
+    """A channel-gating ResNet-8 whose thresholds put part of every gated convolution's tiles on, and its inputs."""
+    from dynnet.methods.channel.channel_gating import GatedConv
+
+    torch.manual_seed(0)
+    model = _model("channel_gating", **config)
+    x = diverse_inputs(3, (3, 19, 16))  # 19 rows: partial tiles at every stage
+    scramble_until_mixed(model, x)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedConv):
+                m.gate.threshold.uniform_(-0.5, 1.5 * density)
+    return model, x
+
+
+def test_channel_gating_compiled_blocks_equal_masked_and_execute_the_theoretical_macs(monkeypatch) -> None:
+    """Batch 1: every gated block runs as one compiled call (stride-2 blocks with their projection inside), equal to
+    masked mode; it executes exactly the MACs the trace reports as theoretical (the batch path computes a superset);
+    under a MAC counter it is the dispatcher op, otherwise the direct binding."""
+    from dynnet.macs import MacCounter
+    from dynnet.methods.channel.channel_gating import GatedBasicBlock
+
+    with kernel_engine("native"):
+        model, x = _scrambled_channel_gating()
+        with torch.no_grad(), dynnet.trace() as t:
+            dynnet.sparse(model)(x)
+        on = torch.cat([d.hard.flatten() for d in t.decisions.values()]).mean()
+        assert 0.1 < on < 0.9  # decisions mixed: the rest is computed for part of the tiles only
+        masked, batch, single = _outputs(model, x)
+        torch.testing.assert_close(batch, masked, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        blocks = [b for b in model.modules() if isinstance(b, GatedBasicBlock)]
+        assert len(blocks) == 3 and all(b._plan is not None for b in blocks)
+        assert sum(b._plan[4] is not None for b in blocks) == 2  # the projection shortcuts inside the call
+        for i in range(x.shape[0]):
+            with torch.inference_mode():
+                with MacCounter() as counter:
+                    fast = model(x[i : i + 1])
+                with dynnet.trace() as t:
+                    model(x[i : i + 1])
+            assert counter.total == int(t.macs()[0])
+            assert int(t.executed_macs()[0]) >= counter.total
+            torch.testing.assert_close(fast, single[i : i + 1], rtol=1e-5, atol=1e-5)
+        calls = []
+        for b in blocks:
+            direct = b._plan[7]
+            monkeypatch.setattr(b, "_plan", (*b._plan[:7], lambda *a, f=direct: calls.append(1) or f(*a)))
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x[:1]), single[:1])
+        assert len(calls) == 3
+
+
+def test_channel_gating_compiled_loop_steps_aside() -> None:
+    """Hooks (on a block, a stage or a module inside a block), other tiles, gradients and DYNNET_NATIVE=0 fall back
+    to the module path (hooks fire), a network that is not ResNet-style still runs each block compiled, and a
+    deep copy and in-place edits keep results equal to masked mode."""
+    import copy
+
+    from dynnet.methods.channel.channel_gating import GatedBasicBlock
+
+    with kernel_engine("native"):
+        model, x = _scrambled_channel_gating()
+        masked, _, single = _outputs(model, x)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        seen = []
+        for target in (model.net.layer1[0], model.net.layer2, model.net.layer2[0].bn1, model.net.layer1[0].conv2):
+            handle = target.register_forward_hook(lambda *a: seen.append(1))
+            with torch.inference_mode():
+                torch.testing.assert_close(model(x[:1]), single[:1], rtol=1e-4, atol=1e-4)
+            handle.remove()
+            assert seen, target
+            seen.clear()
+        model.net.layer2[0].conv1.tile = 2  # another tile: that block's convolutions run in Python
+        masked2, _, single2 = _outputs(model, x)
+        torch.testing.assert_close(single2, masked2, rtol=1e-4, atol=1e-4)
+        model.net.layer2[0].conv1.tile = 4
+        with torch.no_grad():
+            model.net.layer1[0].conv1.weight.mul_(1.5)  # an in-place edit rebuilds the plan
+        masked3, _, single3 = _outputs(model, x)
+        torch.testing.assert_close(single3, masked3, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(single3, single)
+        clone = copy.deepcopy(model)
+        torch.testing.assert_close(_outputs(clone, x)[2], single3)
+        dynnet.sparse(model)
+        assert model(x[:1]).requires_grad  # gradients enabled: the differentiable path
+        # Not ResNet-style (no stem attributes): the blocks still run compiled one by one.
+        blocks = [b for b in model.modules() if isinstance(b, GatedBasicBlock)]
+        for b in blocks:
+            b._plan = None
+        net = torch.nn.Sequential(model.net.conv1, model.net.bn1, model.net.relu, *blocks)
+        with torch.inference_mode():
+            y = net(x[:1])
+        assert all(b._plan is not None for b in blocks)
+        dynnet.set_mode(model, "masked")
+        with torch.inference_mode():
+            torch.testing.assert_close(y, net(x[:1]), rtol=1e-4, atol=1e-4)
+    with kernel_engine("torch"):
+        for b in blocks:
+            b._plan = None
+        torch.testing.assert_close(_outputs(model, x)[2], single3, rtol=1e-4, atol=1e-4)
+        assert all(b._plan is None for b in blocks)
+
+
+def test_channel_gating_compiled_blocks_on_torchvision_resnet18() -> None:
+    """torchvision's BasicBlock (``downsample = conv1x1 + BN``): every block compiled, equal to masked mode."""
+    from dynnet.methods.channel.channel_gating import GatedBasicBlock, GatedConv
+
+    torchvision = pytest.importorskip("torchvision")
+    with kernel_engine("native"):
+        torch.manual_seed(0)
+        model = dynnet.convert(torchvision.models.resnet18(num_classes=10), "channel_gating")
+        x = diverse_inputs(2, (3, 40, 36))
+        scramble_until_mixed(model, x)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, GatedConv):
+                    m.gate.threshold.uniform_(-0.5, 0.5)
+        masked, _, single = _outputs(model, x)
+        torch.testing.assert_close(single, masked, rtol=1e-4, atol=1e-4)
+        plans = [b._plan for b in model.modules() if isinstance(b, GatedBasicBlock)]
+        assert len(plans) == 8 and all(p is not None for p in plans)
+        assert sum(p[4] is not None for p in plans) == 3

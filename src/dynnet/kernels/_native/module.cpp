@@ -37,6 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("fresh", &Stamp::fresh, "whether no tensor was edited in place or re-pointed since construction");
   m.def("set_parallel_min_macs", &dynnet::set_parallel_min_macs,
         "the work (MACs) from which a channel-kernel convolution uses several threads; returns the old value");
+  m.def("tile_gated_pair3x3", &dynnet::tile_gated_pair3x3, "torch.ops.dynnet.tile_gated_pair3x3 without the dispatcher");
   m.def("gather_im2col", &dynnet::gather_im2col, "im2col rows of output positions, input rows through a lookup");
   m.def("gather_im2col_image", &dynnet::gather_im2col_image,
         "im2col rows of output positions of a channels-last image");
@@ -49,6 +50,7 @@ TORCH_LIBRARY(dynnet, m) {
   m.def("gated_pair3x3(Tensor x, int gate, Tensor gw1, Tensor gb1, Tensor gw2, Tensor gb2, int k, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, int)");
   m.def("agent_step(Tensor x, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor state) -> (Tensor, Tensor, int)");
   m.def("routed_pair3x3(Tensor x, Tensor(a!) state, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor masks, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, int, int)");
+  m.def("tile_gated_pair3x3(Tensor x, Tensor w1, Tensor a1, int base1, Tensor w2, Tensor a2, int base2, int stride, Tensor? residual=None, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, Tensor, int, int)");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 
@@ -58,4 +60,5 @@ TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("agent_step", &dynnet::agent_step);
   m.impl("routed_pair3x3", &dynnet::routed_pair3x3);
   m.impl("conv3x3_in", &dynnet::conv3x3_in);
+  m.impl("tile_gated_pair3x3", &dynnet::tile_gated_pair3x3);
 }

@@ -39,4 +39,9 @@ std::tuple<at::Tensor, int64_t, int64_t> routed_pair3x3(
 std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                                            const at::Tensor& active, int64_t stride);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> tile_gated_pair3x3(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& a1, int64_t base1, const at::Tensor& w2,
+    const at::Tensor& a2, int64_t base2, int64_t stride, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
+
 }  // namespace dynnet

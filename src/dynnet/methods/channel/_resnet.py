@@ -20,15 +20,28 @@ from dynnet.core.block import forcing_dense
 from dynnet.core.cache import structure_generation
 from dynnet.kernels import native
 
-__all__ = ["Controller", "block_compiled_ok", "compiled_loop_ok", "iter_blocks", "resnet_head", "resnet_stem"]
+__all__ = [
+    "Controller",
+    "block_compiled_ok",
+    "compiled_input_ok",
+    "compiled_loop_ok",
+    "iter_blocks",
+    "resnet_head",
+    "resnet_stages",
+    "resnet_stem",
+]
 
 
 _STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> (structure generation, stages)
 
 
-def _stages(net: nn.Module) -> list[nn.Sequential]:
+def resnet_stages(net: nn.Module) -> list[nn.Sequential]:
     """The ``layer1, layer2, ...`` stages of ``net``, cached until a module is registered or replaced anywhere
-    (batch-1 inference walks them on every call)."""
+    (batch-1 inference walks them on every call).
+
+    Raises:
+        ValueError: ``net`` is not ResNet-style (``conv1, bn1, layer1.., avgpool, fc``).
+    """
     cached = _STAGES.get(net)
     if cached is not None and cached[0] == structure_generation():
         return cached[1]
@@ -49,7 +62,7 @@ def _stages(net: nn.Module) -> list[nn.Sequential]:
 
 def resnet_stem(net: nn.Module, x: Tensor) -> Tensor:
     """``conv1 → bn1 → relu (→ maxpool)``: the first stage's input."""
-    _stages(net)
+    resnet_stages(net)
     x = net.relu(net.bn1(net.conv1(x)))
     maxpool = getattr(net, "maxpool", None)
     return maxpool(x) if isinstance(maxpool, nn.Module) else x
@@ -57,7 +70,7 @@ def resnet_stem(net: nn.Module, x: Tensor) -> Tensor:
 
 def iter_blocks(net: nn.Module) -> Iterator[nn.Module]:
     """The blocks of every stage, in execution order."""
-    for stage in _stages(net):
+    for stage in resnet_stages(net):
         yield from stage
 
 
@@ -66,19 +79,22 @@ def resnet_head(net: nn.Module, x: Tensor) -> Tensor:
     return net.fc(torch.flatten(net.avgpool(x), 1))
 
 
-def compiled_loop_ok(x: Tensor, controller: nn.Module) -> bool:
-    """The preconditions of a batch-1 loop of compiled block calls driven by ``controller`` (RNP/RNR's agent,
-    GaterNet's gater): no gradients, tracing, ``force_dense``, ``DYNNET_NATIVE=0`` or forward hooks (the loop calls
-    no module), the controller in sparse eval mode, and one float32 CPU sample. Each block must also pass
-    :func:`block_compiled_ok`."""
+def compiled_input_ok(x: Tensor) -> bool:
+    """Whether compiled calls may run on ``x`` in place of module calls: no gradients, tracing, ``force_dense``,
+    ``DYNNET_NATIVE=0`` or global forward hooks, and ``x`` one float32 CPU sample."""
     if torch.is_grad_enabled() or tracing_or_compiling() or forcing_dense() or native.disabled():
         return False
     if type(x) is not Tensor or x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_cpu:
         return False
     hooks = nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks:
-        return False
-    return block_compiled_ok(controller)
+    return not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
+def compiled_loop_ok(x: Tensor, controller: nn.Module) -> bool:
+    """The preconditions of a batch-1 loop of compiled block calls driven by ``controller`` (RNP/RNR's agent,
+    GaterNet's gater): :func:`compiled_input_ok` (the loop calls no module), and the controller in sparse eval mode
+    without hooks. Each block must also pass :func:`block_compiled_ok`."""
+    return compiled_input_ok(x) and block_compiled_ok(controller)
 
 
 def block_compiled_ok(module: nn.Module) -> bool:

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels, residual_blocks
+from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.convert.residual import ResidualAdapter, identity_shortcut, post_is_relu, projection_shortcut
 from dynnet.core import (
     Decision,
     DynamicBlock,
@@ -52,11 +53,14 @@ from dynnet.core import (
     tracing_or_compiling,
     version_key,
 )
+from dynnet.core.cache import structure_generation
 from dynnet.estimators import straight_through
-from dynnet.kernels.channel import ConvSpec, gated_rest_add_
+from dynnet.kernels import native
+from dynnet.kernels.channel import TILE, ConvSpec, fold_bn, gated_rest_add_, tile_gated_pair_op
 from dynnet.methods.channel._block import check_basic_block
+from dynnet.methods.channel._resnet import compiled_input_ok, resnet_head, resnet_stages, resnet_stem
 
-__all__ = ["ChannelGating", "ChannelGatingConfig", "GatedConv", "PartialSumGate"]
+__all__ = ["ChannelGating", "ChannelGatingConfig", "GatedBasicBlock", "GatedConv", "PartialSumGate"]
 
 
 @dataclass(frozen=True)
@@ -205,8 +209,208 @@ class GatedConv(DynamicBlock):
         t.record_macs(f"{self.block_name}/conv", macs, executed=executed, minimum=base, maximum=total, dense=total)
 
 
+class GatedBasicBlock(nn.Module):
+    """A basic residual block whose two convolutions are :class:`GatedConv`; its children keep their names
+    (state_dict keys are those of the base network).
+
+    It computes ``post(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))))))`` with the gated convolutions in their own
+    modes. For one sample in sparse inference with nothing recording (no trace, gradients, hooks or
+    ``force_dense``) and tile 4, the whole block runs as one compiled call
+    (:func:`~dynnet.kernels.channel.tile_gated_pair_op`): both base groups, the decisions, the rest of each
+    convolution at its on (channel, tile) entries only, both batch norms, the shortcut (a BN-folded 1×1
+    projection inside the call) and the ReLU. Its operands are cached as a plan, rebuilt when a source tensor is
+    edited in place or re-pointed or a parameter, buffer or module is registered anywhere
+    (:func:`~dynnet.core.cache.structure_generation`); the batch norms' ``eps`` is read when it is built.
+
+    Args:
+        block: the original block (dynnet CIFAR or torchvision ``BasicBlock``) with gated ``conv1`` and ``conv2``.
+        adapter: the block's residual adapter (shortcut and post-op).
+    """
+
+    def __init__(self, block: nn.Module, adapter: ResidualAdapter) -> None:
+        super().__init__()
+        for child_name, child in block.named_children():
+            self.add_module(child_name, child)
+        object.__setattr__(self, "_block", block)
+        self.adapter = adapter
+        self._plan: tuple | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_plan"] = None  # holds a compiled-extension object that cannot be copied or pickled; rebuilt on use
+        return state
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 1:
+            out = self._forward_native(x)
+            if out is not None:
+                return out
+        block = self._block
+        return self.adapter.post(block, self.adapter.shortcut(block, x) + self.bn2(self.conv2(self.inner(x))))
+
+    def inner(self, x: Tensor) -> Tensor:
+        """``relu(bn1(conv1(x)))``: Tensor[N, C_in, H, W] → Tensor[N, M, H', W']."""
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def _forward_native(self, x: Tensor) -> Tensor | None:
+        """The block for one sample in one compiled call, or ``None`` when that does not apply."""
+        if current_trace() is not None or not compiled_input_ok(x):
+            return None
+        plan = self.ready_plan()
+        return None if plan is None else self.run_plan(plan, x)
+
+    def ready_plan(self) -> tuple | None:
+        """The compiled call's plan (rebuilt when stale), or ``None`` when the call may not stand for this block's
+        modules now: a gated convolution not in sparse eval mode or with another tile, a submodule in training mode
+        or with a forward hook. The caller checks the input (:func:`compiled_input_ok`) and that no trace records."""
+        plan = self._plan
+        if plan is None or plan[0] != structure_generation() or not plan[1].fresh():
+            plan = self._build_plan()
+            if plan is None:
+                return None
+        c1, c2 = plan[5][0], plan[5][1]
+        if c1.mode != "sparse" or c2.mode != "sparse" or c1.tile != TILE or c2.tile != TILE:
+            return None
+        for m in plan[5]:
+            if m.training or m._forward_hooks or m._forward_pre_hooks:
+                return None
+        return plan
+
+    def run_plan(self, plan: tuple, x: Tensor, observed: bool | None = None) -> Tensor:
+        """The block on one sample Tensor[1, C_in, H, W] as one compiled call (``plan`` from :meth:`ready_plan`).
+
+        The extension's direct binding skips the dispatcher (~2 µs a call) unless something observes ops at the
+        dispatch level (``observed``: a MAC counter or another dispatch mode, the profiler; checked when ``None``),
+        which then sees the dispatcher op.
+        """
+        if observed is None:
+            observed = bool(torch._C._len_torch_dispatch_stack()) or torch.autograd.profiler._is_profiler_enabled
+        op = plan[2] if observed else plan[7]
+        operands, projection = plan[3], plan[4]
+        x = x.contiguous()
+        if projection is not None:
+            return op(x, *operands, None, *projection)[0]
+        residual = x if plan[6] else self.adapter.shortcut(self._block, x).contiguous()
+        return op(x, *operands, residual, None, None)[0]
+
+    def _build_plan(self) -> tuple | None:
+        """``(generation, stamp, op, operands, projection, modules, identity, direct)``, stored on the block, or
+        ``None`` (nothing stored) when the compiled call does not apply: no extension, a post-op other than a ReLU,
+        convolutions other than 3×3 / padding 1 (stride 1 or 2, then 1), batch norms without running statistics,
+        tensors other than float32 CPU. ``modules`` are the submodules the call stands for (their modes and hooks
+        are checked on every call); ``direct`` is the same kernel bound without the dispatcher."""
+        self._plan = None
+        op = tile_gated_pair_op()
+        if op is None or not post_is_relu(self.adapter, self._block):
+            return None
+        c1, c2, n1, n2 = self.conv1, self.conv2, self.bn1, self.bn2
+        if not (isinstance(c1, GatedConv) and isinstance(c2, GatedConv)):
+            return None
+        if not all(
+            isinstance(n, nn.BatchNorm2d) and n.running_var is not None for n in (n1, n2, c1.gate.norm, c2.gate.norm)
+        ):
+            return None
+        if any(c.weight.shape[2:] != (3, 3) or c.spec.padding != (1, 1) or c.spec.dilation != (1, 1) for c in (c1, c2)):
+            return None
+        stride = c1.spec.stride[0]
+        if c1.spec.stride not in ((1, 1), (2, 2)) or c2.spec.stride != (1, 1):
+            return None
+        generation = structure_generation()
+        sources = [
+            *(t for c in (c1, c2) for t in (c.weight, c.bias, c.gate.threshold)),
+            *(
+                t
+                for n in (n1, n2, c1.gate.norm, c2.gate.norm)
+                for t in (n.weight, n.bias, n.running_mean, n.running_var)
+            ),
+        ]
+        with torch.inference_mode(False), torch.no_grad():
+            operands = (*self._conv_operands(c1, n1), *self._conv_operands(c2, n2), stride)
+            projection = None
+            shortcut = projection_shortcut(self.adapter, self._block)
+            if shortcut is not None and shortcut[0].stride == c1.spec.stride:
+                conv, bn = shortcut
+                w, b = fold_bn(conv, bn)
+                projection = (w.reshape(w.shape[0], -1).contiguous(), b.contiguous())
+                sources += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        tensors = [t for t in (*operands, *(projection or ())) if isinstance(t, Tensor)]
+        if not all(t.dtype == torch.float32 and t.is_cpu for t in tensors):
+            return None
+        sources = [t for t in sources if t is not None]
+        if any(t.is_inference() for t in sources):
+            return None
+        modules = (c1, c2, *(m for m in self.modules() if m is not self and m is not c1 and m is not c2))
+        identity = identity_shortcut(self.adapter, self._block)
+        ext = native.load()
+        direct = ext.tile_gated_pair3x3
+        self._plan = (generation, ext.Stamp(sources), op, operands, projection, modules, identity, direct)
+        return self._plan
+
+    @staticmethod
+    def _conv_operands(conv: GatedConv, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor, int]:
+        """``(w, a, base)`` of one gated convolution: its weight, and ``a`` Tensor[4, C_out] the rows
+        ``(b, thr, k, c)``: its bias, the thresholds on the base partial sum's tile mean (the gate's
+        ``norm(mean) > Delta`` solved for the mean: ``running_mean + Delta · sqrt(running_var + eps)``) and the
+        following batch norm as ``k · y + c``."""
+        norm = conv.gate.norm
+        thr = norm.running_mean + conv.gate.threshold * torch.sqrt(norm.running_var + norm.eps)
+        inv = torch.rsqrt(bn.running_var + bn.eps)
+        k = inv if bn.weight is None else bn.weight * inv
+        c = -bn.running_mean * k if bn.bias is None else bn.bias - bn.running_mean * k
+        b = torch.zeros_like(thr) if conv.bias is None else conv.bias
+        rows = torch.stack([b, thr, k, c]).detach().float().contiguous()
+        return conv.weight.detach().float().contiguous(), rows, conv.base
+
+
 class ChannelGating(DynamicModel):
-    """The converted network; objective: CE + target-threshold loss + MAC budget."""
+    """The converted network; objective: CE + target-threshold loss + MAC budget.
+
+    Batch-1 sparse inference of a ResNet-style network (``conv1, bn1, layer1.., avgpool, fc``) with nothing recording
+    runs its gated blocks as a loop of compiled calls (:meth:`GatedBasicBlock.run_plan`) between the PyTorch stem and
+    head, without the blocks' and stages' module calls; a block or stage with a hook, or one the compiled call
+    cannot stand for, is called as a module.
+    """
+
+    def run(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 1 and current_trace() is None and compiled_input_ok(x):
+            out = self._run_compiled(x)
+            if out is not None:
+                return out
+        return self.net(x)
+
+    def _run_compiled(self, x: Tensor) -> Tensor | None:
+        """``stem → blocks → head`` with compiled block calls, or ``None`` (nothing computed) when the network is
+        not ResNet-style or has no gated block."""
+        blocks = self._compiled_blocks()
+        if blocks is None:
+            return None
+        observed = bool(torch._C._len_torch_dispatch_stack()) or torch.autograd.profiler._is_profiler_enabled
+        h = resnet_stem(self.net, x)
+        for stage, stage_blocks in blocks:
+            if stage._forward_hooks or stage._forward_pre_hooks:
+                h = stage(h)
+                continue
+            for block in stage_blocks:
+                plan = None
+                if isinstance(block, GatedBasicBlock) and not (block._forward_hooks or block._forward_pre_hooks):
+                    plan = block.ready_plan()
+                h = block(h) if plan is None else block.run_plan(plan, h, observed)
+        return resnet_head(self.net, h)
+
+    def _compiled_blocks(self) -> list[tuple[nn.Module, list[nn.Module]]] | None:
+        """The stages and their blocks, cached until a module is registered anywhere; ``None`` when the network is
+        not ResNet-style or has no :class:`GatedBasicBlock`."""
+        cached = self.__dict__.get("_blocks_cache")
+        if cached is not None and cached[0] == structure_generation():
+            return cached[1]
+        try:
+            stages = [(stage, list(stage)) for stage in resnet_stages(self.net)]
+        except ValueError:
+            stages = None
+        if stages is not None and not any(isinstance(b, GatedBasicBlock) for _, blocks in stages for b in blocks):
+            stages = None
+        self.__dict__["_blocks_cache"] = (structure_generation(), stages)
+        return stages
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         cfg = self.config
@@ -226,16 +430,13 @@ class ChannelGating(DynamicModel):
 def convert(model: nn.Module, config: ChannelGatingConfig, targets: Targets = "auto") -> ChannelGating:
     """Gate both convolutions of every target basic residual block of ``model`` (in place)."""
 
-    def make(name: str, block: nn.Module, adapter):
+    for name, block, adapter in residual_blocks(model, targets):
         check_basic_block(block)
         for conv_name in ("conv1", "conv2"):
             gated = GatedConv(getattr(block, conv_name), config.groups, config.tile, config.init_threshold)
             gated.block_name, gated.tau = f"{name}.{conv_name}", config.tau
             setattr(block, conv_name, gated)
-        return block
-
-    for name, block, adapter in residual_blocks(model, targets):
-        make(name, block, adapter)
+        replace_module(model, name, GatedBasicBlock(block, adapter))
     return ChannelGating(
         model, recipe="channel_gating", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )
