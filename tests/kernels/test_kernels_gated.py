@@ -212,3 +212,57 @@ def test_routed_pair_is_the_agent_step_then_the_given_pair() -> None:
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
         with pytest.raises(RuntimeError, match="masks must be"):
             torch.ops.dynnet.routed_pair3x3(x, state, *agent, masks[:, :3], w1, b1, w2, b2, 2)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 20),
+    st.integers(1, 20),
+    st.sampled_from([1, 2]),
+    st.sampled_from([1, 2]),
+    st.integers(0, 2**31 - 1),
+)
+def test_gater_logits_equal_the_folded_python_gater(c: int, h: int, w: int, s1: int, s2: int, seed: int) -> None:
+    """``gater_logits`` (GaterNet's folded gater in one call) computes the PyTorch layers' logits and counts the MACs
+    the counter counts for them."""
+    from dynnet.methods.channel.gaternet import _gater_op
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, c, h, w, generator=g)
+    w1, b1 = torch.randn(6, c, 3, 3, generator=g), torch.randn(6, generator=g)
+    w2, b2 = torch.randn(10, 6, 3, 3, generator=g), torch.randn(10, generator=g)
+    wl, bl = torch.randn(7, 10, generator=g), torch.randn(7, generator=g)
+    wf, bf = torch.randn(5, 7, generator=g), torch.randn(5, generator=g)
+    with torch.no_grad(), MacCounter() as python:
+        hidden = F.conv2d(F.conv2d(x, w1, b1, s1, 1).relu(), w2, b2, s2, 1).relu()
+        ref = torch.addmm(bf, torch.addmm(bl, hidden.mean((2, 3)), wl.t()).relu(), wf.t())
+    with kernel_engine("native"), MacCounter() as compiled:
+        got = _gater_op()(x, w1, b1, s1, w2, b2, s2, wl, bl, wf, bf)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert compiled.total == python.total
+
+
+def test_gater_logits_on_a_large_image_split_over_threads() -> None:
+    """224 × 224: the second convolution is large enough to run on several threads (per-block partial sums)."""
+    from dynnet.methods.channel.gaternet import _gater_op
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    w1, b1 = torch.randn(16, 3, 3, 3, generator=g), torch.randn(16, generator=g)
+    w2, b2 = torch.randn(32, 16, 3, 3, generator=g), torch.randn(32, generator=g)
+    wl, bl, wf, bf = torch.randn(8, 32), torch.randn(8), torch.randn(4, 8), torch.randn(4)
+    hidden = F.conv2d(F.conv2d(x, w1, b1, 2, 1).relu(), w2, b2, 2, 1).relu()
+    ref = torch.addmm(bf, torch.addmm(bl, hidden.mean((2, 3)), wl.t()).relu(), wf.t())
+    with kernel_engine("native"):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            got = _gater_op()(x, w1, b1, 2, w2, b2, 2, wl, bl, wf, bf)
+        finally:
+            torch.set_num_threads(threads)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
+        with pytest.raises(RuntimeError, match="strides must be 1 or 2"):
+            _gater_op()(x, w1, b1, 3, w2, b2, 2, wl, bl, wf, bf)
+        with pytest.raises(RuntimeError, match="wl must have 8 rows and columns: 32"):
+            _gater_op()(x, w1, b1, 2, w2, b2, 2, wl[:, :5].contiguous(), bl, wf, bf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core.block import dynamic_blocks, probe_macs
+from dynnet.core.cache import structure_generation, tracing_or_compiling
 from dynnet.core.trace import Trace, current_trace
 
 __all__ = ["DECISION_MODULE_NAMES", "DynamicModel", "LossOutput", "check_input"]
@@ -55,7 +57,15 @@ def check_input(
             f"the model's weights are {dtype} but the input is {x.dtype}: convert the input with x.to({dtype}) "
             f"or the model with model.to({x.dtype})"
         )
-    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+    # A NaN or Inf element makes the sum NaN or Inf, so a finite sum proves every element finite: one reduction
+    # (~1.5 µs at batch 1) instead of isfinite + all (~6.5 µs); a non-finite sum (possibly an overflow of large
+    # finite values) is checked element-wise.
+    if (
+        check_finite
+        and not torch.compiler.is_compiling()
+        and not math.isfinite(x.sum().item())
+        and not bool(torch.isfinite(x).all())
+    ):
         raise ValueError("input contains NaN or Inf values")
 
 
@@ -96,8 +106,17 @@ class DynamicModel(nn.Module):
         return out
 
     def _weight_dtype(self) -> torch.dtype | None:
-        """The precision of the model's (first floating-point) parameter; ``None`` without parameters."""
-        return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        """The precision of the model's (first floating-point) parameter; ``None`` without parameters. The parameter
+        is looked up once per module structure (:func:`~dynnet.core.cache.structure_generation`); its dtype is read
+        on every call (``model.to(dtype)`` converts parameters in place)."""
+        if tracing_or_compiling():  # nothing stored on the module while exporting or compiling
+            return next((p.dtype for p in self.parameters() if p.is_floating_point()), None)
+        cached = self.__dict__.get("_first_float_param")
+        if cached is None or cached[0] != structure_generation():
+            first = next((p for p in self.parameters() if p.is_floating_point()), None)
+            cached = (structure_generation(), first)
+            self.__dict__["_first_float_param"] = cached
+        return None if cached[1] is None else cached[1].dtype
 
     def run(self, x: Tensor) -> Tensor:
         """The network itself; recipes with extra control flow (exits, policies) override this."""

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["disabled", "load", "status"]
+__all__ = ["direct", "disabled", "load", "observed", "status"]
 
 _DIR = Path(__file__).with_name("_native")
 _SOURCES = tuple(_DIR / name for name in ("module.cpp", "gather.cpp", "channel.cpp"))
@@ -47,6 +47,25 @@ def disabled() -> bool:
     if value != _env_seen[0]:
         _env_seen[0], _env_off[0] = value, value is not None and value.strip().lower() in _OFF
     return _env_off[0]
+
+
+def observed() -> bool:
+    """Whether something watches ops at the dispatcher: a dispatch mode (dynnet's MAC counter, ...) or the profiler.
+
+    Compiled calls then go through their dispatcher ops (``torch.ops.dynnet.*``); otherwise through the extension's
+    direct bindings of the same functions (:func:`direct`), which skip ~2 µs of dispatch per call at batch 1.
+    """
+    return bool(torch._C._len_torch_dispatch_stack()) or torch.autograd.profiler._is_profiler_enabled
+
+
+def direct(name: str):
+    """The extension's direct (pybind) binding of the dispatcher op ``torch.ops.dynnet.<name>``: the same function,
+    invisible to dispatch modes and the profiler (use it only when :func:`observed` is false). The extension must
+    be loaded."""
+    ext = _state.get("module")
+    if ext is None:
+        raise RuntimeError("dynnet.kernels.native.direct: the extension is not loaded (call load() first)")
+    return getattr(ext, name)
 
 
 def _cache_dir() -> Path:

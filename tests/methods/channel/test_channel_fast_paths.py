@@ -244,8 +244,12 @@ def test_gater_inference_logits_fold_the_batch_norms_exactly() -> None:
         assert gater.inference_logits(x) is not got and gater._folded is not None  # cached folds
         gater.features[4].running_var.mul_(3.0)  # an in-place edit refolds
         torch.testing.assert_close(gater.inference_logits(x), gater.logits(x), rtol=1e-4, atol=1e-4)
+        model.to(memory_format=torch.channels_last)  # refolded NCHW-contiguous for the compiled gater
+        torch.testing.assert_close(gater.inference_logits(x[:1]), gater.logits(x[:1]), rtol=1e-4, atol=1e-4)
+        model.to(memory_format=torch.contiguous_format)
         gater.features[2] = torch.nn.Sigmoid()  # another structure: the modules run as they are
         torch.testing.assert_close(gater.inference_logits(x), gater.logits(x))
+        torch.testing.assert_close(gater.inference_logits(x[:1]), gater.logits(x[:1]))
 
 
 def test_fbs_ties_break_to_the_lowest_index_on_every_path() -> None:

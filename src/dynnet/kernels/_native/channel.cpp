@@ -1096,3 +1096,89 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> tile_gated_pair
 }
 
 }  // namespace dynnet
+
+namespace dynnet {
+
+// GaterNet's gater network for one sample, batch norms folded (reference: GaterNetwork.inference_logits):
+//   h1 = relu(conv3x3(x; w1, b1, stride s1)), h2 = relu(conv3x3(h1; w2, b2, stride s2)) (padding 1),
+//   z = relu(wl mean_hw(h2) + bl), logits = wf z + bf.
+// x Tensor[1, C, H, W], w1 Tensor[C1, C, 3, 3], w2 Tensor[C2, C1, 3, 3], wl Tensor[J, C2], wf Tensor[F, J].
+// Returns logits Tensor[1, F].
+at::Tensor gater_logits(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, int64_t s1,
+                        const at::Tensor& w2, const at::Tensor& b2, int64_t s2, const at::Tensor& wl,
+                        const at::Tensor& bl, const at::Tensor& wf, const at::Tensor& bf) {
+  const char* op = "gater_logits";
+  check(x, 4, "x");
+  check(w1, 4, "w1");
+  check(w2, 4, "w2");
+  TORCH_CHECK(x.size(0) == 1 && x.size(2) > 0 && x.size(3) > 0, op, ": one non-empty sample, got ", x.sizes());
+  TORCH_CHECK((s1 == 1 || s1 == 2) && (s2 == 1 || s2 == 2), op, ": strides must be 1 or 2, got ", s1, " and ", s2);
+  const int64_t C = x.size(1), C1 = w1.size(0), C2 = w2.size(0), J = wl.size(0), F = wf.size(0);
+  TORCH_CHECK(w1.size(1) == C && w1.size(2) == 3 && w1.size(3) == 3, op, ": w1 must be [C1, ", C, ", 3, 3], got ",
+              w1.sizes());
+  TORCH_CHECK(w2.size(1) == C1 && w2.size(2) == 3 && w2.size(3) == 3, op, ": w2 must be [C2, ", C1,
+              ", 3, 3], got ", w2.sizes());
+  check_gate(b1, "b1", C1, -1);
+  check_gate(b2, "b2", C2, -1);
+  check_gate(wl, "wl", J, C2);
+  check_gate(bl, "bl", J, -1);
+  check_gate(wf, "wf", F, J);
+  check_gate(bf, "bf", F, -1);
+  const Geometry g1(x.size(2), x.size(3), s1);
+  const Geometry g2(g1.Ho, g1.Wo, s2);
+  float* xp = scratch(g1, C, 0);
+  fill_padded(xp, g1, x.data_ptr<float>(), nullptr, C);
+  float* hp = scratch(g2, C1, 1);
+  const float* w1p = w1.data_ptr<float>();
+  const float* b1p = b1.data_ptr<float>();
+  std::vector<const float*> rows1(C1), rows2(C2);
+  std::vector<int64_t> coff1(C), coff2(C1);
+  for (int64_t o = 0; o < C1; ++o) rows1[o] = w1p + o * C * 9;
+  for (int64_t c = 0; c < C; ++c) coff1[c] = c * 9;
+  conv_all(g1, xp, C, coff1.data(), rows1, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    const RowRuns runs(g1, p0);
+    for (int64_t o = 0; o < no; ++o) {
+      const float bias = b1p[o0 + o];
+      const float* a = reinterpret_cast<const float*>(acc + o * NV);
+      float* dst = hp + (o0 + o) * g2.region;
+      for (int64_t i = 0; i < runs.n; ++i) {
+        if (g2.stride == 1) {  // a run of output columns is a run of padded columns
+          float* d = dst + g2.at(runs.r[i] + 1, runs.col[i] + 1) - runs.j0[i];
+          for (int64_t j = runs.j0[i]; j < runs.j1[i]; ++j) d[j] = std::max(a[j] + bias, 0.f);
+        } else {  // stride 2 reads phases: consecutive columns alternate between two of them
+          for (int64_t j = runs.j0[i]; j < runs.j1[i]; ++j)
+            dst[g2.at(runs.r[i] + 1, runs.col[i] + j - runs.j0[i] + 1)] = std::max(a[j] + bias, 0.f);
+        }
+      }
+    }
+  });
+  const float* w2p = w2.data_ptr<float>();
+  const float* b2p = b2.data_ptr<float>();
+  for (int64_t o = 0; o < C2; ++o) rows2[o] = w2p + o * C1 * 9;
+  for (int64_t c = 0; c < C1; ++c) coff2[c] = c * 9;
+  // Per (position block, channel) partial sums (blocks may run on different threads), then the means.
+  const int64_t pblocks = (g2.L + VB - 1) / VB;
+  std::vector<float> partial(pblocks * C2, 0.f), mean(C2, 0.f);
+  conv_all(g2, hp, C1, coff2.data(), rows2, [&](int64_t o0, int64_t no, int64_t p0, const v16* acc) {
+    const RowRuns runs(g2, p0);
+    for (int64_t o = 0; o < no; ++o) {
+      const float bias = b2p[o0 + o];
+      const float* a = reinterpret_cast<const float*>(acc + o * NV);
+      float sum = 0.f;
+      for (int64_t i = 0; i < runs.n; ++i)
+        for (int64_t j = runs.j0[i]; j < runs.j1[i]; ++j) sum += std::max(a[j] + bias, 0.f);
+      partial[(p0 / VB) * C2 + o0 + o] = sum;
+    }
+  });
+  for (int64_t b = 0; b < pblocks; ++b)
+    for (int64_t o = 0; o < C2; ++o) mean[o] += partial[b * C2 + o];
+  for (auto& m : mean) m /= static_cast<float>(g2.Ho * g2.Wo);
+  std::vector<float> z(J);
+  matvec(wl.data_ptr<float>(), mean.data(), bl.data_ptr<float>(), J, C2, z.data());
+  for (auto& v : z) v = std::max(v, 0.f);
+  at::Tensor logits = at::empty({1, F}, x.options());
+  matvec(wf.data_ptr<float>(), z.data(), bf.data_ptr<float>(), F, J, logits.data_ptr<float>());
+  return logits;
+}
+
+}  // namespace dynnet

@@ -37,7 +37,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("fresh", &Stamp::fresh, "whether no tensor was edited in place or re-pointed since construction");
   m.def("set_parallel_min_macs", &dynnet::set_parallel_min_macs,
         "the work (MACs) from which a channel-kernel convolution uses several threads; returns the old value");
+  // Direct bindings of dispatcher ops below (dynnet.kernels.native.direct): the same functions, ~2 µs a call less.
   m.def("tile_gated_pair3x3", &dynnet::tile_gated_pair3x3, "torch.ops.dynnet.tile_gated_pair3x3 without the dispatcher");
+  m.def("gated_pair3x3", &dynnet::gated_pair3x3, "torch.ops.dynnet.gated_pair3x3 without the dispatcher");
+  m.def("routed_pair3x3", &dynnet::routed_pair3x3, "torch.ops.dynnet.routed_pair3x3 without the dispatcher");
+  m.def("gater_logits", &dynnet::gater_logits, "torch.ops.dynnet.gater_logits without the dispatcher");
   m.def("gather_im2col", &dynnet::gather_im2col, "im2col rows of output positions, input rows through a lookup");
   m.def("gather_im2col_image", &dynnet::gather_im2col_image,
         "im2col rows of output positions of a channels-last image");
@@ -51,6 +55,7 @@ TORCH_LIBRARY(dynnet, m) {
   m.def("agent_step(Tensor x, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor state) -> (Tensor, Tensor, int)");
   m.def("routed_pair3x3(Tensor x, Tensor(a!) state, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor masks, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, int, int)");
   m.def("tile_gated_pair3x3(Tensor x, Tensor w1, Tensor a1, int base1, Tensor w2, Tensor a2, int base2, int stride, Tensor? residual=None, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, Tensor, int, int)");
+  m.def("gater_logits(Tensor x, Tensor w1, Tensor b1, int s1, Tensor w2, Tensor b2, int s2, Tensor wl, Tensor bl, Tensor wf, Tensor bf) -> Tensor");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 
@@ -61,4 +66,5 @@ TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("routed_pair3x3", &dynnet::routed_pair3x3);
   m.impl("conv3x3_in", &dynnet::conv3x3_in);
   m.impl("tile_gated_pair3x3", &dynnet::tile_gated_pair3x3);
+  m.impl("gater_logits", &dynnet::gater_logits);
 }

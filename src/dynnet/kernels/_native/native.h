@@ -43,5 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> tile_gated_pair
     const at::Tensor& x, const at::Tensor& w1, const at::Tensor& a1, int64_t base1, const at::Tensor& w2,
     const at::Tensor& a2, int64_t base2, int64_t stride, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
+at::Tensor gater_logits(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, int64_t s1,
+                        const at::Tensor& w2, const at::Tensor& b2, int64_t s2, const at::Tensor& wl,
+                        const at::Tensor& bl, const at::Tensor& wf, const at::Tensor& bf);
 
 }  // namespace dynnet

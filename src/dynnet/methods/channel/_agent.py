@@ -206,7 +206,7 @@ class QRoutingModel(DynamicModel):
             steps.append((block, plan, operands))
         h = resnet_stem(self.net, x)
         state, index = h.new_zeros(1, ctrl.hidden), 0  # updated in place by every step
-        routed = torch.ops.dynnet.routed_pair3x3
+        routed = torch.ops.dynnet.routed_pair3x3 if native.observed() else native.direct("routed_pair3x3")
         for block, plan, operands in steps:
             if plan is None:
                 h = block(h)
@@ -219,7 +219,7 @@ class QRoutingModel(DynamicModel):
                 h = routed(h, state, *args, table, *weights, None, True, *projection)[0]
             else:
                 residual = h if plan[6] else block.shortcut(h).contiguous()
-                h = routed(h, state, *args, table, *weights, residual, True)[0]
+                h = routed(h, state, *args, table, *weights, residual, True, None, None)[0]
             index += 1
         return resnet_head(self.net, h)
 

@@ -234,10 +234,12 @@ class ChannelGatedBlock(DynamicBlock):
         """The block on one sample Tensor[1, C_in, H, W] as one compiled call, with ``gate`` the gate operands
         (``plan[4]``, or ``(GATE_GIVEN, s, s, s, s, binary)`` for multipliers ``s`` Tensor[C] decided outside)."""
         op, weights, projection = plan[2], plan[3], plan[5]
+        if not native.observed():
+            op = native.direct("gated_pair3x3")
         x = x.contiguous()
         if projection is not None:  # the downsampling shortcut inside the call too
             return op(x, *gate, *weights, None, True, *projection)[0]
-        return op(x, *gate, *weights, x if plan[6] else self.shortcut(x).contiguous(), True)[0]
+        return op(x, *gate, *weights, x if plan[6] else self.shortcut(x).contiguous(), True, None, None)[0]
 
     def _build_plan(self) -> tuple | None:
         """``(generation, stamp, op, weights, gate_operands, projection, identity)`` for :meth:`_forward_native`,

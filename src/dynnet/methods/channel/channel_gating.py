@@ -8,12 +8,14 @@ feature (channel × position) compares the normalised partial sum with a learned
 W_rest)``. Training uses the straight-through estimator with the gradient of ``sigmoid((norm(p) - Delta) / tau)``
 and a loss that pulls every threshold towards a target ``T`` (the paper's knob for sparsity).
 
-Both convolutions of every basic residual block are gated. Sparse mode computes ``p`` densely and the rest of each
-output channel either densely (channels with enough gated-on entries, ``dense_density``; channels with none are
-skipped) or at the union of the other channels' gated-on positions by gather-GEMM
-(:func:`dynnet.kernels.channel.gated_rest_add_`): a superset of the gated-on entries, reported as the executed
-MACs. The exact-MAC kernel (one GEMV per output channel, :func:`dynnet.kernels.channel.gated_rest_conv`) was
-10-30× slower than the dense network on CPU.
+Both convolutions of every basic residual block are gated (the block is wrapped in a :class:`GatedBasicBlock`).
+Sparse mode at batch 1 without a trace runs each block as one compiled call
+(:func:`dynnet.kernels.channel.tile_gated_pair_op`): the base partial sums, the tile decisions, the rest only for
+each tile's on channels, both batch norms, the shortcut and the ReLU — exactly the gated MACs. Batches compute ``p``
+densely and the rest of each output channel either densely (channels with enough gated-on entries,
+``dense_density``; channels with none are skipped) or at the union of the other channels' gated-on positions by
+gather-GEMM (:func:`dynnet.kernels.channel.gated_rest_add_`): a superset of the gated-on entries, reported as the
+executed MACs.
 
 Departures from the paper:
 * by default one decision covers a 4 × 4 window of output positions of one channel (``tile = 4``; the window's
@@ -25,9 +27,8 @@ Departures from the paper:
   the base network on inputs whose normalised partial sums stay above ``-20``; the paper initialises them for a
   target sparsity;
 * besides the target-threshold loss, the library's MAC-budget loss (``budget_weight``) is added;
-* the paper's gating is designed for an accelerator; on CPU the fine-grained (channel × tile) decisions cannot be
-  executed at full GEMM efficiency, so sparse mode trades extra executed MACs for speed and stays far below the
-  realized-speedup goal (see ``docs/recipes/channel.md``).
+* the paper's gating is designed for an accelerator; on CPU the batch path trades extra executed MACs for speed
+  (see ``docs/recipes/channel.md``), and only batch 1 has the exact compiled kernel.
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ class GatedBasicBlock(nn.Module):
         which then sees the dispatcher op.
         """
         if observed is None:
-            observed = bool(torch._C._len_torch_dispatch_stack()) or torch.autograd.profiler._is_profiler_enabled
+            observed = native.observed()
         op = plan[2] if observed else plan[7]
         operands, projection = plan[3], plan[4]
         x = x.contiguous()
@@ -341,9 +342,8 @@ class GatedBasicBlock(nn.Module):
             return None
         modules = (c1, c2, *(m for m in self.modules() if m is not self and m is not c1 and m is not c2))
         identity = identity_shortcut(self.adapter, self._block)
-        ext = native.load()
-        direct = ext.tile_gated_pair3x3
-        self._plan = (generation, ext.Stamp(sources), op, operands, projection, modules, identity, direct)
+        direct = native.direct("tile_gated_pair3x3")
+        self._plan = (generation, native.load().Stamp(sources), op, operands, projection, modules, identity, direct)
         return self._plan
 
     @staticmethod
@@ -384,7 +384,7 @@ class ChannelGating(DynamicModel):
         blocks = self._compiled_blocks()
         if blocks is None:
             return None
-        observed = bool(torch._C._len_torch_dispatch_stack()) or torch.autograd.profiler._is_profiler_enabled
+        observed = native.observed()
         h = resnet_stem(self.net, x)
         for stage, stage_blocks in blocks:
             if stage._forward_hooks or stage._forward_pre_hooks:

@@ -32,6 +32,7 @@ from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, c
 from dynnet.core.cache import structure_generation, tracing_or_compiling, version_key
 from dynnet.estimators.semhash import improved_semhash
 from dynnet.gates import GateBatchNorm1d, open_bias_
+from dynnet.kernels import native
 from dynnet.kernels.channel import GATE_GIVEN, ConvSpec, fold_bn, native_conv3x3_in
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 from dynnet.methods.channel._resnet import (
@@ -76,6 +77,24 @@ def _conv3x3(x: Tensor, w: Tensor, b: Tensor, stride: tuple[int, int]) -> Tensor
     return spec.conv(x, w, b) if out is None else out[0]
 
 
+def _gater_op():
+    """``torch.ops.dynnet.gater_logits`` with its MAC rule (the two convolutions and the two products, as the counter
+    counts the Python path's ``conv2d`` and ``addmm``) registered on first use."""
+    from dynnet.macs import MAC_RULES, register_mac_rule
+
+    op = torch.ops.dynnet.gater_logits
+    if op not in MAC_RULES:
+
+        @register_mac_rule(op)
+        def _rule(args: tuple, kwargs: dict, out: object) -> int:
+            x, w1, s1, w2, s2, wl, wf = args[0], args[1], args[3], args[4], args[6], args[7], args[9]
+            h1 = ((x.shape[2] - 1) // s1 + 1, (x.shape[3] - 1) // s1 + 1)
+            h2 = ((h1[0] - 1) // s2 + 1, (h1[1] - 1) // s2 + 1)
+            return w1.numel() * h1[0] * h1[1] + w2.numel() * h2[0] * h2[1] + wl.numel() + wf.numel()
+
+    return op
+
+
 class GaterNetwork(Controller):
     """Image Tensor[N, C, H, W] → gate values Tensor[N, F] and probabilities for the F gated filters."""
 
@@ -97,7 +116,12 @@ class GaterNetwork(Controller):
         self.fc = open_bias_(nn.Linear(bottleneck, filters))
         self.noise_std = noise_std
         self.block_name = "gater"
-        self._folded: tuple | None = None  # (generation, tensors, versions, folded layers) of inference_logits
+        self._folded: tuple | None = None  # (generation, freshness check, folded layers) of inference_logits
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state["_folded"] = None  # may hold a compiled-extension object that cannot be copied or pickled; refolded
+        return state
 
     def logits(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -105,25 +129,40 @@ class GaterNetwork(Controller):
     def inference_logits(self, x: Tensor) -> Tensor:
         """``logits(x)`` for inference (eval mode, no gradients) with every batch norm folded into the layer before
         it: two convolutions (+ ReLU), a pooling and two ``addmm`` instead of eleven module calls, which cost more
-        than the gater's MACs at batch 1. Same MACs; falls back to :meth:`logits` when the layers were changed."""
+        than the gater's MACs at batch 1 — for one float32 CPU sample one compiled call
+        (``torch.ops.dynnet.gater_logits``). Same MACs; falls back to :meth:`logits` when the layers were changed."""
         folded = self._inference_weights()
         if folded is None:
             return self.logits(x)
         (w1, b1, s1), (w2, b2, s2), (wl, bl), (wf, bf) = folded
+        if (
+            x.shape[0] == 1
+            and type(x) is Tensor
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and w1.dtype == torch.float32
+            and w1.is_cpu
+            and s1 in ((1, 1), (2, 2))
+            and s2 in ((1, 1), (2, 2))
+            and not native.disabled()
+            and native.load(warn=False) is not None
+        ):
+            op = _gater_op() if native.observed() else native.direct("gater_logits")
+            return op(x.contiguous(), w1, b1, s1[0], w2, b2, s2[0], wl, bl, wf, bf)
         h = _conv3x3(x, w1, b1, s1).relu_()
         h = _conv3x3(h, w2, b2, s2).relu_()
         z = torch.addmm(bl, h.mean((2, 3)), wl.t()).relu_()
         return torch.addmm(bf, z, wf.t())
 
     def _inference_weights(self) -> tuple | None:
-        """The folded layers, cached until a parameter or buffer is edited (versions) or any module's tensors or
-        layers are replaced (:func:`~dynnet.core.cache.structure_generation`); ``None`` when ``features`` is not the
-        structure built in ``__init__``. Nothing is cached while tracing (it would be baked into the graph)."""
+        """The folded layers, cached until a parameter or buffer is edited or re-pointed (a ``Stamp`` of the compiled
+        extension, else version keys) or any module's tensors or layers are replaced
+        (:func:`~dynnet.core.cache.structure_generation`); ``None`` when ``features`` is not the structure built in
+        ``__init__``. Nothing is cached while tracing (it would be baked into the graph)."""
         cached = self._folded
         generation = structure_generation()
-        fresh = cached is not None and cached[0] == generation and not tracing_or_compiling()
-        if fresh and (cached[2] is None or version_key(*cached[1]) == cached[2]):
-            return cached[3]
+        if cached is not None and cached[0] == generation and not tracing_or_compiling() and cached[1]():
+            return cached[2]
         f = self.features
         kinds = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
         kinds += (nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, GateBatchNorm1d, nn.ReLU)
@@ -131,9 +170,16 @@ class GaterNetwork(Controller):
         if len(f) == len(kinds) and all(type(m) is k for m, k in zip(f, kinds, strict=True)):
             folded = self._fold(f)
         tensors = [*self.parameters(), *self.buffers()]
-        key = None if tracing_or_compiling() else version_key(*tensors)
-        if key is not None or folded is None:  # a structure that cannot be folded is remembered as such
-            self._folded = (generation, tensors, key, folded)
+        fresh = None
+        if not tracing_or_compiling():
+            ext = native.load(warn=False)
+            if ext is not None and not any(t.is_inference() for t in tensors):
+                fresh = ext.Stamp(tensors).fresh
+            elif (key := version_key(*tensors)) is not None:
+                fresh = lambda: version_key(*tensors) == key  # noqa: E731
+        if folded is None and fresh is None:  # a structure that cannot be folded is remembered as such
+            fresh = lambda: True  # noqa: E731
+        self._folded = None if fresh is None else (generation, fresh, folded)
         return folded
 
     def _fold(self, f: nn.Sequential) -> tuple | None:
@@ -147,9 +193,9 @@ class GaterNetwork(Controller):
             w1, b1 = fold_bn(c1, n1)
             w2, b2 = fold_bn(c2, n2)
             wl, bl = fold_bn(lin, n3)
-            return (
-                (w1, b1, c1.stride),
-                (w2, b2, c2.stride),
+            return (  # NCHW-contiguous whatever the model's memory format: the compiled gater reads them so
+                (w1.contiguous(), b1.contiguous(), c1.stride),
+                (w2.contiguous(), b2.contiguous(), c2.stride),
                 (wl.contiguous(), bl),
                 (self.fc.weight.detach(), self.fc.bias.detach()),
             )
