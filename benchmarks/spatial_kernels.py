@@ -82,7 +82,9 @@ def paired_latency(
         random.Random(r).shuffle(names)
         for k in names:
             if clock is None:
-                t = benchmark.Timer("fn()", globals={"fn": fns[k]}).blocked_autorange(min_run_time=0.05).median
+                # Timer runs its statement on ONE thread unless told otherwise: pass the current setting.
+                timer = benchmark.Timer("fn()", globals={"fn": fns[k]}, num_threads=torch.get_num_threads())
+                t = timer.blocked_autorange(min_run_time=0.05).median
                 times[k].append(t * 1e3)
             else:
                 t0 = clock()

@@ -533,10 +533,10 @@ def calibrate_dense_fallback_(
             timings = {}
             for label, threshold in (("sparse", 1.0), ("dense", -1.0)):
                 b.dense_above = threshold
+                # Timer runs on one thread unless told otherwise: time with the threads inference will use.
+                timer = Timer("b(x)", globals={"b": b, "x": x}, num_threads=torch.get_num_threads())
                 with torch.inference_mode():
-                    timings[label] = (
-                        Timer("b(x)", globals={"b": b, "x": x}).blocked_autorange(min_run_time=min_run_time).median
-                    )
+                    timings[label] = timer.blocked_autorange(min_run_time=min_run_time).median
             b.dense_above = saved
             choice = 1.0
             if timings["sparse"] > margin * timings["dense"]:
