@@ -265,3 +265,47 @@ def test_matmul_rows_packed_weight_follows_edits() -> None:
         with MacCounter() as counter:
             matmul_rows(cols, wmat)
     assert counter.total == 9 * 12 * 5
+
+
+@pytest.mark.parametrize("chunk", [1, 1 << 14])
+def test_parallel_chunks_equal_the_serial_gather_gemm(chunk: int, monkeypatch) -> None:
+    """On 2 threads with several chunks, each thread gathers and multiplies whole chunks
+    (``torch.ops.dynnet.gather_gemm``): the same rows as one thread (image and row inputs, plain and prepacked
+    weights, bias), the MAC counter's count, and the op really ran."""
+    import dynnet.kernels.spatial as spatial
+
+    g = torch.Generator().manual_seed(chunk)
+    x = torch.randn(3, 16, 13, 11, generator=g)
+    weight, bias = torch.randn(24, 16, 3, 3, generator=g), torch.randn(24, generator=g)
+    mask = torch.rand(3, 13, 11, generator=g) < 0.6
+    keep = torch.rand(3, 13, 11, generator=g) < 0.8
+    kept = keep.nonzero()
+    rows = x.permute(0, 2, 3, 1)[keep].contiguous()
+    lookup = rows_lookup(kept, (3, 13, 11))
+    ref_image = masked_conv2d_reference(x, weight, mask, padding=1)
+    ref_rows = F.conv2d(x * keep.unsqueeze(1), weight, bias, 1, 1).permute(0, 2, 3, 1)[mask]
+    monkeypatch.setattr(spatial, "GATHER_CHUNK_ELEMENTS", chunk)  # chunks of 64 or 113 rows (K = 144)
+    threads = torch.get_num_threads()
+    calls: list[int] = []
+    real = spatial._gather_gemm_op
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(spatial, "_gather_gemm_op", counted)
+    try:
+        torch.set_num_threads(2)
+        with kernel_engine("native"), torch.no_grad():
+            wmat = weight_matrix(weight)
+            for _ in range(2):  # the second call multiplies by oneDNN's prepacked copy of the matrix
+                got_image = gather_conv2d(x, weight, mask, padding=1)
+                got_rows = gather_conv_rows(rows, lookup, wmat, mask.nonzero(), kernel=3, padding=1, bias=bias)
+                torch.testing.assert_close(got_image, ref_image, rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got_rows, ref_rows, rtol=1e-4, atol=1e-4)
+            with MacCounter() as counter:
+                gather_conv_rows(rows, lookup, wmat, mask.nonzero(), kernel=3, padding=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 5  # every call above ran the parallel op
+    assert counter.total == int(mask.sum()) * weight.numel()

@@ -6,6 +6,10 @@
 // which is the reference it is tested against.
 #include "native.h"
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <string>
 
 #include <atomic>
 #include <cstring>
@@ -105,6 +109,47 @@ at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positi
   check_positions(positions, start, stop, kernel, stride, padding, dilation);
   return gather_loop(rows, N, H, W, positions, start, stop, kernel, stride, padding, dilation,
                      [=](int64_t n, int64_t ih, int64_t iw) { return (n * H + ih) * W + iw; });
+}
+
+}  // namespace dynnet
+
+namespace dynnet {
+
+// The pixel gather-GEMM of dynnet.kernels.spatial (gather_conv_rows / gather_conv_image) with its chunks run in
+// parallel: each thread gathers an L2-sized chunk of im2col rows (as gather_im2col, or gather_im2col_image when
+// lookup is None: rows is then a channels-last image Tensor[N, H, W, C]) and multiplies it by `weight` with oneDNN's
+// matmul (mkldnn::_linear_pointwise, single-threaded inside the parallel region), writing its rows of the output.
+// Splitting each chunk's gather and GEMM over the threads instead (one chunk at a time) synchronises every chunk
+// and shares each chunk's cache lines between cores. weight: oneDNN's Tensor[C_out, K] (plain or prepacked).
+// Returns Tensor[P, C_out] (P = positions.size(0)), exactly P * K * C_out MACs.
+at::Tensor gather_gemm(const at::Tensor& rows, const c10::optional<at::Tensor>& lookup, const at::Tensor& positions,
+                       const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t out_channels,
+                       int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, int64_t chunk) {
+  TORCH_CHECK(chunk >= 1 && out_channels >= 1, "gather_gemm: chunk and out_channels must be >= 1");
+  TORCH_CHECK(positions.dim() == 2, "gather_gemm: positions must be Tensor[P, 3], got ", positions.sizes());
+  const int64_t P = positions.size(0), chunks = (P + chunk - 1) / chunk;
+  at::Tensor out = at::empty({P, out_channels}, rows.options());
+  if (P == 0) return out;
+  static const c10::OperatorHandle linear =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  float* dst = out.data_ptr<float>();
+  const bool image = !(lookup.has_value() && lookup->defined());
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t i = c * chunk, j = std::min(P, i + chunk);
+      at::Tensor cols = image ? gather_im2col_image(rows, positions, i, j, kernel, stride, padding, dilation)
+                              : gather_im2col(rows, *lookup, positions, i, j, kernel, stride, padding, dilation);
+      torch::jit::Stack stack{cols, weight, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
+                              c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<at::Scalar>>()),
+                              c10::IValue()};
+      linear.callBoxed(stack);
+      const at::Tensor y = stack[0].toTensor().contiguous();
+      TORCH_CHECK(y.size(0) == j - i && y.size(1) == out_channels, "gather_gemm: the matmul returned ", y.sizes(),
+                  ", expected [", j - i, ", ", out_channels, "]");
+      std::memcpy(dst + i * out_channels, y.data_ptr<float>(), (j - i) * out_channels * sizeof(float));
+    }
+  });
+  return out;
 }
 
 }  // namespace dynnet

@@ -56,6 +56,7 @@ TORCH_LIBRARY(dynnet, m) {
   m.def("routed_pair3x3(Tensor x, Tensor(a!) state, Tensor enc_w, Tensor enc_b, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh, Tensor dec_w, Tensor dec_b, Tensor masks, Tensor w1, Tensor b1, Tensor w2, Tensor b2, int stride, Tensor? residual=None, bool relu=False, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, int, int)");
   m.def("tile_gated_pair3x3(Tensor x, Tensor w1, Tensor a1, int base1, Tensor w2, Tensor a2, int base2, int stride, Tensor? residual=None, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, Tensor, int, int)");
   m.def("gater_logits(Tensor x, Tensor w1, Tensor b1, int s1, Tensor w2, Tensor b2, int s2, Tensor wl, Tensor bl, Tensor wf, Tensor bf) -> Tensor");
+  m.def("gather_gemm(Tensor rows, Tensor? lookup, Tensor positions, Tensor weight, Tensor? bias, int out_channels, int kernel, int stride, int padding, int dilation, int chunk) -> Tensor");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 
@@ -67,4 +68,10 @@ TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("conv3x3_in", &dynnet::conv3x3_in);
   m.impl("tile_gated_pair3x3", &dynnet::tile_gated_pair3x3);
   m.impl("gater_logits", &dynnet::gater_logits);
+  m.impl("gather_gemm", &dynnet::gather_gemm);
+}
+
+// gather_gemm also takes oneDNN's prepacked (opaque MkldnnCPU) weights, which select this key.
+TORCH_LIBRARY_IMPL(dynnet, MkldnnCPU, m) {
+  m.impl("gather_gemm", &dynnet::gather_gemm);
 }

@@ -12,6 +12,9 @@ at::Tensor gather_im2col(const at::Tensor& rows, const at::Tensor& lookup, const
                          int64_t dilation);
 at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positions, int64_t start, int64_t stop,
                                int64_t kernel, int64_t stride, int64_t padding, int64_t dilation);
+at::Tensor gather_gemm(const at::Tensor& rows, const c10::optional<at::Tensor>& lookup, const at::Tensor& positions,
+                       const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t out_channels,
+                       int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, int64_t chunk);
 
 // channel.cpp
 // Sets the work (MACs) from which the channel kernels' convolutions use several threads; returns the old value.
