@@ -711,30 +711,30 @@ inline void tile_gemm(const float* T, int64_t K, const float* const* w, v16* acc
   }
 }
 
+// Runs rows [0, n) in register blocks: run(NO, i) for rows [i, i + NO), NO a compile-time std::integral_constant —
+// First rows at a time while they last, then one block each of 8 (when First > 8), 4, 2 and 1 as the rest allows.
+template <int First, typename Run>
+inline void in_row_blocks(int64_t n, Run run) {
+  int64_t i = 0;
+  for (; i + First <= n; i += First) run(std::integral_constant<int, First>{}, i);
+  if constexpr (First > 8) {
+    if (n - i >= 8) run(std::integral_constant<int, 8>{}, i), i += 8;
+  }
+  if (n - i >= 4) run(std::integral_constant<int, 4>{}, i), i += 4;
+  if (n - i >= 2) run(std::integral_constant<int, 2>{}, i), i += 2;
+  if (n - i == 1) run(std::integral_constant<int, 1>{}, i);
+}
+
 // For the n weight rows w[0..n) (K floats each): f(i0, count, acc) with acc[j] = w[i0 + j] . T, in register blocks
-// of 8/4/2/1 rows.
+// of 8/4/2/1 rows (8 / NO partial sums per row).
 template <typename F>
 inline void tile_gemm_rows(const float* T, int64_t K, const float* const* w, int64_t n, F f) {
   v16 acc[8];
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    tile_gemm<8, 1>(T, K, w + i, acc);
-    f(i, 8, acc);
-  }
-  if (n - i >= 4) {
-    tile_gemm<4, 2>(T, K, w + i, acc);
-    f(i, 4, acc);
-    i += 4;
-  }
-  if (n - i >= 2) {
-    tile_gemm<2, 4>(T, K, w + i, acc);
-    f(i, 2, acc);
-    i += 2;
-  }
-  if (n - i == 1) {
-    tile_gemm<1, 8>(T, K, w + i, acc);
-    f(i, 1, acc);
-  }
+  in_row_blocks<8>(n, [&](auto no, int64_t i) {
+    constexpr int NO = decltype(no)::value;
+    tile_gemm<NO, 8 / NO>(T, K, w + i, acc);
+    f(i, NO, acc);
+  });
 }
 
 // The lane sums of 8 vectors: out[i] = sum of a[i]'s 16 lanes (a shuffle tree, ~3 instructions per vector).
@@ -874,36 +874,15 @@ inline void tile_conv_rows(const Geometry& g, const float* in, int64_t c0, int64
 #if defined(__AVX512F__)
   const int64_t origin = ti * TILE * g.rowlen + tj * TILE;
   v16 acc[16];
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    tile_conv_fused<16, 1>(g, in, c0, c1, origin, nr, w + i, acc);
-    f(i, 16, acc);
-  }
-  if (n - i >= 8) {
-    tile_conv_fused<8, 1>(g, in, c0, c1, origin, nr, w + i, acc);
-    f(i, 8, acc);
-    i += 8;
-  }
-  if (n - i >= 4) {
-    tile_conv_fused<4, 3>(g, in, c0, c1, origin, nr, w + i, acc);
-    f(i, 4, acc);
-    i += 4;
-  }
-  if (n - i >= 2) {
-    tile_conv_fused<2, 3>(g, in, c0, c1, origin, nr, w + i, acc);
-    f(i, 2, acc);
-    i += 2;
-  }
-  if (n - i == 1) {
-    tile_conv_fused<1, 3>(g, in, c0, c1, origin, nr, w + i, acc);
-    f(i, 1, acc);
-  }
+  in_row_blocks<16>(n, [&](auto no, int64_t i) {  // few rows: one accumulator per kernel column (U = 3)
+    constexpr int NO = decltype(no)::value;
+    tile_conv_fused<NO, (NO <= 4 ? 3 : 1)>(g, in, c0, c1, origin, nr, w + i, acc);
+    f(i, NO, acc);
+  });
   return;
 #endif
   tile_im2col(g, in, c0, c1, ti, tj, nr, T);
-  tile_gemm_rows(T, (c1 - c0) * 9, w, n, [&](int64_t i0, int64_t no, v16* acc) {
-    for (int64_t j0 = 0; j0 < no; j0 += 8) f(i0 + j0, std::min<int64_t>(8, no - j0), acc + j0);
-  });
+  tile_gemm_rows(T, (c1 - c0) * 9, w, n, f);
 }
 
 // A tile's lanes (row r = lanes 4r..4r+3) from / to the plane rows at src / dst (row stride `stride`): nr rows of nc

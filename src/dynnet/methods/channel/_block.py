@@ -40,7 +40,23 @@ from dynnet.kernels.channel import (
     sliced_pair_single,
 )
 
-__all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks"]
+__all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks", "folded_projection"]
+
+
+def folded_projection(
+    adapter: ResidualAdapter, block: nn.Module, stride: tuple[int, ...]
+) -> tuple[tuple[Tensor, Tensor] | None, list[Tensor | None]]:
+    """The block's 1×1 projection shortcut with its batch norm folded, for a compiled block call that computes it:
+    ``((w Tensor[C_out, C_in], b Tensor[C_out]), sources)`` with ``sources`` the tensors it derives from (for the
+    plan's ``Stamp``), or ``(None, [])`` when the shortcut is not such a projection or has another stride."""
+    shortcut = projection_shortcut(adapter, block)
+    if shortcut is None or shortcut[0].stride != stride:
+        return None, []
+    conv, bn = shortcut
+    with torch.inference_mode(False), torch.no_grad():
+        w, b = fold_bn(conv, bn)
+        projection = (w.reshape(w.shape[0], -1).contiguous(), b.contiguous())
+    return projection, [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
 
 def check_basic_block(block: nn.Module) -> None:
@@ -256,16 +272,10 @@ class ChannelGatedBlock(DynamicBlock):
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
         call = gated_pair_plan(w1, b1, w2, b2, spec1, spec2, gate)
         sources = [*self._fold_sources(), *(() if gate is None else gate.sources)]
-        projection = None
-        shortcut = projection_shortcut(self.adapter, self._block)
-        if shortcut is not None and shortcut[0].stride == spec1.stride:
-            conv, bn = shortcut
-            with torch.inference_mode(False), torch.no_grad():
-                w, b = fold_bn(conv, bn)
-                projection = (w.reshape(w.shape[0], -1).contiguous(), b.contiguous())
-            sources += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-            if w.dtype != torch.float32 or not w.is_cpu:
-                projection = None
+        projection, projection_sources = folded_projection(self.adapter, self._block, spec1.stride)
+        sources += projection_sources
+        if projection is not None and (projection[0].dtype != torch.float32 or not projection[0].is_cpu):
+            projection = None
         sources = [t for t in sources if t is not None]
         if call is None or any(t.is_inference() for t in sources):
             return None

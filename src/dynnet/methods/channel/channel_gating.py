@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.convert.residual import ResidualAdapter, identity_shortcut, post_is_relu, projection_shortcut
+from dynnet.convert.residual import ResidualAdapter, identity_shortcut, post_is_relu
 from dynnet.core import (
     Decision,
     DynamicBlock,
@@ -57,8 +57,8 @@ from dynnet.core import (
 from dynnet.core.cache import structure_generation
 from dynnet.estimators import straight_through
 from dynnet.kernels import native
-from dynnet.kernels.channel import TILE, ConvSpec, fold_bn, gated_rest_add_, tile_gated_pair_op
-from dynnet.methods.channel._block import check_basic_block
+from dynnet.kernels.channel import TILE, ConvSpec, gated_rest_add_, tile_gated_pair_op
+from dynnet.methods.channel._block import check_basic_block, folded_projection
 from dynnet.methods.channel._resnet import compiled_input_ok, resnet_head, resnet_stages, resnet_stem
 
 __all__ = ["ChannelGating", "ChannelGatingConfig", "GatedBasicBlock", "GatedConv", "PartialSumGate"]
@@ -327,13 +327,8 @@ class GatedBasicBlock(nn.Module):
         ]
         with torch.inference_mode(False), torch.no_grad():
             operands = (*self._conv_operands(c1, n1), *self._conv_operands(c2, n2), stride)
-            projection = None
-            shortcut = projection_shortcut(self.adapter, self._block)
-            if shortcut is not None and shortcut[0].stride == c1.spec.stride:
-                conv, bn = shortcut
-                w, b = fold_bn(conv, bn)
-                projection = (w.reshape(w.shape[0], -1).contiguous(), b.contiguous())
-                sources += [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        projection, projection_sources = folded_projection(self.adapter, self._block, c1.spec.stride)
+        sources += projection_sources
         tensors = [t for t in (*operands, *(projection or ())) if isinstance(t, Tensor)]
         if not all(t.dtype == torch.float32 and t.is_cpu for t in tensors):
             return None
