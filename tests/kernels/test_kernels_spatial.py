@@ -12,6 +12,7 @@ from dynnet.kernels.spatial import (
     channels_last_rows,
     conv_out_size,
     gather_conv2d,
+    gather_conv_image,
     gather_conv_rows,
     masked_conv2d_reference,
     matmul_rows,
@@ -299,7 +300,7 @@ def test_parallel_chunks_equal_the_serial_gather_gemm(chunk: int, monkeypatch) -
         with kernel_engine("native"), torch.no_grad():
             wmat = weight_matrix(weight)
             for _ in range(2):  # the second call multiplies by oneDNN's prepacked copy of the matrix
-                got_image = gather_conv2d(x, weight, mask, padding=1)
+                got_image = gather_conv_image(x, wmat, mask.nonzero(), kernel=3, padding=1)
                 got_rows = gather_conv_rows(rows, lookup, wmat, mask.nonzero(), kernel=3, padding=1, bias=bias)
                 torch.testing.assert_close(got_image, ref_image, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(got_rows, ref_rows, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from dynnet.kernels.block import gather_tiles, reduce_to_tiles, scatter_tiles, t
 from dynnet.kernels.spatial import scatter_add_rows
 from dynnet.macs import MacCounter
 from dynnet.models.cifar_resnet import BasicBlock
+from dynnet.testing.engines import ENGINES, kernel_engine
 
 MANY = settings(max_examples=1000, deadline=None, derandomize=True)
 
@@ -62,9 +63,11 @@ def _out_mask(kind: str, density: float, shape: tuple[int, ...], g: torch.Genera
     return torch.rand(shape, generator=g) < density
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @MANY
-@given(block_cases())
-def test_pixel_execution_equals_masked(case) -> None:
+@given(case=block_cases())
+def test_pixel_execution_equals_masked(engine, case) -> None:
+    """Compiled (one ``pixel_chain`` call) and pure-PyTorch gather–GEMM chains equal the masked chain."""
     c_in, c_out, stride, h, w, n, kind, density, _, seed = case
     b = _block(c_in, c_out, stride, seed % 1000)
     stages = spatial_chain(b)
@@ -72,7 +75,7 @@ def test_pixel_execution_equals_masked(case) -> None:
     x = torch.randn(n, c_in, h, w, generator=g)
     sizes = chain_sizes(stages, (h, w))
     masks = stage_masks(stages, _out_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
-    with torch.no_grad():
+    with torch.no_grad(), kernel_engine(engine):
         ref = run_masked(stages, x, list(masks))
         if bool(masks[0].any()):
             rows, positions, executed = run_pixels(stages, x, masks)
@@ -84,9 +87,11 @@ def test_pixel_execution_equals_masked(case) -> None:
     torch.testing.assert_close(executed, expected)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @MANY
-@given(block_cases())
-def test_tile_execution_equals_masked(case) -> None:
+@given(case=block_cases())
+def test_tile_execution_equals_masked(engine, case) -> None:
+    """Compiled (region gather, border zeroing, tile scatter) and pure-PyTorch tile chains equal the masked one."""
     c_in, c_out, stride, h, w, n, kind, density, tile, seed = case
     b = _block(c_in, c_out, stride, seed % 1000)
     stages = spatial_chain(b)
@@ -95,7 +100,7 @@ def test_tile_execution_equals_masked(case) -> None:
     ho, wo = chain_sizes(stages, (h, w))[-1]
     tiles_mask = _out_mask(kind, density, (n, -(-ho // tile), -(-wo // tile)), g)
     pixel = tiles_to_pixels(tiles_mask, tile, (ho, wo))
-    with torch.no_grad():
+    with torch.no_grad(), kernel_engine(engine):
         ref = run_masked(stages, x, [None, pixel])
         tiles = tiles_mask.nonzero()
         values, executed = run_tiles(stages, x, tiles, tile)
@@ -173,16 +178,20 @@ def test_pixel_execution_any_activation_and_autograd(act, grad: bool) -> None:
         assert x.grad is not None
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @MANY
-@given(block_cases())
-def test_gather_tiles_equals_padded_slices(case) -> None:
+@given(case=block_cases(), channels_last=st.booleans())
+def test_gather_tiles_equals_padded_slices(engine, case, channels_last: bool) -> None:
     """Each gathered region is the zero-padded input cut at the tile's origin (halo outside the image: zeros)."""
     c_in, _, stride, h, w, n, _, density, tile, seed = case
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c_in, h, w, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     tiles = (torch.rand(n, -(-h // tile), -(-w // tile), generator=g) < density).nonzero()
     region, offset, step = tile + 2 * stride, -stride, tile
-    got = gather_tiles(x, tiles, region, offset, step)
+    with kernel_engine(engine):
+        got = gather_tiles(x, tiles, region, offset, step)
     pad = region + step
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     assert got.shape == (tiles.shape[0], c_in, region, region)
@@ -191,14 +200,16 @@ def test_gather_tiles_equals_padded_slices(case) -> None:
         torch.testing.assert_close(got[t], xp[b, :, y0 : y0 + region, x0 : x0 + region])
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_scatter_tiles_keeps_base_and_its_format(memory_format) -> None:
+def test_scatter_tiles_keeps_base_and_its_format(engine, memory_format) -> None:
     g = torch.Generator().manual_seed(7)
     base = torch.randn(2, 3, 5, 7, generator=g).contiguous(memory_format=memory_format)
     before = base.clone()
     tiles = torch.tensor([[0, 1, 1], [1, 0, 0]])  # the first sticks out of the 5×7 image
     values = torch.randn(2, 3, 4, 4, generator=g)
-    out = scatter_tiles(base, values, tiles, 4)
+    with kernel_engine(engine):
+        out = scatter_tiles(base, values, tiles, 4)
     torch.testing.assert_close(base, before)
     assert out.is_contiguous(memory_format=memory_format)
     expected = before.clone()

@@ -27,9 +27,11 @@ from dynnet.core import Decision, DynamicBlock, current_trace
 from dynnet.kernels.block import gather_tiles, inside_image, scatter_tiles, tile_geometry, tiles_to_pixels
 from dynnet.kernels.channel import fold_bn
 from dynnet.kernels.spatial import (
+    compiled_kernels,
     conv_out_size,
     gather_conv_image,
     gather_conv_rows,
+    pixel_chain,
     receptive_mask,
     rows_lookup,
     scatter_add_rows,
@@ -224,6 +226,9 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
         ``(rows, positions, executed)``: Tensor[P_L, C_L] outputs of the last stage at its active positions
         Tensor[P_L, 3], and Tensor[N] float64 MACs executed per sample.
     """
+    compiled = _compiled_pixels(stages, x, masks)
+    if compiled is not None:
+        return compiled
     n = x.shape[0]
     executed = torch.zeros(n, dtype=torch.float64, device=x.device)
     rows, zero_row = x, 0
@@ -256,6 +261,22 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
             rows = out if st.act is None else st.act(out)
         executed += m.flatten(1).sum(1).double() * st.per_position
     return rows, positions, executed
+
+
+def _compiled_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`run_pixels` as one compiled call (:func:`dynnet.kernels.spatial.pixel_chain`) when every activation is
+    a ReLU or none and the call applies; else ``None``."""
+    if any(st.act is not None and not _is_relu(st.act) for st in stages):
+        return None
+    folded = [folded_stage(st) for st in stages]
+    return pixel_chain(
+        x,
+        masks,
+        [w for w, _ in folded],
+        [b for _, b in folded],
+        [st.geometry for st in stages],
+        [st.act is not None for st in stages],
+    )
 
 
 def _border_tiles(tiles: Tensor, region: int, offset: int, step: int, size: tuple[int, int]) -> Tensor | None:
@@ -298,10 +319,14 @@ def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> t
         if i < len(stages):
             # Halo positions outside the image must read as the zero padding of the next convolution
             # (only tiles at the border have any: the others are left untouched).
-            border = _border_tiles(tiles, geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
-            if border is not None:
-                inside = inside_image(tiles[border], geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
-                h[border] = h[border] * inside.to(h.dtype)
+            ext = compiled_kernels(h, tiles)
+            if ext is not None:  # compiled, in place: only the outside positions of border tiles are written
+                ext.zero_outside_tiles_(h, tiles, geo.offsets[i], geo.steps[i], *sizes[i])
+            else:
+                border = _border_tiles(tiles, geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
+                if border is not None:
+                    inside = inside_image(tiles[border], geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
+                    h[border] = h[border] * inside.to(h.dtype)
     counts = torch.bincount(tiles[:, 0], minlength=n).double() if tiles.shape[0] else torch.zeros(n).double()
     return h, counts * per_tile
 

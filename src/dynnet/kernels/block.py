@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynnet.kernels.spatial import channels_last_rows
+from dynnet.kernels.spatial import channels_last_rows, compiled_kernels
 
 __all__ = [
     "TileGeometry",
@@ -114,6 +114,11 @@ def gather_tiles(x: Tensor, tiles: Tensor, region: int, offset: int, step: int) 
     t = tiles.shape[0]
     if t == 0:
         return x.new_zeros((0, c, region, region))
+    ext = compiled_kernels(x, tiles)
+    if ext is not None:  # compiled: a row copy per region row, zeros outside the image
+        return ext.gather_tile_regions(x.permute(0, 2, 3, 1).contiguous(), tiles, region, offset, step).permute(
+            0, 3, 1, 2
+        )
     rows, zero_row = channels_last_rows(x)
     index = region_rows(tiles, region, offset, step, (h, w), outside=zero_row)
     return rows.index_select(0, index.view(-1)).view(t, region, region, c).permute(0, 3, 1, 2)
@@ -138,6 +143,9 @@ def scatter_tiles(base: Tensor, values: Tensor, tiles: Tensor, tile: int) -> Ten
     c, h, w = base.shape[1:]
     if tiles.shape[0] == 0:
         return base
+    ext = compiled_kernels(values, tiles) if base.dtype == torch.float32 and not base.requires_grad else None
+    if ext is not None:  # compiled: the clone, then each tile's in-image pixels added
+        return ext.scatter_tiles_add(base, values, tiles, tile)
     t = tiles.shape[0]
     ar = torch.arange(tile, device=tiles.device)
     ys = (tiles[:, 1:2] * tile + ar.view(1, -1)).view(t, tile, 1).expand(t, tile, tile).reshape(-1)

@@ -47,6 +47,7 @@ __all__ = [
     "input_lookup",
     "masked_conv2d_reference",
     "matmul_rows",
+    "pixel_chain",
     "receptive_mask",
     "rows_lookup",
     "scatter_add_rows",
@@ -115,6 +116,83 @@ def _parallel_gather_gemm(
         return None
     weight = _packed_weight(wmat)
     return _gather_gemm_op()(rows, lookup, positions, weight, bias, wmat.shape[1], *geometry, chunk)
+
+
+_PIXEL_CHAIN: list = []
+
+
+def _pixel_chain_op():
+    """``torch.ops.dynnet.pixel_chain`` with its MAC rule (``Σ_i |mask_i| · |W_i|``), registered on first use."""
+    if _PIXEL_CHAIN:
+        return _PIXEL_CHAIN[0]
+    from dynnet.macs import MAC_RULES, register_mac_rule
+
+    op = torch.ops.dynnet.pixel_chain
+    if op not in MAC_RULES:
+
+        @register_mac_rule(op)
+        def _rule(args: tuple, kwargs: dict, out: object) -> int:
+            return sum(int(m.sum()) * w.numel() for m, w in zip(args[1], args[2], strict=True))
+
+    _PIXEL_CHAIN.append(op)
+    return op
+
+
+PIXEL_CHAIN_MIN_ROWS = 32
+"""Fewest rows a thread's chunk gets in :func:`pixel_chain` before the rows go to one chunk (oneDNN's threads)."""
+
+
+def pixel_chain(
+    x: Tensor,
+    masks: list[Tensor],
+    mats: list[Tensor],
+    biases: list[Tensor | None],
+    geometries: list[tuple[int, int, int, int]],
+    relus: list[bool],
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A chain of convolutions (each ``relu?(conv(h) + bias)``), every stage computed only at its mask's positions,
+    in one compiled call (``torch.ops.dynnet.pixel_chain``); ``None`` when the call does not apply (no compiled
+    extension, not float32 CPU, a gradient to record, a non-bool mask). The reference is the gather–GEMM of
+    :func:`gather_conv_image` / :func:`gather_conv_rows` stage by stage.
+
+    Per stage the mask becomes positions, counts and a position → row lookup in one pass, and every thread gathers
+    and multiplies (oneDNN's matmul, bias and ReLU fused) whole chunks of rows. Intermediate rows stay compact.
+
+    Args:
+        x: Tensor[N, C, H, W] input (read in place when channels-last).
+        masks: per stage, Tensor[N, H_i, W_i] bool output mask (each stage must compute what the next reads:
+            :func:`dynnet.kernels._spatial_chain.stage_masks`).
+        mats, biases: per stage, Tensor[k·k·C_i, C_{i+1}] (:func:`weight_matrix`) and Tensor[C_{i+1}] or ``None``.
+        geometries: per stage ``(kernel, stride, padding, dilation)``.
+        relus: per stage, whether a ReLU follows.
+
+    Returns:
+        ``(rows, positions, executed)``: Tensor[P_L, C_L] the last stage's rows at its positions Tensor[P_L, 3]
+        (``masks[-1].nonzero()`` order), and Tensor[N] float64 MACs executed per sample (exactly
+        ``Σ_i |mask_i[n]| · |W_i|``).
+    """
+    if (
+        native.load() is None
+        or x.dtype != torch.float32
+        or not _onednn_usable(x, *mats, *biases)
+        or any(m.dtype != torch.bool or not _plain_cpu(m) for m in masks)
+    ):
+        return None
+    image = x.permute(0, 2, 3, 1).contiguous()
+    weights = [_packed_weight(w) for w in mats]
+    geometry = [v for g in geometries for v in g]
+    call = _pixel_chain_op() if native.observed() else native.direct("pixel_chain")
+    return call(
+        image,
+        [m.contiguous() for m in masks],
+        weights,
+        list(biases),
+        [w.shape[1] for w in mats],
+        geometry,
+        [int(r) for r in relus],
+        GATHER_CHUNK_ELEMENTS,
+        PIXEL_CHAIN_MIN_ROWS,
+    )
 
 
 GATHER_CHUNK_ELEMENTS = 1 << 19
@@ -312,9 +390,9 @@ def _chunked_gemm(
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _native_gather(data: Tensor, *indices: Tensor):
-    """The compiled extension when it can gather from ``data`` with these index tensors (float32 and int64 CPU
-    tensors, nothing to differentiate), else ``None``."""
+def compiled_kernels(data: Tensor, *indices: Tensor):
+    """The compiled extension when its copy kernels (gathers, tile copies) can read ``data`` with these index
+    tensors (float32 and int64 CPU tensors, nothing to differentiate), else ``None`` (the pure-PyTorch path)."""
     if (
         data.dtype != torch.float32
         or not _plain_cpu(data)
@@ -368,7 +446,7 @@ def gather_conv_rows(
         return rows.new_zeros((0, wmat.shape[1]))
     taps = kernel * kernel
     chunk = _gather_chunk(taps * c)
-    ext = _native_gather(rows, lookup, positions)
+    ext = compiled_kernels(rows, lookup, positions)
     if ext is not None:
         rows, lookup = rows.contiguous(), lookup.contiguous()
         geometry = (kernel, stride, padding, dilation)
@@ -446,10 +524,14 @@ def gather_conv2d(
     ho, wo = conv_out_size(h, k, s, p, d), conv_out_size(w, k, s, p, d)
     if tuple(mask.shape) != (n, ho, wo):
         raise ValueError(f"mask must be Tensor[{n}, {ho}, {wo}] for this convolution, got {tuple(mask.shape)}")
+    wmat = _cached_weight_matrix(weight)
+    compiled = pixel_chain(x, [mask], [wmat], [None], [(k, s, p, d)], [False])
+    if compiled is not None:
+        return compiled[0]
     positions = active_positions(mask)
     if positions.shape[0] == 0:
         return x.new_zeros((0, weight.shape[0]))
-    return gather_conv_image(x, _cached_weight_matrix(weight), positions, kernel=k, stride=s, padding=p, dilation=d)
+    return gather_conv_image(x, wmat, positions, kernel=k, stride=s, padding=p, dilation=d)
 
 
 def gather_conv_image(
@@ -477,7 +559,7 @@ def gather_conv_image(
     """
     n, c, h, w = x.shape
     p = positions.shape[0]
-    ext = _native_gather(x, positions) if p else None
+    ext = compiled_kernels(x, positions) if p else None
     if ext is not None and wmat.shape[0] == kernel * kernel * c:
         image = x.permute(0, 2, 3, 1).contiguous()
         geometry = (kernel, stride, padding, dilation)

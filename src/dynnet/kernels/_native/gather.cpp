@@ -55,17 +55,27 @@ at::Tensor gather_loop(const at::Tensor& rows, int64_t N, int64_t H, int64_t W, 
       }
       for (int64_t ky = 0; ky < kernel; ++ky) {
         const int64_t ih = oh * stride - padding + ky * dilation;
+        // Taps whose source rows follow each other (neighbouring pixels of one image row) are copied as one run.
+        int64_t run_start = -1, run_len = 0;
         for (int64_t kx = 0; kx < kernel; ++kx, o += C) {
           const int64_t iw = ow * stride - padding + kx * dilation;
           int64_t r = -1;
           if (ih >= 0 && ih < H && iw >= 0 && iw < W) r = row_of(n, ih, iw);
           if (r >= 0 && r < R) {
-            std::memcpy(o, src + r * C, row_bytes);
+            if (run_len > 0 && r == run_start + run_len) {
+              ++run_len;
+              continue;
+            }
+            if (run_len > 0) std::memcpy(o - run_len * C, src + run_start * C, run_len * row_bytes);
+            run_start = r, run_len = 1;
           } else {
+            if (run_len > 0) std::memcpy(o - run_len * C, src + run_start * C, run_len * row_bytes);
+            run_len = 0;
             if (r >= R) bad.store(2);
             std::memset(o, 0, row_bytes);
           }
         }
+        if (run_len > 0) std::memcpy(o - run_len * C, src + run_start * C, run_len * row_bytes);
       }
     }
   });

@@ -42,9 +42,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_pair3x3", &dynnet::gated_pair3x3, "torch.ops.dynnet.gated_pair3x3 without the dispatcher");
   m.def("routed_pair3x3", &dynnet::routed_pair3x3, "torch.ops.dynnet.routed_pair3x3 without the dispatcher");
   m.def("gater_logits", &dynnet::gater_logits, "torch.ops.dynnet.gater_logits without the dispatcher");
+  m.def(
+      "pixel_chain",
+      [](const at::Tensor& image, const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& weights,
+         const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& out_channels,
+         const std::vector<int64_t>& geometry, const std::vector<int64_t>& relu, int64_t chunk_elements,
+         int64_t min_rows) {
+        c10::List<c10::optional<at::Tensor>> b;
+        for (const auto& t : biases) b.push_back(t);
+        return dynnet::pixel_chain(image, masks, weights, b, out_channels, geometry, relu, chunk_elements, min_rows);
+      },
+      "torch.ops.dynnet.pixel_chain without the dispatcher");
   m.def("gather_im2col", &dynnet::gather_im2col, "im2col rows of output positions, input rows through a lookup");
   m.def("gather_im2col_image", &dynnet::gather_im2col_image,
         "im2col rows of output positions of a channels-last image");
+  m.def("gather_tile_regions", &dynnet::gather_tile_regions,
+        "the input regions of active tiles (zeros outside the image) from a channels-last image");
+  m.def("zero_outside_tiles_", &dynnet::zero_outside_tiles_, "zero (in place) the tile positions outside the grid");
+  m.def("scatter_tiles_add", &dynnet::scatter_tiles_add, "base plus output tiles, as a new tensor");
 }
 
 // The convolution kernels are dispatcher operators (torch.ops.dynnet.*), so that dispatch-level tools (dynnet's
@@ -57,6 +72,7 @@ TORCH_LIBRARY(dynnet, m) {
   m.def("tile_gated_pair3x3(Tensor x, Tensor w1, Tensor a1, int base1, Tensor w2, Tensor a2, int base2, int stride, Tensor? residual=None, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, Tensor, int, int)");
   m.def("gater_logits(Tensor x, Tensor w1, Tensor b1, int s1, Tensor w2, Tensor b2, int s2, Tensor wl, Tensor bl, Tensor wf, Tensor bf) -> Tensor");
   m.def("gather_gemm(Tensor rows, Tensor? lookup, Tensor positions, Tensor weight, Tensor? bias, int out_channels, int kernel, int stride, int padding, int dilation, int chunk) -> Tensor");
+  m.def("pixel_chain(Tensor image, Tensor[] masks, Tensor[] weights, Tensor?[] biases, int[] out_channels, int[] geometry, int[] relu, int chunk_elements, int min_rows) -> (Tensor, Tensor, Tensor)");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 
@@ -69,9 +85,11 @@ TORCH_LIBRARY_IMPL(dynnet, CPU, m) {
   m.impl("tile_gated_pair3x3", &dynnet::tile_gated_pair3x3);
   m.impl("gater_logits", &dynnet::gater_logits);
   m.impl("gather_gemm", &dynnet::gather_gemm);
+  m.impl("pixel_chain", &dynnet::pixel_chain);
 }
 
-// gather_gemm also takes oneDNN's prepacked (opaque MkldnnCPU) weights, which select this key.
+// gather_gemm and pixel_chain also take oneDNN's prepacked (opaque MkldnnCPU) weights, which select this key.
 TORCH_LIBRARY_IMPL(dynnet, MkldnnCPU, m) {
   m.impl("gather_gemm", &dynnet::gather_gemm);
+  m.impl("pixel_chain", &dynnet::pixel_chain);
 }

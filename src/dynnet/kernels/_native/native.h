@@ -16,6 +16,18 @@ at::Tensor gather_gemm(const at::Tensor& rows, const c10::optional<at::Tensor>& 
                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t out_channels,
                        int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, int64_t chunk);
 
+// sparse.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
+    const at::Tensor& image, at::TensorList masks, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef out_channels, at::IntArrayRef geometry,
+    at::IntArrayRef relu, int64_t chunk_elements, int64_t min_rows);
+at::Tensor gather_tile_regions(const at::Tensor& image, const at::Tensor& tiles, int64_t region, int64_t offset,
+                               int64_t step);
+void zero_outside_tiles_(at::Tensor& values, const at::Tensor& tiles, int64_t offset, int64_t step, int64_t H,
+                         int64_t W);
+at::Tensor scatter_tiles_add(const at::Tensor& base, const at::Tensor& values, const at::Tensor& tiles,
+                             int64_t tile);
+
 // channel.cpp
 // Sets the work (MACs) from which the channel kernels' convolutions use several threads; returns the old value.
 int64_t set_parallel_min_macs(int64_t value);

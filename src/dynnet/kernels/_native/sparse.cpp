@@ -1,0 +1,292 @@
+// dynnet compiled CPU kernels: whole spatial (pixel and tile) executions of a residual branch in one call each.
+//
+// pixel_chain: the gather-GEMM chain of dynnet.kernels._spatial_chain.run_pixels (its pure-PyTorch reference). For
+// every stage it turns the stage's mask into positions, per-sample counts and a position -> row lookup in one pass
+// (no nonzero / full / index_put), gathers the im2col rows of L2-sized chunks and multiplies them with oneDNN's
+// matmul on every thread at once (bias and ReLU fused into the matmul), and hands the compact rows to the next stage.
+//
+// gather_tile_regions / zero_outside_tiles_ / scatter_tiles_add: the copies around SBNet's tile convolutions
+// (dynnet.kernels.block.gather_tiles / scatter_tiles and the border zeroing of run_tiles), each one pass of
+// contiguous pixel rows instead of index tensors built and applied with several ops.
+#include "native.h"
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+// The set entries of a bool mask Tensor[N, H, W]: positions Tensor[P, 3] int64 (n, h, w) in row-major order (that of
+// mask.nonzero()), the count per sample and, when asked, the lookup Tensor[N, H, W] int64 from position to row (P,
+// the index of the zero row appended to the rows, where the mask is unset).
+struct Active {
+  at::Tensor positions;
+  std::vector<int64_t> counts;
+  at::Tensor lookup;
+};
+
+Active active_of(const at::Tensor& mask, bool with_lookup) {
+  const int64_t N = mask.size(0), H = mask.size(1), W = mask.size(2), HW = H * W;
+  const bool* m = mask.data_ptr<bool>();
+  Active a;
+  a.counts.assign(N, 0);
+  int64_t P = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    int64_t c = 0;
+    for (int64_t i = 0; i < HW; ++i) c += m[n * HW + i];
+    a.counts[n] = c;
+    P += c;
+  }
+  a.positions = at::empty({P, 3}, mask.options().dtype(at::kLong));
+  int64_t* pos = a.positions.data_ptr<int64_t>();
+  int64_t* lk = nullptr;
+  if (with_lookup) {
+    a.lookup = at::empty({N, H, W}, mask.options().dtype(at::kLong));
+    lk = a.lookup.data_ptr<int64_t>();
+  }
+  int64_t r = 0;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t i = (n * H + h) * W + w;
+        if (m[i]) {
+          pos[3 * r] = n, pos[3 * r + 1] = h, pos[3 * r + 2] = w;
+          if (lk) lk[i] = r;
+          ++r;
+        } else if (lk) {
+          lk[i] = P;
+        }
+      }
+  return a;
+}
+
+const c10::OperatorHandle& onednn_linear() {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  return op;
+}
+
+// cols @ weight^T + bias (ReLU'd when relu) with oneDNN's matmul; weight is oneDNN's Tensor[C_out, K], plain or
+// prepacked.
+at::Tensor onednn_matmul(const at::Tensor& cols, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool relu) {
+  torch::jit::Stack stack{cols, weight, bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue(),
+                          c10::IValue(std::string(relu ? "relu" : "none")),
+                          c10::IValue(c10::List<c10::optional<at::Scalar>>()), c10::IValue()};
+  onednn_linear().callBoxed(stack);
+  return stack[0].toTensor();
+}
+
+// How many row chunks to split P rows of `width` gathered elements into: chunks of at most max_elements elements
+// (they stay in cache between the gather and the matmul), and, on several threads, a multiple of the thread count
+// of at least min_rows rows each (every thread gathers and multiplies whole chunks). One chunk: oneDNN's own
+// threads split its matmul.
+int64_t row_chunk(int64_t P, int64_t width, int64_t max_elements, int64_t min_rows) {
+  const int64_t most = std::max<int64_t>(min_rows, max_elements / std::max<int64_t>(width, 1));
+  int64_t chunks = (P + most - 1) / most;
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && P >= 2 * min_rows) {
+    chunks = std::min(((chunks + threads - 1) / threads) * threads, P / min_rows);
+  }
+  chunks = std::max<int64_t>(chunks, 1);
+  return (P + chunks - 1) / chunks;
+}
+
+void check_tiles(const at::Tensor& tiles, const char* who) {
+  TORCH_CHECK(tiles.device().is_cpu() && tiles.dim() == 2 && tiles.size(1) == 3 && tiles.scalar_type() == at::kLong,
+              who, ": tiles must be an int64 CPU Tensor[T, 3] (n, ty, tx), got ", tiles.sizes(), " ",
+              tiles.scalar_type());
+}
+
+}  // namespace
+
+namespace dynnet {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
+    const at::Tensor& image, at::TensorList masks, at::TensorList weights,
+    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef out_channels, at::IntArrayRef geometry,
+    at::IntArrayRef relu, int64_t chunk_elements, int64_t min_rows) {
+  const int64_t L = static_cast<int64_t>(masks.size());
+  TORCH_CHECK(L >= 1, "pixel_chain: no stages");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L && static_cast<int64_t>(biases.size()) == L &&
+                  static_cast<int64_t>(out_channels.size()) == L && static_cast<int64_t>(relu.size()) == L &&
+                  static_cast<int64_t>(geometry.size()) == 4 * L,
+              "pixel_chain: one weight, bias, out_channels, relu flag and 4 geometry numbers per stage (", L,
+              " masks)");
+  TORCH_CHECK(chunk_elements >= 1 && min_rows >= 1, "pixel_chain: chunk_elements and min_rows must be >= 1");
+  TORCH_CHECK(image.device().is_cpu() && image.dim() == 4 && image.scalar_type() == at::kFloat &&
+                  image.is_contiguous(),
+              "pixel_chain: image must be a contiguous float32 CPU Tensor[N, H, W, C] (channels-last pixels), got ",
+              image.sizes(), " ", image.scalar_type());
+  const int64_t N = image.size(0);
+  int64_t H = image.size(1), W = image.size(2), C = image.size(3);
+  at::Tensor executed = at::zeros({N}, image.options().dtype(at::kDouble));
+  double* ex = executed.data_ptr<double>();
+  at::Tensor rows = image.view({N * H * W, C}), lookup, positions;
+  for (int64_t s = 0; s < L; ++s) {
+    const int64_t k = geometry[4 * s], stride = geometry[4 * s + 1], pad = geometry[4 * s + 2],
+                  dil = geometry[4 * s + 3], c_out = out_channels[s];
+    TORCH_CHECK(k > 0 && stride > 0 && pad >= 0 && dil > 0 && c_out >= 1, "pixel_chain: bad geometry of stage ", s);
+    const int64_t ho = (H + 2 * pad - dil * (k - 1) - 1) / stride + 1, wo = (W + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+    const at::Tensor& mask = masks[s];
+    TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.is_contiguous() &&
+                    mask.dim() == 3 && mask.size(0) == N && mask.size(1) == ho && mask.size(2) == wo,
+                "pixel_chain: the mask of stage ", s, " must be a contiguous bool Tensor[", N, ", ", ho, ", ", wo,
+                "], got ", mask.sizes(), " ", mask.scalar_type());
+    const at::Tensor& weight = weights[s];
+    const int64_t width = k * k * C;
+    if (!weight.is_mkldnn()) {
+      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == c_out && weight.size(1) == width,
+                  "pixel_chain: the weight of stage ", s, " must be Tensor[", c_out, ", ", width, "], got ",
+                  weight.sizes());
+    }
+    const c10::optional<at::Tensor> bias = biases.get(s);
+    const bool last = s == L - 1;
+    Active act = active_of(mask, !last);
+    const int64_t P = act.positions.size(0);
+    for (int64_t n = 0; n < N; ++n) ex[n] += static_cast<double>(act.counts[n]) * width * c_out;
+    // Rows of this stage, plus (before the last stage) the zero row that the next stage's lookup holes point at.
+    at::Tensor out = at::empty({P + (last ? 0 : 1), c_out}, image.options());
+    float* dst = out.data_ptr<float>();
+    if (!last) std::memset(dst + P * c_out, 0, c_out * sizeof(float));
+    if (P > 0) {
+      const int64_t chunk = row_chunk(P, width, chunk_elements, min_rows), chunks = (P + chunk - 1) / chunk;
+      const bool from_image = s == 0;
+      const at::Tensor pos = act.positions;
+      at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          const int64_t i = c * chunk, j = std::min(P, i + chunk);
+          const at::Tensor cols = from_image ? gather_im2col_image(image, pos, i, j, k, stride, pad, dil)
+                                             : gather_im2col(rows, lookup, pos, i, j, k, stride, pad, dil);
+          const at::Tensor y = onednn_matmul(cols, weight, bias, relu[s] != 0).contiguous();
+          TORCH_CHECK(y.size(0) == j - i && y.size(1) == c_out, "pixel_chain: the matmul of stage ", s,
+                      " returned ", y.sizes(), ", expected [", j - i, ", ", c_out, "]");
+          std::memcpy(dst + i * c_out, y.data_ptr<float>(), (j - i) * c_out * sizeof(float));
+        }
+      });
+    }
+    rows = out, lookup = act.lookup, positions = act.positions;
+    H = ho, W = wo, C = c_out;
+  }
+  return {rows, positions, executed};
+}
+
+// The input regions of the active tiles, Tensor[T, region, region, C] (zeros outside the image), cut out of a
+// channels-last image Tensor[N, H, W, C]: tile (n, ty, tx) covers rows ty·step + offset + [0, region) and the same
+// columns.
+at::Tensor gather_tile_regions(const at::Tensor& image, const at::Tensor& tiles, int64_t region, int64_t offset,
+                               int64_t step) {
+  TORCH_CHECK(image.device().is_cpu() && image.dim() == 4 && image.scalar_type() == at::kFloat &&
+                  image.is_contiguous(),
+              "gather_tile_regions: image must be a contiguous float32 CPU Tensor[N, H, W, C], got ", image.sizes());
+  check_tiles(tiles, "gather_tile_regions");
+  TORCH_CHECK(region >= 1 && step >= 1, "gather_tile_regions: region and step must be >= 1");
+  const int64_t N = image.size(0), H = image.size(1), W = image.size(2), C = image.size(3), T = tiles.size(0);
+  at::Tensor out = at::empty({T, region, region, C}, image.options());
+  const int64_t ts = tiles.stride(0), tc = tiles.stride(1);
+  const int64_t* tl = tiles.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(tl[ts * t] >= 0 && tl[ts * t] < N, "gather_tile_regions: tile ", t, "'s batch index ", tl[ts * t],
+                " is outside [0, ", N, ")");
+  const float* src = image.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const size_t row = C * sizeof(float);
+  at::parallel_for(0, T * region, std::max<int64_t>(1, 4096 / std::max<int64_t>(region * C, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t t = q / region, y = q % region;
+      const int64_t n = tl[ts * t], iy = tl[ts * t + tc] * step + offset + y, x0 = tl[ts * t + 2 * tc] * step + offset;
+      float* o = dst + q * region * C;
+      if (iy < 0 || iy >= H) {
+        std::memset(o, 0, region * row);
+        continue;
+      }
+      const int64_t lo = std::clamp<int64_t>(-x0, 0, region), hi = std::clamp<int64_t>(W - x0, lo, region);
+      if (lo > 0) std::memset(o, 0, lo * row);
+      if (hi > lo) std::memcpy(o + lo * C, src + ((n * H + iy) * W + x0 + lo) * C, (hi - lo) * row);
+      if (hi < region) std::memset(o + hi * C, 0, (region - hi) * row);
+    }
+  });
+  return out;
+}
+
+// Zeroes, in place, the positions of each tile's region (Tensor[T, C, region, region], any strides) that lie outside
+// an H x W grid: the zero padding the next convolution of the chain would read there.
+void zero_outside_tiles_(at::Tensor& values, const at::Tensor& tiles, int64_t offset, int64_t step, int64_t H,
+                         int64_t W) {
+  check_tiles(tiles, "zero_outside_tiles_");
+  TORCH_CHECK(values.device().is_cpu() && values.dim() == 4 && values.scalar_type() == at::kFloat &&
+                  values.size(0) == tiles.size(0) && values.size(2) == values.size(3),
+              "zero_outside_tiles_: values must be a float32 CPU Tensor[T, C, r, r] with T = ", tiles.size(0),
+              ", got ", values.sizes());
+  const int64_t T = values.size(0), C = values.size(1), r = values.size(2);
+  const int64_t st = values.stride(0), sc = values.stride(1), sy = values.stride(2), sx = values.stride(3);
+  const int64_t ts = tiles.stride(0), tc = tiles.stride(1);
+  const int64_t* tl = tiles.data_ptr<int64_t>();
+  float* v = values.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t y0 = tl[ts * t + tc] * step + offset, x0 = tl[ts * t + 2 * tc] * step + offset;
+      if (y0 >= 0 && x0 >= 0 && y0 + r <= H && x0 + r <= W) continue;
+      for (int64_t y = 0; y < r; ++y) {
+        const bool row_out = y0 + y < 0 || y0 + y >= H;
+        for (int64_t x = 0; x < r; ++x) {
+          if (!row_out && x0 + x >= 0 && x0 + x < W) continue;
+          float* p = v + t * st + y * sy + x * sx;
+          if (sc == 1) {
+            std::memset(p, 0, C * sizeof(float));
+          } else {
+            for (int64_t c = 0; c < C; ++c) p[c * sc] = 0.f;
+          }
+        }
+      }
+    }
+  });
+}
+
+// base (Tensor[N, C, H, W]) plus the output tiles values (Tensor[T, C, tile, tile]) at tiles, as a new tensor in
+// base's memory format (base is not modified); tile positions outside the image are dropped. Tiles must not
+// overlap (distinct (n, ty, tx)).
+at::Tensor scatter_tiles_add(const at::Tensor& base, const at::Tensor& values, const at::Tensor& tiles,
+                             int64_t tile) {
+  check_tiles(tiles, "scatter_tiles_add");
+  TORCH_CHECK(base.device().is_cpu() && base.dim() == 4 && base.scalar_type() == at::kFloat,
+              "scatter_tiles_add: base must be a float32 CPU Tensor[N, C, H, W], got ", base.sizes());
+  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kFloat && values.dim() == 4 &&
+                  values.size(0) == tiles.size(0) && values.size(1) == base.size(1) && values.size(2) == tile &&
+                  values.size(3) == tile,
+              "scatter_tiles_add: values must be a float32 Tensor[", tiles.size(0), ", ", base.size(1), ", ", tile,
+              ", ", tile, "], got ", values.sizes());
+  const int64_t N = base.size(0), C = base.size(1), H = base.size(2), W = base.size(3), T = tiles.size(0);
+  at::Tensor out = base.clone();
+  const int64_t oc = out.stride(1), oy = out.stride(2), ox = out.stride(3), on = out.stride(0);
+  const int64_t vt = values.stride(0), vc = values.stride(1), vy = values.stride(2), vx = values.stride(3);
+  const int64_t ts = tiles.stride(0), tc = tiles.stride(1);
+  const int64_t* tl = tiles.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(tl[ts * t] >= 0 && tl[ts * t] < N && tl[ts * t + tc] >= 0 && tl[ts * t + 2 * tc] >= 0,
+                "scatter_tiles_add: tile ", t, " (", tl[ts * t], ", ", tl[ts * t + tc], ", ", tl[ts * t + 2 * tc],
+                ") is outside the batch or the grid");
+  float* o = out.data_ptr<float>();
+  const float* v = values.data_ptr<float>();
+  at::parallel_for(0, T, 4, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t n = tl[ts * t], y0 = tl[ts * t + tc] * tile, x0 = tl[ts * t + 2 * tc] * tile;
+      for (int64_t y = 0; y < tile && y0 + y < H; ++y)
+        for (int64_t x = 0; x < tile && x0 + x < W; ++x) {
+          float* po = o + n * on + (y0 + y) * oy + (x0 + x) * ox;
+          const float* pv = v + t * vt + y * vy + x * vx;
+          if (oc == 1 && vc == 1) {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) po[c] += pv[c];
+          } else {
+            for (int64_t c = 0; c < C; ++c) po[c * oc] += pv[c * vc];
+          }
+        }
+    }
+  });
+  return out;
+}
+
+}  // namespace dynnet
