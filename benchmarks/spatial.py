@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 import dynnet
-from dynnet.bench import machine_info
+from dynnet.bench import machine_info, steady_malloc
 from dynnet.bench.harness import profile_model
 from dynnet.data import build_loaders
 from dynnet.kernels import calibrate_dense_fallback_
@@ -111,6 +111,7 @@ def _profile(model, x_test: torch.Tensor, args) -> dict:
 
 
 def main() -> None:
+    steady_malloc()  # no page faults from glibc returning memory between timed calls (dynnet.bench.STEADY_MALLOC)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/spatial")
     parser.add_argument("--subset", type=int, default=8000)

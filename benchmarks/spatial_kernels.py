@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
-from dynnet.bench import machine_info
+from dynnet.bench import machine_info, steady_malloc
 from dynnet.kernels import native
 from dynnet.kernels._spatial_chain import chain_sizes, run_pixels, run_tiles, spatial_chain, stage_masks
 from dynnet.kernels.block import reduce_to_tiles, scatter_tiles, tiles_to_pixels
@@ -210,6 +210,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    steady_malloc()  # before anything is timed: no page faults from glibc returning memory between calls
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/spatial")
     parser.add_argument("--channels", type=int, default=128)

@@ -2,7 +2,7 @@
 
 from dynnet.bench.experiment import ExperimentResult, run_experiment
 from dynnet.bench.harness import profile_model
-from dynnet.bench.latency import Latency, machine_info, measure_latency, realized_speedup
+from dynnet.bench.latency import Latency, machine_info, measure_latency, realized_speedup, steady_malloc
 from dynnet.bench.suite import BenchProfile, run_suite
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "realized_speedup",
     "run_experiment",
     "run_suite",
+    "steady_malloc",
 ]

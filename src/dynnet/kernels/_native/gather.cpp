@@ -26,6 +26,8 @@ void check_positions(const at::Tensor& positions, int64_t start, int64_t stop, i
   TORCH_CHECK(kernel > 0 && stride > 0 && padding >= 0 && dilation > 0, "gather_im2col: bad geometry");
 }
 
+constexpr int64_t kPrefetch = 2;  // positions ahead whose source rows are prefetched
+
 // The shared loop: row_of(n, ih, iw) gives the source row of an in-image input position (< 0: zero).
 template <typename RowOf>
 at::Tensor gather_loop(const at::Tensor& rows, int64_t N, int64_t H, int64_t W, const at::Tensor& positions,
@@ -46,6 +48,23 @@ at::Tensor gather_loop(const at::Tensor& rows, int64_t N, int64_t H, int64_t W, 
   const int64_t grain = std::max<int64_t>(1, 16384 / width);
   at::parallel_for(0, P, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
+      if (i + kPrefetch < e) {  // the source rows of a later position, towards L1 while this one is copied
+        const int64_t q = i + kPrefetch, pn = pos[ps * q], ph = pos[ps * q + pc] * stride - padding,
+                      pw = pos[ps * q + 2 * pc] * stride - padding;
+        if (pn >= 0 && pn < N)
+          for (int64_t ky = 0; ky < kernel; ++ky) {
+            const int64_t ih = ph + ky * dilation;
+            if (ih < 0 || ih >= H) continue;
+            for (int64_t kx = 0; kx < kernel; ++kx) {
+              const int64_t iw = pw + kx * dilation;
+              if (iw < 0 || iw >= W) continue;
+              const int64_t r = row_of(pn, ih, iw);
+              if (r < 0 || r >= R) continue;
+              const char* line = reinterpret_cast<const char*>(src + r * C);
+              for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(line + off);
+            }
+          }
+      }
       const int64_t n = pos[ps * i], oh = pos[ps * i + pc], ow = pos[ps * i + 2 * pc];
       float* o = dst + i * width;
       if (n < 0 || n >= N) {
