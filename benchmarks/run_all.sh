@@ -6,8 +6,8 @@
 #   QUICK=1 THREADS=1 RESULTS=/tmp/bench_check bash benchmarks/run_all.sh   # smoke test of every script (--quick)
 #
 # Estimated wall time on a quiet 2-core machine (see each script's docstring; the limit it was sized for):
-#   layer_skip ~7 min (10), early_exit ~8.5 min (10), channel ~15.5 min (17), spatial ~10.5 min (12),
-#   resolution_glimpse_moe ~8 min (10), convnet_aig ~2.5 min (3): about 52 minutes in all (60).
+#   layer_skip ~7 min (10), early_exit ~8.5 min (10), channel ~15.5 min (17), spatial ~7.5 min (12),
+#   resolution_glimpse_moe ~8 min (10), convnet_aig ~2.5 min (3): about 49 minutes in all (60).
 #
 # Each script's output goes to <results>/<family>/run.log, framed by `uptime` before and after (the load average
 # tells whether the machine was really quiet) and its wall time. A failing script does not stop the others; the
