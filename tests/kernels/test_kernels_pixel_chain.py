@@ -15,6 +15,7 @@ from dynnet.kernels import native, spatial
 from dynnet.kernels.spatial import conv_out_size, pixel_chain, weight_matrix
 from dynnet.macs import MacCounter
 from dynnet.testing.engines import kernel_engine
+from dynnet.testing.masks import make_mask
 
 MANY = settings(max_examples=1000, deadline=None, derandomize=True)
 
@@ -46,14 +47,6 @@ def chain_cases(draw):
     return n, h, w, channels, stages, draw(st.integers(0, 2**31 - 1))
 
 
-def _mask(kind: str, density: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    if kind == "empty":
-        return torch.zeros(shape, dtype=torch.bool)
-    if kind == "full":
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.rand(shape, generator=g) < density
-
-
 def _build(case):
     """Operands of a random chain and its dense masked reference (each stage's output zero off its mask)."""
     n, h, w, channels, stages, seed = case
@@ -66,7 +59,7 @@ def _build(case):
         assume(h >= 1 and w >= 1)
         weight = torch.randn(channels[i + 1], channels[i], k, k, generator=g)
         bias = torch.randn(channels[i + 1], generator=g) if with_bias else None
-        mask = _mask(kind, density, (n, h, w), g)
+        mask = make_mask(kind, density, (n, h, w), g)
         ref = F.conv2d(ref, weight, bias, s, p, d)
         ref = (ref.relu() if relu else ref) * mask.unsqueeze(1)
         masks.append(mask)

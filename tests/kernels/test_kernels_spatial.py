@@ -24,6 +24,7 @@ from dynnet.kernels.spatial import (
 )
 from dynnet.macs import MacCounter
 from dynnet.testing.engines import ENGINES, kernel_engine
+from dynnet.testing.masks import make_mask
 
 MANY = settings(max_examples=1000, deadline=None, derandomize=True)
 
@@ -47,14 +48,6 @@ def conv_cases(draw):
     return n, c_in, c_out, k, stride, padding, dilation, h, w, kind, density, seed
 
 
-def _mask(kind: str, density: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    if kind == "empty":
-        return torch.zeros(shape, dtype=torch.bool)
-    if kind == "full":
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.rand(shape, generator=g) < density
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @MANY
 @given(case=conv_cases(), channels_last=st.booleans())
@@ -66,7 +59,7 @@ def test_gather_conv2d_equals_dense_reference(engine, case, channels_last) -> No
         x = x.contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, k, k, generator=g)
     ho, wo = conv_out_size(h, k, stride, padding, dilation), conv_out_size(w, k, stride, padding, dilation)
-    mask = _mask(kind, density, (n, ho, wo), g)
+    mask = make_mask(kind, density, (n, ho, wo), g)
     with kernel_engine(engine):
         rows = gather_conv2d(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
     ref = masked_conv2d_reference(x, weight, mask, stride=stride, padding=padding, dilation=dilation)
@@ -80,7 +73,7 @@ def test_receptive_mask_is_the_set_of_inputs_read(case) -> None:
     n, _, _, k, stride, padding, dilation, h, w, kind, density, seed = case
     g = torch.Generator().manual_seed(seed)
     ho, wo = conv_out_size(h, k, stride, padding, dilation), conv_out_size(w, k, stride, padding, dilation)
-    mask = _mask(kind, density, (n, ho, wo), g)
+    mask = make_mask(kind, density, (n, ho, wo), g)
     got = receptive_mask(mask, k, stride, padding, dilation, (h, w))
     # Oracle: an input position is read iff the gradient of the masked output sum reaches it.
     x = torch.ones(n, 1, h, w, requires_grad=True)
@@ -180,7 +173,7 @@ def test_gather_conv_rows_with_holes_equals_masked_input(engine, case) -> None:
     bias = torch.randn(c_out, generator=g)
     keep = torch.rand(n, h, w, generator=g) < present  # input positions that have a row
     ho, wo = conv_out_size(h, k, stride, padding, 1), conv_out_size(w, k, stride, padding, 1)
-    mask = _mask(kind, density, (n, ho, wo), g)
+    mask = make_mask(kind, density, (n, ho, wo), g)
     kept = keep.nonzero()
     rows = x.permute(0, 2, 3, 1)[keep]  # Tensor[R, C], in kept order
     with_zero = torch.cat([rows, rows.new_zeros((1, c_in))])

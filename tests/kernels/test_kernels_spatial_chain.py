@@ -23,6 +23,7 @@ from dynnet.kernels.spatial import scatter_add_rows
 from dynnet.macs import MacCounter
 from dynnet.models.cifar_resnet import BasicBlock
 from dynnet.testing.engines import ENGINES, kernel_engine
+from dynnet.testing.masks import make_mask
 
 MANY = settings(max_examples=1000, deadline=None, derandomize=True)
 
@@ -55,14 +56,6 @@ def block_cases(draw):
     return c_in, c_out, stride, h, w, n, kind, density, tile, seed
 
 
-def _out_mask(kind: str, density: float, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    if kind == "empty":
-        return torch.zeros(shape, dtype=torch.bool)
-    if kind == "full":
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.rand(shape, generator=g) < density
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @MANY
 @given(case=block_cases())
@@ -74,7 +67,7 @@ def test_pixel_execution_equals_masked(engine, case) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c_in, h, w, generator=g)
     sizes = chain_sizes(stages, (h, w))
-    masks = stage_masks(stages, _out_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
+    masks = stage_masks(stages, make_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
     with torch.no_grad(), kernel_engine(engine):
         ref = run_masked(stages, x, list(masks))
         if bool(masks[0].any()):
@@ -98,7 +91,7 @@ def test_tile_execution_equals_masked(engine, case) -> None:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c_in, h, w, generator=g)
     ho, wo = chain_sizes(stages, (h, w))[-1]
-    tiles_mask = _out_mask(kind, density, (n, -(-ho // tile), -(-wo // tile)), g)
+    tiles_mask = make_mask(kind, density, (n, -(-ho // tile), -(-wo // tile)), g)
     pixel = tiles_to_pixels(tiles_mask, tile, (ho, wo))
     with torch.no_grad(), kernel_engine(engine):
         ref = run_masked(stages, x, [None, pixel])

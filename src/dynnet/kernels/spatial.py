@@ -77,25 +77,27 @@ def _register_onednn_mac_rule() -> None:
 
 _register_onednn_mac_rule()
 
-_GATHER_GEMM: list = []
+_OPS: dict[str, object] = {}
+
+
+def _op_with_rule(name: str, macs: Callable[[tuple], int]):
+    """``torch.ops.dynnet.<name>`` with ``macs(args)`` registered as its MAC rule, on first use."""
+    op = _OPS.get(name)
+    if op is not None:
+        return op
+    from dynnet.macs import MAC_RULES, register_mac_rule
+
+    op = getattr(torch.ops.dynnet, name)
+    if op not in MAC_RULES:
+        register_mac_rule(op)(lambda args, kwargs, out: macs(args))
+    _OPS[name] = op
+    return op
 
 
 def _gather_gemm_op():
     """``torch.ops.dynnet.gather_gemm`` (chunks gathered and multiplied in parallel) with its MAC rule,
-    ``P · K · C_out`` for the P positions (the weight's ``K · C_out``), registered on first use."""
-    if _GATHER_GEMM:
-        return _GATHER_GEMM[0]
-    from dynnet.macs import MAC_RULES, register_mac_rule
-
-    op = torch.ops.dynnet.gather_gemm
-    if op not in MAC_RULES:
-
-        @register_mac_rule(op)
-        def _rule(args: tuple, kwargs: dict, out: object) -> int:
-            return args[2].shape[0] * args[3].numel()
-
-    _GATHER_GEMM.append(op)
-    return op
+    ``P · K · C_out`` for the P positions (the weight's ``K · C_out``)."""
+    return _op_with_rule("gather_gemm", lambda args: args[2].shape[0] * args[3].numel())
 
 
 def _parallel_gather_gemm(
@@ -118,24 +120,11 @@ def _parallel_gather_gemm(
     return _gather_gemm_op()(rows, lookup, positions, weight, bias, wmat.shape[1], *geometry, chunk)
 
 
-_PIXEL_CHAIN: list = []
-
-
 def _pixel_chain_op():
-    """``torch.ops.dynnet.pixel_chain`` with its MAC rule (``Σ_i |mask_i| · |W_i|``), registered on first use."""
-    if _PIXEL_CHAIN:
-        return _PIXEL_CHAIN[0]
-    from dynnet.macs import MAC_RULES, register_mac_rule
-
-    op = torch.ops.dynnet.pixel_chain
-    if op not in MAC_RULES:
-
-        @register_mac_rule(op)
-        def _rule(args: tuple, kwargs: dict, out: object) -> int:
-            return sum(int(m.sum()) * w.numel() for m, w in zip(args[1], args[2], strict=True))
-
-    _PIXEL_CHAIN.append(op)
-    return op
+    """``torch.ops.dynnet.pixel_chain`` with its MAC rule, ``Σ_i |mask_i| · |W_i|``."""
+    return _op_with_rule(
+        "pixel_chain", lambda args: sum(int(m.sum()) * w.numel() for m, w in zip(args[1], args[2], strict=True))
+    )
 
 
 PIXEL_CHAIN_MIN_ROWS = 32

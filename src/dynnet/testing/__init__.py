@@ -1,5 +1,6 @@
 """Helpers for testing recipes: tiny models and gate scrambling for the conformance suite."""
 
 from dynnet.testing.conformance import build_recipe_pair, diverse_inputs, scramble_gates, scramble_until_mixed
+from dynnet.testing.masks import make_mask
 
-__all__ = ["build_recipe_pair", "diverse_inputs", "scramble_gates", "scramble_until_mixed"]
+__all__ = ["build_recipe_pair", "diverse_inputs", "make_mask", "scramble_gates", "scramble_until_mixed"]
