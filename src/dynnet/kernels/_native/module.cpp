@@ -60,6 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the input regions of active tiles (zeros outside the image) from a channels-last image");
   m.def("zero_outside_tiles_", &dynnet::zero_outside_tiles_, "zero (in place) the tile positions outside the grid");
   m.def("scatter_tiles_add", &dynnet::scatter_tiles_add, "base plus output tiles, as a new tensor");
+  m.def("squeeze_logits", &dynnet::squeeze_logits, "DynConv's squeeze mask unit (conv + fc of the mean) at inference");
 }
 
 // The convolution kernels are dispatcher operators (torch.ops.dynnet.*), so that dispatch-level tools (dynnet's

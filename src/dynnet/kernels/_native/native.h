@@ -27,6 +27,8 @@ void zero_outside_tiles_(at::Tensor& values, const at::Tensor& tiles, int64_t of
                          int64_t W);
 at::Tensor scatter_tiles_add(const at::Tensor& base, const at::Tensor& values, const at::Tensor& tiles,
                              int64_t tile);
+at::Tensor squeeze_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t stride,
+                          int64_t padding, const at::Tensor& fw, const at::Tensor& fb);
 
 // channel.cpp
 // Sets the work (MACs) from which the channel kernels' convolutions use several threads; returns the old value.
