@@ -71,3 +71,21 @@ def test_compiled_unit_steps_aside() -> None:
             assert seen
     with kernel_engine("torch"), torch.no_grad():
         assert unit._compiled(x) is None
+
+
+def test_squeeze_logits_rejects_bad_operands() -> None:
+    from dynnet.kernels import native
+
+    with kernel_engine("native"):
+        ext = native.load()
+        x, w, b = torch.randn(1, 4, 5, 5), torch.randn(1, 4, 3, 3), torch.randn(1)
+        fw, fb = torch.randn(1, 4), torch.randn(1)
+        ext.squeeze_logits(x, w, b, 1, 1, fw, fb)
+        with pytest.raises(RuntimeError, match=r"w must be a float32 Tensor\[1, 4, k, k\]"):
+            ext.squeeze_logits(x, torch.randn(2, 4, 3, 3), b, 1, 1, fw, fb)
+        with pytest.raises(RuntimeError, match="fw float32 with 4"):
+            ext.squeeze_logits(x, w, b, 1, 1, torch.randn(1, 3), fb)
+        with pytest.raises(RuntimeError, match="does not fit"):
+            ext.squeeze_logits(torch.randn(1, 4, 1, 1), w, b, 1, 0, fw, fb)
+        with pytest.raises(RuntimeError, match="x must be a float32 CPU"):
+            ext.squeeze_logits(x.double(), w, b, 1, 1, fw, fb)

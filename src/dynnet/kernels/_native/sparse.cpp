@@ -8,6 +8,8 @@
 // gather_tile_regions / zero_outside_tiles_ / scatter_tiles_add: the copies around SBNet's tile convolutions
 // (dynnet.kernels.block.gather_tiles / scatter_tiles and the border zeroing of run_tiles), each one pass of
 // contiguous pixel rows instead of index tensors built and applied with several ops.
+//
+// squeeze_logits: DynConv's squeeze mask unit (SACT's halting unit) at inference in one pass.
 #include "native.h"
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -308,6 +310,8 @@ at::Tensor squeeze_logits(const at::Tensor& x, const at::Tensor& w, const at::Te
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.scalar_type() == at::kFloat,
               "squeeze_logits: x must be a float32 CPU Tensor[N, C, H, W], got ", x.sizes(), " ", x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(w.device().is_cpu() && b.device().is_cpu() && fw.device().is_cpu() && fb.device().is_cpu(),
+              "squeeze_logits: the weights must be CPU tensors");
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 4 && w.size(0) == 1 && w.size(1) == C && w.size(2) == w.size(3),
               "squeeze_logits: w must be a float32 Tensor[1, ", C, ", k, k], got ", w.sizes());
   TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == 1 && fb.scalar_type() == at::kFloat && fb.numel() == 1 &&
