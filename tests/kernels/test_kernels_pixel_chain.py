@@ -70,17 +70,24 @@ def _build(case):
     return x, masks, weights, biases, geometries, relus, ref
 
 
+@pytest.mark.parametrize("small_gemm", [True, False], ids=["own-small-gemm", "onednn"])
 @MANY
 @given(case=chain_cases(), channels_last=st.booleans())
-def test_pixel_chain_equals_the_masked_chain(case, channels_last: bool) -> None:
+def test_pixel_chain_equals_the_masked_chain(small_gemm: bool, case, channels_last: bool) -> None:
     """Any chain of 1–3 stages (kernels 1 and 3, strides, paddings, dilations, ReLU or none, bias or none), with
     random, empty and full masks that need not cover what the next stage reads (missing rows read zero): the rows at
-    the last mask's positions, those positions, and the MACs executed per sample."""
+    the last mask's positions, those positions, and the MACs executed per sample; multiplied by dynnet's small GEMM
+    (these narrow stages) or by oneDNN's matmul."""
     x, masks, weights, biases, geometries, relus, ref = _build(case)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with kernel_engine("native"), torch.no_grad():
-        got = pixel_chain(x, masks, [weight_matrix(w) for w in weights], biases, geometries, relus)
+    saved = spatial.SMALL_GEMM_MAX_CHANNELS
+    spatial.SMALL_GEMM_MAX_CHANNELS = saved if small_gemm else 0
+    try:
+        with kernel_engine("native"), torch.no_grad():
+            got = pixel_chain(x, masks, [weight_matrix(w) for w in weights], biases, geometries, relus)
+    finally:
+        spatial.SMALL_GEMM_MAX_CHANNELS = saved
     assert got is not None
     rows, positions, executed = got
     assert torch.equal(positions, masks[-1].nonzero())
@@ -89,10 +96,12 @@ def test_pixel_chain_equals_the_masked_chain(case, channels_last: bool) -> None:
     torch.testing.assert_close(executed, expected)
 
 
+@pytest.mark.parametrize("small_gemm", [32, 8, 0])
 @pytest.mark.parametrize("chunk_elements", [1, 1 << 12, 1 << 19])
-def test_pixel_chain_on_two_threads_counts_its_macs(chunk_elements: int, monkeypatch) -> None:
+def test_pixel_chain_on_two_threads_counts_its_macs(chunk_elements: int, small_gemm: int, monkeypatch) -> None:
     """On 2 threads the rows are split into chunks per thread (down to the fewest rows a chunk may have); the result
-    is the one-thread result, and through the dispatcher op the MAC counter sees exactly the executed MACs."""
+    is the one-thread result, and through the dispatcher op the MAC counter sees exactly the executed MACs. The
+    stages (24 and 8 output channels) multiply with dynnet's small GEMM, oneDNN's matmul, or one of each."""
     g = torch.Generator().manual_seed(chunk_elements)
     x = torch.randn(2, 16, 15, 13, generator=g)
     w1, b1 = torch.randn(24, 16, 3, 3, generator=g), torch.randn(24, generator=g)
@@ -101,6 +110,7 @@ def test_pixel_chain_on_two_threads_counts_its_macs(chunk_elements: int, monkeyp
     mats, geometry = [weight_matrix(w1), weight_matrix(w2)], [(3, 2, 1, 1), (3, 1, 1, 1)]
     monkeypatch.setattr(spatial, "GATHER_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(spatial, "PIXEL_CHAIN_MIN_ROWS", 4)
+    monkeypatch.setattr(spatial, "SMALL_GEMM_MAX_CHANNELS", small_gemm)
     threads = torch.get_num_threads()
     try:
         with kernel_engine("native"), torch.no_grad():
@@ -167,3 +177,17 @@ def test_tile_copies_reject_bad_operands() -> None:
             ext.scatter_tiles_add(base, torch.randn(1, 2, 3, 3), torch.tensor([[0, 0, 0]]), 2)
         with pytest.raises(RuntimeError, match="is outside the batch or the grid"):
             ext.scatter_tiles_add(base, torch.randn(1, 2, 2, 2), torch.tensor([[1, 0, 0]]), 2)
+
+
+def test_narrow_stage_with_a_large_chunk_goes_to_onednn() -> None:
+    """A stage narrow enough for dynnet's small GEMM whose chunk exceeds its 2^20-MAC limit is multiplied by oneDNN's
+    matmul with the plain weight; both give the masked reference."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, 20, 20, generator=g)
+    weight, bias = torch.randn(16, 64, 3, 3, generator=g), torch.randn(16, generator=g)
+    for density in (0.05, 0.9):  # about 20 rows (small GEMM) and 360 rows × 576 × 16 > 2^20 MACs (oneDNN)
+        mask = torch.rand(1, 20, 20, generator=g) < density
+        with kernel_engine("native"), torch.no_grad():
+            rows, _, _ = pixel_chain(x, [mask], [weight_matrix(weight)], [bias], [(3, 1, 1, 1)], [True])
+        ref = F.conv2d(x, weight, bias, 1, 1).relu().permute(0, 2, 3, 1)[mask]
+        torch.testing.assert_close(rows, ref, rtol=1e-4, atol=1e-4)

@@ -127,6 +127,11 @@ def _pixel_chain_op():
     )
 
 
+SMALL_GEMM_MAX_CHANNELS = 32
+"""Stages of :func:`pixel_chain` with at most this many output channels multiply chunks of at most 2^20 MACs with
+dynnet's own small GEMM (a few µs) instead of oneDNN's matmul, which spends ~14 µs setting up each call (at most
+32; 0 turns it off)."""
+
 PIXEL_CHAIN_MIN_ROWS = 32
 """Fewest rows a thread's chunk gets in :func:`pixel_chain` before the rows go to one chunk (oneDNN's threads)."""
 
@@ -145,7 +150,9 @@ def pixel_chain(
     :func:`gather_conv_image` / :func:`gather_conv_rows` stage by stage.
 
     Per stage the mask becomes positions, counts and a position → row lookup in one pass, and every thread gathers
-    and multiplies (oneDNN's matmul, bias and ReLU fused) whole chunks of rows. Intermediate rows stay compact.
+    and multiplies (oneDNN's matmul with bias and ReLU fused; for small chunks of stages of at most
+    :data:`SMALL_GEMM_MAX_CHANNELS` output channels dynnet's own small GEMM) whole chunks of rows. Intermediate rows
+    stay compact.
 
     Args:
         x: Tensor[N, C, H, W] input (read in place when channels-last).
@@ -168,7 +175,11 @@ def pixel_chain(
     ):
         return None
     image = x.permute(0, 2, 3, 1).contiguous()
-    weights = [_packed_weight(w) for w in mats]
+    # Narrow layers: oneDNN's plain Tensor[C_out, K] (a view), which the call also reads for its own small GEMM on
+    # small chunks; others: oneDNN's weight (prepacked when seen again).
+    own = [w.shape[1] <= SMALL_GEMM_MAX_CHANNELS for w in mats]
+    weights = [w.t().contiguous() if o else _packed_weight(w) for w, o in zip(mats, own, strict=True)]
+    flags = [int(r) | (2 if o else 0) for r, o in zip(relus, own, strict=True)]
     geometry = [v for g in geometries for v in g]
     call = _pixel_chain_op() if native.observed() else native.direct("pixel_chain")
     return call(
@@ -178,7 +189,7 @@ def pixel_chain(
         list(biases),
         [w.shape[1] for w in mats],
         geometry,
-        [int(r) for r in relus],
+        flags,
         GATHER_CHUNK_ELEMENTS,
         PIXEL_CHAIN_MIN_ROWS,
     )

@@ -46,11 +46,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "pixel_chain",
       [](const at::Tensor& image, const std::vector<at::Tensor>& masks, const std::vector<at::Tensor>& weights,
          const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& out_channels,
-         const std::vector<int64_t>& geometry, const std::vector<int64_t>& relu, int64_t chunk_elements,
+         const std::vector<int64_t>& geometry, const std::vector<int64_t>& flags, int64_t chunk_elements,
          int64_t min_rows) {
         c10::List<c10::optional<at::Tensor>> b;
         for (const auto& t : biases) b.push_back(t);
-        return dynnet::pixel_chain(image, masks, weights, b, out_channels, geometry, relu, chunk_elements, min_rows);
+        return dynnet::pixel_chain(image, masks, weights, b, out_channels, geometry, flags, chunk_elements, min_rows);
       },
       "torch.ops.dynnet.pixel_chain without the dispatcher");
   m.def("gather_im2col", &dynnet::gather_im2col, "im2col rows of output positions, input rows through a lookup");
@@ -73,7 +73,7 @@ TORCH_LIBRARY(dynnet, m) {
   m.def("tile_gated_pair3x3(Tensor x, Tensor w1, Tensor a1, int base1, Tensor w2, Tensor a2, int base2, int stride, Tensor? residual=None, Tensor? shortcut_w=None, Tensor? shortcut_b=None) -> (Tensor, Tensor, Tensor, int, int)");
   m.def("gater_logits(Tensor x, Tensor w1, Tensor b1, int s1, Tensor w2, Tensor b2, int s2, Tensor wl, Tensor bl, Tensor wf, Tensor bf) -> Tensor");
   m.def("gather_gemm(Tensor rows, Tensor? lookup, Tensor positions, Tensor weight, Tensor? bias, int out_channels, int kernel, int stride, int padding, int dilation, int chunk) -> Tensor");
-  m.def("pixel_chain(Tensor image, Tensor[] masks, Tensor[] weights, Tensor?[] biases, int[] out_channels, int[] geometry, int[] relu, int chunk_elements, int min_rows) -> (Tensor, Tensor, Tensor)");
+  m.def("pixel_chain(Tensor image, Tensor[] masks, Tensor[] weights, Tensor?[] biases, int[] out_channels, int[] geometry, int[] flags, int chunk_elements, int min_rows) -> (Tensor, Tensor, Tensor)");
   m.def("conv3x3_in(Tensor x, Tensor w, Tensor b, Tensor active, int stride) -> (Tensor, int)");
 }
 

@@ -20,7 +20,7 @@ at::Tensor gather_gemm(const at::Tensor& rows, const c10::optional<at::Tensor>& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
     const at::Tensor& image, at::TensorList masks, at::TensorList weights,
     const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef out_channels, at::IntArrayRef geometry,
-    at::IntArrayRef relu, int64_t chunk_elements, int64_t min_rows);
+    at::IntArrayRef flags, int64_t chunk_elements, int64_t min_rows);
 at::Tensor gather_tile_regions(const at::Tensor& image, const at::Tensor& tiles, int64_t region, int64_t offset,
                                int64_t step);
 void zero_outside_tiles_(at::Tensor& values, const at::Tensor& tiles, int64_t offset, int64_t step, int64_t H,

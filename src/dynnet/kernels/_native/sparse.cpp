@@ -22,6 +22,9 @@
 
 namespace {
 
+constexpr int kLanes = 16;
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));  // GCC vector: AVX-512, else split
+
 // The set entries of a bool mask Tensor[N, H, W]: positions Tensor[P, 3] int64 (n, h, w) in row-major order (that of
 // mask.nonzero()), the count per sample and, when asked, the lookup Tensor[N, H, W] int64 from position to row (P,
 // the index of the zero row appended to the rows, where the mask is unset).
@@ -97,6 +100,43 @@ int64_t row_chunk(int64_t P, int64_t width, int64_t max_elements, int64_t min_ro
   return (P + chunks - 1) / chunks;
 }
 
+// The most MACs of a chunk multiplied by small_gemm (oneDNN's matmul costs ~14 µs a call on top of the arithmetic;
+// ours runs narrow layers at a lower rate per MAC, so it pays only for small chunks).
+constexpr int64_t kSmallGemmMacs = int64_t{1} << 20;
+
+// dst[M, N] = relu?(a[M, K] @ w + bias) for a narrow layer (N <= NV * 16), w given zero-padded as [K][NV * 16] and
+// bias as [NV * 16]: blocks of 4 rows accumulate in 4 * NV vector registers. For the 8-32 output channels of narrow
+// networks this takes a few microseconds where oneDNN's matmul spends ~14 µs setting up each call.
+template <int NV>
+void small_gemm(const float* a, int64_t M, int64_t K, const float* w, const float* bias, bool relu, float* dst,
+                int64_t N) {
+  constexpr int NR = 4;
+  for (int64_t i = 0; i < M; i += NR) {
+    const float* rows[NR];
+    for (int r = 0; r < NR; ++r) rows[r] = a + std::min<int64_t>(i + r, M - 1) * K;  // past the end: repeat a row
+    vfloat acc[NR][NV];
+    for (int v = 0; v < NV; ++v) {
+      vfloat b0;
+      std::memcpy(&b0, bias + v * kLanes, sizeof(vfloat));
+      for (int r = 0; r < NR; ++r) acc[r][v] = b0;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      vfloat wv[NV];
+      std::memcpy(wv, w + k * NV * kLanes, sizeof(wv));
+      for (int r = 0; r < NR; ++r) {
+        const vfloat av = vfloat{} + rows[r][k];
+        for (int v = 0; v < NV; ++v) acc[r][v] += av * wv[v];
+      }
+    }
+    for (int r = 0; r < NR && i + r < M; ++r) {
+      float lanes[NV * kLanes];
+      std::memcpy(lanes, acc[r], sizeof(lanes));
+      float* o = dst + (i + r) * N;
+      for (int64_t j = 0; j < N; ++j) o[j] = relu ? std::max(lanes[j], 0.f) : lanes[j];
+    }
+  }
+}
+
 void check_tiles(const at::Tensor& tiles, const char* who) {
   TORCH_CHECK(tiles.device().is_cpu() && tiles.dim() == 2 && tiles.size(1) == 3 && tiles.scalar_type() == at::kLong,
               who, ": tiles must be an int64 CPU Tensor[T, 3] (n, ty, tx), got ", tiles.sizes(), " ",
@@ -110,13 +150,13 @@ namespace dynnet {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
     const at::Tensor& image, at::TensorList masks, at::TensorList weights,
     const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef out_channels, at::IntArrayRef geometry,
-    at::IntArrayRef relu, int64_t chunk_elements, int64_t min_rows) {
+    at::IntArrayRef flags, int64_t chunk_elements, int64_t min_rows) {
   const int64_t L = static_cast<int64_t>(masks.size());
   TORCH_CHECK(L >= 1, "pixel_chain: no stages");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L && static_cast<int64_t>(biases.size()) == L &&
-                  static_cast<int64_t>(out_channels.size()) == L && static_cast<int64_t>(relu.size()) == L &&
+                  static_cast<int64_t>(out_channels.size()) == L && static_cast<int64_t>(flags.size()) == L &&
                   static_cast<int64_t>(geometry.size()) == 4 * L,
-              "pixel_chain: one weight, bias, out_channels, relu flag and 4 geometry numbers per stage (", L,
+              "pixel_chain: one weight, bias, out_channels, flags and 4 geometry numbers per stage (", L,
               " masks)");
   TORCH_CHECK(chunk_elements >= 1 && min_rows >= 1, "pixel_chain: chunk_elements and min_rows must be >= 1");
   TORCH_CHECK(image.device().is_cpu() && image.dim() == 4 && image.scalar_type() == at::kFloat &&
@@ -140,12 +180,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
                 "], got ", mask.sizes(), " ", mask.scalar_type());
     const at::Tensor& weight = weights[s];
     const int64_t width = k * k * C;
-    if (!weight.is_mkldnn()) {
+    const bool relu = (flags[s] & 1) != 0, own = (flags[s] & 2) != 0;
+    const c10::optional<at::Tensor> bias = biases.get(s);
+    // A narrow layer may also use our own GEMM (for chunks too small for oneDNN's set-up to pay): the weight
+    // transposed to [K][C_out] and zero-padded to whole vectors.
+    const int nv = static_cast<int>((c_out + kLanes - 1) / kLanes);
+    std::vector<float> wpad, bpad;
+    if (own) {
+      TORCH_CHECK(nv <= 2 && !weight.is_mkldnn() && weight.device().is_cpu() && weight.scalar_type() == at::kFloat,
+                  "pixel_chain: stage ", s, " (own GEMM allowed: at most ", 2 * kLanes,
+                  " output channels) needs a plain float32 CPU weight");
+      TORCH_CHECK(weight.dim() == 2 && weight.size(0) == c_out && weight.size(1) == width,
+                  "pixel_chain: the weight of stage ", s, " must be Tensor[", c_out, ", ", width, "], got ",
+                  weight.sizes());
+      const at::Tensor wc = weight.contiguous();
+      const float* w0 = wc.data_ptr<float>();
+      wpad.assign(width * nv * kLanes, 0.f);
+      bpad.assign(nv * kLanes, 0.f);
+      for (int64_t o = 0; o < c_out; ++o)
+        for (int64_t q = 0; q < width; ++q) wpad[q * nv * kLanes + o] = w0[o * width + q];
+      if (bias.has_value() && bias->defined()) {
+        TORCH_CHECK(bias->numel() == c_out && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                    "pixel_chain: the bias of stage ", s, " must be a float32 Tensor[", c_out, "]");
+        const at::Tensor bc = bias->contiguous();
+        std::memcpy(bpad.data(), bc.data_ptr<float>(), c_out * sizeof(float));
+      }
+    } else if (!weight.is_mkldnn()) {
       TORCH_CHECK(weight.dim() == 2 && weight.size(0) == c_out && weight.size(1) == width,
                   "pixel_chain: the weight of stage ", s, " must be Tensor[", c_out, ", ", width, "], got ",
                   weight.sizes());
     }
-    const c10::optional<at::Tensor> bias = biases.get(s);
     const bool last = s == L - 1;
     Active act = active_of(mask, !last);
     const int64_t P = act.positions.size(0);
@@ -163,7 +227,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
           const int64_t i = c * chunk, j = std::min(P, i + chunk);
           const at::Tensor cols = from_image ? gather_im2col_image(image, pos, i, j, k, stride, pad, dil)
                                              : gather_im2col(rows, lookup, pos, i, j, k, stride, pad, dil);
-          const at::Tensor y = onednn_matmul(cols, weight, bias, relu[s] != 0).contiguous();
+          if (own && (j - i) * width * c_out <= kSmallGemmMacs) {
+            const float* a = cols.data_ptr<float>();
+            if (nv == 1) small_gemm<1>(a, j - i, width, wpad.data(), bpad.data(), relu, dst + i * c_out, c_out);
+            else small_gemm<2>(a, j - i, width, wpad.data(), bpad.data(), relu, dst + i * c_out, c_out);
+            continue;
+          }
+          const at::Tensor y = onednn_matmul(cols, weight, bias, relu).contiguous();
           TORCH_CHECK(y.size(0) == j - i && y.size(1) == c_out, "pixel_chain: the matmul of stage ", s,
                       " returned ", y.sizes(), ", expected [", j - i, ", ", c_out, "]");
           std::memcpy(dst + i * c_out, y.data_ptr<float>(), (j - i) * c_out * sizeof(float));
@@ -293,11 +363,6 @@ at::Tensor scatter_tiles_add(const at::Tensor& base, const at::Tensor& values, c
 }
 
 }  // namespace dynnet
-
-namespace {
-constexpr int kLanes = 16;
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));  // GCC vector: AVX-512, else split
-}  // namespace
 
 namespace dynnet {
 
