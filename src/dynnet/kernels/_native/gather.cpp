@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 
 namespace {
 
@@ -144,6 +145,40 @@ at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positi
 
 namespace dynnet {
 
+at::Tensor onednn_matmul(const at::Tensor& cols, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool relu) {
+  static const c10::OperatorHandle linear =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{cols, weight, bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue(),
+                          c10::IValue(std::string(relu ? "relu" : "none")),
+                          c10::IValue(c10::List<c10::optional<at::Scalar>>()), c10::IValue()};
+  linear.callBoxed(stack);
+  return stack[0].toTensor();
+}
+
+void gather_chunks(const at::Tensor& src, const at::Tensor* lookup, const at::Tensor& positions, int64_t kernel,
+                   int64_t stride, int64_t padding, int64_t dilation, int64_t chunk,
+                   const std::function<void(const at::Tensor&, int64_t, int64_t)>& multiply) {
+  const int64_t P = positions.size(0), chunks = (P + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      const int64_t i = c * chunk, j = std::min(P, i + chunk);
+      const at::Tensor cols = lookup ? gather_im2col(src, *lookup, positions, i, j, kernel, stride, padding, dilation)
+                                     : gather_im2col_image(src, positions, i, j, kernel, stride, padding, dilation);
+      multiply(cols, i, j);
+    }
+  });
+}
+
+// oneDNN's matmul of one chunk of gathered rows, copied into rows [i, j) of dst (Tensor[P, out_channels] data).
+void onednn_chunk(const at::Tensor& cols, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu,
+                  int64_t i, int64_t j, int64_t out_channels, float* dst, const char* who) {
+  const at::Tensor y = onednn_matmul(cols, weight, bias, relu).contiguous();
+  TORCH_CHECK(y.size(0) == j - i && y.size(1) == out_channels, who, ": the matmul returned ", y.sizes(),
+              ", expected [", j - i, ", ", out_channels, "]");
+  std::memcpy(dst + i * out_channels, y.data_ptr<float>(), (j - i) * out_channels * sizeof(float));
+}
+
 // The pixel gather-GEMM of dynnet.kernels.spatial (gather_conv_rows / gather_conv_image) with its chunks run in
 // parallel: each thread gathers an L2-sized chunk of im2col rows (as gather_im2col, or gather_im2col_image when
 // lookup is None: rows is then a channels-last image Tensor[N, H, W, C]) and multiplies it by `weight` with oneDNN's
@@ -156,28 +191,15 @@ at::Tensor gather_gemm(const at::Tensor& rows, const c10::optional<at::Tensor>& 
                        int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, int64_t chunk) {
   TORCH_CHECK(chunk >= 1 && out_channels >= 1, "gather_gemm: chunk and out_channels must be >= 1");
   TORCH_CHECK(positions.dim() == 2, "gather_gemm: positions must be Tensor[P, 3], got ", positions.sizes());
-  const int64_t P = positions.size(0), chunks = (P + chunk - 1) / chunk;
+  const int64_t P = positions.size(0);
   at::Tensor out = at::empty({P, out_channels}, rows.options());
   if (P == 0) return out;
-  static const c10::OperatorHandle linear =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   float* dst = out.data_ptr<float>();
-  const bool image = !(lookup.has_value() && lookup->defined());
-  at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      const int64_t i = c * chunk, j = std::min(P, i + chunk);
-      at::Tensor cols = image ? gather_im2col_image(rows, positions, i, j, kernel, stride, padding, dilation)
-                              : gather_im2col(rows, *lookup, positions, i, j, kernel, stride, padding, dilation);
-      torch::jit::Stack stack{cols, weight, bias.has_value() ? c10::IValue(*bias) : c10::IValue(),
-                              c10::IValue(std::string("none")), c10::IValue(c10::List<c10::optional<at::Scalar>>()),
-                              c10::IValue()};
-      linear.callBoxed(stack);
-      const at::Tensor y = stack[0].toTensor().contiguous();
-      TORCH_CHECK(y.size(0) == j - i && y.size(1) == out_channels, "gather_gemm: the matmul returned ", y.sizes(),
-                  ", expected [", j - i, ", ", out_channels, "]");
-      std::memcpy(dst + i * out_channels, y.data_ptr<float>(), (j - i) * out_channels * sizeof(float));
-    }
-  });
+  const at::Tensor* lk = lookup.has_value() && lookup->defined() ? &*lookup : nullptr;
+  gather_chunks(rows, lk, positions, kernel, stride, padding, dilation, chunk,
+                [&](const at::Tensor& cols, int64_t i, int64_t j) {
+                  onednn_chunk(cols, weight, bias, false, i, j, out_channels, dst, "gather_gemm");
+                });
   return out;
 }
 

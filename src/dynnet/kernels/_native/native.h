@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <functional>
 #include <tuple>
 
 namespace dynnet {
@@ -12,6 +13,19 @@ at::Tensor gather_im2col(const at::Tensor& rows, const at::Tensor& lookup, const
                          int64_t dilation);
 at::Tensor gather_im2col_image(const at::Tensor& image, const at::Tensor& positions, int64_t start, int64_t stop,
                                int64_t kernel, int64_t stride, int64_t padding, int64_t dilation);
+// cols @ weight^T + bias (ReLU'd when relu) with oneDNN's matmul (mkldnn::_linear_pointwise, called through the
+// dispatcher); weight is oneDNN's Tensor[C_out, K], plain or prepacked.
+at::Tensor onednn_matmul(const at::Tensor& cols, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         bool relu);
+// The chunks [i, j) of `chunk` positions, in parallel (whole chunks per thread): each chunk's im2col rows are gathered
+// (from rows `src` through `lookup`, or from a channels-last image `src` when lookup is null) and handed to
+// multiply(cols, i, j).
+void gather_chunks(const at::Tensor& src, const at::Tensor* lookup, const at::Tensor& positions, int64_t kernel,
+                   int64_t stride, int64_t padding, int64_t dilation, int64_t chunk,
+                   const std::function<void(const at::Tensor&, int64_t, int64_t)>& multiply);
+// onednn_matmul of one chunk, copied into rows [i, j) of dst (the data of a Tensor[P, out_channels]).
+void onednn_chunk(const at::Tensor& cols, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool relu,
+                  int64_t i, int64_t j, int64_t out_channels, float* dst, const char* who);
 at::Tensor gather_gemm(const at::Tensor& rows, const c10::optional<at::Tensor>& lookup, const at::Tensor& positions,
                        const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t out_channels,
                        int64_t kernel, int64_t stride, int64_t padding, int64_t dilation, int64_t chunk);

@@ -2,8 +2,9 @@
 //
 // pixel_chain: the gather-GEMM chain of dynnet.kernels._spatial_chain.run_pixels (its pure-PyTorch reference). For
 // every stage it turns the stage's mask into positions, per-sample counts and a position -> row lookup in one pass
-// (no nonzero / full / index_put), gathers the im2col rows of L2-sized chunks and multiplies them with oneDNN's
-// matmul on every thread at once (bias and ReLU fused into the matmul), and hands the compact rows to the next stage.
+// (no nonzero / full / index_put), gathers the im2col rows of L2-sized chunks and multiplies them on every thread at
+// once (oneDNN's matmul with bias and ReLU fused; small chunks of narrow layers: small_gemm), and hands the compact
+// rows to the next stage.
 //
 // gather_tile_regions / zero_outside_tiles_ / scatter_tiles_add: the copies around SBNet's tile convolutions
 // (dynnet.kernels.block.gather_tiles / scatter_tiles and the border zeroing of run_tiles), each one pass of
@@ -12,11 +13,9 @@
 // squeeze_logits: DynConv's squeeze mask unit (SACT's halting unit) at inference in one pass.
 #include "native.h"
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +23,11 @@ namespace {
 
 constexpr int kLanes = 16;
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));  // GCC vector: AVX-512, else split
+
+// Output length of a convolution along one axis (dynnet.kernels.spatial.conv_out_size).
+int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
 
 // The set entries of a bool mask Tensor[N, H, W]: positions Tensor[P, 3] int64 (n, h, w) in row-major order (that of
 // mask.nonzero()), the count per sample and, when asked, the lookup Tensor[N, H, W] int64 from position to row (P,
@@ -67,22 +71,6 @@ Active active_of(const at::Tensor& mask, bool with_lookup) {
         }
       }
   return a;
-}
-
-const c10::OperatorHandle& onednn_linear() {
-  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  return op;
-}
-
-// cols @ weight^T + bias (ReLU'd when relu) with oneDNN's matmul; weight is oneDNN's Tensor[C_out, K], plain or
-// prepacked.
-at::Tensor onednn_matmul(const at::Tensor& cols, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         bool relu) {
-  torch::jit::Stack stack{cols, weight, bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue(),
-                          c10::IValue(std::string(relu ? "relu" : "none")),
-                          c10::IValue(c10::List<c10::optional<at::Scalar>>()), c10::IValue()};
-  onednn_linear().callBoxed(stack);
-  return stack[0].toTensor();
 }
 
 // How many row chunks to split P rows of `width` gathered elements into: chunks of at most max_elements elements
@@ -172,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
     const int64_t k = geometry[4 * s], stride = geometry[4 * s + 1], pad = geometry[4 * s + 2],
                   dil = geometry[4 * s + 3], c_out = out_channels[s];
     TORCH_CHECK(k > 0 && stride > 0 && pad >= 0 && dil > 0 && c_out >= 1, "pixel_chain: bad geometry of stage ", s);
-    const int64_t ho = (H + 2 * pad - dil * (k - 1) - 1) / stride + 1, wo = (W + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+    const int64_t ho = conv_out(H, k, stride, pad, dil), wo = conv_out(W, k, stride, pad, dil);
     const at::Tensor& mask = masks[s];
     TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.is_contiguous() &&
                     mask.dim() == 3 && mask.size(0) == N && mask.size(1) == ho && mask.size(2) == wo,
@@ -219,26 +207,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_chain(
     float* dst = out.data_ptr<float>();
     if (!last) std::memset(dst + P * c_out, 0, c_out * sizeof(float));
     if (P > 0) {
-      const int64_t chunk = row_chunk(P, width, chunk_elements, min_rows), chunks = (P + chunk - 1) / chunk;
-      const bool from_image = s == 0;
-      const at::Tensor pos = act.positions;
-      at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
-        for (int64_t c = b; c < e; ++c) {
-          const int64_t i = c * chunk, j = std::min(P, i + chunk);
-          const at::Tensor cols = from_image ? gather_im2col_image(image, pos, i, j, k, stride, pad, dil)
-                                             : gather_im2col(rows, lookup, pos, i, j, k, stride, pad, dil);
-          if (own && (j - i) * width * c_out <= kSmallGemmMacs) {
-            const float* a = cols.data_ptr<float>();
-            if (nv == 1) small_gemm<1>(a, j - i, width, wpad.data(), bpad.data(), relu, dst + i * c_out, c_out);
-            else small_gemm<2>(a, j - i, width, wpad.data(), bpad.data(), relu, dst + i * c_out, c_out);
-            continue;
-          }
-          const at::Tensor y = onednn_matmul(cols, weight, bias, relu).contiguous();
-          TORCH_CHECK(y.size(0) == j - i && y.size(1) == c_out, "pixel_chain: the matmul of stage ", s,
-                      " returned ", y.sizes(), ", expected [", j - i, ", ", c_out, "]");
-          std::memcpy(dst + i * c_out, y.data_ptr<float>(), (j - i) * c_out * sizeof(float));
-        }
-      });
+      const int64_t chunk = row_chunk(P, width, chunk_elements, min_rows);
+      gather_chunks(s == 0 ? image : rows, s == 0 ? nullptr : &lookup, act.positions, k, stride, pad, dil, chunk,
+                    [&](const at::Tensor& cols, int64_t i, int64_t j) {
+                      if (own && (j - i) * width * c_out <= kSmallGemmMacs) {
+                        const float* a = cols.data_ptr<float>();
+                        float* o = dst + i * c_out;
+                        if (nv == 1) small_gemm<1>(a, j - i, width, wpad.data(), bpad.data(), relu, o, c_out);
+                        else small_gemm<2>(a, j - i, width, wpad.data(), bpad.data(), relu, o, c_out);
+                      } else {
+                        onednn_chunk(cols, weight, bias, relu, i, j, c_out, dst, "pixel_chain");
+                      }
+                    });
     }
     rows = out, lookup = act.lookup, positions = act.positions;
     H = ho, W = wo, C = c_out;
@@ -384,7 +364,7 @@ at::Tensor squeeze_logits(const at::Tensor& x, const at::Tensor& w, const at::Te
               "squeeze_logits: b and fb must be float32 with one element, fw float32 with ", C);
   TORCH_CHECK(stride >= 1 && padding >= 0, "squeeze_logits: bad stride or padding");
   const int64_t k = w.size(2);
-  const int64_t Ho = (H + 2 * padding - k) / stride + 1, Wo = (W + 2 * padding - k) / stride + 1;
+  const int64_t Ho = conv_out(H, k, stride, padding, 1), Wo = conv_out(W, k, stride, padding, 1);
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "squeeze_logits: the ", k, "x", k, " kernel does not fit the ", H, "x", W, " input");
   // The input as zero-padded planes, split by column phase (column q of a padded row goes to phase q % stride, slot
   // q / stride), so that for every stride the taps of a block of output columns are one contiguous run: the inner
