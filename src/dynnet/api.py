@@ -10,6 +10,7 @@ from torch import nn
 
 from dynnet.convert import Targets
 from dynnet.core import RECIPES, DynamicModel, UnknownNameError, build_config
+from dynnet.core.budget import check_budget_in_range
 from dynnet.core.trace import _check_budget
 from dynnet.models import build_base_model
 
@@ -48,7 +49,8 @@ def convert(
     Args:
         model: a torchvision / timm / dynnet / own network (blocks found by registered adapters).
         recipe: registered recipe name (see :func:`list_recipes`).
-        budget: target fraction of the dense model's MACs (or the recipe's execution rate), in (0, 1].
+        budget: target mean fraction of the dense model's MACs per image (gates and policy networks included), within
+            the recipe's reachable range (``RecipeSpec.budget.reachable``); the recipe derives its own knobs from it.
         targets: ``"auto"``, a list of block names, or a predicate ``(name, module) -> bool``.
         inplace: modify ``model`` itself instead of a copy.
         **config: recipe settings (fields of its config dataclass).
@@ -57,7 +59,8 @@ def convert(
         A :class:`~dynnet.core.DynamicModel` whose gates start open: it reproduces ``model``'s logits.
 
     Raises:
-        UnknownNameError: unknown recipe. ValueError: bad budget or targets. TypeError: unknown setting.
+        UnknownNameError: unknown recipe. ValueError: bad budget (outside the recipe's reachable range: the message
+        names it) or targets. TypeError: unknown setting.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -67,6 +70,7 @@ def convert(
     spec = RECIPES.get(recipe)
     if budget is not None:
         _check_budget(budget)
+        check_budget_in_range(recipe, float(budget), spec.budget)
         config["budget"] = budget
     cfg = build_config(spec, **config)
     return spec.convert(model if inplace else copy.deepcopy(model), cfg, targets)

@@ -3,6 +3,7 @@
     dynnet list [recipes|models|datasets]
     dynnet macs --model resnet50 [--input 3,224,224] [--recipe R --budget B] [--depth 2] [--batch 1]
     dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ...
+    dynnet pretrain --model cifar_resnet20 --data fashion_mnist --out runs/pretrain/resnet20 [--width 0.75]
     dynnet eval --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
     dynnet bench --profile quick|full [--recipes a,b] [--budgets 0.25,0.5] [--out DIR] [--report-only]
@@ -87,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--no-profile", action="store_true", help="skip the latency measurement")
         p.add_argument("--progress", action="store_true", help="show a progress bar")
+
+    p = sub.add_parser("pretrain", help="train a dense base network with a real schedule (safetensors + manifest)")
+    p.add_argument("--model", default="cifar_resnet20")
+    p.add_argument("--width", type=float, default=None, help="width multiplier of cifar_resnet* models")
+    p.add_argument("--data", default="fashion_mnist", help="registered dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="run folder (resumable; model.safetensors + manifest.json at the end)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
 
     add_train_args(sub.add_parser("train", help="train, test (sparse) and time a recipe"))
     add_train_args(
@@ -176,6 +190,25 @@ def _train(args: argparse.Namespace) -> None:
         print(f"  written                 {args.out}/results.json, log.csv, checkpoint.json + .safetensors")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from dynnet.train.pretrain import pretrain
+
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
+        raise ValueError(
+            f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, {args.batch_size}, {args.lr}"
+        )
+    m = pretrain(
+        args.model, args.data, out_dir=args.out, width=args.width, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, threads=args.threads, data_root=args.data_root,
+        progress=args.progress,
+    )  # fmt: skip
+    print(
+        f"dynnet: pretrained {m['model']} on {m['data']}: test accuracy {100 * m['test_accuracy']:.2f} % "
+        f"({m['test_images']} images), {m['dense_macs'] / 1e6:.2f} M MACs"
+    )
+    print(f"  written {args.out}/model.safetensors (sha256 {m['sha256'][:16]}...), manifest.json")
+
+
 def _load(args: argparse.Namespace):
     import torch
 
@@ -237,10 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dynnet.core import UnknownNameError
     from dynnet.data import DatasetNotFoundError
 
-    if args.command in ("train", "quickstart"):
+    if args.command in ("train", "quickstart", "pretrain"):
         # The command is an application: show the loop's epoch lines and gate-health warnings.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"list": _list, "macs": _macs, "train": _train, "quickstart": _train, "eval": _eval, "bench": _bench}
+    handlers = {
+        "list": _list,
+        "macs": _macs,
+        "train": _train,
+        "quickstart": _train,
+        "pretrain": _pretrain,
+        "eval": _eval,
+        "bench": _bench,
+    }
     try:
         handlers[args.command](args)
     except (UnknownNameError, DatasetNotFoundError, ValueError, TypeError, ImportError) as err:

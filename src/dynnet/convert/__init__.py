@@ -1,13 +1,14 @@
 """Model surgery and adapters that find the blocks of torchvision, timm and dynnet networks."""
 
 from dynnet.convert.residual import ResidualAdapter, find_adapter, register_residual_adapter
-from dynnet.convert.surgery import Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.convert.surgery import Targets, first_conv_in_channels, num_classes_of, replace_module, residual_blocks
 
 __all__ = [
     "ResidualAdapter",
     "Targets",
     "find_adapter",
     "first_conv_in_channels",
+    "num_classes_of",
     "register_residual_adapter",
     "replace_module",
     "residual_blocks",

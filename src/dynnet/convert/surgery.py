@@ -74,3 +74,15 @@ def first_conv_in_channels(model: nn.Module) -> int | None:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     return None
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """Output features of the last linear layer of ``model`` (its number of classes).
+
+    Raises:
+        ValueError: ``model`` has no ``nn.Linear``.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot find the number of classes of {type(model).__name__}: it has no nn.Linear")
+    return linears[-1].out_features

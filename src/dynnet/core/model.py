@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core.block import dynamic_blocks, probe_macs
+from dynnet.core.budget import Knob, LogitShift, search_knob
 from dynnet.core.cache import structure_generation, tracing_or_compiling
 from dynnet.core.trace import Trace, current_trace
 
@@ -80,6 +81,12 @@ class DynamicModel(nn.Module):
 
     The static part of the network (everything outside dynamic blocks) is recorded into the trace as one
     MAC entry; its cost is probed once per input shape on meta tensors.
+
+    Buffers:
+        calibration: Tensor[2] float64 ``(knob value, calibrated budget)``: the value that :func:`dynnet.calibrate`
+            last gave the recipe's knob (the recipes whose knob is an edit of existing weights read it back from
+            here) and the budget it calibrated to (0: never calibrated). It is part of the ``state_dict``, so a
+            calibration round-trips through checkpoints and export.
     """
 
     def __init__(self, net: nn.Module, *, recipe: str, config: Any, in_channels: int | None) -> None:
@@ -89,6 +96,7 @@ class DynamicModel(nn.Module):
         self.config = config
         self.in_channels = in_channels
         self._dense_cache: dict[tuple, int] = {}
+        self.register_buffer("calibration", torch.zeros(2, dtype=torch.float64))
 
     @property
     def budget(self) -> float | None:
@@ -161,6 +169,57 @@ class DynamicModel(nn.Module):
             total = total + aux
             parts["aux"] = float(aux.detach())
         return LossOutput(total, parts)
+
+    @property
+    def calibrated_budget(self) -> float | None:
+        """The budget of the last :func:`dynnet.calibrate` (``None``: never calibrated)."""
+        value = float(self.calibration[1])
+        return value if value > 0 else None
+
+    def budget_knob(self) -> Knob | None:
+        """The decision threshold that calibration moves (``None``: the recipe has none). Recipes override it."""
+        return None
+
+    def logit_shift_knob(
+        self, entries: list[tuple[Tensor, int | None, float]], *, lo: float = -30.0, hi: float = 30.0
+    ) -> Knob:
+        """A knob that shifts the decision logits of gates by editing their final biases (see
+        :class:`~dynnet.core.budget.LogitShift`); the applied shift is kept in ``calibration[0]``.
+
+        Args:
+            entries: ``(bias, index, sign)`` of every gate: ``bias[index] += sign * shift``.
+            lo: smallest shift searched.
+            hi: largest shift searched.
+        """
+        return LogitShift(self.calibration[0], entries).knob(lo=lo, hi=hi)
+
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """Move the recipe's decision thresholds so that the mean MAC fraction on ``batches`` equals ``budget``.
+
+        Called by :func:`dynnet.calibrate` in eval and sparse mode. The default searches :meth:`budget_knob` by
+        bisection; recipes with their own calibration (early exits' geometric exit profile) override it.
+
+        Args:
+            batches: Tensor[N, C, H, W] images.
+            budget: target mean MAC fraction.
+            tolerance: how close the fraction on ``batches`` must come.
+
+        Returns:
+            The thresholds set, by name (``{"gate logit offset": 0.7}``).
+
+        Raises:
+            ValueError: the recipe has no knob, or the budget is outside the range it reaches on ``batches``.
+        """
+        knob = self.budget_knob()
+        if knob is None:
+            raise ValueError(
+                f"recipe {self.recipe!r} has no decision threshold to calibrate: its budget is fixed at conversion; "
+                f"convert again with budget={budget}"
+            )
+        value, _, _ = search_knob(self, knob, batches, budget, tolerance)
+        with torch.no_grad():
+            self.calibration[0] = value
+        return {knob.name: value}
 
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """The dynamic blocks, with their names."""

@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from dynnet.core.budget import BudgetPolicy
 from dynnet.core.registry import Registry
 
-__all__ = ["RECIPES", "RecipeSpec", "build_config", "register_recipe"]
+__all__ = ["RECIPES", "RecipeSpec", "build_config", "recipe", "register_recipe"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class RecipeSpec:
         input_dependent: decisions depend on the input. ``False`` for methods whose masks are fixed per
             layer (perforation, bandit-chosen channel subsets): the conformance suite then asks for masks
             that are partial (some units off, some on) instead of masks that differ across inputs.
+        budget: how the recipe honours ``budget`` (the target fraction of the dense MACs): trained, calibrated,
+            both, or fixed at conversion, and the range of MAC fractions it can reach.
     """
 
     name: str
@@ -45,17 +49,77 @@ class RecipeSpec:
     exact_executed: bool = True
     reproduces_base: bool = True
     input_dependent: bool = True
+    budget: BudgetPolicy | None = None
 
 
 RECIPES: Registry[RecipeSpec] = Registry("recipe")
 
 
 def register_recipe(spec: RecipeSpec) -> RecipeSpec:
-    """Register a recipe; raises on a duplicate name."""
+    """Register a recipe; raises on a duplicate name, a config without ``budget`` or a default budget outside the
+    declared reachable range."""
     if not dataclasses.is_dataclass(spec.config_cls):
         raise TypeError(f"recipe {spec.name!r}: config_cls must be a dataclass")
+    if not isinstance(spec.budget, BudgetPolicy):  # TRANSITION: strict once every recipe declares
+        spec = dataclasses.replace(spec, budget=BudgetPolicy("trained+calibrated"))
+        RECIPES.register(spec.name, spec)
+        return spec
+    fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
+    if "budget" not in fields:
+        raise TypeError(f"recipe {spec.name!r}: its config needs a `budget` field (fraction of the dense MACs)")
+    default = fields["budget"].default
+    lo, hi = spec.budget.reachable
+    if not isinstance(default, float | int) or not lo - 1e-9 <= default <= hi + 1e-9:
+        raise ValueError(f"recipe {spec.name!r}: default budget {default!r} is outside its reachable [{lo}, {hi}]")
     RECIPES.register(spec.name, spec)
     return spec
+
+
+def recipe(
+    name: str,
+    *,
+    paper: str,
+    budget: BudgetPolicy,
+    family: str | None = None,
+    config: type | None = None,
+    **options: Any,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register the decorated ``convert(model, config, targets)`` function as a recipe.
+
+    The family is the package the function lives in (``dynnet.methods.<family>.<module>``) and the config class is
+    the annotation of its ``config`` argument, unless given.
+
+    Args:
+        name: lowercase recipe name.
+        paper: "Title (Venue Year), link".
+        budget: how the recipe honours ``budget`` (:class:`~dynnet.core.budget.BudgetPolicy`).
+        family: the reading-list family, when the module does not live in ``dynnet.methods.<family>``.
+        config: the config dataclass, when the ``config`` argument is not annotated with it.
+        **options: the other :class:`RecipeSpec` fields (``test_base``, ``test_input``, ``exact_executed``,
+            ``reproduces_base``, ``input_dependent``).
+
+    Example:
+        >>> @recipe("convnet_aig", paper="...", budget=BudgetPolicy("trained+calibrated"))
+        ... def convert(model: nn.Module, config: ConvNetAIGConfig, targets: Targets = "auto") -> ConvNetAIG: ...
+    """
+
+    def register(convert: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        fam = family
+        if fam is None:
+            parts = convert.__module__.split(".")
+            if len(parts) < 4 or parts[:2] != ["dynnet", "methods"]:
+                raise ValueError(f"recipe {name!r}: pass family= (module {convert.__module__} is not a method package)")
+            fam = parts[2]
+        cfg = config or typing.get_type_hints(convert).get("config")
+        if cfg is None:
+            raise TypeError(f"recipe {name!r}: annotate convert's `config` argument with the config class")
+        spec = register_recipe(
+            RecipeSpec(name=name, family=fam, config_cls=cfg, convert=convert, paper=paper, budget=budget, **options)
+        )
+        convert.spec = spec  # type: ignore[attr-defined]
+        return convert
+
+    return register
 
 
 def build_config(spec: RecipeSpec, **kwargs: Any) -> Any:

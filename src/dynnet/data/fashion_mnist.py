@@ -174,12 +174,17 @@ def fashion_mnist_info(name: str = "fashion_mnist", image_size: tuple[int, int] 
 
 
 @DATASETS.register("fashion_mnist")
-def build_fashion_mnist(*, root: str | os.PathLike[str] | None = None, download: bool = False) -> DatasetSplits:
+def build_fashion_mnist(
+    *, root: str | os.PathLike[str] | None = None, download: bool = False, augment: bool = False, pad: int = 2
+) -> DatasetSplits:
     """Fashion-MNIST as in-memory datasets of ``(Tensor[1, 28, 28] float32, int)``, normalised.
 
     Args:
         root: a folder to search first (see the module docstring); ``None`` searches the usual places.
         download: fetch the files with torchvision when found nowhere (needs internet).
+        augment: random crop (zero padding of ``pad`` pixels) and horizontal flip of the training split (the
+            pretraining schedule of ``dynnet pretrain``); the evaluation splits are never augmented.
+        pad: the padding of the random crop.
 
     Returns:
         :class:`DatasetSplits` with 60,000 training and 10,000 test images.
@@ -188,5 +193,6 @@ def build_fashion_mnist(*, root: str | os.PathLike[str] | None = None, download:
     splits = []
     for train in (True, False):
         images, targets = load_fashion_mnist(root, train=train, download=download)
-        splits.append(InMemoryImageDataset(images[:, None], targets, mean=info.mean, std=info.std))
-    return DatasetSplits(train=splits[0], train_eval=splits[0], test=splits[1], info=info)
+        splits.append(InMemoryImageDataset(images[:, None], targets, mean=info.mean, std=info.std, pad=pad))
+    train = splits[0].with_augment(augment) if augment else splits[0]
+    return DatasetSplits(train=train, train_eval=splits[0], test=splits[1], info=info)

@@ -11,6 +11,10 @@ Departures from the paper:
 * gates start open (bias trick) so the converted network reproduces the original at step 0, where
   the paper trains from scratch or fine-tunes with gates initialised near 0.5;
 * at inference the decision is the argmax of the gate logits (the paper thresholds the same way).
+
+Budget: trained and calibrated. ``budget`` (the target fraction of the dense MACs) is also the target execution
+rate ``t`` of every gate in the target-rate loss (the paper's knob); calibration then shifts the open logit of every
+gate by one offset (``calibration[0]``) until the mean MAC fraction on held-out images equals the budget.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_softmax
 from dynnet.gates import PooledMLPGate
 from dynnet.losses import target_rate_loss
@@ -36,7 +42,8 @@ class ConvNetAIGConfig:
     """Settings of ConvNet-AIG.
 
     Attributes:
-        budget: target execution rate of every gate, in (0, 1].
+        budget: target mean fraction of the dense MACs per image; also the target execution rate of every gate in
+            the target-rate loss (the paper's ``t``).
         hidden: hidden width of each gate (16 in the paper).
         tau: Gumbel-Softmax temperature (1 in the paper).
         rate_weight: weight of the target-rate loss (the authors' code uses 2).
@@ -76,6 +83,10 @@ class AIGBlock(GatedResidual):
 class ConvNetAIG(DynamicModel):
     """The converted network; its objective is cross-entropy + ``rate_weight`` × target-rate loss."""
 
+    def budget_knob(self) -> Knob:
+        """One offset added to the open logit of every gate."""
+        return self.logit_shift_knob([(b.gate.fc2.bias, b.gate.open_index, 1.0) for _, b in self.blocks()])
+
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         budget = self.config.budget if budget is None else budget
         task = F.cross_entropy(logits, target)
@@ -85,6 +96,12 @@ class ConvNetAIG(DynamicModel):
         return LossOutput(total, {"task": float(task.detach()), "rate": float(rate.detach())})
 
 
+@recipe(
+    "convnet_aig",
+    paper="Convolutional Networks with Adaptive Inference Graphs (ECCV 2018), arXiv:1711.11503",
+    budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.05, 1.0),
+                        derives="target execution rate t of every gate = budget"),
+)  # fmt: skip
 def convert(model: nn.Module, config: ConvNetAIGConfig, targets: Targets = "auto") -> ConvNetAIG:
     """Put a ConvNet-AIG gate on every target residual block of ``model`` (in place)."""
     for name, block, adapter in residual_blocks(model, targets):
@@ -93,14 +110,3 @@ def convert(model: nn.Module, config: ConvNetAIGConfig, targets: Targets = "auto
         new.block_name, new.tau = name, config.tau
         replace_module(model, name, new)
     return ConvNetAIG(model, recipe="convnet_aig", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="convnet_aig",
-        family="layer_skip",
-        config_cls=ConvNetAIGConfig,
-        convert=convert,
-        paper="Convolutional Networks with Adaptive Inference Graphs (ECCV 2018), arXiv:1711.11503",
-    )
-)
