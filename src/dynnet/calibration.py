@@ -84,7 +84,7 @@ def collect_batches(
     if isinstance(data, Tensor):
         items: Iterable[Any] = data.split(batch_size)
         labelled = False
-    elif isinstance(data, Iterable):
+    elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         items = data
     else:
         raise TypeError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import matplotlib.image
@@ -207,19 +206,3 @@ def test_pad_images_centres_the_batch_on_a_black_canvas_and_the_loader_keeps_its
     padded = suite._Padded(loader, (4, 5), black)
     assert len(padded) == 2 and padded.sampler is loader.sampler
     assert [tuple(b.shape) for b, _ in padded] == [(1, 1, 4, 5)] * 2
-
-
-def test_calibrate_exits_sets_thresholds_for_the_budget_only_where_training_left_them_at_inf() -> None:
-    import dynnet
-
-    torch.manual_seed(0)
-    x = torch.randn(64, 1, 12, 12)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 10, (64,))), batch_size=32)
-    model = dynnet.create_model("cifar_resnet8", recipe="branchynet", budget=0.6, in_channels=1, width=0.25)
-    cal = suite.calibrate_exits(model, loader, 0.6)
-    assert cal is not None and cal["target_fraction"] == 0.6
-    assert all(math.isfinite(t) for t in cal["thresholds"])
-    assert suite.calibrate_exits(model, loader, 0.6) is None  # thresholds are finite now: left alone
-    aig = dynnet.create_model("cifar_resnet8", recipe="convnet_aig", budget=0.6, in_channels=1, width=0.25)
-    assert suite.calibrate_exits(aig, loader, 0.6) is None
-    assert suite.calibrate_exits(model, None, 0.6) is None

@@ -51,7 +51,8 @@ def _row(kind: str, recipe: str, macs: float, acc: float, *, budget: float | Non
         "job": f"{recipe}-{budget}-{macs}-{seed}", "kind": kind, "recipe": recipe, "family": "x", "model": "m",
         "width": macs + acc if kind == "static" else 1.0, "depth": 8, "budget": budget, "seed": seed,
         "dataset": "d", "status": "ok",
-        "accuracy": acc, "mean_macs": macs, "test_images": 1000, "mac_fraction": macs / 4.0,
+        "accuracy": acc, "mean_macs": macs, "test_images": 1000,
+        "mac_fraction": macs / 4.0 if budget is None else budget,
         "b1_realized_ratio": 0.5, "b1_mac_speedup": 2.0, "b1_latency_speedup": 1.0,
         "b64_realized_ratio": 0.8, "b64_mac_speedup": 2.0, "b64_latency_speedup": 1.6,
     }  # fmt: skip
@@ -85,3 +86,18 @@ def test_report_states_a_verdict_per_recipe_and_lists_failures(tmp_path: Path) -
     assert "batch 1: 0.50 (×1.00 / ×2.00)" in text and "batch 64: 0.80" in text
     assert "- **broken**: failed — `RuntimeError: boom`" in text
     assert "very short schedule" in text and "3.2" in text
+
+
+def test_a_point_off_its_budget_is_marked_and_not_counted(tmp_path: Path) -> None:
+    rows = [_row("static", "static", m, a) for m, a in BASELINES]
+    on = _row("recipe", "mixed", 3.0, 0.84, budget=0.5)
+    off = dict(_row("recipe", "mixed", 3.0, 0.90, budget=0.25), mac_fraction=0.76, achieved=0.76)
+    v = {x["budget"]: x for x in verdicts([*rows, on, off])}
+    assert v[0.5]["on_budget"] is True and v[0.25]["on_budget"] is False
+    text = write_report(
+        [*rows, on, off], tmp_path, profile={"name": "quick", "budgets": [0.25, 0.5]}, machine={}
+    ).read_text()
+    assert "0.25 → 0.76 **off budget**" in text and "0.5 → 0.50 |" in text
+    line = next(t for t in text.splitlines() if t.startswith("- **mixed**"))
+    assert "at budget 0.5 (" in line and "at budget 0.25" not in line
+    assert "Off budget (not counted): budget 0.25 achieved 0.76" in line

@@ -47,6 +47,8 @@ class ExperimentResult:
         machine: :func:`machine_info` at the end of the run.
         seconds: wall-clock time of training, of evaluation and of profiling.
         checkpoint: the checkpoint JSON, or ``None``.
+        budget: the target MAC fraction and what was achieved: ``{"target", "val", "test", "calibrated",
+            "thresholds"}`` (``val``: on the validation split after calibration; ``test``: on the test split).
     """
 
     settings: dict[str, Any]
@@ -58,6 +60,7 @@ class ExperimentResult:
     machine: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: settings, test metrics, profile, machine, history, timings."""
@@ -69,6 +72,7 @@ class ExperimentResult:
             "machine": self.machine,
             "seconds": self.seconds,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "budget": self.budget,
             "history": self.history,
         }  # fmt: skip
 
@@ -83,6 +87,13 @@ class ExperimentResult:
             f"  MACs / image            {t.macs.mean() / 1e6:.2f} M theoretical = {100 * t.mac_fraction:.1f} % of "
             f"dense {t.dense_macs / 1e6:.2f} M; executed {t.executed.mean() / 1e6:.2f} M",
         ]
+        if self.budget.get("target") is not None:
+            b = self.budget
+            val = "n/a" if b.get("val") is None else f"{b['val']:.2f}"
+            how = "calibrated on validation" if b.get("calibrated") else b.get("note", "not calibrated")
+            lines.append(
+                f"  budget                  {b['target']:.2f} → achieved {val} (val) / {b['test']:.2f} (test)   [{how}]"
+            )
         for b in s.get("batch_sizes", ()):
             if f"b{b}_dense_ms" not in p:
                 continue
@@ -196,10 +207,22 @@ def run_experiment(
         row = profile_model(net, images, batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time)
         seconds["profile"] = time.perf_counter() - start
 
+    target = getattr(net, "budget", None)
+    budget_row: dict[str, Any] = {}
+    if target is not None:
+        cal = result.calibration
+        budget_row = {
+            "target": float(target), "val": None if result.val is None else result.val.mac_fraction,
+            "test": test.mac_fraction, "calibrated": cal is not None,
+            "thresholds": {} if cal is None else dict(cal.thresholds),
+            "uncalibrated_val": None if cal is None else cal.before,
+        }  # fmt: skip
+        if cal is None:
+            budget_row["note"] = result.calibration_error or "recipe not calibrated"
     out = ExperimentResult(
         settings=settings, history=result.history, test=test, masked_accuracy=masked.accuracy,
         sparse_masked_agreement=agreement, profile=row, machine=machine_info(), seconds=seconds,
-        checkpoint=result.checkpoint,
+        checkpoint=result.checkpoint, budget=budget_row,
     )  # fmt: skip
     if out_dir is not None:
         path = Path(out_dir) / "results.json"

@@ -10,6 +10,9 @@ Definitions (also in ``docs/benchmarks.md``):
 - **Beats the front**: ``a > F(m)``, or the point dominates a baseline (``m <= m_i``, ``a >= a_i``, one strict).
   The gap ``a - F(m)`` is reported in accuracy points with the binomial standard error of ``a``
   (``sqrt(a (1 - a) / n)`` over ``n`` test images) so that a gap inside ±2 SE reads as a tie.
+- **On budget**: a recipe point whose achieved mean MAC fraction on the test split is within
+  :data:`BUDGET_TOLERANCE` (0.03) of its budget. A point off budget is marked in the report and never counted as
+  a point at that budget (no "beats the front at budget b" for it).
 - **Realized-speedup ratio** at batch ``B``: (dense latency / sparse latency) ÷ (dense MACs / mean MACs), where
   "dense" is the recipe's own base network running statically: 1.0 means every MAC saved was saved on the clock.
 """
@@ -26,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "TABLE_COLUMNS",
     "aggregate",
     "beats_front",
     "front_accuracy",
     "load_rows",
+    "on_budget",
     "pareto_front",
     "verdicts",
     "write_outputs",
@@ -40,10 +45,25 @@ __all__ = [
 
 Point = tuple[float, float]
 
+BUDGET_TOLERANCE = 0.03
+"""How far (in MAC fraction) a point's achieved MACs may be from its budget and still count as a point at it."""
+
+
+def on_budget(budget: float | None, achieved: float | None, tolerance: float = BUDGET_TOLERANCE) -> bool:
+    """Whether a point with target ``budget`` and achieved MAC fraction ``achieved`` counts at its budget
+    (``True`` without a budget: static baselines)."""
+    if budget is None:
+        return True
+    if achieved is None or not math.isfinite(float(achieved)):
+        return False
+    return abs(float(achieved) - float(budget)) <= tolerance + 1e-12
+
+
 TABLE_COLUMNS = (
-    "job", "kind", "recipe", "family", "model", "width", "depth", "budget", "seed", "dataset", "status",
-    "accuracy", "test_images", "mean_macs", "mean_executed_macs", "dense_macs", "mac_fraction", "executed_fraction",
-    "mean_macs_correct", "mean_macs_incorrect", "confidence_mac_corr", "params", "base_fallback", "padded_to",
+    "job", "kind", "recipe", "family", "model", "width", "depth", "budget", "achieved", "achieved_val", "on_budget",
+    "seed", "dataset", "status", "accuracy", "test_images", "mean_macs", "mean_executed_macs", "dense_macs",
+    "mac_fraction", "executed_fraction", "mean_macs_correct", "mean_macs_incorrect", "confidence_mac_corr", "params",
+    "base_fallback", "padded_to",
     "b1_dense_ms", "b1_sparse_ms", "b1_mac_speedup", "b1_latency_speedup", "b1_realized_ratio",
     "b64_dense_ms", "b64_sparse_ms", "b64_mac_speedup", "b64_latency_speedup", "b64_realized_ratio",
     "threads", "device", "error",
@@ -125,6 +145,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if isinstance(first.get(k), (int, float)) and not isinstance(first.get(k), bool):
                 first[k] = _mean([m.get(k, math.nan) for m in members])
+        first["on_budget"] = all(on_budget(m.get("budget"), m.get("achieved", m.get("mac_fraction"))) for m in members)
         accs = [m["accuracy"] for m in members]
         mu = _mean(accs)
         first["seeds"] = len(members)
@@ -208,6 +229,15 @@ def _f(v: Any, fmt: str = ".2f", none: str = "–") -> str:
 def _recipe_line(name: str, items: list[dict[str, Any]]) -> str:
     """One plain-language verdict per recipe (over its budgets)."""
     fam = items[0].get("family", "")
+    off = [v for v in items if not v.get("on_budget", True)]
+    items = [v for v in items if v.get("on_budget", True)]
+    off_text = ""
+    if off:
+        off_text = " Off budget (not counted): " + ", ".join(
+            f"budget {v['budget']:g} achieved {_f(v.get('achieved', v.get('mac_fraction')))}" for v in off
+        )
+    if not items:
+        return f"- **{name}** ({fam}): no point on budget (within {BUDGET_TOLERANCE:g}).{off_text}."
     beats = [v for v in items if v.get("beats")]
     if all(v.get("beats") is None for v in items):
         verdict = "beats the static front: **n/a** (no static baseline on its dataset)"
@@ -232,7 +262,7 @@ def _recipe_line(name: str, items: list[dict[str, Any]]) -> str:
         verdict += " — no MAC saving in this run: its MAC fraction is ≥ 0.95 of its base at every budget"
     budgets = "/".join(f"{v['budget']:g}" for v in items)
     return (f"- **{name}** ({fam}): {verdict}. Realized speedup ÷ MAC speedup at budgets {budgets} — {real} "
-            "(latency speedup / MAC speedup in brackets).")  # fmt: skip
+            f"(latency speedup / MAC speedup in brackets).{off_text}")  # fmt: skip
 
 
 def write_report(
@@ -338,17 +368,17 @@ def write_report(
         "",
         "## Recipes",
         "",
-        "| recipe | family | budget | base | accuracy | front | gap (pts) | MACs (M) | MAC frac | executed frac | "
-        "b1 ms dense→sparse | b1 ratio | b64 ms dense→sparse | b64 ratio | beats |",
+        "| recipe | family | budget → achieved | base | accuracy | front | gap (pts) | MACs (M) | MAC frac | "
+        "executed frac | b1 ms dense→sparse | b1 ratio | b64 ms dense→sparse | b64 ratio | beats |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in ver:
-        beats = {True: "yes", False: "no", None: "n/a"}[v.get("beats")]
+        beats = {True: "yes", False: "no", None: "n/a"}[v.get("beats")] if v.get("on_budget", True) else "not counted"
         base = f"{v['model']}×{v['width']:g}" + (" (own)" if v.get("base_fallback") else "")
         if v.get("padded_to"):
             base += " pad " + "×".join(str(int(d)) for d in v["padded_to"])
         lines.append(
-            f"| {v['recipe']} | {v.get('family', '')} | {v['budget']:g} | {base} | {100 * v['accuracy']:.2f} % | "
+            f"| {v['recipe']} | {v.get('family', '')} | {_budget_cell(v)} | {base} | {100 * v['accuracy']:.2f} % | "
             f"{_f(100 * v['front_accuracy'])} % | {_f(v['gap'], '+.2f')} | {v['mean_macs'] / 1e6:.3f} | "
             f"{_f(v['mac_fraction'], '.3f')} | {_f(v.get('executed_fraction'), '.3f')} | "
             f"{_f(v.get('b1_dense_ms'))}→{_f(v.get('b1_sparse_ms'))} | {_f(v.get('b1_realized_ratio'))} | "
@@ -368,6 +398,13 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _budget_cell(v: dict[str, Any]) -> str:
+    """``0.5 → 0.49`` (``0.5 → 0.76 **off budget**`` beyond the tolerance)."""
+    achieved = v.get("achieved", v.get("mac_fraction"))
+    cell = f"{v['budget']:g} → {_f(achieved)}"
+    return cell if v.get("on_budget", on_budget(v.get("budget"), achieved)) else cell + " **off budget**"
 
 
 def _short(text: str, n: int = 160) -> str:

@@ -446,32 +446,6 @@ def _pad_data(data: _Data, size: tuple[int, int]) -> _Data:
     )  # fmt: skip
 
 
-def calibrate_exits(model: nn.Module, val_loader: Any, budget: float | None) -> dict[str, Any] | None:
-    """Budgeted-batch calibration of an early-exit model whose training left every exit threshold at +inf.
-
-    Such recipes (BranchyNet, MSDNet, IMTA, CDL...) take their thresholds from held-out data after training, as
-    their papers do: :func:`dynnet.methods.early_exit.calibrate_` picks the thresholds whose mean MACs on the
-    validation split meet ``budget``. Models with finite thresholds (learned, or set by the recipe) are left alone.
-
-    Returns:
-        ``{"target_fraction", "achieved_fraction", "val_accuracy", "thresholds"}``, or ``None`` when not calibrated.
-    """
-    if val_loader is None or budget is None:
-        return None
-    try:
-        from dynnet.methods.early_exit import EarlyExitModel, calibrate_
-    except ImportError:
-        return None
-    if not isinstance(model, EarlyExitModel):
-        return None
-    thresholds = model.thresholds() if callable(model.thresholds) else model.thresholds
-    if bool(torch.isfinite(torch.as_tensor(thresholds)).any()):
-        return None
-    cal = calibrate_(model, val_loader, budget)
-    return {"target_fraction": cal.target_fraction, "achieved_fraction": cal.achieved_fraction,
-            "val_accuracy": cal.accuracy, "thresholds": [float(t) for t in cal.thresholds]}  # fmt: skip
-
-
 def _quantiles(values: Tensor) -> dict[str, float]:
     v = values.double()
     qs = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
@@ -497,6 +471,7 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
             there is loaded instead of training again. ``None``: no checkpoint.
     """
     from dynnet.bench.harness import profile_model
+    from dynnet.bench.report import on_budget
     from dynnet.core import RECIPES
     from dynnet.train import TrainConfig, evaluate, fit
 
@@ -513,9 +488,14 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
            **dict(profile.train_overrides)}
     )  # fmt: skip
     start = time.perf_counter()
-    fitted = fit(model, data.train, config, val_loader=data.val)
+    fitted = fit(model, data.train, config, val_loader=data.val)  # calibrates to the budget on validation
     seconds["train"] = time.perf_counter() - start
-    calibration = calibrate_exits(model, data.val, job.budget)
+    cal = fitted.calibration
+    calibration = {
+        "calibrated": cal is not None, "error": fitted.calibration_error,
+        "thresholds": {} if cal is None else dict(cal.thresholds),
+        "uncalibrated_val_fraction": None if cal is None else cal.before,
+    }  # fmt: skip
 
     start = time.perf_counter()
     ev = evaluate(model, data.test, mode="sparse")
@@ -551,7 +531,9 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
         "params": sum(p.numel() for p in model.parameters()),
         "accuracy": ev.accuracy, "test_images": ev.num_samples, "loss": ev.loss,
         "mean_macs": float(ev.macs.mean()), "mean_executed_macs": float(ev.executed.mean()),
-        "dense_macs": ev.dense_macs, "mac_fraction": ev.mac_fraction,
+        "dense_macs": ev.dense_macs, "mac_fraction": ev.mac_fraction, "achieved": ev.mac_fraction,
+        "achieved_val": None if fitted.val is None else fitted.val.mac_fraction,
+        "on_budget": on_budget(job.budget, ev.mac_fraction),
         "executed_fraction": float(ev.executed.mean()) / ev.dense_macs,
         "macs_q": _quantiles(ev.macs), "executed_q": _quantiles(ev.executed),
         "mean_macs_correct": float(ev.macs[correct].mean()) if correct.any() else math.nan,
@@ -559,7 +541,7 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
         "mac_hist": {"edges": list(MAC_HIST_EDGES), "correct": _hist(fraction, correct),
                      "incorrect": _hist(fraction, ~correct)},
         "confidence_mac_corr": _corr(confidence, ev.macs),
-        "decision_rates": ev.decision_rates, "exit_calibration": calibration,
+        "decision_rates": ev.decision_rates, "calibration": calibration,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "history": fitted.history,
         "examples": examples,

@@ -46,6 +46,10 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
         progress: show a tqdm progress bar (rank 0 only).
         eval_mode: execution mode of the per-epoch validation (``"sparse"``: what inference really runs).
+        calibrate: at the end of training, move the recipe's decision thresholds on the validation split so that
+            the mean MAC fraction equals the budget (:func:`dynnet.calibrate`); skipped without validation data,
+            without a budget, or for recipes whose budget is not calibrated (``RecipeSpec.budget``).
+        calibrate_tolerance: the tolerance of that calibration (MAC fraction on the validation split).
         find_unused_parameters: passed to ``DistributedDataParallel``. Training runs in masked mode, where every
             parameter takes part in every step, so the default ``False`` is right; recipes whose training skips
             parameters (e.g. exits not evaluated) need ``True``.
@@ -76,6 +80,8 @@ class TrainConfig:
     progress: bool = False
     eval_mode: str = "sparse"
     find_unused_parameters: bool = False
+    calibrate: bool = True
+    calibrate_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
@@ -106,6 +112,8 @@ class TrainConfig:
             raise ValueError("warmup_epochs and budget_warmup_epochs must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip!r}")
+        if not 0 < self.calibrate_tolerance < 1:
+            raise ValueError(f"calibrate_tolerance must be in (0, 1), got {self.calibrate_tolerance!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("resume=True needs out_dir (where the checkpoint is)")
 

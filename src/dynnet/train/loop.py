@@ -39,11 +39,16 @@ class FitResult:
             validation metrics, gate rates and ``collapsed_gates``).
         val: the last validation :class:`EvalResult` (``None`` without ``val_loader``).
         checkpoint: the JSON path of the last checkpoint written (``None`` without ``out_dir``).
+        calibration: the end-of-training :class:`~dynnet.CalibrationReport` on the validation split (``None``
+            when not calibrated; ``calibration_error`` then says why, if it was tried).
+        calibration_error: the one-line reason a calibration that was tried failed (budget out of reach).
     """
 
     history: list[dict[str, Any]]
     val: EvalResult | None
     checkpoint: Path | None
+    calibration: Any = None
+    calibration_error: str | None = None
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -217,12 +222,60 @@ def fit(
         state.epoch += 1
         state.batch_in_epoch = 0
         state.meter = {}
-    for h in all_hooks:
-        h.on_fit_end(state)
     if progress is not None:
         progress.close()
+    calibration, error = None, None
+    if _should_calibrate(model, config, val_loader, target_budget):
+        calibration, error = _calibrate(model, val_loader, target_budget, config.calibrate_tolerance)
+        if calibration is not None:
+            val_result = evaluate(model, val_loader, mode=config.eval_mode, device=device)
+            if state.logs:
+                state.logs[-1] = {**state.logs[-1], **_calibration_log(calibration, val_result)}
+            if ckpt_hook is not None:
+                ckpt_hook.save(state)  # the thresholds are model state: the final checkpoint carries them
+    for h in all_hooks:
+        h.on_fit_end(state)
     model.eval()
-    return FitResult(history=state.logs, val=val_result, checkpoint=ckpt_hook.last if ckpt_hook else None)
+    return FitResult(
+        history=state.logs, val=val_result, checkpoint=ckpt_hook.last if ckpt_hook else None,
+        calibration=calibration, calibration_error=error,
+    )  # fmt: skip
+
+
+def _should_calibrate(model: nn.Module, config: TrainConfig, val_loader: Any, budget: float | None) -> bool:
+    from dynnet.core import RECIPES
+
+    if not (config.calibrate and val_loader is not None and budget is not None and isinstance(model, DynamicModel)):
+        return False
+    return model.recipe not in RECIPES or RECIPES.get(model.recipe).budget.calibrated
+
+
+def _calibrate(model: DynamicModel, val_loader: Any, budget: float, tolerance: float) -> tuple[Any, str | None]:
+    """Calibrate on the validation split; a budget out of reach is logged (with the range), not raised, so that a
+    finished training run is never lost to it."""
+    from dynnet.calibration import calibrate
+
+    try:
+        report = calibrate(model, val_loader, budget, tolerance=tolerance)
+    except ValueError as err:
+        logger.warning("calibration to budget %.3f failed: %s", budget, err)
+        return None, str(err)
+    logger.info("calibrated on the validation split: %s", report.summary())
+    if not report.within_tolerance:
+        logger.warning("calibration missed: budget %.3f, achieved %.3f on validation", budget, report.mac_fraction)
+    return report, None
+
+
+def _calibration_log(report: Any, val: EvalResult) -> dict[str, Any]:
+    """The calibrated validation metrics, for the last epoch's log entry."""
+    out: dict[str, Any] = {
+        "calibrated_budget": report.budget,
+        "calibrated_val_mac_fraction": report.mac_fraction,
+        "uncalibrated_val_mac_fraction": report.before,
+        "calibration_thresholds": dict(report.thresholds),
+    }
+    out.update({f"val_{k}": v for k, v in val.summary().items() if k != "mode"})
+    return out
 
 
 def _train_step(

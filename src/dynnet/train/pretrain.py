@@ -56,6 +56,7 @@ def pretrain(
     checkpoint_every: int = 100,
     progress: bool = False,
     command: str | None = None,
+    dataset_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the dense ``model`` on ``data`` and write ``model.safetensors`` + ``manifest.json`` in ``out_dir``.
 
@@ -77,6 +78,7 @@ def pretrain(
         checkpoint_every: steps between resumable checkpoints.
         progress: tqdm progress bar.
         command: the command line recorded in the manifest (default: this process's).
+        dataset_kwargs: extra arguments of the dataset builder (recorded in the manifest).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -93,6 +95,7 @@ def pretrain(
     settings = {
         "model": model, "data": data, "width": width, "epochs": epochs, "lr": lr, "batch_size": batch_size,
         "weight_decay": weight_decay, "seed": seed, "val_fraction": val_fraction,
+        "dataset_kwargs": dataset_kwargs or {},
     }  # fmt: skip
     _claim_run_folder(out, settings)
     if threads is not None:
@@ -100,7 +103,8 @@ def pretrain(
     torch.manual_seed(seed)
     extra = {"augment": True} if data in ("fashion_mnist", "cifar10", "cifar100") else {}
     loaders = build_loaders(
-        data, root=data_root, batch_size=batch_size, val_fraction=val_fraction, seed=seed, **extra
+        data, root=data_root, batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+        **{**extra, **(dataset_kwargs or {})},
     )  # fmt: skip
     info = loaders.info
     kwargs: dict[str, Any] = {"in_channels": info.in_channels, "num_classes": info.num_classes}
@@ -117,7 +121,7 @@ def pretrain(
     test = evaluate(net, loaders.test, mode="dense")
     weights = out / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(weights), metadata={"model": model, "data": data})
+    save_file(state, str(weights))  # no metadata: safetensors orders it at random, which would change the hash
     from dynnet.bench.latency import machine_info
 
     manifest = {

@@ -1,0 +1,63 @@
+"""`fit` calibrates to the budget on the validation split at the end of training, and checkpoints carry it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dynnet
+from dynnet.data import build_loaders
+from dynnet.train import TrainConfig, evaluate, fit, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return build_loaders(
+        "synthetic", batch_size=32, subset=256, in_channels=1, image_size=12, num_train=640, num_test=256,
+        val_fraction=0.4,
+    )  # fmt: skip
+
+
+def _model(**kw) -> dynnet.DynamicModel:
+    torch.manual_seed(0)
+    return dynnet.create_model("cifar_resnet8", recipe="convnet_aig", width=0.25, in_channels=1, **kw)
+
+
+def test_fit_calibrates_to_the_budget_on_validation(loaders, tmp_path) -> None:
+    model = _model(budget=0.6)
+    result = fit(model, loaders.train, TrainConfig(epochs=2, lr=0.2, out_dir=tmp_path), val_loader=loaders.val)
+    cal = result.calibration
+    assert cal is not None and result.calibration_error is None
+    assert cal.budget == 0.6 and cal.within_tolerance
+    assert result.val.mac_fraction == pytest.approx(0.6, abs=0.01)  # val re-evaluated after calibration
+    last = result.history[-1]
+    assert last["calibrated_budget"] == 0.6 and last["val_mac_fraction"] == pytest.approx(result.val.mac_fraction)
+    assert model.calibrated_budget == pytest.approx(0.6)
+    # Held-out test images: within 0.03 of the budget.
+    assert evaluate(model, loaders.test, mode="sparse").mac_fraction == pytest.approx(0.6, abs=0.03)
+    # The final checkpoint carries the calibrated thresholds.
+    loaded, _ = load_checkpoint(result.checkpoint)
+    assert loaded.calibrated_budget == pytest.approx(0.6)
+    torch.testing.assert_close(loaded.calibration, model.calibration)
+
+
+def test_fit_without_validation_or_with_calibrate_off_does_not_calibrate(loaders) -> None:
+    model = _model()
+    assert fit(model, loaders.train, TrainConfig(max_steps=2)).calibration is None
+    result = fit(model, loaders.train, TrainConfig(max_steps=2, calibrate=False), val_loader=loaders.val)
+    assert result.calibration is None and result.calibration_error is None
+    assert model.calibrated_budget is None
+
+
+def test_unreachable_budget_is_logged_not_lost(loaders, caplog) -> None:
+    """A budget the trained gates cannot reach on validation: the run still returns, with the reason."""
+    model = _model(budget=0.06)  # inside ConvNet-AIG's declared range, below what a ResNet-8's stem leaves
+    with caplog.at_level("WARNING", logger="dynnet.train"):
+        result = fit(model, loaders.train, TrainConfig(max_steps=2), val_loader=loaders.val)
+    assert result.calibration is None and "outside" in (result.calibration_error or "")
+    assert any("calibration to budget" in r.message for r in caplog.records)
+
+
+def test_bad_calibrate_tolerance_is_refused() -> None:
+    with pytest.raises(ValueError, match="calibrate_tolerance"):
+        TrainConfig(calibrate_tolerance=0.0)
