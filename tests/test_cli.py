@@ -76,3 +76,26 @@ def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["eval", "--checkpoint", str(out / "checkpoint"), "--data", "synthetic", "--mode", "masked"]) == 0
     text = capsys.readouterr().out
     assert "masked mode" in text and "accuracy" in text
+
+
+def test_train_prints_budget_and_achieved_then_calibrate_writes_a_new_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--model", "cifar_resnet8", "--width", "0.25", "--data", "synthetic", "--epochs", "1",
+            "--subset", "64", "--batch-size", "32", "--out", str(out), "--no-profile", "--budget", "0.6"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    line = next(t for t in text.splitlines() if t.strip().startswith("budget"))
+    assert "0.60 → achieved" in line and "(val)" in line and "(test)" in line and "calibrated on validation" in line
+    ck = str(out / "checkpoint")
+    assert main(["calibrate", "--checkpoint", ck, "--budget", "0.8", "--data", "synthetic"]) == 0
+    text = capsys.readouterr().out
+    assert "budget 0.80 → achieved" in text and (out / "checkpoint-b0.8.json").is_file()
+    # Never overwritten without --force.
+    assert main(["calibrate", "--checkpoint", ck, "--budget", "0.8", "--data", "synthetic"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", ck, "--budget", "0.8", "--data", "synthetic", "--force"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "checkpoint-b0.8"), "--data", "synthetic"]) == 0
+    assert "budget 0.80 → achieved" in capsys.readouterr().out

@@ -4,6 +4,7 @@
     dynnet macs --model resnet50 [--input 3,224,224] [--recipe R --budget B] [--depth 2] [--batch 1]
     dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ...
     dynnet pretrain --model cifar_resnet20 --data fashion_mnist --out runs/pretrain/resnet20 [--width 0.75]
+    dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 [--out runs/q-b0.4] [--force]
     dynnet eval --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
     dynnet bench --profile quick|full [--recipes a,b] [--budgets 0.25,0.5] [--out DIR] [--report-only]
@@ -107,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("quickstart", help="train with the defaults (ResNet-20 + ConvNet-AIG, Fashion-MNIST)")
     )
 
+    p = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds so that it spends a budget")
+    p.add_argument("--checkpoint", required=True, help="checkpoint stem or its .json/.safetensors file")
+    p.add_argument("--budget", type=float, required=True, help="target mean fraction of the dense MACs per image")
+    p.add_argument("--data", default="fashion_mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--out", default=None, help="where the calibrated checkpoint goes (default: <checkpoint>-b<budget>)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+
     for name, text in (
         ("eval", "test accuracy and MACs of a checkpoint"),
         ("bench", "dense vs sparse latency of a checkpoint, or the benchmark suite (--profile quick|full)"),
@@ -209,6 +221,36 @@ def _pretrain(args: argparse.Namespace) -> None:
     print(f"  written {args.out}/model.safetensors (sha256 {m['sha256'][:16]}...), manifest.json")
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    import torch
+
+    import dynnet
+    from dynnet.data import build_loaders
+    from dynnet.train import evaluate, load_checkpoint, save_checkpoint
+    from dynnet.train.checkpoint import checkpoint_paths
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, meta = load_checkpoint(args.checkpoint)
+    if not isinstance(model, dynnet.DynamicModel):
+        raise ValueError(f"{args.checkpoint} holds a static network: there is nothing to calibrate")
+    stem = checkpoint_paths(args.checkpoint)[0].with_suffix("")
+    out = args.out or f"{stem}-b{args.budget:g}"
+    if checkpoint_paths(out)[0].exists() and not args.force:
+        raise ValueError(f"{out} exists: pass --force to overwrite it, or another --out")
+    seed = int(((meta.get("state") or {}).get("config") or {}).get("seed", 0))
+    loaders = build_loaders(args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.1, seed=seed)
+    report = dynnet.calibrate(model, loaders.val, args.budget, tolerance=args.tolerance)
+    test = evaluate(model, loaders.test, mode="sparse")
+    save_checkpoint(out, model)
+    print(f"{args.checkpoint} ({model.recipe}) calibrated on the validation split of {args.data}: {report.summary()}")
+    print(
+        f"  budget {args.budget:.2f} → achieved {report.mac_fraction:.3f} (val) / {test.mac_fraction:.3f} (test); "
+        f"test accuracy {100 * test.accuracy:.2f} %"
+    )
+    print(f"  written {out}.json + .safetensors")
+
+
 def _load(args: argparse.Namespace):
     import torch
 
@@ -232,6 +274,12 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"  accuracy {100 * s['accuracy']:.2f} %  loss {s['loss']:.4f}  images {s['num_samples']}")
     print(f"  MACs/image {s['mean_macs']:,.0f} ({100 * s['mac_fraction']:.1f} % of dense {s['dense_macs']:,.0f}); ")
     print(f"  executed {s['mean_executed_macs']:,.0f}")
+    budget = getattr(model, "budget", None)
+    if budget is not None:
+        cal = model.calibrated_budget
+        target = budget if cal is None else cal
+        how = "calibrated" if cal is not None else "not calibrated"
+        print(f"  budget {target:.2f} → achieved {s['mac_fraction']:.3f} (test, {args.mode}; {how})")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -279,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "quickstart": _train,
         "pretrain": _pretrain,
+        "calibrate": _calibrate,
         "eval": _eval,
         "bench": _bench,
     }
