@@ -195,7 +195,8 @@ def _train(args: argparse.Namespace) -> None:
         model=args.model, recipe=recipe, budget=args.budget if recipe else None, dataset=args.data,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, subset=args.subset or None, out_dir=args.out,
         seed=args.seed, data_root=args.data_root, threads=args.threads, profile=not args.no_profile,
-        progress=args.progress, model_kwargs={"width": args.width} if args.width else None,
+        progress=args.progress, model_kwargs={"width": args.width} if args.width else None, init=args.init,
+        distill=args.distill,
     )  # fmt: skip
     print(result.summary())
     if args.out:

@@ -133,6 +133,8 @@ def run_experiment(
     train_overrides: dict[str, Any] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     dataset_kwargs: dict[str, Any] | None = None,
+    init: Any = None,
+    distill: float = 0.0,
 ) -> ExperimentResult:
     """Train, test and time one recipe.
 
@@ -157,6 +159,10 @@ def run_experiment(
         train_overrides: extra :class:`~dynnet.train.TrainConfig` fields (``tau_start``, ``budget_start``...).
         model_kwargs: extra arguments of the model builder / recipe config (``width``, ``hidden``...).
         dataset_kwargs: extra arguments of the dataset builder.
+        init: trained base weights to fine-tune from (``fit``'s ``init``: a ``.safetensors`` file, a folder with
+            ``model.safetensors``, a static checkpoint, ``torchvision:NAME``, ``timm:NAME``). With it the budget is
+            annealed from 1 over the first epoch unless ``train_overrides`` says otherwise (gates warm up open).
+        distill: weight of the distillation loss from the dense base (``TrainConfig.distill``).
 
     Returns:
         :class:`ExperimentResult` (also written to ``out_dir/results.json``).
@@ -179,16 +185,17 @@ def run_experiment(
         "model": model, "recipe": recipe, "budget": budget, "dataset": dataset, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "subset": subset, "train_images": len(loaders.train.dataset),
         "seed": seed, "batch_sizes": list(batch_sizes), "model_kwargs": model_kwargs or {},
-        "train_overrides": train_overrides or {},
+        "train_overrides": train_overrides or {}, "init": None if init is None else str(init), "distill": distill,
     }  # fmt: skip
+    warm = {"budget_start": 1.0, "budget_warmup_epochs": min(1.0, epochs / 2)} if init is not None and recipe else {}
     config = TrainConfig(
-        **{"epochs": epochs, "lr": lr, "seed": seed, "out_dir": out_dir, "progress": progress,
-           **(train_overrides or {})}
+        **{"epochs": epochs, "lr": lr, "seed": seed, "out_dir": out_dir, "progress": progress, "distill": distill,
+           **warm, **(train_overrides or {})}
     )  # fmt: skip
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    result = fit(net, loaders.train, config, val_loader=loaders.val)
+    result = fit(net, loaders.train, config, val_loader=loaders.val, init=init)
     seconds["train"] = time.perf_counter() - start
 
     start = time.perf_counter()

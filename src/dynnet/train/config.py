@@ -46,6 +46,10 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
         progress: show a tqdm progress bar (rank 0 only).
         eval_mode: execution mode of the per-epoch validation (``"sparse"``: what inference really runs).
+        distill: weight of the knowledge-distillation loss (soft targets of a teacher, Hinton et al. 2015) added to
+            the recipe's objective; 0 switches it off. The teacher is ``fit``'s ``teacher`` argument, by default a
+            frozen copy of the model in dense mode taken at the start of training (the trained base network).
+        distill_temperature: the softmax temperature of that loss.
         calibrate: at the end of training, move the recipe's decision thresholds on the validation split so that
             the mean MAC fraction equals the budget (:func:`dynnet.calibrate`); skipped without validation data,
             without a budget, or for recipes whose budget is not calibrated (``RecipeSpec.budget``).
@@ -80,6 +84,8 @@ class TrainConfig:
     progress: bool = False
     eval_mode: str = "sparse"
     find_unused_parameters: bool = False
+    distill: float = 0.0
+    distill_temperature: float = 4.0
     calibrate: bool = True
     calibrate_tolerance: float = 0.01
 
@@ -112,6 +118,10 @@ class TrainConfig:
             raise ValueError("warmup_epochs and budget_warmup_epochs must be >= 0")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip!r}")
+        if not self.distill >= 0 or not self.distill_temperature > 0:
+            raise ValueError(
+                f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, {self.distill_temperature!r}"
+            )
         if not 0 < self.calibrate_tolerance < 1:
             raise ValueError(f"calibrate_tolerance must be in (0, 1), got {self.calibrate_tolerance!r}")
         if self.resume and self.out_dir is None:

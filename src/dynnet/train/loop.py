@@ -22,6 +22,7 @@ from dynnet.train.config import TrainConfig
 from dynnet.train.distributed import all_reduce_sum, init_distributed, is_main_process, world_size
 from dynnet.train.evaluate import EvalResult, evaluate
 from dynnet.train.hooks import Checkpoint, CSVLogger, FitState, GateHealth, Hook, TensorBoardLogger
+from dynnet.train.init import distillation_loss, frozen_teacher, load_init, teacher_logits
 from dynnet.train.schedules import budget_at, lr_factor, tau_at
 
 __all__ = ["FitResult", "build_optimizer", "fit"]
@@ -96,6 +97,8 @@ def fit(
     *,
     val_loader: Iterable[tuple[Tensor, Tensor]] | None = None,
     hooks: Sequence[Hook] = (),
+    init: Any = None,
+    teacher: nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train_loader``.
 
@@ -119,13 +122,22 @@ def fit(
         config: :class:`TrainConfig`.
         val_loader: optional validation batches.
         hooks: extra :class:`Hook`\\ s (run after :class:`GateHealth`, before the loggers and the checkpoint).
+        init: trained base weights to start from (:func:`dynnet.train.init.load_init`: a module, a state_dict, a
+            ``.safetensors`` file, a checkpoint of a static network, ``torchvision:NAME``, ``timm:NAME``); a
+            converted model keeps its gates (they still start open).
+        teacher: the network to distil from when ``config.distill > 0`` (default: a frozen dense copy of ``model``
+            taken after ``init``).
 
     Returns:
         :class:`FitResult`.
     """
     device = init_distributed(config.device)
     torch.manual_seed(config.seed)
+    if init is not None:
+        load_init(model, init)
     model = model.to(device)
+    if config.distill > 0:
+        teacher = (frozen_teacher(model) if teacher is None else teacher).to(device).eval()
     optimizer = build_optimizer(model, config)
     steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     if steps_per_epoch == 0:
@@ -192,7 +204,7 @@ def fit(
             set_rng_state(resume_rng)
             resume_rng = None
         for x, y in batches:
-            _train_step(state, net, model, x.to(device), y.to(device), target_budget)
+            _train_step(state, net, model, x.to(device), y.to(device), target_budget, teacher)
             state.batch_in_epoch += 1
             state.step += 1
             if progress is not None:
@@ -279,7 +291,13 @@ def _calibration_log(report: Any, val: EvalResult) -> dict[str, Any]:
 
 
 def _train_step(
-    state: FitState, net: nn.Module, model: nn.Module, x: Tensor, y: Tensor, target_budget: float | None
+    state: FitState,
+    net: nn.Module,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    target_budget: float | None,
+    teacher: nn.Module | None = None,
 ) -> None:
     config = state.config
     progress = state.step / max(1, state.total_steps)
@@ -297,6 +315,10 @@ def _train_step(
     with trace() as t:
         logits = net(x)
     loss, parts = _loss(model, logits, y, t, budget)
+    if teacher is not None and config.distill > 0:
+        kd = distillation_loss(logits, teacher_logits(teacher, x), config.distill_temperature)
+        loss = loss + config.distill * kd
+        parts["distill"] = float(kd.detach())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite training loss at step {state.step}: {parts}")
     state.optimizer.zero_grad(set_to_none=True)
