@@ -82,15 +82,25 @@ def create_model(name: str, recipe: str | None = None, *, budget: float | None =
     Keyword arguments that are fields of the recipe's config go to the recipe; the rest go to the
     model builder (``num_classes``, ``in_channels``, ``width``, torchvision ``weights``, timm ``pretrained``).
 
+    For dynnet's own models, ``pretrained=True`` (or a dataset name, default ``"fashion_mnist"``) loads the
+    weights shipped in the package (:mod:`dynnet.zoo`, hash checked) before converting; ``in_channels`` and
+    ``num_classes`` then default to the manifest's.
+
     Example:
         >>> model = dynnet.create_model("cifar_resnet20", recipe="convnet_aig", budget=0.5, in_channels=1)
+        >>> model = dynnet.create_model("cifar_resnet20", recipe="convnet_aig", budget=0.5, pretrained=True)
     """
+    from dynnet.models import MODELS
+
+    _load_methods()  # method packages register their own base models (e.g. msdnet_tiny)
+    pretrained = kwargs.pop("pretrained", False) if name in MODELS else False
+    if pretrained:
+        return _create_pretrained(name, recipe, "fashion_mnist" if pretrained is True else str(pretrained), budget,
+                                  kwargs)  # fmt: skip
     if recipe is None:
         if budget is not None:
             raise ValueError("budget needs a recipe")
-        _load_methods()  # method packages register their own base models (e.g. msdnet_tiny)
         return _remember_build(build_base_model(name, **kwargs), name, dict(kwargs))
-    _load_methods()
     spec = RECIPES.get(recipe)
     fields = set(spec.config_cls.__dataclass_fields__)
     recipe_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
@@ -103,6 +113,34 @@ def create_model(name: str, recipe: str | None = None, *, budget: float | None =
             f"{err}; recipe {recipe!r} has no setting by that name either (its settings: {sorted(fields)})"
         ) from None
     model = convert(base, recipe, budget=budget, targets=targets, inplace=True, **recipe_kw)
+    return _remember_build(model, name, build_kw)
+
+
+def _create_pretrained(
+    name: str, recipe: str | None, data: str, budget: float | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    """:func:`create_model` with the shipped weights of ``name`` trained on ``data``."""
+    from dynnet.zoo import load_pretrained, shipped, weights_key
+
+    key = weights_key(name, data, kwargs.get("width"))
+    manifest = shipped().get(key)
+    if manifest is None:
+        known = ", ".join(shipped()) or "none"
+        raise ValueError(f"no shipped weights {key!r}; shipped: {known} (train your own with `dynnet pretrain`)")
+    build_kw = dict(manifest["model_kwargs"])
+    clash = {k: v for k, v in kwargs.items() if k in ("in_channels", "num_classes", "width") and build_kw.get(k) != v}
+    if clash.get("width", 1.0) == 1.0 and "width" not in build_kw:
+        clash.pop("width", None)
+    if clash:
+        raise ValueError(f"shipped weights {key!r} were trained with {build_kw}; got {clash}")
+    base = build_base_model(name, **build_kw)
+    load_pretrained(base, name, data=data, width=kwargs.get("width"))
+    rest = {k: v for k, v in kwargs.items() if k not in ("in_channels", "num_classes", "width")}
+    if recipe is None:
+        if budget is not None or rest:
+            raise ValueError("budget and recipe settings need a recipe")
+        return _remember_build(base, name, build_kw)
+    model = convert(base, recipe, budget=budget, inplace=True, **rest)
     return _remember_build(model, name, build_kw)
 
 
