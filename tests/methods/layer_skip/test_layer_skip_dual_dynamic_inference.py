@@ -67,3 +67,19 @@ def test_training_loss_supervises_every_exit() -> None:
     assert model.exits[1].fc.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError):
         model.set_resource_budget(0.0)
+
+
+def test_calibration_moves_the_skip_gates_with_the_exits_in_effect() -> None:
+    model = _model()
+    model.set_resource_budget(0.8)
+    x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.2, 3, 64).view(
+        -1, 1, 1, 1
+    )
+    exits = [e.fc.bias.clone() for e in model.exits]
+    report = dynnet.calibrate(model, x, 0.5, tolerance=0.04)
+    assert report.within_tolerance, report.summary()
+    for head, before in zip(model.exits, exits, strict=True):  # the exit classifiers are not decisions to shift
+        torch.testing.assert_close(head.fc.bias, before)
+    with torch.no_grad(), dynnet.trace() as t:
+        model(x)
+    assert t.decisions_of("exit") and float(t.mac_fraction().mean()) == pytest.approx(report.mac_fraction)

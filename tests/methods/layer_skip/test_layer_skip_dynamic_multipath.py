@@ -57,3 +57,22 @@ def test_all_paths_off_keeps_the_shortcut() -> None:
         out = block(x)
         expected = block.relu(x + block.bn2(torch.zeros(2, 8, 16, 16)))
     torch.testing.assert_close(out, expected)
+
+
+def test_the_knob_shifts_every_path_logit_and_sparse_mode_sees_it() -> None:
+    model = _model(paths=4)
+    scramble_gates(model, seed=3, scale=2.0)
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    dynnet.sparse(model)
+    knob = model.budget_knob()
+    biases = [b.gate.fc2.bias.clone() for _, b in model.blocks()]
+    fractions = []
+    for value in (-30.0, -1.0, 0.0, 1.0, 30.0):
+        knob.set(value)
+        with torch.no_grad(), dynnet.trace() as t:
+            model(x)
+        fractions.append(float(t.mac_fraction().mean()))
+    assert fractions == sorted(fractions) and fractions[0] < 0.2 and fractions[-1] > 0.99
+    for (_, block), before in zip(model.blocks(), biases, strict=True):
+        torch.testing.assert_close(block.gate.fc2.bias, before + 30.0)
+    assert float(model.calibration[0]) == 30.0

@@ -48,7 +48,7 @@ def test_recorded_energy_matches_the_block_model() -> None:
         )
 
 
-def test_energy_loss_trains_the_gates() -> None:
+def test_loss_is_mac_budget_plus_energy_cost_and_trains_the_gates() -> None:
     torch.manual_seed(0)
     model = dynnet.create_model("cifar_resnet8", recipe="energynet", in_channels=1, width=0.5, budget=0.3).train()
     x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
@@ -57,6 +57,28 @@ def test_energy_loss_trains_the_gates() -> None:
     loss = model.compute_loss(logits, y, t)
     # gates start open (p = sigmoid(OPEN_LOGIT) = 0.95 under training noise): nearly all energy is spent
     assert loss.parts["energy_fraction"] == pytest.approx(1.0, abs=0.05)
-    assert loss.parts["energy"] == pytest.approx((loss.parts["energy_fraction"] - 0.3) ** 2, rel=1e-4)
+    # budget = MAC fraction: the budget term is the MAC-budget loss, not an energy target
+    assert loss.parts["budget"] == pytest.approx(t.budget_loss(0.3).item(), rel=1e-6)
+    expected = loss.parts["task"] + loss.parts["budget"] + 0.1 * loss.parts["energy_fraction"]
+    assert loss.total.item() == pytest.approx(expected, rel=1e-5)
     loss.total.backward()
     assert model.net.layer3[0].gate.fc2.bias.grad.abs().sum() > 0
+
+
+def test_energy_term_pushes_energy_heavy_blocks_harder() -> None:
+    """Without the MAC term, the energy cost's push on each gate is the block's energy share: at equal MACs a block
+    with more weights (a later, wider stage) is pushed closed harder than its MAC share says."""
+    torch.manual_seed(0)
+    model = dynnet.create_model(
+        "cifar_resnet8", recipe="energynet", in_channels=1, width=0.5, budget_weight=0.0, energy_weight=1.0
+    ).train()
+    x = torch.randn(8, 1, 16, 16)
+    with dynnet.trace() as t:
+        model(x)
+    constant_logits = torch.zeros(8, 10)  # no task gradient: only the energy cost reaches the decisions
+    energy = model.compute_loss(constant_logits, torch.zeros(8, dtype=torch.long), t)
+    hard = {n: d.hard for n, d in t.decisions.items()}
+    grads = torch.autograd.grad(energy.total, list(hard.values()), allow_unused=True)
+    body = {e.name.split("/")[0]: e.maximum for e in t.entries if e.name.endswith("/body")}
+    per_mac = {n: float(g.sum()) / body[n] for n, g in zip(hard, grads, strict=True)}
+    assert per_mac["layer3.0"] > per_mac["layer1.0"] > 0

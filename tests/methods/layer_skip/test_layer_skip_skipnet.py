@@ -81,7 +81,7 @@ def test_supervised_phase_is_straight_through_sigmoid() -> None:
 
 
 def test_reinforce_phase_samples_and_uses_the_reward() -> None:
-    model = _model(alpha=0.5).train()
+    model = _model(alpha=0.5, budget=0.5).train()
     model.set_phase("reinforce")
     with torch.no_grad():
         model.gates.out.bias.fill_(0.0)  # p = 0.5: sampled decisions are mixed
@@ -93,7 +93,9 @@ def test_reinforce_phase_samples_and_uses_the_reward() -> None:
     loss = model.compute_loss(logits, y, t)
     assert {"task", "reinforce", "reward"} <= set(loss.parts)
     ce = torch.nn.functional.cross_entropy(logits.detach(), y, reduction="none").double()
-    expected_reward = (-ce - 0.5 * t.macs().detach() / t.dense_macs()).mean()
+    over = (t.macs().detach() / t.dense_macs() - 0.5).clamp(min=0)  # only the MACs above the budget are charged
+    assert 0 < over.count_nonzero() < 32
+    expected_reward = (-ce - 0.5 * over).mean()
     assert loss.parts["reward"] == pytest.approx(expected_reward.item())
     assert model.reward_baseline.item() == pytest.approx(expected_reward.item())  # first batch initialises it
     loss.total.backward()
@@ -115,3 +117,27 @@ def test_rnn_gate_inference_step_equals_the_training_step() -> None:
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert eval_macs.total == train_macs.total
+
+
+def test_budget_below_what_the_feed_forward_gates_cost_is_refused() -> None:
+    with pytest.raises(ValueError, match="reach"):
+        _model("ffgate1", budget=0.2)
+    _model("ffgate2", budget=0.2)
+    _model("rnn", budget=0.1)
+
+
+@pytest.mark.parametrize("gate", ["rnn", "ffgate1"])
+def test_calibration_moves_every_gate_and_round_trips(gate: str) -> None:
+    model = _model(gate).eval()
+    scramble_gates(model, seed=4, scale=2.0)
+    x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.2, 3, 64).view(
+        -1, 1, 1, 1
+    )
+    report = dynnet.calibrate(model, x, 0.6, tolerance=0.04)
+    assert report.within_tolerance and report.thresholds["gate logit offset"] != 0
+    other = _model(gate)
+    other.load_state_dict(model.state_dict())
+    dynnet.sparse(other.eval())
+    with torch.no_grad(), dynnet.trace() as t:
+        other(x)
+    assert float(t.mac_fraction().mean()) == pytest.approx(report.mac_fraction, abs=1e-9)

@@ -8,22 +8,50 @@ network themselves: ``stem → stages of residual blocks → pool → fc``. :cla
 networks, shared recurrent gates): it is a :class:`~dynnet.core.DynamicBlock` whose dense path returns
 ``None`` — in dense mode (and under ``force_dense()``, where the static MAC profile is probed) no gate is
 evaluated and ``run`` executes the base network.
+
+:func:`gate_logit_knob` is the calibration knob of the recipes whose decisions threshold a logit at 0 (SkipNet,
+BlockDrop, EnergyNet, Dynamic Multi-path, Dual Dynamic Inference): one offset added, in place, to the final bias of
+every decision maker that reports its open logits (``open_logits()``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from dynnet.core import Decision, DynamicBlock
+from dynnet.core.budget import LogitShift
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 
-__all__ = ["DecisionMaker", "ResNetLayout", "SigmoidGatedResidual"]
+if TYPE_CHECKING:
+    from dynnet.core import DynamicModel
+    from dynnet.core.budget import Knob
+
+__all__ = ["DecisionMaker", "LogitEntry", "ResNetLayout", "SigmoidGatedResidual", "gate_logit_knob"]
+
+LogitEntry = tuple[Tensor, int | None, float]
+"""``(bias, index, sign)``: a decision's "open" logit is ``sign * bias[index]`` plus a term that does not depend on
+the bias (``index=None``: every element of ``bias``), as :class:`~dynnet.core.budget.LogitShift` takes it."""
+
+
+def gate_logit_knob(model: DynamicModel, *, name: str = "gate logit offset") -> Knob:
+    """One offset added to the open logit of every decision of ``model`` (the MAC fraction grows with it).
+
+    The entries come from every submodule with an ``open_logits()`` method; the shift edits their final biases in
+    place, which is what the training and inference paths (folded gate caches included) read, and the applied value
+    is kept in ``model.calibration[0]`` (both round-trip through ``state_dict``).
+
+    Raises:
+        ValueError: no submodule reports an open logit.
+    """
+    entries = [e for m in model.modules() if m is not model and hasattr(m, "open_logits") for e in m.open_logits()]
+    return LogitShift(model.calibration[0], entries).knob(name=name)
 
 
 @dataclass(frozen=True)
@@ -86,6 +114,10 @@ class DecisionMaker(DynamicBlock):
     def decide(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
         raise NotImplementedError
 
+    def open_logits(self) -> list[LogitEntry]:
+        """The biases that shift this module's keep/open logits (for :func:`gate_logit_knob`); none by default."""
+        return []
+
     def forward_dense(self, *args: Tensor) -> None:
         return None
 
@@ -98,6 +130,10 @@ class DecisionMaker(DynamicBlock):
 
 class SigmoidGatedResidual(GatedResidual):
     """A gated residual block whose gate outputs one logit: Gumbel-Sigmoid, straight-through hard decisions."""
+
+    def open_logits(self) -> list[LogitEntry]:
+        """The gate's keep logit is its last linear layer's output: shift that layer's bias."""
+        return [(self.gate.fc2.bias, None, 1.0)]
 
     def decide(self, x: Tensor) -> Decision:
         if not self.training and isinstance(self.gate, PooledMLPGate):

@@ -6,9 +6,11 @@ A separate policy network (a small CIFAR ResNet-8) looks once at a downsampled c
 outputs, for every residual block of the main network, the probability of keeping it. Training uses
 REINFORCE with a *self-critical* baseline (the reward of the greedy, thresholded policy on the same
 images), the reward being ``1 - (kept blocks / blocks)^2`` for a correct prediction and ``-penalty`` for a
-wrong one (accuracy-aware block savings), an exploration bound ``p' = alpha p + (1 - alpha)(1 - p)`` on the
-sampling probabilities, and a curriculum: with ``model.curriculum = k`` only the last ``k`` blocks are
-decided by the policy during training, the others are kept. At inference a block runs when ``p > 0.5``.
+wrong one (accuracy-aware block savings), minus ``budget_weight × (m − budget)²`` with ``m`` the sample's MAC
+fraction (a budget term the paper does not have, see below), an exploration bound
+``p' = alpha p + (1 - alpha)(1 - p)`` on the sampling probabilities, and a curriculum: with
+``model.curriculum = k`` only the last ``k`` blocks are decided by the policy during training, the others are kept.
+At inference a block runs when ``p > 0.5``.
 
 Departures from the paper:
 * the policy and the main network are trained jointly from the start (the paper's joint fine-tuning
@@ -17,8 +19,16 @@ Departures from the paper:
 * the greedy pass for the self-critical baseline runs in the same training mode as the sampled pass, so
   batch-norm statistics are updated by both;
 * the policy sees a ``policy_resolution``² average-pooled image (the paper uses 112² for ImageNet and the
-  full 32² CIFAR image); ``budget`` is not part of BlockDrop's objective (the trade-off is ``penalty``);
+  full 32² CIFAR image);
+* the paper's trade-off is ``penalty`` alone; the reward here also charges ``budget_weight × (m − budget)²`` (the
+  sampled and the greedy policy alike), so that training pulls each image's MAC fraction towards the budget
+  (``budget_weight=0``: the paper's reward);
 * the policy starts open (bias trick), so the converted network reproduces the base network.
+
+Budget: trained and calibrated. ``budget`` (the target mean fraction of the dense MACs per image, the policy network
+included) is the centre of the reward's budget term; calibration then shifts every keep logit of the policy by one
+offset (``calibration[0]``, added to the bias of its last layer) until the mean MAC fraction on held-out images equals
+the budget. ``penalty`` (the paper's gamma) keeps its meaning.
 """
 
 from __future__ import annotations
@@ -31,7 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, no_trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, no_trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators.reinforce import (
     bernoulli_entropy,
     bernoulli_log_prob,
@@ -40,7 +52,7 @@ from dynnet.estimators.reinforce import (
     self_critical_advantage,
 )
 from dynnet.gates import open_bias_
-from dynnet.methods.layer_skip._resnet import DecisionMaker, ResNetLayout
+from dynnet.methods.layer_skip._resnet import DecisionMaker, LogitEntry, ResNetLayout, gate_logit_knob
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 from dynnet.models import build_base_model
 
@@ -52,34 +64,63 @@ class BlockDropConfig:
     """Settings of BlockDrop.
 
     Attributes:
-        budget: not used by BlockDrop's objective (kept for the common API); see ``penalty``.
+        budget: target mean fraction of the dense MACs per image (the policy network included): the centre of the
+            reward's budget term and the target of calibration.
         policy_width: width multiplier of the ResNet-8 policy network.
         policy_resolution: side of the average-pooled image the policy sees.
         penalty: reward of a wrong prediction is ``-penalty`` (the paper's gamma).
+        budget_weight: weight of the reward's budget term ``(m − budget)²``, ``m`` the image's MAC fraction
+            (0: the paper's reward).
         alpha: exploration bound of the sampling probabilities (0.8 in the paper).
         ce_weight: weight of the main network's cross-entropy (joint fine-tuning).
         entropy_weight: REINFORCE entropy bonus.
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     policy_width: float = 0.5
     policy_resolution: int = 16
     penalty: float = 5.0
+    budget_weight: float = 1.0
     alpha: float = 0.8
     ce_weight: float = 1.0
     entropy_weight: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.policy_width > 0 or self.policy_resolution < 1:
+            raise ValueError(
+                f"policy_width must be positive and policy_resolution >= 1, got {self.policy_width}, "
+                f"{self.policy_resolution}"
+            )
+        if not 0.5 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha (the exploration bound) must be in [0.5, 1], got {self.alpha}")
+        if not self.budget_weight >= 0:
+            raise ValueError(f"budget_weight must be >= 0, got {self.budget_weight}")
 
-def blockdrop_reward(correct: Tensor, kept_fraction: Tensor, penalty: float) -> Tensor:
-    """BlockDrop's reward: ``1 - f^2`` when correct, ``-penalty`` otherwise; Tensor[N] (no gradient).
+
+def blockdrop_reward(
+    correct: Tensor,
+    kept_fraction: Tensor,
+    penalty: float,
+    mac_fraction: Tensor | None = None,
+    budget: float = 1.0,
+    budget_weight: float = 0.0,
+) -> Tensor:
+    """BlockDrop's reward: ``1 - f^2`` when correct, ``-penalty`` otherwise, minus ``budget_weight × (m - budget)^2``;
+    Tensor[N] float64 (no gradient).
 
     Args:
         correct: Tensor[N] bool.
         kept_fraction: Tensor[N] fraction of blocks kept, ``f``.
         penalty: the paper's gamma.
+        mac_fraction: Tensor[N] MAC fraction ``m`` of each image (``None``: no budget term).
+        budget: the target MAC fraction.
+        budget_weight: weight of the budget term (0: the paper's reward).
     """
     f = kept_fraction.detach().double()
-    return torch.where(correct, 1.0 - f**2, torch.full_like(f, -float(penalty)))
+    reward = torch.where(correct, 1.0 - f**2, torch.full_like(f, -float(penalty)))
+    if mac_fraction is not None and budget_weight:
+        reward = reward - budget_weight * (mac_fraction.detach().double() - budget) ** 2
+    return reward
 
 
 class PolicyNetwork(DecisionMaker):
@@ -93,6 +134,10 @@ class PolicyNetwork(DecisionMaker):
 
     def _logits(self, x: Tensor) -> Tensor:
         return self.net(F.adaptive_avg_pool2d(x, self.resolution))
+
+    def open_logits(self) -> list[LogitEntry]:
+        """The keep logits are the outputs of the policy's last linear layer: shift its bias."""
+        return [(self.net.fc.bias, None, 1.0)]
 
     def decide(self, x: Tensor) -> Tensor:  # type: ignore[override]
         logits = self._logits(x)
@@ -116,6 +161,10 @@ class BlockDrop(DynamicModel):
         self.policy = policy
         self.layout = ResNetLayout.of(net)
         self.curriculum: int | None = None
+
+    def budget_knob(self) -> Knob:
+        """One offset added to every keep logit of the policy."""
+        return gate_logit_knob(self, name="policy logit offset")
 
     def _forward_blocks(self, x: Tensor, action: Tensor | None, prob: Tensor | None) -> Tensor:
         y = self.layout.stem(self.net, x)
@@ -155,15 +204,29 @@ class BlockDrop(DynamicModel):
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         """``ce_weight`` × CE + REINFORCE (self-critical baseline when the greedy pass was recorded)."""
         cfg: BlockDropConfig = self.config
+        budget = cfg.budget if budget is None else budget
         task = F.cross_entropy(logits, target)
-        decisions = list(t.decisions_of("layer").values())
-        prob = torch.stack([d.soft for d in decisions], 1)
-        action = torch.stack([d.hard for d in decisions], 1)
-        reward = blockdrop_reward(logits.argmax(1) == target, action.mean(1), cfg.penalty)
+        layer = t.decisions_of("layer")
+        prob = torch.stack([d.soft for d in layer.values()], 1)
+        action = torch.stack([d.hard for d in layer.values()], 1)
+        # an image's MAC fraction under the sampled policy, and what a policy ``a`` would cost instead: only the
+        # bodies of the blocks depend on the policy (Tensor[B] MACs each)
+        entries = {e.name: e for e in t.entries}
+        body = torch.tensor(
+            [entries[f"{name}/body"].maximum for name in layer], dtype=torch.float64, device=action.device
+        )
+        dense = t.dense_macs()
+        sampled = t.macs().detach() / dense
+        fixed = sampled - action.detach().double() @ body / dense
+
+        def reward_of(correct: Tensor, a: Tensor) -> Tensor:
+            m = fixed + a.detach().double() @ body / dense
+            return blockdrop_reward(correct, a.mean(1), cfg.penalty, m, budget, cfg.budget_weight)
+
+        reward = reward_of(logits.argmax(1) == target, action)
         if "greedy_logits" in t.outputs:
-            g = t.outputs["greedy_logits"]
-            greedy_reward = blockdrop_reward(g.argmax(1) == target, t.outputs["greedy_policy"].mean(1), cfg.penalty)
-            advantage = self_critical_advantage(reward, greedy_reward)
+            greedy = reward_of(t.outputs["greedy_logits"].argmax(1) == target, t.outputs["greedy_policy"])
+            advantage = self_critical_advantage(reward, greedy)
         else:
             advantage = reward
         rl = reinforce_loss(
@@ -176,6 +239,12 @@ class BlockDrop(DynamicModel):
         return LossOutput(cfg.ce_weight * task + rl, parts)
 
 
+@recipe(
+    "blockdrop",
+    paper="BlockDrop: Dynamic Inference Paths in Residual Networks (CVPR 2018), arXiv:1711.08393",
+    budget=BudgetPolicy("trained+calibrated", knob="policy logit offset", reachable=(0.15, 1.0),
+                        derives="centre of the reward's budget term budget_weight·(m − budget)² (penalty stays)"),
+)  # fmt: skip
 def convert(model: nn.Module, config: BlockDropConfig, targets: Targets = "auto") -> BlockDrop:
     """Make every target residual block of ``model`` droppable by a BlockDrop policy network (in place)."""
     layout = ResNetLayout.of(model)
@@ -191,14 +260,3 @@ def convert(model: nn.Module, config: BlockDropConfig, targets: Targets = "auto"
     policy = PolicyNetwork(in_channels or 3, len(found), config.policy_width, config.policy_resolution)
     policy.block_name = "policy"
     return BlockDrop(model, policy, config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="blockdrop",
-        family="layer_skip",
-        config_cls=BlockDropConfig,
-        convert=convert,
-        paper="BlockDrop: Dynamic Inference Paths in Residual Networks (CVPR 2018), arXiv:1711.08393",
-    )
-)

@@ -25,6 +25,12 @@ Departures from the paper:
 * the resource rule uses the dense MACs of the next stage (its gates excluded) as its worst case;
 * gates start open and ``resource_budget`` defaults to ``None`` (no exit), so a converted network
   reproduces the base network.
+
+Budget: trained and calibrated. ``budget`` (the target mean fraction of the dense MACs per image) is the target of
+the skip gates' MAC-budget loss; calibration then shifts the keep logit of every skip gate by one offset
+(``calibration[0]``) until the mean MAC fraction on held-out images equals the budget, measured with the exits as
+they are (``resource_budget`` in effect, if set). ``resource_budget`` is the paper's other, per-sample knob: a hard
+cap on each image's MACs chosen at inference, not derived from ``budget``; set it before calibrating.
 """
 
 from __future__ import annotations
@@ -37,19 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.core import (
-    Decision,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    probe_macs,
-    register_recipe,
-    trace,
-)
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, probe_macs, trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.gates import PooledMLPGate
-from dynnet.methods.layer_skip._resnet import DecisionMaker, ResNetLayout, SigmoidGatedResidual
+from dynnet.methods.layer_skip._resnet import DecisionMaker, ResNetLayout, SigmoidGatedResidual, gate_logit_knob
 
 __all__ = ["DualDynamicInference", "DualDynamicInferenceConfig", "ExitHead"]
 
@@ -59,9 +57,11 @@ class DualDynamicInferenceConfig:
     """Settings of Dual Dynamic Inference.
 
     Attributes:
-        budget: target fraction of dense MACs of the skip gates' MAC-budget loss (training).
-        resource_budget: hard per-sample MAC budget at inference, as a fraction of the dense network's;
-            ``None``: no exit is taken. Changeable after conversion with ``set_resource_budget``.
+        budget: target mean fraction of the dense MACs per image (gates and exits included): the target of the skip
+            gates' MAC-budget loss and of calibration.
+        resource_budget: hard per-sample MAC cap at inference (the paper's RADI budget), as a fraction of the dense
+            network's MACs; ``None``: no exit is taken. Independent of ``budget``; changeable after conversion with
+            ``set_resource_budget``.
         hidden: hidden width of each skip gate.
         tau: Gumbel-Sigmoid temperature.
         budget_weight: weight of the MAC-budget loss.
@@ -110,6 +110,10 @@ class DualDynamicInference(DynamicModel):
         self.layout = ResNetLayout.of(net)
         self.resource_budget = config.resource_budget
         self._costs: dict[tuple, _Costs] = {}
+
+    def budget_knob(self) -> Knob:
+        """One offset added to the keep logit of every skip gate."""
+        return gate_logit_knob(self)
 
     def set_resource_budget(self, fraction: float | None) -> None:
         """Set the hard per-sample MAC budget (fraction of the dense network's MACs), or ``None`` for none."""
@@ -254,6 +258,13 @@ class DualDynamicInference(DynamicModel):
         return LossOutput(total, parts)
 
 
+@recipe(
+    "dual_dynamic_inference",
+    paper="Dual Dynamic Inference: Enabling More Efficient, Adaptive and Controllable Deep Inference "
+    "(IEEE JSTSP 2020), arXiv:1907.04523",
+    budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
+                        derives="target of the skip gates' MAC-budget loss = budget (resource_budget: the user's)"),
+)  # fmt: skip
 def convert(model: nn.Module, config: DualDynamicInferenceConfig, targets: Targets = "auto") -> DualDynamicInference:
     """Gate every target residual block and add an exit after every stage but the last (in place)."""
     layout = ResNetLayout.of(model)
@@ -272,15 +283,3 @@ def convert(model: nn.Module, config: DualDynamicInferenceConfig, targets: Targe
         head.block_name = f"exits.{k}"
         exits.append(head)
     return DualDynamicInference(model, exits, config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dual_dynamic_inference",
-        family="layer_skip",
-        config_cls=DualDynamicInferenceConfig,
-        convert=convert,
-        paper="Dual Dynamic Inference: Enabling More Efficient, Adaptive and Controllable Deep Inference "
-        "(IEEE JSTSP 2020), arXiv:1907.04523",
-    )
-)

@@ -21,6 +21,10 @@ Departures from the paper:
   computation-cost regulariser;
 * implemented for basic blocks (``conv1``/``bn1``/``relu``/``conv2``/``bn2`` — dynnet CIFAR and torchvision
   ResNet ``BasicBlock``); other blocks are left unchanged.
+
+Budget: trained and calibrated. ``budget`` (the target mean fraction of the dense MACs per image) is the target of
+the MAC-budget loss; calibration then shifts every path logit of every gate by one offset (``calibration[0]``) until
+the mean MAC fraction on held-out images equals the budget.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
-from dynnet.core import Decision, DynamicBlock, DynamicModel, RecipeSpec, current_trace, register_recipe
+from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
+from dynnet.methods.layer_skip._resnet import LogitEntry, gate_logit_knob
 
-__all__ = ["DynamicMultipathConfig", "MultiPathBlock"]
+__all__ = ["DynamicMultipath", "DynamicMultipathConfig", "MultiPathBlock"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,8 @@ class DynamicMultipathConfig:
     """Settings of Dynamic Multi-path.
 
     Attributes:
-        budget: target fraction of dense MACs (MAC-budget loss).
+        budget: target mean fraction of the dense MACs per image (gates included): the target of the MAC-budget loss
+            and of calibration.
         paths: parallel paths per block (the hidden channels are split into this many groups).
         hidden: hidden width of each gate.
         tau: Gumbel-Sigmoid temperature.
@@ -109,6 +117,10 @@ class MultiPathBlock(DynamicBlock):
         h = self.relu(_bn(self.bn1, h, lo, hi))
         return F.conv2d(h, c2.weight[:, lo:hi], None, c2.stride, c2.padding, c2.dilation)
 
+    def open_logits(self) -> list[LogitEntry]:
+        """Every path's keep logit is an output of the gate's last linear layer: shift that layer's bias."""
+        return [(self.gate.fc2.bias, None, 1.0)]
+
     def decide(self, x: Tensor) -> Decision:
         hard, prob = gumbel_sigmoid(self.gate(x), self.tau, hard=True, noise=self.training)
         return Decision(hard, prob, self.granularity)
@@ -167,12 +179,26 @@ class MultiPathBlock(DynamicBlock):
         t.record_macs(f"{self.block_name}/gate", float(g), batch_size=n)
 
 
+class DynamicMultipath(DynamicModel):
+    """The converted network; its objective is the default one (cross-entropy + ``budget_weight`` × MAC budget)."""
+
+    def budget_knob(self) -> Knob:
+        """One offset added to every path logit of every gate."""
+        return gate_logit_knob(self)
+
+
 def _is_basic(block: nn.Module) -> bool:
     names = {"conv1", "bn1", "relu", "conv2", "bn2"}
     return names <= {n for n, _ in block.named_children()} and not hasattr(block, "conv3")
 
 
-def convert(model: nn.Module, config: DynamicMultipathConfig, targets: Targets = "auto") -> DynamicModel:
+@recipe(
+    "dynamic_multipath",
+    paper="Dynamic Multi-path Neural Network (arXiv 2019), arXiv:1902.10949",
+    budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
+                        derives="target of the MAC-budget loss = budget"),
+)  # fmt: skip
+def convert(model: nn.Module, config: DynamicMultipathConfig, targets: Targets = "auto") -> DynamicMultipath:
     """Split every target basic block of ``model`` into gated parallel paths (in place)."""
     converted = 0
     for name, block, adapter in residual_blocks(model, targets):
@@ -185,17 +211,6 @@ def convert(model: nn.Module, config: DynamicMultipathConfig, targets: Targets =
         converted += 1
     if not converted:
         raise ValueError("dynamic_multipath needs basic residual blocks (conv1/bn1/relu/conv2/bn2); none found")
-    return DynamicModel(
+    return DynamicMultipath(
         model, recipe="dynamic_multipath", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dynamic_multipath",
-        family="layer_skip",
-        config_cls=DynamicMultipathConfig,
-        convert=convert,
-        paper="Dynamic Multi-path Neural Network (arXiv 2019), arXiv:1902.10949",
-    )
-)
