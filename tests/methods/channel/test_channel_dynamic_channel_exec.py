@@ -19,9 +19,13 @@ from dynnet.methods.channel.dynamic_channel_exec import (
 from dynnet.testing import diverse_inputs
 
 
-def _model(**config) -> dynnet.DynamicModel:
+def _model(keep: float | None = None, **config) -> dynnet.DynamicModel:
+    """A converted ResNet-8; ``keep``: every bandit plays that fraction of its channels (the budget's knob)."""
     torch.manual_seed(0)
-    return dynnet.create_model("cifar_resnet8", recipe="dynamic_channel_exec", num_classes=10, **config)
+    model = dynnet.create_model("cifar_resnet8", recipe="dynamic_channel_exec", num_classes=10, **config)
+    if keep is not None:
+        model.set_keep_fraction(keep)
+    return model
 
 
 def test_top_k_and_cucb_scores() -> None:
@@ -59,7 +63,7 @@ def test_bandit_finds_the_high_reward_arms() -> None:
 
 
 def test_training_selection_changes_and_rewards_are_observed() -> None:
-    model = _model(budget=0.5).train()
+    model = _model(keep=0.5).train()
     block = model.net.layer1[0]
     assert isinstance(block, DynamicChannelExecBlock)
     x, y = diverse_inputs(4, (3, 32, 32)), torch.arange(4)
@@ -82,7 +86,7 @@ def test_training_selection_changes_and_rewards_are_observed() -> None:
 
 
 def test_inference_subset_is_fixed_and_sparse_equals_masked() -> None:
-    model = _model(budget=0.5).train()
+    model = _model(keep=0.5).train()
     x, y = diverse_inputs(4, (3, 32, 32)), torch.arange(4)
     for _ in range(4):
         with dynnet.trace() as t:
@@ -113,17 +117,17 @@ def test_inference_subset_is_fixed_and_sparse_equals_masked() -> None:
 def test_macs_follow_the_kept_fraction() -> None:
     x = diverse_inputs(2, (3, 32, 32))
     body = {}
-    for budget in (1.0, 0.5, 0.25):
-        model = dynnet.sparse(_model(budget=budget))
+    for keep in (1.0, 0.5, 0.25):  # 16, 32, 64 channels: every block keeps exactly that fraction
+        model = dynnet.sparse(_model(keep=keep))
         with torch.no_grad(), dynnet.trace() as t:
             model(x)
-        body[budget] = sum(e.macs[0].item() for e in t.entries if e.name.endswith("/body"))
+        body[keep] = sum(e.macs[0].item() for e in t.entries if e.name.endswith("/body"))
     assert body[0.5] == pytest.approx(0.5 * body[1.0])
     assert body[0.25] == pytest.approx(0.25 * body[1.0])
 
 
 def test_statistics_are_in_the_state_dict_under_gate() -> None:
-    model = _model(budget=0.5)
+    model = _model(keep=0.5)
     keys = [k for k in model.state_dict() if ".gate." in k]
     assert {k.rsplit(".", 1)[1] for k in keys} == {"value", "count", "steps", "keep"}
     assert not [n for n, _ in model.named_parameters() if ".gate." in n], "the bandit has no parameters"

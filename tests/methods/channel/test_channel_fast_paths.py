@@ -256,7 +256,8 @@ def test_fbs_ties_break_to_the_lowest_index_on_every_path() -> None:
     """A fresh FBS predictor gives every channel the same saliency: masked mode, the Python sparse path and the
     compiled call must keep the same k channels (the lowest indices), not whichever a top-k happens to return."""
     with kernel_engine("native"):
-        model = _model("fbs", budget=0.5)  # predictor weights 0, bias 1: all saliencies tie
+        model = _model("fbs")  # predictor weights 0, bias 1: all saliencies tie
+        model.set_density(0.5)
         x = diverse_inputs(3, (3, 16, 16))
         masked, batch, single = _outputs(model, x)
         torch.testing.assert_close(batch, masked, rtol=1e-4, atol=1e-4)

@@ -96,14 +96,15 @@ def test_block_macs_follow_active_channels_exactly() -> None:
 def test_fbs_keeps_k_channels_and_executes_exactly_the_theoretical_macs() -> None:
     g = torch.tensor([[0.1, 0.5, 0.3, 0.0], [1.0, 0.0, 0.0, 2.0]])
     torch.testing.assert_close(winners_take_all(g, 2), torch.tensor([[0.0, 0.5, 0.3, 0.0], [1.0, 0.0, 0.0, 2.0]]))
-    model = _model("fbs", budget=0.5)
+    model = _model("fbs")
+    model.set_density(0.5)  # k = C / 2 in every block (16, 32, 64 channels)
     x = diverse_inputs(5, (3, 16, 16))
     with torch.no_grad(), dynnet.trace() as t:
         dynnet.sparse(model)(x)
     for d in t.decisions_of("channel").values():
         assert (d.hard.sum(1) == d.hard.shape[1] // 2).all()
     torch.testing.assert_close(t.executed_macs(), t.macs())  # the padded strategy wastes nothing
-    _sparse_matches_masked(_model("fbs", budget=0.5), x)
+    _sparse_matches_masked(model, x)
 
 
 def test_action_tables() -> None:

@@ -8,6 +8,14 @@ greedy at inference and epsilon-greedy in training; each action maps to a channe
 
 Objective: cross-entropy for the backbone + ``q_weight`` × the one-step Q-learning loss with rewards
 ``r_l = -penalty · (kept fraction of block l)`` and, at the last block, ``-CE`` of the sample in addition.
+
+Budget (the target fraction of the dense MACs, agent included): the reward's ``penalty`` is a buffer of the model,
+started at the config's ``penalty`` and adapted during training by dual ascent,
+``penalty ← max(0, penalty + penalty_rate · (mean MAC fraction − budget))``, so that training settles where the
+batch's MAC fraction is the budget (``penalty_rate = 0``: the paper's fixed penalty). Calibration adds
+``offset · c_a`` to the Q-value of every action ``a``, with ``c_a`` the action's kept fraction of the channels
+(an edit of the shared decoder's bias, which the compiled agent step reads too; the value is in ``calibration[0]``):
+the greedy action's cost grows with the offset.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import Knob
 from dynnet.core.cache import structure_generation, version_key
 from dynnet.estimators.q_learning import epsilon_greedy, q_learning_loss
 from dynnet.gates import open_bias_
@@ -165,7 +174,30 @@ class QRoutingModel(DynamicModel):
     """A network whose blocks' channels are chosen by a :class:`QAgent` (attribute ``controller``).
 
     Attributes (set by the converters): ``action_masks`` — one buffer ``masks{l}`` Tensor[A, C_l] bool per block.
+
+    Buffers:
+        penalty: the reward's penalty per unit of kept channel fraction (0-dim float64), adapted during training so
+            that the MAC fraction approaches the budget (see the module docstring).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("penalty", torch.tensor(float(self.config.penalty), dtype=torch.float64))
+
+    def action_costs(self) -> list[float]:
+        """Each action's kept fraction of the inner channels, averaged over the blocks."""
+        tables = [self.masks_of(i).float().mean(1) for i in range(self.gated_blocks())]
+        return torch.stack(tables).mean(0).tolist()
+
+    def gated_blocks(self) -> int:
+        """The number of blocks the agent decides for."""
+        return len(self.controller.encoders)
+
+    def budget_knob(self) -> Knob:
+        """One offset times each action's kept fraction added to the Q-values (the shared decoder's bias)."""
+        bias = self.controller.decoder.bias
+        entries = [(bias, a, cost) for a, cost in enumerate(self.action_costs())]
+        return self.logit_shift_knob(entries, lo=-100.0, hi=100.0)
 
     def masks_of(self, index: int) -> Tensor:
         return getattr(self, f"masks{index}")
@@ -259,16 +291,22 @@ class QRoutingModel(DynamicModel):
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         cfg = self.config
+        budget = cfg.budget if budget is None else budget
         ce = F.cross_entropy(logits, target, reduction="none")
+        if self.training and cfg.penalty_rate:  # dual ascent: the penalty rises while the batch spends too much
+            excess = float(t.mac_fraction().detach().mean()) - budget
+            with torch.no_grad():
+                self.penalty.copy_((self.penalty + cfg.penalty_rate * excess).clamp_min(0.0))
+        penalty = float(self.penalty)
         steps = sum(1 for k in t.outputs if k.startswith(f"{self.recipe}/q"))
         qs = [t.outputs[f"{self.recipe}/q{i}"] for i in range(steps)]
         actions = [t.outputs[f"{self.recipe}/action{i}"] for i in range(steps)]
         rewards = []
         for i, a in enumerate(actions):
             kept = self.masks_of(i).float().mean(1).index_select(0, a)
-            rewards.append(-cfg.penalty * kept)
+            rewards.append(-penalty * kept)
         rewards[-1] = rewards[-1] - ce.detach()
         q_loss = q_learning_loss(qs, actions, rewards, cfg.gamma)
         task = ce.mean()
         total = task + cfg.q_weight * q_loss
-        return LossOutput(total, {"task": float(task.detach()), "q": float(q_loss.detach())})
+        return LossOutput(total, {"task": float(task.detach()), "q": float(q_loss.detach()), "penalty": penalty})

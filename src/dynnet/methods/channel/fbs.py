@@ -17,16 +17,26 @@ Departures from the paper:
   input side; the paper gates every convolution's outputs in VGG/ResNet;
 * the saliency multiplies the batch-normalised, rectified output (``g · relu(bn(conv(x)))``, equal to the paper's
   ``relu(g · bn(conv(x)))`` for ``g >= 0``) while keeping the pretrained BN scale; the paper replaces BN's ``gamma``;
-* the predictor starts with ``W = 0, b = 1`` (every saliency 1), so with ``budget = 1`` a fresh conversion
-  reproduces the base network; ``budget`` is the density ``d`` (the default 1.0 only suppresses channels whose
-  saliency is 0);
+* the predictor starts with ``W = 0, b = 1`` (every saliency 1), so at the default ``budget = 1`` (density 1) a
+  fresh conversion reproduces the base network. At a budget below 1 it does **not**: k-WTA keeps ``k < C`` channels
+  from the start (with every saliency equal, the first ``k`` of each block) — the paper's constraint, not a gate that
+  training closes;
+* ``k = floor(d · C + phase)`` (at least 1) with a per-block phase spread over [0, 1) (1/2 for a block built alone):
+  the paper's ``ceil(d · C)`` would make every block's one-channel step fall on the same densities;
 * channels with saliency exactly 0 are suppressed even when fewer than ``k`` remain (so a sample may keep < k).
+
+Budget: calibrated. ``budget`` is the target fraction of the dense MACs (the saliency predictors included); the
+paper's knob, the density ``d``, is derived from it at conversion: the ``d`` whose MAC fraction on a nominal
+``C × 32 × 32`` input is closest to the budget (k-WTA keeps the same ``k`` for every sample, so that fraction is
+exact for inputs without zero saliencies). ``d`` is a buffer of every block's predictor (``saliency.density``), which
+the compiled batch-1 call's plan is keyed on; calibration sets one ``d`` for every block until the mean MAC fraction
+on held-out images equals the budget. Reachable (declared): 0.1 to 1; one channel per block costs 0.09 of a
+ResNet-8 and 0.02 of a ResNet-20.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_KWTA, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._budget import ROUNDING_SLACK, block_phases, derive_fraction, kept_channels
 
 __all__ = ["FBS", "FBSBlock", "FBSConfig", "SaliencyPredictor", "winners_take_all"]
 
@@ -46,7 +59,9 @@ class FBSConfig:
     """Settings of FBS.
 
     Attributes:
-        budget: the density ``d`` of k-winners-take-all (fraction of inner channels kept per sample).
+        budget: target mean fraction of the dense MACs per image (the saliency predictors included). The density
+            ``d`` of k-winners-take-all (the fraction of inner channels kept per sample, the paper's knob) is derived
+            from it at conversion; 1.0 keeps every channel (a fresh conversion reproduces the base network only there).
         saliency_weight: weight of the L1 penalty on the predicted saliencies (the paper's lambda).
         strategy: sparse-mode batch strategy.
     """
@@ -56,49 +71,71 @@ class FBSConfig:
     strategy: str = "auto"
 
 
-def winners_take_all(g: Tensor, k: int) -> Tensor:
-    """k-WTA: keep the ``k`` largest values of each row of Tensor[N, C] and zero the others (ties: lowest index)."""
-    if not 0 < k <= g.shape[1]:
-        raise ValueError(f"k must be in [1, {g.shape[1]}], got {k}")
-    if k == g.shape[1]:
-        return g
+def winners_take_all(g: Tensor, k: int | Tensor) -> Tensor:
+    """k-WTA: keep the ``k`` largest values of each row of Tensor[N, C] and zero the others (ties: lowest index).
+
+    ``k`` may be a 0-dim tensor (computed from a buffer): no value leaves the device, so tracing, export and
+    meta-tensor cost probes run it too.
+    """
+    if not isinstance(k, Tensor):
+        if not 0 < k <= g.shape[1]:
+            raise ValueError(f"k must be in [1, {g.shape[1]}], got {k}")
+        if k == g.shape[1]:
+            return g
     # A stable sort, not topk: topk's choice among equal values is unspecified (and differs from the compiled
     # kernel's), and FBS's predictor starts with every saliency equal (zero weights, bias 1).
-    idx = torch.sort(g, dim=1, descending=True, stable=True).indices[:, :k]
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, idx, True)
-    return g * keep
+    order = torch.sort(g, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(g.shape[1], device=g.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return g * (rank < k)
 
 
 class SaliencyPredictor(nn.Module):
-    """``g = relu(W mean_{hw}|x| + b)``: Tensor[N, C_in, H, W] → Tensor[N, C] non-negative saliencies."""
+    """``g = relu(W mean_{hw}|x| + b)``: Tensor[N, C_in, H, W] → Tensor[N, C] non-negative saliencies.
 
-    def __init__(self, in_channels: int, channels: int) -> None:
+    Buffers:
+        density: the k-WTA density ``d`` of its block (0-dim float64; saved in the state_dict).
+    """
+
+    def __init__(self, in_channels: int, channels: int, density: float = 1.0) -> None:
         super().__init__()
         self.fc = nn.Linear(in_channels, channels)
         with torch.no_grad():
             self.fc.weight.zero_()
             self.fc.bias.fill_(1.0)
+        self.register_buffer("density", torch.tensor(float(density), dtype=torch.float64))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.fc(x.abs().mean((2, 3))))
 
 
 class FBSBlock(ChannelGatedBlock):
-    """A basic block whose inner channels are boosted or suppressed by FBS."""
+    """A basic block whose inner channels are boosted or suppressed by FBS.
 
-    def __init__(self, *args, density: float = 1.0, **kwargs) -> None:
+    Its ``saliency`` submodule (a :class:`SaliencyPredictor`, set by the conversion) holds the k-WTA density;
+    ``k = max(1, floor(density · C + phase))``.
+
+    Args:
+        phase: the block's rounding phase in [0, 1) (the conversion spreads them over the blocks).
+    """
+
+    def __init__(self, *args, phase: float = 0.5, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.density = density
+        if not 0.0 <= phase < 1.0:
+            raise ValueError(f"phase must be in [0, 1), got {phase}")
+        self.phase = float(phase)
 
     @property
     def density(self) -> float:
-        """The fraction of inner channels k-WTA keeps per sample."""
-        return self._density
+        """The fraction of inner channels k-WTA keeps per sample (the predictor's ``density`` buffer)."""
+        return float(self.saliency.density)
 
     @density.setter
     def density(self, value: float) -> None:
-        self._density = float(value)
-        self._plan = None  # a cached inference plan holds k
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"density must be in [0, 1], got {value}")
+        with torch.no_grad():  # in place: the version bump makes a cached inference plan (which holds k) stale
+            self.saliency.density.fill_(float(value))
 
     def binary_scale(self) -> bool:
         return False
@@ -115,10 +152,13 @@ class FBSBlock(ChannelGatedBlock):
             return None  # a replaced predictor: its Python forward decides
         fc = self.saliency.fc
         w, b = fc.weight, fc.bias
-        return NativeGate(GATE_KWTA, w, b, w, b, self._k(), (w, b))  # gw2, gb2 are unused by k-WTA
+        k = kept_channels(self.density, self.channels, self.phase)
+        return NativeGate(GATE_KWTA, w, b, w, b, k, (w, b, self.saliency.density))  # gw2, gb2 are unused by k-WTA
 
-    def _k(self) -> int:
-        return max(1, math.ceil(self.density * self.channels - 1e-9))
+    def _k(self) -> Tensor:
+        """k as a 0-dim tensor (see :func:`~dynnet.methods.channel._budget.kept_channels`; no host sync)."""
+        c = self.channels
+        return (self.saliency.density * c + (self.phase + ROUNDING_SLACK)).floor().clamp(1, c)
 
     def _boosts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(pi, g)``: the k-WTA-masked saliencies (the channel multipliers) and the saliencies, Tensor[N, C]."""
@@ -133,6 +173,34 @@ class FBSBlock(ChannelGatedBlock):
 class FBS(DynamicModel):
     """The converted network; objective: cross-entropy + ``saliency_weight`` × L1 of the saliencies."""
 
+    def fbs_blocks(self) -> list[FBSBlock]:
+        """The FBS blocks, in execution order."""
+        return [b for _, b in self.blocks() if isinstance(b, FBSBlock)]
+
+    def set_density(self, density: float) -> None:
+        """Set the k-WTA density of every block (the paper's ``d``)."""
+        for b in self.fbs_blocks():
+            b.density = density
+
+    def scramble_(self, generator: torch.Generator) -> int:
+        """Random saliency predictors (weights ``N(0, 1 / C_in)``, biases ``N(1, 0.5²)``) for the conformance suite;
+        returns how many tensors changed. Every saliency varies with the input and a few are zero for some inputs (a
+        trained predictor's L1 penalty zeroes some too): the generic scrambling's ``N(0, 1)`` biases would zero half of
+        them for every input, leaving k-WTA nothing to choose from. The densities (the budget's knob) are kept."""
+        changed = 0
+        with torch.no_grad():
+            for b in self.fbs_blocks():
+                fc = b.saliency.fc
+                fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) / fc.weight.shape[1] ** 0.5)
+                fc.bias.copy_(torch.randn(fc.bias.shape, generator=generator) * 0.5 + 1.0)
+                changed += 2
+        return changed
+
+    def budget_knob(self) -> Knob:
+        """The k-WTA density of every block (one value; the MACs grow with it)."""
+        blocks = self.fbs_blocks()
+        return Knob("k-WTA density", lambda: blocks[0].density, self.set_density, 0.0, 1.0, increasing=True)
+
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         task = F.cross_entropy(logits, target)
         decisions = list(t.decisions_of("channel").values())
@@ -141,24 +209,32 @@ class FBS(DynamicModel):
         return LossOutput(total, {"task": float(task.detach()), "saliency_l1": float(l1.detach())})
 
 
+@recipe(
+    "fbs",
+    paper="Dynamic Channel Pruning: Feature Boosting and Suppression (ICLR 2019), arXiv:1810.05331",
+    budget=BudgetPolicy("calibrated", knob="k-WTA density", reachable=(0.1, 1.0),
+                        derives="k-WTA density d of every block, whose MAC fraction on a nominal 32x32 input is the "
+                        "budget (budget 1: d = 1)"),
+)  # fmt: skip
 def convert(model: nn.Module, config: FBSConfig, targets: Targets = "auto") -> FBS:
-    """Put an FBS saliency predictor on the inner channels of every target basic residual block (in place)."""
+    """Put an FBS saliency predictor on the inner channels of every target basic residual block (in place).
+
+    At ``budget = 1`` (the default) the predictors start with every saliency 1 and k-WTA keeps every channel, so the
+    converted network reproduces the base network. At a budget below 1, k-WTA keeps only ``k < C`` channels per block
+    from the start: the converted network does not reproduce the base network.
+    """
 
     def make(name: str, block: nn.Module, adapter) -> FBSBlock:
-        new = FBSBlock(block, adapter, None, strategy=config.strategy, density=config.budget)
+        new = FBSBlock(block, adapter, None, strategy=config.strategy)
         new.saliency = SaliencyPredictor(adapter.in_channels(block), block.conv1.out_channels)
         return new
 
-    convert_blocks(model, targets, make)
-    return FBS(model, recipe="fbs", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="fbs",
-        family="channel",
-        config_cls=FBSConfig,
-        convert=convert,
-        paper="Dynamic Channel Pruning: Feature Boosting and Suppression (ICLR 2019), arXiv:1810.05331",
+    blocks = convert_blocks(model, targets, make)
+    for block, phase in zip(blocks, block_phases(len(blocks)), strict=True):
+        block.phase = phase
+    net = FBS(model, recipe="fbs", config=copy.copy(config), in_channels=first_conv_in_channels(model))
+    density = derive_fraction(
+        net, blocks, config.budget, lambda f, i: kept_channels(f, blocks[i].channels, blocks[i].phase), ("saliency",)
     )
-)
+    net.set_density(density)
+    return net

@@ -16,7 +16,19 @@ Departures from the paper:
   here every target block is pruned, each with its own ``threshold`` buffer (the model's ``scramble_`` randomises
   them; set them per block to emulate the paper's layer selection);
 * the regulariser is applied to the inner feature maps of residual blocks and normalised by ``sqrt(H W)``;
+* the regulariser is *trimmed* by the budget: per instance it decays only the channels outside the ``round(ρ · C)``
+  of largest norm, ``ρ`` the kept-channel rate at which the network spends the budget (below); at ``ρ = 0`` it is
+  the paper's l2,1 decay of every channel, at a budget of 1 it is off. The channels the budget will cut are the ones
+  driven to zero, so that cutting them at inference costs little;
 * the default ``threshold = 0`` drops only all-zero channels, so a fresh conversion reproduces the base network.
+
+Budget: trained and calibrated. ``budget`` is the target fraction of the dense MACs. Training derives ``ρ`` from it —
+``(budget·D − min) / (max − min)`` from the trace's MAC bounds: ``conv1`` and the static part always run — and trims
+the feature decay with it (above); calibration then sets one threshold for every block (the ``gate.threshold``
+buffers, which the compiled batch-1 call's plan is keyed on; the MACs fall as it rises) until the mean MAC fraction
+on held-out images equals the budget, as the paper sets its threshold after training. Reachable (declared): 0.5
+to 1; ``conv2`` reading no channel costs 0.43 of a ResNet-8 and 0.48 of a ResNet-20 (``conv1``, the stem, the
+shortcuts and the head still run).
 """
 
 from __future__ import annotations
@@ -29,10 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_INSTANCE, NativeGate, native_conv3x3_in, sliced_conv_in
-from dynnet.losses.instance_sparsity import channel_norms, feature_l21, instance_keep_mask
+from dynnet.losses.instance_sparsity import channel_norms, instance_keep_mask
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._budget import variable_rate
 
 __all__ = ["InstanceSparsity", "InstanceSparsityBlock", "InstanceSparsityConfig", "ThresholdGate"]
 
@@ -42,13 +57,15 @@ class InstanceSparsityConfig:
     """Settings of instance-wise sparsity.
 
     Attributes:
-        budget: nominal MAC fraction (reported; the trade-off is set by ``threshold`` and ``decay_weight``).
-        threshold: initial per-block threshold, relative to the instance's mean channel norm.
+        budget: target mean fraction of the dense MACs per image: training trims the feature decay to the channels
+            it cuts, and calibration sets the threshold that spends it.
+        threshold: initial per-block threshold, relative to the instance's mean channel norm (0: the base network);
+            :func:`dynnet.calibrate` sets it from ``budget``.
         decay_weight: weight of the l2,1 feature-decay regulariser (the paper's lambda).
         strategy: sparse-mode batch strategy.
     """
 
-    budget: float = 0.5
+    budget: float = 0.75
     threshold: float = 0.0
     decay_weight: float = 1e-3
     strategy: str = "auto"
@@ -84,8 +101,8 @@ class InstanceSparsityBlock(ChannelGatedBlock):
         h = self.inner(x)
         d, s = self._mask(h)
         t = current_trace()
-        if t is not None and self.training and self.decay_weight:
-            t.add_loss("feature_decay", self.decay_weight * feature_l21(h))
+        if t is not None and self.training and self.decay_weight:  # the model's objective trims and weighs them
+            t.record_output(f"{self.block_name}/channel_norms", channel_norms(h))
         out = self.post(self.shortcut(x) + self.outer(h * s[:, :, None, None]))
         self._record_in(x, d, executed_channels=None)
         return out
@@ -126,12 +143,37 @@ class InstanceSparsityBlock(ChannelGatedBlock):
 
 
 class InstanceSparsity(DynamicModel):
-    """The converted network; objective: cross-entropy + the l2,1 feature decay of every block."""
+    """The converted network; objective: cross-entropy + the budget-trimmed l2,1 feature decay of every block."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        budget = self.config.budget if budget is None else budget
         task = F.cross_entropy(logits, target)
-        aux = t.aux_loss().to(task.dtype)
-        return LossOutput(task + aux, {"task": float(task.detach()), "feature_decay": float(aux.detach())})
+        rate = variable_rate(t, budget)  # the kept-channel rate that spends the budget
+        decay = task.new_zeros(())
+        for block in self.sparsity_blocks():
+            norms = t.outputs.get(f"{block.block_name}/channel_norms")
+            if norms is None:
+                continue
+            kept = round(rate * norms.shape[1])  # per instance, the largest norms are spared
+            trimmed = norms.sort(1, descending=True).values[:, kept:]
+            decay = decay + block.decay_weight * trimmed.sum(1).mean().to(task.dtype)
+        total = task + decay
+        parts = {"task": float(task.detach()), "feature_decay": float(decay.detach())}
+        if t.losses:
+            aux = t.aux_loss().to(task.dtype)
+            total = total + aux
+            parts["aux"] = float(aux.detach())
+        return LossOutput(total, parts)
+
+    def sparsity_blocks(self) -> list[InstanceSparsityBlock]:
+        """The pruned blocks, in execution order."""
+        return [m for m in self.modules() if isinstance(m, InstanceSparsityBlock)]
+
+    def budget_knob(self) -> Knob:
+        """One threshold for every block (the MACs fall as it rises; at ``C`` no channel is kept)."""
+        blocks = self.sparsity_blocks()
+        hi = float(max(b.channels for b in blocks))
+        return Knob("instance threshold", lambda: float(blocks[0].threshold), self.set_threshold, 0.0, hi, False)
 
     def scramble_(self, generator: torch.Generator) -> int:
         """Give every block a random threshold in [0.2, 1.2) (for the conformance suite); returns the count."""
@@ -143,12 +185,19 @@ class InstanceSparsity(DynamicModel):
         return n
 
     def set_threshold(self, threshold: float) -> None:
-        """Set the threshold of every block."""
-        for m in self.modules():
-            if isinstance(m, InstanceSparsityBlock):
+        """Set the threshold of every block (in place: the compiled batch-1 call's plan is rebuilt)."""
+        with torch.no_grad():
+            for m in self.sparsity_blocks():
                 m.threshold.fill_(float(threshold))
 
 
+@recipe(
+    "instance_sparsity",
+    paper="Learning Instance-wise Sparsity for Accelerating Deep Models (IJCAI 2019), arXiv:1907.11840",
+    budget=BudgetPolicy("trained+calibrated", knob="instance threshold", reachable=(0.5, 1.0),
+                        derives="feature decay trimmed to the channels beyond the kept-channel rate that spends the "
+                        "budget; the threshold is calibrated"),
+)  # fmt: skip
 def convert(model: nn.Module, config: InstanceSparsityConfig, targets: Targets = "auto") -> InstanceSparsity:
     """Instance-wise inner-channel pruning on every target basic residual block of ``model`` (in place)."""
     convert_blocks(
@@ -161,14 +210,3 @@ def convert(model: nn.Module, config: InstanceSparsityConfig, targets: Targets =
     return InstanceSparsity(
         model, recipe="instance_sparsity", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="instance_sparsity",
-        family="channel",
-        config_cls=InstanceSparsityConfig,
-        convert=convert,
-        paper="Learning Instance-wise Sparsity for Accelerating Deep Models (IJCAI 2019), arXiv:1907.11840",
-    )
-)
