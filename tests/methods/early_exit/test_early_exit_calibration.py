@@ -17,6 +17,7 @@ from dynnet.methods.early_exit import (
     calibrate_thresholds,
     collect_exits,
 )
+from dynnet.methods.early_exit._common import budget_exit_weights, geometric_exit_shares
 from dynnet.testing import scramble_gates
 from dynnet.train import evaluate
 
@@ -95,3 +96,69 @@ def test_calibrated_model_agrees_with_sparse_evaluation(recipe: str) -> None:
     assert ev.accuracy == pytest.approx(expected_acc)
     torch.testing.assert_close(ev.macs, expected_macs)
     torch.testing.assert_close(ev.executed, expected_macs)
+
+
+COSTS = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_geometric_exit_shares_spend_the_budget(budget: float) -> None:
+    q = geometric_exit_shares(COSTS, budget)
+    assert float(q.sum()) == pytest.approx(1.0)
+    assert float(q @ COSTS) == pytest.approx(budget, abs=1e-9)
+    ratios = q[1:] / q[:-1]
+    torch.testing.assert_close(ratios, ratios[:1].expand_as(ratios))  # q_k ∝ p^k
+
+
+def test_geometric_exit_shares_clamp_unreachable_budgets() -> None:
+    assert float(geometric_exit_shares(COSTS, 0.1)[0]) == pytest.approx(1.0)
+    assert float(geometric_exit_shares(COSTS, 1.0)[-1]) == pytest.approx(1.0)
+
+
+def test_budget_exit_weights_favour_the_exits_the_budget_uses() -> None:
+    low, high = budget_exit_weights(COSTS, 0.35), budget_exit_weights(COSTS, 0.9)
+    for w in (low, high):
+        assert sum(w) / len(w) == pytest.approx(1.0)
+        assert min(w) >= 0.5
+    assert low[0] > low[-1] and high[-1] > high[0] and low[0] > high[0]
+    assert budget_exit_weights(COSTS, 0.625) == pytest.approx([1.0] * 4)  # p = 1: every exit serves a quarter
+
+
+def test_dynnet_calibrate_is_the_budgeted_batch_calibration() -> None:
+    def build() -> dynnet.DynamicModel:
+        torch.manual_seed(0)
+        return dynnet.create_model(
+            "cifar_resnet8", recipe="branchynet", in_channels=1, exit_fractions=(0.01, 0.3, 0.6), budget=0.6
+        )
+
+    model = build()
+    val = _loader(seed=0)
+    expected = calibrate_thresholds(collect_exits(model, val), 0.6)
+    images = torch.cat([x for x, _ in val])
+    report = dynnet.calibrate(model, images, tolerance=0.05)  # unlabelled images are enough
+    torch.testing.assert_close(model.thresholds, expected.thresholds)
+    assert report.thresholds["exit profile p"] == pytest.approx(expected.p)
+    assert report.mac_fraction == pytest.approx(expected.achieved_fraction, abs=1e-6)
+    assert report.accuracy is None
+    assert float(model.calibration[0]) == pytest.approx(expected.p)
+    labelled = dynnet.calibrate(model, val, 0.6, tolerance=0.05)
+    assert labelled.accuracy == pytest.approx(expected.accuracy)
+    other = build()
+    other.load_state_dict(model.state_dict())  # the thresholds are in the state_dict
+    assert torch.equal(other.thresholds, model.thresholds) and other.calibrated_budget == pytest.approx(0.6)
+
+
+def test_calibration_refuses_a_budget_below_the_first_exit() -> None:
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="branchynet", in_channels=1).eval()  # first exit ≈ 0.46
+    with pytest.raises(ValueError, match=r"outside the MAC fractions \[0\.4"):
+        model.calibrate_to_([torch.cat([x for x, _ in _loader()])], 0.3, 0.01)
+
+
+def test_calibration_without_labels_has_no_accuracy() -> None:
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="branchynet", in_channels=1, exit_fractions=(0.01, 0.3, 0.6))
+    profile = collect_exits(model, [x for x, _ in _loader()])
+    assert profile.correct is None and profile.scores.shape == (24, 3)
+    assert calibrate_thresholds(profile, 0.5).accuracy is None
+    assert all(row["accuracy"] is None for row in anytime_curve(profile))

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 import dynnet
 from dynnet.macs import MacCounter
 from dynnet.methods.early_exit import place_exits, trunk_of
-from dynnet.methods.early_exit._common import entropy_confidence, gradient_rescale, max_softmax_confidence, select
+from dynnet.methods.early_exit._common import (
+    budget_exit_weights,
+    entropy_confidence,
+    gradient_rescale,
+    max_softmax_confidence,
+    select,
+)
 
 
 def _model(recipe: str = "branchynet", **kw) -> dynnet.DynamicModel:
@@ -129,8 +135,10 @@ def test_training_runs_every_exit_and_records_their_logits() -> None:
         model(_x())
     outs = model.exit_outputs(t)
     assert len(outs) == model.num_exits and all(o.shape == (6, 10) for o in outs)
-    loss = model.compute_loss(outs[-1], torch.arange(6) % 10, t)
-    expected = sum(torch.nn.functional.cross_entropy(o, torch.arange(6) % 10) for o in outs)
+    y = torch.arange(6) % 10
+    loss = model.compute_loss(outs[-1], y, t)
+    weights = budget_exit_weights(model.stop_costs(t), model.budget)
+    expected = sum(w * torch.nn.functional.cross_entropy(o, y) for o, w in zip(outs, weights, strict=True))
     torch.testing.assert_close(loss.total, expected)
 
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dynnet
 from dynnet.macs import MacCounter
+from dynnet.methods.early_exit.calibration import calibrate_thresholds
 from dynnet.methods.early_exit.dt_ram import DTRAM, DTRAMCurriculum
 from dynnet.testing import scramble_until_mixed
 from dynnet.train import FitState, Hook, TrainConfig, fit
@@ -155,21 +156,25 @@ def test_stopping_after_the_first_glimpse_costs_less() -> None:
 
 
 # -- reward -------------------------------------------------------------------------------------------------------
-def test_reward_includes_the_step_cost() -> None:
-    model = _model(step_cost=0.4, discount=0.9)
-    _force_stop(model, -30.0)  # nobody stops: every sample pays for every glimpse
+def test_reward_charges_the_mac_fraction_above_the_budget() -> None:
+    model = _model(step_cost=0.4, discount=0.9, budget=0.3)
+    _force_stop(model, -30.0)  # nobody stops: every sample pays for every glimpse above the budget
     x, y = _x(4), torch.arange(4)
     with dynnet.trace() as t:
         logits = model.train()(x)
     correct = (logits.argmax(1) == y).float()
-    expected = correct * 0.9 ** (STEPS - 1) - 0.4
-    torch.testing.assert_close(model.reward(logits, y, t), expected)
-    # a sample that stops after one glimpse pays 1/T of the cost and is not discounted
-    t.outputs["ram/glimpses"] = torch.ones(4)
-    torch.testing.assert_close(model.reward(logits, y, t), correct - 0.4 / STEPS)
-    # the cost reaches the policy-gradient term of the objective
-    free = _model(step_cost=0.0, discount=0.9)
+    torch.testing.assert_close(model.reward(logits, y, t), correct * 0.9 ** (STEPS - 1) - 0.4 * (1.0 - 0.3))
+    # stopping after s glimpses costs the MAC fraction of those glimpses above the budget (the first is free here)
+    costs = model.net.stop_costs(x)
+    fractions = costs / costs[-1]
+    assert float(fractions[0]) < 0.3 < float(fractions[1])
+    for s in range(1, STEPS + 1):
+        t.outputs["ram/glimpses"] = torch.full((4,), float(s))
+        charge = 0.4 * max(0.0, float(fractions[s - 1]) - 0.3)
+        torch.testing.assert_close(model.reward(logits, y, t), correct * 0.9 ** (s - 1) - charge)
+    # the budget reaches the policy-gradient term of the objective
     t.outputs["ram/glimpses"] = torch.full((4,), float(STEPS))
+    free = _model(step_cost=0.4, discount=0.9, budget=1.0)
     assert model.compute_loss(logits, y, t).parts["policy"] != free.compute_loss(logits, y, t).parts["policy"]
 
 
@@ -190,7 +195,23 @@ def test_calibrated_thresholds_meet_the_budget_in_sparse_mode() -> None:
     assert fraction == pytest.approx(0.6, abs=0.1)
 
 
+def test_dynnet_calibrate_uses_the_budgeted_batch_thresholds() -> None:
+    model = _model(budget=0.6)
+    x = _x(24, seed=7)
+    scramble_until_mixed(model, x)
+    expected = calibrate_thresholds(model.exit_profile([x]), 0.6)
+    report = dynnet.calibrate(model, x, tolerance=0.05)
+    torch.testing.assert_close(model.thresholds, expected.thresholds)
+    assert report.thresholds["exit profile p"] == pytest.approx(expected.p)
+    assert report.mac_fraction == pytest.approx(expected.achieved_fraction, abs=1e-6)
+    assert float(model.calibration[0]) == pytest.approx(expected.p)
+    assert "net.thresholds" in model.state_dict()
+    model.stopping = False
+    with pytest.raises(ValueError, match="disabled"):
+        dynnet.calibrate(model, x, 0.6)
+
+
 def test_config_rejects_bad_settings() -> None:
-    for bad in ({"discount": 0.0}, {"step_cost": -0.1}, {"fixed_fraction": 1.5}, {"max_glimpses": 1}):
+    for bad in ({"discount": 0.0}, {"step_cost": -0.1}, {"fixed_fraction": 1.5}, {"max_glimpses": 1}, {"budget": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _model(**bad)

@@ -4,7 +4,8 @@ Importing this package registers the recipes ``branchynet``, ``cdl``, ``adaptive
 ``dynexit``, ``hierarchical_exits``, ``triple_wins``, ``early_exit_cnn`` and ``dt_ram`` (and the base model
 ``msdnet_tiny``).
 Shared machinery: :mod:`._common` (trunks, exit placement, the exit cascade with batch compaction) and
-:mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration).
+:mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration, which :func:`dynnet.calibrate` runs
+for every recipe of the family).
 """
 
 from dynnet.methods.early_exit import (
@@ -24,6 +25,8 @@ from dynnet.methods.early_exit._common import (
     ExitCascade,
     ExitPlan,
     Trunk,
+    budget_exit_weights,
+    geometric_exit_shares,
     place_exits,
     plan_exits,
     register_trunk,
@@ -53,6 +56,7 @@ __all__ = [
     "anytime_curve",
     "apply_thresholds",
     "branchynet",
+    "budget_exit_weights",
     "budgeted_curve",
     "calibrate_",
     "calibrate_thresholds",
@@ -61,6 +65,7 @@ __all__ = [
     "dt_ram",
     "dynexit",
     "early_exit_cnn",
+    "geometric_exit_shares",
     "hierarchical_exits",
     "imta",
     "msdnet",

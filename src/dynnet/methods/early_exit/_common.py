@@ -29,7 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace, run_on_meta
+from dynnet.core import (
+    Decision,
+    DynamicBlock,
+    DynamicModel,
+    LossOutput,
+    Trace,
+    current_trace,
+    dynamic_blocks,
+    run_on_meta,
+)
 from dynnet.kernels.compaction import index_select_rows
 from dynnet.macs import MacCounter
 
@@ -41,7 +50,9 @@ __all__ = [
     "ExitPlan",
     "PooledLinearHead",
     "Trunk",
+    "budget_exit_weights",
     "entropy_confidence",
+    "geometric_exit_shares",
     "gradient_rescale",
     "max_softmax_confidence",
     "place_exits",
@@ -250,6 +261,58 @@ class _GradientRescale(torch.autograd.Function):
 def gradient_rescale(x: Tensor, scale: float) -> Tensor:
     """Identity in the forward pass; multiplies the gradient by ``scale`` (IMTA's gradient equilibrium)."""
     return _GradientRescale.apply(x, scale)
+
+
+def geometric_exit_shares(stop_costs: Sequence[float] | Tensor, budget: float, *, iters: int = 80) -> Tensor:
+    """MSDNet's budgeted-batch exit profile for a budget: the share ``q_k ∝ p^k`` of the samples that stop at exit
+    ``k``, with ``p`` such that the mean cost ``Σ_k q_k c_k`` equals ``budget``.
+
+    Args:
+        stop_costs: Tensor[K] cost of stopping at exit ``k`` (increasing; any unit, e.g. a fraction of the dense
+            MACs, the unit of ``budget``).
+        budget: target mean cost. Below ``c_0`` every sample stops at the first exit; above ``c_{K-1}`` at the
+            last.
+        iters: bisection steps on ``log p``.
+
+    Returns:
+        Tensor[K] float64 shares, summing to 1.
+    """
+    c = [float(v) for v in torch.as_tensor(stop_costs, dtype=torch.float64).flatten()]
+
+    def shares(log_p: float) -> list[float]:  # softmax of k · log p, in plain floats (called every training step)
+        top = max(0.0, log_p * (len(c) - 1))
+        e = [math.exp(k * log_p - top) for k in range(len(c))]
+        total = sum(e)
+        return [v / total for v in e]
+
+    lo, hi = -40.0, 40.0
+    if budget <= c[0]:
+        return torch.tensor(shares(lo), dtype=torch.float64)
+    if budget >= c[-1]:
+        return torch.tensor(shares(hi), dtype=torch.float64)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if sum(q * v for q, v in zip(shares(mid), c, strict=True)) > budget:
+            hi = mid
+        else:
+            lo = mid
+    return torch.tensor(shares(0.5 * (lo + hi)), dtype=torch.float64)
+
+
+def budget_exit_weights(stop_costs: Sequence[float] | Tensor, budget: float) -> list[float]:
+    """Loss weights of the exits derived from a budget: ``w_k = (1 + K q_k) / 2`` (mean 1).
+
+    Half the uniform weights of the anytime objective (every exit equally good), half the share ``q_k`` of the
+    samples that exit ``k`` will serve at the budget (:func:`geometric_exit_shares`, the profile that calibration
+    fits): at a small budget the early exits, which answer most images, weigh more; at a large one the late exits.
+    Every weight stays at least 1/2, so every exit (and the trunk under it) keeps training.
+
+    Args:
+        stop_costs: Tensor[K] cost of stopping at exit ``k``, as a fraction of the dense MACs.
+        budget: target mean fraction of the dense MACs per image.
+    """
+    q = geometric_exit_shares(stop_costs, budget)
+    return [float(w) for w in 0.5 * (1.0 + q.numel() * q)]
 
 
 # ---------------------------------------------------------------------------------------------- heads
@@ -531,8 +594,12 @@ class ExitCascade(DynamicBlock):
 class EarlyExitModel(DynamicModel):
     """A converted early-exit network (``net`` is an :class:`ExitCascade`).
 
-    The default objective is the weighted sum of the exits' cross-entropies (``config.exit_weights``, uniform
-    when absent), the joint training of BranchyNet and MSDNet.
+    The default objective is the weighted sum of the exits' cross-entropies (``config.exit_weights``, derived from
+    the budget when absent: :func:`budget_exit_weights`), the joint training of BranchyNet and MSDNet.
+
+    Budget: the exits' thresholds (a buffer or parameter ``net.gates.threshold``, in the ``state_dict``) are what
+    :func:`dynnet.calibrate` sets, with MSDNet's budgeted-batch calibration (:meth:`calibrate_to_`); the geometric
+    profile's parameter ``p`` is kept in ``calibration[0]``.
     """
 
     net: ExitCascade
@@ -579,10 +646,17 @@ class EarlyExitModel(DynamicModel):
         out.append(alive)
         return out
 
-    def exit_weights(self) -> list[float]:
+    def exit_weights(self, t: Trace, budget: float | None = None) -> list[float]:
+        """Loss weight of every exit, final one last: ``config.exit_weights`` when set, else derived from the
+        budget (:func:`budget_exit_weights` on the exits' stop costs in ``t``).
+
+        Args:
+            t: the trace of a masked forward pass.
+            budget: target mean MAC fraction (default: ``config.budget``).
+        """
         weights = getattr(self.config, "exit_weights", None)
         if weights is None:
-            return [1.0] * self.num_exits
+            return budget_exit_weights(self.stop_costs(t), self.budget if budget is None else budget)
         if len(weights) != self.num_exits:
             raise ValueError(f"exit_weights has {len(weights)} values for {self.num_exits} exits")
         return list(weights)
@@ -591,10 +665,49 @@ class EarlyExitModel(DynamicModel):
         from dynnet.losses.early_exit import multi_exit_cross_entropy
 
         exits = self.exit_outputs(t)
-        task = multi_exit_cross_entropy(exits, target, self.exit_weights())
+        task = multi_exit_cross_entropy(exits, target, self.exit_weights(t, budget))
         parts = {"task": float(task.detach())}
         parts.update({f"ce{k}": float(F.cross_entropy(z.detach(), target)) for k, z in enumerate(exits)})
         return LossOutput(task, parts)
+
+    # -- budget -------------------------------------------------------------------------------------
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """Set the exits' thresholds for a mean-MAC budget with MSDNet's budgeted-batch calibration.
+
+        One masked pass over ``batches`` gives every exit's score for every image (no labels needed); exit
+        proportions follow the geometric profile ``q_k ∝ p^k``, each threshold admits the ``q_k N`` highest-scoring
+        remaining images, and ``p`` is bisected until the mean MAC fraction equals ``budget``
+        (:func:`~dynnet.methods.early_exit.calibration.calibrate_thresholds`). Modes are restored afterwards.
+
+        Returns:
+            ``{"exit profile p": p, "exit0 threshold": ..., ...}``.
+
+        Raises:
+            ValueError: ``budget`` lies outside the MAC fractions the thresholds reach on ``batches`` (every image
+                at the first exit … every image at the last).
+        """
+        from dynnet.methods.early_exit.calibration import calibrate_thresholds, collect_exits
+
+        was_training = self.training
+        modes = {name: block.mode for name, block in dynamic_blocks(self)}
+        try:
+            profile = collect_exits(self, batches)
+        finally:
+            for name, block in dynamic_blocks(self):
+                block.mode = modes.get(name, block.mode)
+            self.train(was_training)
+        lo, hi = profile.reachable
+        if not lo - tolerance <= budget <= hi + tolerance:
+            raise ValueError(
+                f"budget {budget:.3f} is outside the MAC fractions [{lo:.3f}, {hi:.3f}] that {self.recipe}'s exit "
+                "thresholds reach on these images (every image at the first exit … every image at the last): choose "
+                "a budget in that range"
+            )
+        cal = calibrate_thresholds(profile, budget)
+        self.set_thresholds(cal.thresholds)
+        with torch.no_grad():
+            self.calibration[0] = cal.p
+        return {"exit profile p": cal.p, **{f"exit{k} threshold": float(v) for k, v in enumerate(cal.thresholds)}}
 
     # -- thresholds ---------------------------------------------------------------------------------
     @property

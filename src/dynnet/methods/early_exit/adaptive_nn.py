@@ -17,7 +17,17 @@ Departures from the paper:
 * exits are BranchyNet-style branches placed at fractions of the trunk's MACs; the exit losses are 0-1 errors
   as in the paper;
 * at inference a sample stops when ``γ_k(x) >= threshold_k`` (0.5 by default, the policy's own decision);
-  thresholds can be recalibrated for a MAC budget like every early-exit recipe.
+  thresholds are calibrated for a MAC budget like every early-exit recipe;
+* the exits' cross-entropies are weighted by weights derived from the budget (the paper trains each exit
+  classifier on its own loss).
+
+Budget: calibrated. ``budget`` (the target mean fraction of the dense MACs per image) sets the thresholds on the
+policies' stop probabilities: :func:`dynnet.calibrate` fits them with MSDNet's geometric exit profile until the mean
+MAC fraction on held-out images equals it. The paper's own knob, the price ``λ`` of the MACs (``cost_weight``),
+stays as set: it shapes which images the policies rank as cheap to stop, the budget then picks how many stop. The
+budget also weights the exits' cross-entropies when ``exit_weights`` is ``None``: ``w_k = (1 + K q_k) / 2``,
+``q_k`` the share of images exit ``k`` serves at the budget
+(:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.gates import open_bias_
 from dynnet.losses.early_exit import adaptive_exit_targets, multi_exit_cross_entropy, weighted_policy_loss
 from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, State, plan_exits
@@ -43,16 +55,21 @@ class AdaptiveNNConfig:
     """Settings of the adaptive early-exit policies.
 
     Attributes:
-        budget: target mean MACs (fraction of the dense network) for threshold calibration.
+        budget: target mean fraction of the dense MACs per image: the thresholds on the policies' stop
+            probabilities are calibrated to it, and it weights the exits' cross-entropies when ``exit_weights`` is
+            ``None``.
         exit_fractions: cumulative fractions of the trunk's MACs after which exits go.
         cost_weight: λ, the price of the whole dense network's MACs in units of the 0-1 error.
         policy_weight: weight of the policies' loss next to the exits' cross-entropies.
+        exit_weights: weight of every exit's cross-entropy, final one last (``None``: derived from the budget,
+            ``(1 + K q_k) / 2`` with ``q_k`` the share of images exit ``k`` serves at the budget).
     """
 
     budget: float = 0.5
     exit_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     cost_weight: float = 0.5
     policy_weight: float = 1.0
+    exit_weights: tuple[float, ...] | None = None
 
 
 class ExitPolicy(nn.Module):
@@ -80,11 +97,11 @@ class AdaptiveNNCascade(ExitCascade):
 
 
 class AdaptiveNNModel(EarlyExitModel):
-    """Objective: Σ_k CE(exit k) + ``policy_weight`` × the policies' weighted binary cross-entropy."""
+    """Objective: Σ_k w_k CE(exit k) + ``policy_weight`` × the policies' weighted binary cross-entropy."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         exits = self.exit_outputs(t)
-        task = multi_exit_cross_entropy(exits, target, [1.0] * len(exits))
+        task = multi_exit_cross_entropy(exits, target, self.exit_weights(t, budget))
         errors = torch.stack([(z.argmax(1) != target).double() for z in exits], 1)
         probs = torch.stack([t.outputs[f"exit{k}/score"] for k in range(len(exits) - 1)], 1)
         labels, weights = adaptive_exit_targets(
@@ -97,6 +114,16 @@ class AdaptiveNNModel(EarlyExitModel):
         return LossOutput(total, {"task": float(task.detach()), "policy": float(policy.detach())})
 
 
+@recipe(
+    "adaptive_nn",
+    paper="Adaptive Neural Networks for Efficient Inference (ICML 2017), arXiv:1702.07811",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile) on the policies' stop probabilities",
+        reachable=(0.45, 1.0),
+        derives="thresholds on the policies' stop probabilities (calibration); exit loss weights (1 + K q_k) / 2",
+    ),
+)
 def convert(model: nn.Module, config: AdaptiveNNConfig, targets: Targets = "auto") -> AdaptiveNNModel:
     """Attach exits and early-exit policies to ``model`` (in place). ``targets`` is unused."""
     plan = plan_exits(model, config.exit_fractions)
@@ -104,14 +131,3 @@ def convert(model: nn.Module, config: AdaptiveNNConfig, targets: Targets = "auto
     policies = [ExitPolicy(c, plan.num_classes) for c in plan.channels]
     cascade = AdaptiveNNCascade(model, plan.trunk, plan.positions, heads, policies=policies, thresholds=0.5)
     return AdaptiveNNModel(cascade, recipe="adaptive_nn", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="adaptive_nn",
-        family="early_exit",
-        config_cls=AdaptiveNNConfig,
-        convert=convert,
-        paper="Adaptive Neural Networks for Efficient Inference (ICML 2017), arXiv:1702.07811",
-    )
-)

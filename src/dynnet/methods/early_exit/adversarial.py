@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +11,20 @@ from torch import Tensor
 __all__ = ["average_exit_loss", "pgd_attack"]
 
 
-def average_exit_loss(exit_logits: list[Tensor], target: Tensor) -> Tensor:
-    """Mean over exits of the cross-entropy — the objective of Triple Wins' "average-exit" attack."""
-    return torch.stack([F.cross_entropy(z, target) for z in exit_logits]).mean()
+def average_exit_loss(exit_logits: list[Tensor], target: Tensor, weights: Sequence[float] | None = None) -> Tensor:
+    """Mean over exits of the cross-entropy — the objective of Triple Wins' "average-exit" attack.
+
+    Args:
+        exit_logits: K tensors Tensor[N, C], first exit first.
+        target: Tensor[N] class indices.
+        weights: K weights of the exits' cross-entropies (``None``: all 1), for ``(1 / K) Σ_k w_k CE_k``.
+    """
+    ce = torch.stack([F.cross_entropy(z, target) for z in exit_logits])
+    if weights is None:
+        return ce.mean()
+    if len(weights) != len(exit_logits):
+        raise ValueError(f"{len(exit_logits)} exits but {len(weights)} weights")
+    return (ce * torch.tensor(list(weights), dtype=ce.dtype, device=ce.device)).mean()
 
 
 def pgd_attack(

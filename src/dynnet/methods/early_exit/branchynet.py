@@ -11,8 +11,14 @@ Departures from the paper:
 * the entropy is normalised to a confidence ``1 - H / log K`` (exit when it reaches the threshold, which is
   the same rule as ``H <= threshold'``);
 * thresholds are not hand-tuned: they start at "never exit" and are calibrated on a validation split for a
-  target mean MAC budget (:func:`dynnet.methods.early_exit.calibrate_`), as MSDNet does;
-* exit weights default to 1 for every exit (the paper uses per-network hand-set weights).
+  target mean MAC budget (:func:`dynnet.calibrate`), as MSDNet does;
+* exit weights are derived from the budget (the paper uses per-network hand-set weights).
+
+Budget: calibrated. ``budget`` (the target mean fraction of the dense MACs per image) sets the branches' entropy
+thresholds: :func:`dynnet.calibrate` fits them with MSDNet's geometric exit profile until the mean MAC fraction on
+held-out images equals the budget. It also derives the paper's exit loss weights (unless ``exit_weights`` is set):
+``w_k = (1 + K q_k) / 2`` with ``q_k`` the share of images exit ``k`` serves at the budget
+(:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import RecipeSpec, register_recipe
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit._common import (
     ConvBranchHead,
     EarlyExitModel,
@@ -41,9 +48,11 @@ class BranchyNetConfig:
     """Settings of BranchyNet.
 
     Attributes:
-        budget: target mean MACs (fraction of the dense network) that calibration aims at.
+        budget: target mean fraction of the dense MACs per image: the exits' entropy thresholds are calibrated to
+            it, and it sets the exit loss weights when ``exit_weights`` is ``None``.
         exit_fractions: cumulative fractions of the trunk's MACs after which branches go.
-        exit_weights: loss weight of every exit, final one last (``None``: all 1).
+        exit_weights: loss weight of every exit, final one last (``None``: derived from the budget,
+            ``(1 + K q_k) / 2`` with ``q_k`` the share of images exit ``k`` serves at the budget).
         branch_depth: conv layers per branch.
     """
 
@@ -60,20 +69,19 @@ class BranchyNetCascade(ExitCascade):
         return entropy_confidence(logits)
 
 
+@recipe(
+    "branchynet",
+    paper="BranchyNet: Fast Inference via Early Exiting from Deep Neural Networks (ICPR 2016), arXiv:1709.01686",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.45, 1.0),
+        derives="entropy thresholds of the branches (calibration); exit loss weights (1 + K q_k) / 2",
+    ),
+)
 def convert(model: nn.Module, config: BranchyNetConfig, targets: Targets = "auto") -> EarlyExitModel:
     """Attach BranchyNet side branches to ``model`` (in place). ``targets`` is unused: exits go by MAC fraction."""
     plan = plan_exits(model, config.exit_fractions)
     heads = [ConvBranchHead(c, plan.num_classes, width=c, depth=config.branch_depth, stride=2) for c in plan.channels]
     cascade = BranchyNetCascade(model, plan.trunk, plan.positions, heads)
     return EarlyExitModel(cascade, recipe="branchynet", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="branchynet",
-        family="early_exit",
-        config_cls=BranchyNetConfig,
-        convert=convert,
-        paper="BranchyNet: Fast Inference via Early Exiting from Deep Neural Networks (ICPR 2016), arXiv:1709.01686",
-    )
-)

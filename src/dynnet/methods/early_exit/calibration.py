@@ -1,7 +1,8 @@
 """Anytime evaluation and budget calibration of early-exit networks.
 
-* :func:`collect_exits` runs a model in masked mode once over a loader and keeps, for every sample, each exit's
-  prediction and score, plus the MACs a sample pays to stop at each exit (:class:`ExitProfile`).
+* :func:`collect_exits` runs a model in masked mode once over a loader (``(x, y)`` batches, or unlabelled image
+  batches) and keeps, for every sample, each exit's score (and prediction and correctness when there are labels),
+  plus the MACs a sample pays to stop at each exit (:class:`ExitProfile`).
 * :func:`anytime_curve` — accuracy and MACs when every sample leaves at exit ``k`` (the anytime setting).
 * :func:`calibrate_thresholds` — the budgeted-batch setting of MSDNet (Huang et al., ICLR 2018, §4): exit
   proportions follow a geometric profile ``q_k ∝ p^k``; on the validation profile each exit's threshold is set
@@ -9,12 +10,16 @@
   the mean MACs meet the target.
 * :func:`calibrate_` does it for a model and a validation loader and sets the thresholds;
   :func:`budgeted_curve` calibrates on validation and reports accuracy and MACs on the test split.
+
+:func:`dynnet.calibrate` runs the same calibration (``EarlyExitModel.calibrate_to_``): only the scores and the
+costs enter the search, so unlabelled images are enough.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -40,39 +45,49 @@ class ExitProfile:
 
     Attributes:
         scores: Tensor[N, K - 1] exit scores of the early exits (exit when ``score >= threshold``).
-        correct: Tensor[N, K] bool, whether exit ``k`` classifies sample ``n`` correctly.
+        correct: Tensor[N, K] bool, whether exit ``k`` classifies sample ``n`` correctly (``None``: no labels).
         predictions: Tensor[N, K] long, each exit's predicted class.
         costs: Tensor[K] float64 MACs per sample of stopping at exit ``k`` (segments, heads and decisions).
         dense_macs: MACs per sample of the static base network.
     """
 
     scores: Tensor
-    correct: Tensor
+    correct: Tensor | None
     predictions: Tensor
     costs: Tensor
     dense_macs: float
 
     @property
     def num_exits(self) -> int:
-        return self.correct.shape[1]
+        return self.costs.numel()
+
+    @property
+    def reachable(self) -> tuple[float, float]:
+        """Mean MAC fractions reachable by thresholds: every sample at the first exit, every sample at the last."""
+        return float(self.costs[0]) / self.dense_macs, float(self.costs[-1]) / self.dense_macs
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Thresholds for a budget and what they achieve on the split they were fitted on."""
+    """Thresholds for a budget and what they achieve on the split they were fitted on (``accuracy`` is ``None``
+    without labels; ``p`` is the geometric profile's parameter)."""
 
     thresholds: Tensor
     target_fraction: float
     achieved_fraction: float
-    accuracy: float
+    accuracy: float | None
     exit_rates: Tensor
     p: float
 
 
-def collect_exits(
-    model: EarlyExitModel, loader: Iterable[tuple[Tensor, Tensor]], *, max_batches: int | None = None
-) -> ExitProfile:
+def collect_exits(model: EarlyExitModel, loader: Iterable[Any], *, max_batches: int | None = None) -> ExitProfile:
     """Run ``model`` (eval, masked mode: every exit computed) over ``loader``; see :class:`ExitProfile`.
+
+    Args:
+        model: an early-exit model.
+        loader: ``(Tensor[B, C, H, W], Tensor[B])`` batches, or unlabelled Tensor[B, C, H, W] batches (then
+            :attr:`ExitProfile.correct` is ``None``).
+        max_batches: use only this many batches.
 
     The model is left in eval mode and masked execution.
     """
@@ -80,12 +95,14 @@ def collect_exits(
     set_mode(model, "masked")
     device = next(model.parameters()).device
     scores, correct, preds = [], [], []
+    labelled = True
     costs, dense = None, None
     with torch.no_grad():
-        for i, (x, y) in enumerate(loader):
+        for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = x.to(device), y.to(device)
+            x, y = (batch, None) if isinstance(batch, Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
+            x = x.to(device)
             with trace() as t:
                 model(x)
             exits = model.exit_outputs(t)
@@ -93,13 +110,18 @@ def collect_exits(
             scores.append(torch.stack([t.outputs[f"exit{j}/score"].float() for j in range(k - 1)], 1).cpu())
             p = torch.stack([z.argmax(1) for z in exits], 1).cpu()
             preds.append(p)
-            correct.append(p == y.cpu().view(-1, 1))
+            if y is None:
+                labelled = False
+            else:
+                correct.append(p == y.cpu().view(-1, 1))
             if costs is None:
                 costs = model.cascade.cumulative_costs(x)
                 dense = t.dense_macs()
     if costs is None:
         raise ValueError("collect_exits: the loader yielded no batch")
-    return ExitProfile(torch.cat(scores), torch.cat(correct), torch.cat(preds), costs, float(dense))
+    return ExitProfile(
+        torch.cat(scores), torch.cat(correct) if labelled else None, torch.cat(preds), costs, float(dense)
+    )
 
 
 def apply_thresholds(scores: Tensor, thresholds: Tensor) -> Tensor:
@@ -110,20 +132,21 @@ def apply_thresholds(scores: Tensor, thresholds: Tensor) -> Tensor:
     return first.amin(1) if k_last else torch.zeros(scores.shape[0], dtype=torch.long)
 
 
-def _evaluate(profile: ExitProfile, exit_index: Tensor) -> tuple[float, float, Tensor]:
-    """(accuracy, mean MAC fraction, exit rates) of a given exit assignment."""
-    acc = float(profile.correct.gather(1, exit_index.view(-1, 1)).float().mean())
+def _evaluate(profile: ExitProfile, exit_index: Tensor) -> tuple[float | None, float, Tensor]:
+    """(accuracy or ``None`` without labels, mean MAC fraction, exit rates) of a given exit assignment."""
+    correct = profile.correct
+    acc = None if correct is None else float(correct.gather(1, exit_index.view(-1, 1)).float().mean())
     frac = float(profile.costs[exit_index].mean()) / profile.dense_macs
     rates = torch.bincount(exit_index, minlength=profile.num_exits).double() / exit_index.numel()
     return acc, frac, rates
 
 
 def anytime_curve(profile: ExitProfile) -> list[dict[str, float]]:
-    """Accuracy and MACs when every sample stops at exit ``k``, for each ``k``."""
+    """Accuracy (``None`` without labels) and MACs when every sample stops at exit ``k``, for each ``k``."""
     return [
         {
             "exit": k,
-            "accuracy": float(profile.correct[:, k].float().mean()),
+            "accuracy": None if profile.correct is None else float(profile.correct[:, k].float().mean()),
             "macs": float(profile.costs[k]),
             "mac_fraction": float(profile.costs[k]) / profile.dense_macs,
         }

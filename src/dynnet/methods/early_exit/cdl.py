@@ -13,7 +13,15 @@ Departures from the paper:
   addition that keeps a stage only if it lowers the energy;
 * the linear classifiers and the base network can be trained in one run: the classifiers see detached features,
   so the base network's gradients come only from its own classifier (as when training them after the base);
-* thresholds are calibrated on a validation split for a target mean MAC budget (the paper hand-picks them).
+* thresholds are calibrated on a validation split for a target mean MAC budget (the paper hand-picks them);
+* each linear classifier's cross-entropy is weighted by a weight derived from the budget (the paper trains each
+  stage's classifier on its own).
+
+Budget: calibrated. ``budget`` (the target mean fraction of the dense MACs per image) sets the stages' confidence
+thresholds: :func:`dynnet.calibrate` fits them with MSDNet's geometric exit profile until the mean MAC fraction on
+held-out images equals it (the paper's energy target becomes a MAC target). It also weights the linear classifiers'
+losses: ``w_k = (1 + K q_k) / 2``, ``q_k`` the share of images classifier ``k`` serves at the budget
+(:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit._common import EarlyExitModel, ExitCascade, PooledLinearHead, State, plan_exits
 
 __all__ = ["CDLCascade", "CDLConfig", "CDLModel", "convert"]
@@ -36,7 +46,9 @@ class CDLConfig:
     """Settings of CDL.
 
     Attributes:
-        budget: target mean MACs (fraction of the dense network) that calibration aims at.
+        budget: target mean fraction of the dense MACs per image: the stages' confidence thresholds are calibrated
+            to it, and it weights the linear classifiers' losses (``(1 + K q_k) / 2``, ``q_k`` the share of images
+            classifier ``k`` serves at the budget).
         exit_fractions: cumulative fractions of the trunk's MACs after which linear classifiers go.
         train_base: also train the base network on its own cross-entropy (``False``: only the classifiers).
     """
@@ -54,31 +66,32 @@ class CDLCascade(ExitCascade):
 
 
 class CDLModel(EarlyExitModel):
-    """Objective: the base network's cross-entropy (if ``train_base``) + every linear classifier's."""
+    """Objective: the base network's cross-entropy (if ``train_base``) + every linear classifier's, weighted by the
+    budget's exit weights."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         exits = self.exit_outputs(t)
-        linear = sum(F.cross_entropy(z, target) for z in exits[:-1])
+        weights = self.exit_weights(t, budget)
+        linear = sum(w * F.cross_entropy(z, target) for z, w in zip(exits[:-1], weights, strict=False))
         final = F.cross_entropy(exits[-1], target)
         total = linear + final if self.config.train_base else linear + 0.0 * final
         return LossOutput(total, {"linear": float(linear.detach()), "final": float(final.detach())})
 
 
+@recipe(
+    "cdl",
+    paper="Conditional Deep Learning for Energy-Efficient and Enhanced Pattern Recognition (DATE 2016), "
+    "arXiv:1509.08971",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.45, 1.0),
+        derives="confidence thresholds of the stages (calibration); linear classifiers' loss weights (1 + K q_k) / 2",
+    ),
+)
 def convert(model: nn.Module, config: CDLConfig, targets: Targets = "auto") -> CDLModel:
     """Attach CDL's linear classifiers to ``model`` (in place). ``targets`` is unused."""
     plan = plan_exits(model, config.exit_fractions)
     heads = [PooledLinearHead(c, plan.num_classes) for c in plan.channels]
     cascade = CDLCascade(model, plan.trunk, plan.positions, heads)
     return CDLModel(cascade, recipe="cdl", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="cdl",
-        family="early_exit",
-        config_cls=CDLConfig,
-        convert=convert,
-        paper="Conditional Deep Learning for Energy-Efficient and Enhanced Pattern Recognition (DATE 2016), "
-        "arXiv:1509.08971",
-    )
-)

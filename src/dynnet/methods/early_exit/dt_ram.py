@@ -10,16 +10,22 @@ adds:
 * **intermediate supervision**: in training the (shared) classifier reads the hidden state after every glimpse,
   and every glimpse a sample took gets a cross-entropy loss (``task_loss``), so that stopping early gives a
   usable answer;
-* a **reward that makes stopping early cheaper**: ``correct · discount^(glimpses - 1) - step_cost · glimpses / T``
-  (correctness of the answer at the stop step, minus a per-glimpse cost), trained by REINFORCE with RAM's learned
-  baseline for both the location and the stop actions;
+* a **reward that makes stopping early cheaper**: ``correct · discount^(glimpses - 1) - step_cost · max(0, f - budget)``
+  (correctness of the answer at the stop step, minus a cost on the MAC fraction ``f`` of the glimpses taken above
+  the budget), trained by REINFORCE with RAM's learned baseline for both the location and the stop actions;
 * a **curriculum**: first a fixed number of glimpses (stop action disabled, the paper's RAM pre-training), then
   stopping enabled — :class:`DTRAMCurriculum`, a :mod:`dynnet.train` hook, switches
   ``model.stopping`` at ``fixed_fraction`` of the run;
 * **budget calibration**: at inference a sample stops after glimpse ``t`` when ``P(stop) >= thresholds[t]``
-  (a buffer, ``stop_threshold`` everywhere by default); :meth:`DTRAM.calibrate` picks the per-step thresholds
-  whose mean MACs on held-out data meet ``budget`` (MSDNet's budgeted-batch schedule from
-  :mod:`dynnet.methods.early_exit.calibration`, with ``P(stop)`` as the exit score).
+  (a buffer, ``stop_threshold`` everywhere by default); :func:`dynnet.calibrate` (or :meth:`DTRAM.calibrate`)
+  picks the per-step thresholds whose mean MACs on held-out data meet ``budget`` (MSDNet's budgeted-batch schedule
+  from :mod:`dynnet.methods.early_exit.calibration`, with ``P(stop)`` as the exit score).
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the every-glimpse MACs per image (the
+dense network of DT-RAM: ``max_glimpses`` glimpses and one classifier). In training, the reward charges
+``step_cost`` per unit of MAC fraction above the budget (the glimpses up to the budget are free), so the stop policy
+learns to spend about the budget; :func:`dynnet.calibrate` then fits the per-step stop thresholds until the mean
+MAC fraction on held-out images equals it.
 
 Sparse mode: samples that stop leave the batch (RAM's compaction), so later glimpses and heads run only for the
 samples still looking; per-sample MACs count the glimpses and heads each sample ran, plus one classifier.
@@ -32,8 +38,9 @@ Departures from the paper:
   training-only MACs, ``dense=0``);
 * the stop policy is one linear layer on the hidden state (the paper's code: a two-layer MLP); it is RAM's
   ``halting`` module, initialised closed (``P(stop) ≈ 0.0025``), so a fresh model takes every glimpse;
-* the reward subtracts a per-glimpse cost (``step_cost``, default 0.05 per ``T`` glimpses); the paper's code
-  instead discounts a correct answer by ``γ^step`` (``discount``, default 1: off);
+* the reward subtracts a cost on the MAC fraction above the budget (``step_cost``, default 0.05 per unit of MAC
+  fraction, i.e. per ``T`` glimpses; budget → 0 gives a plain per-glimpse cost); the paper's code instead discounts
+  a correct answer by ``γ^step`` (``discount``, default 1: off);
 * intermediate supervision covers every glimpse a sample took, in both curriculum stages (the paper's fixed-step
   stage supervises every step; its code's stopping stage back-propagates the answer at the stop step only);
 * in the stopping stage every module keeps training (the paper's MNIST code freezes the core and the location
@@ -62,10 +69,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.convert import Targets, first_conv_in_channels, num_classes_of
+from dynnet.core import Trace, current_trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit.calibration import Calibration, ExitProfile, calibrate_thresholds
-from dynnet.methods.glimpse._common import num_classes_of
 from dynnet.methods.glimpse.ram import RAM, RAMConfig, RecurrentAttention
 from dynnet.train.hooks import FitState, Hook
 
@@ -77,21 +85,22 @@ class DTRAMConfig:
     """Settings of DT-RAM.
 
     Attributes:
-        budget: target mean MACs (fraction of every-glimpse MACs) for :meth:`DTRAM.calibrate`; ``None``: keep the
-            ``stop_threshold`` rule. Training does not use it: the cost enters the reward through ``step_cost``.
+        budget: target mean fraction of the every-glimpse MACs per image: the reward charges the MAC fraction above
+            it (``step_cost``), and the per-step stop thresholds are calibrated to it.
         glimpse_size: side of the retina's patches after resampling.
         num_scales: patches per glimpse (sides ``glimpse_size * 2^s``).
         max_glimpses: T, the most glimpses per image (the fixed number of the first curriculum stage).
         hidden: width of the recurrent core and of the glimpse network's output.
         glimpse_hidden: width of the "what" and "where" pathways of the glimpse network.
         location_std: standard deviation of the Gaussian location policy (in [-1, 1] units).
-        step_cost: reward penalty per glimpse, as a fraction of a correct answer's reward, per ``T`` glimpses.
+        step_cost: reward penalty per unit of MAC fraction above the budget (about ``T`` glimpses), as a fraction of
+            a correct answer's reward.
         discount: a correct answer after ``s`` glimpses earns ``discount^(s - 1)`` (the paper's code's γ; 1: off).
         stop_threshold: inference stops after glimpse ``t`` when ``P(stop) >= stop_threshold`` (until calibrated).
         fixed_fraction: fraction of training run with the stop action disabled (:class:`DTRAMCurriculum`).
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     glimpse_size: int = 8
     num_scales: int = 3
     max_glimpses: int = 6
@@ -104,7 +113,7 @@ class DTRAMConfig:
     fixed_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+        if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.step_cost < 0:
             raise ValueError(f"step_cost must be non-negative, got {self.step_cost}")
@@ -178,6 +187,9 @@ class DynamicTimeAttention(RecurrentAttention):
         tr = current_trace()
         if tr is not None:
             tr.record_output("exit_index", tr.outputs["ram/glimpses"].round().long() - 1)
+            if self.training:  # what the reward charges: the MAC fraction of stopping after each glimpse
+                costs = self.stop_costs(x)
+                tr.record_output("dt_ram/stop_fractions", costs / costs[-1])
         return out
 
     def step_outputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -250,13 +262,20 @@ class DTRAM(RAM):
         mask = looked.to(ce.dtype)
         return ((ce.view(n, steps) * mask).sum(1) / mask.sum(1).clamp_min(1.0)).mean()
 
-    def reward(self, logits: Tensor, target: Tensor, t: Trace) -> Tensor:
-        """Tensor[N]: ``correct · discount^(glimpses - 1) - step_cost · glimpses / T``; ``correct`` is the answer at
-        the stop step (the model's output)."""
+    def reward(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> Tensor:
+        """Tensor[N]: ``correct · discount^(glimpses - 1) - step_cost · max(0, f - budget)``; ``correct`` is the
+        answer at the stop step (the model's output), ``f`` the MAC fraction of stopping after ``glimpses`` glimpses
+        (every-glimpse MACs = 1)."""
+        cfg: DTRAMConfig = self.config
+        budget = cfg.budget if budget is None else budget
         correct = (logits.detach().argmax(1) == target).float()
         glimpses = t.outputs["ram/glimpses"].float()
-        cfg: DTRAMConfig = self.config
-        return correct * cfg.discount ** (glimpses - 1) - cfg.step_cost * glimpses / cfg.max_glimpses
+        fractions = t.outputs.get("dt_ram/stop_fractions")
+        if fractions is None:  # a trace of another run: every glimpse costs 1 / T
+            fraction = glimpses / cfg.max_glimpses
+        else:
+            fraction = fractions.to(glimpses.device)[glimpses.round().long().clamp(1, cfg.max_glimpses) - 1].float()
+        return correct * cfg.discount ** (glimpses - 1) - cfg.step_cost * (fraction - budget).clamp_min(0.0)
 
     # -- budget calibration -------------------------------------------------------------------------
     @property
@@ -272,27 +291,69 @@ class DTRAM(RAM):
         with torch.no_grad():
             self.net.thresholds.copy_(thr)
 
-    def exit_profile(self, loader: Iterable[tuple[Tensor, Tensor]], *, max_batches: int | None = None) -> ExitProfile:
+    def exit_profile(self, loader: Iterable[Any], *, max_batches: int | None = None) -> ExitProfile:
         """Every stop step's verdict on every sample of ``loader`` (an :class:`ExitProfile` whose scores are the
-        stop probabilities); the model is left in eval mode."""
+        stop probabilities); the model is left in eval mode.
+
+        Args:
+            loader: ``(Tensor[B, C, H, W], Tensor[B])`` batches, or unlabelled Tensor[B, C, H, W] batches (then the
+                profile's ``correct`` is ``None``).
+            max_batches: use only this many batches.
+        """
         self.eval()
         device = next(self.parameters()).device
         scores, preds, targets, costs, dense = [], [], [], None, None
+        labelled = True
         with torch.no_grad():
-            for i, (x, y) in enumerate(loader):
+            for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
+                x, y = (batch, None) if isinstance(batch, Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
                 x = x.to(device)
                 p_stop, logits = self.net.step_outputs(x)
                 scores.append(p_stop.float().cpu())
                 preds.append(logits.argmax(2).cpu())
-                targets.append(y.cpu().view(-1, 1))
+                if y is None:
+                    labelled = False
+                else:
+                    targets.append(y.cpu().view(-1, 1))
                 if costs is None:
                     costs, dense = self.net.stop_costs(x), float(self.dense_macs(x))
         if costs is None:
             raise ValueError("exit_profile: the loader yielded no batch")
         p = torch.cat(preds)
-        return ExitProfile(torch.cat(scores), p == torch.cat(targets), p, costs, dense)
+        return ExitProfile(torch.cat(scores), p == torch.cat(targets) if labelled else None, p, costs, dense)
+
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """Set the per-step stop thresholds for a mean-MAC budget (what :func:`dynnet.calibrate` calls): MSDNet's
+        budgeted-batch calibration on the stop probabilities of ``batches`` (no labels needed).
+
+        Returns:
+            ``{"exit profile p": p, "glimpse0 threshold": ..., ...}``.
+
+        Raises:
+            ValueError: the stop action is disabled, or ``budget`` lies outside the MAC fractions the thresholds
+                reach on ``batches`` (every image stopping after its first glimpse … after the last).
+        """
+        if not self.stopping:
+            raise ValueError("dt_ram: the stop action is disabled (model.stopping = False); enable it to calibrate")
+        was_training = self.training
+        try:
+            profile = self.exit_profile(batches)
+        finally:
+            self.train(was_training)
+        lo, hi = profile.reachable
+        if not lo - tolerance <= budget <= hi + tolerance:
+            raise ValueError(
+                f"budget {budget:.3f} is outside the MAC fractions [{lo:.3f}, {hi:.3f}] that dt_ram's stop thresholds "
+                "reach on these images (every image stopping after its first glimpse … after the last): choose a "
+                "budget in that range"
+            )
+        cal = calibrate_thresholds(profile, budget)
+        self.set_thresholds(cal.thresholds)
+        with torch.no_grad():
+            self.calibration[0] = cal.p
+        return {"exit profile p": cal.p, **{f"glimpse{k} threshold": float(v) for k, v in enumerate(cal.thresholds)}}
 
     def calibrate(
         self,
@@ -307,8 +368,6 @@ class DTRAM(RAM):
         admit the most willing samples first, as for confidence exits).
         """
         budget = self.config.budget if budget is None else budget
-        if budget is None:
-            raise ValueError("calibrate needs a budget (a fraction of the every-glimpse MACs)")
         cal = calibrate_thresholds(self.exit_profile(loader, max_batches=max_batches), budget)
         self.set_thresholds(cal.thresholds)
         return cal
@@ -354,21 +413,20 @@ class DTRAMCurriculum(Hook):
         self.fixed_fraction = state.get("fixed_fraction", self.fixed_fraction)
 
 
+@recipe(
+    "dt_ram",
+    paper="Dynamic Computational Time for Visual Attention (ICCV 2017 workshops), arXiv:1703.10332",
+    budget=BudgetPolicy(
+        "trained+calibrated",
+        knob="per-glimpse stop thresholds (geometric exit profile)",
+        reachable=(0.2, 1.0),
+        derives="the MAC fraction above which the reward charges step_cost; per-step stop thresholds (calibration)",
+    ),
+    test_input=(1, 32, 32),
+    reproduces_base=False,
+)
 def convert(model: nn.Module, config: DTRAMConfig, targets: Targets = "auto") -> DTRAM:
     """Build a DT-RAM with ``model``'s input channels and classes (the base network is not reused)."""
     in_channels = first_conv_in_channels(model) or 1
     body = DynamicTimeAttention(in_channels, num_classes_of(model), config)
     return DTRAM(body, recipe="dt_ram", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dt_ram",
-        family="early_exit",
-        config_cls=DTRAMConfig,
-        convert=convert,
-        paper="Dynamic Computational Time for Visual Attention (ICCV 2017 workshops), arXiv:1703.10332",
-        test_input=(1, 32, 32),
-        reproduces_base=False,
-    )
-)

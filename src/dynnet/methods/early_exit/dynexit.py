@@ -19,7 +19,12 @@ Departures from the paper:
   cost term (same role: trade accuracy for computation through trainable thresholds);
 * thresholds start at 1.05, just above the largest confidence (no sample exits), instead of the paper's
   initial values; exits are BranchyNet-style branches placed at fractions of the trunk's MACs;
-* after training the thresholds can still be recalibrated for another budget on a validation split.
+* after training the thresholds are calibrated for the budget on a validation split (MSDNet's geometric exit
+  profile), which overrides the trained values.
+
+Budget: trained and calibrated. ``budget`` (the target mean fraction of the dense MACs per image) is the target of
+the MAC-budget loss that trains the thresholds ``θ`` (the paper's cost term); :func:`dynnet.calibrate` then fits the
+thresholds with MSDNet's geometric exit profile until the mean MAC fraction on held-out images equals it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
 from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, plan_exits
 
@@ -44,7 +51,8 @@ class DynExitConfig:
     """Settings of DynExit.
 
     Attributes:
-        budget: target mean MACs as a fraction of the dense network (budget loss and calibration).
+        budget: target mean fraction of the dense MACs per image: the target of the MAC-budget loss that trains the
+            thresholds, and of their calibration.
         exit_fractions: cumulative fractions of the trunk's MACs after which exits go.
         tau: temperature of the thresholds' sigmoid relaxation.
         budget_weight: weight of the MAC-budget loss.
@@ -92,6 +100,17 @@ class DynExitModel(EarlyExitModel):
         return LossOutput(total, parts)
 
 
+@recipe(
+    "dynexit",
+    paper="DynExit: A Dynamic Early-Exit Strategy for Deep Residual Networks (SiPS 2019), "
+    "doi:10.1109/SiPS47522.2019.9020551",
+    budget=BudgetPolicy(
+        "trained+calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.45, 1.0),
+        derives="target of the MAC-budget loss on the trainable thresholds θ; θ (calibration)",
+    ),
+)
 def convert(model: nn.Module, config: DynExitConfig, targets: Targets = "auto") -> DynExitModel:
     """Attach exits with trainable thresholds to ``model`` (in place). ``targets`` is unused."""
     plan = plan_exits(model, config.exit_fractions)
@@ -101,15 +120,3 @@ def convert(model: nn.Module, config: DynExitConfig, targets: Targets = "auto") 
     )
     cascade.tau = config.tau
     return DynExitModel(cascade, recipe="dynexit", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dynexit",
-        family="early_exit",
-        config_cls=DynExitConfig,
-        convert=convert,
-        paper="DynExit: A Dynamic Early-Exit Strategy for Deep Residual Networks (SiPS 2019), "
-        "doi:10.1109/SiPS47522.2019.9020551",
-    )
-)

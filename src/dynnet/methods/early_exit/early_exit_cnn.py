@@ -13,9 +13,17 @@ Departures from the thesis:
 * the thesis's "fine" distribution (exits after every block early in the network) is not offered;
 * the confidence branch reads the pooled feature map (the thesis uses a small conv + pool + linear);
 * the mixture loss is taken in probability space with the log of the mixture (CE of ``ŷ``), plus every exit's
-  own cross-entropy with weight ``exit_ce_weight`` (0 reproduces the thesis's loss; a small weight keeps early
+  own cross-entropy with weight ``exit_ce_weight`` (0 drops it, as in the thesis; a small weight keeps early
   classifiers useful in short schedules);
-* thresholds (0.5) can be recalibrated for a MAC budget like every early-exit recipe.
+* the cost term is charged only above the budget, ``λ max(0, mean_n Σ_k P_k c_k - budget)`` (the thesis charges
+  every MAC, ``λ Σ_k P_k c_k``);
+* thresholds (0.5) are calibrated for a MAC budget like every early-exit recipe.
+
+Budget: trained and calibrated. ``budget`` (the target mean fraction of the dense MACs per image) is where the
+thesis's cost term starts to charge: the expected MAC fraction of the batch above the budget costs ``λ``
+(``cost_weight``) per unit, so training pulls the confidence branches to the budget from above and lets accuracy
+decide below it. :func:`dynnet.calibrate` then fits the thresholds on the confidences ``h_k`` with MSDNet's geometric
+exit profile until the mean MAC fraction on held-out images equals the budget.
 """
 
 from __future__ import annotations
@@ -29,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.gates import open_bias_
 from dynnet.losses.early_exit import exit_mixture, expected_exit_cost
 from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, State, plan_exits
@@ -60,10 +70,12 @@ class EENetConfig:
     """Settings of EENets.
 
     Attributes:
-        budget: target mean MACs as a fraction of the dense network (calibration only).
+        budget: target mean fraction of the dense MACs per image: the cost term charges the expected MAC fraction
+            above it, and the thresholds are calibrated to it.
         distribution: exit placement by cost (``DISTRIBUTIONS``).
         num_early: early exits (before the final classifier).
-        cost_weight: λ of the cost term.
+        cost_weight: λ of the cost term (price of the dense network's MACs above the budget, in units of the
+            loss).
         exit_ce_weight: weight of each exit's own cross-entropy (0: the thesis's loss).
     """
 
@@ -98,9 +110,11 @@ class EENetCascade(ExitCascade):
 
 
 class EENetModel(EarlyExitModel):
-    """Objective: ``CE(Σ_k P_k softmax(z_k), y) + λ Σ_k P_k c_k`` (+ optional per-exit CE)."""
+    """Objective: ``CE(Σ_k P_k softmax(z_k), y) + λ max(0, mean_n Σ_k P_k c_k - budget)`` (+ optional per-exit
+    CE)."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        budget = self.config.budget if budget is None else budget
         exits = self.exit_outputs(t)
         conf = [t.outputs[f"exit{k}/score"] for k in range(len(exits) - 1)]
         p_stop = exit_mixture(conf)  # Tensor[N, K]
@@ -108,12 +122,29 @@ class EENetModel(EarlyExitModel):
         mixture = (p_stop.unsqueeze(2) * probs).sum(1)
         nll = F.nll_loss(torch.log(mixture.clamp_min(1e-8)), target)
         cost = expected_exit_cost(p_stop.double(), self.stop_costs(t)).float().mean()
+        over = F.relu(cost - budget)
         ce = sum(F.cross_entropy(z, target) for z in exits)
-        total = nll + self.config.cost_weight * cost + self.config.exit_ce_weight * ce
-        parts = {"mixture": float(nll.detach()), "cost": float(cost.detach()), "ce": float(ce.detach())}
+        total = nll + self.config.cost_weight * over + self.config.exit_ce_weight * ce
+        parts = {
+            "mixture": float(nll.detach()),
+            "cost": float(cost.detach()),
+            "over_budget": float(over.detach()),
+            "ce": float(ce.detach()),
+        }
         return LossOutput(total, parts)
 
 
+@recipe(
+    "early_exit_cnn",
+    paper="Early-Exit Convolutional Neural Networks (M.Sc. thesis, METU 2019), "
+    "https://open.metu.edu.tr/handle/11511/43526",
+    budget=BudgetPolicy(
+        "trained+calibrated",
+        knob="exit thresholds (geometric exit profile) on the confidences h_k",
+        reachable=(0.45, 1.0),
+        derives="the MAC fraction above which the cost term λ Σ_k P_k c_k charges; thresholds on h_k (calibration)",
+    ),
+)
 def convert(model: nn.Module, config: EENetConfig, targets: Targets = "auto") -> EENetModel:
     """Attach EENet exit blocks (classifier + confidence branch) to ``model`` (in place). ``targets`` is unused."""
     plan = plan_exits(model, exit_fractions(config.distribution, config.num_early))
@@ -121,15 +152,3 @@ def convert(model: nn.Module, config: EENetConfig, targets: Targets = "auto") ->
     branches = [ConfidenceBranch(c) for c in plan.channels]
     cascade = EENetCascade(model, plan.trunk, plan.positions, heads, branches=branches, thresholds=0.5)
     return EENetModel(cascade, recipe="early_exit_cnn", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="early_exit_cnn",
-        family="early_exit",
-        config_cls=EENetConfig,
-        convert=convert,
-        paper="Early-Exit Convolutional Neural Networks (M.Sc. thesis, METU 2019), "
-        "https://open.metu.edu.tr/handle/11511/43526",
-    )
-)

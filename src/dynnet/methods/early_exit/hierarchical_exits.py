@@ -15,7 +15,14 @@ Departures from the paper:
   weights earlier exits' representations by a fixed or learned scheme of the same form);
 * the exit rule thresholds the maximum softmax, calibrated for a MAC budget on a validation split, instead of
   the paper's threshold on the activation relative to its training mean;
-* the final exit is the base network's classifier; exits are placed at fractions of the trunk's MACs.
+* the final exit is the base network's classifier; exits are placed at fractions of the trunk's MACs;
+* the exits' loss weights are derived from the budget (the paper weights the exits' losses equally).
+
+Budget: calibrated. ``budget`` (the target mean fraction of the dense MACs per image) sets the exits' maximum-softmax
+thresholds: :func:`dynnet.calibrate` fits them with MSDNet's geometric exit profile until the mean MAC fraction on
+held-out images equals it. It also sets the exits' loss weights when ``exit_weights`` is ``None``:
+``w_k = (1 + K q_k) / 2``, ``q_k`` the share of images exit ``k`` serves at the budget
+(:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import RecipeSpec, register_recipe
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit._common import EarlyExitModel, ExitCascade, State, plan_exits
 
 __all__ = ["BoFHead", "HierarchicalExitsConfig", "bag_of_features", "convert"]
@@ -74,10 +82,12 @@ class HierarchicalExitsConfig:
     """Settings of hierarchical BoF exits.
 
     Attributes:
-        budget: target mean MACs as a fraction of the dense network (calibration).
+        budget: target mean fraction of the dense MACs per image: the exit thresholds are calibrated to it, and it
+            sets the exits' loss weights when ``exit_weights`` is ``None``.
         exit_fractions: cumulative fractions of the trunk's MACs after which exits go.
         codewords: M, the codebook size of every exit.
-        exit_weights: loss weight of every exit, final one last (``None``: all 1).
+        exit_weights: loss weight of every exit, final one last (``None``: derived from the budget,
+            ``(1 + K q_k) / 2`` with ``q_k`` the share of images exit ``k`` serves at the budget).
     """
 
     budget: float = 0.5
@@ -93,21 +103,20 @@ class HierarchicalCascade(ExitCascade):
         return self.exits[k](h, carry)
 
 
+@recipe(
+    "hierarchical_exits",
+    paper="Efficient adaptive inference for deep convolutional neural networks using hierarchical early exits "
+    "(Pattern Recognition 2020), doi:10.1016/j.patcog.2020.107346",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.45, 1.0),
+        derives="maximum-softmax thresholds of the exits (calibration); exit loss weights (1 + K q_k) / 2",
+    ),
+)
 def convert(model: nn.Module, config: HierarchicalExitsConfig, targets: Targets = "auto") -> EarlyExitModel:
     """Attach hierarchical BoF exits to ``model`` (in place). ``targets`` is unused."""
     plan = plan_exits(model, config.exit_fractions)
     heads = [BoFHead(c, config.codewords, plan.num_classes, first=i == 0) for i, c in enumerate(plan.channels)]
     cascade = HierarchicalCascade(model, plan.trunk, plan.positions, heads)
     return EarlyExitModel(cascade, recipe="hierarchical_exits", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="hierarchical_exits",
-        family="early_exit",
-        config_cls=HierarchicalExitsConfig,
-        convert=convert,
-        paper="Efficient adaptive inference for deep convolutional neural networks using hierarchical early exits "
-        "(Pattern Recognition 2020), doi:10.1016/j.patcog.2020.107346",
-    )
-)

@@ -18,7 +18,14 @@ Departures from the paper:
 * one training stage with all three techniques (the paper trains with GE first, then adds ISC and OFA);
 * ``α_k`` are learnable scalars initialised to 0, so the converted network starts as the MSDNet it converts
   and reproduces it with open gates (the paper feeds the previous logits through the classifier's own layers);
-* the small ``msdnet_tiny`` base (see :mod:`.msdnet`).
+* the small ``msdnet_tiny`` base (see :mod:`.msdnet`);
+* each classifier's term of the objective is weighted by a weight derived from the budget (the paper: all 1).
+
+Budget: calibrated. ``budget`` (the target mean fraction of the static network's MACs per image) is MSDNet's
+budgeted-batch budget: :func:`dynnet.calibrate` fits the exit thresholds with the geometric exit profile until the
+mean MAC fraction on held-out images equals it. It also weights the classifiers' terms when ``exit_weights`` is
+``None``: ``w_k = (1 + K q_k) / 2``, ``q_k`` the share of images classifier ``k`` serves at the budget
+(:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.losses.early_exit import exit_distillation_loss
 from dynnet.methods.early_exit._common import EarlyExitModel, State, gradient_rescale
 from dynnet.methods.early_exit.msdnet import MSDNetCascade, _cascade
@@ -44,11 +53,15 @@ class IMTAConfig:
     """Settings of IMTA.
 
     Attributes:
-        budget: target mean MACs (fraction of the static network) that calibration aims at.
+        budget: target mean fraction of the static network's MACs per image: the exit thresholds are calibrated to
+            it, and it sets the classifiers' weights when ``exit_weights`` is ``None``.
         gradient_equilibrium: rescale gradients at every exit (GE).
         inline_collaboration: add the previous exit's weighted logits (ISC).
         distill_weight: λ of the one-for-all distillation (0 disables it; the paper uses 0.5).
         temperature: T of the distillation.
+        exit_weights: weight of every classifier's term, last one last (``None``: derived from the budget,
+            ``(1 + K q_k) / 2`` with ``q_k`` the share of images classifier ``k`` serves at the budget; the paper
+            uses all 1).
     """
 
     budget: float = 0.5
@@ -56,6 +69,7 @@ class IMTAConfig:
     inline_collaboration: bool = True
     distill_weight: float = 0.5
     temperature: float = 2.0
+    exit_weights: tuple[float, ...] | None = None
 
 
 class IMTACascade(MSDNetCascade):
@@ -94,20 +108,33 @@ class IMTACascade(MSDNetCascade):
 
 
 class IMTAModel(EarlyExitModel):
-    """Objective: last exit's cross-entropy + one-for-all distillation mixed with each earlier exit's CE."""
+    """Objective: last exit's cross-entropy + one-for-all distillation mixed with each earlier exit's CE, each
+    classifier's term weighted by ``exit_weights`` (derived from the budget by default)."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         exits = self.exit_outputs(t)
+        w = self.exit_weights(t, budget)
         lam, temp = self.config.distill_weight, self.config.temperature
-        final = F.cross_entropy(exits[-1], target)
-        ce = sum(F.cross_entropy(z, target) for z in exits[:-1])
-        kd = sum(exit_distillation_loss(z, exits[-1], temp) for z in exits[:-1])
+        final = w[-1] * F.cross_entropy(exits[-1], target)
+        ce = sum(wk * F.cross_entropy(z, target) for z, wk in zip(exits[:-1], w, strict=False))
+        kd = sum(wk * exit_distillation_loss(z, exits[-1], temp) for z, wk in zip(exits[:-1], w, strict=False))
         total = final + (1.0 - lam) * ce + lam * kd
         return LossOutput(
             total, {"final": float(final.detach()), "ce": float(ce.detach()), "distill": float(kd.detach())}
         )
 
 
+@recipe(
+    "imta",
+    paper="Improved Techniques for Training Adaptive Deep Networks (ICCV 2019), arXiv:1908.06294",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.3, 1.0),
+        derives="maximum-softmax thresholds of the classifiers (calibration); classifier weights (1 + K q_k) / 2",
+    ),
+    test_base="msdnet_tiny",
+)
 def convert(model: nn.Module, config: IMTAConfig, targets: Targets = "auto") -> IMTAModel:
     """IMTA on an :class:`~dynnet.methods.early_exit.msdnet.MSDNet` (in place). ``targets`` is unused."""
     cascade = _cascade(
@@ -115,15 +142,3 @@ def convert(model: nn.Module, config: IMTAConfig, targets: Targets = "auto") -> 
     )
     in_channels = model.stem.convs[0][0].in_channels
     return IMTAModel(cascade, recipe="imta", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="imta",
-        family="early_exit",
-        config_cls=IMTAConfig,
-        convert=convert,
-        paper="Improved Techniques for Training Adaptive Deep Networks (ICCV 2019), arXiv:1908.06294",
-        test_base="msdnet_tiny",
-    )
-)

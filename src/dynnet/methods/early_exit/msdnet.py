@@ -17,7 +17,15 @@ Departures from the paper:
 * much smaller: 3 scales with 8/16/32 initial channels and growth 4/8/16, blocks of 1–2 layers, classifiers of
   two 3×3 convs of 32 channels (the paper's CIFAR model has 3 scales, 6/12/24 growth and 128-channel heads);
 * scales are dropped at fixed blocks (3 → 3 → 2 → 1 scales), with a compressing transition (×0.5) at every drop;
-* no test-time grouping by batch: the sparse mode compacts the batch as samples exit.
+* no test-time grouping by batch: the sparse mode compacts the batch as samples exit;
+* the classifiers' loss weights are derived from the budget (the paper weights them all 1; pass
+  ``exit_weights=(1, 1, 1, 1)`` for that).
+
+Budget: calibrated. ``budget`` (the target mean fraction of the static network's MACs per image) is the budget of
+the paper's budgeted batch classification: :func:`dynnet.calibrate` fits the exit thresholds with the geometric exit
+profile ``q_k ∝ p^k`` until the mean MAC fraction on held-out images equals it. It also sets the classifiers' loss
+weights when ``exit_weights`` is ``None``: ``w_k = (1 + K q_k) / 2``, ``q_k`` the share of images classifier ``k``
+serves at the budget (:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import RecipeSpec, register_recipe
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit._common import EarlyExitModel, ExitCascade, State, Trunk
 from dynnet.models import MODELS
 
@@ -217,8 +226,11 @@ class MSDNetConfig:
     """Settings of MSDNet.
 
     Attributes:
-        budget: target mean MACs (fraction of the static network) that calibration aims at.
-        exit_weights: loss weight of every classifier, last one last (``None``: all 1, as in the paper).
+        budget: target mean fraction of the static network's MACs per image: the exit thresholds are calibrated to
+            it, and it sets the loss weights when ``exit_weights`` is ``None``.
+        exit_weights: loss weight of every classifier, last one last (``None``: derived from the budget,
+            ``(1 + K q_k) / 2`` with ``q_k`` the share of images classifier ``k`` serves at the budget; the paper
+            uses all 1).
     """
 
     budget: float = 0.5
@@ -239,20 +251,19 @@ def _cascade(model: nn.Module, cls: type[MSDNetCascade], **kw: object) -> MSDNet
     return cls(model, trunk, list(range(len(trunk.units) - 1)), [], **kw)
 
 
+@recipe(
+    "msdnet",
+    paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (ICLR 2018), arXiv:1703.09844",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.3, 1.0),
+        derives="maximum-softmax thresholds of the classifiers (calibration); loss weights (1 + K q_k) / 2",
+    ),
+    test_base="msdnet_tiny",
+)
 def convert(model: nn.Module, config: MSDNetConfig, targets: Targets = "auto") -> EarlyExitModel:
     """Turn the classifiers of an :class:`MSDNet` into exits (in place). ``targets`` is unused."""
     cascade = _cascade(model, MSDNetCascade)
     in_channels = model.stem.convs[0][0].in_channels
     return EarlyExitModel(cascade, recipe="msdnet", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="msdnet",
-        family="early_exit",
-        config_cls=MSDNetConfig,
-        convert=convert,
-        paper="Multi-Scale Dense Networks for Resource Efficient Image Classification (ICLR 2018), arXiv:1703.09844",
-        test_base="msdnet_tiny",
-    )
-)

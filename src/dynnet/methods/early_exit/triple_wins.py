@@ -13,7 +13,15 @@ Departures from the paper:
 * the clean input reaches ``compute_loss`` through the trace (``t.outputs["input"]``, recorded in training),
   because the objective needs to attack it;
 * exits are BranchyNet-style branches at fractions of the trunk's MACs; thresholds are calibrated for a MAC
-  budget on a validation split (the paper sets them from validation accuracy per exit).
+  budget on a validation split (the paper sets them from validation accuracy per exit);
+* the exits' cross-entropies in the objective are weighted by weights derived from the budget (the paper averages
+  them); the attack keeps the plain average.
+
+Budget: calibrated. ``budget`` (the target mean fraction of the dense MACs per image) sets the exits'
+maximum-softmax thresholds: :func:`dynnet.calibrate` fits them with MSDNet's geometric exit profile until the mean
+MAC fraction on held-out images equals it. It also weights the exits in the objective when ``exit_weights`` is
+``None``: ``w_k = (1 + K q_k) / 2``, ``q_k`` the share of images exit ``k`` serves at the budget
+(:func:`~dynnet.methods.early_exit._common.budget_exit_weights`).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets
-from dynnet.core import LossOutput, RecipeSpec, Trace, current_trace, register_recipe, set_mode, trace
+from dynnet.core import LossOutput, Trace, current_trace, set_mode, trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, plan_exits
 from dynnet.methods.early_exit.adversarial import average_exit_loss, pgd_attack
 
@@ -38,12 +48,15 @@ class TripleWinsConfig:
     """Settings of Triple Wins.
 
     Attributes:
-        budget: target mean MACs as a fraction of the dense network (calibration).
+        budget: target mean fraction of the dense MACs per image: the exit thresholds are calibrated to it, and it
+            weights the exits in the objective when ``exit_weights`` is ``None``.
         exit_fractions: cumulative fractions of the trunk's MACs after which exits go.
         epsilon: L∞ radius of the attack, in the units of the (normalised) input.
         step_size: PGD step.
         steps: PGD iterations in training.
         adversarial_weight: weight of the adversarial half of the objective (the paper: 0.5).
+        exit_weights: weight of every exit's cross-entropy, final one last (``None``: derived from the budget,
+            ``(1 + K q_k) / 2`` with ``q_k`` the share of images exit ``k`` serves at the budget; the paper: all 1).
     """
 
     budget: float = 0.5
@@ -52,10 +65,11 @@ class TripleWinsConfig:
     step_size: float = 0.04
     steps: int = 3
     adversarial_weight: float = 0.5
+    exit_weights: tuple[float, ...] | None = None
 
 
 class TripleWinsModel(EarlyExitModel):
-    """Objective: ``(1 - w) mean_k CE(z_k(x), y) + w mean_k CE(z_k(x_adv), y)``."""
+    """Objective: ``(1 - w) mean_k w_k CE(z_k(x), y) + w mean_k w_k CE(z_k(x_adv), y)`` (``w_k``: exit weights)."""
 
     def run(self, x: Tensor) -> Tensor:
         t = current_trace()
@@ -89,12 +103,13 @@ class TripleWinsModel(EarlyExitModel):
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         exits = self.exit_outputs(t)
-        clean = average_exit_loss(exits, target)
+        weights = self.exit_weights(t, budget)
+        clean = average_exit_loss(exits, target, weights)
         w = self.config.adversarial_weight
         if "input" not in t.outputs or w == 0:
             return LossOutput(clean, {"clean": float(clean.detach())})
         x_adv = self.attack(t.outputs["input"], target)
-        adv = average_exit_loss(self.all_exits(x_adv), target)
+        adv = average_exit_loss(self.all_exits(x_adv), target, weights)
         total = (1 - w) * clean + w * adv
         return LossOutput(total, {"clean": float(clean.detach()), "adversarial": float(adv.detach())})
 
@@ -131,21 +146,20 @@ def robust_accuracy(
     }
 
 
+@recipe(
+    "triple_wins",
+    paper="Triple Wins: Boosting Accuracy, Robustness and Efficiency Together by Enabling Input-Adaptive "
+    "Inference (ICLR 2020), arXiv:2002.10025",
+    budget=BudgetPolicy(
+        "calibrated",
+        knob="exit thresholds (geometric exit profile)",
+        reachable=(0.45, 1.0),
+        derives="maximum-softmax thresholds of the exits (calibration); exit loss weights (1 + K q_k) / 2",
+    ),
+)
 def convert(model: nn.Module, config: TripleWinsConfig, targets: Targets = "auto") -> TripleWinsModel:
     """Attach exits to ``model`` for adversarial multi-exit training (in place). ``targets`` is unused."""
     plan = plan_exits(model, config.exit_fractions)
     heads = [ConvBranchHead(c, plan.num_classes, width=c, stride=2) for c in plan.channels]
     cascade = ExitCascade(model, plan.trunk, plan.positions, heads)
     return TripleWinsModel(cascade, recipe="triple_wins", config=copy.copy(config), in_channels=plan.in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="triple_wins",
-        family="early_exit",
-        config_cls=TripleWinsConfig,
-        convert=convert,
-        paper="Triple Wins: Boosting Accuracy, Robustness and Efficiency Together by Enabling Input-Adaptive "
-        "Inference (ICLR 2020), arXiv:2002.10025",
-    )
-)
