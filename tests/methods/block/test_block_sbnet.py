@@ -69,3 +69,31 @@ def test_budget_loss_trains_the_mask_units() -> None:
     loss = model.compute_loss(logits, y, t, budget=0.3)
     loss.total.backward()
     assert model.net.layer1[0].gate.conv.bias.grad.abs().item() > 0
+
+
+def test_the_knob_shifts_every_tile_logit_and_calibration_hits_the_budget() -> None:
+    """The offset on the mask units' bias moves every tile's logit by itself (partial border tiles too: a tile's
+    logit is a mean), so the MAC fraction grows with it; calibration brings it to the budget."""
+    model = _model(tile=4)
+    block = model.net.layer2[0]
+    x = torch.randn(2, 16, 28, 28)  # 14×14 output: partial border tiles
+    knob = model.budget_knob()
+    with torch.no_grad():
+        before = block.gate(x)
+        knob.set(-2.5)
+        torch.testing.assert_close(block.gate(x), before - 2.5)
+    images = torch.randn(32, 1, 28, 28)
+    fractions = []
+    for v in (-30.0, -6.0, 0.0, 30.0):
+        knob.set(v)
+        dynnet.sparse(model)
+        with torch.no_grad(), dynnet.trace() as t:
+            model(images)
+        fractions.append(float(t.mac_fraction().mean()))
+    assert fractions == sorted(fractions) and fractions[0] < 0.1 and fractions[-1] > 0.99
+    with torch.no_grad():
+        for _, b in model.blocks():
+            b.gate.conv.weight.normal_(0, 0.3)  # logits that depend on the input
+    report = dynnet.calibrate(model, images, 0.5, tolerance=0.02)
+    assert report.within_tolerance, report.summary()
+    assert model.calibrated_budget == 0.5

@@ -77,10 +77,18 @@ def test_pooling_structure_keeps_the_most_covered_positions() -> None:
 def test_fresh_conversion_is_the_base_and_budget_perforates() -> None:
     model = _model()
     assert all(bool(b.gate.mask(i).all()) for b in model.perforated_blocks() for i in range(b.gate.stages))
-    model = _model(budget=0.25, mask="grid")
-    for block in model.perforated_blocks():
-        for i in range(block.gate.stages):
-            assert float(block.gate.mask(i).float().mean()) == pytest.approx(0.25, abs=0.02)
+    assert float(model.calibration[0]) == 1.0
+    for kind in ("uniform", "grid", "pooling"):
+        model = _model(budget=0.25, mask=kind)
+        keep = float(model.calibration[0])  # the evaluated fraction derived from the MAC budget
+        assert 0.1 < keep < 0.25  # the stem, shortcuts and classifier are not perforated
+        for block in model.perforated_blocks():
+            for i in range(block.gate.stages):
+                assert float(block.gate.mask(i).float().mean()) == pytest.approx(keep, abs=0.05)
+        with torch.no_grad(), dynnet.trace() as t:
+            model.eval()(diverse_inputs(2, (3, 32, 32)))
+        assert float(t.mac_fraction()[0]) == pytest.approx(0.25, abs=0.005)
+        assert model.mask_mac_fraction() == pytest.approx(float(t.mac_fraction()[0]), abs=1e-9)
 
 
 def test_config_rejects_impact_and_bad_budgets() -> None:

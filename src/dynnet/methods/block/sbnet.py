@@ -33,12 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.core import Decision, DynamicModel, RecipeSpec, register_recipe
+from dynnet.core import Decision, DynamicModel
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates.pooled import OPEN_LOGIT
 from dynnet.kernels._spatial_chain import SpatialResidual, spatial_chain
 
-__all__ = ["SBNetBlock", "SBNetConfig", "TileMaskUnit"]
+__all__ = ["SBNet", "SBNetBlock", "SBNetConfig", "TileMaskUnit"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class SBNetConfig:
     """Settings of SBNet.
 
     Attributes:
-        budget: target fraction of the dense network's MACs (theoretical).
+        budget: target mean fraction of the dense MACs per image (theoretical: active tiles, mask units included);
+            the target of the MAC-budget loss.
         tile: side of the output tiles (the paper's block size); larger tiles waste less on halos.
         tau: Gumbel-Sigmoid temperature of the mask units.
         budget_weight: weight of the MAC-budget loss.
@@ -84,7 +87,22 @@ class SBNetBlock(SpatialResidual):
         return Decision(hard=hard, soft=prob, granularity="block")
 
 
-def convert(model: nn.Module, config: SBNetConfig, targets: Targets = "auto") -> DynamicModel:
+class SBNet(DynamicModel):
+    """The converted network; its objective is cross-entropy + ``budget_weight`` × the MAC-budget loss."""
+
+    def budget_knob(self) -> Knob:
+        """One offset added to the tile logit of every mask unit (the bias of its 3×3 convolution)."""
+        return self.logit_shift_knob([(b.gate.conv.bias, None, 1.0) for _, b in self.blocks()])
+
+
+@recipe(
+    "sbnet",
+    paper="SBNet: Sparse Blocks Network for Fast Inference (CVPR 2018), arXiv:1801.02108",
+    budget=BudgetPolicy("trained+calibrated", knob="mask logit offset", reachable=(0.1, 1.0),
+                        derives="target of the MAC-budget loss = budget (SBNet takes its masks from outside)"),
+    exact_executed=False,
+)  # fmt: skip
+def convert(model: nn.Module, config: SBNetConfig, targets: Targets = "auto") -> SBNet:
     """Make every target residual block of ``model`` block-sparse (in place)."""
     if config.tile < 1:
         raise ValueError(f"tile must be >= 1, got {config.tile}")
@@ -99,16 +117,4 @@ def convert(model: nn.Module, config: SBNetConfig, targets: Targets = "auto") ->
         new = SBNetBlock(block, adapter, stages, gate, execution="tile", tile=config.tile)
         new.block_name, new.tau = name, config.tau
         replace_module(model, name, new)
-    return DynamicModel(model, recipe="sbnet", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="sbnet",
-        family="block",
-        config_cls=SBNetConfig,
-        convert=convert,
-        paper="SBNet: Sparse Blocks Network for Fast Inference (CVPR 2018), arXiv:1801.02108",
-        exact_executed=False,
-    )
-)
+    return SBNet(model, recipe="sbnet", config=copy.copy(config), in_channels=first_conv_in_channels(model))

@@ -1,13 +1,17 @@
-"""Helpers shared by the spatial recipes: which blocks they convert, and the output stride of a chain."""
+"""Helpers shared by the spatial recipes: which blocks they convert, the output stride of a chain, and the
+execution rate at which a network spends its MAC budget."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 
 from dynnet.convert import ResidualAdapter, Targets, residual_blocks
+from dynnet.core import Trace
 from dynnet.kernels._spatial_chain import ConvStage, spatial_chain
 
-__all__ = ["chain_stride", "spatial_targets"]
+__all__ = ["chain_stride", "rate_for_budget", "spatial_targets"]
 
 
 def spatial_targets(
@@ -29,3 +33,31 @@ def chain_stride(stages: list[ConvStage]) -> int:
     for st in stages:
         s *= st.geometry[1]
     return s
+
+
+def rate_for_budget(t: Trace, budget: float, dynamic: Callable[[str], bool], *, floor: float = 0.01) -> float:
+    """The execution rate ``r`` of the gated parts at which a network spends ``budget`` of its dense MACs.
+
+    The gated parts (entries whose name ``dynamic`` accepts) are assumed to cost ``min + r · (max - min)`` per
+    sample; every other part (static layers, gates, interpolation) costs what it cost in ``t``. Solving
+    ``fixed + Σ min + r · Σ (max - min) = budget · dense`` gives ``r``, clamped to ``[floor, 1]``. It is the per-gate
+    target rate a target-rate loss needs for its rate to mean the MAC budget (DynConv-style dilated masks make the
+    real cost slightly higher than linear: the global MAC term and calibration settle the rest).
+
+    Args:
+        t: the trace of a forward pass.
+        budget: target mean fraction of the dense MACs.
+        dynamic: which entries scale with the rate (``lambda name: name.endswith("/body")``).
+        floor: the smallest rate returned (target-rate losses need a rate in (0, 1]).
+    """
+    fixed, lo, span = 0.0, 0.0, 0.0
+    for e in t.entries:
+        if dynamic(e.name):
+            lo += e.minimum
+            span += e.maximum - e.minimum
+        else:
+            fixed += float(e.macs.detach().double().mean())
+    if span <= 0:
+        return 1.0
+    r = (budget * t.dense_macs() - fixed - lo) / span
+    return min(1.0, max(floor, r))

@@ -24,6 +24,13 @@ Departures from the paper:
   from a pretrained network with masks initialised at random;
 * gather/scatter is pure PyTorch (index_select + mm), the paper uses custom CUDA kernels; BN after the
   gathered convolutions uses running statistics on the compact rows (the paper fuses BN the same way).
+
+Budget: trained and calibrated. ``budget`` (the target fraction of the dense MACs) is the paper's
+``sparsity_target`` (the network term pulls the MAC fraction to it) and the starting value of the per-block
+bounds; calibration then adds one offset to the logit of every mask unit (the bias of its 3×3 convolution,
+which the compiled ``squeeze_logits`` path reads too; the offset is kept in ``calibration[0]``) until the mean
+MAC fraction on held-out images equals the budget. Reachable: 0.1–1.0 (the stem, shortcut convolutions,
+classifier and mask units always run: about 3–7 % of a CIFAR ResNet).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
-from dynnet.core import Decision, DynamicModel, LossOutput, RecipeSpec, Trace, register_recipe
+from dynnet.core import Decision, DynamicModel, LossOutput, Trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.kernels._spatial_chain import SpatialResidual
 from dynnet.losses import mac_budget_loss
@@ -52,7 +61,8 @@ class DynConvConfig:
     """Settings of DynConv.
 
     Attributes:
-        budget: target fraction of the dense network's MACs (the paper's ``sparsity_target``).
+        budget: target mean fraction of the dense MACs per image, mask units included (the paper's
+            ``sparsity_target``); also where the per-block bounds start.
         tau: Gumbel-Sigmoid temperature (the paper uses 1).
         sparsity_weight: weight of the sparsity criterion (10 in the paper's code).
         anneal_fraction: fraction of training over which the per-block bounds relax (0.33 in the paper).
@@ -97,6 +107,10 @@ class DynConv(DynamicModel):
         super().__init__(*args, **kwargs)
         self.progress = 0.0
 
+    def budget_knob(self) -> Knob:
+        """One offset added to the logit of every mask unit (the bias of its 3×3 convolution)."""
+        return self.logit_shift_knob([(b.gate.conv.bias, None, 1.0) for _, b in self.blocks()])
+
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         budget = self.config.budget if budget is None else budget
         task = F.cross_entropy(logits, target)
@@ -124,6 +138,12 @@ class DynConvAnnealing(Hook):
             state.model.progress = state.step / max(1, state.total_steps)
 
 
+@recipe(
+    "dynconv",
+    paper="Dynamic Convolutions: Exploiting Spatial Sparsity for Faster Inference (CVPR 2020), arXiv:1912.03203",
+    budget=BudgetPolicy("trained+calibrated", knob="mask logit offset", reachable=(0.1, 1.0),
+                        derives="sparsity_target = budget; per-block bounds start at [budget, budget]"),
+)  # fmt: skip
 def convert(model: nn.Module, config: DynConvConfig, targets: Targets = "auto") -> DynConv:
     """Put a DynConv mask unit on every target residual block of ``model`` (in place)."""
     for name, block, adapter, stages in spatial_targets(model, targets):
@@ -132,14 +152,3 @@ def convert(model: nn.Module, config: DynConvConfig, targets: Targets = "auto") 
         new.block_name, new.tau = name, config.tau
         replace_module(model, name, new)
     return DynConv(model, recipe="dynconv", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dynconv",
-        family="spatial",
-        config_cls=DynConvConfig,
-        convert=convert,
-        paper="Dynamic Convolutions: Exploiting Spatial Sparsity for Faster Inference (CVPR 2020), arXiv:1912.03203",
-    )
-)

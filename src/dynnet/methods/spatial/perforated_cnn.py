@@ -9,9 +9,9 @@ evaluated position (the paper's nearest-neighbour interpolation), so the next la
     V̂(p) = V(q*(p)),  q*(p) = argmin_{q: M(q)=1} ‖p - q‖   otherwise.
 
 Masks are buffers (``gate.mask<i>`` of each block, one per conv stage), set at conversion and by the functions
-below, never per batch; every input sees the same mask. The knob is the fraction of positions evaluated
-(``budget`` = 1 - perforation rate), the same for every layer unless :func:`set_perforation_` is given a rate per
-layer. Mask kinds (the paper's):
+below, never per batch; every input sees the same mask. The paper's knob is the perforation rate: here its
+complement, the fraction of positions evaluated (``keep``), the same for every layer unless
+:func:`set_perforation_` is given one per layer. Mask kinds (the paper's):
 
 * ``"uniform"`` — positions drawn uniformly at random (:func:`uniform_mask`);
 * ``"grid"``    — a regular grid: the Cartesian product of evenly spaced rows and columns (:func:`grid_mask`);
@@ -49,6 +49,15 @@ Departures from the paper:
   allocates different rates to layers by a greedy search over the network's cost);
 * the default ``budget = 1.0`` perforates nothing, so a fresh conversion reproduces the base network; choose the
   budget (or call :func:`set_perforation_` / :func:`impact_masks_`) to perforate.
+
+Budget: calibrated (and fixed at conversion). ``budget`` is the target fraction of the dense MACs; the conversion
+derives from it the evaluated fraction ``keep`` of every perforated convolution (one for all, by bisection on the
+exact MAC count of the masks at ``input_size``: ``static + Σ_i |M_i| · |W_i| = budget · dense``) and builds the
+masks; the value is kept in ``calibration[0]``. The MAC fraction does not depend on the input, so
+:func:`dynnet.calibrate` only re-solves the same equation at the calibration images' size: its knob is ``keep``,
+and it redraws every mask with the config's kind and seed (per-stage rates and impact masks are replaced).
+Reachable: 0.1–1.0 (the stem, shortcut convolutions and classifier are not perforated; one position per
+convolution is always evaluated).
 """
 
 from __future__ import annotations
@@ -69,13 +78,13 @@ from dynnet.core import (
     Decision,
     DynamicModel,
     LossOutput,
-    RecipeSpec,
     Trace,
     current_trace,
-    register_recipe,
     run_on_meta,
     tracing_or_compiling,
 )
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.kernels._spatial_chain import ConvStage, SpatialResidual, chain_sizes, folded_conv, folded_stage
 from dynnet.kernels.spatial import conv_out_size, gather_conv_image
 from dynnet.methods.spatial._common import spatial_targets
@@ -100,14 +109,18 @@ __all__ = [
 MASK_KINDS = ("uniform", "grid", "pooling")
 """Mask kinds built from geometry alone; ``"impact"`` masks need data (:func:`impact_masks_`)."""
 
+_MIN_KEEP = 1e-6
+"""The smallest evaluated fraction set (masks keep at least one position whatever the fraction)."""
+
 
 @dataclass(frozen=True)
 class PerforatedCNNConfig:
     """Settings of PerforatedCNNs.
 
     Attributes:
-        budget: fraction of output positions evaluated in every perforated convolution (1 - perforation rate);
-            1.0 keeps every position (the base network).
+        budget: target fraction of the dense MACs per image (at ``input_size``); the evaluated fraction of every
+            perforated convolution (1 - the paper's perforation rate) is derived from it at conversion. 1.0 keeps
+            every position (the base network).
         mask: ``"uniform"``, ``"grid"`` or ``"pooling"`` (impact masks: :func:`impact_masks_` after conversion).
         input_size: side of the (square) input the masks are built for.
         seed: seed of the random masks (uniform; tie-breaking of pooling-structure masks).
@@ -120,7 +133,7 @@ class PerforatedCNNConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget must be a fraction in (0, 1] of the positions evaluated, got {self.budget}")
+            raise ValueError(f"budget must be a fraction in (0, 1] of the dense MACs, got {self.budget}")
         if self.mask not in MASK_KINDS:
             hint = " (impact masks need data: convert, then call impact_masks_)" if self.mask == "impact" else ""
             raise ValueError(f"mask must be one of {MASK_KINDS}, got {self.mask!r}{hint}")
@@ -479,18 +492,81 @@ class PerforatedCNN(DynamicModel):
         return [m for m in self.modules() if isinstance(m, PerforatedBlock)]
 
     def scramble_(self, generator: torch.Generator) -> int:
-        """Random uniform masks (each evaluating 20-80 % of its positions) for every stage; returns their number.
+        """Random uniform masks for every stage; returns their number. A perforated stage keeps its number of
+        evaluated positions (the budget stays, the positions change); an unperforated one evaluates 20-80 %.
 
         The conformance suite's scrambling: the masks are the decisions, and they are not parameters.
         """
         changed = 0
         for block in self.perforated_blocks():
             for i in range(block.gate.stages):
-                size = tuple(block.gate.mask(i).shape)
-                keep = 0.2 + 0.6 * float(torch.rand((), generator=generator))
+                mask = block.gate.mask(i)
+                size = tuple(mask.shape)
+                keep = float(mask.float().mean())
+                if keep >= 1.0:
+                    keep = 0.2 + 0.6 * float(torch.rand((), generator=generator))
                 block.gate.set_mask_(i, uniform_mask(size, keep, generator))
                 changed += 1
         return changed
+
+    def mask_mac_fraction(self) -> float:
+        """The MAC fraction the stored masks spend at the size they were built for (``config.input_size``)."""
+        dense, spent = self._dense_at_input_size(), 0.0
+        for block in self.perforated_blocks():
+            for i, st in enumerate(block._stages):
+                mask = block.gate.mask(i)
+                spent += (float(mask.sum()) - mask.numel()) * st.per_position
+        return (dense + spent) / dense
+
+    def _dense_at_input_size(self) -> float:
+        s = self.config.input_size
+        return float(self.dense_macs(torch.empty(1, self.in_channels or 3, s, s)))
+
+    def perforate_to_(self, budget: float, *, tolerance: float = 1e-3) -> float:
+        """Build masks of the config's kind whose MAC fraction at ``input_size`` is ``budget`` (one evaluated
+        fraction for every convolution, found by bisection); returns that fraction (also in ``calibration[0]``)."""
+        set_ = self._keep_setter()
+        if budget >= 1.0:
+            set_(1.0)
+            return 1.0
+        lo, hi, best = 0.0, 1.0, (1.0, 1.0)
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            set_(mid)
+            f = self.mask_mac_fraction()
+            if abs(f - budget) < abs(best[1] - budget):
+                best = (mid, f)
+            if abs(f - budget) <= tolerance / 2:
+                break
+            lo, hi = (mid, hi) if f < budget else (lo, mid)
+        set_(best[0])
+        return best[0]
+
+    def _keep_setter(self) -> Callable[[float], None]:
+        def set_(keep: float) -> None:
+            set_perforation_(self, self.config.mask, max(float(keep), _MIN_KEEP), seed=self.config.seed)
+            with torch.no_grad():
+                self.calibration[0] = float(keep)
+
+        return set_
+
+    def budget_knob(self) -> Knob:
+        """The evaluated fraction of every perforated convolution (the masks are redrawn with the config's kind and
+        seed: nested as the fraction grows, so the MACs grow with it)."""
+        return Knob("evaluated fraction", lambda: float(self.calibration[0]), self._keep_setter(), 0.0, 1.0)
+
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """Bisection on the evaluated fraction; on failure the masks are put back as they were."""
+        saved = [(b, i, b.gate.mask(i).clone()) for b in self.perforated_blocks() for i in range(b.gate.stages)]
+        applied = self.calibration[0].clone()
+        try:
+            return super().calibrate_to_(batches, budget, tolerance)
+        except ValueError:
+            for b, i, mask in saved:
+                b.gate.set_mask_(i, mask)
+            with torch.no_grad():
+                self.calibration[0] = applied
+            raise
 
 
 def _stage_names(model: nn.Module) -> list[tuple[PerforatedBlock, int, str]]:
@@ -646,6 +722,15 @@ def _block_input_sizes(model: nn.Module, blocks: list[nn.Module], shape: tuple[i
     return [sizes[j] for j in range(len(blocks))]
 
 
+@recipe(
+    "perforated_cnn",
+    paper="PerforatedCNNs: Acceleration through Elimination of Redundant Convolutions (NeurIPS 2016), "
+    "arXiv:1504.08362",
+    budget=BudgetPolicy("calibrated", knob="evaluated fraction", reachable=(0.1, 1.0),
+                        derives="evaluated fraction (1 - perforation rate) of every perforated convolution, solved "
+                                "on the masks' exact MACs at input_size"),
+    input_dependent=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: PerforatedCNNConfig, targets: Targets = "auto") -> PerforatedCNN:
     """Perforate the branch convolutions of every target residual block of ``model`` (in place)."""
     found = spatial_targets(model, targets)
@@ -658,19 +743,5 @@ def convert(model: nn.Module, config: PerforatedCNNConfig, targets: Targets = "a
         new.block_name = name
         replace_module(model, name, new)
     net = PerforatedCNN(model, recipe="perforated_cnn", config=copy.copy(config), in_channels=in_channels)
-    if config.budget < 1.0:
-        set_perforation_(net, config.mask, config.budget, seed=config.seed)
+    net.perforate_to_(config.budget)
     return net
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="perforated_cnn",
-        family="spatial",
-        config_cls=PerforatedCNNConfig,
-        convert=convert,
-        paper="PerforatedCNNs: Acceleration through Elimination of Redundant Convolutions (NeurIPS 2016), "
-        "arXiv:1504.08362",
-        input_dependent=False,
-    )
-)

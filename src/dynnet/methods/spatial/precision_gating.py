@@ -9,11 +9,13 @@ is convolved only where the prediction is important, ``O = O_hb + G ⊙ (W * x_l
 prediction with a learned threshold Δ (straight-through sigmoid in training, hard comparison at inference).
 Sparse mode runs the low-precision convolution densely and the high-precision update with the gather
 kernel at the gated positions only (:func:`dynnet.kernels.spatial.gather_conv2d`). Both precisions are
-counted and executed: the trace has ``<conv>/msb`` (dense, low precision) and ``<conv>/lsb`` (gated,
-high-precision update) entries, so theoretical MACs are ≥ the dense network's — the saving of precision
-gating is in bit-operations (``hb_bits``-bit vs full-precision MACs), which the MAC count does not see.
+executed: the trace has ``<conv>/msb`` (dense, low precision) and ``<conv>/lsb`` (gated, high-precision update)
+entries. Executed MACs count both in full (what the float kernels run: more than the dense network's); the
+theoretical MACs use the paper's cost model, in which a MAC on ``b``-bit activations costs ``b / bits`` of a full
+``bits``-bit one: the low-precision pass costs ``hb_bits / bits`` of the convolution, the update
+``(bits - hb_bits) / bits`` per gated position, so an all-open gate costs exactly the dense network.
 
-Objective: cross-entropy + ``rate_weight`` × ``mean_g (rate_g - budget)^2``, with ``budget`` the target
+Objective: cross-entropy + ``rate_weight`` × ``mean_g (rate_g - r)^2``, with ``r`` (``high_rate``) the target
 fraction of output positions that get the high-precision update.
 
 Departures from the paper:
@@ -23,7 +25,17 @@ Departures from the paper:
 * the LSB part is the full-precision remainder (no quantisation of activations to B bits and no PACT
   clipping), so an all-open gate reproduces the float network exactly; ``act_range`` is a fixed setting,
   not learned;
-* the paper's threshold regulariser (pulling Δ towards a target δ) is replaced by the target-rate loss.
+* the paper's threshold regulariser (pulling Δ towards a target δ) is replaced by the target-rate loss;
+* theoretical MACs are bit-weighted (above; ``exact_executed=False``): the paper counts bit-operations too, but a
+  float CPU kernel runs both passes at full precision, which the executed MACs report.
+
+Budget: trained and calibrated. ``budget`` is the target fraction of the dense MACs in that bit-weighted cost
+(``hb_bits / bits`` of every gated convolution is always spent: with the defaults, 3 of 8 bits, budgets from about
+0.45 are reachable). The paper's knob, the fraction of positions updated in high precision ``r`` (``high_rate``),
+is derived from it at every step unless set: ``r = (budget · dense - static - low-precision MACs) / (update MACs
+at r = 1)`` (:func:`~dynnet.methods.spatial._common.rate_for_budget`). Calibration subtracts one offset from the
+threshold Δ of every convolution (the ``gate.threshold`` parameters, which every path reads; the offset is kept in
+``calibration[0]``) until the mean MAC fraction on held-out images equals the budget.
 """
 
 from __future__ import annotations
@@ -41,15 +53,15 @@ from dynnet.core import (
     DynamicBlock,
     DynamicModel,
     LossOutput,
-    RecipeSpec,
     Trace,
     current_trace,
-    register_recipe,
 )
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
 from dynnet.kernels.spatial import gather_conv2d, scatter_add_rows
 from dynnet.losses import target_rate_loss
-from dynnet.methods.spatial._common import spatial_targets
+from dynnet.methods.spatial._common import rate_for_budget, spatial_targets
 
 __all__ = ["PrecisionGatedConv", "PrecisionGating", "PrecisionGatingConfig", "split_precision"]
 
@@ -59,18 +71,38 @@ class PrecisionGatingConfig:
     """Settings of precision gating.
 
     Attributes:
-        budget: target fraction of output positions computed in high precision.
+        budget: target mean fraction of the dense MACs per image, in the paper's bit-weighted cost (a MAC on
+            ``b``-bit activations costs ``b / bits``); must exceed ``hb_bits / bits``, the low-precision pass's share.
+        high_rate: the target fraction of output positions updated in high precision (the paper's sparsity
+            target); ``None`` (default): derived from ``budget`` at every step.
         hb_bits: bits of the low-precision prediction (the paper uses 2–4 of 8).
+        bits: bits of a full-precision activation in the cost model (8 in the paper).
         act_range: activation range that the ``hb_bits`` levels cover (post-BN-ReLU activations ≈ [0, 4]).
         sharpness: slope of the straight-through sigmoid of the gate.
         rate_weight: weight of the target-rate loss.
     """
 
     budget: float = 0.5
+    high_rate: float | None = None
     hb_bits: int = 3
+    bits: int = 8
     act_range: float = 4.0
     sharpness: float = 5.0
     rate_weight: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.hb_bits < 1 or self.bits <= self.hb_bits or not self.act_range > 0:
+            raise ValueError(
+                f"need 1 <= hb_bits < bits and act_range > 0, got {self.hb_bits}, {self.bits}, {self.act_range}"
+            )
+        if not self.budget > self.hb_bits / self.bits:
+            raise ValueError(
+                f"budget {self.budget} cannot be reached: the {self.hb_bits}-bit pass alone costs "
+                f"{self.hb_bits}/{self.bits} of every gated convolution; choose a budget above "
+                f"{self.hb_bits / self.bits:.3f}"
+            )
+        if self.high_rate is not None and not 0.0 < self.high_rate <= 1.0:
+            raise ValueError(f"high_rate must be a fraction in (0, 1] or None, got {self.high_rate}")
 
 
 def split_precision(x: Tensor, step: float) -> tuple[Tensor, Tensor]:
@@ -115,6 +147,7 @@ class PrecisionGatedConv(DynamicBlock):
         self.gate = ThresholdGate()
         self.step = config.act_range / 2**config.hb_bits
         self.sharpness = config.sharpness
+        self.low_share = config.hb_bits / config.bits  # the bit-weighted cost of the low-precision pass
 
     def _conv(self, x: Tensor, bias: bool = True) -> Tensor:
         return F.conv2d(x, self.weight, self.bias if bias else None, self.stride, self.padding, self.dilation)
@@ -158,31 +191,66 @@ class PrecisionGatedConv(DynamicBlock):
         t.record_decision(self.block_name, d)
         dense = float(self.cost("conv", lambda m, inp: m._conv(inp), x))
         n = x.shape[0]
-        t.record_macs(f"{self.block_name}/msb", dense, batch_size=n, minimum=dense, maximum=dense, dense=dense)
+        low, high = self.low_share, 1.0 - self.low_share
+        t.record_macs(
+            f"{self.block_name}/msb", low * dense, batch_size=n, executed=dense, minimum=low * dense,
+            maximum=low * dense, dense=dense,
+        )  # fmt: skip
         per_position = self.weight.numel()
-        lsb = d.hard.flatten(1).sum(1).double() * per_position
+        lsb = d.hard.flatten(1).sum(1).double() * (per_position * high)
         t.record_macs(
             f"{self.block_name}/lsb", lsb, executed=dense if executed_lb is None else executed_lb, minimum=0.0,
-            maximum=dense,
+            maximum=high * dense,
         )  # fmt: skip
 
 
 class PrecisionGating(DynamicModel):
     """The converted network: cross-entropy + target rate of high-precision positions per convolution."""
 
+    def budget_knob(self) -> Knob:
+        """One offset subtracted from the threshold Δ of every convolution (a positive offset updates more
+        positions in high precision). Each threshold is written as ``Δ_i - offset`` from the values at offset 0, so
+        repeated settings do not accumulate rounding."""
+        gates = [m.gate for m in self.modules() if isinstance(m, PrecisionGatedConv)]
+        applied = float(self.calibration[0])
+        zero = [float(g.threshold.detach()) + applied for g in gates]  # the thresholds at offset 0
+
+        def set_(v: float) -> None:
+            with torch.no_grad():
+                for g, z in zip(gates, zero, strict=True):
+                    g.threshold.fill_(z - float(v))
+                self.calibration[0] = float(v)
+
+        # Δ ≥ 1e3 closes every position (predictions are channel means of activations), Δ ≤ -1e3 opens every one
+        return Knob("threshold offset", lambda: float(self.calibration[0]), set_, min(zero) - 1e3, max(zero) + 1e3)
+
+    def high_rate(self, t: Trace, budget: float | None = None) -> float:
+        """The target fraction of high-precision positions: ``config.high_rate``, or derived from the budget."""
+        if self.config.high_rate is not None:
+            return self.config.high_rate
+        budget = self.config.budget if budget is None else budget
+        return rate_for_budget(t, budget, lambda name: name.endswith("/lsb"))
+
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         budget = self.config.budget if budget is None else budget
         task = F.cross_entropy(logits, target)
         decisions = list(t.decisions_of("spatial").values())
-        rate = target_rate_loss(decisions, budget) / len(decisions)
+        rate = target_rate_loss(decisions, self.high_rate(t, budget)) / len(decisions)
         total = task + self.config.rate_weight * rate
         return LossOutput(total, {"task": float(task.detach()), "rate": float(rate.detach())})
 
 
+@recipe(
+    "precision_gating",
+    paper="Precision Gating: Improving Neural Network Efficiency with Dynamic Dual-Precision Activations "
+    "(ICLR 2020), arXiv:2002.07136",
+    budget=BudgetPolicy("trained+calibrated", knob="threshold offset", reachable=(0.45, 1.0),
+                        derives="target high-precision rate r = (budget - static - hb_bits/bits of the gated "
+                                "convolutions) / their update share"),
+    exact_executed=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: PrecisionGatingConfig, targets: Targets = "auto") -> PrecisionGating:
     """Make every convolution of the target residual branches precision-gated (in place)."""
-    if config.hb_bits < 1 or config.act_range <= 0:
-        raise ValueError(f"hb_bits must be >= 1 and act_range > 0, got {config.hb_bits}, {config.act_range}")
     for name, block, _, stages in spatial_targets(model, targets):
         convs = {id(st.conv) for st in stages}
         for child_name, child in list(block.named_children()):
@@ -193,15 +261,3 @@ def convert(model: nn.Module, config: PrecisionGatingConfig, targets: Targets = 
     return PrecisionGating(
         model, recipe="precision_gating", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="precision_gating",
-        family="spatial",
-        config_cls=PrecisionGatingConfig,
-        convert=convert,
-        paper="Precision Gating: Improving Neural Network Efficiency with Dynamic Dual-Precision Activations "
-        "(ICLR 2020), arXiv:2002.07136",
-    )
-)

@@ -24,7 +24,19 @@ Departures from the paper:
   ACT always runs; it is also the block that changes resolution);
 * because the output is the ACT mixture of block outputs, a fresh conversion does not reproduce the base
   network exactly (``reproduces_base=False``); halting biases start at -3 (the paper's initialisation), so
-  the mixture is 90 % the last block's output at step 0 and no position halts early.
+  the mixture is 90 % the last block's output at step 0 and no position halts early;
+* the objective adds a MAC-budget term to the ponder cost (below).
+
+Budget: trained and calibrated. ``budget`` (the target fraction of the dense MACs, halting units included) is the
+target of a MAC-budget loss (weight ``budget_weight``) added to the paper's ponder cost: the MACs are exact, and
+their gradient is taken through the ACT remainders ``R`` as the ponder cost's is (an entry ``<stage>/remainder``
+of value 0 whose gradient is ``-(cost of one block at a position)`` per halting score before halting), so the
+term pulls the halting units both ways. The paper's own knob, the ponder weight τ, stays a setting (it has no
+closed-form relation to the MACs). Calibration moves the halting threshold of every position by one offset on the
+halting units' logits (``h = σ(z - offset)``: the bias of each unit's 3×3 convolution, which the compiled
+``squeeze_logits`` path reads too; kept in ``calibration[0]``): a positive offset halts later and spends more.
+It reaches the whole range, where moving ε only reaches what ``ε → 0`` spends, and keeps the ACT weights
+convex. Reachable: 0.35–1.0 on a ResNet-20 (the first block of every stage and the stem always run).
 """
 
 from __future__ import annotations
@@ -36,7 +48,9 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, find_adapter, first_conv_in_channels, replace_module
-from dynnet.core import Decision, DynamicBlock, DynamicModel, RecipeSpec, current_trace, register_recipe
+from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators.ponder import halts
 from dynnet.kernels._spatial_chain import chain_sizes, run_masked, run_pixels, spatial_chain, stage_masks
 from dynnet.kernels.spatial import scatter_add_rows
@@ -50,17 +64,26 @@ class SACTConfig:
     """Settings of SACT.
 
     Attributes:
-        budget: not a target of the objective (SACT trades cost with ``ponder_weight``); kept for reports
-            and the training loop's budget logging. ``None``: no MAC-budget loss.
+        budget: target mean fraction of the dense MACs per image, halting units included; the target of the
+            MAC-budget loss and of calibration.
         ponder_weight: τ, weight of the ponder cost (the paper sweeps 0.001–0.1).
+        budget_weight: weight of the MAC-budget loss (0: the paper's objective alone; calibration still hits the
+            budget).
         eps: ACT's ε (0.01 in the paper).
         halting_bias: initial bias of the halting units (-3 in the paper).
     """
 
-    budget: float | None = None
+    budget: float = 0.6
     ponder_weight: float = 0.01
+    budget_weight: float = 1.0
     eps: float = 0.01
     halting_bias: float = -3.0
+
+    def __post_init__(self) -> None:
+        if not self.ponder_weight >= 0 or not self.budget_weight >= 0:
+            raise ValueError(f"weights must be >= 0, got {self.ponder_weight}, {self.budget_weight}")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +201,17 @@ class SACTStage(DynamicBlock):
         if t is not None:
             ponder = (state.steps + state.remainder).flatten(1).mean(1)
             t.add_loss("ponder", self.ponder_weight * ponder.mean())
+            if state.remainder.requires_grad and len(self._blocks) > 1:
+                self._record_remainder(t, state.remainder)
         return state.output
+
+    def _record_remainder(self, t, remainder: Tensor) -> None:
+        """The MACs' gradient through the ACT remainders (value 0): a higher halting score before halting lowers
+        ``R`` as it lowers the ponder cost, and the blocks a position runs, by one block's cost per position."""
+        later = [sum(st.per_position for st in chain) for chain in self._chains[1:]]
+        per_position = float(sum(later)) / len(later)
+        surrogate = (remainder - remainder.detach()).flatten(1).sum(1).double() * per_position
+        t.record_macs(f"{self.block_name}/remainder", surrogate, executed=0.0, minimum=0.0, maximum=0.0)
 
     def _record(self, t, i: int, x: Tensor, running: Tensor, masks: list[Tensor], executed: Tensor | None) -> None:
         name = f"{self.block_name}.{i}"
@@ -192,9 +225,24 @@ class SACTStage(DynamicBlock):
 
 
 class SACT(DynamicModel):
-    """The converted network; its objective is cross-entropy + the ponder cost (+ the MAC budget if set)."""
+    """The converted network; its objective is cross-entropy + the ponder cost + ``budget_weight`` × the MAC-budget
+    loss (:meth:`DynamicModel.compute_loss`)."""
+
+    def budget_knob(self) -> Knob:
+        """One offset subtracted from the logit of every halting unit (a positive offset halts later)."""
+        return self.logit_shift_knob(
+            [(g.conv.bias, None, -1.0) for _, stage in self.blocks() for g in stage.gates], lo=-30.0, hi=30.0
+        )
 
 
+@recipe(
+    "sact",
+    paper="Spatially Adaptive Computation Time for Residual Networks (CVPR 2017), arXiv:1612.02297",
+    budget=BudgetPolicy("trained+calibrated", knob="halting logit offset", reachable=(0.35, 1.0),
+                        derives="target of the MAC-budget loss added to the ponder cost = budget"),
+    test_base="cifar_resnet20",
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: SACTConfig, targets: Targets = "auto") -> SACT:
     """Make every stage (a Sequential of ≥ 2 residual blocks with known conv chains) spatially adaptive."""
     found = []
@@ -213,16 +261,3 @@ def convert(model: nn.Module, config: SACTConfig, targets: Targets = "auto") -> 
         new.block_name = name
         replace_module(model, name, new)
     return SACT(model, recipe="sact", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="sact",
-        family="spatial",
-        config_cls=SACTConfig,
-        convert=convert,
-        paper="Spatially Adaptive Computation Time for Residual Networks (CVPR 2017), arXiv:1612.02297",
-        test_base="cifar_resnet20",
-        reproduces_base=False,
-    )
-)
