@@ -1,4 +1,5 @@
-"""Sparse MoE: noisy top-k gating, balancing losses, dispatch == weighted sum, exact MACs, capacity, load stats."""
+"""Sparse MoE: noisy top-k gating, zero experts, balancing losses, dispatch == weighted sum, exact MACs, capacity,
+load stats, budget."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 import dynnet
 from dynnet.losses.moe_balance import cv_squared, importance_loss, load_loss, prob_in_top_k
 from dynnet.macs import MacCounter
-from dynnet.methods.moe.sparse_moe import MoEResidual, noisy_top_k_gating
+from dynnet.methods.moe.sparse_moe import MoEResidual, noisy_top_k_gating, with_zero_experts
 from dynnet.testing import scramble_gates
 
 BASE = "cifar_resnet8"
@@ -76,11 +77,12 @@ def test_fresh_conversion_reproduces_base_and_experts_start_equal() -> None:
     with dynnet.trace() as t:
         model(x)
     d = t.decisions["layer2.0"]
-    assert (d.hard[:, -1] == 0).all() and (d.hard.sum(1) == 2).all()  # skip expert closed, two real experts
+    assert (d.hard[:, -1] == 0).all() and (d.hard.sum(1) == 2).all()  # zero experts closed, two real experts
 
 
-def _mix_skip_expert(model: dynnet.DynamicModel, x: torch.Tensor) -> None:
-    """Put each router's skip logit at the median second-best real logit, so about half the samples skip."""
+def _mix_zero_experts(model: dynnet.DynamicModel, x: torch.Tensor) -> None:
+    """Put each router's zero-expert logit at the median second-best real logit, so about half the samples run one
+    real expert instead of two."""
     inputs = {}
     hooks = [
         m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0]))
@@ -103,7 +105,7 @@ def test_sparse_dispatch_equals_masked_and_macs_are_exact() -> None:
     scramble_gates(model, seed=1, scale=3.0)
     model.eval()
     x = _x()
-    _mix_skip_expert(model, x)
+    _mix_zero_experts(model, x)
     with torch.no_grad(), dynnet.trace() as tm:
         masked = model(x)
     dynnet.sparse(model)
@@ -121,7 +123,7 @@ def test_sparse_dispatch_equals_masked_and_macs_are_exact() -> None:
     assert float(ts.outputs["layer1.0/load"].sum()) == float(used.sum())
     assert block.num_experts == 4
     all_used = torch.stack([d.hard[:, :4].sum(1) for d in ts.decisions.values()])
-    assert 1 < float(all_used.mean()) < 2  # the scrambled routers pick the skip expert for some samples
+    assert 1 < float(all_used.mean()) < 2  # the scrambled routers pick a zero expert for some samples
 
 
 def test_capacity_factor_drops_overflow() -> None:
@@ -151,3 +153,49 @@ def test_training_adds_balancing_losses_with_gradients() -> None:
     loss.total.backward()
     router = model.net.layer1[0].router
     assert router.w_noise.weight.grad is not None and router.w_gate.weight.grad.abs().sum() > 0
+
+
+def test_zero_experts_can_fill_every_slot() -> None:
+    clean = torch.tensor([[0.0, 1.0, -1.0, 2.0, 5.0], [0.0, 1.0, -1.0, 2.0, 1.5], [0.0, 1.0, -1.0, 2.0, -5.0]])
+    _, index, _ = noisy_top_k_gating(with_zero_experts(clean, 4, 2), None, 2)
+    real = (index < 4).sum(1)
+    assert real.tolist() == [0, 1, 2]  # zero logit above both, between, below the top two real logits
+    model = _model().eval()
+    block = model.net.layer1[0]
+    with torch.no_grad():
+        for b in (m for m in model.modules() if isinstance(m, MoEResidual)):
+            b.router.w_gate.bias[-1] = 30.0  # every slot goes to a zero expert
+    x = _x(4)
+    inp = torch.randn(4, 16, 32, 32).relu()
+    before = inp.clone()
+    for mode in ("masked", "sparse"):
+        dynnet.set_mode(model, mode)
+        with torch.no_grad(), dynnet.trace() as t:
+            out = block(inp)
+        torch.testing.assert_close(out, inp)  # identity shortcut + ReLU of a non-negative input
+        assert next(e for e in t.entries if e.name.endswith("/experts")).macs.sum() == 0
+    torch.testing.assert_close(inp, before, rtol=0, atol=0)  # the block's input is never edited in place
+    with torch.no_grad(), dynnet.trace() as t:
+        model(x)
+    assert float(t.mac_fraction().max()) < 0.1  # the stem, the projections and the routers only
+
+
+def test_budget_loss_reaches_the_zero_experts_of_a_fresh_model_and_the_knob_is_monotone() -> None:
+    model = _model(budget=0.5).train()
+    x = _x(6)
+    with dynnet.trace() as t:
+        model(x)
+    t.budget_loss(0.5).backward()
+    bias_grad = model.net.layer1[0].router.w_gate.bias.grad
+    assert bias_grad[-1] < 0  # descent raises the zero experts' logit although they are in no top-k yet
+    model.eval()
+    scramble_gates(model, seed=1, scale=3.0)
+    dynnet.sparse(model)
+    knob = model.budget_knob()
+    fractions = []
+    for value in (-30.0, -2.0, 0.0, 2.0, 30.0):
+        knob.set(value)
+        with torch.no_grad(), dynnet.trace() as t:
+            model(x)
+        fractions.append(float(t.mac_fraction().mean()))
+    assert fractions == sorted(fractions) and fractions[0] < 0.1 and fractions[-1] > 1.5

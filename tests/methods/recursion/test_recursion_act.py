@@ -89,3 +89,38 @@ def test_loads_the_base_networks_weights() -> None:
     x = _x(4)
     with torch.no_grad():
         torch.testing.assert_close(model(x), base(x))
+
+
+def test_mac_budget_loss_reaches_the_halting_units() -> None:
+    model = _model(budget=0.5, ponder_weight=0.0).train()
+    x, y = _x(6), torch.arange(6)
+    with dynnet.trace() as t:
+        logits = model(x)
+    loss = model.compute_loss(logits, y, t)
+    assert "budget" in loss.parts and "ponder" not in loss.parts
+    model.zero_grad()
+    t.budget_loss(0.5).backward()
+    for stage in (model.net.layer1, model.net.layer2, model.net.layer3):
+        assert (stage.halting[0].fc.bias.grad < 0).all()  # descent raises h: halt earlier, spend less
+
+
+def test_halting_knob_moves_the_mac_fraction_monotonically_and_round_trips() -> None:
+    model = _model()
+    scramble_gates(model, seed=1, scale=1.0)
+    dynnet.sparse(model)
+    x = _x(16)
+    knob = model.budget_knob()
+    fractions = []
+    for value in (-30.0, -1.0, 0.0, 1.0, 30.0):
+        knob.set(value)
+        with torch.no_grad(), dynnet.trace() as t:
+            model(x)
+        fractions.append(float(t.mac_fraction().mean()))
+    assert fractions == sorted(fractions) and fractions[0] < 0.5 and fractions[-1] >= 1.0
+    knob.set(-1.0)
+    other = _model()
+    other.load_state_dict(model.state_dict())
+    dynnet.sparse(other)
+    assert other.budget_knob().get() == -1.0
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)

@@ -14,12 +14,23 @@ Departures from the paper:
   residual branches; the paper routes the tokens of a sequence model to feed-forward experts;
 * the experts start as copies of the original branch and expert 0 keeps the original parameter names, so a
   fresh conversion reproduces the base network (top-k weights sum to one) and dense mode is the base network;
-* a zero-computation "skip" expert (``skip_expert=True``, after MoE++ / Switch-style token dropping) can take
-  one of the k slots; it starts closed (bias −6) and makes the per-sample cost vary, which the optional MAC
-  budget loss can exploit; it is excluded from the balancing losses;
+* zero-computation experts (after MoE++): ``k`` of them, sharing one router logit, compete with the real experts
+  for the ``k`` slots, so a sample may run ``k``, fewer or no real experts (then the block keeps its shortcut
+  only). They start closed (logit −3); they are excluded from the balancing losses. Without them every sample
+  would run ``k`` experts as large as the base branch: ``k`` times the base network's MACs, above any budget;
 * optional capacity factor (GShard / Switch Transformer, batch-prioritised routing; dropped samples keep the
   shortcut only) and a dropless mode (``capacity_factor=None``, the default, as the paper has no capacity);
 * W_g is initialised with tiny weights instead of zeros (all-zero logits would tie every expert).
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the base network's MACs per image
+(routers included). Each real expert costs the base block's branch, so the budget is the mean number of real
+experts a sample runs per block (of its ``k`` slots; the zero experts take the rest: about ``1 - budget / k`` of
+the slots); ``k``, the number of experts and the capacity keep their paper meaning. Training adds the MAC-budget
+loss ``budget_weight * (mean MAC fraction - budget)^2`` (the count of real experts is straight-through, with the
+gradient of ``k`` times the router's softmax mass on the real experts); calibration then lowers or raises the
+zero experts' logit in every router by one offset (``calibration[0]``) until the mean MAC fraction on held-out
+images equals the budget. Reachable: from the shortcuts alone (about 0.06 of ResNet-8) to ``k`` real experts
+everywhere (up to ``k`` times the base); the declared range is 0.1-1.0.
 """
 
 from __future__ import annotations
@@ -34,13 +45,26 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
-from dynnet.core import Decision, DynamicBlock, DynamicModel, RecipeSpec, current_trace, register_recipe
+from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
+from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
 from dynnet.gates import open_bias_
 from dynnet.kernels.moe import capacity_keep, dense_combine, dispatch_add, expert_capacity, expert_counts
 from dynnet.losses.moe_balance import cv_squared, importance_loss, prob_in_top_k
 
-__all__ = ["MoEResidual", "NoisyTopKRouter", "SparseMoE", "SparseMoEConfig", "convert", "noisy_top_k_gating"]
+__all__ = [
+    "MoEResidual",
+    "NoisyTopKRouter",
+    "SparseMoE",
+    "SparseMoEConfig",
+    "convert",
+    "noisy_top_k_gating",
+    "with_zero_experts",
+]
+
+
+ZERO_LOGIT = -3.0  # initial router logit of the zero experts: never in the top-k of a fresh model (eval)
 
 
 @dataclass(frozen=True)
@@ -48,12 +72,11 @@ class SparseMoEConfig:
     """Settings of the sparsely-gated MoE.
 
     Attributes:
-        budget: optional target fraction of dense MACs (adds the MAC-budget loss); ``None``: no budget loss.
-            With ``k=2`` experts the dense network is half the all-experts cost, so a budget below the top-k
-            cost needs the skip expert.
+        budget: target mean fraction of the base network's MACs per image (routers included), i.e. the mean number
+            of real experts a sample runs per block (each costs the base branch): the target of the MAC-budget loss
+            and of calibration (the zero experts' logit offset). 1.0: the base network's compute, more parameters.
         num_experts: E real experts per block (copies of the residual branch).
-        k: experts per sample (the paper uses 2 or 4).
-        skip_expert: add a zero-computation expert that can take one of the k slots.
+        k: slots per sample (the paper uses 2 or 4), filled by real experts or zero-computation experts.
         noisy: tunable Gaussian noise on the router logits in training (the paper's noisy top-k).
         capacity_factor: slots per expert ``ceil(cf * N * k / E)``; ``None``: dropless.
         importance_weight: weight of ``CV(Importance)^2`` (0.1 in the paper).
@@ -61,10 +84,9 @@ class SparseMoEConfig:
         budget_weight: weight of the MAC-budget loss.
     """
 
-    budget: float | None = None
+    budget: float = 1.0
     num_experts: int = 4
     k: int = 2
-    skip_expert: bool = True
     noisy: bool = True
     capacity_factor: float | None = None
     importance_weight: float = 0.1
@@ -74,8 +96,8 @@ class SparseMoEConfig:
     def __post_init__(self) -> None:
         if self.num_experts < 2:
             raise ValueError(f"num_experts must be at least 2, got {self.num_experts}")
-        if not 0 < self.k < self.num_experts + int(self.skip_expert):
-            raise ValueError(f"k must be in [1, {self.num_experts + int(self.skip_expert) - 1}], got {self.k}")
+        if not 1 <= self.k <= self.num_experts:
+            raise ValueError(f"k must be in [1, num_experts={self.num_experts}], got {self.k}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive or None, got {self.capacity_factor}")
 
@@ -104,13 +126,19 @@ def noisy_top_k_gating(
     return gates, index, logits
 
 
+def with_zero_experts(values: Tensor, num_experts: int, k: int) -> Tensor:
+    """Tensor[N, E + 1] (real experts, then the zero experts' shared column) → Tensor[N, E + k]: the shared column
+    repeated ``k`` times, so that the zero experts can fill any number of the ``k`` slots."""
+    return torch.cat([values[:, :num_experts], values[:, num_experts:].expand(-1, k)], 1)
+
+
 class NoisyTopKRouter(nn.Module):
     """Global average pool → ``W_g`` (clean logits) and ``W_noise`` (noise scale): Tensor[N, C, H, W] → 2×Tensor[N, E'].
 
     Args:
         in_channels: C.
-        num_outputs: E' (real experts plus the skip expert).
-        closed: indices of outputs that start closed (bias −6), e.g. the skip expert.
+        num_outputs: E' (real experts plus the zero experts' shared logit).
+        closed: indices of outputs that start closed (bias :data:`ZERO_LOGIT`), e.g. the zero experts.
     """
 
     def __init__(self, in_channels: int, num_outputs: int, closed: tuple[int, ...] = ()) -> None:
@@ -119,7 +147,7 @@ class NoisyTopKRouter(nn.Module):
         self.w_gate = open_bias_(nn.Linear(in_channels, num_outputs), logit=0.0)
         self.w_noise = nn.Linear(in_channels, num_outputs)
         with torch.no_grad():
-            self.w_gate.bias[list(closed)] = -6.0
+            self.w_gate.bias[list(closed)] = ZERO_LOGIT
             nn.init.zeros_(self.w_noise.weight)
             nn.init.zeros_(self.w_noise.bias)
 
@@ -166,7 +194,7 @@ class MoEResidual(DynamicBlock):
         object.__setattr__(self, "_block", block)
         self.adapter = adapter
         self.num_experts, self.k = config.num_experts, config.k
-        self.skip_expert, self.noisy, self.capacity_factor = config.skip_expert, config.noisy, config.capacity_factor
+        self.noisy, self.capacity_factor = config.noisy, config.capacity_factor
         self.importance_weight, self.load_weight = config.importance_weight, config.load_weight
         c_in = adapter.in_channels(block)
         used = _used_children(block, lambda x: adapter.body(block, x), c_in)
@@ -178,8 +206,7 @@ class MoEResidual(DynamicBlock):
                     setattr(expert, child_name, None)
             copies.append(expert)
         self.experts = nn.ModuleList(copies)
-        closed = (config.num_experts,) if config.skip_expert else ()
-        self.router = NoisyTopKRouter(c_in, config.num_experts + int(config.skip_expert), closed)
+        self.router = NoisyTopKRouter(c_in, config.num_experts + 1, (config.num_experts,))
 
     # -- pieces ---------------------------------------------------------------------------------
     def expert(self, e: int, x: Tensor) -> Tensor:
@@ -195,55 +222,66 @@ class MoEResidual(DynamicBlock):
     def _expert_fns(self) -> list[Callable[[Tensor], Tensor]]:
         return [lambda inp, e=e: self.expert(e, inp) for e in range(self.num_experts)]
 
-    def route(self, x: Tensor) -> tuple[Decision, Tensor, Tensor]:
+    def route(self, x: Tensor) -> tuple[Decision, Tensor, Tensor, Tensor]:
         """Route a batch.
 
         Returns:
-            ``(decision, index, weight)``: the decision (``hard`` Tensor[N, E'] 0/1 selection, straight-through
-            in training, ``soft`` the gates), Tensor[N, k] experts (``-1`` for the skip expert or a dropped
-            choice) and Tensor[N, k] their weights.
+            ``(decision, index, weight, used)``: the decision (``hard`` Tensor[N, E + 1] 0/1 selection of the real
+            experts, straight-through in training; its last column, the zero experts, is 0; ``soft`` the gates, the
+            zero experts' summed), Tensor[N, k] experts (``-1`` for a zero expert or a dropped choice), Tensor[N, k]
+            their weights and Tensor[N] the number of real experts each sample runs (straight-through: the exact
+            count forward, the gradient of ``k`` × the router's softmax mass on the real experts).
         """
+        e, k = self.num_experts, self.k
         noisy = self.noisy and self.training
         clean, noise_std = self.router(x, noisy)
-        gates, index, logits = noisy_top_k_gating(clean, noise_std, self.k)
-        weight = gates.gather(1, index)
-        routed = index < self.num_experts
+        clean_k = with_zero_experts(clean, e, k)
+        std_k = None if noise_std is None else with_zero_experts(noise_std, e, k)
+        gates_k, index, logits_k = noisy_top_k_gating(clean_k, std_k, k)
+        weight = gates_k.gather(1, index)
+        gates = torch.cat([gates_k[:, :e], gates_k[:, e:].sum(1, keepdim=True)], 1)
+        routed = index < e
         if self.capacity_factor is not None:
-            cap = expert_capacity(x.shape[0], self.num_experts, self.k, self.capacity_factor)
-            routed = routed & capacity_keep(index, self.num_experts, cap)
+            cap = expert_capacity(x.shape[0], e, k, self.capacity_factor)
+            routed = routed & capacity_keep(index, e, cap)
         index = torch.where(routed, index, torch.full_like(index, -1))
         selected = torch.zeros_like(gates).scatter_add(1, index.clamp(min=0), routed.to(gates.dtype))
         kept_gates = gates * selected
+        real_mass = k * F.softmax(logits_k, dim=1)[:, :e].sum(1)
+        used = straight_through(selected[:, :e].sum(1), real_mass)
         t = current_trace()
         if t is not None and self.training:
-            real = slice(0, self.num_experts)
+            real = slice(0, e)
             aux = self.importance_weight * importance_loss(gates[:, real])
-            if noise_std is not None:
-                p = prob_in_top_k(clean, logits, noise_std, self.k)
+            if std_k is not None:
+                p = prob_in_top_k(clean_k, logits_k, std_k, k)
                 aux = aux + self.load_weight * cv_squared(p[:, real].sum(0))
             t.add_loss(f"{self.block_name}/balance", aux)
         decision = Decision(hard=straight_through(selected, kept_gates), soft=gates, granularity="expert")
-        return decision, index, weight * routed.to(weight.dtype)
+        return decision, index, weight * routed.to(weight.dtype), used
 
     # -- modes ----------------------------------------------------------------------------------
     def forward_dense(self, x: Tensor) -> Tensor:
         return self.post(self.shortcut(x) + self.expert(0, x))
 
     def forward_masked(self, x: Tensor) -> Tensor:
-        d, index, _ = self.route(x)
+        d, index, _, used = self.route(x)
         gates = d.hard * d.soft  # straight-through selection × gate value: the kept gates
         out = self.post(dense_combine(self._expert_fns(), x, gates, self.shortcut(x)))
-        self._record(x, d, index, sparse=False)
+        self._record(x, d, index, used, sparse=False)
         return out
 
     def forward_sparse(self, x: Tensor) -> Tensor:
-        d, index, weight = self.route(x)
-        out = self.post(dispatch_add(self._expert_fns(), x, index, weight, self.shortcut(x)))
-        self._record(x, d, index, sparse=True)
+        d, index, weight, used = self.route(x)
+        out = dispatch_add(self._expert_fns(), x, index, weight, self.shortcut(x))
+        if out is x:  # no real expert anywhere and an identity shortcut: the post-op never edits the input
+            out = out.clone()
+        out = self.post(out)
+        self._record(x, d, index, used, sparse=True)
         return out
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _record(self, x: Tensor, d: Decision, index: Tensor, *, sparse: bool) -> None:
+    def _record(self, x: Tensor, d: Decision, index: Tensor, used: Tensor, *, sparse: bool) -> None:
         t = current_trace()
         if t is None:
             return
@@ -251,15 +289,14 @@ class MoEResidual(DynamicBlock):
         t.record_decision(self.block_name, d)
         t.record_output(f"{self.block_name}/load", expert_counts(index, self.num_experts))
         body = self.cost("expert", lambda m, inp: m.expert(0, inp), x)
-        used = d.hard[:, : self.num_experts].sum(1).double()
+        used = used.double()
         executed = used.detach() * body if sparse else float(self.num_experts * body)
-        lowest = 0 if self.capacity_factor is not None else self.k - int(self.skip_expert)
         t.record_macs(
             f"{self.block_name}/experts",
             used * body,
             executed=executed,
-            minimum=lowest * body,
-            maximum=min(self.k, self.num_experts) * body,
+            minimum=0.0,
+            maximum=self.k * body,
             dense=body,
         )
         noisy = self.noisy and self.training
@@ -268,9 +305,22 @@ class MoEResidual(DynamicBlock):
 
 
 class SparseMoE(DynamicModel):
-    """The converted network; objective: cross-entropy + balancing losses (+ MAC budget when ``budget`` is set)."""
+    """The converted network; objective: cross-entropy + MAC-budget loss + balancing losses."""
+
+    def budget_knob(self) -> Knob:
+        """One offset subtracted from the zero experts' logit in every router: the larger, the more real experts."""
+        entries = [(b.router.w_gate.bias, b.num_experts, -1.0) for _, b in self.blocks()]
+        return LogitShift(self.calibration[0], entries).knob(name="zero-expert logit offset")
 
 
+@recipe(
+    "sparse_moe",
+    paper="Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer (ICLR 2017), "
+    "arXiv:1701.06538",
+    budget=BudgetPolicy("trained+calibrated", knob="zero-expert logit offset", reachable=(0.1, 1.0),
+                        derives="mean real experts per sample and block = budget (of k slots; zero experts take "
+                        "the rest); MAC-budget loss target = budget"),
+)  # fmt: skip
 def convert(model: nn.Module, config: SparseMoEConfig, targets: Targets = "auto") -> SparseMoE:
     """Turn every target residual block of ``model`` into a mixture of experts (in place)."""
     for name, block, adapter in residual_blocks(model, targets):
@@ -278,15 +328,3 @@ def convert(model: nn.Module, config: SparseMoEConfig, targets: Targets = "auto"
         new.block_name = name
         replace_module(model, name, new)
     return SparseMoE(model, recipe="sparse_moe", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="sparse_moe",
-        family="moe",
-        config_cls=SparseMoEConfig,
-        convert=convert,
-        paper="Outrageously Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer (ICLR 2017), "
-        "arXiv:1701.06538",
-    )
-)

@@ -11,6 +11,12 @@ average pool → linear → sigmoid) gives ``h_n``; a sample halts by Graves's r
 * sparse: samples that halted leave the batch (``index_select``); the ones still running continue, so a
   unit nobody reaches costs nothing and the first units run without any gather when nobody halted yet.
 * dense: all units, no halting unit evaluated.
+
+Budget (both recipes): the MAC-budget loss ``(mean MAC fraction - budget)^2`` reaches the halting units through a
+straight-through "unit ran" indicator (its forward value is exact, its gradient Graves's mean-field one), and
+:meth:`HaltingModel.budget_knob` — one offset subtracted from every halting unit's logit (kept in the units' biases
+and ``calibration[0]``) — moves the halting step of every sample monotonically, which :func:`dynnet.calibrate`
+bisects on held-out images.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, residual_blocks
 from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import Knob, LogitShift
 from dynnet.estimators.ponder import act_weights, halts, ponder_cost, straight_through_select
 from dynnet.gates import open_bias_
 
@@ -92,7 +99,11 @@ class HaltingStage(DynamicBlock):
         act = act_weights(h, self.eps)
         select = straight_through_select(act.weights, act.steps).to(x.dtype)
         out = sum(select[:, i].view(-1, 1, 1, 1) * s for i, s in enumerate(states))
-        self._record(inputs, states, act.ran, act.steps, act.remainder, executed=None)
+        # Whether each unit ran, straight-through: exactly ``act.ran`` in the forward pass (1 minus the one-hot
+        # selection of the units before), with the mean-field gradient of Graves's weights, so that a MAC-budget
+        # loss on the recorded MACs reaches the halting units (d ran_i / d h_n = -1 for n < i <= N).
+        ran = 1.0 - (select.cumsum(1) - select)
+        self._record(inputs, states, ran, act.steps, act.remainder, executed=None)
         return out
 
     def forward_sparse(self, x: Tensor) -> Tensor:
@@ -168,16 +179,22 @@ class HaltingStage(DynamicBlock):
             if i < self.num_units - 1:
                 s = states[min(i, len(states) - 1)]
                 g = self.cost(f"halting{i}", lambda m, inp, k=i: m.halting[k](inp), s)
-                ex_g = torch.full((n,), float(g), dtype=torch.float64) if executed is None else z * g
+                ex_g = torch.full((n,), float(g), dtype=torch.float64) if executed is None else z.detach() * g
                 lo_g = g if i == 0 else 0.0
                 t.record_macs(f"{self.block_name}/halting{i}", z * g, executed=ex_g, minimum=lo_g, maximum=g)
 
 
 class HaltingModel(DynamicModel):
-    """A network with halting stages; objective: cross-entropy + ponder cost (+ optional MAC-budget term).
+    """A network with halting stages; objective: cross-entropy + ponder cost + MAC-budget loss.
 
-    Its config has ``budget`` and ``budget_weight`` (0: no MAC-budget term, the papers' objective).
+    Its config has ``budget`` (target mean fraction of the dense MACs) and ``budget_weight`` (weight of the
+    MAC-budget loss ``(mean MAC fraction - budget)^2``; 0 leaves the papers' objective, ponder cost only).
     """
+
+    def budget_knob(self) -> Knob:
+        """One offset subtracted from the logit of every halting unit: the larger, the later samples halt."""
+        entries = [(unit.fc.bias, None, -1.0) for _, stage in self.blocks() for unit in stage.halting]
+        return LogitShift(self.calibration[0], entries).knob(name="halting logit offset")
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         task = F.cross_entropy(logits, target)
@@ -190,18 +207,6 @@ class HaltingModel(DynamicModel):
             b = t.budget_loss(self.config.budget if budget is None else budget)
             total, parts["budget"] = total + weight * b, float(b.detach())
         return LossOutput(total, parts)
-
-    def load_base_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Load the original network's weights; the halting units keep theirs.
-
-        (``DynamicModel.load_base_state_dict`` does not yet count ``halting`` among the decision-making names.)
-        """
-        missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
-        if unexpected:
-            raise KeyError(f"keys not found in the converted network: {unexpected[:5]}")
-        not_halting = [k for k in missing if "halting" not in k.split(".")]
-        if not_halting:
-            raise KeyError(f"base weights missing from the state_dict: {not_halting[:5]}")
 
 
 def stages_of(model: nn.Module, targets: Targets) -> dict[str, list[tuple[str, nn.Module, int]]]:

@@ -15,8 +15,17 @@ Departures from the papers:
   network exactly and sparse execution equal masked execution;
 * the units are the stage's own blocks (per-block weights); the weight-shared variant is :mod:`iamnn`;
 * halting starts closed (``h ≈ 0.0025``), so the converted network runs every block before training;
-* ``budget`` is only used by the optional MAC-budget term (``budget_weight``, 0 by default: ACT's
-  compute control is the ponder cost ``ponder_weight``).
+* a MAC-budget loss (``budget_weight``) is added to Graves's ponder cost, and a halting logit offset is calibrated
+  after training (below); the paper controls compute with the time penalty ``tau`` only.
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the dense MACs per image (the halting
+units included). The paper has no budget: its knob is the time penalty ``tau`` (``ponder_weight``), which trades
+accuracy for compute at no fixed rate, so it is kept as is; the budget adds the MAC-budget loss
+``budget_weight * (mean MAC fraction - budget)^2`` (the "unit ran" indicators are straight-through, with Graves's
+mean-field gradient), and calibration subtracts one offset from the logit of every halting unit
+(``calibration[0]``) until the mean MAC fraction on held-out images equals the budget. The reachable range is from
+the first block of every stage (about 0.31 of ResNet-20; less on deeper ResNets) to every block; the declared
+range is 0.35-1.0.
 """
 
 from __future__ import annotations
@@ -27,7 +36,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
-from dynnet.core import RecipeSpec, register_recipe
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.recursion._halting import HaltingModel, HaltingStage, HaltingUnit, out_channels, stages_of
 
 __all__ = ["ACT", "ACTConfig", "ACTStage"]
@@ -38,16 +48,25 @@ class ACTConfig:
     """Settings of ACT.
 
     Attributes:
-        budget: target fraction of dense MACs of the optional MAC-budget term.
+        budget: target mean fraction of the dense MACs per image (halting units included): the target of the
+            MAC-budget loss and of calibration (the halting logit offset).
         ponder_weight: Graves's time penalty tau (weight of the ponder cost ``N + R`` of every stage).
         eps: Graves's epsilon (a sample halts when its cumulated ``h`` reaches ``1 - eps``).
-        budget_weight: weight of the MAC-budget term (0: the paper's objective).
+        budget_weight: weight of the MAC-budget loss (0: the paper's objective, ponder cost only).
     """
 
     budget: float = 0.5
     ponder_weight: float = 0.01
     eps: float = 0.01
-    budget_weight: float = 0.0
+    budget_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
+        if not (self.ponder_weight >= 0 and self.budget_weight >= 0):
+            raise ValueError(
+                f"ponder_weight and budget_weight must be >= 0, got {self.ponder_weight}, {self.budget_weight}"
+            )
 
 
 class ACTStage(HaltingStage):
@@ -65,9 +84,16 @@ class ACTStage(HaltingStage):
 
 
 class ACT(HaltingModel):
-    """The converted network: cross-entropy + ponder cost (+ optional MAC-budget term)."""
+    """The converted network: cross-entropy + ponder cost + MAC-budget loss; knob: the halting logit offset."""
 
 
+@recipe(
+    "act",
+    paper="Adaptive Computation Time for Recurrent Neural Networks (arXiv 2016), arXiv:1603.08983",
+    budget=BudgetPolicy("trained+calibrated", knob="halting logit offset", reachable=(0.35, 1.0),
+                        derives="MAC-budget loss target = budget (the paper's time penalty tau is kept as is)"),
+    test_base="cifar_resnet20",
+)  # fmt: skip
 def convert(model: nn.Module, config: ACTConfig, targets: Targets = "auto") -> ACT:
     """Put ACT halting on every stage of ``model`` whose blocks are all targets and that has >= 2 blocks."""
     converted = 0
@@ -84,15 +110,3 @@ def convert(model: nn.Module, config: ACTConfig, targets: Targets = "auto") -> A
     if not converted:
         raise ValueError("act needs stages (nn.Sequential) of at least 2 residual blocks; none found")
     return ACT(model, recipe="act", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="act",
-        family="recursion",
-        config_cls=ACTConfig,
-        convert=convert,
-        paper="Adaptive Computation Time for Recurrent Neural Networks (arXiv 2016), arXiv:1603.08983",
-        test_base="cifar_resnet20",
-    )
-)

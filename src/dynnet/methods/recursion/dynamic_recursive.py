@@ -1,22 +1,29 @@
 """Dynamic Recursive Neural Network — Guo, Yu, Wu, Liang, Qin & Yan, "Dynamic Recursive Neural Network",
 CVPR 2019. https://openaccess.thecvf.com/content_CVPR_2019/papers/Guo_Dynamic_Recursive_Neural_Network_CVPR_2019_paper.pdf
 
-Every residual block whose input and output shapes agree may be applied again to its own output, up to
-``max_recursions`` extra times; before each extra application a learned controller (global average pool →
-FC → BN → ReLU → FC to stop/recurse logits) looks at the current state and decides, per sample, whether to
-recurse once more. Decisions are trained with Gumbel-Softmax (straight-through hard samples) and the
-objective is cross-entropy plus the global MAC-budget loss (expected MACs over the base network's).
-In sparse mode only the samples that recurse enter the block again (batch compaction); once a sample
-stops it never re-enters.
+Every residual block whose input and output shapes agree is applied a per-input number of times, from 0 to
+``1 + max_recursions``: before each application a learned controller (global average pool → FC → BN → ReLU → FC to
+stop/apply logits) looks at the current state and decides, per sample, whether to apply the block (once more).
+Stopping is final. Decisions are trained with Gumbel-Softmax (straight-through hard samples) and the objective is
+cross-entropy plus the global MAC-budget loss (expected MACs over the base network's). In sparse mode only the
+samples that go on enter the block again (batch compaction).
 
 Departures from the paper:
-* the paper replaces stacked blocks by fewer recursive blocks trained from scratch; we convert a trained
-  network: every eligible block keeps its weights, runs once as in the base network, and the controller
-  adds *extra* recursions (cost ``dense = 0``), so open controllers (stop at once) reproduce the base;
-* one controller per recursion step (the paper's gate design), trained with Gumbel-Softmax and the global
+* the paper replaces stacked blocks by fewer recursive blocks trained from scratch, and its gates choose how often
+  each runs; we convert a trained network: every eligible block keeps its weights and its controllers choose how
+  often it runs — 0 times (the identity shortcut alone), once (the base network) or up to ``max_recursions`` extra
+  times. Open controllers (apply once, then stop) reproduce the base;
+* one controller per application (the paper's gate design), trained with Gumbel-Softmax and the global
   MAC-budget loss instead of the paper's resource loss;
-* the default budget is 1.0: extra recursions on some inputs must be paid for by fewer on others
-  (the budget loss is two-sided).
+* no Loopy Variable Batch Normalization: every application uses the block's own batch norms.
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the base network's MACs per image (the
+controllers included): the target of the MAC-budget loss, so extra recursions on some inputs are paid for by
+applications skipped on others; calibration then shifts the "apply" logit of every controller by one offset
+(``calibration[0]``) until the mean MAC fraction on held-out images equals the budget. The reachable range is from
+no eligible block applied (about 0.19 of ResNet-20, whose identity blocks are 7 of 9; 0.63 of ResNet-8, whose only
+identity block is ``layer1.0``) to beyond the base network (every block applied ``1 + max_recursions`` times); the
+declared range is 0.25-1.0.
 """
 
 from __future__ import annotations
@@ -27,12 +34,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
-from dynnet.core import Decision, DynamicBlock, DynamicModel, RecipeSpec, current_trace, register_recipe
+from dynnet.convert import ResidualAdapter, Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
+from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_softmax
 from dynnet.gates import PooledMLPGate
+from dynnet.kernels import compact_add
 
-__all__ = ["DynamicRecursiveConfig", "RecursiveBlock"]
+__all__ = ["DynamicRecursive", "DynamicRecursiveConfig", "RecursiveBlock"]
+
+STOP, APPLY = 0, 1  # the controllers' logits
 
 
 @dataclass(frozen=True)
@@ -40,14 +52,15 @@ class DynamicRecursiveConfig:
     """Settings of the Dynamic Recursive Neural Network.
 
     Attributes:
-        budget: target of the MAC-budget loss, as a fraction of the base network's MACs.
-        max_recursions: extra applications a block may get (each decided by its own controller).
+        budget: target mean fraction of the base network's MACs per image (controllers included): the target of the
+            MAC-budget loss and of calibration (the controllers' "apply" logit offset).
+        max_recursions: extra applications a block may get after its first (each decided by its own controller).
         hidden: hidden width of the controllers.
         tau: Gumbel-Softmax temperature.
         budget_weight: weight of the MAC-budget loss.
     """
 
-    budget: float = 1.0
+    budget: float = 0.75
     max_recursions: int = 2
     hidden: int = 16
     tau: float = 1.0
@@ -56,60 +69,96 @@ class DynamicRecursiveConfig:
     def __post_init__(self) -> None:
         if self.max_recursions < 1:
             raise ValueError(f"max_recursions must be >= 1, got {self.max_recursions!r}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau!r}")
 
 
 class RecursiveBlock(DynamicBlock):
-    """A shape-preserving residual block applied once, then again while its controller says so.
+    """A shape-preserving residual block applied 0 to ``1 + max_recursions`` times, as its controllers say.
+
+    Controller ``s`` looks at the state after ``s`` applications and decides whether to apply the block once more
+    (logit ``APPLY``) or to stop (``STOP``). Controller 0 starts open on "apply" and the others on "stop", so a fresh
+    block runs exactly once (the base network).
 
     Args:
         block: the original block (its children are reused under their own names).
+        adapter: how to split it into body, shortcut and post-op (0 applications give ``post(shortcut(x))``).
         channels: its input (= output) channels.
-        max_recursions: extra applications.
+        max_recursions: extra applications after the first.
         hidden: controller hidden width.
     """
 
     granularity = "recursion"
 
-    def __init__(self, block: nn.Module, channels: int, max_recursions: int, hidden: int) -> None:
+    def __init__(
+        self, block: nn.Module, adapter: ResidualAdapter, channels: int, max_recursions: int, hidden: int
+    ) -> None:
         super().__init__()
         for child_name, child in block.named_children():
             self.add_module(child_name, child)
         object.__setattr__(self, "_block", block)
-        # Index 0 = stop is the open class: a fresh controller never recurses (the base network).
-        self.controller = nn.ModuleList(PooledMLPGate(channels, 2, hidden, open_index=0) for _ in range(max_recursions))
+        self.adapter = adapter
+        self.controller = nn.ModuleList(
+            PooledMLPGate(channels, 2, hidden, open_index=APPLY if s == 0 else STOP) for s in range(max_recursions + 1)
+        )
 
     def apply_block(self, x: Tensor) -> Tensor:
         """One application of the original block, Tensor[N, C, H, W] → Tensor[N, C, H, W]."""
         return self._block(x)
 
+    def body(self, x: Tensor) -> Tensor:
+        """The block's residual branch (what one application costs)."""
+        return self.adapter.body(self._block, x)
+
+    def first(self, x: Tensor, keep: Tensor) -> Tensor:
+        """The first application for the kept samples, ``post(shortcut(x))`` (0 applications) for the others.
+
+        Args:
+            x: Tensor[N, C, H, W].
+            keep: Tensor[N] exactly 0/1 (sparse mode: the body runs on the kept samples only).
+        """
+        out = compact_add(self.body, x, keep, self.adapter.shortcut(self._block, x))
+        if out is x:  # nobody applies the block and the shortcut is the identity: the post-op never edits the input
+            out = out.clone()
+        return self.adapter.post(self._block, out)
+
     def _decide(self, step: int, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Tensor[N] hard "apply" decision (straight-through in training) and Tensor[N] its probability."""
         sample, probs = gumbel_softmax(self.controller[step](y), self.tau, hard=True, noise=self.training)
-        return sample[:, 1], probs[:, 1]
+        return sample[:, APPLY], probs[:, APPLY]
 
     def forward_dense(self, x: Tensor) -> Tensor:
         return self.apply_block(x)
 
     def forward_masked(self, x: Tensor) -> Tensor:
-        y = self.apply_block(x)
-        alive = y.new_ones(y.shape[0])
+        y = x
+        alive = x.new_ones(x.shape[0])
         alive_steps, probs = [], []
         for step in range(len(self.controller)):
             z, p = self._decide(step, y)
             alive = alive * z
-            y = y + alive.view(-1, 1, 1, 1) * (self.apply_block(y) - y)
+            a = alive.view(-1, 1, 1, 1)
+            if step == 0:  # post(shortcut(x) + a * body(x)): the block itself where a = 1, its skip where a = 0
+                y = self.adapter.post(self._block, self.adapter.shortcut(self._block, x) + a * self.body(x))
+            else:  # exactly apply_block(y) where a = 1, y where a = 0
+                y = a * self.apply_block(y) + (1 - a) * y
             alive_steps.append(alive)
             probs.append(p)
         self._record(x, alive_steps, probs, sparse=False)
         return y
 
     def forward_sparse(self, x: Tensor) -> Tensor:
-        y = self.apply_block(x)
-        n = y.shape[0]
-        idx = torch.arange(n, device=y.device)
-        alive_steps, probs = [], []
-        for step in range(len(self.controller)):
-            alive = y.new_zeros(n)
-            prob = y.new_zeros(n)
+        n = x.shape[0]
+        z, p = self._decide(0, x)
+        alive, prob = z.detach().clone(), p
+        y = self.first(x, alive)
+        idx = alive.nonzero().squeeze(1)
+        alive_steps, probs = [alive], [prob]
+        for step in range(1, len(self.controller)):
+            alive = x.new_zeros(n)
+            prob = x.new_zeros(n)
             if idx.numel():
                 z, p = self._decide(step, y if idx.numel() == n else y.index_select(0, idx))
                 prob[idx] = p
@@ -130,7 +179,6 @@ class RecursiveBlock(DynamicBlock):
             return
         n = x.shape[0]
         body = float(self.cost("block", lambda m, inp: m.apply_block(inp), x))
-        t.record_macs(f"{self.block_name}/block", body, batch_size=n, dense=body)
         evaluated = torch.ones(n, dtype=torch.float64)  # who runs the controller of this step
         for step, (alive, prob) in enumerate(zip(alive_steps, probs, strict=True)):
             g = float(self.cost(f"controller{step}", lambda m, inp, s=step: m.controller[s](inp), x))
@@ -142,15 +190,26 @@ class RecursiveBlock(DynamicBlock):
                 maximum=g,
             )
             z = alive.double()
+            name = f"{self.block_name}/block" if step == 0 else f"{self.block_name}/recursion{step}"
             t.record_macs(
-                f"{self.block_name}/recursion{step + 1}",
+                name,
                 z * body,
                 executed=z.detach() * body if sparse else body,
                 minimum=0.0,
                 maximum=body,
+                dense=body if step == 0 else 0.0,
             )
-            t.record_decision(f"{self.block_name}/recursion{step + 1}", Decision(alive, prob, "recursion"))
+            t.record_decision(name, Decision(alive, prob, "recursion"))
             evaluated = z.detach()
+
+
+class DynamicRecursive(DynamicModel):
+    """The converted network; objective: cross-entropy + ``budget_weight`` × MAC-budget loss."""
+
+    def budget_knob(self) -> Knob:
+        """One offset added to the "apply" logit of every controller: the larger, the more applications."""
+        entries = [(c.fc2.bias, APPLY, 1.0) for _, b in self.blocks() for c in b.controller]
+        return LogitShift(self.calibration[0], entries).knob(name="controller apply-logit offset")
 
 
 def _recursive_capable(block: nn.Module, in_channels: int) -> bool:
@@ -160,31 +219,27 @@ def _recursive_capable(block: nn.Module, in_channels: int) -> bool:
     return same_width and stride_one and getattr(block, "downsample", None) is None
 
 
-def convert(model: nn.Module, config: DynamicRecursiveConfig, targets: Targets = "auto") -> DynamicModel:
+@recipe(
+    "dynamic_recursive",
+    paper="Dynamic Recursive Neural Network (CVPR 2019), "
+    "https://openaccess.thecvf.com/content_CVPR_2019/papers/Guo_Dynamic_Recursive_Neural_Network_CVPR_2019_paper.pdf",
+    budget=BudgetPolicy("trained+calibrated", knob="controller apply-logit offset", reachable=(0.25, 1.0),
+                        derives="MAC-budget loss target = budget"),
+    test_base="cifar_resnet20",
+)  # fmt: skip
+def convert(model: nn.Module, config: DynamicRecursiveConfig, targets: Targets = "auto") -> DynamicRecursive:
     """Make every target residual block with an identity shortcut recursive (in place)."""
     converted = 0
     for name, block, adapter in residual_blocks(model, targets):
         channels = adapter.in_channels(block)
         if not _recursive_capable(block, channels):
             continue
-        new = RecursiveBlock(block, channels, config.max_recursions, config.hidden)
+        new = RecursiveBlock(block, adapter, channels, config.max_recursions, config.hidden)
         new.block_name, new.tau = name, config.tau
         replace_module(model, name, new)
         converted += 1
     if not converted:
         raise ValueError("dynamic_recursive needs residual blocks with an identity shortcut; none found")
-    return DynamicModel(
+    return DynamicRecursive(
         model, recipe="dynamic_recursive", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dynamic_recursive",
-        family="recursion",
-        config_cls=DynamicRecursiveConfig,
-        convert=convert,
-        paper="Dynamic Recursive Neural Network (CVPR 2019), "
-        "https://openaccess.thecvf.com/content_CVPR_2019/papers/Guo_Dynamic_Recursive_Neural_Network_CVPR_2019_paper.pdf",
-    )
-)

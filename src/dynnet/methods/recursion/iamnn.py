@@ -16,7 +16,17 @@ Departures from the paper:
   only for the halting units' gradient (straight-through), as in :mod:`dynnet.methods.recursion.act`;
 * the paper iterates a block that also adapts batch-norm per iteration and prunes channels; we share the
   whole block (its batch norms included) and keep its width;
-* halting starts closed (``h ≈ 0.0025``): a fresh model runs every iteration.
+* halting starts closed (``h ≈ 0.0025``): a fresh model runs every iteration;
+* a MAC-budget loss (``budget_weight``) is added to the ponder cost, and a halting logit offset is calibrated after
+  training (below).
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the dense MACs per image, the dense network
+being the fully unrolled one (every iteration; halting units included in the spent MACs). The paper's knob, the time
+penalty ``tau`` (``ponder_weight``), is kept as is; the budget adds the MAC-budget loss
+``budget_weight * (mean MAC fraction - budget)^2`` and calibration subtracts one offset from the logit of every
+halting unit (``calibration[0]``) until the mean MAC fraction on held-out images equals the budget. The reachable
+range is from the transition blocks alone (about 0.31 of an unrolled ResNet-20) to every iteration; the declared
+range is 0.35-1.0.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
-from dynnet.core import RecipeSpec, register_recipe
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
 from dynnet.methods.recursion._halting import HaltingModel, HaltingStage, HaltingUnit, out_channels, stages_of
 
 __all__ = ["IamNN", "IamNNConfig", "IterativeStage"]
@@ -38,23 +49,26 @@ class IamNNConfig:
     """Settings of IamNN.
 
     Attributes:
-        budget: target fraction of dense (fully unrolled) MACs of the optional MAC-budget term.
+        budget: target mean fraction of the dense (fully unrolled) MACs per image, halting units included: the target
+            of the MAC-budget loss and of calibration (the halting logit offset).
         iterations: maximal iterations of the shared block per stage; ``None``: the stage's block count - 1
             (so the unrolled network has the base network's depth).
         ponder_weight: Graves's time penalty tau.
         eps: Graves's epsilon.
-        budget_weight: weight of the MAC-budget term (0: the paper's objective).
+        budget_weight: weight of the MAC-budget loss (0: the paper's objective, ponder cost only).
     """
 
     budget: float = 0.5
     iterations: int | None = None
     ponder_weight: float = 0.01
     eps: float = 0.01
-    budget_weight: float = 0.0
+    budget_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations!r}")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps!r}")
 
 
 class IterativeStage(HaltingStage):
@@ -72,9 +86,18 @@ class IterativeStage(HaltingStage):
 
 
 class IamNN(HaltingModel):
-    """The converted network: cross-entropy + ponder cost (+ optional MAC-budget term)."""
+    """The converted network: cross-entropy + ponder cost + MAC-budget loss; knob: the halting logit offset."""
 
 
+@recipe(
+    "iamnn",
+    paper="IamNN: Iterative and Adaptive Mobile Neural Network for Efficient Image Classification "
+    "(ICLR 2018 Workshop), arXiv:1804.10123",
+    budget=BudgetPolicy("trained+calibrated", knob="halting logit offset", reachable=(0.35, 1.0),
+                        derives="MAC-budget loss target = budget (the paper's time penalty tau is kept as is)"),
+    test_base="cifar_resnet20",
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: IamNNConfig, targets: Targets = "auto") -> IamNN:
     """Turn every stage of >= 2 target blocks into a transition block + an iterated weight-shared block."""
     converted = 0
@@ -93,17 +116,3 @@ def convert(model: nn.Module, config: IamNNConfig, targets: Targets = "auto") ->
     if not converted:
         raise ValueError("iamnn needs stages (nn.Sequential) of at least 2 residual blocks; none found")
     return IamNN(model, recipe="iamnn", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="iamnn",
-        family="recursion",
-        config_cls=IamNNConfig,
-        convert=convert,
-        paper="IamNN: Iterative and Adaptive Mobile Neural Network for Efficient Image Classification "
-        "(ICLR 2018 Workshop), arXiv:1804.10123",
-        test_base="cifar_resnet20",
-        reproduces_base=False,
-    )
-)
