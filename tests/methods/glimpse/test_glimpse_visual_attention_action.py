@@ -13,7 +13,7 @@ from dynnet.methods.glimpse.visual_attention_action import (
     doubly_stochastic_penalty,
     shift_frame,
 )
-from dynnet.testing import scramble_until_mixed
+from dynnet.testing import diverse_inputs, scramble_until_mixed
 
 NAME = "visual_attention_action"
 
@@ -153,10 +153,38 @@ def test_objective_has_the_papers_terms_and_reaches_every_part() -> None:
     with dynnet.trace() as t:
         logits = model(x)
     out = model.compute_loss(logits, y, t)
-    assert set(out.parts) == {"task", "steps", "attention", "ponder"}
+    assert set(out.parts) == {"task", "steps", "attention", "ponder", "budget"}
     reg = doubly_stochastic_penalty(t.outputs[f"{NAME}/attention"], t.outputs[f"{NAME}/taken"]).mean()
     assert out.parts["attention"] == pytest.approx(float(reg.detach()))
     out.total.backward()
     body = model.net
     for m in (body.halting, body.core.attention, body.init, body.core.input, body.trunk.conv1):
         assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+
+
+def test_the_budget_loss_reaches_the_halting_unit_through_the_steps_taken() -> None:
+    """The MAC-budget loss alone (every other term off) gets a gradient on the halting unit through the
+    straight-through "step ran" indicators; over budget it pushes the halting probability up (halt sooner)."""
+    model = _create(max_steps=3, step_weight=0.0, attention_weight=0.0, ponder_weight=0.0).train()
+    x, y = _x(6), torch.arange(6)
+    with dynnet.trace() as t:
+        logits = model(x)
+    fraction = float(t.mac_fraction().mean().detach())
+    assert fraction == pytest.approx(1.0, abs=1e-3)  # a fresh model takes every step (+ the halting units)
+    budget = model.compute_loss(logits, y, t, budget=0.5).parts["budget"]
+    assert budget == pytest.approx((fraction - 0.5) ** 2, rel=1e-6)
+    with dynnet.trace() as t:
+        logits = model(x)
+    out = model.compute_loss(logits, y, t, budget=0.5)
+    (out.total - torch.nn.functional.cross_entropy(logits, y)).backward()
+    assert float(model.net.halting.bias.grad) < 0  # gradient descent raises the halting logit
+
+
+def test_calibration_offset_lives_in_the_halting_bias() -> None:
+    model = _create(max_steps=4).eval()
+    x = diverse_inputs(32, (1, 32, 32), seed=1)
+    _mixed_halting(model, x)
+    before = model.net.halting.bias.clone()
+    report = dynnet.calibrate(model, x, 0.6, tolerance=0.05)
+    assert report.within_tolerance
+    torch.testing.assert_close(model.net.halting.bias, before - model.calibration[0].float())

@@ -77,11 +77,48 @@ def test_stage_costs_match_the_counter() -> None:
         assert counter.total == 2 * c
 
 
-def test_training_objective_is_the_sum_of_exit_losses() -> None:
+def test_training_objective_is_the_budget_weighted_sum_of_exit_losses() -> None:
     model = _model().train()
     x, y = _x(6), torch.arange(6)
     with dynnet.trace() as t:
         logits = model(x)
-    loss = model.compute_loss(logits, y, t)
     exits = [torch.nn.functional.cross_entropy(t.outputs[f"exit{s}"], y) for s in range(3)]
-    torch.testing.assert_close(loss.total, sum(exits))
+    fractions = t.outputs["ranet/exit_fractions"]
+    costs = model.net.stage_costs(model.net.inputs(x))
+    torch.testing.assert_close(fractions, torch.tensor(costs, dtype=torch.float64).cumsum(0) / sum(costs))
+    for budget in (0.3, 0.6, 0.9):
+        w = model.exit_weights(fractions, budget)
+        assert float(w.sum()) == pytest.approx(3.0)
+        p = (w - 0.5) / 1.5  # exit_weighting 0.5: w = 0.5 + 0.5 * 3 * p
+        assert float((p * fractions).sum()) == pytest.approx(budget, abs=1e-6)  # the profile's expected MACs
+        loss = model.compute_loss(logits, y, t, budget=budget)
+        torch.testing.assert_close(loss.total, sum(float(w[s]) * exits[s] for s in range(3)))
+    low, high = model.exit_weights(fractions, 0.3), model.exit_weights(fractions, 0.9)
+    assert low[0] > high[0] and low[2] < high[2]  # a small budget weights the early exits, a large one the last
+    torch.manual_seed(0)
+    plain = dynnet.create_model("cifar_resnet8", recipe="ranet", in_channels=1, exit_weighting=0.0).train()
+    with dynnet.trace() as t:
+        logits = plain(x)
+    loss = plain.compute_loss(logits, y, t)
+    torch.testing.assert_close(
+        loss.total, sum(torch.nn.functional.cross_entropy(t.outputs[f"exit{s}"], y) for s in range(3))
+    )
+
+
+def test_calibrate_sets_thresholds_for_the_budget_and_round_trips() -> None:
+    model = _model()
+    model.scramble_(torch.Generator().manual_seed(0))
+    x = _x(64)
+    report = dynnet.calibrate(model, x, 0.5)
+    assert report.within_tolerance
+    assert torch.isfinite(model.net.thresholds).all()
+    # the thresholds are MSDNet's geometric profile with the calibrated rate
+    q = float(model.calibration[0].exp())
+    torch.testing.assert_close(
+        model.net.thresholds, thresholds_for_fractions(model.exit_confidences(x), exit_fractions_for_rate(3, q))
+    )
+    torch.manual_seed(5)
+    other = dynnet.create_model("cifar_resnet8", recipe="ranet", in_channels=1).eval()
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other.net.thresholds, model.net.thresholds)
+    assert other.calibrated_budget == pytest.approx(0.5)

@@ -1,5 +1,7 @@
 """RS-Nets: private batch norms per resolution, per-input resolution in sparse mode, exact MACs, objective."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -64,3 +66,25 @@ def test_objective_has_every_resolution_and_distillation() -> None:
     # each resolution's private batch norm was trained on its own statistics
     bn = model.net.net.bn1
     assert not torch.equal(bn.running_mean, bn.others[1].running_mean)
+
+
+def test_calibration_offset_favours_costlier_resolutions_monotonically() -> None:
+    model = _model().eval()
+    x = torch.randn(32, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model.net.policy.fc.weight.normal_(std=3.0, generator=torch.Generator().manual_seed(0))
+        model.net.policy.fc.bias.zero_()
+    knob = model.budget_knob()
+    costs = []
+    for delta in (-50.0, -2.0, 0.0, 2.0, 50.0):
+        knob.set(delta)
+        with torch.no_grad(), dynnet.trace() as t:
+            model(x)
+        costs.append(t.decisions["resolution"].hard.argmax(1))
+    # every input's resolution index never increases (its cost never decreases) as the offset grows
+    for lo, hi in itertools.pairwise(costs):
+        assert (hi <= lo).all()
+    assert (costs[0] == 2).all() and (costs[-1] == 0).all()
+    knob.set(0.0)
+    report = dynnet.calibrate(model, x, 0.6, tolerance=0.05)
+    assert report.within_tolerance

@@ -10,14 +10,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dynnet.estimators.reinforce import reinforce_loss
 
 __all__ = [
     "crop_glimpse",
     "gaussian_log_prob",
-    "num_classes_of",
     "policy_gradient_losses",
     "retina_glimpse",
 ]
@@ -81,11 +80,3 @@ def policy_gradient_losses(log_prob: Tensor, reward: Tensor, baseline: Tensor, m
     policy = reinforce_loss(log_prob[m], r[m].to(log_prob.dtype), baseline[m].detach())
     value = ((r[m] - baseline[m]) ** 2).mean()
     return policy, value
-
-
-def num_classes_of(model: nn.Module) -> int:
-    """Output features of the last linear layer of ``model`` (its number of classes)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot find the number of classes of {type(model).__name__}: it has no nn.Linear")
-    return linears[-1].out_features

@@ -10,19 +10,32 @@ attention). Training adds the paper's hint loss ``||f_c - f_f||^2`` at the chose
 features learn to predict the fine ones, and the coarse prediction's cross-entropy. In sparse mode the chosen
 patches are cut out of the image (0 MACs) and only they go through ``f_f``; ``f_f`` is patch-local (its
 convolutions have stride = kernel), so a patch's fine features do not depend on its neighbours and the sparse
-result equals the masked one without halos.
+result equals the masked one without halos. Images whose sides are not multiples of the patch size (8 pixels) are
+zero-padded at the bottom and right.
 
 Departures from the paper:
 
-* the number of fine patches is per sample: a cell is chosen when its saliency reaches ``saliency_threshold``
-  times the image's mean saliency (optionally capped at ``max_patches``); the paper takes a fixed top-k. The
-  threshold is a buffer, tunable after training for a MAC budget;
+* at inference the number of fine patches is per sample: a cell is chosen when its saliency reaches
+  ``saliency_threshold`` times the image's mean saliency (optionally capped at ``max_patches``); the paper takes a
+  fixed top-k, which training keeps (below). The threshold is a buffer, calibrated for the budget;
 * the fine network is patch-local (non-overlapping receptive fields) instead of the paper's overlapping
   convolutions with their halo, which lets sparse mode run exactly the chosen patches;
 * the saliency's backward pass through ``g`` is not counted in MACs (MACs count forward ops only, see
   ``docs/macs.md``); it costs about twice ``g``'s forward MACs and does run in both modes;
+* the default widths make the coarse network and the top layers cheap next to the fine network everywhere (the
+  paper's premise: the coarse network and the top layers together cost about a quarter of the fine model), so
+  that refining fewer cells saves MACs;
 * ``reproduces_base=False``: DCN is its own architecture; dense mode is the fine network everywhere (the
   paper's "fine model" baseline); the converted base network only gives input channels and classes.
+
+Budget: calibrated. ``budget`` is the target mean fraction of the dense MACs per image (the fine network on every
+cell and the top layers: the paper's fine model). It sets the paper's ``k``, the number of cells refined per
+image, at the number whose MACs (coarse network, saliency pass, ``k`` fine patches, top layers) are the budget; in
+training the ``k`` most salient cells of every image are refined (the paper's top-k, at least one). At inference
+the cells are chosen by the saliency threshold, which :func:`dynnet.calibrate` sets on held-out images until the
+mean MAC fraction equals the budget (the same mean cost, spread over images by their saliency). Reachable: from the
+coarse network and the top layers alone (about 0.23 of the dense MACs at the default widths) to 1 (refining every
+cell costs the fine model plus the coarse pass, about 1.17).
 """
 
 from __future__ import annotations
@@ -34,20 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import (
-    Decision,
-    DynamicBlock,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    register_recipe,
-)
-from dynnet.methods.glimpse._common import num_classes_of
+from dynnet.convert import Targets, first_conv_in_channels, num_classes_of
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 
-__all__ = ["DCN", "DCNConfig", "DynamicCapacity", "convert", "entropy_saliency", "select_cells"]
+__all__ = ["DCN", "DCNConfig", "DynamicCapacity", "convert", "entropy_saliency", "select_cells", "top_cells"]
 
 
 @dataclass(frozen=True)
@@ -55,24 +60,36 @@ class DCNConfig:
     """Settings of DCN.
 
     Attributes:
-        budget: unused by the objective (the threshold sets the cost); kept for the common API.
+        budget: target mean fraction of the dense MACs per image: it sets ``k``, the cells refined per image in
+            training (the paper's top-k), and calibration sets the saliency threshold to it.
         features: D, channels of the coarse and fine feature maps.
         coarse_width: channels inside the coarse network.
         fine_width: channels inside the fine network.
-        saliency_threshold: a cell is chosen when its saliency is at least this multiple of the mean.
-        max_patches: optional cap on chosen cells per image (the paper's fixed k); ``None``: no cap.
+        saliency_threshold: at inference a cell is chosen when its saliency is at least this multiple of the mean
+            (until calibrated).
+        max_patches: optional cap on chosen cells per image, in training and at inference; ``None``: no cap.
         hint_weight: weight of the hint loss.
         coarse_weight: weight of the coarse prediction's cross-entropy.
     """
 
-    budget: float | None = None
-    features: int = 48
-    coarse_width: int = 24
-    fine_width: int = 64
+    budget: float = 0.5
+    features: int = 32
+    coarse_width: int = 16
+    fine_width: int = 128
     saliency_threshold: float = 1.0
     max_patches: int | None = None
     hint_weight: float = 1.0
     coarse_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if min(self.features, self.coarse_width, self.fine_width) < 1:
+            raise ValueError(
+                f"features and widths must be >= 1, got {self.features}, {self.coarse_width}, {self.fine_width}"
+            )
+        if self.max_patches is not None and self.max_patches < 1:
+            raise ValueError(f"max_patches must be >= 1 or None, got {self.max_patches}")
 
 
 PATCH = 8  # input pixels per feature cell (two stride-2 layers after a 2× down-sampling, or 4 × 2 strides)
@@ -104,6 +121,12 @@ def entropy_saliency(top: nn.Module, coarse: Tensor) -> tuple[Tensor, Tensor]:
     return grad.detach().norm(dim=1).flatten(1), (logits if src is coarse else logits.detach())
 
 
+def top_cells(saliency: Tensor, k: int) -> Tensor:
+    """The ``k`` most salient cells of every image (the paper's top-k): Tensor[N, P] bool."""
+    chosen = torch.zeros(saliency.shape, dtype=torch.bool, device=saliency.device)
+    return chosen.scatter_(1, saliency.topk(min(k, saliency.shape[1]), 1).indices, True)
+
+
 def select_cells(saliency: Tensor, threshold: Tensor | float, max_cells: int | None) -> Tensor:
     """Cells with saliency ``>= threshold * mean``, at most ``max_cells`` (the most salient): Tensor[N, P] bool."""
     chosen = saliency >= threshold * saliency.mean(1, keepdim=True)
@@ -130,14 +153,19 @@ class DynamicCapacity(DynamicBlock):
         self.coarse = nn.Sequential(
             nn.AvgPool2d(2), _cbr(in_channels, cw), _cbr(cw, cw, stride=2), _cbr(cw, d, stride=2)
         )
-        self.fine = nn.Sequential(_cbr(in_channels, fw, 4, 4, 0), _cbr(fw, fw, 2, 2, 0), _cbr(fw, d, 1, 1, 0))
+        self.fine = nn.Sequential(
+            _cbr(in_channels, fw, 4, 4, 0), _cbr(fw, fw, 1, 1, 0), _cbr(fw, fw, 2, 2, 0), _cbr(fw, d, 1, 1, 0)
+        )
         self.top = nn.Sequential(_cbr(d, d), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(d, num_classes))
-        self.max_patches, self.hint_weight = config.max_patches, config.hint_weight
+        self.max_patches, self.hint_weight, self.budget = config.max_patches, config.hint_weight, config.budget
         self.register_buffer("saliency_threshold", torch.tensor(float(config.saliency_threshold)))
 
-    def _check(self, x: Tensor) -> None:
-        if x.shape[-1] % PATCH or x.shape[-2] % PATCH:
-            raise ValueError(f"dcn needs image sides divisible by {PATCH}, got {tuple(x.shape[-2:])}")
+    @staticmethod
+    def pad(x: Tensor) -> Tensor:
+        """Zero-pad the bottom and right of Tensor[N, C, H, W] to sides divisible by the patch size (0 MACs)."""
+        h, w = x.shape[-2:]
+        ph, pw = -h % PATCH, -w % PATCH
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
     def _costs(self, x: Tensor, coarse: Tensor) -> tuple[int, int, int, int]:
         c = self.cost("coarse", lambda m, a: m.coarse(a), x)
@@ -146,16 +174,30 @@ class DynamicCapacity(DynamicBlock):
         fine = self.cost("fine_patch", lambda m, a: m.fine(a), patch)
         return c, top, fine, coarse.shape[-1] * coarse.shape[-2]
 
+    def patches_for_budget(self, x: Tensor, coarse: Tensor) -> int:
+        """``k``: the cells refined per image whose MACs (coarse network, saliency pass, ``k`` fine patches, top
+        layers) are nearest ``budget`` times the dense MACs (the fine network on every cell and the top layers);
+        at least 1, at most ``max_patches``."""
+        c, top, fine, cells = self._costs(x, coarse)
+        k = round((self.budget * (cells * fine + top) - c - 2 * top) / fine)
+        return max(1, min(k, cells, self.max_patches or cells))
+
+    def choose(self, x: Tensor, coarse: Tensor, saliency: Tensor) -> Tensor:
+        """Tensor[N, P] bool cells to refine: the top ``k`` in training, the saliency threshold at inference."""
+        if self.training:
+            return top_cells(saliency, self.patches_for_budget(x, coarse))
+        return select_cells(saliency, self.saliency_threshold, self.max_patches)
+
     # -- modes ----------------------------------------------------------------------------------
     def forward_dense(self, x: Tensor) -> Tensor:
-        self._check(x)
+        x = self.pad(x)
         return self.top(self.fine(x))
 
     def forward_masked(self, x: Tensor) -> Tensor:
-        self._check(x)
+        x = self.pad(x)
         coarse = self.coarse(x)
         saliency, coarse_logits = entropy_saliency(self.top, coarse)
-        chosen = select_cells(saliency, self.saliency_threshold, self.max_patches)
+        chosen = self.choose(x, coarse, saliency)
         fine = self.fine(x)
         m = chosen.view(coarse.shape[0], 1, *coarse.shape[-2:]).to(x.dtype)
         hybrid = coarse * (1 - m) + fine * m
@@ -167,7 +209,7 @@ class DynamicCapacity(DynamicBlock):
         return self.top(hybrid)
 
     def forward_sparse(self, x: Tensor) -> Tensor:
-        self._check(x)
+        x = self.pad(x)
         coarse = self.coarse(x)
         saliency, coarse_logits = entropy_saliency(self.top, coarse)
         chosen = select_cells(saliency, self.saliency_threshold, self.max_patches)
@@ -208,6 +250,16 @@ class DynamicCapacity(DynamicBlock):
 class DCN(DynamicModel):
     """DCN as a :class:`DynamicModel`; objective: cross-entropy of the hybrid and coarse predictions + hint loss."""
 
+    def budget_knob(self) -> Knob:
+        """The saliency threshold (a multiple of each image's mean saliency): the larger, the fewer cells refined."""
+        threshold = self.net.saliency_threshold
+
+        def set_threshold(v: float) -> None:
+            with torch.no_grad():
+                threshold.fill_(v)
+
+        return Knob("saliency threshold", lambda: float(threshold), set_threshold, 0.0, 1e3, increasing=False)
+
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         task = F.cross_entropy(logits, target)
         total, parts = task, {"task": float(task.detach())}
@@ -228,21 +280,16 @@ class DCN(DynamicModel):
         return 1
 
 
+@recipe(
+    "dcn",
+    paper="Dynamic Capacity Networks (ICML 2016), arXiv:1511.07838",
+    budget=BudgetPolicy("calibrated", knob="saliency threshold", reachable=(0.3, 1.0),
+                        derives="k, the cells refined per image in training (the paper's top-k)"),
+    test_input=(1, 32, 32),
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: DCNConfig, targets: Targets = "auto") -> DCN:
     """Build a DCN with ``model``'s input channels and classes (the base network is not reused)."""
     in_channels = first_conv_in_channels(model) or 1
     body = DynamicCapacity(in_channels, num_classes_of(model), config)
     return DCN(body, recipe="dcn", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="dcn",
-        family="glimpse",
-        config_cls=DCNConfig,
-        convert=convert,
-        paper="Dynamic Capacity Networks (ICML 2016), arXiv:1511.07838",
-        test_input=(1, 32, 32),
-        reproduces_base=False,
-    )
-)

@@ -14,11 +14,23 @@ Departures from the paper:
   the true-class probability it brought (the paper's reward), without discounting;
 * the policy reads the classifier's hidden state (the paper reads the global encoder's feature maps);
 * training is joint (cross-entropy averaged over steps + policy + value losses) instead of the paper's three
-  stages; thresholds start at ``inf`` (every sample takes every step) and are set with :meth:`GFNet.calibrate`;
+  stages; thresholds start at ``inf`` (every sample takes every step) and are set by :func:`dynnet.calibrate` (or
+  :meth:`GFNet.calibrate`);
+* the steps' cross-entropies are weighted by the budget's exit profile, half and half with the paper's equal
+  weights (``exit_weighting``, 0: the paper's mean);
 * the encoders are the converted base network without its last linear layer (global) and a copy of it
   (local); the paper also uses two encoders of the same architecture;
 * ``reproduces_base=False``: the glance sees a down-sampled image and the classifier is a new GRU, so no
   setting of the policy reproduces the base network's logits.
+
+Budget: calibrated. ``budget`` is the target mean fraction of the dense MACs per image (the glance and every focus
+step with its patch proposal). It is translated into the expected number of steps the paper's budgeted batch
+classification spends: MSDNet's geometric exit profile ``p_t ∝ q^t`` over the steps, with the rate ``q`` whose
+expected MACs are the budget. That profile weights the steps' losses in training (``exit_weighting``), and
+:func:`dynnet.calibrate` sets the confidence thresholds from held-out images so that samples stop following the
+profile whose mean MAC fraction on them is the budget (``log q`` in ``calibration[0]``, the thresholds in the
+``thresholds`` buffer). Reachable: from the glance alone (a quarter of the dense MACs on 64×64 images with 32×32
+patches, less on smaller images) to every step.
 """
 
 from __future__ import annotations
@@ -31,17 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
-from dynnet.core import (
-    Decision,
-    DynamicBlock,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    register_recipe,
-)
-from dynnet.gates import confidence, thresholds_for_fractions
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
+from dynnet.gates import confidence, exit_fractions_for_budget, exit_rate_for_budget, thresholds_for_fractions
 from dynnet.methods.glimpse._common import crop_glimpse, gaussian_log_prob, policy_gradient_losses
 
 __all__ = ["GFNet", "GFNetConfig", "GlanceFocus", "RecurrentClassifier", "convert"]
@@ -52,22 +57,30 @@ class GFNetConfig:
     """Settings of GFNet.
 
     Attributes:
-        budget: unused (the cost is set by the exit thresholds); kept for the common API.
+        budget: target mean fraction of the dense MACs per image; it sets the geometric exit profile over the steps
+            that weights the steps' losses and that calibration fits the confidence thresholds to.
         glance_scale: down-sampling factor of the glance (the paper glances at 96×96 or 128×128 of 224×224).
         patch_size: side of the focus patches in input pixels (the paper: 96 or 128 of 224).
         max_steps: glance + focus steps.
         hidden: GRU width of the recurrent classifier.
         location_std: standard deviation of the Gaussian patch policy (in [-1, 1] units).
+        exit_weighting: λ, step ``t``'s loss weight is ``(1 - λ) + λ T p_t`` with ``p`` the budget's exit profile
+            (0: the paper's equal weights; the weights always average to 1).
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     glance_scale: int = 2
     patch_size: int = 32
     max_steps: int = 4
     hidden: int = 128
     location_std: float = 0.15
+    exit_weighting: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if not 0.0 <= self.exit_weighting <= 1.0:
+            raise ValueError(f"exit_weighting must be in [0, 1], got {self.exit_weighting}")
         if self.max_steps < 2:
             raise ValueError(f"max_steps must be at least 2 (a glance and a focus), got {self.max_steps}")
         if self.glance_scale < 1 or self.patch_size < 1:
@@ -147,6 +160,14 @@ class GlanceFocus(DynamicBlock):
         value = self.cost("value", lambda m, a: m.value(a), h)
         return glance, focus, policy, value
 
+    def exit_costs(self, x: Tensor) -> Tensor:
+        """Tensor[T] float64: per-sample MACs of stopping after step ``t`` (the last entry is the dense cost)."""
+        glance, focus, policy, _ = self._costs(x)
+        steps = self.max_steps
+        return torch.tensor(
+            [glance + t * focus + min(t + 1, steps - 1) * policy for t in range(steps)], dtype=torch.float64
+        )
+
     # -- modes ----------------------------------------------------------------------------------
     def forward_dense(self, x: Tensor) -> Tensor:
         """Every step for every sample; the last step's logits."""
@@ -211,6 +232,9 @@ class GlanceFocus(DynamicBlock):
             if tr is not None:
                 tr.record_decision(f"focus{t + 1}", Decision(alive.to(x.dtype), None, "glimpse"))
                 tr.record_output(f"gfnet/location{t + 1}", loc)
+        if tr is not None and self.training:  # what the steps' loss weights are derived from
+            costs = self.exit_costs(x)
+            tr.record_output("gfnet/exit_fractions", costs / costs[-1])
         if tr is not None and self.training and log_probs:
             tr.record_output("gfnet/log_prob", torch.stack(log_probs, 1))
             tr.record_output("gfnet/value", torch.stack(values, 1))
@@ -238,10 +262,14 @@ class GFNet(DynamicModel):
     """GFNet as a :class:`DynamicModel`; objective: mean cross-entropy over steps + REINFORCE + value MSE."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        budget = self.config.budget if budget is None else budget
         step_logits = [v for k, v in t.outputs.items() if k.startswith("gfnet/logits")]
         if not step_logits:
             step_logits = [logits]
-        ce = torch.stack([F.cross_entropy(z, target) for z in step_logits]).mean()
+        ces = torch.stack([F.cross_entropy(z, target) for z in step_logits])
+        if "gfnet/exit_fractions" in t.outputs and len(step_logits) > 1:
+            ces = ces * self.exit_weights(t.outputs["gfnet/exit_fractions"], budget).to(ces)
+        ce = ces.mean()
         total, parts = ce, {"task": float(ce.detach())}
         if "gfnet/log_prob" in t.outputs:
             p_true = torch.stack([z.detach().softmax(1).gather(1, target[:, None]).squeeze(1) for z in step_logits], 1)
@@ -252,6 +280,24 @@ class GFNet(DynamicModel):
             total = total + policy + value
             parts.update(policy=float(policy.detach()), value=float(value.detach()))
         return LossOutput(total, parts)
+
+    def exit_weights(self, fractions: Tensor, budget: float) -> Tensor:
+        """Tensor[T] loss weights ``(1 - λ) + λ T p_t``, ``p`` the geometric exit profile whose expected MAC fraction
+        is ``budget`` given the MAC fraction ``fractions`` (Tensor[T]) of stopping after each step."""
+        lam = self.config.exit_weighting
+        p = exit_fractions_for_budget(fractions, budget)
+        return (1.0 - lam) + lam * len(p) * p
+
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """Confidence thresholds from ``batches`` so that samples stop following the geometric profile whose mean MAC
+        fraction on them is ``budget`` (``log q`` kept in ``calibration[0]``)."""
+        conf = torch.cat([self.step_confidences(x) for x in batches])
+        costs = self.net.exit_costs(batches[0][:1])
+        log_q, thresholds, _ = exit_rate_for_budget(conf, costs / costs[-1], budget, tolerance=tolerance)
+        with torch.no_grad():
+            self.net.thresholds.copy_(thresholds)
+            self.calibration[0] = log_q
+        return {"exit rate log q": log_q}
 
     @torch.no_grad()
     def step_confidences(self, x: Tensor) -> Tensor:
@@ -280,6 +326,17 @@ class GFNet(DynamicModel):
         return 3
 
 
+@recipe(
+    "gfnet",
+    paper="Glance and Focus: a Dynamic Approach to Reducing Spatial Redundancy in Image Classification "
+    "(NeurIPS 2020), arXiv:2010.05300",
+    budget=BudgetPolicy("calibrated", knob="confidence thresholds (rate q of the geometric exit profile)",
+                        reachable=(0.3, 1.0),
+                        derives="geometric exit profile over the steps p_t ∝ q^t with expected MACs = budget "
+                                "(the expected number of steps); step loss weights"),
+    test_input=(1, 64, 64),
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: GFNetConfig, targets: Targets = "auto") -> GFNet:
     """Use ``model`` minus its last linear layer as the global encoder (and a copy as the local one)."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -290,17 +347,3 @@ def convert(model: nn.Module, config: GFNetConfig, targets: Targets = "auto") ->
     in_channels = first_conv_in_channels(model)
     body = GlanceFocus(model, fc.in_features, fc.out_features, config)
     return GFNet(body, recipe="gfnet", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="gfnet",
-        family="glimpse",
-        config_cls=GFNetConfig,
-        convert=convert,
-        paper="Glance and Focus: a Dynamic Approach to Reducing Spatial Redundancy in Image Classification "
-        "(NeurIPS 2020), arXiv:2010.05300",
-        test_input=(1, 64, 64),
-        reproduces_base=False,
-    )
-)

@@ -35,6 +35,13 @@ Adaptation to image classification (departures from the paper):
   between key frames have no counterpart;
 * ``reproduces_base=False``: the classifier reads aggregated patch features; dense mode runs every location's
   patch (no gate evaluated).
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the dense MACs per image (the coarse view,
+every location's patch and the head). It is the target of the MAC-budget loss on the keep gates
+(``budget_weight``), which sets how many of the ``K`` patches an image gets on average (LSTS itself always samples
+all ``K``); calibration then adds one offset to every keep logit (``calibration[0]``, kept in the gate's bias) until
+the mean MAC fraction on held-out images equals the budget. Reachable: from the coarse view and the head alone (a
+few per cent of the dense MACs) to every patch.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
-from dynnet.core import Decision, DynamicBlock, DynamicModel, RecipeSpec, Trace, current_trace, register_recipe
+from dynnet.core import Decision, DynamicBlock, DynamicModel, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
+from dynnet.core.recipe import recipe
 from dynnet.estimators.gumbel import gumbel_sigmoid
 from dynnet.gates import open_bias_
 from dynnet.methods.glimpse._common import crop_glimpse
@@ -61,9 +70,9 @@ class LSTSConfig:
     """Settings of LSTS.
 
     Attributes:
-        budget: target fraction of the dense MACs for the MAC-budget loss that trains the keep gates
-            (``None``: no budget term, the gates learn from the task loss only).
-        budget_weight: weight of the MAC-budget loss.
+        budget: target mean fraction of the dense MACs per image: the target of the MAC-budget loss that trains the
+            keep gates and of calibration (the keep-logit offset).
+        budget_weight: weight of the MAC-budget loss (0: the gates learn from the task loss only).
         grid: the initial sampling locations form a ``grid × grid`` grid (K = grid²).
         patch_size: side of the high-resolution patches in input pixels.
         max_offset: largest offset of a location from its grid point, in grid cells.
@@ -73,7 +82,7 @@ class LSTSConfig:
         embed: width of the similarity embeddings.
     """
 
-    budget: float | None = 0.5
+    budget: float = 0.5
     budget_weight: float = 1.0
     grid: int = 3
     patch_size: int = 16
@@ -84,6 +93,10 @@ class LSTSConfig:
     embed: int = 32
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.budget_weight < 0:
+            raise ValueError(f"budget_weight must be >= 0, got {self.budget_weight}")
         if self.grid < 1 or self.patch_size < 1 or self.coarse_scale < 1 or self.embed < 1:
             raise ValueError(
                 f"grid, patch_size, coarse_scale and embed must be >= 1, got {self.grid}, {self.patch_size}, "
@@ -290,7 +303,19 @@ class LearnableSampling(DynamicBlock):
 class LSTS(DynamicModel):
     """LSTS as a :class:`DynamicModel`; objective: cross-entropy + MAC-budget loss on the kept patches."""
 
+    def budget_knob(self) -> Knob:
+        """One offset added to the keep logit of every location."""
+        return LogitShift(self.calibration[0], [(self.net.gate.bias, None, 1.0)]).knob(name="keep-gate logit offset")
 
+
+@recipe(
+    "lsts",
+    paper="Learning Where to Focus for Efficient Video Object Detection (ECCV 2020), arXiv:1911.05253",
+    budget=BudgetPolicy("trained+calibrated", knob="keep-gate logit offset", reachable=(0.05, 1.0),
+                        derives="MAC-budget loss target = budget (mean number of the K patches computed)"),
+    test_input=(1, 32, 32),
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: LSTSConfig, targets: Targets = "auto") -> LSTS:
     """Use ``model`` minus its last linear layer as the patch encoder; add the coarse view, policy and gates."""
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -301,16 +326,3 @@ def convert(model: nn.Module, config: LSTSConfig, targets: Targets = "auto") -> 
     replace_module(model, name, nn.Identity())
     body = LearnableSampling(model, in_channels, fc.in_features, fc.out_features, config)
     return LSTS(body, recipe="lsts", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="lsts",
-        family="glimpse",
-        config_cls=LSTSConfig,
-        convert=convert,
-        paper="Learning Where to Focus for Efficient Video Object Detection (ECCV 2020), arXiv:1911.05253",
-        test_input=(1, 32, 32),
-        reproduces_base=False,
-    )
-)

@@ -7,20 +7,32 @@ Gaussian location policy picks where to look next, and the classifier reads the 
 location policy is trained with REINFORCE (reward 1 for a correct answer) and a learned baseline, the rest
 by back-propagated cross-entropy (the paper's hybrid loss). With ``learn_stopping=True`` (the default) a
 Bernoulli halting policy decides after each glimpse whether to stop (the paper's "learned number of glimpses"
-for its dynamic environments, here with a per-glimpse cost ``glimpse_cost`` in the reward); in sparse mode
+for its dynamic environments, here with a cost on the MACs above the budget in the reward); in sparse mode
 samples that stop leave the batch, so later glimpses run only for the samples still looking.
 
 Departures from the paper:
 
 * the first glimpse is at the image centre (the paper starts at a random location);
-* the halting policy stops when ``P(stop) > 0.5`` at inference; locations are the policy mean at inference
-  (the paper samples at test time too);
+* the halting policy stops after glimpse ``t`` when ``P(stop) >= stop_thresholds[t]`` at inference (0.5 until
+  calibrated); locations are the policy mean at inference (the paper samples at test time too);
 * hidden sizes default to 128 (the paper: 256) and the retina to 3 scales of 8×8 on 64×64 canvases
   (the paper: 3 scales of 12×12 on 60×60);
 * glimpse locations are recorded as trace outputs (``ram/location{t}``), not as decisions: decisions are the
   binary "take glimpse t" masks so that rates mean something;
 * ``reproduces_base=False``: RAM is its own architecture; the converted base network only gives the number of
   input channels and classes.
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the every-glimpse MACs per image (the
+dense network: ``max_glimpses`` glimpses, the heads between them and the classifier). With learned stopping the
+reward charges ``glimpse_cost`` per unit of MAC fraction above the budget (``f`` = the MAC fraction of the glimpses a
+sample took; the glimpses up to the budget are free), so the halting policy learns to spend about the budget, and
+calibration sets the per-glimpse stop thresholds from ``P(stop)`` on held-out images so that samples stop following
+MSDNet's geometric profile ``p_t ∝ q^t`` whose mean MAC fraction on them is the budget (``log q`` in
+``calibration[0]``, the thresholds in the ``stop_thresholds`` buffer; DT-RAM's calibration, one rate instead of a
+threshold per glimpse). Without learned stopping (``learn_stopping=False``, the
+paper's fixed number of glimpses) the budget sets that number at conversion: the number of glimpses whose MAC
+fraction is nearest the budget (the ``glimpse_limit`` buffer, which calibration moves as an integer knob).
+Reachable: from one glimpse (about 0.15 of the dense MACs with 6 glimpses) to every glimpse.
 """
 
 from __future__ import annotations
@@ -32,19 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import (
-    Decision,
-    DynamicBlock,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    register_recipe,
-)
+from dynnet.convert import Targets, first_conv_in_channels, num_classes_of
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob
+from dynnet.core.recipe import recipe
 from dynnet.estimators.reinforce import bernoulli_log_prob
-from dynnet.methods.glimpse._common import gaussian_log_prob, num_classes_of, policy_gradient_losses, retina_glimpse
+from dynnet.gates import exit_rate_for_budget
+from dynnet.methods.glimpse._common import gaussian_log_prob, policy_gradient_losses, retina_glimpse
 
 __all__ = ["RAM", "RAMConfig", "RecurrentAttention", "convert"]
 
@@ -56,18 +62,22 @@ class RAMConfig:
     """Settings of RAM.
 
     Attributes:
-        budget: unused (the cost enters the reward through ``glimpse_cost``); kept for the common API.
+        budget: target mean fraction of the every-glimpse MACs per image: the reward charges the MAC fraction above
+            it and calibration moves the halting logit to it (without learned stopping: it sets the number of
+            glimpses).
         glimpse_size: side of the retina's patches after resampling.
         num_scales: patches per glimpse (sides ``glimpse_size * 2^s``).
-        max_glimpses: glimpses per image (the fixed number of the paper when stopping is not learned).
+        max_glimpses: T, the most glimpses per image (the dense network takes them all).
         hidden: width of the recurrent core and of the glimpse network's output.
         glimpse_hidden: width of the "what" and "where" pathways of the glimpse network.
         location_std: standard deviation of the Gaussian location policy (in [-1, 1] units).
-        learn_stopping: learn when to stop (Bernoulli halting policy) instead of taking ``max_glimpses``.
-        glimpse_cost: reward penalty per glimpse, as a fraction of a correct answer's reward.
+        learn_stopping: learn when to stop (Bernoulli halting policy) instead of a fixed number of glimpses (the one
+            whose MAC fraction is nearest the budget).
+        glimpse_cost: reward penalty per unit of MAC fraction above the budget (about ``T`` glimpses), as a fraction
+            of a correct answer's reward.
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     glimpse_size: int = 8
     num_scales: int = 3
     max_glimpses: int = 6
@@ -75,9 +85,11 @@ class RAMConfig:
     glimpse_hidden: int = 128
     location_std: float = 0.15
     learn_stopping: bool = True
-    glimpse_cost: float = 0.02
+    glimpse_cost: float = 0.05
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if self.max_glimpses < 2:
             raise ValueError(f"max_glimpses must be at least 2, got {self.max_glimpses}")
         if self.location_std <= 0:
@@ -131,6 +143,19 @@ class RecurrentAttention(DynamicBlock):
             with torch.no_grad():
                 self.halting.weight.normal_(std=1e-3)
                 self.halting.bias.fill_(_CLOSED)
+        # Without learned stopping every sample takes the number of glimpses whose MAC fraction is nearest the
+        # budget (the dense network takes all ``max_glimpses``); ``None`` when the halting policy decides.
+        limit = None
+        if not config.learn_stopping:
+            side = config.glimpse_size * 2 ** (config.num_scales - 1)
+            fractions = self.stop_fractions(torch.zeros((1, in_channels, side, side)))
+            limit = torch.tensor(int((fractions - config.budget).abs().argmin()) + 1)
+        self.register_buffer("glimpse_limit", limit)
+        # At inference a sample stops after glimpse t when P(stop) >= stop_thresholds[t] (0.5 until calibrated).
+        # Subclasses with a stop rule of their own (DT-RAM) keep their thresholds and get none here.
+        own_rule = type(self).stop_rule is RecurrentAttention.stop_rule and config.learn_stopping
+        thresholds = torch.full((config.max_glimpses - 1,), 0.5) if own_rule else None
+        self.register_buffer("stop_thresholds", thresholds)
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self, x: Tensor, loc: Tensor, h: Tensor | None) -> Tensor:
@@ -150,8 +175,44 @@ class RecurrentAttention(DynamicBlock):
         return torch.tanh(self.policy(h)), p_stop
 
     def stop_rule(self, p_stop: Tensor, t: int) -> Tensor:
-        """Inference decision after glimpse ``t``: Tensor[N] bool, stop when ``P(stop) > 0.5``."""
-        return p_stop > 0.5
+        """Inference decision after glimpse ``t``: Tensor[N] bool, stop when ``P(stop) >= stop_thresholds[t]``
+        (without learned stopping ``P(stop)`` is 0 and nobody stops)."""
+        if self.stop_thresholds is None:
+            return p_stop > 0.5
+        return p_stop >= self.stop_thresholds[t].to(p_stop.dtype)
+
+    @torch.no_grad()
+    def stop_probabilities(self, x: Tensor) -> Tensor:
+        """Tensor[N, T - 1]: ``P(stop)`` after every glimpse but the last, every glimpse run (locations from the
+        policy mean). At inference a sample's glimpses up to its stop do not depend on the stop decisions, so these
+        are the scores the stop rule compares."""
+        loc, h, scores = x.new_zeros((x.shape[0], 2)), None, []
+        for _ in range(self.max_glimpses - 1):
+            h = self.step(x, loc, h)
+            loc, p_stop = self.heads(h)
+            scores.append(p_stop)
+        return torch.stack(scores, 1)
+
+    def classifier_cost(self, x: Tensor) -> int:
+        """Per-sample MACs of one classifier read-out."""
+        h = x.new_zeros((1, self.core_hidden.in_features))
+        return self.cost("classifier", lambda m, a: m.classifier(a), h)
+
+    def stop_costs(self, x: Tensor) -> Tensor:
+        """Tensor[T] float64: per-sample MACs of stopping after glimpse ``t`` (glimpses, heads, one classifier); the
+        last entry is the dense network's. The retina's patches have a fixed size, so the costs do not depend on the
+        image size."""
+        first, later, heads, _ = self._costs(x)
+        cls = self.classifier_cost(x)
+        steps = self.max_glimpses
+        return torch.tensor(
+            [first + t * later + min(t + 1, steps - 1) * heads + cls for t in range(steps)], dtype=torch.float64
+        )
+
+    def stop_fractions(self, x: Tensor) -> Tensor:
+        """Tensor[T] float64: MAC fraction of stopping after glimpse ``t`` (1 for the last)."""
+        costs = self.stop_costs(x)
+        return costs / costs[-1]
 
     def _after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
         """Called after glimpse ``t`` updated the states ``h_all`` of the ``alive`` samples (extension point)."""
@@ -184,6 +245,7 @@ class RecurrentAttention(DynamicBlock):
     def _run(self, x: Tensor, *, sparse: bool) -> Tensor:
         tr = current_trace()
         n, steps = x.shape[0], self.max_glimpses
+        limit = steps if self.glimpse_limit is None else int(self.glimpse_limit)
         first, later, heads_cost, base_cost = self._costs(x)
         everyone = torch.arange(n, device=x.device)
         alive = torch.ones(n, dtype=torch.bool, device=x.device)
@@ -228,6 +290,9 @@ class RecurrentAttention(DynamicBlock):
                 loc = loc.index_copy(0, rows, new_loc) if sparse else torch.where(alive[:, None], new_loc, loc)
                 go = go.index_copy(0, rows, stop < 0.5)
                 p_go = p_go.index_copy(0, rows, (1 - p_stop).to(x.dtype))
+            if t + 1 >= limit:  # the fixed number of glimpses is reached
+                go = torch.zeros_like(go)
+                p_go = torch.zeros_like(p_go)
             alive = alive & go
             count = count + alive.to(x.dtype)
             if tr is not None:
@@ -235,6 +300,8 @@ class RecurrentAttention(DynamicBlock):
                 tr.record_output(f"ram/location{t + 1}", loc)
         if tr is not None:
             tr.record_output("ram/glimpses", count)
+            if self.training:  # what the reward charges: the MAC fraction of stopping after each glimpse
+                tr.record_output("ram/stop_fractions", self.stop_fractions(x))
             if self.training and log_probs:
                 tr.record_output("ram/log_prob", torch.stack(log_probs, 1))
                 tr.record_output("ram/baseline", torch.stack(baselines, 1))
@@ -274,7 +341,7 @@ class RAM(DynamicModel):
         parts = {"task": float(task.detach())}
         total = task
         if "ram/log_prob" in t.outputs:
-            reward = self.reward(logits, target, t)
+            reward = self.reward(logits, target, t, self.config.budget if budget is None else budget)
             policy, value = policy_gradient_losses(
                 t.outputs["ram/log_prob"], reward, t.outputs["ram/baseline"], t.outputs["ram/taken"]
             )
@@ -286,12 +353,52 @@ class RAM(DynamicModel):
         """The back-propagated part of the hybrid loss: cross-entropy of the answer."""
         return F.cross_entropy(logits, target)
 
-    def reward(self, logits: Tensor, target: Tensor, t: Trace) -> Tensor:
-        """Tensor[N] return of each sample's episode: 1 if correct, minus ``glimpse_cost`` per glimpse / T."""
+    def reward(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> Tensor:
+        """Tensor[N] return of each sample's episode: 1 if correct, minus ``glimpse_cost · max(0, f - budget)`` with
+        ``f`` the MAC fraction of the glimpses it took (every glimpse = 1) when stopping is learned."""
+        cfg: RAMConfig = self.config
+        budget = cfg.budget if budget is None else budget
         correct = (logits.detach().argmax(1) == target).float()
+        if not cfg.learn_stopping:
+            return correct
         glimpses = t.outputs["ram/glimpses"].float()
-        cost = self.config.glimpse_cost * glimpses / self.config.max_glimpses if self.config.learn_stopping else 0.0
-        return correct - cost
+        fractions = t.outputs.get("ram/stop_fractions")
+        if fractions is None:  # a trace of another run: every glimpse costs 1 / T
+            fraction = glimpses / cfg.max_glimpses
+        else:
+            index = glimpses.round().long().clamp(1, cfg.max_glimpses) - 1
+            fraction = fractions.to(glimpses.device)[index].float()
+        return correct - cfg.glimpse_cost * (fraction - budget).clamp_min(0.0)
+
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """With learned stopping: per-glimpse stop thresholds from ``P(stop)`` on ``batches``, so that samples stop
+        following the geometric profile ``p_t ∝ q^t`` whose mean MAC fraction on them is ``budget`` (``log q`` kept in
+        ``calibration[0]``). Without: the number of glimpses (:meth:`budget_knob`)."""
+        body: RecurrentAttention = self.net
+        if body.stop_thresholds is None:
+            return super().calibrate_to_(batches, budget, tolerance)
+        scores = torch.cat([body.stop_probabilities(x) for x in batches]).float()
+        scores = torch.cat([scores, scores.new_ones((scores.shape[0], 1))], 1)  # the last glimpse always stops
+        log_q, thresholds, _ = exit_rate_for_budget(scores, body.stop_fractions(batches[0][:1]), budget,
+                                                    tolerance=tolerance)  # fmt: skip
+        with torch.no_grad():
+            body.stop_thresholds.copy_(thresholds)
+            self.calibration[0] = log_q
+        return {"stop rate log q": log_q}
+
+    def budget_knob(self) -> Knob | None:
+        """Without learned stopping, the number of glimpses (with it, :meth:`calibrate_to_` sets the stop
+        thresholds)."""
+        body: RecurrentAttention = self.net
+        if body.glimpse_limit is None:
+            return None
+        limit = body.glimpse_limit
+
+        def set_limit(v: float) -> None:
+            with torch.no_grad():
+                limit.fill_(round(v))
+
+        return Knob("number of glimpses", lambda: float(limit), set_limit, 1.0, float(body.max_glimpses), integer=True)
 
     def scramble_(self, generator: torch.Generator) -> int:
         """Random location and halting policies (testing): samples stop after different numbers of glimpses."""
@@ -303,21 +410,20 @@ class RAM(DynamicModel):
         return 4
 
 
+@recipe(
+    "ram",
+    paper="Recurrent Models of Visual Attention (NeurIPS 2014), arXiv:1406.6247",
+    budget=BudgetPolicy("trained+calibrated",
+                        knob="stop thresholds (rate q of the geometric stop profile; without learned stopping: the "
+                             "number of glimpses)",
+                        reachable=(0.2, 1.0),
+                        derives="reward charge on the MACs above the budget; without learned stopping, the number of "
+                                "glimpses"),
+    test_input=(1, 32, 32),
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: RAMConfig, targets: Targets = "auto") -> RAM:
     """Build a RAM with ``model``'s input channels and classes (the base network is not reused)."""
     in_channels = first_conv_in_channels(model) or 1
     body = RecurrentAttention(in_channels, num_classes_of(model), config)
     return RAM(body, recipe="ram", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="ram",
-        family="glimpse",
-        config_cls=RAMConfig,
-        convert=convert,
-        paper="Recurrent Models of Visual Attention (NeurIPS 2014), arXiv:1406.6247",
-        test_input=(1, 32, 32),
-        reproduces_base=False,
-    )
-)

@@ -38,7 +38,17 @@ Adaptation to image classification and to dynamic computation (departures from t
   the cross-entropy of the prediction (the average up to the halting step); the regulariser sums over the steps
   taken. With fewer steps than locations (``T < L``) it cannot reach 0: its minimum, ``L (1 - T / L)^2``, is
   attention spread uniformly; weight decay (the paper's third term) is left to the optimiser;
+* a MAC-budget loss is added to ACT's ponder cost (below);
 * ``reproduces_base=False``: the classifier is a new LSTM; the base network gives the CNN, channels and classes.
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the dense MACs per image (every frame
+through the CNN and the LSTM, the halting units included). Neither paper has a budget: ACT's knob is the time
+penalty ``tau`` (``ponder_weight``), which trades accuracy for compute at no fixed rate, so it is kept as is; the
+budget adds the MAC-budget loss ``budget_weight * (mean MAC fraction - budget)^2``, which reaches the halting unit
+through straight-through "step ran" indicators (exact in the forward pass, Graves's mean-field gradient), so the
+mean number of steps is pulled to the one the budget pays for. Calibration then subtracts one offset from the
+halting logit (``calibration[0]``, kept in the halting bias) until the mean MAC fraction on held-out images equals
+the budget. Reachable: from one step (``1 / max_steps`` of the dense MACs with ``frame_shift > 0``) to every step.
 """
 
 from __future__ import annotations
@@ -52,16 +62,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import (
-    Decision,
-    DynamicBlock,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    register_recipe,
-)
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
+from dynnet.core.recipe import recipe
 from dynnet.estimators.ponder import act_weights, halts, ponder_cost, straight_through_select
 from dynnet.gates import open_bias_
 
@@ -87,7 +90,8 @@ class VisualAttentionActionConfig:
     """Settings of the visual-attention LSTM.
 
     Attributes:
-        budget: unused (the ponder cost sets the number of steps); kept for the common API.
+        budget: target mean fraction of the dense MACs per image: the target of the MAC-budget loss on the halting
+            unit and of calibration (the halting logit offset).
         max_steps: T, frames (steps) at most per image.
         frame_shift: pixels between successive frames; 0: every step reads the same feature map (computed once).
         grid: K, the feature map is average-pooled to K × K attention locations.
@@ -96,9 +100,10 @@ class VisualAttentionActionConfig:
         ponder_weight: weight of ACT's ponder cost ``N + R`` (Graves's tau).
         attention_weight: lambda, weight of the doubly stochastic attention regulariser.
         step_weight: weight of the mean cross-entropy of the steps taken (the paper's per-step loss).
+        budget_weight: weight of the MAC-budget loss (0: ACT's ponder cost alone sets the number of steps).
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     max_steps: int = 4
     frame_shift: int = 2
     grid: int = 4
@@ -107,8 +112,13 @@ class VisualAttentionActionConfig:
     ponder_weight: float = 0.01
     attention_weight: float = 1.0
     step_weight: float = 1.0
+    budget_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if self.budget_weight < 0:
+            raise ValueError(f"budget_weight must be >= 0, got {self.budget_weight}")
         if self.max_steps < 2:
             raise ValueError(f"max_steps must be at least 2, got {self.max_steps}")
         if self.frame_shift < 0 or self.grid < 1 or self.hidden < 1:
@@ -280,7 +290,10 @@ class VisualAttentionAction(DynamicBlock):
         if tr is not None:
             for t, z in enumerate(step_logits):
                 tr.record_output(f"{NAME}/logits{t}", z)
-        self._record(x, act.ran, act.steps, act.remainder, torch.stack(attentions, 1), sparse=False)
+        # Whether each step ran, straight-through: exactly ``act.ran`` in the forward pass, with the mean-field
+        # gradient of Graves's weights, so that the MAC-budget loss on the recorded MACs reaches the halting unit.
+        ran = 1.0 - (select.cumsum(1) - select)
+        self._record(x, ran, act.steps, act.remainder, torch.stack(attentions, 1), sparse=False)
         return out
 
     def forward_sparse(self, x: Tensor) -> Tensor:
@@ -333,19 +346,19 @@ class VisualAttentionAction(DynamicBlock):
         trunk, init, step, halting = self._costs(x)
         rho = ponder_cost(steps, remainder)
         tr.record_output(f"{NAME}/attention", attention)
-        tr.record_output(f"{NAME}/entropy", attention_entropy(attention) * ran)
-        tr.record_output(f"{NAME}/taken", ran)
+        tr.record_output(f"{NAME}/entropy", attention_entropy(attention) * ran.detach())
+        tr.record_output(f"{NAME}/taken", ran.detach())
         tr.record_output(f"{NAME}/steps", steps.to(x.dtype))
         tr.record_output(f"{NAME}/ponder", rho)
         for t in range(self.max_steps):
             cost = step + (trunk + init if t == 0 else (trunk if self.frame_shift else 0))
             z = ran[:, t].double()
-            executed = z * cost if sparse else float(cost)
+            executed = z.detach() * cost if sparse else float(cost)
             tr.record_macs(
                 f"step{t}", z * cost, executed=executed, minimum=cost if t == 0 else 0.0, maximum=cost, dense=cost
             )
             if t < self.max_steps - 1:
-                executed = z * halting if sparse else float(halting)
+                executed = z.detach() * halting if sparse else float(halting)
                 lo = halting if t == 0 else 0.0
                 tr.record_macs(f"step{t}/halting", z * halting, executed=executed, minimum=lo, maximum=halting)
             if t > 0:
@@ -353,7 +366,12 @@ class VisualAttentionAction(DynamicBlock):
 
 
 class VisualAttentionActionModel(DynamicModel):
-    """The recipe's model; objective: CE of the halting step + mean per-step CE + attention regulariser + ponder."""
+    """The recipe's model; objective: CE of the halting step + mean per-step CE + attention regulariser + ponder +
+    MAC-budget loss."""
+
+    def budget_knob(self) -> Knob:
+        """One offset subtracted from the halting logit: the larger, the later samples halt."""
+        return LogitShift(self.calibration[0], [(self.net.halting.bias, None, -1.0)]).knob(name="halting logit offset")
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         cfg: VisualAttentionActionConfig = self.config
@@ -375,9 +393,20 @@ class VisualAttentionActionModel(DynamicModel):
         if cfg.ponder_weight:
             ponder = t.outputs[f"{NAME}/ponder"].mean()
             total, parts["ponder"] = total + cfg.ponder_weight * ponder, float(ponder.detach())
+        if cfg.budget_weight:
+            b = t.budget_loss(cfg.budget if budget is None else budget)
+            total, parts["budget"] = total + cfg.budget_weight * b, float(b.detach())
         return LossOutput(total, parts)
 
 
+@recipe(
+    NAME,
+    paper="Action Recognition using Visual Attention (ICLR 2016 workshop), arXiv:1511.04119",
+    budget=BudgetPolicy("trained+calibrated", knob="halting logit offset", reachable=(0.3, 1.0),
+                        derives="MAC-budget loss target = budget (the mean number of steps; ACT's tau kept as is)"),
+    test_input=(1, 32, 32),
+    reproduces_base=False,
+)  # fmt: skip
 def convert(
     model: nn.Module, config: VisualAttentionActionConfig, targets: Targets = "auto"
 ) -> VisualAttentionActionModel:
@@ -386,16 +415,3 @@ def convert(
     trunk, features, num_classes = _trunk_of(model)
     body = VisualAttentionAction(trunk, features, num_classes, config)
     return VisualAttentionActionModel(body, recipe=NAME, config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name=NAME,
-        family="glimpse",
-        config_cls=VisualAttentionActionConfig,
-        convert=convert,
-        paper="Action Recognition using Visual Attention (ICLR 2016 workshop), arXiv:1511.04119",
-        test_input=(1, 32, 32),
-        reproduces_base=False,
-    )
-)

@@ -14,10 +14,21 @@ Departures from the paper:
   1×1-projected, bilinearly up-sampled features of the previous sub-network (the paper concatenates dense-block
   features at every layer), then two stride-2 conv-BN-ReLU layers, global pooling and a linear exit;
 * one fusion link (sub-network s ← s-1) instead of dense cross-scale links; no within-scale early exits;
-* thresholds start at ``inf`` ("open": every sample reaches the last, full-resolution exit) and are set with
-  :meth:`RANet.calibrate` from held-out confidences with MSDNet's geometric exit schedule;
+* thresholds start at ``inf`` ("open": every sample reaches the last, full-resolution exit) and are set by
+  :func:`dynnet.calibrate` (or :meth:`RANet.calibrate`) from held-out confidences with MSDNet's geometric exit
+  schedule;
+* the exits' losses are weighted by the budget's exit profile, half and half with the paper's equal weights
+  (``exit_weighting``, 0: the paper's plain sum), as MSDNet suggests when the budget is known;
 * ``reproduces_base=False``: RANet is its own architecture; the converted base network only gives the number
   of input channels and classes.
+
+Budget: calibrated. ``budget`` is the target mean fraction of the dense MACs per image (every sub-network run,
+the last exit's answer). It is translated into MSDNet's geometric exit profile ``p_s ∝ q^s``: the rate ``q`` whose
+expected MACs (each exit's cost weighted by the fraction of samples leaving there) are the budget. That profile
+weights the exits' losses in training (``exit_weighting``), and :func:`dynnet.calibrate` sets the exit thresholds
+from held-out confidences so that the exits follow the profile whose mean MAC fraction on those images is the
+budget (``log q`` in ``calibration[0]``, the thresholds in the ``thresholds`` buffer). Reachable: from the first
+exit alone (about 0.13-0.15 of the dense MACs) to every sub-network.
 """
 
 from __future__ import annotations
@@ -30,20 +41,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels
-from dynnet.core import (
-    Decision,
-    DynamicBlock,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    register_recipe,
+from dynnet.convert import Targets, first_conv_in_channels, num_classes_of
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy
+from dynnet.core.recipe import recipe
+from dynnet.gates import (
+    confidence,
+    exit_fractions_for_budget,
+    exit_fractions_for_rate,
+    exit_rate_for_budget,
+    thresholds_for_fractions,
 )
-from dynnet.gates import confidence, exit_fractions_for_rate, thresholds_for_fractions
 
-__all__ = ["RANet", "RANetBody", "RANetConfig", "SubNetwork", "convert", "num_classes_of"]
+__all__ = ["RANet", "RANetBody", "RANetConfig", "SubNetwork", "convert"]
 
 
 @dataclass(frozen=True)
@@ -51,16 +61,24 @@ class RANetConfig:
     """Settings of RANet.
 
     Attributes:
-        budget: unused by the objective (exits are set by :meth:`RANet.calibrate`); kept for the common API.
+        budget: target mean fraction of the dense MACs per image; it sets the geometric exit profile that weights
+            the exits' losses and that calibration fits the exit thresholds to.
         scales: down-sampling factor of each sub-network's input, coarsest first (the last is usually 1).
         widths: channels of each sub-network (its stride-2 layers use twice as many).
+        exit_weighting: λ, exit ``s``'s loss weight is ``(1 - λ) + λ S p_s`` with ``p`` the budget's exit profile
+            (0: the paper's equal weights; the weights always sum to ``S``).
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     scales: tuple[int, ...] = (4, 2, 1)
     widths: tuple[int, ...] = (32, 24, 16)
+    exit_weighting: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
+        if not 0.0 <= self.exit_weighting <= 1.0:
+            raise ValueError(f"exit_weighting must be in [0, 1], got {self.exit_weighting}")
         if len(self.scales) < 2 or len(self.scales) != len(self.widths):
             raise ValueError(f"need >= 2 scales and one width per scale, got {self.scales} and {self.widths}")
         if list(self.scales) != sorted(self.scales, reverse=True) or min(self.scales) < 1:
@@ -160,6 +178,8 @@ class RANetBody(DynamicBlock):
                 self._decide(t, s, alive, x.dtype)
             if t is not None:
                 t.record_output(f"exit{s}", logits)
+        if t is not None and self.training:  # what the exits' loss weights are derived from
+            t.record_output("ranet/exit_fractions", torch.tensor(costs, dtype=torch.float64).cumsum(0) / sum(costs))
         return out
 
     def forward_sparse(self, x: Tensor) -> Tensor:
@@ -202,14 +222,37 @@ class RANetBody(DynamicBlock):
 
 
 class RANet(DynamicModel):
-    """RANet as a :class:`DynamicModel`; objective: the sum of the exits' cross-entropies."""
+    """RANet as a :class:`DynamicModel`; objective: the exits' cross-entropies, weighted by the budget's profile."""
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
+        budget = self.config.budget if budget is None else budget
         exits = [v for k, v in t.outputs.items() if k.startswith("exit")]
         terms = [F.cross_entropy(z, target) for z in exits] or [F.cross_entropy(logits, target)]
-        total = torch.stack(terms).sum()
+        weights = torch.ones(len(terms), dtype=torch.float64)
+        if "ranet/exit_fractions" in t.outputs and len(terms) > 1:
+            weights = self.exit_weights(t.outputs["ranet/exit_fractions"], budget)
+        total = (torch.stack(terms) * weights.to(terms[0])).sum()
         parts = {f"exit{i}": float(v.detach()) for i, v in enumerate(terms)}
         return LossOutput(total, parts)
+
+    def exit_weights(self, fractions: Tensor, budget: float) -> Tensor:
+        """Tensor[S] loss weights ``(1 - λ) + λ S p_s``, ``p`` the geometric exit profile whose expected MAC fraction
+        is ``budget`` given each exit's MAC fraction ``fractions`` (Tensor[S])."""
+        lam = self.config.exit_weighting
+        p = exit_fractions_for_budget(fractions, budget)
+        return (1.0 - lam) + lam * len(p) * p
+
+    def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
+        """Exit thresholds from the confidences on ``batches`` so that the exits follow the geometric profile whose
+        mean MAC fraction on them is ``budget`` (``log q`` kept in ``calibration[0]``)."""
+        body: RANetBody = self.net
+        conf = torch.cat([self.exit_confidences(x) for x in batches])
+        costs = torch.tensor(body.stage_costs(body.inputs(batches[0][:1])), dtype=torch.float64).cumsum(0)
+        log_q, thresholds, _ = exit_rate_for_budget(conf, costs / costs[-1], budget, tolerance=tolerance)
+        with torch.no_grad():
+            body.thresholds.copy_(thresholds)
+            self.calibration[0] = log_q
+        return {"exit rate log q": log_q}
 
     @torch.no_grad()
     def exit_confidences(self, x: Tensor) -> Tensor:
@@ -237,29 +280,17 @@ class RANet(DynamicModel):
         return len(body.subnets)
 
 
-def num_classes_of(model: nn.Module) -> int:
-    """Output features of the last linear layer of ``model`` (its number of classes)."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot find the number of classes of {type(model).__name__}: it has no nn.Linear")
-    return linears[-1].out_features
-
-
+@recipe(
+    "ranet",
+    paper="Resolution Adaptive Networks for Efficient Inference (CVPR 2020), arXiv:2003.07326",
+    budget=BudgetPolicy("calibrated", knob="exit thresholds (rate q of the geometric exit profile)",
+                        reachable=(0.2, 1.0),
+                        derives="geometric exit profile p_s ∝ q^s with expected MACs = budget; exit loss weights"),
+    test_input=(1, 32, 32),
+    reproduces_base=False,
+)  # fmt: skip
 def convert(model: nn.Module, config: RANetConfig, targets: Targets = "auto") -> RANet:
     """Build a RANet with ``model``'s input channels and classes (the base network is not reused)."""
     in_channels = first_conv_in_channels(model) or 3
     body = RANetBody(in_channels, num_classes_of(model), config)
     return RANet(body, recipe="ranet", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="ranet",
-        family="resolution",
-        config_cls=RANetConfig,
-        convert=convert,
-        paper="Resolution Adaptive Networks for Efficient Inference (CVPR 2020), arXiv:2003.07326",
-        test_input=(1, 32, 32),
-        reproduces_base=False,
-    )
-)

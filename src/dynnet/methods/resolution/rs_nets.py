@@ -11,12 +11,20 @@ runs once at its resolution (each sample pays only for its own resolution).
 Departures from the paper:
 
 * the per-input resolution policy is an addition (the paper picks one resolution per deployment); it is a tiny
-  strided convolution + linear layer on the lowest-resolution image, trained with the MAC-budget loss when
-  ``budget`` is set;
+  strided convolution + linear layer on the lowest-resolution image, trained with the MAC-budget loss;
 * the ensemble teacher is the plain mean of the resolutions' logits (the paper learns ensemble weights);
 * images are resized with bilinear interpolation (0 MACs by convention);
 * the policy starts open (full resolution, bias +6), whose private batch norms are the base network's own, so a
   fresh conversion and dense mode reproduce the base network.
+
+Budget: trained and calibrated. ``budget`` is the target mean fraction of the full-resolution network's MACs per
+image (the policy included). The paper's knob is the resolution chosen for a deployment; here it becomes the mix of
+resolutions the policy picks, trained with the MAC-budget loss ``budget_weight * (mean MAC fraction - budget)^2``.
+Calibration then adds ``delta * scale_r^2`` to the logit of every resolution ``r`` (one offset ``delta`` in
+``calibration[0]``, kept in the policy's bias): a larger ``delta`` favours the resolutions that cost more, so every
+input's chosen resolution, and the mean MAC fraction, grow monotonically with it until the mean MAC fraction on
+held-out images equals the budget. Reachable: from every input at the lowest resolution (about a quarter of the
+MACs at the default scales, plus the policy) to every input at full resolution.
 """
 
 from __future__ import annotations
@@ -32,16 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
-from dynnet.core import (
-    Decision,
-    DynamicBlock,
-    DynamicModel,
-    LossOutput,
-    RecipeSpec,
-    Trace,
-    current_trace,
-    register_recipe,
-)
+from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
+from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
+from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_softmax
 from dynnet.gates import open_bias_
 
@@ -83,20 +84,23 @@ class RSNetsConfig:
     """Settings of RS-Nets.
 
     Attributes:
-        budget: optional target fraction of the full-resolution MACs (MAC-budget loss on the policy).
+        budget: target mean fraction of the full-resolution MACs per image (policy included): the target of the
+            MAC-budget loss on the policy and of calibration (the cost-weighted resolution logit offset).
         scales: input scale of each resolution, the full one first.
         tau: Gumbel-Softmax temperature of the policy.
         distill_weight: weight of the ensemble distillation (KL) terms.
         budget_weight: weight of the MAC-budget loss.
     """
 
-    budget: float | None = None
+    budget: float = 0.5
     scales: tuple[float, ...] = (1.0, 0.75, 0.5)
     tau: float = 1.0
     distill_weight: float = 1.0
     budget_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
         if len(self.scales) < 2 or self.scales[0] != 1.0 or any(not 0 < s <= 1 for s in self.scales):
             raise ValueError(f"scales must start at 1.0 and lie in (0, 1], at least two, got {self.scales}")
 
@@ -196,7 +200,15 @@ class ResolutionSwitch(DynamicBlock):
 
 class RSNets(DynamicModel):
     """RS-Nets as a :class:`DynamicModel`; objective: CE of the chosen output + CE at every resolution +
-    ensemble distillation + MAC budget (when ``budget`` is set)."""
+    ensemble distillation + MAC budget."""
+
+    def budget_knob(self) -> Knob:
+        """One offset ``delta`` added as ``delta * scale_r^2`` to the logit of every resolution ``r``: the chosen
+        resolution's cost never decreases as ``delta`` grows (its cost ordering is the ordering of ``scale_r^2``)."""
+        body: ResolutionSwitch = self.net
+        bias = body.policy.fc.bias
+        entries = [(bias, r, s * s) for r, s in enumerate(body.scales)]
+        return LogitShift(self.calibration[0], entries).knob(lo=-100.0, hi=100.0, name="resolution logit offset")
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         budget = self.config.budget if budget is None else budget
@@ -209,13 +221,20 @@ class RSNets(DynamicModel):
             kd = torch.stack([F.kl_div(z.log_softmax(1), teacher, reduction="batchmean") for z in per_res]).mean()
             total = total + ce + self.config.distill_weight * kd
             parts.update(resolutions=float(ce.detach()), distill=float(kd.detach()))
-        if budget is not None:
+        if self.config.budget_weight:
             b = self.config.budget_weight * t.budget_loss(budget)
             total = total + b
             parts["budget"] = float(b.detach())
         return LossOutput(total, parts)
 
 
+@recipe(
+    "rs_nets",
+    paper="Resolution Switchable Networks for Runtime Efficient Image Recognition (ECCV 2020), arXiv:2007.09558",
+    budget=BudgetPolicy("trained+calibrated", knob="resolution logit offset (weighted by scale^2)",
+                        reachable=(0.3, 1.0),
+                        derives="MAC-budget loss target = budget (the mix of resolutions the policy picks)"),
+)  # fmt: skip
 def convert(model: nn.Module, config: RSNetsConfig, targets: Targets = "auto") -> RSNets:
     """Give every BatchNorm2d of ``model`` private copies per resolution and add the resolution policy."""
     bns = [(name, m) for name, m in model.named_modules() if type(m) is nn.BatchNorm2d]
@@ -225,14 +244,3 @@ def convert(model: nn.Module, config: RSNetsConfig, targets: Targets = "auto") -
     body = ResolutionSwitch(model, in_channels or 3, config)
     body.block_name = "resolution"
     return RSNets(body, recipe="rs_nets", config=copy.copy(config), in_channels=in_channels)
-
-
-SPEC = register_recipe(
-    RecipeSpec(
-        name="rs_nets",
-        family="resolution",
-        config_cls=RSNetsConfig,
-        convert=convert,
-        paper="Resolution Switchable Networks for Runtime Efficient Image Recognition (ECCV 2020), arXiv:2007.09558",
-    )
-)
