@@ -93,7 +93,7 @@ def create_model(name: str, recipe: str | None = None, *, budget: float | None =
     from dynnet.models import MODELS
 
     _load_methods()  # method packages register their own base models (e.g. msdnet_tiny)
-    pretrained = kwargs.pop("pretrained", False) if name in MODELS else False
+    pretrained = kwargs.pop("pretrained", False) if isinstance(name, str) and name in MODELS else False
     if pretrained:
         return _create_pretrained(name, recipe, "fashion_mnist" if pretrained is True else str(pretrained), budget,
                                   kwargs)  # fmt: skip

@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--no-profile", action="store_true", help="skip the latency measurement")
         p.add_argument("--progress", action="store_true", help="show a progress bar")
+        p.add_argument(
+            "--init", default=None,
+            help="start from trained weights: a .safetensors file, a pretrain folder, a static run's checkpoint, "
+            "torchvision:NAME or timm:NAME",
+        )  # fmt: skip
+        p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense --init base")
 
     p = sub.add_parser("pretrain", help="train a dense base network with a real schedule (safetensors + manifest)")
     p.add_argument("--model", default="cifar_resnet20")

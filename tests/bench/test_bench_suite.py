@@ -94,7 +94,7 @@ def _fake_row(job, profile, data, **kwargs) -> dict:
     return {"job": job.id, "kind": job.kind, "recipe": job.recipe or "static", "family": "f", "model": job.model,
             "width": job.width, "depth": job.depth, "budget": job.budget, "seed": job.seed, "dataset": job.dataset,
             "status": "ok", "error": "", "accuracy": 0.5, "mean_macs": 1.0, "test_images": 10,
-            "mac_fraction": 1.0}  # fmt: skip
+            "mac_fraction": job.budget or 1.0, "achieved": job.budget}  # fmt: skip
 
 
 def test_a_failing_job_is_recorded_and_the_suite_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,3 +34,22 @@ def test_unknown_name_lists_known() -> None:
 def test_bad_names_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="lowercase"):
         Registry("thing").register(bad, 1)
+
+
+def test_a_recipe_must_declare_its_budget_policy_and_a_reachable_default() -> None:
+    import dataclasses
+
+    from dynnet.core.budget import BudgetPolicy
+    from dynnet.core.recipe import RECIPES, RecipeSpec, register_recipe
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        budget: float = 0.2
+
+    spec = RecipeSpec(name="undeclared_budget", family="f", config_cls=Config, convert=lambda *a: None, paper="p")
+    with pytest.raises(TypeError, match="declare how it honours a budget"):
+        register_recipe(spec)
+    narrow = dataclasses.replace(spec, budget=BudgetPolicy("calibrated", reachable=(0.4, 1.0)))
+    with pytest.raises(ValueError, match=r"default budget 0.2 is outside its reachable \[0.4, 1.0\]"):
+        register_recipe(narrow)
+    assert "undeclared_budget" not in RECIPES

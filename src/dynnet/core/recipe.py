@@ -60,10 +60,11 @@ def register_recipe(spec: RecipeSpec) -> RecipeSpec:
     declared reachable range."""
     if not dataclasses.is_dataclass(spec.config_cls):
         raise TypeError(f"recipe {spec.name!r}: config_cls must be a dataclass")
-    if not isinstance(spec.budget, BudgetPolicy):  # TRANSITION: strict once every recipe declares
-        spec = dataclasses.replace(spec, budget=BudgetPolicy("trained+calibrated"))
-        RECIPES.register(spec.name, spec)
-        return spec
+    if not isinstance(spec.budget, BudgetPolicy):
+        raise TypeError(
+            f"recipe {spec.name!r}: declare how it honours a budget, e.g. "
+            f"@recipe({spec.name!r}, budget=BudgetPolicy('trained+calibrated'))"
+        )
     fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
     if "budget" not in fields:
         raise TypeError(f"recipe {spec.name!r}: its config needs a `budget` field (fraction of the dense MACs)")

@@ -330,7 +330,8 @@ def _train_step(
 
     n = x.shape[0]
     log["loss"] = float(loss.detach())
-    log.update(parts)
+    # A loss part named like a logged setting (the "budget" loss term vs the budget target) keeps the target.
+    log.update({(f"loss_{k}" if k in log else k): v for k, v in parts.items()})
     correct = float((logits.detach().argmax(1) == y).sum())
     m = state.meter
     m["n"] = m.get("n", 0.0) + n
