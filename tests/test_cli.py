@@ -50,6 +50,8 @@ def test_macs_of_a_converted_model(capsys: pytest.CaptureFixture[str]) -> None:
         (["macs", "--model", "cifar_resnet8", "--recipe", "convnet_aig", "--budget", "1.5"], "budget must be"),
         (["train", "--data", "no_such_data", "--epochs", "1"], "unknown dataset 'no_such_data'"),
         (["macs", "--model", "cifar_resnet8", "--input", "3,32"], "C,H,W"),
+        (["prune", "--init", "zoo:nope", "--macs", "1.5", "--out", "x"], "must be in (0, 1]"),
+        (["prune", "--init", "nowhere", "--macs", "0.5", "--out", "x", "--data", "synthetic"], "no weights there"),
     ],
 )
 def test_errors_exit_2_with_one_line(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:

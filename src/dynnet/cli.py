@@ -109,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (resumable; model.safetensors + manifest.json at the end)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
+    p = sub.add_parser("prune", help="static baseline: a trained base with its lowest-L1 channels removed, fine-tuned")
+    p.add_argument("--init", required=True, help="the trained base: zoo:KEY, a .safetensors file or pretrain folder")
+    p.add_argument("--macs", type=float, required=True, help="MAC fraction of the pruned network (0, 1]")
+    p.add_argument("--model", default="cifar_resnet20")
+    p.add_argument("--data", default="fashion_mnist", help="registered dataset")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (the dynamic recipes' fine-tune schedule)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--subset", type=int, default=0, help="training images; 0 = all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, help="run folder (model.safetensors + manifest.json; never overwritten)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+
     add_train_args(sub.add_parser("train", help="train, test (sparse) and time a recipe"))
     add_train_args(
         sub.add_parser("quickstart", help="train with the defaults (ResNet-20 + ConvNet-AIG, Fashion-MNIST)")
@@ -228,6 +243,26 @@ def _pretrain(args: argparse.Namespace) -> None:
     print(f"  written {args.out}/model.safetensors (sha256 {m['sha256'][:16]}...), manifest.json")
 
 
+def _prune(args: argparse.Namespace) -> None:
+    from dynnet.train.prune import prune
+
+    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
+        raise ValueError(
+            f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, {args.batch_size}, {args.lr}"
+        )
+    m = prune(
+        args.init, args.macs, out_dir=args.out, model=args.model, data=args.data, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, subset=args.subset or None, threads=args.threads,
+        data_root=args.data_root, progress=args.progress,
+    )  # fmt: skip
+    p = m["pruned"]
+    print(
+        f"dynnet: pruned {m['model']} to {p['mac_fraction']:.3f} of its MACs ({m['macs'] / 1e6:.2f} M): test accuracy "
+        f"{100 * m['test_accuracy']:.2f} % after fine-tuning ({100 * p['accuracy_before_fine_tuning']:.2f} % before)"
+    )
+    print(f"  written {args.out}/model.safetensors (sha256 {m['sha256'][:16]}...), manifest.json")
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     import torch
 
@@ -325,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dynnet.core import UnknownNameError
     from dynnet.data import DatasetNotFoundError
 
-    if args.command in ("train", "quickstart", "pretrain"):
+    if args.command in ("train", "quickstart", "pretrain", "prune"):
         # The command is an application: show the loop's epoch lines and gate-health warnings.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {
@@ -334,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "quickstart": _train,
         "pretrain": _pretrain,
+        "prune": _prune,
         "calibrate": _calibrate,
         "eval": _eval,
         "bench": _bench,

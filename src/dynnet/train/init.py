@@ -26,7 +26,8 @@ def resolve_init(init: str | os.PathLike[str] | nn.Module | dict[str, Tensor]) -
         init: a module or a state_dict; a ``.safetensors`` file (``dynnet pretrain``'s ``model.safetensors``) or a
             folder holding one; a dynnet checkpoint (stem or ``.json``) of a static network;
             ``torchvision:NAME`` (the torchvision model's default weights) or ``timm:NAME`` (timm's pretrained
-            weights; both need the weights in the local cache or internet).
+            weights; both need the weights in the local cache or internet); ``zoo:KEY`` (weights shipped in
+            :mod:`dynnet.zoo`, e.g. ``zoo:cifar_resnet20-fashion_mnist``).
 
     Raises:
         ValueError: nothing usable at that name (one line saying what was looked for).
@@ -36,6 +37,10 @@ def resolve_init(init: str | os.PathLike[str] | nn.Module | dict[str, Tensor]) -
     if isinstance(init, dict):
         return dict(init)
     text = str(init)
+    if text.startswith("zoo:"):
+        from dynnet.zoo import checked_state
+
+        return checked_state(text.split(":", 1)[1])[1]
     if text.startswith("torchvision:"):
         import torchvision
 
@@ -65,7 +70,7 @@ def resolve_init(init: str | os.PathLike[str] | nn.Module | dict[str, Tensor]) -
         return _checkpoint_state(checkpoint_paths(path)[0])
     raise ValueError(
         f"--init {text}: no weights there (expected a .safetensors file, a folder with model.safetensors, a dynnet "
-        "checkpoint, torchvision:NAME or timm:NAME)"
+        "checkpoint, zoo:KEY, torchvision:NAME or timm:NAME)"
     )
 
 

@@ -2,9 +2,11 @@
 baselines the benchmark compares against.
 
 Each entry is two files in ``dynnet/zoo/weights/``: ``<key>.safetensors`` and ``<key>.json``, the manifest that
-``dynnet pretrain`` wrote (the command that produced the weights, data, settings, test accuracy, date, machine and
-the sha256 of the weights). The key is ``<model>[x<width>]-<data>``: ``cifar_resnet20-fashion_mnist``,
-``cifar_resnet20x0.75-fashion_mnist``. :func:`ship` copies a finished ``dynnet pretrain`` run folder in.
+``dynnet pretrain`` or ``dynnet prune`` wrote (the command that produced the weights, data, settings, test
+accuracy, date, machine and the sha256 of the weights). The key is ``<model>[x<width>][p<fraction>]-<data>``:
+``cifar_resnet20-fashion_mnist`` (the dense base), ``cifar_resnet20x0.75-fashion_mnist`` (a narrower static
+baseline), ``cifar_resnet20p0.5-fashion_mnist`` (the base pruned to half its MACs and fine-tuned). :func:`ship`
+copies a finished run folder in; :func:`load` builds any entry's network with its weights.
 
 ``dynnet.create_model("cifar_resnet20", pretrained=True)`` loads them (hash checked); torchvision and timm weights
 keep their own loaders (``weights=...``, ``pretrained=True`` for ``timm/<name>``).
@@ -19,15 +21,55 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["WEIGHTS_DIR", "load_pretrained", "ship", "shipped", "weights_key"]
+__all__ = ["WEIGHTS_DIR", "checked_state", "load", "load_pretrained", "ship", "shipped", "weights_key"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
-def weights_key(model: str, data: str, width: float | None = None) -> str:
-    """``cifar_resnet20-fashion_mnist``, ``cifar_resnet20x0.75-fashion_mnist``."""
+def weights_key(model: str, data: str, width: float | None = None, pruned: float | None = None) -> str:
+    """``cifar_resnet20-fashion_mnist``, ``cifar_resnet20x0.75-fashion_mnist``, ``cifar_resnet20p0.5-fashion_mnist``."""
     w = "" if width in (None, 1.0) else f"x{width:g}"
-    return f"{model}{w}-{data}"
+    p = "" if pruned is None else f"p{pruned:g}"
+    return f"{model}{w}{p}-{data}"
+
+
+def _entry(key: str) -> tuple[dict[str, Any], Path]:
+    entries = shipped()
+    if key not in entries:
+        known = ", ".join(entries) or "none"
+        raise ValueError(f"no shipped weights {key!r}; shipped: {known} (train your own with `dynnet pretrain`)")
+    return entries[key], WEIGHTS_DIR / f"{key}.safetensors"
+
+
+def checked_state(key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(manifest, state_dict)`` of shipped entry ``key``, after checking the weights' sha256.
+
+    Raises:
+        ValueError: no such entry (the message lists the shipped ones) or a hash mismatch.
+    """
+    from safetensors.torch import load_file
+
+    from dynnet.train.pretrain import sha256_of
+
+    manifest, path = _entry(key)
+    digest = sha256_of(path)
+    if digest != manifest["sha256"]:
+        raise ValueError(f"{path} does not match its manifest (sha256 {digest[:12]}… ≠ {manifest['sha256'][:12]}…)")
+    return manifest, load_file(str(path))
+
+
+def load(key: str) -> nn.Module:
+    """The network of shipped entry ``key`` (see :func:`shipped`) with its weights (sha256 checked), in eval mode;
+    pruned entries get their pruned layer shapes."""
+    from dynnet.models import build_base_model
+    from dynnet.train.prune import resize_like
+
+    manifest, state = checked_state(key)
+    net = build_base_model(manifest["model"], **manifest["model_kwargs"])
+    if manifest.get("pruned"):
+        resize_like(net, state)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
 
 
 def shipped() -> dict[str, dict[str, Any]]:
@@ -42,22 +84,10 @@ def load_pretrained(net: nn.Module, model: str, *, data: str = "fashion_mnist", 
     Raises:
         ValueError: no such entry (the message lists the shipped ones), a hash mismatch, or weights that do not fit.
     """
-    from safetensors.torch import load_file
-
-    from dynnet.train.pretrain import sha256_of
-
     key = weights_key(model, data, width)
-    entries = shipped()
-    if key not in entries:
-        known = ", ".join(entries) or "none"
-        raise ValueError(f"no shipped weights {key!r}; shipped: {known} (train your own with `dynnet pretrain`)")
-    manifest = entries[key]
-    path = WEIGHTS_DIR / f"{key}.safetensors"
-    digest = sha256_of(path)
-    if digest != manifest["sha256"]:
-        raise ValueError(f"{path} does not match its manifest (sha256 {digest[:12]}… ≠ {manifest['sha256'][:12]}…)")
+    manifest, state = checked_state(key)
     try:
-        net.load_state_dict(load_file(str(path)), strict=True)
+        net.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(
             f"shipped weights {key!r} do not fit the network: {' '.join(str(err).split())[:200]}"
@@ -66,7 +96,8 @@ def load_pretrained(net: nn.Module, model: str, *, data: str = "fashion_mnist", 
 
 
 def ship(run_dir: str | Path, *, force: bool = False) -> Path:
-    """Copy a finished ``dynnet pretrain`` run (``model.safetensors`` + ``manifest.json``) into the package.
+    """Copy a finished ``dynnet pretrain`` or ``dynnet prune`` run (``model.safetensors`` + ``manifest.json``) into
+    the package.
 
     Raises:
         ValueError: the run is not finished, or the entry exists and ``force`` is false.
@@ -76,7 +107,8 @@ def ship(run_dir: str | Path, *, force: bool = False) -> Path:
     if not manifest_path.is_file() or not weights.is_file():
         raise ValueError(f"{run} holds no finished pretraining run (manifest.json + model.safetensors)")
     manifest = json.loads(manifest_path.read_text())
-    key = weights_key(manifest["model"], manifest["data"], manifest["settings"].get("width"))
+    settings = manifest["settings"]
+    key = weights_key(manifest["model"], manifest["data"], settings.get("width"), settings.get("pruned"))
     target = WEIGHTS_DIR / f"{key}.safetensors"
     if target.exists() and not force:
         raise ValueError(f"{target} exists: pass force=True to replace it")
