@@ -101,3 +101,52 @@ def test_train_prints_budget_and_achieved_then_calibrate_writes_a_new_checkpoint
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(out / "checkpoint-b0.8"), "--data", "synthetic"]) == 0
     assert "budget 0.80 → achieved" in capsys.readouterr().out
+
+
+def test_quickstart_fine_tunes_the_shipped_base_and_shows_the_static_networks_side_by_side(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import dynnet.zoo as zoo
+    from dynnet.train.pretrain import pretrain
+    from dynnet.train.prune import prune
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "weights")
+    out = tmp_path / "quick"
+    argv = ["quickstart", "--model", "cifar_resnet8", "--data", "synthetic", "--subset", "64", "--batch-size", "32",
+            "--out", str(out), "--no-profile", "--epochs", "1"]  # fmt: skip
+    assert main(argv) == 0  # nothing shipped: from scratch, and it says so
+    assert "no shipped base 'cifar_resnet8-synthetic'" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text())["static"] == []
+
+    data = {"num_train": 96, "num_test": 64}
+    pretrain("cifar_resnet8", "synthetic", out_dir=tmp_path / "base", epochs=1, batch_size=32, dataset_kwargs=data)
+    zoo.ship(tmp_path / "base")
+    prune("zoo:cifar_resnet8-synthetic", 0.5, out_dir=tmp_path / "p", model="cifar_resnet8", data="synthetic",
+          epochs=1, batch_size=32, dataset_kwargs=data)  # fmt: skip
+    zoo.ship(tmp_path / "p")
+    out = tmp_path / "quick2"
+    argv = [*argv[:-5], "--out", str(out), "--no-profile"]  # the quickstart's own fine-tuning schedule
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "no shipped base" not in text
+    for label in ("side by side", "dense base", "cifar_resnet8-synthetic", "dynamic convnet_aig", "verdict"):
+        assert label in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["init"] == "zoo:cifar_resnet8-synthetic" and results["settings"]["epochs"] == 1
+    assert results["settings"]["distill"] == 1.0
+    assert {r["name"] for r in results["static"]} == {"cifar_resnet8-synthetic", "cifar_resnet8p0.5-synthetic"}
+    fractions = sorted(r["mac_fraction"] for r in results["static"])
+    assert abs(fractions[0] - 0.5) <= 0.05 and fractions[1] == pytest.approx(1.0)
+
+
+def test_best_static_is_the_most_accurate_network_within_the_dynamic_models_macs() -> None:
+    from dynnet.bench.experiment import best_static
+
+    rows = [{"name": "dense", "mac_fraction": 1.0, "accuracy": 0.93}, {"name": "p0.5", "mac_fraction": 0.5,
+            "accuracy": 0.90}, {"name": "x0.5", "mac_fraction": 0.27, "accuracy": 0.88}, {"name": "p0.52",
+            "mac_fraction": 0.52, "accuracy": 0.91}]  # fmt: skip
+    assert best_static(rows, 0.5)["name"] == "p0.52"  # within the benchmark's tolerance of 0.03
+    assert best_static(rows, 0.45)["name"] == "x0.5"
+    assert best_static(rows, 0.2) is None

@@ -125,9 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show a progress bar")
 
     add_train_args(sub.add_parser("train", help="train, test (sparse) and time a recipe"))
-    add_train_args(
-        sub.add_parser("quickstart", help="train with the defaults (ResNet-20 + ConvNet-AIG, Fashion-MNIST)")
+    p = sub.add_parser(
+        "quickstart",
+        help="the main job: fine-tune ConvNet-AIG from the shipped ResNet-20 at budget 0.5 on Fashion-MNIST and "
+        "show it beside the shipped static networks",
     )
+    add_train_args(p)
+    # Fine-tuning from the shipped base when there is one (QUICKSTART_FINE_TUNE), else dynnet train's defaults.
+    p.set_defaults(init="auto", epochs=None, lr=None, distill=None)
 
     p = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds so that it spends a budget")
     p.add_argument("--checkpoint", required=True, help="checkpoint stem or its .json/.safetensors file")
@@ -208,16 +213,34 @@ def _macs(args: argparse.Namespace) -> None:
         print(f"ops without a counting rule: {', '.join(sorted(report.uncounted))}")
 
 
+QUICKSTART_FINE_TUNE = {"epochs": 1, "lr": 0.02, "distill": 1.0}
+"""The main job's fine-tuning from the shipped base: one epoch of the default subset, distilled from the base."""
+FROM_SCRATCH = {"epochs": 3, "lr": 0.1, "distill": 0.0}
+"""``dynnet train``'s schedule without trained weights."""
+
+
 def _train(args: argparse.Namespace) -> None:
     from dynnet.bench.experiment import run_experiment
 
     recipe = None if args.recipe in (None, "none") else args.recipe
+    compare = False
+    if args.init == "auto":  # quickstart: the shipped base of the model on this data, when there is one
+        from dynnet import zoo
+
+        key = zoo.weights_key(args.model, args.data, args.width)
+        compare = key in zoo.shipped()
+        args.init = f"zoo:{key}" if compare else None
+        for name, value in (QUICKSTART_FINE_TUNE if compare else FROM_SCRATCH).items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        if not compare:
+            print(f"dynnet: no shipped base {key!r}: training from scratch for {args.epochs} epoch(s)")
     result = run_experiment(
         model=args.model, recipe=recipe, budget=args.budget if recipe else None, dataset=args.data,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, subset=args.subset or None, out_dir=args.out,
         seed=args.seed, data_root=args.data_root, threads=args.threads, profile=not args.no_profile,
         progress=args.progress, model_kwargs={"width": args.width} if args.width else None, init=args.init,
-        distill=args.distill,
+        distill=args.distill if args.init else 0.0, compare_static=compare,
     )  # fmt: skip
     print(result.summary())
     if args.out:

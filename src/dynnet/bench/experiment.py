@@ -25,7 +25,7 @@ from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import machine_info
 from dynnet.train import EvalResult, TrainConfig, build_model, evaluate, fit
 
-__all__ = ["DEFAULT_SUBSET", "ExperimentResult", "run_experiment"]
+__all__ = ["DEFAULT_SUBSET", "ExperimentResult", "best_static", "run_experiment", "shipped_static"]
 
 logger = logging.getLogger("dynnet.bench")
 
@@ -49,6 +49,8 @@ class ExperimentResult:
         checkpoint: the checkpoint JSON, or ``None``.
         budget: the target MAC fraction and what was achieved: ``{"target", "val", "test", "calibrated",
             "thresholds"}`` (``val``: on the validation split after calibration; ``test``: on the test split).
+        static: the shipped static networks of the same model and data, measured the same way (see
+            :func:`shipped_static`; empty unless asked for).
     """
 
     settings: dict[str, Any]
@@ -61,6 +63,7 @@ class ExperimentResult:
     seconds: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     budget: dict[str, Any] = field(default_factory=dict)
+    static: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: settings, test metrics, profile, machine, history, timings."""
@@ -73,6 +76,7 @@ class ExperimentResult:
             "seconds": self.seconds,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "budget": self.budget,
+            "static": self.static,
             "history": self.history,
         }  # fmt: skip
 
@@ -108,6 +112,46 @@ class ExperimentResult:
                 f"  machine                 {self.machine.get('machine')} {self.machine.get('cpu_count')} CPUs, "
                 f"{p.get('threads')} threads, load average {self.machine.get('loadavg_1m')} (shared: timings are noisy)"
             )
+        if self.static:
+            lines.append(self.side_by_side())
+        return "\n".join(lines)
+
+    def dynamic_row(self) -> dict[str, Any]:
+        """This run as a row of :meth:`side_by_side`."""
+        s, t, p = self.settings, self.test, self.profile
+        return {
+            "name": f"dynamic {s['recipe']} (budget {s['budget']})" if s["recipe"] else f"static {s['model']}",
+            "accuracy": t.accuracy, "test_images": t.num_samples, "macs": float(t.macs.mean()),
+            "mac_fraction": t.mac_fraction, **{k: p[k] for k in ("b1_sparse_ms", "b64_sparse_ms") if k in p},
+            **{k: p[k] for k in ("b1_realized_ratio", "b64_realized_ratio") if k in p},
+        }  # fmt: skip
+
+    def side_by_side(self) -> str:
+        """The dense base, the best static network at the dynamic model's MACs, and the dynamic model: accuracy
+        (± 2 standard errors), MACs and latency, then a one-line verdict."""
+        dyn = self.dynamic_row()
+        best = best_static(self.static, dyn["mac_fraction"])
+        dense = max(self.static, key=lambda r: r["mac_fraction"])
+        rows = [("dense base", dense), *([("best static ≤ its MACs", best)] if best else []), ("dynamic", dyn)]
+        head = f"  {'':<24}{'network':<44}{'test accuracy':>18}{'MACs / image':>20}{'batch 1':>11}{'batch 64':>11}"
+        lines = ["", "  side by side (same test images; latency in sparse mode for the dynamic model):", head]
+        for label, r in rows:
+            se = 2 * (r["accuracy"] * (1 - r["accuracy"]) / r["test_images"]) ** 0.5
+            b1 = f"{r['b1_sparse_ms']:.2f} ms" if "b1_sparse_ms" in r else "–"
+            b64 = f"{r['b64_sparse_ms']:.1f} ms" if "b64_sparse_ms" in r else "–"
+            acc = f"{100 * r['accuracy']:.2f} ± {100 * se:.2f} %"
+            macs = f"{r['macs'] / 1e6:.2f} M ({100 * r['mac_fraction']:.0f} %)"
+            lines.append(f"  {label:<24}{r['name']:<44}{acc:>18}{macs:>20}{b1:>11}{b64:>11}")
+        if best is None:
+            lines.append("  verdict: no shipped static network at or below the dynamic model's MACs")
+        else:
+            gap = 100 * (dyn["accuracy"] - best["accuracy"])
+            se = 100 * (sum(r["accuracy"] * (1 - r["accuracy"]) / r["test_images"] for r in (dyn, best)) ** 0.5)
+            word = "above" if gap > 2 * se else "below" if gap < -2 * se else "level with (within 2 SE of)"
+            lines.append(
+                f"  verdict: the dynamic model is {gap:+.2f} points, {word} the best static network at "
+                f"{100 * best['mac_fraction']:.0f} % of the dense MACs (it spends {100 * dyn['mac_fraction']:.0f} %)"
+            )
         return "\n".join(lines)
 
 
@@ -135,6 +179,7 @@ def run_experiment(
     dataset_kwargs: dict[str, Any] | None = None,
     init: Any = None,
     distill: float = 0.0,
+    compare_static: bool = False,
 ) -> ExperimentResult:
     """Train, test and time one recipe.
 
@@ -163,6 +208,8 @@ def run_experiment(
             ``model.safetensors``, a static checkpoint, ``torchvision:NAME``, ``timm:NAME``). With it the budget is
             annealed from 1 over the first epoch unless ``train_overrides`` says otherwise (gates warm up open).
         distill: weight of the distillation loss from the dense base (``TrainConfig.distill``).
+        compare_static: also test and time the shipped static networks of ``model`` on ``dataset``
+            (:func:`shipped_static`); the summary then shows them side by side with this run.
 
     Returns:
         :class:`ExperimentResult` (also written to ``out_dir/results.json``).
@@ -231,11 +278,65 @@ def run_experiment(
         sparse_masked_agreement=agreement, profile=row, machine=machine_info(), seconds=seconds,
         checkpoint=result.checkpoint, budget=budget_row,
     )  # fmt: skip
+    if compare_static:
+        start = time.perf_counter()
+        out.static = shipped_static(
+            model, dataset, loaders, dense_macs=test.dense_macs, profile=profile, batch_sizes=batch_sizes,
+            threads=threads, min_run_time=min_run_time,
+        )  # fmt: skip
+        seconds["static"] = time.perf_counter() - start
     if out_dir is not None:
         path = Path(out_dir) / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out.as_dict(), indent=1, default=str))
     return out
+
+
+def shipped_static(
+    model: str,
+    dataset: str,
+    loaders: Any,
+    *,
+    dense_macs: float | None = None,
+    profile: bool = True,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Every static network of ``model`` trained on ``dataset`` that :mod:`dynnet.zoo` ships (the dense base, the
+    narrower ones, the pruned ones), tested on ``loaders.test`` and timed like a dynamic run.
+
+    Returns:
+        One row per entry: ``name`` (the zoo key), ``accuracy``, ``test_images``, ``macs``, ``mac_fraction`` (of
+        ``dense_macs``, default the dense base's), ``b{B}_sparse_ms`` (the static network's latency) and its
+        manifest's ``command``.
+    """
+    from dynnet import zoo
+
+    rows = []
+    for key, manifest in zoo.shipped().items():
+        if manifest.get("model") != model or manifest.get("data") != dataset:
+            continue
+        net = zoo.load(key)
+        result = evaluate(net, loaders.test, mode="dense")
+        row: dict[str, Any] = {"name": key, "accuracy": result.accuracy, "test_images": result.num_samples,
+                               "macs": float(result.macs.mean()), "command": manifest.get("command")}  # fmt: skip
+        if profile:
+            images = torch.cat([x for x, _ in _first_batches(loaders.test, max(max(batch_sizes), 32))])
+            timed = profile_model(net, images, batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time)
+            row.update({f"b{b}_sparse_ms": timed[f"b{b}_dense_ms"] for b in batch_sizes})
+        rows.append(row)
+    dense = dense_macs or max((r["macs"] for r in rows), default=1.0)
+    for r in rows:
+        r["mac_fraction"] = r["macs"] / dense
+    return rows
+
+
+def best_static(rows: list[dict[str, Any]], mac_fraction: float, tolerance: float = 0.03) -> dict[str, Any] | None:
+    """The most accurate static row that spends at most ``mac_fraction`` (+ ``tolerance``, the budget tolerance of
+    the benchmark) of the dense MACs, or ``None``."""
+    fit_rows = [r for r in rows if r["mac_fraction"] <= mac_fraction + tolerance]
+    return max(fit_rows, key=lambda r: r["accuracy"], default=None)
 
 
 def _first_batches(loader, n: int):
