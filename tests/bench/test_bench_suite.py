@@ -206,3 +206,22 @@ def test_pad_images_centres_the_batch_on_a_black_canvas_and_the_loader_keeps_its
     padded = suite._Padded(loader, (4, 5), black)
     assert len(padded) == 2 and padded.sampler is loader.sampler
     assert [tuple(b.shape) for b, _ in padded] == [(1, 1, 4, 5)] * 2
+
+
+def test_a_budget_outside_the_declared_range_is_recorded_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dynnet.core import RECIPES as REGISTRY
+
+    assert REGISTRY.get("act").budget.reachable[0] > 0.25  # the precondition: 0.25 is out of act's reach
+    monkeypatch.setattr(suite, "_load_data", lambda *a, **k: None)
+    monkeypatch.setattr(suite, "_example_payload", lambda data: {})
+    ran: list[str] = []
+    monkeypatch.setattr(suite, "run_job", lambda job, *a, **k: ran.append(job.id) or _fake_row(job, *a, **k))
+    rows = run_suite(dataclasses.replace(TINY, budgets=(0.25, 0.5)), tmp_path, ["act"], progress=False)
+    status = {r["job"]: r["status"] for r in rows}
+    assert status["act-b0.25-s0"] == "unreachable" and status["act-b0.5-s0"] == "ok"
+    assert "act-b0.25-s0" not in ran and "act-b0.5-s0" in ran
+    report = (tmp_path / "report.md").read_text()
+    assert "Not run, budget outside the recipe's declared reachable range" in report and "act at 0.25" in report
+    assert "## Failed jobs" not in report

@@ -289,7 +289,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     ver = verdicts(rows)
     agg = aggregate(rows)
-    errors = [r for r in rows if r.get("status") != "ok"]
+    errors = [r for r in rows if r.get("status") not in ("ok", "unreachable")]
+    unreachable = [r for r in rows if r.get("status") == "unreachable"]
     loads = [float(r["machine"]["loadavg_1m"]) for r in rows if isinstance(r.get("machine"), dict)]
     wall = sum(float(r.get("wall_seconds") or 0) for r in rows)
     static = sorted((r for r in agg if r["kind"] == "static"), key=lambda r: (r["dataset"], r["mean_macs"]))
@@ -357,6 +358,10 @@ def write_report(
         else:
             err = next(r for r in errors if r["recipe"] == name)
             lines.append(f"- **{name}**: failed — `{_short(err.get('error', ''))}`")
+    if unreachable:
+        lines += ["", "Not run, budget outside the recipe's declared reachable range (the conversion refuses it): "
+                  + ", ".join(f"{r['recipe']} at {r['budget']:g} ({r['error'].split('reachable ')[-1]})"
+                              for r in unreachable) + "."]  # fmt: skip
     lines += ["", "## Static baselines", "", "| model | width | dataset | accuracy | MACs (M) | b1 ms | b64 ms |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in static:

@@ -613,7 +613,8 @@ def run_suite(
         report: write the table, plots and report at the end.
 
     Returns:
-        One row per job (dicts; ``status`` is ``"ok"`` or ``"error"``).
+        One row per job (dicts; ``status`` is ``"ok"``, ``"error"``, or ``"unreachable"`` for a budget outside the
+        recipe's declared range, which is not run).
     """
     from dynnet.bench.latency import machine_info
 
@@ -644,6 +645,9 @@ def run_suite(
             settings = job.settings(profile)
             path = out / "runs" / f"{job.id}.json"
             row = _finished(path, settings, retry_errors)
+            if row is None and (refused := _out_of_range(job)) is not None:
+                row = refused | {"settings": settings}
+                _write_json(path, row)
             if row is None:
                 ran += 1
                 row = _run_one(job, profile, data_cache, out, settings, checkpoint_dir)
@@ -665,6 +669,24 @@ def run_suite(
         logging.getLogger("dynnet").removeHandler(handler)
         logging.getLogger("dynnet").setLevel(previous_level)
         handler.close()
+
+
+def _out_of_range(job: Job) -> dict[str, Any] | None:
+    """The row of a recipe job whose budget lies outside the recipe's declared reachable range (not run: the
+    conversion would refuse it), or ``None``."""
+    from dynnet.core import RECIPES
+
+    if job.kind != "recipe" or job.budget is None:
+        return None
+    spec = RECIPES.get(job.recipe)
+    lo, hi = spec.budget.reachable
+    if lo - 1e-9 <= job.budget <= hi + 1e-9:
+        return None
+    return {
+        "job": job.id, "kind": job.kind, "recipe": job.recipe, "family": spec.family, "model": job.model,
+        "width": job.width, "depth": job.depth, "budget": job.budget, "seed": job.seed, "dataset": job.dataset,
+        "status": "unreachable", "error": f"budget {job.budget:g} is outside the declared reachable [{lo:g}, {hi:g}]",
+    }  # fmt: skip
 
 
 def _run_one(
