@@ -55,3 +55,32 @@ def test_pretrained_errors_are_one_clear_line(run, weights_dir) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="does not match its manifest"):
         dynnet.create_model("cifar_resnet8", pretrained="synthetic", width=0.25)
+
+
+SHIPPED = sorted(zoo.shipped())
+
+
+@pytest.mark.parametrize("key", SHIPPED)
+def test_every_shipped_entry_has_its_manifest_matches_its_hash_and_loads(key: str) -> None:
+    manifest = zoo.shipped()[key]
+    for field in ("command", "data", "settings", "test_accuracy", "test_images", "date", "sha256", "torch"):
+        assert manifest.get(field) is not None, f"{key}: manifest lacks {field}"
+    assert manifest["command"].startswith(("dynnet pretrain ", "dynnet prune "))
+    net = zoo.load(key)  # raises on a hash mismatch or weights that do not fit
+    x = torch.randn(2, manifest["model_kwargs"]["in_channels"], 28, 28)
+    assert net(x).shape == (2, manifest["model_kwargs"]["num_classes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", SHIPPED)
+def test_every_shipped_entry_reaches_its_stated_accuracy_on_a_test_subset(key: str) -> None:
+    from dynnet.data import build_loaders
+    from dynnet.train import evaluate
+
+    manifest = zoo.shipped()[key]
+    loaders = build_loaders(manifest["data"], batch_size=500, val_fraction=0.0, seed=0)
+    subset = torch.utils.data.Subset(loaders.test.dataset, range(2000))
+    result = evaluate(zoo.load(key), torch.utils.data.DataLoader(subset, batch_size=500), mode="dense")
+    stated = manifest["test_accuracy"]
+    se = (stated * (1 - stated) / 2000) ** 0.5
+    assert result.accuracy >= stated - 3 * se, f"{key}: {result.accuracy:.4f} on 2,000 test images, stated {stated}"
