@@ -686,7 +686,7 @@ class EarlyExitModel(DynamicModel):
             ValueError: ``budget`` lies outside the MAC fractions the thresholds reach on ``batches`` (every image
                 at the first exit … every image at the last).
         """
-        from dynnet.methods.early_exit.calibration import calibrate_thresholds, collect_exits
+        from dynnet.methods.early_exit.calibration import calibrate_to_budget_, collect_exits
 
         was_training = self.training
         modes = {name: block.mode for name, block in dynamic_blocks(self)}
@@ -696,18 +696,8 @@ class EarlyExitModel(DynamicModel):
             for name, block in dynamic_blocks(self):
                 block.mode = modes.get(name, block.mode)
             self.train(was_training)
-        lo, hi = profile.reachable
-        if not lo - tolerance <= budget <= hi + tolerance:
-            raise ValueError(
-                f"budget {budget:.3f} is outside the MAC fractions [{lo:.3f}, {hi:.3f}] that {self.recipe}'s exit "
-                "thresholds reach on these images (every image at the first exit … every image at the last): choose "
-                "a budget in that range"
-            )
-        cal = calibrate_thresholds(profile, budget)
-        self.set_thresholds(cal.thresholds)
-        with torch.no_grad():
-            self.calibration[0] = cal.p
-        return {"exit profile p": cal.p, **{f"exit{k} threshold": float(v) for k, v in enumerate(cal.thresholds)}}
+        extremes = "every image at the first exit … every image at the last"
+        return calibrate_to_budget_(self, profile, budget, tolerance, extremes=extremes)
 
     # -- thresholds ---------------------------------------------------------------------------------
     @property

@@ -35,6 +35,7 @@ __all__ = [
     "budgeted_curve",
     "calibrate_",
     "calibrate_thresholds",
+    "calibrate_to_budget_",
     "collect_exits",
 ]
 
@@ -209,6 +210,40 @@ def calibrate_thresholds(profile: ExitProfile, target_fraction: float, *, iters:
     thr, _, log_p = best
     acc, frac, rates = _evaluate(profile, apply_thresholds(scores, thr))
     return Calibration(thr, float(target_fraction), frac, acc, rates, float(torch.tensor(log_p).exp()))
+
+
+def calibrate_to_budget_(
+    model: Any, profile: ExitProfile, budget: float, tolerance: float, *, extremes: str, label: str = "exit"
+) -> dict[str, float]:
+    """The body of an exit model's ``calibrate_to_`` (what :func:`dynnet.calibrate` calls): calibrate ``profile`` to
+    ``budget``, set the model's thresholds and its ``calibration[0]`` (the geometric profile's ``p``).
+
+    Args:
+        model: a model with ``set_thresholds`` and a ``calibration`` buffer (an early-exit model, DT-RAM).
+        profile: the exits' scores on the calibration images.
+        budget: the target mean MAC fraction.
+        tolerance: how far outside the reachable range a budget may lie and still be accepted (clamped).
+        extremes: what the two ends of the range are, for the error (``"every image at the first exit … at the
+            last"``).
+        label: the name of one threshold in the returned dict (``"exit"`` → ``"exit0 threshold"``).
+
+    Returns:
+        ``{"exit profile p": p, "<label>0 threshold": ..., ...}``.
+
+    Raises:
+        ValueError: ``budget`` lies outside the MAC fractions the thresholds reach on these images.
+    """
+    lo, hi = profile.reachable
+    if not lo - tolerance <= budget <= hi + tolerance:
+        raise ValueError(
+            f"budget {budget:.3f} is outside the MAC fractions [{lo:.3f}, {hi:.3f}] that {model.recipe}'s thresholds "
+            f"reach on these images ({extremes}): choose a budget in that range"
+        )
+    cal = calibrate_thresholds(profile, budget)
+    model.set_thresholds(cal.thresholds)
+    with torch.no_grad():
+        model.calibration[0] = cal.p
+    return {"exit profile p": cal.p, **{f"{label}{k} threshold": float(v) for k, v in enumerate(cal.thresholds)}}
 
 
 def calibrate_(

@@ -73,7 +73,7 @@ from dynnet.convert import Targets, first_conv_in_channels, num_classes_of
 from dynnet.core import Trace, current_trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
-from dynnet.methods.early_exit.calibration import Calibration, ExitProfile, calibrate_thresholds
+from dynnet.methods.early_exit.calibration import Calibration, ExitProfile, calibrate_thresholds, calibrate_to_budget_
 from dynnet.methods.glimpse.ram import RAM, RAMConfig, RecurrentAttention
 from dynnet.train.hooks import FitState, Hook
 
@@ -342,18 +342,8 @@ class DTRAM(RAM):
             profile = self.exit_profile(batches)
         finally:
             self.train(was_training)
-        lo, hi = profile.reachable
-        if not lo - tolerance <= budget <= hi + tolerance:
-            raise ValueError(
-                f"budget {budget:.3f} is outside the MAC fractions [{lo:.3f}, {hi:.3f}] that dt_ram's stop thresholds "
-                "reach on these images (every image stopping after its first glimpse … after the last): choose a "
-                "budget in that range"
-            )
-        cal = calibrate_thresholds(profile, budget)
-        self.set_thresholds(cal.thresholds)
-        with torch.no_grad():
-            self.calibration[0] = cal.p
-        return {"exit profile p": cal.p, **{f"glimpse{k} threshold": float(v) for k, v in enumerate(cal.thresholds)}}
+        extremes = "every image stopping after its first glimpse … after the last"
+        return calibrate_to_budget_(self, profile, budget, tolerance, extremes=extremes, label="glimpse")
 
     def calibrate(
         self,
