@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image
 import pytest
@@ -156,6 +157,23 @@ def test_profiles_are_valid_and_reject_bad_settings() -> None:
         dataclasses.replace(quick, budgets=(1.5,))
     with pytest.raises(dataclasses.FrozenInstanceError):
         quick.epochs = 3  # type: ignore[misc]
+    standard = PROFILES["standard"]
+    assert standard.init == "zoo" and standard.test_subset is None and standard.subset is None
+    assert standard.pruned_fractions == standard.budgets == (0.25, 0.5, 0.75) and standard.shipped_static
+    with pytest.raises(ValueError, match="need the trained base"):
+        dataclasses.replace(quick, pruned_fractions=(0.5,))
+
+
+def test_a_profile_that_starts_from_missing_shipped_weights_is_refused_before_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dynnet.zoo as zoo
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(suite, "run_job", lambda *a, **k: pytest.fail("a job ran"))
+    profile = dataclasses.replace(TINY, init="zoo")
+    with pytest.raises(ValueError, match="lacks: make it with `dynnet pretrain --model cifar_resnet8"):
+        run_suite(profile, tmp_path / "out", ["convnet_aig"], progress=False)
 
 
 def test_record_examples_is_generic_over_decisions() -> None:
@@ -225,3 +243,42 @@ def test_a_budget_outside_the_declared_range_is_recorded_not_run(
     report = (tmp_path / "report.md").read_text()
     assert "Not run, budget outside the recipe's declared reachable range" in report and "act at 0.25" in report
     assert "## Failed jobs" not in report
+
+
+def test_a_fine_tuning_profile_starts_recipes_from_the_shipped_base_and_adds_pruned_and_shipped_baselines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dynnet.zoo as zoo
+    from dynnet.train.pretrain import pretrain
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "weights")
+    pretrain("cifar_resnet8", "synthetic", out_dir=tmp_path / "base", width=0.25, epochs=1, batch_size=32,
+             dataset_kwargs=dict(TINY.dataset_kwargs))  # fmt: skip
+    zoo.ship(tmp_path / "base")
+    profile = dataclasses.replace(TINY, static_depths=(), static_widths=(), init="zoo", distill=1.0,
+                                  pruned_fractions=(0.5,), shipped_static=True)  # fmt: skip
+    assert profile.init_for("synthetic") == "zoo:cifar_resnet8x0.25-synthetic"
+    import dynnet.train
+
+    seen: list[tuple[Any, ...]] = []
+    real_fit = dynnet.train.fit
+
+    def spying_fit(model, *args, init=None, teacher=None, **kwargs):
+        seen.append((init, teacher is not None, args[1].distill))
+        return real_fit(model, *args, init=init, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr("dynnet.train.fit", spying_fit)
+    rows = run_suite(profile, tmp_path / "out", ["convnet_aig"], progress=False)
+    by_job = {r["job"]: r for r in rows}
+    assert set(by_job) == {"pruned-p0.5-s0", "shipped-cifar_resnet8x0.25-synthetic", "convnet_aig-b0.5-s0"}
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    pruned, shipped, aig = by_job["pruned-p0.5-s0"], by_job["shipped-cifar_resnet8x0.25-synthetic"], by_job[
+        "convnet_aig-b0.5-s0"]  # fmt: skip
+    assert abs(pruned["mac_fraction"] - 0.5) <= 0.1 and pruned["recipe"] == "pruned"
+    assert shipped["mac_fraction"] == 1.0 and shipped["history"] == []
+    assert aig["init"] == "zoo:cifar_resnet8x0.25-synthetic" and aig["distill"] == 1.0
+    assert sorted(seen, key=str) == sorted(
+        [(None, True, 1.0), ("zoo:cifar_resnet8x0.25-synthetic", False, 1.0)], key=str
+    )  # the pruned network distils from its dense base; the recipe starts from the base (and distils from it)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "pruned to 0.5 + fine-tuned" in report and "shipped (its own schedule)" in report

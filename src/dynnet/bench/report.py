@@ -362,11 +362,15 @@ def write_report(
         lines += ["", "Not run, budget outside the recipe's declared reachable range (the conversion refuses it): "
                   + ", ".join(f"{r['recipe']} at {r['budget']:g} ({r['error'].split('reachable ')[-1]})"
                               for r in unreachable) + "."]  # fmt: skip
-    lines += ["", "## Static baselines", "", "| model | width | dataset | accuracy | MACs (M) | b1 ms | b64 ms |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "## Static baselines", "",
+              "| model | width | made by | dataset | accuracy | MACs (M) | b1 ms | b64 ms |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in static:
+        made = {"static": "trained (suite schedule)", "shipped": "shipped (its own schedule)"}.get(r["recipe"])
+        if r["recipe"] == "pruned":
+            made = f"pruned to {r['budget']:g} + fine-tuned"
         lines.append(
-            f"| {r['model']} | {r['width']:g} | {r['dataset']} | {100 * r['accuracy']:.2f} % | "
+            f"| {r['model']} | {r['width']:g} | {made or r['recipe']} | {r['dataset']} | {100 * r['accuracy']:.2f} % | "
             f"{r['mean_macs'] / 1e6:.3f} | {_f(r.get('b1_sparse_ms'))} | {_f(r.get('b64_sparse_ms'))} |"
         )
     lines += [

@@ -99,6 +99,14 @@ class BenchProfile:
             and, with ``cpu_latency``, again on the CPU.
         cpu_latency: also time on the CPU when training ran on a GPU.
         examples: test images whose decisions are recorded for the example panel.
+        init: trained weights the recipes on the profile's base start from (``"zoo"``: the shipped
+            ``zoo:<base>[x<width>]-<dataset>``; or anything ``fit``'s ``init`` takes). The budget then anneals from 1
+            over the first epoch. Recipes that run on another base (their own architecture) train from scratch.
+        distill: weight of the distillation from the dense ``init`` base (recipes and pruned baselines alike).
+        pruned_fractions: static baselines made by pruning ``init``'s channels (lowest L1 norm) to these MAC
+            fractions and fine-tuning them with exactly the recipes' schedule (``recipe`` column ``"pruned"``).
+        shipped_static: the static networks of the base model and dataset shipped in :mod:`dynnet.zoo` (trained with
+            the base's own long schedule) join the static front, tested and timed like the others (``"shipped"``).
     """
 
     name: str = "quick"
@@ -127,6 +135,10 @@ class BenchProfile:
     device: str | None = "cpu"
     cpu_latency: bool = True
     examples: int = 8
+    init: str | None = None
+    distill: float = 0.0
+    pruned_fractions: tuple[float, ...] = ()
+    shipped_static: bool = False
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -139,6 +151,18 @@ class BenchProfile:
             raise ValueError("seeds must not be empty")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.pruned_fractions and self.init is None:
+            raise ValueError("pruned_fractions need the trained base to prune: set init")
+        if any(not 0.0 < f < 1.0 for f in self.pruned_fractions):
+            raise ValueError(f"pruned_fractions must be in (0, 1), got {self.pruned_fractions}")
+
+    def init_for(self, dataset: str) -> str | None:
+        """The ``init`` of the recipes and pruned baselines on ``dataset`` (``"zoo"`` resolved to its key)."""
+        if self.init != "zoo":
+            return self.init
+        from dynnet.zoo import weights_key
+
+        return f"zoo:{weights_key(self.base, dataset, self.width)}"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready settings."""
@@ -165,6 +189,33 @@ PROFILES: dict[str, BenchProfile] = {
         threads=1,
         train_threads=1,
         device="cpu",
+    ),
+    # 2 CPU cores, run in pieces (resumable job by job; commit runs/ as it grows): every recipe fine-tuned from the
+    # shipped ResNet-20 (distilled from it) at budgets 0.25 / 0.5 / 0.75 on all of Fashion-MNIST, tested on the whole
+    # test set in sparse mode; the static front is the shipped static networks (the base's own 30-epoch schedule)
+    # and the base pruned to the same MAC levels and fine-tuned with exactly the recipes' schedule.
+    "standard": BenchProfile(
+        name="standard",
+        base="cifar_resnet20",
+        width=1.0,
+        subset=None,
+        val_fraction=0.1,
+        test_subset=None,
+        epochs=2,
+        lr=0.02,
+        budgets=(0.25, 0.5, 0.75),
+        static_depths=(),
+        static_widths=(),
+        seeds=(0,),
+        min_run_time=0.5,
+        batch1_samples=32,
+        threads=2,
+        train_threads=2,
+        device="cpu",
+        init="zoo",
+        distill=1.0,
+        pruned_fractions=(0.25, 0.5, 0.75),
+        shipped_static=True,
     ),
     # One GPU, roughly 10 hours (estimated, not yet run): ResNet-20 at full width on all of Fashion-MNIST, 2 seeds,
     # glimpse recipes on the cluttered canvas (with their own static front). ~300 jobs of 15 epochs.
@@ -205,6 +256,10 @@ class Job:
         recipe: recipe name (``None`` for a static baseline).
         budget: recipe budget (``None`` for a static baseline).
         depth: ResNet depth of a static baseline.
+        source: how a static baseline is made: ``"scratch"`` (trained with the suite's schedule), ``"pruned"`` (the
+            profile's ``init`` pruned to ``budget`` of its MACs, then fine-tuned) or ``"shipped"`` (the zoo entry
+            ``key``, tested as shipped).
+        key: the zoo key of a shipped static baseline.
     """
 
     id: str
@@ -216,12 +271,14 @@ class Job:
     recipe: str | None = None
     budget: float | None = None
     depth: int | None = None
+    source: str = "scratch"
+    key: str | None = None
 
     def settings(self, profile: BenchProfile) -> dict[str, Any]:
         """What determines the job's result: a finished job is reused only if these are unchanged."""
         keys = ("epochs", "max_steps", "batch_size", "lr", "subset", "val_fraction", "test_subset",
                 "train_overrides", "dataset_kwargs", "batch_sizes", "min_run_time", "batch1_samples", "threads",
-                "train_threads", "device", "cpu_latency", "examples")  # fmt: skip
+                "train_threads", "device", "cpu_latency", "examples", "init", "distill")  # fmt: skip
         p = profile.as_dict()
         return dataclasses.asdict(self) | {k: p[k] for k in keys}
 
@@ -265,6 +322,21 @@ def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> li
                     static_jobs.append(
                         Job(f"static-d{depth}-w{width:g}{tag}-s{seed}", "static", f"cifar_resnet{depth}", width,
                             data, seed, depth=depth)
+                    )  # fmt: skip
+        for fraction in sorted(profile.pruned_fractions):
+            for seed in profile.seeds:
+                static_jobs.append(
+                    Job(f"pruned-p{fraction:g}{tag}-s{seed}", "static", profile.base, profile.width, data, seed,
+                        budget=fraction, source="pruned")
+                )  # fmt: skip
+        if profile.shipped_static:
+            from dynnet.zoo import shipped
+
+            for key, manifest in shipped().items():
+                if manifest.get("model", "").startswith("cifar_resnet") and manifest.get("data") == data:
+                    static_jobs.append(
+                        Job(f"shipped-{key}", "static", manifest["model"],
+                            float(manifest["settings"].get("width") or 1.0), data, 0, source="shipped", key=key)
                     )  # fmt: skip
     return static_jobs + recipe_jobs
 
@@ -384,6 +456,21 @@ def _build(job: Job, profile: BenchProfile, info: Any) -> tuple[nn.Module, str, 
     from dynnet.train import build_model
 
     common = {"in_channels": info.in_channels, "num_classes": info.num_classes}
+    if job.source == "shipped":
+        from dynnet.zoo import load
+
+        assert job.key is not None
+        return load(job.key), job.model, job.width, None
+    if job.source == "pruned":
+        from dynnet.train.init import load_init
+        from dynnet.train.prune import prune_channels
+
+        assert job.budget is not None
+        base = build_model(profile.base, **common, width=profile.width)
+        load_init(base, profile.init_for(job.dataset))
+        example = torch.zeros(1, info.in_channels, *info.image_size)
+        pruned, _ = prune_channels(base, job.budget, example)
+        return pruned, profile.base, profile.width, None
     if job.kind == "static":
         assert job.depth is not None
         name = f"cifar_resnet{job.depth}"
@@ -482,13 +569,21 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
         data = _pad_data(data, size)
     device = profile.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = None if checkpoint_dir is None else Path(checkpoint_dir) / job.id
+    init, teacher, warm = _fine_tune_plan(job, profile, model, base, width, data.info)
     config = TrainConfig(
         **{"epochs": profile.epochs, "lr": profile.lr, "seed": job.seed, "max_steps": profile.max_steps,
            "device": device, "out_dir": out, "resume": out is not None, "progress": False,
-           **dict(profile.train_overrides)}
+           "distill": profile.distill if (init is not None or teacher is not None) else 0.0,
+           **warm, **dict(profile.train_overrides)}
     )  # fmt: skip
     start = time.perf_counter()
-    fitted = fit(model, data.train, config, val_loader=data.val)  # calibrates to the budget on validation
+    if job.source == "shipped":  # tested as shipped: no training
+        from dynnet.train.loop import FitResult
+
+        model.to(device)
+        fitted = FitResult(history=[], val=None, checkpoint=None)
+    else:  # calibrates to the budget on validation
+        fitted = fit(model, data.train, config, val_loader=data.val, init=init, teacher=teacher)
     seconds["train"] = time.perf_counter() - start
     cal = fitted.calibration
     calibration = {
@@ -523,17 +618,22 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
     examples = record_examples(model, data.example_images.to(device)) if len(data.example_images) else {}
 
     spec = RECIPES.get(job.recipe) if job.recipe else None
+    source = "static" if job.source == "scratch" else job.source
+    fraction_of_base = ev.mac_fraction
+    if job.source != "scratch":  # a pruned or shipped network: its MACs as a fraction of the profile's dense base
+        fraction_of_base = float(ev.macs.mean()) / _dense_macs(profile, data.info, data.images[:1])
     row: dict[str, Any] = {
-        "job": job.id, "kind": job.kind, "recipe": job.recipe or "static", "family": spec.family if spec else "static",
+        "job": job.id, "kind": job.kind, "recipe": job.recipe or source, "family": spec.family if spec else "static",
         "model": base, "width": width, "depth": job.depth, "budget": job.budget, "seed": job.seed,
         "dataset": job.dataset, "status": "ok", "error": "", "padded_to": None if size is None else list(size),
         "base_fallback": bool(spec is not None and (base != job.model or width != job.width)),
+        "init": None if init is None else str(init), "distill": config.distill,
         "params": sum(p.numel() for p in model.parameters()),
         "accuracy": ev.accuracy, "test_images": ev.num_samples, "loss": ev.loss,
         "mean_macs": float(ev.macs.mean()), "mean_executed_macs": float(ev.executed.mean()),
-        "dense_macs": ev.dense_macs, "mac_fraction": ev.mac_fraction, "achieved": ev.mac_fraction,
-        "achieved_val": None if fitted.val is None else fitted.val.mac_fraction,
-        "on_budget": on_budget(job.budget, ev.mac_fraction),
+        "dense_macs": ev.dense_macs, "mac_fraction": fraction_of_base, "achieved": fraction_of_base,
+        "achieved_val": None if fitted.val is None or job.kind == "static" else fitted.val.mac_fraction,
+        "on_budget": on_budget(job.budget, fraction_of_base),
         "executed_fraction": float(ev.executed.mean()) / ev.dense_macs,
         "macs_q": _quantiles(ev.macs), "executed_q": _quantiles(ev.executed),
         "mean_macs_correct": float(ev.macs[correct].mean()) if correct.any() else math.nan,
@@ -548,6 +648,36 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
     }  # fmt: skip
     row.update(timing)
     return row
+
+
+def _dense_macs(profile: BenchProfile, info: Any, image: Tensor) -> float:
+    """MACs per image of the profile's dense base network (on ``image``: Tensor[1, C, H, W])."""
+    from dynnet.macs import count_macs
+    from dynnet.train import build_model
+
+    net = build_model(profile.base, in_channels=info.in_channels, num_classes=info.num_classes, width=profile.width)
+    return float(count_macs(net.eval(), image.cpu()).mean)
+
+
+def _fine_tune_plan(
+    job: Job, profile: BenchProfile, model: nn.Module, base: str, width: float, info: Any
+) -> tuple[str | None, nn.Module | None, dict[str, Any]]:
+    """``(init, teacher, TrainConfig overrides)`` of a job: a recipe on the profile's own base starts from the
+    profile's ``init`` with the budget annealed from 1; a pruned baseline is already initialised and distils from
+    the dense base it was pruned from; everything else trains from scratch."""
+    start = profile.init_for(job.dataset)
+    if start is None:
+        return None, None, {}
+    if job.kind == "recipe" and base == profile.base and width == profile.width:
+        return start, None, {"budget_start": 1.0, "budget_warmup_epochs": min(1.0, profile.epochs / 2)}
+    if job.source == "pruned" and profile.distill > 0:
+        from dynnet.train import build_model
+        from dynnet.train.init import frozen_teacher, load_init
+
+        dense = build_model(profile.base, in_channels=info.in_channels, num_classes=info.num_classes, width=width)
+        load_init(dense, start)
+        return None, frozen_teacher(dense), {}
+    return None, None, {}
 
 
 def _corr(a: Tensor, b: Tensor) -> float:
@@ -631,6 +761,7 @@ def run_suite(
         torch.set_num_threads(profile.train_threads)
     try:
         jobs = plan_jobs(profile, recipes)
+        _check_init(profile, {job.dataset for job in jobs})
         logger.info("suite %s: %d jobs, out_dir %s", profile.name, len(jobs), out)
         _write_json(out / "profile.json", profile.as_dict())
         rows: list[dict[str, Any]] = []
@@ -669,6 +800,23 @@ def run_suite(
         logging.getLogger("dynnet").removeHandler(handler)
         logging.getLogger("dynnet").setLevel(previous_level)
         handler.close()
+
+
+def _check_init(profile: BenchProfile, datasets: set[str]) -> None:
+    """Refuse a profile that starts from shipped weights the package does not have (one line saying how to make
+    them), before any job runs."""
+    if profile.init != "zoo":
+        return
+    from dynnet.zoo import shipped
+
+    for data in sorted(datasets):
+        key = profile.init_for(data).split(":", 1)[1]  # type: ignore[union-attr]
+        if key not in shipped():
+            raise ValueError(
+                f"profile {profile.name!r} fine-tunes from the shipped {key!r}, which this installation lacks: make it "
+                f"with `dynnet pretrain --model {profile.base} --data {data} --out runs/pretrain/{key}` and "
+                "dynnet.zoo.ship(that folder)"
+            )
 
 
 def _out_of_range(job: Job) -> dict[str, Any] | None:
