@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (the dynamic recipes' fine-tune schedule)")
     p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the unpruned base")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--subset", type=int, default=0, help="training images; 0 = all")
     p.add_argument("--seed", type=int, default=0)
@@ -276,7 +277,7 @@ def _prune(args: argparse.Namespace) -> None:
     m = prune(
         args.init, args.macs, out_dir=args.out, model=args.model, data=args.data, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, subset=args.subset or None, threads=args.threads,
-        data_root=args.data_root, progress=args.progress,
+        data_root=args.data_root, progress=args.progress, distill=args.distill,
     )  # fmt: skip
     p = m["pruned"]
     print(

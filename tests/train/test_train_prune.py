@@ -76,7 +76,8 @@ def test_prune_fine_tunes_writes_a_manifest_and_ships_as_a_loadable_entry(tmp_pa
     pretrain("cifar_resnet8", "synthetic", out_dir=base, epochs=1, batch_size=32, dataset_kwargs=DATA)
     out = tmp_path / "pruned"
     manifest = prune(base, 0.5, out_dir=out, model="cifar_resnet8", data="synthetic", epochs=1, batch_size=32,
-                     dataset_kwargs=DATA)  # fmt: skip
+                     dataset_kwargs=DATA, distill=1.0)  # fmt: skip
+    assert manifest["settings"]["distill"] == 1.0
     assert abs(manifest["pruned"]["mac_fraction"] - 0.5) <= 0.03
     assert manifest["macs"] == pytest.approx(manifest["pruned"]["mac_fraction"] * manifest["dense_macs"])
     with pytest.raises(ValueError, match="already holds a finished run"):

@@ -178,6 +178,7 @@ def prune(
     progress: bool = False,
     command: str | None = None,
     dataset_kwargs: dict[str, Any] | None = None,
+    distill: float = 0.0,
 ) -> dict[str, Any]:
     """Prune the trained ``init`` weights of ``model`` to ``fraction`` of its MACs, fine-tune, and write
     ``model.safetensors`` + ``manifest.json`` (as :func:`~dynnet.train.pretrain.pretrain` does) in ``out_dir``.
@@ -199,6 +200,7 @@ def prune(
         progress: tqdm progress bar.
         command: the command recorded in the manifest (default: this process's).
         dataset_kwargs: extra arguments of the dataset builder.
+        distill: weight of the distillation from the unpruned base (as the dynamic recipes get it).
 
     Returns:
         The manifest.
@@ -210,7 +212,7 @@ def prune(
     from dynnet.models import build_base_model
     from dynnet.train.config import TrainConfig
     from dynnet.train.evaluate import evaluate
-    from dynnet.train.init import resolve_init
+    from dynnet.train.init import frozen_teacher, resolve_init
     from dynnet.train.loop import fit
     from dynnet.train.pretrain import sha256_of
 
@@ -230,9 +232,12 @@ def prune(
     x, _ = next(iter(loaders.test))
     pruned, achieved = prune_channels(base, float(fraction), x[:1])
     before = evaluate(pruned, loaders.test, mode="dense").accuracy
-    config = TrainConfig(epochs=epochs, lr=lr, seed=seed, out_dir=None, progress=progress, eval_mode="dense")
+    config = TrainConfig(
+        epochs=epochs, lr=lr, seed=seed, out_dir=None, progress=progress, eval_mode="dense", distill=distill
+    )
+    teacher = frozen_teacher(base) if distill > 0 else None
     start = time.perf_counter()
-    result = fit(pruned, loaders.train, config, val_loader=loaders.val)
+    result = fit(pruned, loaders.train, config, val_loader=loaders.val, teacher=teacher)
     seconds = time.perf_counter() - start
     test = evaluate(pruned, loaders.test, mode="dense")
     out.mkdir(parents=True, exist_ok=True)
@@ -260,6 +265,7 @@ def prune(
             "seed": seed,
             "val_fraction": val_fraction,
             "subset": subset,
+            "distill": distill,
             "pruned": float(fraction),
         },
         "val_accuracy": None if result.val is None else result.val.accuracy,
