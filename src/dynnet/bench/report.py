@@ -208,7 +208,7 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str])
                 flat.update({f"{kind}_{q}": v for q, v in (r.get(f"{kind}_q") or {}).items()})
             writer.writerow({k: _cell(flat.get(k)) for k in TABLE_COLUMNS})
     slim = [{k: v for k, v in r.items() if k not in ("examples", "traceback")} for r in rows]
-    json_path.write_text(json.dumps(slim, indent=1, default=str))
+    json_path.write_text(json.dumps(slim, separators=(",", ":"), default=str))
     return csv_path, json_path
 
 

@@ -406,7 +406,7 @@ def _example_payload(data: _Data) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ one job
 
 
-def record_examples(model: nn.Module, images: Tensor, *, max_values: int = 4096) -> dict[str, Any]:
+def record_examples(model: nn.Module, images: Tensor, *, max_values: int = 1024) -> dict[str, Any]:
     """The decisions a model takes on a few images (sparse mode if dynamic), for the example panel.
 
     Args:
@@ -416,7 +416,7 @@ def record_examples(model: nn.Module, images: Tensor, *, max_values: int = 4096)
 
     Returns:
         ``{"pred": [E], "macs": [E] or None, "decisions": [{"name", "granularity", "shape", "values": [E][...]}]}``
-        where ``values[i]`` is image ``i``'s decision flattened (0/1 values or indices, rounded to 3 decimals).
+        where ``values[i]`` is image ``i``'s decision flattened (0/1 values or indices, rounded to 2 decimals).
     """
     from dynnet.core import trace
 
@@ -434,7 +434,7 @@ def record_examples(model: nn.Module, images: Tensor, *, max_values: int = 4096)
             "name": name,
             "granularity": d.granularity,
             "shape": list(hard.shape[1:]),
-            "values": [[round(float(v), 3) for v in row.flatten()] for row in hard.reshape(hard.shape[0], -1)],
+            "values": [[round(float(v), 2) for v in row.flatten()] for row in hard.reshape(hard.shape[0], -1)],
         })  # fmt: skip
     return {
         "pred": logits.argmax(1).tolist(),
@@ -694,7 +694,8 @@ def _write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (a crash never leaves a half-written run file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default, allow_nan=True))
+    # Compact (one line): the committed results stay lean; `python -m json.tool` pretty-prints one for reading.
+    tmp.write_text(json.dumps(obj, separators=(",", ":"), default=_json_default, allow_nan=True))
     os.replace(tmp, path)
 
 
