@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -132,6 +134,33 @@ def test_state_dict_round_trip(recipe: str) -> None:
     other.load_state_dict(copy.deepcopy(model.state_dict()), strict=True)
     x = _inputs(recipe)
     torch.testing.assert_close(other.eval()(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_pickle_deepcopy_and_torch_save_round_trip(recipe: str) -> None:
+    """A converted model pickles, deep-copies and ``torch.save``\\ s like any ``nn.Module``: the copy computes the
+    same logits in masked and sparse mode and owns its weights (no closure still pointing at the original)."""
+    _, model = _scrambled(recipe)
+    x = _inputs(recipe)
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = {
+        "pickle": pickle.loads(pickle.dumps(model)),
+        "deepcopy": copy.deepcopy(model),
+        "torch.save": torch.load(buffer, weights_only=False),
+    }
+    for how, other in copies.items():
+        assert type(other) is type(model), how
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0, msg=how)
+        dynnet.sparse(other)
+        torch.testing.assert_close(other(x), expected, rtol=1e-4, atol=1e-4, msg=how)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.zero_()
+        assert not torch.equal(other(x), expected), f"{how}: the copy still computes with the original's weights"
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # zeroing the copies left the original alone
 
 
 @pytest.mark.parametrize("recipe", [r for r in RECIPE_NAMES if not RECIPES.get(r).input_dependent])

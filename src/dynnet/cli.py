@@ -2,16 +2,24 @@
 
     dynnet list [recipes|models|datasets]
     dynnet macs --model resnet50 [--input 3,224,224] [--recipe R --budget B] [--depth 2] [--batch 1]
-    dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ...
+    dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ... [--force]
     dynnet pretrain --model cifar_resnet20 --data fashion_mnist --out runs/pretrain/resnet20 [--width 0.75]
     dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 [--out runs/q-b0.4] [--force]
-    dynnet eval --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--mode sparse]
+    dynnet eval --checkpoint runs/quickstart [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
     dynnet bench --profile quick|full [--recipes a,b] [--budgets 0.25,0.5] [--out DIR] [--report-only]
     dynnet quickstart
 
 Errors (unknown names, bad values, missing data, corrupt checkpoints) print one ``dynnet: error: ...`` line on
-stderr and exit with status 2.
+stderr and exit with status 2. A reader that closes the output early (``dynnet list | head -1``) ends the command
+quietly with status 1 (what Python's documentation recommends for a broken pipe).
+
+``--checkpoint`` takes a checkpoint stem, one of its files, or a run folder (its ``checkpoint.json``). A ``train``
+run folder that already holds a run is resumed when the settings are the same, and refused otherwise, unless
+``--force`` (which replaces it).
+
+Only ``argparse`` and the standard library are imported before the arguments are parsed: ``dynnet --help`` answers
+without loading the models, and the library is imported by the command that needs it.
 """
 
 from __future__ import annotations
@@ -19,8 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -53,10 +64,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dynnet`` command."""
-    from dynnet.bench.experiment import DEFAULT_SUBSET
+def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of the ``dynnet`` command.
 
+    Args:
+        suite: give ``dynnet bench`` the benchmark suite's options (``--profile``...); they come from
+            :mod:`dynnet.bench.suite`, whose import loads torchvision and the recipes (seconds), so :func:`main`
+            asks for them only when the command line names ``bench``.
+    """
     parser = _Parser(prog="dynnet", description="Dynamic networks: convert, train, count, time.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -83,8 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, default=3)
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--lr", type=float, default=0.1)
-        p.add_argument("--subset", type=int, default=DEFAULT_SUBSET, help="training images; 0 = all")
-        p.add_argument("--out", default="runs/quickstart", help="run folder (checkpoint, log.csv, results.json)")
+        p.add_argument(
+            "--subset", type=int, default=None, help="training images; 0 = all (default: the quickstart's subset)"
+        )
+        p.add_argument(
+            "--out", default="runs/quickstart",
+            help="run folder (checkpoint, log.csv, results.json): a run there with the same settings is resumed, "
+            "one with other settings refused",
+        )  # fmt: skip
+        p.add_argument("--force", action="store_true", help="replace the run already in --out")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--no-profile", action="store_true", help="skip the latency measurement")
@@ -136,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(init="auto", epochs=None, lr=None, distill=None)
 
     p = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds so that it spends a budget")
-    p.add_argument("--checkpoint", required=True, help="checkpoint stem or its .json/.safetensors file")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint stem or its .json/.safetensors file")
     p.add_argument("--budget", type=float, required=True, help="target mean fraction of the dense MACs per image")
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--data-root", default=None)
@@ -151,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "dense vs sparse latency of a checkpoint, or the benchmark suite (--profile quick|full)"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=name == "eval", help="checkpoint stem or its .json/.safetensors file")
+        p.add_argument(
+            "--checkpoint", required=name == "eval", help="run folder, checkpoint stem or its .json/.safetensors file"
+        )
         p.add_argument("--data", default="fashion_mnist")
         p.add_argument("--data-root", default=None)
         p.add_argument("--batch-size", type=int, default=128)
@@ -162,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--batch-sizes", type=_ints, default=(1, 64))
             p.add_argument("--min-run-time", type=float, default=1.0)
-            from dynnet.bench.suite import add_suite_arguments
+            if suite:
+                from dynnet.bench.suite import add_suite_arguments
 
-            add_suite_arguments(p)  # --profile, --out, --recipes, --budgets, ... (keeps the --threads above)
+                add_suite_arguments(p)  # --profile, --out, --recipes, --budgets, ... (keeps the --threads above)
     return parser
 
 
@@ -196,9 +221,9 @@ def _macs(args: argparse.Namespace) -> None:
     shape = args.input or ((3, 32, 32) if args.model.startswith("cifar_") else (3, 224, 224))
     if args.batch < 1 or args.depth < 0:
         raise ValueError(f"--batch must be >= 1 and --depth >= 0, got {args.batch} and {args.depth}")
-    kwargs = {}
-    if args.model in dynnet.list_models():
-        kwargs["in_channels"] = shape[0]
+    # Every builder takes in_channels (timm as in_chans; torchvision refuses anything but 3 in one line), so a
+    # wrong --input is refused here rather than deep inside the first convolution.
+    kwargs: dict[str, Any] = {"in_channels": shape[0]}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
     model = dynnet.create_model(args.model, args.recipe, budget=args.budget, **kwargs).eval()
@@ -221,9 +246,18 @@ FROM_SCRATCH = {"epochs": 3, "lr": 0.1, "distill": 0.0}
 
 
 def _train(args: argparse.Namespace) -> None:
-    from dynnet.bench.experiment import run_experiment
+    import dynnet
+    from dynnet.bench.experiment import DEFAULT_SUBSET, run_experiment
+    from dynnet.data import DATASETS
+    from dynnet.models import check_model_name
 
+    if args.subset is None:
+        args.subset = DEFAULT_SUBSET
     recipe = None if args.recipe in (None, "none") else args.recipe
+    # Names first, before the run folder is touched and the data loaded: a typo is answered at once.
+    dynnet.list_models()  # the method packages register their own base models (msdnet_tiny)
+    check_model_name(args.model)
+    DATASETS.get(args.data)
     compare = False
     if args.init == "auto":  # quickstart: the shipped base of the model on this data, when there is one
         from dynnet import zoo
@@ -236,16 +270,125 @@ def _train(args: argparse.Namespace) -> None:
                 setattr(args, name, value)
         if not compare:
             print(f"dynnet: no shipped base {key!r}: training from scratch for {args.epochs} epoch(s)")
-    result = run_experiment(
-        model=args.model, recipe=recipe, budget=args.budget if recipe else None, dataset=args.data,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, subset=args.subset or None, out_dir=args.out,
-        seed=args.seed, data_root=args.data_root, threads=args.threads, profile=not args.no_profile,
-        progress=args.progress, model_kwargs={"width": args.width} if args.width else None, init=args.init,
-        distill=args.distill if args.init else 0.0, compare_static=compare,
-    )  # fmt: skip
+    settings: dict[str, Any] = {
+        "model": args.model, "recipe": recipe, "budget": args.budget if recipe else None, "dataset": args.data,
+        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "subset": args.subset or None,
+        "seed": args.seed, "model_kwargs": {"width": args.width} if args.width else {}, "init": args.init,
+        "distill": args.distill if args.init else 0.0,
+    }  # fmt: skip
+    out = Path(args.out) if args.out else None
+    state, created = _claim_run_folder(out, settings, force=args.force) if out else ("new", [])
+    if state == "finished":
+        print(_finished_run(out))
+        return
+    try:
+        result = run_experiment(
+            model=args.model, recipe=recipe, budget=settings["budget"], dataset=args.data, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, subset=settings["subset"], out_dir=args.out, seed=args.seed,
+            data_root=args.data_root, threads=args.threads, profile=not args.no_profile, progress=args.progress,
+            model_kwargs=settings["model_kwargs"] or None, init=args.init, distill=settings["distill"],
+            compare_static=compare, train_overrides={"resume": True} if state == "resume" else None,
+        )  # fmt: skip
+    except BaseException:
+        if out is not None and state == "new":
+            _release_run_folder(out, created)
+        raise
     print(result.summary())
     if args.out:
         print(f"  written                 {args.out}/results.json, log.csv, checkpoint.json + .safetensors")
+
+
+RUN_FILE = "run.json"
+"""What ``dynnet train`` writes into its run folder before training: the settings of the run, to compare with."""
+_RUN_FILES = (
+    RUN_FILE, "results.json", "log.csv", "checkpoint.json", "checkpoint.safetensors", "checkpoint.optim.safetensors",
+    "checkpoint.safetensors.prev", "checkpoint.optim.safetensors.prev",
+)  # fmt: skip
+"""The files of a ``dynnet train`` run folder (``fit``'s checkpoint, its log, the experiment's results)."""
+
+
+def _claim_run_folder(out: Path, settings: dict[str, Any], *, force: bool) -> tuple[str, list[Path]]:
+    """Make ``out`` this run's folder.
+
+    A folder without a run is claimed: ``run.json`` (the settings) is written. A run with the same settings is
+    resumed, or left as it is when it finished (it has its ``results.json``). A run with other settings, or with
+    settings this command cannot read (written by hand or by an older dynnet), is refused with one line, unless
+    ``force``: then its run files are deleted first. Nothing of a run is overwritten without ``force``; a
+    ``run.json`` alone (a start that failed before training) is no run.
+
+    Returns:
+        ``(state, created)``: ``"new"``, ``"resume"`` (an unfinished run) or ``"finished"``, and the folders this call
+        created (for :func:`_release_run_folder`).
+    """
+    found = [name for name in _RUN_FILES if name != RUN_FILE and (out / name).exists()]
+    if found and not force:
+        before = _run_settings(out)
+        if before is None:
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(found[:3])}) whose settings dynnet cannot read: pass --force "
+                "to replace it, or choose another --out"
+            )
+        changed = [key for key in settings if before.get(key) != settings[key]]
+        if changed:
+            diff = "; ".join(f"{k} {before.get(k)!r} there, {settings[k]!r} now" for k in changed[:4])
+            raise ValueError(
+                f"{out} holds a run with other settings ({diff}): pass --force to replace it, the same settings to "
+                "resume it, or another --out"
+            )
+        if (out / "results.json").is_file():
+            return "finished", []
+        print(f"dynnet: {out} holds an unfinished run with these settings: resuming it (--force starts it again)")
+        return "resume", []
+    for name in found:  # force: nothing of the old run may mix with the new one
+        (out / name).unlink()
+    created = [d for d in (out, *out.parents) if not d.exists()][::-1]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps({"format": "dynnet-run", "settings": settings}, indent=1))
+    os.replace(tmp, out / RUN_FILE)
+    return "new", created
+
+
+def _release_run_folder(out: Path, created: list[Path]) -> None:
+    """Undo :func:`_claim_run_folder` after a start that failed before anything of the run was written."""
+    if any((out / name).exists() for name in _RUN_FILES if name != RUN_FILE):
+        return  # training began: run.json stays, so that the same command resumes
+    (out / RUN_FILE).unlink(missing_ok=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (tb/, a file of the user's): leave it
+            break
+
+
+def _finished_run(out: Path) -> str:
+    """One line on the finished run in ``out`` (from its ``results.json``)."""
+    what = ""
+    try:
+        t = json.loads((out / "results.json").read_text())["test"]
+        what = (
+            f"test accuracy {100 * t['accuracy']:.2f} % ({t['mode']}), {100 * t['mac_fraction']:.1f} % of dense MACs; "
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return (
+        f"dynnet: {out} already holds this run, finished: {what}results in {out / 'results.json'} "
+        "(--force trains it again)"
+    )
+
+
+def _run_settings(out: Path) -> dict[str, Any] | None:
+    """The settings of the run in ``out`` (its ``run.json``, else the ``settings`` of its ``results.json``)."""
+    for name in (RUN_FILE, "results.json"):
+        try:
+            data = json.loads((out / name).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("settings"), dict):
+            settings = dict(data["settings"])
+            settings["model_kwargs"] = settings.get("model_kwargs") or {}
+            return settings
+    return None
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -375,8 +518,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``dynnet`` command; returns the exit status (0 ok, 2 usage or input error)."""
-    parser = build_parser()
+    """Run the ``dynnet`` command; returns the exit status (0 ok, 2 usage or input error, 1 output closed early)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(suite="bench" in argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed "dynnet: error: ..." (or the help)
@@ -400,12 +544,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         handlers[args.command](args)
-    except (UnknownNameError, DatasetNotFoundError, ValueError, TypeError, ImportError) as err:
-        # ValueError covers CheckpointError and bad budgets; TypeError unknown recipe settings.
+        sys.stdout.flush()  # here, not at exit: a closed pipe must surface as the BrokenPipeError handled below
+    except BrokenPipeError:
+        # The reader went away (`dynnet list | head -1`): stop quietly. Point stdout at /dev/null so that the
+        # interpreter's final flush does not report the same error again.
+        _silence_stdout()
+        return 1
+    except (UnknownNameError, DatasetNotFoundError, ValueError, TypeError, ImportError, OSError) as err:
+        # ValueError covers CheckpointError and bad budgets; TypeError unknown recipe settings; OSError files that
+        # cannot be read or written (permissions, a full disk).
         message = " ".join(str(err).split())
         print(f"dynnet: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture into StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

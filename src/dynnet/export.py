@@ -12,9 +12,9 @@ What exports, and why:
   (``x.index_select(0, keep.nonzero())``) gives tensors whose batch size depends on the data. ``torch.export``
   represents it as an unbacked symbol, but the convolution that follows needs to know whether that
   size is 0, and wrapping it in ``torch.cond`` hits a dynamo guard error (``Guard failed on the same
-  frame it was created``, torch 2.14). ``export_model(..., mode="sparse")`` still tries (a recipe whose
-  sparse path is shape-static would export) and otherwise raises :class:`UnsupportedExportError`
-  saying so. For real savings, run the eager model in sparse mode (``dynnet.sparse(model)``), or
+  frame it was created``, torch 2.14). ``export_model(..., mode="sparse")`` of a model with dynamic blocks
+  raises :class:`UnsupportedExportError` saying so, before tracing (a failed trace prints hundreds of lines of
+  graph dumps). For real savings, run the eager model in sparse mode (``dynnet.sparse(model)``), or
   ``torch.compile`` it (graph breaks at the data-dependent points).
 * **The exported graph does not validate its input** the way ``DynamicModel.forward`` does: the NaN/Inf
   check is data-dependent and skipped while tracing (NaN images give NaN logits), and a wrong dtype fails
@@ -59,6 +59,12 @@ EXPORT_FORMATS = ("torch_export", "torchscript", "onnx")
 _SUFFIX = {"torch_export": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
 
 
+_SPARSE_HINT = (
+    "sparse mode compacts the batch with data-dependent shapes; export mode='masked' (the static fallback: same "
+    "logits, no savings), and run the eager model in sparse mode for the savings"
+)
+
+
 class UnsupportedExportError(ValueError):
     """The model cannot be exported in the requested format and mode; the message says why and what works."""
 
@@ -91,8 +97,8 @@ def export_model(
         path: where to save the artifact (``.pt2`` / ``.pt`` / ``.onnx`` by convention); parent folders are
             created. ``None``: do not save.
         mode: ``"masked"`` (the static fallback, default), ``"dense"`` (the base network, gates not
-            evaluated) or ``"sparse"`` (real skipping; fails with :class:`UnsupportedExportError` for
-            data-dependent compaction, see the module docstring).
+            evaluated) or ``"sparse"`` (real skipping: refused with :class:`UnsupportedExportError` for a model with
+            dynamic blocks, whose compaction has data-dependent shapes; see the module docstring).
         dynamic_batch: keep the batch size symbolic (``torch_export`` and ``onnx``; a TorchScript trace
             of the masked graph has no batch-size-specific ops and accepts any N too).
 
@@ -116,6 +122,10 @@ def export_model(
         raise ImportError("ONNX export needs the 'onnx' and 'onnxscript' packages: pip install onnx onnxscript")
 
     name = model.recipe if isinstance(model, DynamicModel) else type(model).__name__
+    if mode == "sparse" and any(True for _ in dynamic_blocks(model)):
+        # Refused up front: the trace fails on the data-dependent batch compaction, and torch logs hundreds of
+        # lines of graph dumps on the way.
+        raise UnsupportedExportError(f"cannot export {name!r} to {format} in sparse mode: {_SPARSE_HINT}")
     # A batch of 1 would be specialised (0/1 specialisation) and make the batch size static.
     x = example.detach()
     if dynamic_batch and x.shape[0] == 1:
@@ -127,12 +137,7 @@ def export_model(
         raise
     except Exception as err:  # torch raises many unrelated types here; name the cause in one error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        hint = (
-            "sparse mode compacts the batch with data-dependent shapes; export mode='masked' (the static "
-            "fallback: same logits, no savings)"
-            if mode == "sparse"
-            else "its forward does not trace (data-dependent control flow or Python-side state)"
-        )
+        hint = "its forward does not trace (data-dependent control flow or Python-side state)"
         raise UnsupportedExportError(
             f"cannot export {name!r} to {format} in {mode} mode: {hint}. Cause: {type(err).__name__}: {first}"
         ) from err

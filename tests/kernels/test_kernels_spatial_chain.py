@@ -138,6 +138,30 @@ def test_chain_covers_the_branch_of_known_blocks() -> None:
             torch.testing.assert_close(run_masked(stages, x, masks), ref)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_stride_in_a_later_stage(engine) -> None:
+    """torchvision's Bottleneck strides in its second stage: each stage's mask has that stage's output size, and
+    the active outputs equal the dense branch there (pixel and masked execution)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    block = torchvision.models.resnet.Bottleneck(16, 4, 2, nn.Sequential()).eval()
+    stages = spatial_chain(block)
+    x = torch.randn(2, 16, 9, 9)
+    sizes = chain_sizes(stages, (9, 9))
+    out_mask = torch.rand(2, *sizes[-1], generator=torch.Generator().manual_seed(1)) < 0.4
+    masks = stage_masks(stages, out_mask, sizes[1:])
+    assert [tuple(m.shape[1:]) for m in masks] == sizes[1:]
+    with torch.no_grad(), kernel_engine(engine):
+        dense = find_adapter(block).body(block, x)
+        ref = run_masked(stages, x, list(masks))
+        rows, positions, _ = run_pixels(stages, x, masks)
+        got = scatter_add_rows(torch.zeros_like(ref), rows, positions)
+    keep = out_mask.unsqueeze(1)
+    torch.testing.assert_close(ref, dense * keep, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_folded_weights_follow_parameter_updates() -> None:
     b = _block(3, 4, 1, 0)
     stages = spatial_chain(b)

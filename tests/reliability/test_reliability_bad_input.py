@@ -184,6 +184,30 @@ def test_bad_mode_and_tau(model: dynnet.DynamicModel) -> None:
     raises_clear(lambda: dynnet.set_mode(model, "fast"), "mode must be one of")
     for tau in (0.0, -1.0, math.nan):
         raises_clear(lambda tau=tau: dynnet.set_tau(model, tau), "tau must be positive")
+    for tau in ("x", "0.5", None, True, [1.0]):
+        err = raises_clear(lambda tau=tau: dynnet.set_tau(model, tau), "tau must be a positive number")
+        assert isinstance(err, TypeError)
+
+
+def test_setting_the_budget_of_a_converted_model_says_what_to_do(model: dynnet.DynamicModel) -> None:
+    hint = r"fixed at conversion.*dynnet\.calibrate\(model, data, 0\.2\).*budget=0\.2"
+    with pytest.raises(AttributeError, match=hint):
+        model.budget = 0.2
+    assert model.budget == 0.5
+    raises_clear(lambda: setattr(model, "budget", 1.5), "budget 1.5 is outside", "convnet_aig")
+    raises_clear(lambda: setattr(model, "budget", "low"), "budget must be a number")
+
+
+@pytest.mark.parametrize("recipe", ["convnet_aig", "branchynet", "fbs"])
+def test_compute_loss_without_a_trace(recipe: str) -> None:
+    from dynnet.testing import build_recipe_pair
+
+    _, converted = build_recipe_pair(recipe)
+    logits, target = torch.zeros(2, 10), torch.tensor([1, 2])
+    for t in (None, {}):
+        err = raises_clear(lambda t=t: converted.compute_loss(logits, target, t), "dynnet.trace()", "compute_loss")
+        assert isinstance(err, TypeError)
+    raises_clear(lambda: converted.compute_loss(logits, target, t=None), "dynnet.trace()")
 
 
 # -- names -----------------------------------------------------------------------------------------------------------

@@ -102,10 +102,29 @@ def test_dense_mode_exports_the_base_network() -> None:
     torch.testing.assert_close(_run(run, x), _run(base, x), rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_mode_is_refused_with_the_reason() -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sparse_mode_is_refused_with_the_reason_before_tracing(
+    fmt: str, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Refused up front, in one line: no trace is attempted, so torch prints none of its graph dumps."""
+    import dynnet.export
+
     model, x = _scrambled("convnet_aig")
+    capfd.readouterr()
+
+    traced: list[str] = []
+
+    def no_trace(*args: object) -> None:
+        traced.append(fmt)
+        raise RuntimeError("traced")
+
+    monkeypatch.setitem(dynnet.export._EXPORTERS, fmt, no_trace)
     with pytest.raises(UnsupportedExportError, match=r"sparse mode compacts the batch.*mode='masked'"):
-        export_model(model, x, format="torch_export", mode="sparse")
+        export_model(model, x, format=fmt, mode="sparse")
+    assert not traced, "sparse export must be refused before tracing"
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert all(b.mode == "masked" for _, b in model.blocks())  # the model is left as it was
 
 
 @pytest.mark.parametrize("fmt", ["torch_export", "torchscript"])

@@ -175,6 +175,21 @@ def test_mismatched_model_raises(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "ck", other)
 
 
+def test_wrong_architecture_is_one_short_line(tmp_path: Path) -> None:
+    """Another architecture differs in dozens of keys: count them and show a few, not every key name."""
+    save_checkpoint(tmp_path / "ck", _model())
+    other = dynnet.create_model("cifar_resnet20", recipe="skipnet", in_channels=1)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "ck", other)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 1200, message
+    missing = len(other.state_dict().keys() - _model().state_dict().keys())
+    assert f"{missing} missing keys" in message and "unexpected keys" in message and "more)" in message
+    shapes = dynnet.create_model("cifar_resnet8", recipe="convnet_aig", width=0.5, in_channels=1, hidden=8)
+    with pytest.raises(CheckpointError, match=r"keys of another shape, checkpoint vs model \(net\.conv1\.weight"):
+        load_checkpoint(tmp_path / "ck", shapes)
+
+
 class _Crash(Hook):
     """Simulates a crash (e.g. a killed job) right after step ``at``."""
 

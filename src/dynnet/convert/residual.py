@@ -16,6 +16,10 @@ from torch import Tensor, nn
 __all__ = ["ResidualAdapter", "find_adapter", "register_residual_adapter"]
 
 
+def _always(block: nn.Module) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class ResidualAdapter:
     """Functions of the *original* block object.
@@ -33,7 +37,7 @@ class ResidualAdapter:
     shortcut: Callable[[nn.Module, Tensor], Tensor]
     post: Callable[[nn.Module, Tensor], Tensor]
     in_channels: Callable[[nn.Module], int]
-    applies: Callable[[nn.Module], bool] = lambda block: True
+    applies: Callable[[nn.Module], bool] = _always
 
 
 _ADAPTERS: dict[type, ResidualAdapter] = {}
@@ -107,6 +111,57 @@ def _conv1_in(block: nn.Module) -> int:
     return block.conv1.in_channels
 
 
+# The adapters' functions live at module level (no closures, no lambdas): a converted model holds its adapters, and
+# pickle, copy.deepcopy and torch.save store a function by its qualified name.
+def _basic_body(b: nn.Module, x: Tensor) -> Tensor:
+    return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
+
+
+def _bottleneck_body(b: nn.Module, x: Tensor) -> Tensor:
+    out = b.relu(b.bn1(b.conv1(x)))
+    out = b.relu(b.bn2(b.conv2(out)))
+    return b.bn3(b.conv3(out))
+
+
+def _inverted_body(b: nn.Module, x: Tensor) -> Tensor:
+    return b.conv(x)
+
+
+def _inverted_in_channels(b: nn.Module) -> int:
+    return b.conv[0][0].in_channels
+
+
+def _inverted_applies(b: nn.Module) -> bool:
+    return bool(b.use_res_connect)
+
+
+def _timm_tail(b: nn.Module, x: Tensor) -> Tensor:
+    if b.se is not None:
+        x = b.se(x)
+    if b.drop_path is not None:
+        x = b.drop_path(x)
+    return x
+
+
+def _timm_basic_body(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
+    return _timm_tail(b, b.bn2(b.conv2(x)))
+
+
+def _timm_bottleneck_body(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.act1(b.bn1(b.conv1(x)))
+    x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
+    return _timm_tail(b, b.bn3(b.conv3(x)))
+
+
+def _timm_post2(b: nn.Module, y: Tensor) -> Tensor:
+    return b.act2(y)
+
+
+def _timm_post3(b: nn.Module, y: Tensor) -> Tensor:
+    return b.act3(y)
+
+
 def _register_builtin() -> None:
     from torchvision.models.mobilenetv2 import InvertedResidual
     from torchvision.models.resnet import BasicBlock as TvBasic
@@ -114,45 +169,20 @@ def _register_builtin() -> None:
 
     from dynnet.models.cifar_resnet import BasicBlock as CifarBasic
 
-    def basic_body(b: nn.Module, x: Tensor) -> Tensor:
-        return b.bn2(b.conv2(b.relu(b.bn1(b.conv1(x)))))
-
-    def bottleneck_body(b: nn.Module, x: Tensor) -> Tensor:
-        out = b.relu(b.bn1(b.conv1(x)))
-        out = b.relu(b.bn2(b.conv2(out)))
-        return b.bn3(b.conv3(out))
-
-    _ADAPTERS[CifarBasic] = ResidualAdapter(basic_body, _downsample, _relu, _conv1_in)
-    _ADAPTERS[TvBasic] = ResidualAdapter(basic_body, _downsample, _relu, _conv1_in)
-    _ADAPTERS[TvBottleneck] = ResidualAdapter(bottleneck_body, _downsample, _relu, _conv1_in)
+    _ADAPTERS[CifarBasic] = ResidualAdapter(_basic_body, _downsample, _relu, _conv1_in)
+    _ADAPTERS[TvBasic] = ResidualAdapter(_basic_body, _downsample, _relu, _conv1_in)
+    _ADAPTERS[TvBottleneck] = ResidualAdapter(_bottleneck_body, _downsample, _relu, _conv1_in)
     _ADAPTERS[InvertedResidual] = ResidualAdapter(
-        body=lambda b, x: b.conv(x),
+        body=_inverted_body,
         shortcut=_identity,
-        post=lambda b, y: y,
-        in_channels=lambda b: b.conv[0][0].in_channels,
-        applies=lambda b: bool(b.use_res_connect),
+        post=_identity,
+        in_channels=_inverted_in_channels,
+        applies=_inverted_applies,
     )
     try:
         from timm.models.resnet import BasicBlock as TimmBasic
         from timm.models.resnet import Bottleneck as TimmBottleneck
     except ImportError:  # timm is optional
         return
-
-    def timm_tail(b: nn.Module, x: Tensor) -> Tensor:
-        if b.se is not None:
-            x = b.se(x)
-        if b.drop_path is not None:
-            x = b.drop_path(x)
-        return x
-
-    def timm_basic_body(b: nn.Module, x: Tensor) -> Tensor:
-        x = b.aa(b.act1(b.drop_block(b.bn1(b.conv1(x)))))
-        return timm_tail(b, b.bn2(b.conv2(x)))
-
-    def timm_bottleneck_body(b: nn.Module, x: Tensor) -> Tensor:
-        x = b.act1(b.bn1(b.conv1(x)))
-        x = b.aa(b.act2(b.drop_block(b.bn2(b.conv2(x)))))
-        return timm_tail(b, b.bn3(b.conv3(x)))
-
-    _ADAPTERS[TimmBasic] = ResidualAdapter(timm_basic_body, _downsample, lambda b, y: b.act2(y), _conv1_in)
-    _ADAPTERS[TimmBottleneck] = ResidualAdapter(timm_bottleneck_body, _downsample, lambda b, y: b.act3(y), _conv1_in)
+    _ADAPTERS[TimmBasic] = ResidualAdapter(_timm_basic_body, _downsample, _timm_post2, _conv1_in)
+    _ADAPTERS[TimmBottleneck] = ResidualAdapter(_timm_bottleneck_body, _downsample, _timm_post3, _conv1_in)

@@ -14,6 +14,7 @@ Per-batch data never lives on the module: decisions and MACs go to the active tr
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -195,7 +196,14 @@ def sparse(model: nn.Module) -> nn.Module:
 
 
 def set_tau(model: nn.Module, tau: float) -> None:
-    """Set the estimator temperature of every dynamic block."""
+    """Set the estimator temperature of every dynamic block.
+
+    Raises:
+        TypeError: ``tau`` is not a real number (a string, a bool, ``None``...).
+        ValueError: ``tau`` is not positive (0, negative, NaN).
+    """
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a positive number, got {type(tau).__name__} {tau!r}")
     if not tau > 0:
         raise ValueError(f"tau must be positive, got {tau!r}")
     for _, block in dynamic_blocks(model):

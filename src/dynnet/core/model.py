@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.core.block import dynamic_blocks, probe_macs
-from dynnet.core.budget import Knob, LogitShift, search_knob
+from dynnet.core.budget import Knob, LogitShift, check_budget_in_range, search_knob
 from dynnet.core.cache import structure_generation, tracing_or_compiling
 from dynnet.core.trace import Trace, current_trace
 
@@ -98,9 +101,38 @@ class DynamicModel(nn.Module):
         self._dense_cache: dict[tuple, int] = {}
         self.register_buffer("calibration", torch.zeros(2, dtype=torch.float64))
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every recipe's objective reads the trace: check it once here rather than in each override.
+        if "compute_loss" in cls.__dict__:
+            cls.compute_loss = _checks_trace(cls.__dict__["compute_loss"])
+
     @property
     def budget(self) -> float | None:
+        """The recipe's budget (target mean fraction of the dense MACs per image), fixed at conversion.
+
+        Setting it raises: the recipe derived its own settings (rates, thresholds, sizes) from it when converting.
+        Use :func:`dynnet.calibrate` to move the decision thresholds to another budget, or convert again.
+        """
         return getattr(self.config, "budget", None)
+
+    @budget.setter
+    def budget(self, value: float) -> None:
+        from dynnet.core.recipe import RECIPES
+
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"budget must be a number (a MAC fraction), got {type(value).__name__} {value!r}")
+        policy = RECIPES.get(self.recipe).budget if self.recipe in RECIPES else None
+        how, span = "", ""
+        if policy is not None:
+            check_budget_in_range(self.recipe, value, policy)
+            span = f" (it reaches MAC fractions in [{policy.reachable[0]:.2f}, {policy.reachable[1]:.2f}])"
+            if policy.calibrated:
+                how = f"dynnet.calibrate(model, data, {value!r}) to move its {policy.knob}, or "
+        raise AttributeError(
+            f"the budget of a converted model is fixed at conversion: recipe {self.recipe!r} derived its settings "
+            f"from budget={self.budget}{span}; use {how}convert the base network again with budget={value!r}"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C, H, W] → logits Tensor[N, K]; decisions and MACs go to the active trace."""
@@ -233,6 +265,30 @@ class DynamicModel(nn.Module):
         not_gate = [k for k in missing if not _is_dynamic_param(k)]
         if not_gate:
             raise KeyError(f"base weights missing from the state_dict: {not_gate[:5]}")
+
+
+def _checks_trace(compute_loss: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+    """``compute_loss`` that first checks that its trace argument ``t`` is a :class:`Trace` (one clear error instead
+    of an ``AttributeError`` on ``None`` deep inside a recipe's objective)."""
+    if getattr(compute_loss, "_checks_trace", False):
+        return compute_loss
+
+    @functools.wraps(compute_loss)
+    def checked(self: DynamicModel, logits: Tensor, target: Tensor, *args: Any, **kwargs: Any) -> LossOutput:
+        t = args[0] if args else kwargs.get("t")
+        if not isinstance(t, Trace):
+            raise TypeError(
+                f"{type(self).__name__}.compute_loss needs the trace of the forward pass that made the logits, got "
+                f"{type(t).__name__}: `with dynnet.trace() as t: logits = model(x)`, then "
+                "`model.compute_loss(logits, target, t)`"
+            )
+        return compute_loss(self, logits, target, *args, **kwargs)
+
+    checked._checks_trace = True  # type: ignore[attr-defined]
+    return checked
+
+
+DynamicModel.compute_loss = _checks_trace(DynamicModel.compute_loss)  # type: ignore[method-assign]
 
 
 def _is_dynamic_param(key: str) -> bool:

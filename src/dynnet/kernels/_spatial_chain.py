@@ -139,7 +139,7 @@ def stage_masks(stages: list[ConvStage], out_mask: Tensor, sizes: list[tuple[int
     Args:
         stages: the chain.
         out_mask: Tensor[N, H_L, W_L] (bool, or float straight-through values: gradients flow).
-        sizes: :func:`chain_sizes`.
+        sizes: the output size of every stage, ``chain_sizes(...)[1:]`` (``sizes[i]``: ``(H_{i+1}, W_{i+1})``).
 
     Returns:
         ``[m_1, ..., m_L]`` with ``m_i`` Tensor[N, H_i, W_i].
@@ -147,7 +147,9 @@ def stage_masks(stages: list[ConvStage], out_mask: Tensor, sizes: list[tuple[int
     masks = [out_mask]
     for i in range(len(stages) - 1, 0, -1):
         k, s, p, d = stages[i].geometry
-        masks.append(receptive_mask(masks[-1], k, s, p, d, sizes[i]))
+        # Stage i reads the output of stage i - 1 (they differ in size when a later stage strides, as in
+        # torchvision's Bottleneck, whose 3×3 conv2 carries the stride).
+        masks.append(receptive_mask(masks[-1], k, s, p, d, sizes[i - 1]))
     return masks[::-1]
 
 

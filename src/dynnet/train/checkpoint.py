@@ -65,9 +65,16 @@ def remember_build(model: nn.Module, name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+RUN_CHECKPOINT = "checkpoint"
+"""The stem of the checkpoint in a run folder (what :func:`dynnet.train.fit` writes into ``out_dir``)."""
+
+
 def checkpoint_paths(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """``(json, weights, optimiser)`` paths of the checkpoint ``path`` (a stem, or any of its files)."""
+    """``(json, weights, optimiser)`` paths of the checkpoint ``path``: a stem, any of its files, or a run folder
+    (an existing directory: its ``checkpoint`` stem, where ``fit`` saves)."""
     p = Path(path)
+    if p.is_dir():
+        p = p / RUN_CHECKPOINT
     name = p.name
     for suffix in (".optim.safetensors", ".safetensors", ".json"):
         if name.endswith(suffix):
@@ -291,7 +298,8 @@ def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     json_path, _, _ = checkpoint_paths(path)
     if not json_path.is_file():
-        raise CheckpointError(f"checkpoint not found: {json_path} does not exist")
+        where = f"the folder {path} holds no checkpoint: " if Path(path).is_dir() else ""
+        raise CheckpointError(f"checkpoint not found: {where}{json_path} does not exist")
     try:
         meta = json.loads(json_path.read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -373,7 +381,7 @@ def load_checkpoint(
             names the file.
     """
     json_path, _, _ = checkpoint_paths(path)
-    meta = read_checkpoint_meta(json_path)
+    meta = read_checkpoint_meta(path)  # the path as given: a folder gets its own message
     folder = json_path.parent
     try:
         files = meta["files"]
@@ -390,9 +398,9 @@ def load_checkpoint(
     try:
         target.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
         raise CheckpointError(
-            f"checkpoint {json_path} does not match the model ({type(target).__name__}): {' '.join(first[:3])}"
+            f"checkpoint {json_path} does not match the model ({type(target).__name__}): "
+            f"{_mismatch(target.state_dict(), weights, err)}"
         ) from None
 
     extra: dict[str, Tensor] = {}
@@ -411,6 +419,29 @@ def load_checkpoint(
     if restore_rng:
         set_rng_state(meta["rng"])
     return model, meta
+
+
+def _mismatch(expected: dict[str, Tensor], got: dict[str, Tensor], err: Exception, *, show: int = 5) -> str:
+    """One short line: how many keys are missing / unexpected / of another shape, and the first ``show`` of each
+    (a wrong architecture differs in hundreds of keys; torch's message lists them all)."""
+
+    def few(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - show} more)" if len(keys) > show else ""
+        return ", ".join(keys[:show]) + more
+
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [
+        f"{k} {tuple(got[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in got and tuple(got[k].shape) != tuple(v.shape)
+    ]
+    parts = [f"{len(missing)} missing keys ({few(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected keys ({few(unexpected)})"] if unexpected else []
+    parts += [f"{len(shapes)} keys of another shape, checkpoint vs model ({few(shapes)})"] if shapes else []
+    if not parts:  # some other refusal of load_state_dict: its first line
+        return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    return "; ".join(parts) + " — was it saved from another model or recipe?"
 
 
 def _rebuild(meta: dict[str, Any], json_path: Path) -> nn.Module:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from dynnet.core import DynamicModel, dynamic_blocks, set_mode, set_tau, trace
-from dynnet.train.checkpoint import checkpoint_paths, load_checkpoint, set_rng_state
+from dynnet.train.checkpoint import RUN_CHECKPOINT, checkpoint_paths, load_checkpoint, set_rng_state
 from dynnet.train.config import TrainConfig
 from dynnet.train.distributed import all_reduce_sum, init_distributed, is_main_process, world_size
 from dynnet.train.evaluate import EvalResult, evaluate
@@ -28,7 +28,7 @@ from dynnet.train.schedules import budget_at, lr_factor, tau_at
 __all__ = ["FitResult", "build_optimizer", "fit"]
 
 logger = logging.getLogger("dynnet.train")
-CHECKPOINT_NAME = "checkpoint"
+CHECKPOINT_NAME = RUN_CHECKPOINT  # checkpoint_paths(out_dir) finds it
 
 
 @dataclass

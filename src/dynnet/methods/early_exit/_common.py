@@ -414,6 +414,17 @@ class ExitCascade(DynamicBlock):
         object.__setattr__(new, "trunk", trunk_of(new._base))
         return new
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The trunk's closures cannot be pickled (torch.save, multiprocessing): leave it out and rebuild it from
+        # the unpickled base, as __deepcopy__ does.
+        state = self.__dict__.copy()
+        state.pop("trunk", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        object.__setattr__(self, "trunk", trunk_of(self._base))
+
     # -- structure ----------------------------------------------------------------------------------
     @property
     def num_exits(self) -> int:
