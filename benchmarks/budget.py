@@ -28,7 +28,7 @@ import dynnet
 from dynnet.bench.latency import machine_info
 from dynnet.core import RECIPES
 from dynnet.data import build_loaders
-from dynnet.testing import build_recipe_pair, scramble_until_mixed
+from dynnet.testing import scramble_until_mixed
 
 BUDGETS = (0.5, 0.75)
 TOLERANCE = 0.03
@@ -47,12 +47,11 @@ def _model(recipe: str, x: torch.Tensor) -> tuple[dynnet.DynamicModel, str]:
         model = dynnet.create_model("cifar_resnet20", recipe, in_channels=1, num_classes=10)
         base = "cifar_resnet20"
         model.eval()(x[:2])
-    except (ValueError, TypeError, RuntimeError):
+    except (ValueError, TypeError, RuntimeError):  # an architecture of its own (MSDNet, IMTA): its own base
         spec = RECIPES.get(recipe)
-        _, model = build_recipe_pair(recipe)
+        model = dynnet.create_model(spec.test_base, recipe, in_channels=1, num_classes=10)
         base = f"{spec.test_base} (own)"
-        if spec.test_input[0] != 1 or tuple(spec.test_input[1:]) != (28, 28):
-            raise
+        model.eval()(x[:2])
     scramble_until_mixed(model, x[:16], across_inputs=RECIPES.get(recipe).input_dependent)
     return model.eval(), base
 
@@ -109,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.jsonl"  # every row, one compact line each; --recipes replaces those recipes' rows only
+    if args.recipes and store.exists():
+        kept = [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
+        rows = [r for r in kept if r["recipe"] not in recipes] + rows
+        rows.sort(key=lambda r: (known.index(r["recipe"]) if r["recipe"] in known else len(known), r.get("budget", 0)))
+    store.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
     fields = ["recipe", "family", "how", "knob", "reachable", "base", "budget", "calibrated", "held_out", "pass",
               "thresholds", "note", "error", "seconds"]  # fmt: skip
     with open(out / "results.csv", "w", newline="") as f:
@@ -122,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Budgets reached by calibration (issue #17)",
         "",
         f"{machine.get('date', '')}, {machine.get('machine', '')}, {args.threads} threads. Command: "
-        f"`python benchmarks/budget.py{' --recipes ' + args.recipes if args.recipes else ''}`.",
+        f"`python benchmarks/budget.py` (last: `python benchmarks/budget.py"
+        f"{' --recipes ' + args.recipes if args.recipes else ''}`, merged into `results.jsonl`).",
         "",
         f"cifar_resnet20 at 1×28×28 with random (scrambled) policies; calibrated on {args.images} Fashion-MNIST "
         f"training images, measured on {args.images} test images in sparse mode. Pass: held-out MAC fraction within "
