@@ -131,7 +131,7 @@ def test_quickstart_fine_tunes_the_shipped_base_and_shows_the_static_networks_si
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "no shipped base" not in text
-    for label in ("side by side", "dense base", "cifar_resnet8-synthetic", "dynamic convnet_aig", "verdict"):
+    for label in ("side by side", "dense base", "cifar_resnet8-synthetic", "dynamic fbs", "verdict"):
         assert label in text
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["init"] == "zoo:cifar_resnet8-synthetic" and results["settings"]["epochs"] == 1
