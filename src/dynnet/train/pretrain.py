@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["pretrain", "sha256_of"]
+__all__ = ["pretrain", "provenance", "sha256_of"]
 
 logger = logging.getLogger("dynnet.train")
 
@@ -37,6 +37,21 @@ def sha256_of(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def provenance(weights: Path, seconds: float) -> dict[str, Any]:
+    """The fields every weights manifest ends with: training time, date, machine, torch version, the weights' file
+    name and sha256."""
+    from dynnet.bench.latency import machine_info
+
+    return {
+        "train_seconds_last_session": round(seconds, 1),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "torch": torch.__version__,
+        "weights": weights.name,
+        "sha256": sha256_of(weights),
+    }
 
 
 def pretrain(
@@ -122,7 +137,6 @@ def pretrain(
     weights = out / "model.safetensors"
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(weights))  # no metadata: safetensors orders it at random, which would change the hash
-    from dynnet.bench.latency import machine_info
 
     manifest = {
         "command": command or " ".join(shlex.quote(a) for a in ["dynnet", *sys.argv[1:]]),
@@ -136,12 +150,7 @@ def pretrain(
         "test_accuracy": test.accuracy,
         "test_images": test.num_samples,
         "dense_macs": test.dense_macs,
-        "train_seconds_last_session": round(seconds, 1),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "torch": torch.__version__,
-        "weights": weights.name,
-        "sha256": sha256_of(weights),
+        **provenance(weights, seconds),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     logger.info("pretrained %s on %s: test accuracy %.2f %%", model, data, 100 * test.accuracy)

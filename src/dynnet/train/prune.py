@@ -17,7 +17,6 @@ no pickle).
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import json
 import logging
 import shlex
@@ -207,14 +206,13 @@ def prune(
     """
     from safetensors.torch import save_file
 
-    from dynnet.bench.latency import machine_info
     from dynnet.data import build_loaders
     from dynnet.models import build_base_model
     from dynnet.train.config import TrainConfig
     from dynnet.train.evaluate import evaluate
     from dynnet.train.init import frozen_teacher, resolve_init
     from dynnet.train.loop import fit
-    from dynnet.train.pretrain import sha256_of
+    from dynnet.train.pretrain import provenance
 
     _check_fraction(fraction)
     out = Path(out_dir)
@@ -273,12 +271,7 @@ def prune(
         "test_images": test.num_samples,
         "macs": float(test.macs.mean()),
         "dense_macs": float(test.macs.mean()) / achieved,
-        "train_seconds_last_session": round(seconds, 1),
-        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "torch": torch.__version__,
-        "weights": weights.name,
-        "sha256": sha256_of(weights),
+        **provenance(weights, seconds),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     logger.info("pruned %s to %.3f of its MACs: test accuracy %.2f %% (%.2f %% before fine-tuning)", model, achieved,
