@@ -27,6 +27,7 @@ import torch
 import dynnet
 from dynnet.bench.latency import machine_info
 from dynnet.core import RECIPES
+from dynnet.core.budget import mean_mac_fraction
 from dynnet.data import build_loaders
 from dynnet.testing import scramble_until_mixed
 
@@ -58,13 +59,7 @@ def _model(recipe: str, x: torch.Tensor) -> tuple[dynnet.DynamicModel, str]:
 
 def _fraction(model: dynnet.DynamicModel, x: torch.Tensor) -> float:
     dynnet.sparse(model)
-    total = 0.0
-    with torch.no_grad():
-        for chunk in x.split(256):
-            with dynnet.trace() as t:
-                model(chunk)
-            total += float(t.mac_fraction().sum())
-    return total / x.shape[0]
+    return mean_mac_fraction(model, x.split(256))
 
 
 def main(argv: list[str] | None = None) -> int:

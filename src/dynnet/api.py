@@ -120,13 +120,10 @@ def _create_pretrained(
     name: str, recipe: str | None, data: str, budget: float | None, kwargs: dict[str, Any]
 ) -> nn.Module:
     """:func:`create_model` with the shipped weights of ``name`` trained on ``data``."""
-    from dynnet.zoo import load_pretrained, shipped, weights_key
+    from dynnet.zoo import entry, load_pretrained, weights_key
 
     key = weights_key(name, data, kwargs.get("width"))
-    manifest = shipped().get(key)
-    if manifest is None:
-        known = ", ".join(shipped()) or "none"
-        raise ValueError(f"no shipped weights {key!r}; shipped: {known} (train your own with `dynnet pretrain`)")
+    manifest, _ = entry(key)
     build_kw = dict(manifest["model_kwargs"])
     clash = {k: v for k, v in kwargs.items() if k in ("in_channels", "num_classes", "width") and build_kw.get(k) != v}
     if clash.get("width", 1.0) == 1.0 and "width" not in build_kw:

@@ -23,6 +23,7 @@ import torch
 
 from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import machine_info
+from dynnet.bench.report import BUDGET_TOLERANCE
 from dynnet.train import EvalResult, TrainConfig, build_model, evaluate, fit
 
 __all__ = ["DEFAULT_SUBSET", "ExperimentResult", "best_static", "run_experiment", "shipped_static"]
@@ -314,6 +315,7 @@ def shipped_static(
     from dynnet import zoo
 
     rows = []
+    images = torch.cat([x for x, _ in _first_batches(loaders.test, max(max(batch_sizes), 32))]) if profile else None
     for key, manifest in zoo.shipped().items():
         if manifest.get("model") != model or manifest.get("data") != dataset:
             continue
@@ -321,8 +323,7 @@ def shipped_static(
         result = evaluate(net, loaders.test, mode="dense")
         row: dict[str, Any] = {"name": key, "accuracy": result.accuracy, "test_images": result.num_samples,
                                "macs": float(result.macs.mean()), "command": manifest.get("command")}  # fmt: skip
-        if profile:
-            images = torch.cat([x for x, _ in _first_batches(loaders.test, max(max(batch_sizes), 32))])
+        if images is not None:
             timed = profile_model(net, images, batch_sizes=batch_sizes, threads=threads, min_run_time=min_run_time)
             row.update({f"b{b}_sparse_ms": timed[f"b{b}_dense_ms"] for b in batch_sizes})
         rows.append(row)
@@ -332,7 +333,9 @@ def shipped_static(
     return rows
 
 
-def best_static(rows: list[dict[str, Any]], mac_fraction: float, tolerance: float = 0.03) -> dict[str, Any] | None:
+def best_static(
+    rows: list[dict[str, Any]], mac_fraction: float, tolerance: float = BUDGET_TOLERANCE
+) -> dict[str, Any] | None:
     """The most accurate static row that spends at most ``mac_fraction`` (+ ``tolerance``, the budget tolerance of
     the benchmark) of the dense MACs, or ``None``."""
     fit_rows = [r for r in rows if r["mac_fraction"] <= mac_fraction + tolerance]

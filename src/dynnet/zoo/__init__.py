@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["WEIGHTS_DIR", "checked_state", "load", "load_pretrained", "ship", "shipped", "weights_key"]
+__all__ = ["WEIGHTS_DIR", "checked_state", "entry", "load", "load_pretrained", "ship", "shipped", "weights_key"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -33,7 +33,12 @@ def weights_key(model: str, data: str, width: float | None = None, pruned: float
     return f"{model}{w}{p}-{data}"
 
 
-def _entry(key: str) -> tuple[dict[str, Any], Path]:
+def entry(key: str) -> tuple[dict[str, Any], Path]:
+    """``(manifest, weights path)`` of shipped entry ``key``.
+
+    Raises:
+        ValueError: no such entry (the message lists the shipped ones).
+    """
     entries = shipped()
     if key not in entries:
         known = ", ".join(entries) or "none"
@@ -51,7 +56,7 @@ def checked_state(key: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
     from dynnet.train.pretrain import sha256_of
 
-    manifest, path = _entry(key)
+    manifest, path = entry(key)
     digest = sha256_of(path)
     if digest != manifest["sha256"]:
         raise ValueError(f"{path} does not match its manifest (sha256 {digest[:12]}… ≠ {manifest['sha256'][:12]}…)")
