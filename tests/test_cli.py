@@ -52,6 +52,7 @@ def test_macs_of_a_converted_model(capsys: pytest.CaptureFixture[str]) -> None:
         (["macs", "--model", "cifar_resnet8", "--input", "3,32"], "C,H,W"),
         (["prune", "--init", "zoo:nope", "--macs", "1.5", "--out", "x"], "must be in (0, 1]"),
         (["prune", "--init", "nowhere", "--macs", "0.5", "--out", "x", "--data", "synthetic"], "no weights there"),
+        (["train", "--data", "synthetic", "--recipe", "fbs", "--decision-lr-scale", "10"], "give both"),
     ],
 )
 def test_errors_exit_2_with_one_line(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -136,6 +137,8 @@ def test_quickstart_fine_tunes_the_shipped_base_and_shows_the_static_networks_si
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["init"] == "zoo:cifar_resnet8-synthetic" and results["settings"]["epochs"] == 1
     assert results["settings"]["distill"] == 1.0
+    assert results["settings"]["train_overrides"] == {}  # FBS fine-tunes with the defaults (fine_tune_settings)
+    assert json.loads((out / "checkpoint.json").read_text())["state"]["config"]["budget_start"] == 1.0
     assert {r["name"] for r in results["static"]} == {"cifar_resnet8-synthetic", "cifar_resnet8p0.5-synthetic"}
     fractions = sorted(r["mac_fraction"] for r in results["static"])
     assert abs(fractions[0] - 0.5) <= 0.05 and fractions[1] == pytest.approx(1.0)

@@ -117,6 +117,10 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
             "torchvision:NAME or timm:NAME",
         )  # fmt: skip
         p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense --init base")
+        p.add_argument(
+            "--decision-lr-scale", type=float, default=None,
+            help="learning-rate multiplier of the gates/heads when fine-tuning from --init (default: the recipe's)",
+        )  # fmt: skip
 
     p = sub.add_parser("pretrain", help="train a dense base network with a real schedule (safetensors + manifest)")
     p.add_argument("--model", default="cifar_resnet20")
@@ -280,6 +284,11 @@ def _train(args: argparse.Namespace) -> None:
         "seed": args.seed, "model_kwargs": {"width": args.width} if args.width else {}, "init": args.init,
         "distill": args.distill if args.init else 0.0,
     }  # fmt: skip
+    overrides: dict[str, Any] = {}
+    if args.decision_lr_scale is not None:
+        if not args.init or not recipe:
+            raise ValueError("--decision-lr-scale applies to a recipe fine-tuned from --init: give both")
+        overrides["decision_lr_scale"] = settings["decision_lr_scale"] = args.decision_lr_scale
     out = Path(args.out) if args.out else None
     state, created = _claim_run_folder(out, settings, force=args.force) if out else ("new", [])
     if state == "finished":
@@ -291,7 +300,7 @@ def _train(args: argparse.Namespace) -> None:
             batch_size=args.batch_size, lr=args.lr, subset=settings["subset"], out_dir=args.out, seed=args.seed,
             data_root=args.data_root, threads=args.threads, profile=not args.no_profile, progress=args.progress,
             model_kwargs=settings["model_kwargs"] or None, init=args.init, distill=settings["distill"],
-            compare_static=compare, train_overrides={"resume": True} if state == "resume" else None,
+            compare_static=compare, train_overrides={**overrides, **({"resume": True} if state == "resume" else {})},
         )  # fmt: skip
     except BaseException:
         if out is not None and state == "new":

@@ -101,3 +101,34 @@ def test_a_point_off_its_budget_is_marked_and_not_counted(tmp_path: Path) -> Non
     line = next(t for t in text.splitlines() if t.startswith("- **mixed**"))
     assert "at budget 0.5 (" in line and "at budget 0.25" not in line
     assert "Off budget (not counted): budget 0.25 achieved 0.76" in line
+
+
+def test_headline_pairs_the_best_dynamic_and_static_point_at_each_mac_level(tmp_path: Path) -> None:
+    from dynnet.bench.report import headline
+
+    dense = 4.0  # the recipes' base: mean_macs / mac_fraction
+    rows = [
+        _row("static", "static", 4.0, 0.90),
+        _row("static", "pruned", 2.0, 0.86, budget=0.5),
+        _row("static", "static", 1.1, 0.80),
+    ]
+    rows += [
+        _row("recipe", "a", 2.0, 0.88, budget=0.5), _row("recipe", "b", 2.0, 0.87, budget=0.5),
+        _row("recipe", "a", 1.0, 0.70, budget=0.25),
+        dict(_row("recipe", "c", 1.0, 0.99, budget=0.25), mac_fraction=0.6, achieved=0.6),  # off budget: not counted
+        dict(_row("recipe", "d", 3.0, 0.98, budget=0.5), base_fallback=True),  # own larger base: too many MACs
+    ]  # fmt: skip
+    table = {h["budget"]: h for h in headline(rows, [0.25, 0.5, 0.75], "d")}
+    assert table[0.5]["dense_macs"] == dense and table[0.5]["dense"]["accuracy"] == 0.90
+    assert table[0.5]["dynamic"]["recipe"] == "a" and table[0.5]["static"]["mean_macs"] == 2.0
+    assert table[0.5]["gap"] == pytest.approx(2.0)
+    assert table[0.5]["dynamic_se"] == pytest.approx(100 * math.sqrt(0.88 * 0.12 / 1000))
+    # at 25 %: the static network at 1.1 M MACs (0.275 of the dense base) is within the tolerance
+    assert table[0.25]["dynamic"]["recipe"] == "a" and table[0.25]["static"]["mean_macs"] == 1.1
+    assert table[0.25]["gap"] == pytest.approx(-10.0)
+    assert table[0.75]["dynamic"] is None and math.isnan(table[0.75]["gap"])
+    text = write_report(rows, tmp_path, profile={"name": "standard", "budgets": [0.25, 0.5, 0.75], "dataset": "d"},
+                        machine={}).read_text()  # fmt: skip
+    assert "## Headline: best dynamic vs best static" in text
+    assert "| 50 % | a | 88.00 ± 2.06 % | 0.500 | m×2.86 (pruned 0.5) | 86.00 ± 2.19 % | 0.500 |" in text
+    assert "| +2.00 pts (within 2 SE) |" in text and "| -10.00 pts |" in text and "| 0.500 | – |" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -93,3 +95,85 @@ def test_fit_with_init_and_distill(loaders, tmp_path) -> None:
     # the base weights went in before training: a convolution starts from the base's, and moved only a little
     w0 = base.conv1.weight
     assert (model.net.conv1.weight - w0).abs().max() < 0.05 * w0.abs().max()
+
+
+def test_fbs_starts_from_the_channels_static_pruning_keeps() -> None:
+    """Below density 1, k-WTA's first choice (every saliency its bias) is the loaded channels' static importance."""
+    base = _trained_base()
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="fbs", budget=0.5, in_channels=1, width=0.25)
+    before = [b.saliency.fc.bias.clone() for b in model.fbs_blocks()]
+    load_init(model, base)
+    for block, old in zip(model.fbs_blocks(), before, strict=True):
+        assert block.density < 1.0  # precondition: k-WTA drops channels
+        bias, importance = block.saliency.fc.bias, block.channel_importance()
+        assert not torch.equal(bias, old) and not block.saliency.fc.weight.any()
+        assert importance.unique().numel() == importance.numel()  # precondition: a strict order to follow
+        assert torch.equal(torch.argsort(bias), torch.argsort(importance))
+        assert float(bias.min()) >= 1.0 and float(bias.max()) <= 1.0 + 0.05 + 1e-6
+        x = torch.randn(3, block.conv1.in_channels, 6, 6)
+        kept = block.decide(x)[0].hard
+        top = torch.topk(importance, int(kept[0].sum())).indices
+        assert torch.equal(kept.nonzero()[:, 1].view(3, -1).sort(1).values, top.sort().values.expand(3, -1))
+    # a trained predictor (W != 0) is left as it is by a later base load
+    with torch.no_grad():
+        model.fbs_blocks()[0].saliency.fc.weight.fill_(0.1)
+    trained = model.fbs_blocks()[0].saliency.fc.bias.clone().add_(0.5)
+    with torch.no_grad():
+        model.fbs_blocks()[0].saliency.fc.bias.copy_(trained)
+    load_init(model, base)
+    torch.testing.assert_close(model.fbs_blocks()[0].saliency.fc.bias, trained)
+
+
+def test_fbs_at_budget_one_still_reproduces_the_base_after_load() -> None:
+    base = _trained_base()
+    model = load_init(dynnet.create_model("cifar_resnet8", recipe="fbs", in_channels=1, width=0.25), base).eval()
+    x = torch.randn(4, 1, 12, 12)
+    torch.testing.assert_close(model(x), base(x))
+
+
+def test_decision_parameters_get_their_own_learning_rate() -> None:
+    from dynnet.train.loop import build_optimizer
+
+    model = _converted()
+    decision = {id(p) for p in model.decision_parameters()}
+    assert decision and len(decision) < len(list(model.parameters()))
+    assert all("gate" in n for n, p in model.named_parameters() if id(p) in decision)
+    opt = build_optimizer(model, TrainConfig(lr=0.02, decision_lr_scale=10.0))
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs.keys() == {id(p) for p in model.parameters()}
+    assert all(lr == pytest.approx(0.2 if i in decision else 0.02) for i, lr in lrs.items())
+    plain = build_optimizer(model, TrainConfig(lr=0.02))
+    assert {g["lr"] for g in plain.param_groups} == {0.02}
+    with pytest.raises(ValueError, match="decision_lr_scale"):
+        TrainConfig(decision_lr_scale=0.0)
+
+
+def test_fit_anneals_the_fbs_density_with_the_budget(loaders) -> None:
+    """FBS's knob is fixed by the budget: while fit anneals the budget from 1, the density follows it."""
+    model = dynnet.create_model("cifar_resnet8", recipe="fbs", budget=0.5, in_channels=1, width=0.25)
+    target = model.fbs_blocks()[0].density
+    seen: list[float] = []
+
+    class Watch(dynnet.train.Hook):
+        def on_step_end(self, state) -> None:
+            seen.append(state.model.fbs_blocks()[0].density)
+
+    steps = len(loaders.train)
+    cfg = TrainConfig(epochs=2, lr=0.01, budget_start=1.0, budget_warmup_epochs=1.0, calibrate=False)
+    fit(model, loaders.train, cfg, hooks=[Watch()])
+    assert target < 1.0 and len(seen) == 2 * steps
+    assert seen[0] > seen[steps // 2] > target  # decreasing while the budget anneals
+    assert all(a >= b for a, b in itertools.pairwise(seen))
+    assert seen[steps:] == [target] * steps  # then the budget's own density
+
+
+def test_fine_tune_settings_by_family_and_recipe() -> None:
+    from dynnet.core.recipe import FINE_TUNE_DEFAULTS, fine_tune_settings
+
+    assert fine_tune_settings(None, 3) == {}
+    fbs = fine_tune_settings("fbs", 1)
+    assert fbs["budget_start"] == FINE_TUNE_DEFAULTS["budget_start"] == 1.0 and fbs["budget_warmup_epochs"] == 0.5
+    assert fbs.get("decision_lr_scale", 1.0) == 1.0
+    assert fine_tune_settings("branchynet", 4) == {**fbs, "budget_warmup_epochs": 1.0, "decision_lr_scale": 10.0}
+    TrainConfig(**fine_tune_settings("branchynet", 1))  # every setting is a TrainConfig field

@@ -24,6 +24,7 @@ import torch
 from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import machine_info
 from dynnet.bench.report import BUDGET_TOLERANCE
+from dynnet.core.recipe import fine_tune_settings
 from dynnet.train import EvalResult, TrainConfig, build_model, evaluate, fit
 
 __all__ = ["DEFAULT_SUBSET", "ExperimentResult", "best_static", "run_experiment", "shipped_static"]
@@ -206,8 +207,9 @@ def run_experiment(
         model_kwargs: extra arguments of the model builder / recipe config (``width``, ``hidden``...).
         dataset_kwargs: extra arguments of the dataset builder.
         init: trained base weights to fine-tune from (``fit``'s ``init``: a ``.safetensors`` file, a folder with
-            ``model.safetensors``, a static checkpoint, ``torchvision:NAME``, ``timm:NAME``). With it the budget is
-            annealed from 1 over the first epoch unless ``train_overrides`` says otherwise (gates warm up open).
+            ``model.safetensors``, a static checkpoint, ``torchvision:NAME``, ``timm:NAME``). With it the recipe
+            fine-tunes with :func:`~dynnet.core.recipe.fine_tune_settings` (budget annealed from 1, decision layers
+            at a higher learning rate) unless ``train_overrides`` says otherwise.
         distill: weight of the distillation loss from the dense base (``TrainConfig.distill``).
         compare_static: also test and time the shipped static networks of ``model`` on ``dataset``
             (:func:`shipped_static`); the summary then shows them side by side with this run.
@@ -235,7 +237,7 @@ def run_experiment(
         "seed": seed, "batch_sizes": list(batch_sizes), "model_kwargs": model_kwargs or {},
         "train_overrides": train_overrides or {}, "init": None if init is None else str(init), "distill": distill,
     }  # fmt: skip
-    warm = {"budget_start": 1.0, "budget_warmup_epochs": min(1.0, epochs / 2)} if init is not None and recipe else {}
+    warm = fine_tune_settings(recipe, epochs) if init is not None else {}
     config = TrainConfig(
         **{"epochs": epochs, "lr": lr, "seed": seed, "out_dir": out_dir, "progress": progress, "distill": distill,
            **warm, **(train_overrides or {})}

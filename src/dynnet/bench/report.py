@@ -34,6 +34,7 @@ __all__ = [
     "aggregate",
     "beats_front",
     "front_accuracy",
+    "headline",
     "load_rows",
     "on_budget",
     "pareto_front",
@@ -185,6 +186,92 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda v: (v["recipe"], v.get("budget") or 0))
 
 
+def _se(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy over ``n`` test images, in points."""
+    return 100 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(1, n))
+
+
+def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float], dataset: str | None = None) -> list[dict]:
+    """Best dynamic vs best static at each MAC level: the report's headline table.
+
+    At level ``b`` both sides spend at most ``b + BUDGET_TOLERANCE`` of the dense base's MACs (the base the recipes
+    converted: the median ``mean_macs / mac_fraction`` of their rows): the dynamic candidates are the recipe points at
+    budget ``b`` that are on budget (a recipe on its own, larger base is left out when it spends more), the static
+    candidates every baseline. Means over seeds (:func:`aggregate`).
+
+    Returns:
+        One dict per level: ``budget``, ``dynamic`` and ``static`` (the best aggregated rows, or ``None``), their
+        accuracy standard errors ``dynamic_se`` / ``static_se`` (points), ``gap`` (dynamic minus static, points),
+        ``dense`` (the dense base's row when a static baseline spends its MACs, else ``None``), ``dense_macs``.
+    """
+    agg = [r for r in aggregate(rows) if dataset is None or r["dataset"] == dataset]
+    recipes = [r for r in agg if r["kind"] == "recipe" and r.get("on_budget", True)]
+    dense_refs = [r["mean_macs"] / r["mac_fraction"] for r in recipes if r.get("mac_fraction") and not
+                  r.get("base_fallback")]  # fmt: skip
+    if not dense_refs:
+        return []
+    dense_macs = sorted(dense_refs)[len(dense_refs) // 2]
+    statics = [r for r in agg if r["kind"] == "static"]
+    dense = max((r for r in statics if abs(r["mean_macs"] / dense_macs - 1) < 1e-3), key=lambda r: r["accuracy"],
+                default=None)  # fmt: skip
+
+    def n(r: dict[str, Any]) -> int:
+        return int(r.get("test_images") or 1) * int(r.get("seeds") or 1)
+
+    out = []
+    for b in budgets:
+        cap = (b + BUDGET_TOLERANCE) * dense_macs
+        level = [r for r in recipes if r.get("budget") == b and r["mean_macs"] <= cap]
+        dyn = max(level, key=lambda r: r["accuracy"], default=None)
+        sta = max((r for r in statics if r["mean_macs"] <= cap), key=lambda r: r["accuracy"], default=None)
+        out.append({
+            "budget": b, "dynamic": dyn, "static": sta, "dense": dense, "dense_macs": dense_macs,
+            "dynamic_se": _se(dyn["accuracy"], n(dyn)) if dyn else math.nan,
+            "static_se": _se(sta["accuracy"], n(sta)) if sta else math.nan,
+            "gap": 100 * (dyn["accuracy"] - sta["accuracy"]) if dyn and sta else math.nan,
+        })  # fmt: skip
+    return out
+
+
+def _headline_lines(rows: Sequence[dict[str, Any]], profile: dict[str, Any]) -> list[str]:
+    table = headline(rows, profile.get("budgets", ()), profile.get("dataset"))
+    if not table:
+        return []
+    lines = [
+        "## Headline: best dynamic vs best static",
+        "",
+        "At each MAC level, the most accurate recipe on budget and the most accurate static baseline at or below that "
+        f"fraction of the dense base's MACs (+{BUDGET_TOLERANCE}); accuracy ± 2 SE on the test images.",
+        "",
+        "| MACs | best dynamic | accuracy | MAC frac | best static | accuracy | MAC frac | dynamic − static |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for h in table:
+        dyn, sta = h["dynamic"], h["static"]
+
+        def cell(r: dict[str, Any] | None, se: float, name: str, dense_macs: float = h["dense_macs"]) -> str:
+            if r is None:
+                return "– | – | –"
+            return f"{name} | {100 * r['accuracy']:.2f} ± {2 * se:.2f} % | {r['mean_macs'] / dense_macs:.3f}"
+
+        sname = None
+        if sta is not None:
+            sname = {"pruned": f"pruned {sta.get('budget')}", "static": "trained"}.get(sta["recipe"], sta["recipe"])
+            sname = f"{sta['model']}×{sta['width']:g} ({sname})"
+        gap = h["gap"]
+        within = math.isfinite(gap) and abs(gap) <= 2 * math.hypot(h["dynamic_se"], h["static_se"])
+        tie = " (within 2 SE)" if within else ""
+        gap_text = f"{gap:+.2f} pts" if math.isfinite(gap) else "–"
+        lines.append(
+            f"| {100 * h['budget']:g} % | {cell(dyn, h['dynamic_se'], dyn['recipe'] if dyn else '')} | "
+            f"{cell(sta, h['static_se'], sname or '')} | {gap_text}{tie} |"
+        )
+    dense = table[0]["dense"]
+    if dense is not None:
+        lines += ["", f"Dense base: {100 * dense['accuracy']:.2f} % at {dense['mean_macs'] / 1e6:.2f} M MACs."]
+    return [*lines, ""]
+
+
 # ----------------------------------------------------------------------------------------------- files
 
 
@@ -299,7 +386,7 @@ def write_report(
     lines = [
         f"# dynnet benchmark suite — profile `{p.get('name')}`",
         "",
-        f"Every registered recipe ({len(recipes)}) at budgets {', '.join(f'{b:g}' for b in p.get('budgets', []))} "
+        f"{_coverage(len(recipes))} at budgets {', '.join(f'{b:g}' for b in p.get('budgets', []))} "
         f"and {len(static)} static baselines, trained with one shared schedule: base `{p.get('base')}` × "
         f"{p.get('width')} on `{p.get('dataset')}`, {p.get('subset') or 'all'} training images, {p.get('epochs')} "
         f"epoch(s), batch {p.get('batch_size')}, SGD lr {p.get('lr')} (cosine), seeds {p.get('seeds')}; tested in "
@@ -308,11 +395,12 @@ def write_report(
     ]
     if p.get("name") == "quick":
         lines += [
-            "> **Quick profile: the accuracies come from a very short schedule** (one epoch on a few thousand images "
-            "of a tiny network). They rank methods only roughly; the gaps to the front are often within noise. "
-            "Use the `full` profile (GPU) for conclusions.",
+            "> **Quick profile: a smoke test. The accuracies come from a very short schedule** (one epoch on a few "
+            "thousand images of a tiny network). They rank methods only roughly; the gaps to the front are often "
+            "within noise. Use the `standard` profile (CPU, in pieces) or `full` (GPU) for conclusions.",
             "",
         ]
+    lines += _headline_lines(rows, p)
     lines += [
         "## Machine",
         "",
@@ -407,6 +495,16 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _coverage(n: int) -> str:
+    """``"Every registered recipe (44)"``, or ``"7 of the 44 registered recipes (a partial run)"``."""
+    import dynnet
+
+    total = len(dynnet.list_recipes())  # imports the method packages (they register themselves)
+    if n >= total:
+        return f"Every registered recipe ({n})"
+    return f"{n} of the {total} registered recipes (a partial run: the others are not in this report yet)"
 
 
 def _budget_cell(v: dict[str, Any]) -> str:

@@ -209,8 +209,8 @@ PROFILES: dict[str, BenchProfile] = {
         seeds=(0,),
         min_run_time=0.5,
         batch1_samples=32,
-        threads=2,
-        train_threads=2,
+        threads=1,  # 1 thread, like quick: the machine that runs it in pieces is shared with other work
+        train_threads=1,
         device="cpu",
         init="zoo",
         distill=1.0,
@@ -669,7 +669,9 @@ def _fine_tune_plan(
     if start is None:
         return None, None, {}
     if job.kind == "recipe" and base == profile.base and width == profile.width:
-        return start, None, {"budget_start": 1.0, "budget_warmup_epochs": min(1.0, profile.epochs / 2)}
+        from dynnet.core.recipe import fine_tune_settings
+
+        return start, None, fine_tune_settings(job.recipe, profile.epochs)
     if job.source == "pruned" and profile.distill > 0:
         from dynnet.train import build_model
         from dynnet.train.init import frozen_teacher, load_init

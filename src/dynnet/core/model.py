@@ -265,6 +265,27 @@ class DynamicModel(nn.Module):
         not_gate = [k for k in missing if not _is_dynamic_param(k)]
         if not_gate:
             raise KeyError(f"base weights missing from the state_dict: {not_gate[:5]}")
+        self.init_from_base_()
+
+    def decision_parameters(self) -> list[nn.Parameter]:
+        """The parameters the conversion added (gates, policies, predictors, exit heads, experts: every parameter
+        under a decision module or an added part, the ones :meth:`load_base_state_dict` does not load)."""
+        return [p for name, p in self.named_parameters() if _is_dynamic_param(name)]
+
+    def follow_budget_(self, budget: float) -> None:
+        """Set the decision knob for the training budget of this step (in place); a no-op by default.
+
+        ``fit`` calls it every step while the budget is annealed (``TrainConfig.budget_start``). Recipes whose
+        budget acts through a loss term read the budget in :meth:`compute_loss` and need nothing here; recipes whose
+        knob is fixed by the budget (FBS's k-WTA density) follow the schedule through it.
+        """
+
+    def init_from_base_(self) -> None:
+        """Re-initialise the decision parameters from the base weights just loaded (in place); a no-op by default.
+
+        :meth:`load_base_state_dict` calls it, so a recipe whose gates start from the trained network (FBS ranks its
+        channels by their static importance) sees the trained weights, not the ones present at conversion.
+        """
 
 
 def _checks_trace(compute_loss: Callable[..., LossOutput]) -> Callable[..., LossOutput]:

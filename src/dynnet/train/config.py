@@ -50,6 +50,10 @@ class TrainConfig:
             the recipe's objective; 0 switches it off. The teacher is ``fit``'s ``teacher`` argument, by default a
             frozen copy of the model in dense mode taken at the start of training (the trained base network).
         distill_temperature: the softmax temperature of that loss.
+        decision_lr_scale: learning-rate multiplier of a converted model's decision parameters (gates, policies,
+            saliency predictors, exit heads, experts: :meth:`dynnet.DynamicModel.decision_parameters`). Fine-tuning
+            a trained base wants a small learning rate for the trained weights and a large one for the fresh
+            decision layers, the usual practice for new layers on a pretrained network; 1 treats them alike.
         calibrate: at the end of training, move the recipe's decision thresholds on the validation split so that
             the mean MAC fraction equals the budget (:func:`dynnet.calibrate`); skipped without validation data,
             without a budget, or for recipes whose budget is not calibrated (``RecipeSpec.budget``).
@@ -86,6 +90,7 @@ class TrainConfig:
     find_unused_parameters: bool = False
     distill: float = 0.0
     distill_temperature: float = 4.0
+    decision_lr_scale: float = 1.0
     calibrate: bool = True
     calibrate_tolerance: float = 0.01
 
@@ -122,6 +127,8 @@ class TrainConfig:
             raise ValueError(
                 f"distill must be >= 0 and distill_temperature > 0, got {self.distill!r}, {self.distill_temperature!r}"
             )
+        if not self.decision_lr_scale > 0:
+            raise ValueError(f"decision_lr_scale must be positive, got {self.decision_lr_scale!r}")
         if not 0 < self.calibrate_tolerance < 1:
             raise ValueError(f"calibrate_tolerance must be in (0, 1), got {self.calibrate_tolerance!r}")
         if self.resume and self.out_dir is None:

@@ -53,10 +53,20 @@ class FitResult:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; weight decay on weights with ≥ 2 dims only (not on BN parameters and biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """SGD or AdamW; weight decay on weights with ≥ 2 dims only (not on BN parameters and biases); a converted
+    model's decision parameters at ``config.decision_lr_scale`` times the learning rate (groups after the base's)."""
+    decision: set[int] = set()
+    if config.decision_lr_scale != 1.0 and isinstance(model, DynamicModel):
+        decision = {id(p) for p in model.decision_parameters()}
+    groups = []
+    for scale, chosen in ((1.0, False), (config.decision_lr_scale, True)):
+        params = [p for p in model.parameters() if p.requires_grad and (id(p) in decision) == chosen]
+        for decayed in (True, False):
+            part = [p for p in params if (p.dim() >= 2) == decayed]
+            if part or not chosen:
+                groups.append({
+                    "params": part, "weight_decay": config.weight_decay if decayed else 0.0, "lr": config.lr * scale,
+                })  # fmt: skip
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0
@@ -312,6 +322,8 @@ def _train_step(
     )  # fmt: skip
     if budget is not None:
         log["budget"] = budget
+        if config.budget_start is not None and isinstance(model, DynamicModel):
+            model.follow_budget_(budget)  # recipes whose knob is fixed by the budget anneal it (FBS's density)
     with trace() as t:
         logits = net(x)
     loss, parts = _loss(model, logits, y, t, budget)

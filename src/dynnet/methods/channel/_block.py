@@ -113,6 +113,29 @@ class ChannelGatedBlock(DynamicBlock):
         """C: the number of gated inner channels."""
         return self.conv1.out_channels
 
+    def channel_importance(self) -> Tensor:
+        """A data-free estimate of each inner channel's contribution to the block output: Tensor[C], non-negative.
+
+        ``E[relu(bn1(conv1 x))_c] · Σ_o |γ2_o / σ2_o| · ‖conv2.weight[o, c]‖₁``: the expected activation of channel
+        ``c`` when its normalised pre-activation is standard normal (``E[relu(γz + β)] = β Φ(β/γ) + |γ| φ(β/γ)``)
+        times the L1 norm of what ``conv2`` and ``bn2`` make of it. It ranks channels like the criterion of the
+        structured-pruning baseline (the L1 norm of a channel's weights) but sees the trained batch norms too, so
+        that gates can start where static pruning would cut (:meth:`FBS <dynnet.methods.channel.fbs.FBS>` keeps the
+        most important channels before its predictor has learned anything).
+        """
+        with torch.no_grad():
+            bn1, bn2 = self.bn1, self.bn2
+            gamma1 = bn1.weight if bn1.weight is not None else torch.ones_like(bn1.running_var)
+            beta1 = bn1.bias if bn1.bias is not None else torch.zeros_like(bn1.running_var)
+            scale = gamma1.abs().clamp_min(1e-12)
+            ratio = beta1 / scale
+            normal = torch.distributions.Normal(torch.zeros_like(ratio), torch.ones_like(ratio))
+            activation = beta1 * normal.cdf(ratio) + scale * normal.log_prob(ratio).exp()
+            gamma2 = bn2.weight if bn2.weight is not None else torch.ones_like(bn2.running_var)
+            out_scale = gamma2.abs() / (bn2.running_var + bn2.eps).sqrt()
+            reach = (self.conv2.weight.abs().sum((2, 3)) * out_scale[:, None]).sum(0)
+            return (activation.clamp_min(0) * reach).float()
+
     # -- pieces ---------------------------------------------------------------------------------
     def inner(self, x: Tensor) -> Tensor:
         """``relu(bn1(conv1(x)))``: Tensor[N, C_in, H, W] → Tensor[N, C, H', W']."""
