@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +17,18 @@ from dynnet.cli import main
 from dynnet.macs.report import format_macs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--model", "cifar_resnet8", "--width", "0.25", "--data", "synthetic", "--subset", "64", "--batch-size", "8",
+        "--no-profile"]  # fmt: skip
+"""A run of 8 steps per epoch, in a second or two."""
+
+
+def dynnet_process(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``dynnet ARGS`` run as the shell runs it (``python -m dynnet``), stdout and stderr piped."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dynnet", *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd
+    )
 
 
 def test_list_recipes_and_datasets(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,12 +64,19 @@ def test_macs_of_a_converted_model(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["macs", "--model", "cifar_resnet8", "--recipe", "no_such_recipe"], "unknown recipe 'no_such_recipe'"),
         (["macs", "--model", "no_such_model"], "unknown model 'no_such_model'"),
-        (["macs", "--model", "cifar_resnet8", "--recipe", "convnet_aig", "--budget", "1.5"], "budget must be"),
+        (["macs", "--model", "cifar_resnet8", "--recipe", "convnet_aig", "--budget", "1.5"], "--budget: expected a"),
         (["train", "--data", "no_such_data", "--epochs", "1"], "unknown dataset 'no_such_data'"),
         (["macs", "--model", "cifar_resnet8", "--input", "3,32"], "C,H,W"),
-        (["prune", "--init", "zoo:nope", "--macs", "1.5", "--out", "x"], "must be in (0, 1]"),
+        (["prune", "--init", "zoo:nope", "--macs", "1.5", "--out", "x"], "fraction in (0, 1], got '1.5'"),
         (["prune", "--init", "nowhere", "--macs", "0.5", "--out", "x", "--data", "synthetic"], "no weights there"),
         (["train", "--data", "synthetic", "--recipe", "fbs", "--decision-lr-scale", "10"], "give both"),
+        (["train", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["train", "--threads", "0"], "--threads: expected a positive integer"),
+        (["train", "--lr", "inf"], "--lr: expected a positive number"),
+        (["train", "--max-steps", "-1"], "--max-steps: expected a positive integer"),
+        (["train", "--checkpoint-every", "x"], "--checkpoint-every: expected an integer >= 0"),
+        # quickstart with --init of its own took its unset schedule along (a TypeError on None / int).
+        (["quickstart", "--init", "nowhere", "--data", "synthetic"], "no weights there"),
     ],
 )
 def test_errors_exit_2_with_one_line(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -153,3 +177,118 @@ def test_best_static_is_the_most_accurate_network_within_the_dynamic_models_macs
     assert best_static(rows, 0.5)["name"] == "p0.52"  # within the benchmark's tolerance of 0.03
     assert best_static(rows, 0.45)["name"] == "x0.5"
     assert best_static(rows, 0.2) is None
+
+
+def test_max_steps_stops_the_run_and_checkpoint_every_saves_within_the_epoch(tmp_path: Path) -> None:
+    run = ["train", *TINY, "--recipe", "none", "--epochs", "2", "--out", "run"]
+    proc = dynnet_process(*run, "--max-steps", "3", "--checkpoint-every", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [e["step"] for e in results["history"]] == [3]  # 8 steps an epoch, 16 asked: stopped at 3
+    assert results["settings"]["train_overrides"] == {"max_steps": 3, "checkpoint_every_steps": 2}
+    # Saved at step 2 and again at the end (step 3): the second save kept the first as .prev. Without
+    # --checkpoint-every a static run saves once, at the end of its epoch.
+    assert (tmp_path / "run" / "checkpoint.safetensors.prev").is_file()
+    # stderr is a pipe here: no progress bar unless asked for.
+    assert "it/s]" not in proc.stderr and "s/it]" not in proc.stderr
+    # The run folder knows both settings: another value is refused, in one line naming it.
+    again = dynnet_process(*run, "--max-steps", "4", "--checkpoint-every", "2", cwd=tmp_path)
+    err = [line for line in again.stderr.splitlines() if line.strip()]
+    assert again.returncode == 2 and len(err) == 1 and "max_steps 3 there, 4 now" in err[0], again.stderr
+
+
+def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    import dynnet.train.loop as loop
+
+    def argv(out: Path, every: str = "2") -> list[str]:
+        return ["train", *TINY, "--recipe", "none", "--epochs", "1", "--checkpoint-every", every, "--out", str(out)]
+
+    assert main(argv(tmp_path / "whole")) == 0
+    train_step = loop._train_step
+
+    def killed_at_step_5(state: Any, *args: Any) -> None:
+        if state.step == 5:
+            raise KeyboardInterrupt  # as a kill -9 would: the checkpoint of step 4 is on disk
+        train_step(state, *args)
+
+    monkeypatch.setattr(loop, "_train_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv(tmp_path / "killed"))
+    state = json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["state"]
+    assert state["step"] == 4 and state["batch_in_epoch"] == 4
+    monkeypatch.setattr(loop, "_train_step", train_step)
+    capsys.readouterr()
+    assert main(argv(tmp_path / "killed", every="3")) == 0  # the interval is not a setting of the run
+    assert "resuming it" in capsys.readouterr().out
+    whole = load_file(tmp_path / "whole" / "checkpoint.safetensors")
+    resumed = load_file(tmp_path / "killed" / "checkpoint.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+
+
+def test_a_run_folder_of_an_older_dynnet_resumes(tmp_path: Path) -> None:
+    """A run.json written before --max-steps and --grey-to-rgb existed has neither: it was made with their
+    defaults, and the same command resumes it."""
+    from dynnet.cli import _claim_run_folder
+
+    old = {"model": "cifar_resnet8", "recipe": None, "budget": None, "dataset": "synthetic", "epochs": 1,
+           "batch_size": 8, "lr": 0.1, "subset": 64, "seed": 0, "model_kwargs": {}, "init": None,
+           "distill": 0.0}  # fmt: skip
+    (tmp_path / "run.json").write_text(json.dumps({"format": "dynnet-run", "settings": old}))
+    (tmp_path / "checkpoint.json").write_text("{}")
+    now = {**old, "max_steps": None, "grey_to_rgb": False}
+    assert _claim_run_folder(tmp_path, now, force=False)[0] == "resume"
+    with pytest.raises(ValueError, match="max_steps None there, 5 now"):
+        _claim_run_folder(tmp_path, {**now, "max_steps": 5}, force=False)
+
+
+@pytest.mark.parametrize(
+    ("argv", "target"),
+    [
+        (["train", "--data", "synthetic", "--out", "{tmp}/run"], "dynnet.bench.experiment.run_experiment"),
+        (["quickstart", "--data", "synthetic", "--out", "{tmp}/run"], "dynnet.bench.experiment.run_experiment"),
+        (["pretrain", "--data", "synthetic", "--out", "{tmp}/base"], "dynnet.train.pretrain.pretrain"),
+        (["prune", "--init", "base", "--macs", "0.5", "--out", "{tmp}/p"], "dynnet.train.prune.prune"),
+    ],
+)
+def test_progress_bar_when_stderr_is_a_terminal_unless_told(
+    argv: list[str], target: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+
+    def record(*args: Any, progress: bool, **kwargs: Any) -> None:
+        seen.append(progress)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(target, record)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    for tty, flags in ((True, []), (False, []), (True, ["--no-progress"]), (False, ["--progress"])):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert main([*argv, *flags]) == 2
+    assert seen == [True, False, False, True]
+    assert "recorded" in capsys.readouterr().err
+
+
+def test_grey_to_rgb_trains_a_torchvision_network_on_fashion_mnist(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynnet.data.testing import write_fake_fashion_mnist
+
+    root = write_fake_fashion_mnist(tmp_path / "data", num_train=40, num_test=20)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "resnet18", "--recipe", "none", "--data", "fashion_mnist", "--data-root", str(root),
+            "--subset", "0", "--batch-size", "8", "--max-steps", "1", "--no-profile", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2  # refused, and the refusal names the option
+    assert "--grey-to-rgb" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
+    assert main([*argv, "--grey-to-rgb"]) == 0
+    assert "test accuracy (sparse)" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["settings"]["grey_to_rgb"] is True
+    # eval repeats the grey images too: the checkpoint's network takes 3 channels.
+    assert main(["eval", "--checkpoint", str(out), "--data", "fashion_mnist", "--data-root", str(root)]) == 0
+    assert "images 20" in capsys.readouterr().out

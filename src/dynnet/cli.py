@@ -3,6 +3,7 @@
     dynnet list [recipes|models|datasets]
     dynnet macs --model resnet50 [--input 3,224,224] [--recipe R --budget B] [--depth 2] [--batch 1]
     dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ... [--force]
+                 [--max-steps N] [--checkpoint-every N] [--progress|--no-progress] [--grey-to-rgb]
     dynnet pretrain --model cifar_resnet20 --data fashion_mnist --out runs/pretrain/resnet20 [--width 0.75]
     dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 [--out runs/q-b0.4] [--force]
     dynnet eval --checkpoint runs/quickstart [--data fashion_mnist] [--mode sparse]
@@ -27,9 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,81 @@ def _ints(text: str) -> tuple[int, ...]:
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _checked(text: str, cast: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Any:
+    """``cast(text)`` if it converts and passes ``ok``; else the one-line usage error "expected ..., got ..."."""
+    try:
+        value = cast(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A positive integer: epochs, steps, batch sizes, threads."""
+    return _checked(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def _count0(text: str) -> int:
+    """An integer >= 0 (where 0 means "all" or "never": ``--subset``, ``--checkpoint-every``, ``--depth``)."""
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _seed(text: str) -> int:
+    """A seed: torch takes 64-bit seeds, and the loaders derive others from it by multiplication."""
+    return _checked(text, int, lambda v: 0 <= v < 2**31, "an integer in [0, 2**31)")
+
+
+def _positive(text: str) -> float:
+    """A finite positive number: learning rates, width multipliers, times."""
+    return _checked(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+
+
+def _nonnegative(text: str) -> float:
+    """A finite number >= 0: loss weights."""
+    return _checked(text, float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
+
+
+def _fraction(text: str) -> float:
+    """A fraction in (0, 1]: budgets and MAC fractions."""
+    return _checked(text, float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+
+
+def _open_fraction(text: str) -> float:
+    """A fraction in (0, 1): tolerances."""
+    return _checked(text, float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )  # fmt: skip
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """``--progress`` / ``--no-progress``, else whether stderr is a terminal (no bar in a log file or a pipe)."""
+    if args.progress is not None:
+        return args.progress
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
+def _add_grey_to_rgb(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grey-to-rgb", action="store_true",
+        help="repeat a grey dataset's images to 3 channels, for networks made for RGB images (torchvision's)",
+    )  # fmt: skip
+
+
+def _dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :func:`dynnet.data.build_loaders` that the command line sets."""
+    return {"channels": 3} if args.grey_to_rgb else {}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,73 +160,86 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="cifar_resnet20, resnet50, timm/<name>, ...")
     p.add_argument("--input", type=_shape, help="C,H,W (default 3,32,32 for cifar_* models, else 3,224,224)")
     p.add_argument("--recipe", help="convert with this recipe first")
-    p.add_argument("--budget", type=float, help="the recipe's budget")
-    p.add_argument("--depth", type=int, default=2, help="deepest module level shown")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the counted pass")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--budget", type=_fraction, help="the recipe's budget")
+    p.add_argument("--depth", type=_count0, default=2, help="deepest module level shown")
+    p.add_argument("--batch", type=_count, default=1, help="batch size of the counted pass")
+    p.add_argument("--num-classes", type=_count, default=None)
 
     def add_train_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="cifar_resnet20")
-        p.add_argument("--width", type=float, default=None, help="width multiplier of cifar_resnet* models")
+        p.add_argument("--width", type=_positive, default=None, help="width multiplier of cifar_resnet* models")
         p.add_argument("--recipe", default="convnet_aig", help="'none' for the static network")
-        p.add_argument("--budget", type=float, default=0.5)
+        p.add_argument("--budget", type=_fraction, default=0.5)
         p.add_argument("--data", default="fashion_mnist", help="registered dataset")
         p.add_argument("--data-root", default=None)
-        p.add_argument("--epochs", type=int, default=3)
-        p.add_argument("--batch-size", type=int, default=128)
-        p.add_argument("--lr", type=float, default=0.1)
+        _add_grey_to_rgb(p)
+        p.add_argument("--epochs", type=_count, default=3)
+        p.add_argument("--max-steps", type=_count, default=None, help="stop after this many optimiser steps")
+        p.add_argument("--batch-size", type=_count, default=128)
+        p.add_argument("--lr", type=_positive, default=0.1)
         p.add_argument(
-            "--subset", type=int, default=None, help="training images; 0 = all (default: the quickstart's subset)"
+            "--subset", type=_count0, default=None, help="training images; 0 = all (default: the quickstart's subset)"
         )
         p.add_argument(
             "--out", default="runs/quickstart",
             help="run folder (checkpoint, log.csv, results.json): a run there with the same settings is resumed, "
             "one with other settings refused",
         )  # fmt: skip
+        p.add_argument(
+            "--checkpoint-every", type=_count0, default=0, metavar="N",
+            help="also checkpoint every N steps, so that a killed run resumes close to where it was (default: at "
+            "each epoch end only)",
+        )  # fmt: skip
         p.add_argument("--force", action="store_true", help="replace the run already in --out")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--seed", type=_seed, default=0)
+        p.add_argument("--threads", type=_count, default=None)
         p.add_argument("--no-profile", action="store_true", help="skip the latency measurement")
-        p.add_argument("--progress", action="store_true", help="show a progress bar")
+        _add_progress(p)
         p.add_argument(
             "--init", default=None,
             help="start from trained weights: a .safetensors file, a pretrain folder, a static run's checkpoint, "
             "torchvision:NAME or timm:NAME",
         )  # fmt: skip
-        p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense --init base")
         p.add_argument(
-            "--decision-lr-scale", type=float, default=None,
+            "--distill", type=_nonnegative, default=0.0, help="weight of distillation from the dense --init base"
+        )
+        p.add_argument(
+            "--decision-lr-scale", type=_positive, default=None,
             help="learning-rate multiplier of the gates/heads when fine-tuning from --init (default: the recipe's)",
         )  # fmt: skip
 
     p = sub.add_parser("pretrain", help="train a dense base network with a real schedule (safetensors + manifest)")
     p.add_argument("--model", default="cifar_resnet20")
-    p.add_argument("--width", type=float, default=None, help="width multiplier of cifar_resnet* models")
+    p.add_argument("--width", type=_positive, default=None, help="width multiplier of cifar_resnet* models")
     p.add_argument("--data", default="fashion_mnist", help="registered dataset")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    _add_grey_to_rgb(p)
+    p.add_argument("--epochs", type=_count, default=30)
+    p.add_argument("--lr", type=_positive, default=0.1)
+    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--threads", type=_count, default=None)
     p.add_argument("--out", required=True, help="run folder (resumable; model.safetensors + manifest.json at the end)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    _add_progress(p)
 
     p = sub.add_parser("prune", help="static baseline: a trained base with its lowest-L1 channels removed, fine-tuned")
     p.add_argument("--init", required=True, help="the trained base: zoo:KEY, a .safetensors file or pretrain folder")
-    p.add_argument("--macs", type=float, required=True, help="MAC fraction of the pruned network (0, 1]")
+    p.add_argument("--macs", type=_fraction, required=True, help="MAC fraction of the pruned network (0, 1]")
     p.add_argument("--model", default="cifar_resnet20")
     p.add_argument("--data", default="fashion_mnist", help="registered dataset")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (the dynamic recipes' fine-tune schedule)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the unpruned base")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--subset", type=int, default=0, help="training images; 0 = all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    _add_grey_to_rgb(p)
+    p.add_argument(
+        "--epochs", type=_count, default=3, help="fine-tuning epochs (the dynamic recipes' fine-tune schedule)"
+    )
+    p.add_argument("--lr", type=_positive, default=0.01)
+    p.add_argument("--distill", type=_nonnegative, default=0.0, help="weight of distillation from the unpruned base")
+    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--subset", type=_count0, default=0, help="training images; 0 = all")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--threads", type=_count, default=None)
     p.add_argument("--out", required=True, help="run folder (model.safetensors + manifest.json; never overwritten)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    _add_progress(p)
 
     add_train_args(sub.add_parser("train", help="train, test (sparse) and time a recipe"))
     p = sub.add_parser(
@@ -165,14 +255,14 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds so that it spends a budget")
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint stem or its .json/.safetensors file")
-    p.add_argument("--budget", type=float, required=True, help="target mean fraction of the dense MACs per image")
+    p.add_argument("--budget", type=_fraction, required=True, help="target mean fraction of the dense MACs per image")
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--tolerance", type=_open_fraction, default=0.01)
     p.add_argument("--out", default=None, help="where the calibrated checkpoint goes (default: <checkpoint>-b<budget>)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=_count, default=256)
+    p.add_argument("--threads", type=_count, default=None)
 
     for name, text in (
         ("eval", "test accuracy and MACs of a checkpoint"),
@@ -184,14 +274,14 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
         )
         p.add_argument("--data", default="fashion_mnist")
         p.add_argument("--data-root", default=None)
-        p.add_argument("--batch-size", type=int, default=128)
-        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--batch-size", type=_count, default=128)
+        p.add_argument("--threads", type=_count, default=None)
         if name == "eval":
             p.add_argument("--mode", default="sparse", choices=("sparse", "masked", "dense"))
-            p.add_argument("--max-batches", type=int, default=None)
+            p.add_argument("--max-batches", type=_count, default=None)
         else:
             p.add_argument("--batch-sizes", type=_ints, default=(1, 64))
-            p.add_argument("--min-run-time", type=float, default=1.0)
+            p.add_argument("--min-run-time", type=_positive, default=1.0)
             if suite:
                 from dynnet.bench.suite import add_suite_arguments
 
@@ -225,8 +315,6 @@ def _macs(args: argparse.Namespace) -> None:
     import dynnet
 
     shape = args.input or ((3, 32, 32) if args.model.startswith("cifar_") else (3, 224, 224))
-    if args.batch < 1 or args.depth < 0:
-        raise ValueError(f"--batch must be >= 1 and --depth >= 0, got {args.batch} and {args.depth}")
     # Every builder takes in_channels (timm as in_chans; torchvision refuses anything but 3 in one line), so a
     # wrong --input is refused here rather than deep inside the first convolution.
     kwargs: dict[str, Any] = {"in_channels": shape[0]}
@@ -266,29 +354,48 @@ def _train(args: argparse.Namespace) -> None:
     dynnet.list_models()  # the method packages register their own base models (msdnet_tiny)
     check_model_name(args.model)
     DATASETS.get(args.data)
-    compare = False
+    compare, missing = False, None
     if args.init == "auto":  # quickstart: the shipped base of the model on this data, when there is one
         from dynnet import zoo
 
         key = zoo.weights_key(args.model, args.data, args.width)
         compare = key in zoo.shipped()
-        args.init = f"zoo:{key}" if compare else None
-        for name, value in (QUICKSTART_FINE_TUNE if compare else FROM_SCRATCH).items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-        if not compare:
-            print(f"dynnet: no shipped base {key!r}: training from scratch for {args.epochs} epoch(s)")
+        args.init, missing = (f"zoo:{key}", None) if compare else (None, key)
+    elif args.init and not args.init.startswith(("zoo:", "torchvision:", "timm:")):
+        from dynnet.train.init import resolve_init
+
+        resolve_init(args.init)  # a path without weights is refused before the run folder is touched
+    if args.decision_lr_scale is not None and (not args.init or not recipe):
+        raise ValueError("--decision-lr-scale applies to a recipe fine-tuned from --init: give both")
+    # quickstart leaves its schedule unset: the fine-tuning one from trained weights, else dynnet train's.
+    for name, value in (QUICKSTART_FINE_TUNE if args.init else FROM_SCRATCH).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if missing is not None:
+        print(f"dynnet: no shipped base {missing!r}: training from scratch for {args.epochs} epoch(s)")
     settings: dict[str, Any] = {
-        "model": args.model, "recipe": recipe, "budget": args.budget if recipe else None, "dataset": args.data,
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "subset": args.subset or None,
-        "seed": args.seed, "model_kwargs": {"width": args.width} if args.width else {}, "init": args.init,
+        "model": args.model,
+        "recipe": recipe,
+        "budget": args.budget if recipe else None,
+        "dataset": args.data,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "subset": args.subset or None,
+        "seed": args.seed,
+        "model_kwargs": {"width": args.width} if args.width else {},
+        "init": args.init,
         "distill": args.distill if args.init else 0.0,
-    }  # fmt: skip
+        "max_steps": args.max_steps,
+        "grey_to_rgb": args.grey_to_rgb,
+    }  # fmt: skip (--checkpoint-every is not a setting: a killed run resumes with another interval)
     overrides: dict[str, Any] = {}
     if args.decision_lr_scale is not None:
-        if not args.init or not recipe:
-            raise ValueError("--decision-lr-scale applies to a recipe fine-tuned from --init: give both")
         overrides["decision_lr_scale"] = settings["decision_lr_scale"] = args.decision_lr_scale
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    if args.checkpoint_every:
+        overrides["checkpoint_every_steps"] = args.checkpoint_every
     out = Path(args.out) if args.out else None
     state, created = _claim_run_folder(out, settings, force=args.force) if out else ("new", [])
     if state == "finished":
@@ -298,9 +405,10 @@ def _train(args: argparse.Namespace) -> None:
         result = run_experiment(
             model=args.model, recipe=recipe, budget=settings["budget"], dataset=args.data, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, subset=settings["subset"], out_dir=args.out, seed=args.seed,
-            data_root=args.data_root, threads=args.threads, profile=not args.no_profile, progress=args.progress,
+            data_root=args.data_root, threads=args.threads, profile=not args.no_profile, progress=_progress(args),
             model_kwargs=settings["model_kwargs"] or None, init=args.init, distill=settings["distill"],
             compare_static=compare, train_overrides={**overrides, **({"resume": True} if state == "resume" else {})},
+            dataset_kwargs=_dataset_kwargs(args) or None,
         )  # fmt: skip
     except BaseException:
         if out is not None and state == "new":
@@ -313,6 +421,8 @@ def _train(args: argparse.Namespace) -> None:
 
 RUN_FILE = "run.json"
 """What ``dynnet train`` writes into its run folder before training: the settings of the run, to compare with."""
+_ADDED_SETTINGS = {"max_steps": None, "grey_to_rgb": False}
+"""Settings a run folder made by an older dynnet does not record, and the value they had then (it resumes)."""
 _RUN_FILES = (
     RUN_FILE, "results.json", "log.csv", "checkpoint.json", "checkpoint.safetensors", "checkpoint.optim.safetensors",
     "checkpoint.safetensors.prev", "checkpoint.optim.safetensors.prev",
@@ -398,7 +508,7 @@ def _run_settings(out: Path) -> dict[str, Any] | None:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             continue
         if isinstance(data, dict) and isinstance(data.get("settings"), dict):
-            settings = dict(data["settings"])
+            settings = {**_ADDED_SETTINGS, **data["settings"]}
             settings["model_kwargs"] = settings.get("model_kwargs") or {}
             return settings
     return None
@@ -407,14 +517,10 @@ def _run_settings(out: Path) -> dict[str, Any] | None:
 def _pretrain(args: argparse.Namespace) -> None:
     from dynnet.train.pretrain import pretrain
 
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
-        raise ValueError(
-            f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, {args.batch_size}, {args.lr}"
-        )
     m = pretrain(
         args.model, args.data, out_dir=args.out, width=args.width, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, threads=args.threads, data_root=args.data_root,
-        progress=args.progress,
+        progress=_progress(args), dataset_kwargs=_dataset_kwargs(args) or None,
     )  # fmt: skip
     print(
         f"dynnet: pretrained {m['model']} on {m['data']}: test accuracy {100 * m['test_accuracy']:.2f} % "
@@ -426,14 +532,11 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     from dynnet.train.prune import prune
 
-    if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
-        raise ValueError(
-            f"--epochs and --batch-size must be >= 1 and --lr > 0, got {args.epochs}, {args.batch_size}, {args.lr}"
-        )
     m = prune(
         args.init, args.macs, out_dir=args.out, model=args.model, data=args.data, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, subset=args.subset or None, threads=args.threads,
-        data_root=args.data_root, progress=args.progress, distill=args.distill,
+        data_root=args.data_root, progress=_progress(args), distill=args.distill,
+        dataset_kwargs=_dataset_kwargs(args) or None,
     )  # fmt: skip
     p = m["pruned"]
     print(
@@ -461,7 +564,10 @@ def _calibrate(args: argparse.Namespace) -> None:
     if checkpoint_paths(out)[0].exists() and not args.force:
         raise ValueError(f"{out} exists: pass --force to overwrite it, or another --out")
     seed = int(((meta.get("state") or {}).get("config") or {}).get("seed", 0))
-    loaders = build_loaders(args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.1, seed=seed)
+    loaders = build_loaders(
+        args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.1, seed=seed,
+        channels=_input_channels(meta),
+    )  # fmt: skip
     report = dynnet.calibrate(model, loaders.val, args.budget, tolerance=args.tolerance)
     test = evaluate(model, loaders.test, mode="sparse")
     save_checkpoint(out, model)
@@ -482,8 +588,17 @@ def _load(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_checkpoint(args.checkpoint)
-    loaders = build_loaders(args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.0)
+    loaders = build_loaders(
+        args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.0, channels=_input_channels(meta)
+    )
     return model, meta, loaders
+
+
+def _input_channels(meta: dict[str, Any]) -> int | None:
+    """The input channels of a checkpoint's network, when its build record says (a network trained on grey images
+    repeated to RGB, ``--grey-to-rgb``, is tested on them repeated the same way)."""
+    channels = ((meta.get("build") or {}).get("kwargs") or {}).get("in_channels")
+    return channels if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0 else None
 
 
 def _eval(args: argparse.Namespace) -> None:

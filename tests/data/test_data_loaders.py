@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+import dynnet
 import dynnet.data.fashion_mnist as fashion_mnist
 from dynnet.core.registry import UnknownNameError
-from dynnet.data import DATASETS, build_loaders, split_indices
+from dynnet.data import DATASETS, RepeatChannels, build_loaders, split_indices
 from dynnet.data.testing import write_fake_cifar, write_fake_fashion_mnist, write_fake_imagefolder
 
 SYNTHETIC: dict[str, Any] = {"num_train": 200, "num_test": 50, "image_size": 8}
@@ -144,3 +145,31 @@ def test_distributed_shards_cover_the_train_split(process_group: None, monkeypat
         loaders.set_epoch(1)
         assert list(sampler) != shards[-1]  # set_epoch reshuffles
     assert set(shards[0]).isdisjoint(shards[1]) and len(shards[0]) + len(shards[1]) == 180
+
+
+def test_grey_images_repeated_to_three_channels_feed_an_rgb_network() -> None:
+    grey = {**SYNTHETIC, "in_channels": 1, "image_size": 16}
+    plain = build_loaders("synthetic", batch_size=8, seed=1, **grey)
+    rgb = build_loaders("synthetic", batch_size=8, seed=1, channels=3, **grey)
+    info = rgb.info
+    assert (info.in_channels, len(info.mean), len(info.std)) == (3, 3, 3) and info.mean == plain.info.mean * 3
+    for one, three in ((plain.train, rgb.train), (plain.val, rgb.val), (plain.test, rgb.test)):
+        (x1, y1), (x3, y3) = next(iter(one)), next(iter(three))
+        assert x3.shape == (8, 3, 16, 16) and x3.is_contiguous()
+        torch.testing.assert_close(x3, x1.expand(-1, 3, -1, -1), rtol=0, atol=0)
+        assert torch.equal(y1, y3)
+    x, _ = rgb.train.dataset[0]  # one item as well as a batch
+    assert x.shape == (3, 16, 16)
+    # A network made for RGB images (torchvision's) runs on them.
+    net = dynnet.create_model("resnet18", num_classes=info.num_classes, in_channels=info.in_channels).eval()
+    with torch.no_grad():
+        assert net(next(iter(rgb.test))[0]).shape == (8, info.num_classes)
+
+
+def test_channels_of_a_colour_dataset() -> None:
+    same = build_loaders("synthetic", channels=3, **SYNTHETIC)
+    assert same.info.in_channels == 3 and not isinstance(same.test.dataset, RepeatChannels)
+    with pytest.raises(ValueError, match="only grey"):
+        build_loaders("synthetic", channels=1, **SYNTHETIC)
+    with pytest.raises(ValueError, match="channels must be a positive int"):
+        build_loaders("synthetic", channels=0, **SYNTHETIC)

@@ -85,9 +85,11 @@ class ExperimentResult:
     def summary(self) -> str:
         """A short human-readable report."""
         s, t, p = self.settings, self.test, self.profile
+        max_steps = (s.get("train_overrides") or {}).get("max_steps")
+        cut = f" (at most {max_steps} steps)" if max_steps is not None else ""
         lines = [
             f"dynnet: {s['model']} + {s['recipe'] or 'static'} (budget {s['budget']}) on {s['dataset']}, "
-            f"{s['epochs']} epoch(s), {s['train_images']} training images, {self.seconds.get('train', 0):.0f} s",
+            f"{s['epochs']} epoch(s){cut}, {s['train_images']} training images, {self.seconds.get('train', 0):.0f} s",
             f"  test accuracy (sparse)  {100 * t.accuracy:.2f} %   (masked {100 * self.masked_accuracy:.2f} %, "
             f"same prediction on {100 * self.sparse_masked_agreement:.2f} % of {t.num_samples} images)",
             f"  MACs / image            {t.macs.mean() / 1e6:.2f} M theoretical = {100 * t.mac_fraction:.1f} % of "

@@ -25,7 +25,14 @@ from dynnet.data.cifar import build_cifar, load_cifar
 from dynnet.data.cluttered import ClutteredCanvasDataset, build_cluttered_fashion_mnist
 from dynnet.data.fashion_mnist import build_fashion_mnist, find_fashion_mnist, load_fashion_mnist
 from dynnet.data.folder import build_imagefolder, imagefolder_transforms
-from dynnet.data.loaders import Loaders, build_datasets, build_loaders, split_indices
+from dynnet.data.loaders import (
+    Loaders,
+    RepeatChannels,
+    build_datasets,
+    build_loaders,
+    repeat_channels,
+    split_indices,
+)
 from dynnet.data.synthetic import build_synthetic, make_synthetic
 
 __all__ = [
@@ -36,6 +43,7 @@ __all__ = [
     "DatasetSplits",
     "InMemoryImageDataset",
     "Loaders",
+    "RepeatChannels",
     "build_cifar",
     "build_cluttered_fashion_mnist",
     "build_datasets",
@@ -51,6 +59,7 @@ __all__ = [
     "make_synthetic",
     "random_crop_flip",
     "read_idx",
+    "repeat_channels",
     "split_indices",
     "write_idx",
 ]

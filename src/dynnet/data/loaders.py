@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dynnet.data._base import DATASETS, DatasetInfo, DatasetSplits
 
-__all__ = ["Loaders", "build_datasets", "build_loaders", "split_indices"]
+__all__ = ["Loaders", "RepeatChannels", "build_datasets", "build_loaders", "repeat_channels", "split_indices"]
 
 
 @dataclass
@@ -44,8 +46,74 @@ class Loaders:
             sampler.set_epoch(epoch)
 
 
+class RepeatChannels(Dataset):
+    """A dataset of grey images served with their one channel repeated: ``(Tensor[channels, H, W], target)`` items.
+
+    What a network made for RGB images (torchvision's, ``in_channels=3``) needs to run on Fashion-MNIST. The images
+    are normalised before they are repeated, so the repeated channels keep the grey dataset's mean and std.
+
+    Args:
+        dataset: items ``(Tensor[1, H, W], target)``; its ``__getitems__`` (a whole batch at once) is kept.
+        channels: ``C`` of the items served.
+    """
+
+    def __init__(self, dataset: Dataset, channels: int) -> None:
+        _check_positive_int("channels", channels)
+        self.dataset = dataset
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _repeat(self, item: tuple[torch.Tensor, Any]) -> tuple[torch.Tensor, Any]:
+        x, y = item
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise ValueError(f"RepeatChannels repeats 1-channel images Tensor[1, H, W], got {tuple(x.shape)}")
+        return x.expand(self.channels, -1, -1), y
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        return self._repeat(self.dataset[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, Any]]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if callable(getitems) else [self.dataset[i] for i in indices]
+        return [self._repeat(item) for item in items]
+
+
+def repeat_channels(splits: DatasetSplits, channels: int | None) -> DatasetSplits:
+    """``splits`` with ``channels`` channels per image: grey images repeated (:class:`RepeatChannels`).
+
+    Args:
+        splits: what a dataset builder returned.
+        channels: ``None`` or the dataset's own channel count: ``splits`` unchanged; more than 1 for a 1-channel
+            dataset: its images repeated, and its :class:`DatasetInfo` (``in_channels``, ``mean``, ``std``) with them.
+
+    Raises:
+        ValueError: ``channels`` asked of a dataset with more than one channel, or ``channels`` not a positive int.
+    """
+    info = splits.info
+    if channels is None or channels == info.in_channels:
+        return splits
+    _check_positive_int("channels", channels)
+    if info.in_channels != 1:
+        raise ValueError(
+            f"channels={channels} asked of {info.name}, whose images have {info.in_channels} channels: only grey "
+            "(1-channel) images can be repeated to more channels"
+        )
+    info = dataclasses.replace(info, in_channels=channels, mean=info.mean * channels, std=info.std * channels)
+    return DatasetSplits(
+        train=RepeatChannels(splits.train, channels), train_eval=RepeatChannels(splits.train_eval, channels),
+        test=RepeatChannels(splits.test, channels), info=info,
+    )  # fmt: skip
+
+
 def build_datasets(
-    name: str, *, root: str | os.PathLike[str] | None = None, download: bool = False, **kw: Any
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    channels: int | None = None,
+    **kw: Any,
 ) -> DatasetSplits:
     """Build the datasets registered as ``name`` in :data:`DATASETS`.
 
@@ -53,6 +121,8 @@ def build_datasets(
         name: a registered name (``DATASETS.names()``).
         root: where to look for the files first.
         download: let torchvision download missing files (needs internet).
+        channels: channels of the images served; ``3`` repeats a grey dataset's images for an RGB network
+            (:func:`repeat_channels`); ``None``: the dataset's own.
         **kw: the builder's own options (e.g. ``augment=True`` for CIFAR, ``canvas_size=96``).
 
     Returns:
@@ -60,8 +130,9 @@ def build_datasets(
 
     Raises:
         UnknownNameError: listing the registered names.
+        ValueError: ``channels`` other than the dataset's own for a dataset that is not grey.
     """
-    return DATASETS.get(name)(root=root, download=download, **kw)
+    return repeat_channels(DATASETS.get(name)(root=root, download=download, **kw), channels)
 
 
 def split_indices(
@@ -112,6 +183,7 @@ def build_loaders(
     distributed: bool | None = None,
     download: bool = False,
     pin_memory: bool = False,
+    channels: int | None = None,
     **kw: Any,
 ) -> Loaders:
     """Train / val / test loaders of a registered dataset.
@@ -132,6 +204,9 @@ def build_loaders(
             Validation and test are not sharded: every rank sees all of them.
         download: let torchvision download missing files (needs internet).
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        channels: ``C`` of the batches; ``3`` repeats a grey dataset's images (Fashion-MNIST) for a network made
+            for RGB images (torchvision's), and ``info`` says 3 channels (:func:`repeat_channels`). ``None``: the
+            dataset's own.
         **kw: the dataset builder's options (e.g. ``augment=True``, ``canvas_size=96``, ``check_md5=False``).
 
     Returns:
@@ -139,13 +214,15 @@ def build_loaders(
 
     Raises:
         UnknownNameError: for an unregistered ``name``, listing the registered ones.
-        ValueError: for a bad ``batch_size``, ``val_fraction``, ``subset`` or ``num_workers``, or ``distributed=True``
-            without an initialised process group.
+        ValueError: for a bad ``batch_size``, ``val_fraction``, ``subset``, ``num_workers`` or ``channels``, or
+            ``distributed=True`` without an initialised process group.
     """
     builder = DATASETS.get(name)  # fail on the name before reading any file
     _check_positive_int("batch_size", batch_size)
     if subset is not None:
         _check_positive_int("subset", subset)
+    if channels is not None:
+        _check_positive_int("channels", channels)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -159,7 +236,7 @@ def build_loaders(
             "torch.distributed.init_process_group first), or pass distributed=None"
         )
 
-    splits = builder(root=root, download=download, **kw)
+    splits = repeat_channels(builder(root=root, download=download, **kw), channels)
     train_index, val_index = split_indices(len(splits.train), val_fraction=val_fraction, seed=seed, subset=subset)
     train_set: Dataset = Subset(splits.train, train_index.tolist())
     common: dict[str, Any] = {

@@ -24,7 +24,8 @@ def _torchvision(name: str, *, num_classes: int = 1000, in_channels: int = 3, we
 
     if in_channels != 3:
         raise ValueError(
-            f"torchvision's {name} takes 3 input channels, got {in_channels}; repeat grey images to 3 channels"
+            f"torchvision's {name} takes 3 input channels, got {in_channels}: repeat grey images to 3 channels "
+            "(dynnet train --grey-to-rgb; build_loaders(..., channels=3) in Python)"
         )
     try:
         return torchvision.models.get_model(name, weights=weights, num_classes=num_classes, **kw)
