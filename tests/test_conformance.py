@@ -12,7 +12,7 @@ import torch
 import dynnet
 from dynnet.core import RECIPES
 from dynnet.macs import MacCounter
-from dynnet.testing import build_recipe_pair, diverse_inputs, scramble_until_mixed
+from dynnet.testing import assert_decisions_mixed, build_recipe_pair, diverse_inputs, scramble_until_mixed
 
 RECIPE_NAMES = dynnet.list_recipes()
 BATCH = 6
@@ -95,6 +95,10 @@ def test_sparse_equals_masked(recipe: str) -> None:
     x = _inputs(recipe, n=8)
     with dynnet.trace() as tm:
         masked = model(x)
+    # Preconditions: with decisions all on, all off or without effect, sparse == masked would prove nothing.
+    assert_decisions_mixed(tm, recipe)
+    dynnet.set_mode(model, "dense")
+    assert not torch.allclose(model(x), masked, rtol=1e-4, atol=1e-4), f"{recipe}: its decisions change no logit"
     dynnet.sparse(model)
     with dynnet.trace() as ts:
         sparse_out = model(x)

@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from dynnet.api import convert, list_recipes
-from dynnet.core import RECIPES, DynamicModel
+from dynnet.core import RECIPES, Decision, DynamicModel, Trace
 from dynnet.core.model import DECISION_MODULE_NAMES
 from dynnet.models import build_base_model
 
-__all__ = ["DECISION_MODULE_NAMES", "build_recipe_pair", "diverse_inputs", "scramble_gates", "scramble_until_mixed"]
+__all__ = [
+    "DECISION_MODULE_NAMES",
+    "assert_decisions_mixed",
+    "build_recipe_pair",
+    "decisions_mixed",
+    "diverse_inputs",
+    "scramble_gates",
+    "scramble_until_mixed",
+]
 
 
-def build_recipe_pair(recipe: str, *, seed: int = 0, num_classes: int = 10) -> tuple[nn.Module, DynamicModel]:
-    """``(base, converted)``: the recipe's small test base network and its conversion (a copy)."""
+def build_recipe_pair(
+    recipe: str, *, seed: int = 0, num_classes: int = 10, budget: float | None = None
+) -> tuple[nn.Module, DynamicModel]:
+    """``(base, converted)``: the recipe's small test base network and its conversion (a copy) at ``budget`` (the
+    recipe's default when ``None``)."""
     list_recipes()
     spec = RECIPES.get(recipe)
     torch.manual_seed(seed)
     base = build_base_model(spec.test_base, num_classes=num_classes, in_channels=spec.test_input[0])
-    model = convert(copy.deepcopy(base), recipe)
+    model = convert(copy.deepcopy(base), recipe, budget=budget)
     return base.eval(), model
 
 
@@ -62,9 +74,10 @@ def scramble_until_mixed(
 ) -> int:
     """Scramble the gates with successive seeds until the decisions are mixed.
 
-    Mixed means: some decision differs across the samples of ``x`` (``across_inputs=True``), or, for
-    input-independent recipes (``across_inputs=False``), some decision has units both on and off. By default
-    the recipe's ``RecipeSpec.input_dependent`` decides (``True`` for a model that is not a converted recipe).
+    Mixed means :func:`decisions_mixed` on ``x``: units both on and off, and some decision that differs across the
+    samples of ``x`` (``across_inputs=True``), or, for input-independent recipes (``across_inputs=False``), some
+    decision with units both on and off. By default the recipe's ``RecipeSpec.input_dependent`` decides (``True`` for
+    a model that is not a converted recipe).
 
     Returns the seed used. Raises AssertionError when no seed gives mixed decisions: the recipe's
     decisions do not depend on the input, or ``scramble_`` does not reach them.
@@ -78,11 +91,46 @@ def scramble_until_mixed(
         scramble_gates(model, seed=seed)
         with torch.no_grad(), trace() as t:
             model.eval()(x)
-        for d in t.decisions.values():
-            hard = d.hard.detach().flatten(1) if d.hard.dim() > 1 else d.hard.detach().view(-1, 1)
-            if across_inputs and not bool((hard == hard[:1]).all()):
-                return seed
-            if not across_inputs and bool((hard > 0.5).any()) and bool((hard < 0.5).any()):
-                return seed
+        if decisions_mixed(t.decisions, across_inputs=across_inputs):
+            return seed
     what = "differ across inputs" if across_inputs else "turn some units off and others on"
     raise AssertionError(f"no scrambling out of {tries} made the decisions {what}")
+
+
+def _units(d: Decision) -> torch.Tensor:
+    """A decision's hard values as Tensor[N, units]."""
+    hard = d.hard.detach()
+    return hard.flatten(1) if hard.dim() > 1 else hard.view(-1, 1)
+
+
+def decisions_mixed(decisions: Mapping[str, Decision], *, across_inputs: bool) -> bool:
+    """Whether hard decisions make comparing execution modes meaningful.
+
+    They must turn some units on and some off (over all decisions of the batch) and, with ``across_inputs``, some
+    decision must differ across the samples (input-dependent recipes); without it, some decision must have units both
+    on and off (input-independent recipes: the same partial mask for every input).
+    """
+    units = [_units(d) for d in decisions.values()]
+    if not (any(bool((u > 0.5).any()) for u in units) and any(bool((u < 0.5).any()) for u in units)):
+        return False
+    if across_inputs:
+        return any(not bool((u == u[:1]).all()) for u in units)
+    return any(bool((u > 0.5).any()) and bool((u < 0.5).any()) for u in units)
+
+
+def assert_decisions_mixed(t: Trace, recipe: str) -> None:
+    """The precondition of a test that compares execution modes (sparse with masked, exported with eager): the
+    decisions that ``t`` recorded are mixed (:func:`decisions_mixed`; across inputs when the recipe's
+    ``RecipeSpec.input_dependent``). All on, all off, or the same for every input would make the comparison vacuous.
+
+    Raises:
+        AssertionError: naming the recipe and the mean of each decision.
+    """
+    across = RECIPES.get(recipe).input_dependent
+    if not decisions_mixed(t.decisions, across_inputs=across):
+        rates = {name: round(float(_units(d).mean()), 3) for name, d in t.decisions.items()}
+        what = "on for some units and inputs, off for others" if across else "on for some units, off for others"
+        raise AssertionError(
+            f"{recipe}: its scrambled decisions are not {what}, so comparing execution modes tests nothing "
+            f"(mean of each decision: {rates}); fix its scrambling (scramble_gates / the model's scramble_)"
+        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dynnet
 from dynnet.convert import find_adapter
@@ -91,6 +93,30 @@ def test_block_macs_follow_active_channels_exactly() -> None:
         torch.testing.assert_close(t.macs(), torch.tensor([3.0, 8.0, 0.0], dtype=torch.float64) * per_channel)
         if mode == "sparse":
             torch.testing.assert_close(t.executed_macs(), t.macs())
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 24).flatmap(
+        lambda c: st.tuples(
+            st.lists(
+                st.lists(st.sampled_from([0.0, -0.0, 0.5, 1.0, 2.0]), min_size=c, max_size=c), min_size=1, max_size=4
+            ),
+            st.integers(1, c),
+        )
+    )
+)
+def test_winners_take_all_is_the_top_k_of_a_stable_ranking(case: tuple[list[list[float]], int]) -> None:
+    """k-WTA (sorted values, comparisons and a cumsum, which the ONNX exporter takes) keeps exactly what ranking by a
+    stable sort keeps: the k largest, ties to the lowest index; bit for bit, with k an int or a 0-dim tensor."""
+    rows, k = case
+    g = torch.tensor(rows)
+    order = torch.sort(g, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(g.shape[1]).expand_as(order))
+    expected = g * (rank < k)
+    for kk in (k, torch.tensor(float(k), dtype=torch.float64)):
+        out = winners_take_all(g, kk)
+        assert torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit())
 
 
 def test_fbs_keeps_k_channels_and_executes_exactly_the_theoretical_macs() -> None:

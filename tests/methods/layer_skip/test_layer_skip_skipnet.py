@@ -5,7 +5,8 @@ import torch
 
 import dynnet
 from dynnet.macs import MacCounter
-from dynnet.testing import scramble_gates
+from dynnet.methods.layer_skip.skipnet import GATES
+from dynnet.testing import assert_decisions_mixed, diverse_inputs, scramble_gates, scramble_until_mixed
 
 BLOCKS = ["layer1.0", "layer2.0", "layer3.0"]
 
@@ -19,13 +20,31 @@ def _x(n: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("gate", ["rnn", "ffgate1", "ffgate2"])
+@pytest.mark.parametrize("gate", GATES)
+def test_scrambled_gates_skip_some_blocks_for_some_inputs(gate: str) -> None:
+    """The conformance suite's scrambling must give SkipNet decisions that depend on the input: with random ``N(0, 1)``
+    biases every gate of the RNN design was on (or every one off) for every input at almost every seed, and sparse ==
+    masked compared two dense runs."""
+    model = _model(gate).eval()
+    x = diverse_inputs(8, (1, 16, 16))
+    mixed = 0
+    for seed in range(8):
+        scramble_gates(model, seed=seed)
+        with torch.no_grad(), dynnet.trace() as t:
+            model(x)
+        hard = torch.stack([d.hard for d in t.decisions.values()], 1)  # Tensor[N, blocks]
+        mixed += 0 < float(hard.mean()) < 1 and not bool((hard == hard[:1]).all())
+    assert mixed >= 5, f"{gate}: only {mixed} of 8 scramblings gave decisions that differ across inputs"
+
+
+@pytest.mark.parametrize("gate", GATES)
 def test_sparse_equals_masked_and_executes_exactly(gate: str) -> None:
     model = _model(gate).eval()
-    scramble_gates(model, seed=4, scale=2.0)
-    x = _x()
+    x = diverse_inputs(8, (1, 16, 16))
+    scramble_until_mixed(model, x)
     with torch.no_grad(), dynnet.trace() as tm:
         masked = model(x)
+    assert_decisions_mixed(tm, "skipnet")
     dynnet.sparse(model)
     with torch.no_grad(), dynnet.trace() as ts, MacCounter() as c:
         out = model(x)

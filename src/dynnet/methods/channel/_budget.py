@@ -11,7 +11,9 @@ from the budget with the helpers here:
   probed on meta tensors at a nominal input, and the kept fraction whose MAC fraction is closest to the budget;
 * :func:`kept_channels` — the per-block rounding of a kept fraction. Each block rounds with its own phase, so the
   blocks' one-channel steps interleave instead of falling on the same fraction (a finer step function for
-  calibration).
+  calibration);
+* :func:`top_k_keep` — which ``k`` channels: the ``k`` highest scores, ties to the lowest index (FBS's
+  k-winners-take-all, dynamic channel execution's bandit).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dynnet.core import DynamicModel, Trace
 from dynnet.core.block import probe_macs
@@ -32,6 +34,7 @@ __all__ = [
     "derive_fraction",
     "gated_profile",
     "kept_channels",
+    "top_k_keep",
     "variable_rate",
 ]
 
@@ -66,6 +69,22 @@ def kept_channels(fraction: float, channels: int, phase: float) -> int:
     """``clamp(floor(fraction · C + phase), 1, C)``: a kept fraction rounded to channels (``phase`` in [0, 1): 1/2
     rounds to the nearest; just below 1, up). Monotone in ``fraction``; every channel at ``fraction = 1``."""
     return min(channels, max(1, math.floor(fraction * channels + (phase + ROUNDING_SLACK))))
+
+
+def top_k_keep(scores: Tensor, k: int | Tensor) -> Tensor:
+    """Tensor[..., C] bool: the ``k`` highest scores along the last dimension (ties: the lowest index).
+
+    ``k`` (in ``[1, C]``) may be a 0-dim tensor (computed from a buffer): no value leaves the device, so tracing,
+    export and meta-tensor cost probes run it too.
+    """
+    # Not topk: its choice among equal values is unspecified (and differs from the compiled kernel's), and FBS's
+    # predictor starts with every saliency equal. Keep what beats the k-th highest score, then the scores equal to it
+    # from the lowest index on until k are kept: sorted values, comparisons and a cumsum, which every exporter takes
+    # (ranking by the indices of a stable sort does not export to ONNX: it has no stable sort).
+    k = torch.as_tensor(k, device=scores.device).to(torch.long)
+    kth = torch.sort(scores, dim=-1, descending=True).values.index_select(-1, (k - 1).view(1))  # Tensor[..., 1]
+    above, tied = scores > kth, scores == kth
+    return above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
 
 
 def gated_profile(

@@ -64,7 +64,7 @@ from dynnet.core.cache import tracing_or_compiling, version_key
 from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_GIVEN, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
-from dynnet.methods.channel._budget import block_phases, derive_fraction, kept_channels
+from dynnet.methods.channel._budget import block_phases, derive_fraction, kept_channels, top_k_keep
 
 __all__ = [
     "ChannelBandit",
@@ -113,9 +113,7 @@ def top_k_mask(scores: Tensor, k: int | Tensor) -> Tensor:
 
     ``k`` may be a 0-dim tensor (a buffer): no value leaves the device, so meta-tensor cost probes run it too.
     """
-    order = torch.sort(scores, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return rank < k
+    return top_k_keep(scores, k)
 
 
 def taylor_reward(activation: Tensor, grad: Tensor) -> Tensor:

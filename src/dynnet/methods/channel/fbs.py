@@ -56,7 +56,7 @@ from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_KWTA, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
-from dynnet.methods.channel._budget import ROUNDING_SLACK, block_phases, derive_fraction, kept_channels
+from dynnet.methods.channel._budget import ROUNDING_SLACK, block_phases, derive_fraction, kept_channels, top_k_keep
 
 __all__ = ["FBS", "FBSBlock", "FBSConfig", "SaliencyPredictor", "winners_take_all"]
 
@@ -89,12 +89,7 @@ def winners_take_all(g: Tensor, k: int | Tensor) -> Tensor:
             raise ValueError(f"k must be in [1, {g.shape[1]}], got {k}")
         if k == g.shape[1]:
             return g
-    # A stable sort, not topk: topk's choice among equal values is unspecified (and differs from the compiled
-    # kernel's), and FBS's predictor starts with every saliency equal (zero weights, bias 1).
-    order = torch.sort(g, dim=1, descending=True, stable=True).indices
-    positions = torch.arange(g.shape[1], device=g.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, positions)
-    return g * (rank < k)
+    return g * top_k_keep(g, k)
 
 
 class SaliencyPredictor(nn.Module):
