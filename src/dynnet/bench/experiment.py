@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import machine_info
-from dynnet.bench.report import BUDGET_TOLERANCE
+from dynnet.bench.report import BUDGET_TOLERANCE, standard_error
 from dynnet.core.recipe import fine_tune_settings
 from dynnet.train import EvalResult, TrainConfig, build_model, evaluate, fit
 
@@ -140,17 +141,17 @@ class ExperimentResult:
         head = f"  {'':<24}{'network':<44}{'test accuracy':>18}{'MACs / image':>20}{'batch 1':>11}{'batch 64':>11}"
         lines = ["", "  side by side (same test images; latency in sparse mode for the dynamic model):", head]
         for label, r in rows:
-            se = 2 * (r["accuracy"] * (1 - r["accuracy"]) / r["test_images"]) ** 0.5
+            se = 2 * standard_error(r["accuracy"], r["test_images"])
             b1 = f"{r['b1_sparse_ms']:.2f} ms" if "b1_sparse_ms" in r else "–"
             b64 = f"{r['b64_sparse_ms']:.1f} ms" if "b64_sparse_ms" in r else "–"
-            acc = f"{100 * r['accuracy']:.2f} ± {100 * se:.2f} %"
+            acc = f"{100 * r['accuracy']:.2f} ± {se:.2f} %"
             macs = f"{r['macs'] / 1e6:.2f} M ({100 * r['mac_fraction']:.0f} %)"
             lines.append(f"  {label:<24}{r['name']:<44}{acc:>18}{macs:>20}{b1:>11}{b64:>11}")
         if best is None:
             lines.append("  verdict: no shipped static network at or below the dynamic model's MACs")
         else:
             gap = 100 * (dyn["accuracy"] - best["accuracy"])
-            se = 100 * (sum(r["accuracy"] * (1 - r["accuracy"]) / r["test_images"] for r in (dyn, best)) ** 0.5)
+            se = math.hypot(*(standard_error(r["accuracy"], r["test_images"]) for r in (dyn, best)))
             word = "above" if gap > 2 * se else "below" if gap < -2 * se else "level with (within 2 SE of)"
             lines.append(
                 f"  verdict: the dynamic model is {gap:+.2f} points, {word} the best static network at "

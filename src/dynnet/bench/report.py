@@ -38,6 +38,7 @@ __all__ = [
     "load_rows",
     "on_budget",
     "pareto_front",
+    "standard_error",
     "verdicts",
     "write_outputs",
     "write_report",
@@ -176,9 +177,8 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         front = pareto_front(base)
         if front:
             fa = front_accuracy(front, r["mean_macs"])
-            n = max(1, int(r.get("test_images") or 1) * int(r.get("seeds") or 1))
             a = r["accuracy"]
-            v.update(front_accuracy=fa, gap=100 * (a - fa), se=100 * math.sqrt(max(a * (1 - a), 0.0) / n),
+            v.update(front_accuracy=fa, gap=100 * (a - fa), se=standard_error(a, _test_count(r)),
                      beats=beats_front((r["mean_macs"], a), base))  # fmt: skip
         else:
             v.update(front_accuracy=math.nan, gap=math.nan, se=math.nan, beats=None)
@@ -186,9 +186,14 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda v: (v["recipe"], v.get("budget") or 0))
 
 
-def _se(accuracy: float, n: int) -> float:
+def standard_error(accuracy: float, n: int) -> float:
     """Binomial standard error of an accuracy over ``n`` test images, in points."""
     return 100 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(1, n))
+
+
+def _test_count(r: dict[str, Any]) -> int:
+    """Test images behind an aggregated row's accuracy (over its seeds)."""
+    return max(1, int(r.get("test_images") or 1) * int(r.get("seeds") or 1))
 
 
 def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float], dataset: str | None = None) -> list[dict]:
@@ -215,9 +220,6 @@ def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float], dataset: 
     dense = max((r for r in statics if abs(r["mean_macs"] / dense_macs - 1) < 1e-3), key=lambda r: r["accuracy"],
                 default=None)  # fmt: skip
 
-    def n(r: dict[str, Any]) -> int:
-        return int(r.get("test_images") or 1) * int(r.get("seeds") or 1)
-
     out = []
     for b in budgets:
         cap = (b + BUDGET_TOLERANCE) * dense_macs
@@ -226,8 +228,8 @@ def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float], dataset: 
         sta = max((r for r in statics if r["mean_macs"] <= cap), key=lambda r: r["accuracy"], default=None)
         out.append({
             "budget": b, "dynamic": dyn, "static": sta, "dense": dense, "dense_macs": dense_macs,
-            "dynamic_se": _se(dyn["accuracy"], n(dyn)) if dyn else math.nan,
-            "static_se": _se(sta["accuracy"], n(sta)) if sta else math.nan,
+            "dynamic_se": standard_error(dyn["accuracy"], _test_count(dyn)) if dyn else math.nan,
+            "static_se": standard_error(sta["accuracy"], _test_count(sta)) if sta else math.nan,
             "gap": 100 * (dyn["accuracy"] - sta["accuracy"]) if dyn and sta else math.nan,
         })  # fmt: skip
     return out

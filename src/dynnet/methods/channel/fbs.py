@@ -211,12 +211,17 @@ class FBS(DynamicModel):
         key = round(float(budget), 2)
         cache = self.__dict__.setdefault("_density_of_budget", {})
         if key not in cache:
-            blocks = self.fbs_blocks()
-            cache[key] = derive_fraction(
-                self, blocks, key, lambda f, i: kept_channels(f, blocks[i].channels, blocks[i].phase), ("saliency",)
-            )
+            cache[key] = self.density_for(key)
         if self.fbs_blocks()[0].density != cache[key]:
             self.set_density(cache[key])
+
+    def density_for(self, budget: float) -> float:
+        """The k-WTA density whose MAC fraction on a nominal ``C × 32 × 32`` input is closest to ``budget`` (1 at
+        budget 1; see :func:`~dynnet.methods.channel._budget.derive_fraction`)."""
+        blocks = self.fbs_blocks()
+        return derive_fraction(
+            self, blocks, budget, lambda f, i: kept_channels(f, blocks[i].channels, blocks[i].phase), ("saliency",)
+        )
 
     def budget_knob(self) -> Knob:
         """The k-WTA density of every block (one value; the MACs grow with it)."""
@@ -255,13 +260,8 @@ def convert(model: nn.Module, config: FBSConfig, targets: Targets = "auto") -> F
     for block, phase in zip(blocks, block_phases(len(blocks)), strict=True):
         block.phase = phase
     net = FBS(model, recipe="fbs", config=copy.copy(config), in_channels=first_conv_in_channels(model))
-    density = derive_fraction(
-        net, blocks, config.budget, lambda f, i: kept_channels(f, blocks[i].channels, blocks[i].phase), ("saliency",)
-    )
-    net.set_density(density)
-    if density < 1.0:
-        for block in blocks:
-            rank_by_importance_(block)
+    net.set_density(net.density_for(config.budget))
+    net.init_from_base_()  # below density 1: the predictors start ranked by the converted network's weights
     return net
 
 
@@ -279,8 +279,6 @@ def rank_by_importance_(block: FBSBlock) -> None:
     channel stays near 1, the base's scale).
     """
     importance = block.channel_importance()
-    rank = torch.empty_like(importance).scatter_(
-        0, torch.argsort(importance, stable=True), torch.arange(len(importance), dtype=importance.dtype)
-    )
+    rank = importance.argsort(stable=True).argsort().to(importance.dtype)  # 0 for the least important
     with torch.no_grad():
         block.saliency.fc.bias.copy_(1.0 + IMPORTANCE_SPREAD * rank / max(1, len(importance) - 1))
