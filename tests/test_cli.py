@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -216,8 +218,15 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(
         train_step(state, *args)
 
     monkeypatch.setattr(loop, "_train_step", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        main(argv(tmp_path / "killed"))
+    capsys.readouterr()
+    assert main(argv(tmp_path / "killed")) == 130  # Ctrl-C: one line saying what was kept, no traceback
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"dynnet: interrupted; the last checkpoint is in {tmp_path / 'killed'}: the same command resumes from it"
+        )
+    )
     state = json.loads((tmp_path / "killed" / "checkpoint.json").read_text())["state"]
     assert state["step"] == 4 and state["batch_in_epoch"] == 4
     monkeypatch.setattr(loop, "_train_step", train_step)
@@ -229,6 +238,28 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(
     assert whole.keys() == resumed.keys()
     for key in whole:
         torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+
+
+def test_ctrl_c_ends_a_run_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    """SIGINT to the real entry point while it trains: status 130, the last stderr line says where the checkpoint
+    is, no traceback, and the run folder keeps the run (another setting is refused, the same one resumes)."""
+    run = ["train", *TINY, "--recipe", "none", "--epochs", "200", "--checkpoint-every", "2", "--out", "run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dynnet", *run], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoint.json").is_file() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint after 120 s"
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == "dynnet: interrupted; the last checkpoint is in run: the same command resumes from it"
+    again = dynnet_process(*run, "--max-steps", "1", cwd=tmp_path)  # another setting: refused, the run is kept
+    assert again.returncode == 2 and "max_steps None there, 1 now" in again.stderr, again.stderr
 
 
 def test_a_run_folder_of_an_older_dynnet_resumes(tmp_path: Path) -> None:
@@ -292,3 +323,18 @@ def test_grey_to_rgb_trains_a_torchvision_network_on_fashion_mnist(
     # eval repeats the grey images too: the checkpoint's network takes 3 channels.
     assert main(["eval", "--checkpoint", str(out), "--data", "fashion_mnist", "--data-root", str(root)]) == 0
     assert "images 20" in capsys.readouterr().out
+
+
+def test_set_gives_recipe_settings_and_refuses_what_is_not_one(tmp_path: Path) -> None:
+    run = ["train", *TINY, "--recipe", "fbs", "--budget", "0.6", "--epochs", "1", "--max-steps", "1"]
+    ok = dynnet_process(*run, "--set", "saliency_weight=0.001", "--out", "a", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    settings = json.loads((tmp_path / "a" / "results.json").read_text())["settings"]
+    assert settings["model_kwargs"]["saliency_weight"] == 0.001
+    for extra, match in ((["--set", "nope=1"], "has no setting by that name either (its settings: ['budget', "),
+                         (["--recipe", "none", "--set", "a=1"], "--set gives settings of a recipe")):  # fmt: skip
+        proc = dynnet_process(*run, *extra, "--out", "b", cwd=tmp_path)
+        err = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and err[-1].startswith("dynnet: error:") and match in err[-1], proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()  # a refused start leaves no run folder behind

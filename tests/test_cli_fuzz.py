@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from dynnet import cli
+from dynnet.bench import suite
 
 BAD_VALUE: dict[Callable[[str], Any], str] = {
     cli._count: "0",
@@ -34,10 +35,15 @@ BAD_VALUE: dict[Callable[[str], Any], str] = {
     cli._open_fraction: "1",
     cli._ints: "0",
     cli._shape: "3,0,32",
+    cli._setting: "no_value",
+    suite._budgets: "0.5,0",
+    suite._seeds: "-1",
+    suite._count: "0",
+    suite._count0: "-1",
 }
 """An out-of-range value for each checked type of the parser."""
-COUNTS = (cli._count, cli._count0, cli._ints)
-BUDGETS = (cli._fraction, cli._open_fraction)
+COUNTS = (cli._count, cli._count0, cli._ints, suite._count, suite._count0, suite._seeds)
+BUDGETS = (cli._fraction, cli._open_fraction, suite._budgets)
 REQUIRED = {"model": "cifar_resnet8", "out": "out", "macs": "0.5", "budget": "0.5"}
 """Valid values of the required options that are not paths."""
 PATHS = ("checkpoint", "init")
@@ -75,6 +81,8 @@ def _cases(name: str, parser: argparse.ArgumentParser) -> list[tuple[str, list[s
         action = first(types)
         if action is not None:
             cases.append((what, [*base, action.option_strings[0], BAD_VALUE[action.type]]))
+    for action in (a for a in options if getattr(a.type, "__module__", None) == suite.__name__):
+        cases.append((f"bad {action.dest}", [*base, action.option_strings[0], BAD_VALUE[action.type]]))
     choice = next((a for a in parser._actions if not a.option_strings and a.choices), None)
     if choice is not None:
         cases.append(("not one of the choices", [*base, "no_such_choice"]))
@@ -99,7 +107,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 def test_every_checked_type_has_a_bad_value() -> None:
     types = {a.type for p in SUBCOMMANDS.values() for a in _options(p) if a.type is not None}
-    mine = {t for t in types if getattr(t, "__module__", None) == cli.__name__}
+    mine = {t for t in types if getattr(t, "__module__", None) in (cli.__name__, suite.__name__)}
     assert mine <= BAD_VALUE.keys(), f"add a bad value for {mine - BAD_VALUE.keys()}"
 
 
@@ -123,3 +131,15 @@ def test_bad_arguments_exit_2_with_one_error_line_and_touch_nothing(name: str, t
             failures.append(f"{what}: dynnet {' '.join(argv)} changed the working directory: {_snapshot(tmp_path)}")
             before = _snapshot(tmp_path)
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--budgets", "x"), ("--budgets", "0.5,1.5"), ("--seeds", "0,a")])
+def test_suite_lists_are_refused_naming_the_option(option: str, value: str) -> None:
+    """``dynnet bench --budgets x`` is refused by the parser, naming the option, before any job starts."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynnet", "bench", "--profile", "quick", option, value],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"argument {option}: expected" in lines[0] and repr(value) in lines[0], lines[0]

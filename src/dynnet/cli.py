@@ -69,6 +69,19 @@ def _checked(text: str, cast: Callable[[str], Any], ok: Callable[[Any], bool], e
     return value
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--set``: the value read as JSON when it is (numbers, booleans, lists become tuples), else
+    as text."""
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a setting of the recipe), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), tuple(value) if isinstance(value, list) else value
+
+
 def _count(text: str) -> int:
     """A positive integer: epochs, steps, batch sizes, threads."""
     return _checked(text, int, lambda v: v >= 1, "a positive integer")
@@ -170,6 +183,10 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--width", type=_positive, default=None, help="width multiplier of cifar_resnet* models")
         p.add_argument("--recipe", default="convnet_aig", help="'none' for the static network")
         p.add_argument("--budget", type=_fraction, default=0.5)
+        p.add_argument(
+            "--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+            help="a setting of the recipe (a field of its config), e.g. --set little=zoo:KEY; repeatable",
+        )  # fmt: skip
         p.add_argument("--data", default="fashion_mnist", help="registered dataset")
         p.add_argument("--data-root", default=None)
         _add_grey_to_rgb(p)
@@ -354,6 +371,9 @@ def _train(args: argparse.Namespace) -> None:
     dynnet.list_models()  # the method packages register their own base models (msdnet_tiny)
     check_model_name(args.model)
     DATASETS.get(args.data)
+    recipe_settings = dict(args.settings)
+    if recipe_settings and recipe is None:
+        raise ValueError("--set gives settings of a recipe: give --recipe too")
     compare, missing = False, None
     if args.init == "auto":  # quickstart: the shipped base of the model on this data, when there is one
         from dynnet import zoo
@@ -361,6 +381,9 @@ def _train(args: argparse.Namespace) -> None:
         key = zoo.weights_key(args.model, args.data, args.width)
         compare = key in zoo.shipped()
         args.init, missing = (f"zoo:{key}", None) if compare else (None, key)
+        little = zoo.weights_key(args.model, args.data, 0.5 * (args.width or 1.0))
+        if recipe == "network_selection" and "little" not in recipe_settings and little in zoo.shipped():
+            recipe_settings["little"] = f"zoo:{little}"  # the shipped half-width network, trained like the base
     elif args.init and not args.init.startswith(("zoo:", "torchvision:", "timm:")):
         from dynnet.train.init import resolve_init
 
@@ -383,7 +406,7 @@ def _train(args: argparse.Namespace) -> None:
         "lr": args.lr,
         "subset": args.subset or None,
         "seed": args.seed,
-        "model_kwargs": {"width": args.width} if args.width else {},
+        "model_kwargs": {**({"width": args.width} if args.width else {}), **recipe_settings},
         "init": args.init,
         "distill": args.distill if args.init else 0.0,
         "max_steps": args.max_steps,
@@ -673,6 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handlers[args.command](args)
         sys.stdout.flush()  # here, not at exit: a closed pipe must surface as the BrokenPipeError handled below
+    except KeyboardInterrupt:  # Ctrl-C: one line, what was kept, and how to go on; no traceback
+        print(f"dynnet: interrupted{_kept_on_interrupt(args)}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`dynnet list | head -1`): stop quietly. Point stdout at /dev/null so that the
         # interpreter's final flush does not report the same error again.
@@ -685,6 +711,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dynnet: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _kept_on_interrupt(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves for the user, as the end of the "interrupted" line ('' when nothing)."""
+    if args.command == "bench" and getattr(args, "profile", None):
+        return "; the finished jobs are kept: the same command goes on with the others"
+    out = getattr(args, "out", None)
+    trains = args.command in ("train", "quickstart", "pretrain", "prune")
+    if trains and out and (Path(out) / "checkpoint.json").is_file():
+        return f"; the last checkpoint is in {out}: the same command resumes from it"
+    return ""
 
 
 def _silence_stdout() -> None:

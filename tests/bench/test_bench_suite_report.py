@@ -48,7 +48,7 @@ def test_beats_front(point: tuple[float, float], expected: bool) -> None:
 
 def _row(kind: str, recipe: str, macs: float, acc: float, *, budget: float | None = None, seed: int = 0) -> dict:
     return {
-        "job": f"{recipe}-{budget}-{macs}-{seed}", "kind": kind, "recipe": recipe, "family": "x", "model": "m",
+        "job": f"{recipe}-{macs}-b{budget}-s{seed}", "kind": kind, "recipe": recipe, "family": "x", "model": "m",
         "width": macs + acc if kind == "static" else 1.0, "depth": 8, "budget": budget, "seed": seed,
         "dataset": "d", "status": "ok",
         "accuracy": acc, "mean_macs": macs, "test_images": 1000,
@@ -72,6 +72,14 @@ def test_aggregate_averages_seeds_and_verdicts_use_the_front_of_the_same_dataset
     assert v["bad"]["beats"] is False and v["bad"]["gap"] == pytest.approx(-12.5)
     other = dict(_row("recipe", "elsewhere", 3.0, 0.9, budget=0.5), dataset="other")
     assert {x["recipe"]: x for x in verdicts([*rows, other])}["elsewhere"]["beats"] is None
+
+
+def test_aggregate_keeps_two_shipped_networks_of_one_model_and_width_apart() -> None:
+    """The shipped base and its shipped pruned copy share model and width: two baselines, not two seeds of one."""
+    dense = dict(_row("static", "shipped", 4.0, 0.94), width=1.0, job="shipped-m-d")
+    pruned = dict(_row("static", "shipped", 2.0, 0.93), width=1.0, job="shipped-mp0.5-d")
+    agg = sorted(aggregate([dense, pruned]), key=lambda r: r["mean_macs"])
+    assert [(r["mean_macs"], r["accuracy"], r["seeds"]) for r in agg] == [(2.0, 0.93, 1), (4.0, 0.94, 1)]
 
 
 def test_report_states_a_verdict_per_recipe_and_lists_failures(tmp_path: Path) -> None:

@@ -68,3 +68,42 @@ def test_compiled_sparse_mode_breaks_the_graph_but_is_right(model_and_input) -> 
         dynnet.sparse(model)
         compiled = torch.compile(model, backend="eager")
         torch.testing.assert_close(compiled(x), masked, rtol=1e-4, atol=1e-4)
+
+
+def _sparse_resnet20() -> tuple[dynnet.DynamicModel, list[torch.Tensor]]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet20", recipe="convnet_aig", budget=0.5, in_channels=1)
+    xs = [diverse_inputs(n, (1, 16, 16), seed=s) for s, n in enumerate((16, 9, 16, 5, 12, 16, 7, 16))]
+    scramble_until_mixed(model, xs[0])
+    return dynnet.sparse(model), xs
+
+
+def test_plain_compile_of_sparse_mode_hits_the_recompile_limit() -> None:
+    """The precondition of compile_model: nine blocks of three widths, each with its own kept counts, are more
+    specialisations than dynamo allows one piece of code."""
+    model, xs = _sparse_resnet20()
+    compiled = torch.compile(model, backend="eager")
+    with (
+        torch.no_grad(),
+        torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
+        pytest.raises(Exception, match="recompile"),
+    ):
+        for x in xs:
+            compiled(x)
+
+
+def test_compile_model_runs_sparse_mode_without_falling_back_and_matches_eager() -> None:
+    from dynnet.export import compile_model
+
+    model, xs = _sparse_resnet20()
+    run = compile_model(model, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for x in xs:
+            with dynnet.trace() as tc:
+                out = run(x)
+            with dynnet.trace() as te:
+                want = model(x)
+            torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(tc.macs(), te.macs())
+    assert model.net.layer1[0].mode == "sparse" and not model.training

@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,15 @@ def _mean(values: Sequence[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+def _variant(r: dict[str, Any]) -> str:
+    """The job's name without its seed: two shipped networks of one model and width (the base and its pruned
+    copy) are two baselines, not two seeds of one."""
+    return re.sub(r"-s\d+$", "", str(r.get("job", "")))
+
+
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean over seeds of each (recipe, budget, model, width, dataset): accuracy (with its std), MACs, latencies.
+    """Mean over seeds of each (recipe, budget, model, width, dataset, job name without its seed): accuracy (with
+    its std), MACs, latencies.
 
     Returns:
         One dict per group with the numeric fields of :data:`TABLE_COLUMNS` averaged, ``seeds`` (how many) and
@@ -137,7 +145,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in _ok(rows):
-        key = (r["kind"], r["recipe"], r.get("budget"), r["model"], r.get("width"), r.get("depth"), r["dataset"])
+        key = (r["kind"], r["recipe"], r.get("budget"), r["model"], r.get("width"), r.get("depth"), r["dataset"],
+               _variant(r))  # fmt: skip
         groups.setdefault(key, []).append(r)
     out = []
     for members in groups.values():
@@ -456,7 +465,8 @@ def write_report(
               "| model | width | made by | dataset | accuracy | MACs (M) | b1 ms | b64 ms |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in static:
-        made = {"static": "trained (suite schedule)", "shipped": "shipped (its own schedule)"}.get(r["recipe"])
+        shipped = f"shipped `{_variant(r).removeprefix('shipped-')}` (its own schedule)"
+        made = {"static": "trained (suite schedule)", "shipped": shipped}.get(r["recipe"])
         if r["recipe"] == "pruned":
             made = f"pruned to {r['budget']:g} + fine-tuned"
         lines.append(

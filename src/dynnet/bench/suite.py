@@ -903,30 +903,68 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     add("--profile", default=None, choices=sorted(PROFILES), help="run the benchmark suite with this profile")
     add("--out", default=None, help="suite results folder (default benchmarks/results/suite/<profile>)")
     add("--recipes", default=None, help="comma-separated recipe names (default: every registered recipe)")
-    add("--budgets", default=None, help="comma-separated budgets (default: the profile's)")
-    add("--seeds", default=None, help="comma-separated seeds (default: the profile's)")
-    add("--subset", type=int, default=None, help="training images (default: the profile's)")
-    add("--epochs", type=int, default=None, help="training epochs (default: the profile's)")
+    add("--budgets", type=_budgets, default=None, help="comma-separated budgets (default: the profile's)")
+    add("--seeds", type=_seeds, default=None, help="comma-separated seeds (default: the profile's)")
+    add("--subset", type=_count0, default=None, help="training images (default: the profile's)")
+    add("--epochs", type=_count, default=None, help="training epochs (default: the profile's)")
     add("--device", default=None, help="cpu / cuda (default: the profile's)")
-    add("--threads", type=int, default=None, help="CPU threads of the latency timing (default: the profile's)")
+    add("--threads", type=_count, default=None, help="CPU threads of the latency timing (default: the profile's)")
     add("--keep-checkpoints", default=None, metavar="DIR", help="keep each job's checkpoint in DIR")
     add("--retry-errors", action="store_true", help="rerun the jobs that failed before")
     add("--report-only", action="store_true", help="rebuild table, plots and report from <out>/runs/")
     add("--no-progress", action="store_true", help="no progress bar")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+def _budgets(text: str) -> tuple[float, ...]:
+    """``--budgets``: comma-separated fractions in (0, 1]; anything else is argparse's one-line usage error."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated budgets in (0, 1] like 0.25,0.5, got {text!r}")
+    return values
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: comma-separated integers in [0, 2**31)."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(0 <= v < 2**31 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds (integers >= 0) like 0,1, got {text!r}")
+    return values
+
+
+def _whole(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+    return value
+
+
+def _count0(text: str) -> int:
+    """An integer >= 0 (``--subset``, where 0 means all)."""
+    return _whole(text, 0)
+
+
+def _count(text: str) -> int:
+    """An integer >= 1 (``--epochs``, ``--threads``)."""
+    return _whole(text, 1)
 
 
 def profile_from_args(args: argparse.Namespace) -> BenchProfile:
     """The named profile with the command-line overrides applied."""
     profile = PROFILES[args.profile or "quick"]
     changes: dict[str, Any] = {}
-    if getattr(args, "budgets", None):
-        changes["budgets"] = _floats(args.budgets)
-    if getattr(args, "seeds", None):
-        changes["seeds"] = tuple(int(v) for v in args.seeds.split(","))
+    for key, parse in (("budgets", _budgets), ("seeds", _seeds)):  # parsed by argparse, or text from a script
+        value = getattr(args, key, None)
+        if value:
+            changes[key] = parse(value) if isinstance(value, str) else tuple(value)
     for key in ("subset", "epochs", "device", "threads"):
         if getattr(args, key, None) is not None:
             changes[key] = getattr(args, key)

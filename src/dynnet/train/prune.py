@@ -68,11 +68,12 @@ def _pruned(net: nn.Module, example: Tensor, ratio: float, keep: list[str]) -> n
 
     model = copy.deepcopy(net).eval()
     modules = dict(model.named_modules())
-    pruner = tp.pruner.MetaPruner(
-        model, example, importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=ratio,
-        ignored_layers=[modules[name] for name in keep],
-    )  # fmt: skip
-    pruner.step()
+    with torch.enable_grad():  # torch-pruning traces its dependency graph through autograd
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=tp.importance.GroupMagnitudeImportance(p=1), pruning_ratio=ratio,
+            ignored_layers=[modules[name] for name in keep],
+        )  # fmt: skip
+        pruner.step()
     return model
 
 
