@@ -1,8 +1,8 @@
 """Early exits: classifiers along the network; each sample stops at the first exit confident enough.
 
 Importing this package registers the recipes ``branchynet``, ``cdl``, ``adaptive_nn``, ``msdnet``, ``imta``,
-``dynexit``, ``hierarchical_exits``, ``triple_wins``, ``early_exit_cnn`` and ``dt_ram`` (and the base model
-``msdnet_tiny``).
+``dynexit``, ``hierarchical_exits``, ``triple_wins``, ``early_exit_cnn``, ``dt_ram`` and ``network_selection``
+(and the base model ``msdnet_tiny``).
 Shared machinery: :mod:`._common` (trunks, exit placement, the exit cascade with batch compaction) and
 :mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration, which :func:`dynnet.calibrate` runs
 for every recipe of the family).
@@ -18,6 +18,7 @@ from dynnet.methods.early_exit import (
     hierarchical_exits,
     imta,
     msdnet,
+    network_selection,
     triple_wins,
 )
 from dynnet.methods.early_exit._common import (
@@ -69,6 +70,7 @@ __all__ = [
     "hierarchical_exits",
     "imta",
     "msdnet",
+    "network_selection",
     "place_exits",
     "plan_exits",
     "register_trunk",

@@ -411,8 +411,13 @@ class ExitCascade(DynamicBlock):
         for key, value in self.__dict__.items():
             if key != "trunk":
                 object.__setattr__(new, key, copy.deepcopy(value, memo))
-        object.__setattr__(new, "trunk", trunk_of(new._base))
+        object.__setattr__(new, "trunk", new.make_trunk())
         return new
+
+    def make_trunk(self) -> Trunk:
+        """The trunk of this cascade's own base network (rebuilt by copies and unpickling: its units are closures
+        over the base's modules). Cascades whose units are not the base's cut override it."""
+        return trunk_of(self._base)
 
     def __getstate__(self) -> dict[str, Any]:
         # The trunk's closures cannot be pickled (torch.save, multiprocessing): leave it out and rebuild it from
@@ -423,7 +428,7 @@ class ExitCascade(DynamicBlock):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        object.__setattr__(self, "trunk", trunk_of(self._base))
+        object.__setattr__(self, "trunk", self.make_trunk())
 
     # -- structure ----------------------------------------------------------------------------------
     @property
