@@ -153,21 +153,27 @@ def test_quickstart_fine_tunes_the_shipped_base_and_shows_the_static_networks_si
     prune("zoo:cifar_resnet8-synthetic", 0.5, out_dir=tmp_path / "p", model="cifar_resnet8", data="synthetic",
           epochs=1, batch_size=32, dataset_kwargs=data)  # fmt: skip
     zoo.ship(tmp_path / "p")
+    pretrain("cifar_resnet8", "synthetic", out_dir=tmp_path / "half", width=0.5, epochs=1, batch_size=32,
+             dataset_kwargs=data)  # fmt: skip
+    zoo.ship(tmp_path / "half")  # network selection's little network
     out = tmp_path / "quick2"
     argv = [*argv[:-5], "--out", str(out), "--no-profile"]  # the quickstart's own fine-tuning schedule
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "no shipped base" not in text
-    for label in ("side by side", "dense base", "cifar_resnet8-synthetic", "dynamic fbs", "verdict"):
+    for label in ("side by side", "dense base", "cifar_resnet8-synthetic", "dynamic network_selection", "verdict"):
         assert label in text
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["init"] == "zoo:cifar_resnet8-synthetic" and results["settings"]["epochs"] == 1
     assert results["settings"]["distill"] == 1.0
-    assert results["settings"]["train_overrides"] == {}  # FBS fine-tunes with the defaults (fine_tune_settings)
+    assert results["settings"]["train_overrides"] == {}  # the recipe's fine-tuning defaults (fine_tune_settings)
+    assert results["settings"]["model_kwargs"] == {"little": "zoo:cifar_resnet8x0.5-synthetic"}  # the shipped one
     assert json.loads((out / "checkpoint.json").read_text())["state"]["config"]["budget_start"] == 1.0
-    assert {r["name"] for r in results["static"]} == {"cifar_resnet8-synthetic", "cifar_resnet8p0.5-synthetic"}
+    assert {r["name"] for r in results["static"]} == {
+        "cifar_resnet8-synthetic", "cifar_resnet8p0.5-synthetic", "cifar_resnet8x0.5-synthetic"
+    }  # fmt: skip
     fractions = sorted(r["mac_fraction"] for r in results["static"])
-    assert abs(fractions[0] - 0.5) <= 0.05 and fractions[1] == pytest.approx(1.0)
+    assert fractions[0] < 0.35 and abs(fractions[1] - 0.5) <= 0.05 and fractions[2] == pytest.approx(1.0)
 
 
 def test_best_static_is_the_most_accurate_network_within_the_dynamic_models_macs() -> None:

@@ -256,15 +256,19 @@ def test_a_fine_tuning_profile_starts_recipes_from_the_shipped_base_and_adds_pru
              dataset_kwargs=dict(TINY.dataset_kwargs))  # fmt: skip
     zoo.ship(tmp_path / "base")
     profile = dataclasses.replace(TINY, static_depths=(), static_widths=(), init="zoo", distill=1.0,
-                                  pruned_fractions=(0.5,), shipped_static=True)  # fmt: skip
+                                  pruned_fractions=(0.5,), shipped_static=True,
+                                  recipe_settings=(("convnet_aig", (("hidden", 5),)),))  # fmt: skip
     assert profile.init_for("synthetic") == "zoo:cifar_resnet8x0.25-synthetic"
     import dynnet.train
 
     seen: list[tuple[Any, ...]] = []
+    configs: list[Any] = []
     real_fit = dynnet.train.fit
 
     def spying_fit(model, *args, init=None, teacher=None, **kwargs):
         seen.append((init, teacher is not None, args[1].distill))
+        if hasattr(model, "config"):
+            configs.append(model.config)
         return real_fit(model, *args, init=init, teacher=teacher, **kwargs)
 
     monkeypatch.setattr("dynnet.train.fit", spying_fit)
@@ -277,6 +281,8 @@ def test_a_fine_tuning_profile_starts_recipes_from_the_shipped_base_and_adds_pru
     assert abs(pruned["mac_fraction"] - 0.5) <= 0.1 and pruned["recipe"] == "pruned"
     assert shipped["mac_fraction"] == 1.0 and shipped["history"] == []
     assert aig["init"] == "zoo:cifar_resnet8x0.25-synthetic" and aig["distill"] == 1.0
+    assert aig["recipe_settings"] == {"hidden": 5} and pruned["recipe_settings"] == {}
+    assert [c.hidden for c in configs] == [5]  # the setting reached the recipe's config
     assert sorted(seen, key=str) == sorted(
         [(None, True, 1.0), ("zoo:cifar_resnet8x0.25-synthetic", False, 1.0)], key=str
     )  # the pruned network distils from its dense base; the recipe starts from the base (and distils from it)

@@ -107,6 +107,8 @@ class BenchProfile:
             fractions and fine-tuning them with exactly the recipes' schedule (``recipe`` column ``"pruned"``).
         shipped_static: the static networks of the base model and dataset shipped in :mod:`dynnet.zoo` (trained with
             the base's own long schedule) join the static front, tested and timed like the others (``"shipped"``).
+        recipe_settings: settings of particular recipes, ``((recipe, ((field, value), ...)), ...)``: fields of the
+            recipe's config (network selection's shipped little network), recorded in each job's row.
     """
 
     name: str = "quick"
@@ -139,6 +141,7 @@ class BenchProfile:
     distill: float = 0.0
     pruned_fractions: tuple[float, ...] = ()
     shipped_static: bool = False
+    recipe_settings: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -216,6 +219,9 @@ PROFILES: dict[str, BenchProfile] = {
         distill=1.0,
         pruned_fractions=(0.25, 0.5, 0.75),
         shipped_static=True,
+        # network selection's little network: the shipped width-0.5 ResNet-20 (trained like the base), as in the
+        # main job (the default, the base pruned to a quarter of its MACs, scores 10 % before fine-tuning).
+        recipe_settings=(("network_selection", (("little", "zoo:cifar_resnet20x0.5-fashion_mnist"),)),),
     ),
     # One GPU, roughly 10 hours (estimated, not yet run): ResNet-20 at full width on all of Fashion-MNIST, 2 seeds,
     # glimpse recipes on the cluttered canvas (with their own static front). ~300 jobs of 15 epochs.
@@ -485,11 +491,12 @@ def _build(job: Job, profile: BenchProfile, info: Any) -> tuple[nn.Module, str, 
     if own != tuple(info.image_size) and all(o >= i for o, i in zip(own, info.image_size, strict=True)):
         sizes.append(own)  # type: ignore[arg-type]
     errors = []
+    settings = dict(dict(profile.recipe_settings).get(job.recipe, ()))
     for size in sizes:
         probe = torch.zeros(2, info.in_channels, *(size or info.image_size))
         for name, extra in attempts:
             try:
-                model = build_model(name, job.recipe, budget=job.budget, **common, **extra)
+                model = build_model(name, job.recipe, budget=job.budget, **common, **extra, **settings)
                 model.eval()
                 with torch.no_grad():
                     model(probe)  # a recipe may convert but fail on this input size: try the next base / size
@@ -628,6 +635,7 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
         "dataset": job.dataset, "status": "ok", "error": "", "padded_to": None if size is None else list(size),
         "base_fallback": bool(spec is not None and (base != job.model or width != job.width)),
         "init": None if init is None else str(init), "distill": config.distill,
+        "recipe_settings": dict(dict(profile.recipe_settings).get(job.recipe or "", ())),
         "params": sum(p.numel() for p in model.parameters()),
         "accuracy": ev.accuracy, "test_images": ev.num_samples, "loss": ev.loss,
         "mean_macs": float(ev.macs.mean()), "mean_executed_macs": float(ev.executed.mean()),
