@@ -77,6 +77,8 @@ def test_macs_of_a_converted_model(capsys: pytest.CaptureFixture[str]) -> None:
         (["train", "--lr", "inf"], "--lr: expected a positive number"),
         (["train", "--max-steps", "-1"], "--max-steps: expected a positive integer"),
         (["train", "--checkpoint-every", "x"], "--checkpoint-every: expected an integer >= 0"),
+        (["train", "--resume", "--out", "no/such/run"], "no/such/run holds no run to resume: drop --resume"),
+        (["train", "--resume", "--force", "--out", "no/such/run"], "--resume and --force contradict each other"),
         # quickstart with --init of its own took its unset schedule along (a TypeError on None / int).
         (["quickstart", "--init", "nowhere", "--data", "synthetic"], "no weights there"),
     ],
@@ -237,7 +239,7 @@ def test_a_run_killed_between_checkpoints_resumes_from_the_last_one(
     assert state["step"] == 4 and state["batch_in_epoch"] == 4
     monkeypatch.setattr(loop, "_train_step", train_step)
     capsys.readouterr()
-    assert main(argv(tmp_path / "killed", every="3")) == 0  # the interval is not a setting of the run
+    assert main([*argv(tmp_path / "killed", every="3"), "--resume"]) == 0  # the interval is not a run setting
     assert "resuming it" in capsys.readouterr().out
     whole = load_file(tmp_path / "whole" / "checkpoint.safetensors")
     resumed = load_file(tmp_path / "killed" / "checkpoint.safetensors")

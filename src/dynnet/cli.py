@@ -208,6 +208,10 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
             "each epoch end only)",
         )  # fmt: skip
         p.add_argument("--force", action="store_true", help="replace the run already in --out")
+        p.add_argument(
+            "--resume", action="store_true",
+            help="go on with the run in --out (the same command does so anyway; --resume refuses to start a new one)",
+        )  # fmt: skip
         p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--threads", type=_count, default=None)
         p.add_argument("--no-profile", action="store_true", help="skip the latency measurement")
@@ -421,6 +425,9 @@ def _train(args: argparse.Namespace) -> None:
     if args.checkpoint_every:
         overrides["checkpoint_every_steps"] = args.checkpoint_every
     out = Path(args.out) if args.out else None
+    if args.resume and (args.force or out is None or not any((out / n).exists() for n in _RUN_FILES[1:])):
+        why = "--resume and --force contradict each other" if args.force else f"{out} holds no run to resume"
+        raise ValueError(f"{why}: drop --resume to start a new run")
     state, created = _claim_run_folder(out, settings, force=args.force) if out else ("new", [])
     if state == "finished":
         print(_finished_run(out))
