@@ -287,4 +287,5 @@ def test_a_fine_tuning_profile_starts_recipes_from_the_shipped_base_and_adds_pru
         [(None, True, 1.0), ("zoo:cifar_resnet8x0.25-synthetic", False, 1.0)], key=str
     )  # the pruned network distils from its dense base; the recipe starts from the base (and distils from it)
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "pruned to 0.5 + fine-tuned" in report and "shipped `cifar_resnet8x0.25-synthetic` (its own schedule)" in report
+    assert "pruned to 0.5 + fine-tuned" in report
+    assert "shipped `cifar_resnet8x0.25-synthetic` (its own schedule)" in report
