@@ -75,15 +75,22 @@ def test_gate_collapse_detection(loaders, caplog: pytest.LogCaptureFixture) -> N
     assert any("layer2.0:off" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
-def test_dead_exit_detection(loaders) -> None:
-    """An early exit that no sample takes during an epoch is reported like a gate that is always off."""
+def test_dead_exit_detection(loaders, caplog: pytest.LogCaptureFixture) -> None:
+    """An early exit that no sample takes during an epoch is reported like a gate that is always off, unless it is
+    idle by construction (threshold "never" until calibration): then it is left out, and no warning cries wolf."""
     torch.manual_seed(0)
     model = dynnet.create_model("cifar_resnet8", recipe="branchynet", width=0.25, in_channels=1)
-    result = fit(model, loaders.train, TrainConfig(epochs=1, lr=1e-5, max_steps=2))
+    assert model.idle_decisions() == {f"exit{k}" for k in range(model.num_exits - 1)}
+    with caplog.at_level(logging.WARNING, logger="dynnet.train"):
+        result = fit(model, loaders.train, TrainConfig(epochs=1, lr=1e-5, max_steps=2, calibrate=False))
+    entry = result.history[-1]
+    assert entry["collapsed_gates"] == [] and not any("collapsed" in r.getMessage() for r in caplog.records)
+    model.set_thresholds([1.5] * (model.num_exits - 1))  # finite, yet above every confidence: dead, not idle
+    assert model.idle_decisions() == set()
+    result = fit(model, loaders.train, TrainConfig(epochs=1, lr=1e-5, max_steps=2, calibrate=False))
     entry = result.history[-1]
     exits = [k for k in entry["gate_rates"] if k.startswith("exit")]
     assert exits, "exit decisions must be tracked"
-    # thresholds start at "never exit": every early exit is dead
     assert all(f"{k}:off" in entry["collapsed_gates"] for k in exits)
 
 

@@ -95,7 +95,9 @@ class Hook:
 class GateHealth(Hook):
     """Gate collapse detection: a gate always on (rate > ``high``) or always off (< ``low``) over an epoch.
 
-    Tracks, for every binary decision of the training trace, the mean of its hard decisions over the epoch.
+    Tracks, for every binary decision of the training trace, the mean of its hard decisions over the epoch; the
+    decisions a model declares idle by construction (``idle_decisions()``: an early exit whose threshold stays at
+    "never" until calibration) are left out.
     At the end of the epoch it writes ``gate_rates`` (name → rate) and ``collapsed_gates`` (the names of the
     collapsed gates, e.g. ``"layer1.0:off"``) into the epoch's log and logs a WARNING naming them.
 
@@ -126,6 +128,8 @@ class GateHealth(Hook):
 
     def on_epoch_end(self, state: FitState) -> None:
         rates = self.rates()
+        idle = getattr(state.model, "idle_decisions", lambda: set())()  # off by construction until calibrated
+        rates = {k: r for k, r in rates.items() if k not in idle}
         collapsed = [f"{k}:on" for k, r in rates.items() if r > self.high]
         collapsed += [f"{k}:off" for k, r in rates.items() if r < self.low]
         entry = state.logs[-1]

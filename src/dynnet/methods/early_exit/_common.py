@@ -716,6 +716,12 @@ class EarlyExitModel(DynamicModel):
         return calibrate_to_budget_(self, profile, budget, tolerance, extremes=extremes)
 
     # -- thresholds ---------------------------------------------------------------------------------
+    def idle_decisions(self) -> set[str]:
+        """The exits no sample can take (threshold ``NEVER``, as before calibration): training's gate-health check
+        leaves them out instead of reporting them collapsed."""
+        thr = self.net.gates.threshold
+        return {f"exit{k}" for k in range(thr.numel()) if math.isinf(float(thr[k])) and float(thr[k]) > 0}
+
     @property
     def thresholds(self) -> Tensor:
         """Tensor[K - 1]: exit ``k`` is taken when its score reaches ``thresholds[k]``."""
