@@ -253,8 +253,11 @@ def test_ctrl_c_ends_a_run_with_one_line_and_no_traceback(tmp_path: Path) -> Non
     is, no traceback, and the run folder keeps the run (another setting is refused, the same one resumes)."""
     run = ["train", *TINY, "--recipe", "none", "--epochs", "200", "--checkpoint-every", "2", "--out", "run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A job started in the background by a shell ignores SIGINT, and so would the child: give it the default, as a
+    # terminal's foreground process has.
     proc = subprocess.Popen([sys.executable, "-m", "dynnet", *run], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 120
     while not (tmp_path / "run" / "checkpoint.json").is_file() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
