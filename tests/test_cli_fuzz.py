@@ -38,11 +38,9 @@ BAD_VALUE: dict[Callable[[str], Any], str] = {
     cli._setting: "no_value",
     suite._budgets: "0.5,0",
     suite._seeds: "-1",
-    suite._count: "0",
-    suite._count0: "-1",
 }
 """An out-of-range value for each checked type of the parser."""
-COUNTS = (cli._count, cli._count0, cli._ints, suite._count, suite._count0, suite._seeds)
+COUNTS = (cli._count, cli._count0, cli._ints, suite._seeds)
 BUDGETS = (cli._fraction, cli._open_fraction, suite._budgets)
 REQUIRED = {"model": "cifar_resnet8", "out": "out", "macs": "0.5", "budget": "0.5"}
 """Valid values of the required options that are not paths."""
@@ -81,7 +79,7 @@ def _cases(name: str, parser: argparse.ArgumentParser) -> list[tuple[str, list[s
         action = first(types)
         if action is not None:
             cases.append((what, [*base, action.option_strings[0], BAD_VALUE[action.type]]))
-    for action in (a for a in options if getattr(a.type, "__module__", None) == suite.__name__):
+    for action in (a for a in options if a.dest in SUITE_CHECKED and name == "bench"):
         cases.append((f"bad {action.dest}", [*base, action.option_strings[0], BAD_VALUE[action.type]]))
     choice = next((a for a in parser._actions if not a.option_strings and a.choices), None)
     if choice is not None:
@@ -95,6 +93,16 @@ def _cases(name: str, parser: argparse.ArgumentParser) -> list[tuple[str, list[s
 
 
 SUBCOMMANDS = _subcommands()
+
+
+def _suite_checked() -> set[str]:
+    """The options the benchmark suite adds whose values the parser checks (each gets a bad-value case)."""
+    parser = argparse.ArgumentParser()
+    suite.add_suite_arguments(parser)
+    return {a.dest for a in _options(parser) if a.type is not None}
+
+
+SUITE_CHECKED = _suite_checked()
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:

@@ -425,7 +425,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.checkpoint_every:
         overrides["checkpoint_every_steps"] = args.checkpoint_every
     out = Path(args.out) if args.out else None
-    if args.resume and (args.force or out is None or not any((out / n).exists() for n in _RUN_FILES[1:])):
+    if args.resume and (args.force or out is None or not _held_run_files(out)):
         why = "--resume and --force contradict each other" if args.force else f"{out} holds no run to resume"
         raise ValueError(f"{why}: drop --resume to start a new run")
     state, created = _claim_run_folder(out, settings, force=args.force) if out else ("new", [])
@@ -461,6 +461,11 @@ _RUN_FILES = (
 """The files of a ``dynnet train`` run folder (``fit``'s checkpoint, its log, the experiment's results)."""
 
 
+def _held_run_files(out: Path) -> list[str]:
+    """The files of a run that ``out`` holds (``run.json`` alone is no run: a start that failed before training)."""
+    return [name for name in _RUN_FILES if name != RUN_FILE and (out / name).exists()]
+
+
 def _claim_run_folder(out: Path, settings: dict[str, Any], *, force: bool) -> tuple[str, list[Path]]:
     """Make ``out`` this run's folder.
 
@@ -474,7 +479,7 @@ def _claim_run_folder(out: Path, settings: dict[str, Any], *, force: bool) -> tu
         ``(state, created)``: ``"new"``, ``"resume"`` (an unfinished run) or ``"finished"``, and the folders this call
         created (for :func:`_release_run_folder`).
     """
-    found = [name for name in _RUN_FILES if name != RUN_FILE and (out / name).exists()]
+    found = _held_run_files(out)
     if found and not force:
         before = _run_settings(out)
         if before is None:
@@ -687,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dynnet.core import UnknownNameError
     from dynnet.data import DatasetNotFoundError
 
-    if args.command in ("train", "quickstart", "pretrain", "prune"):
+    if args.command in TRAINING_COMMANDS:
         # The command is an application: show the loop's epoch lines and gate-health warnings.
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     handlers = {
@@ -721,13 +726,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+TRAINING_COMMANDS = ("train", "quickstart", "pretrain", "prune")
+"""The commands that train (INFO logging on; an interrupted one says where its checkpoint is)."""
+
+
 def _kept_on_interrupt(args: argparse.Namespace) -> str:
     """What an interrupted command leaves for the user, as the end of the "interrupted" line ('' when nothing)."""
     if args.command == "bench" and getattr(args, "profile", None):
         return "; the finished jobs are kept: the same command goes on with the others"
     out = getattr(args, "out", None)
-    trains = args.command in ("train", "quickstart", "pretrain", "prune")
-    if trains and out and (Path(out) / "checkpoint.json").is_file():
+    if args.command in TRAINING_COMMANDS and out and (Path(out) / "checkpoint.json").is_file():
         return f"; the last checkpoint is in {out}: the same command resumes from it"
     return ""
 

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from dynnet.cli import _checked, _count, _count0  # the command line's number checks (stdlib only)
+
 __all__ = [
     "PROFILES",
     "BenchProfile",
@@ -925,44 +927,18 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _budgets(text: str) -> tuple[float, ...]:
     """``--budgets``: comma-separated fractions in (0, 1]; anything else is argparse's one-line usage error."""
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(0.0 < v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated budgets in (0, 1] like 0.25,0.5, got {text!r}")
-    return values
+    return _checked(
+        text, lambda t: tuple(float(v) for v in t.split(",") if v.strip()),
+        lambda vs: bool(vs) and all(0.0 < v <= 1.0 for v in vs), "comma-separated budgets in (0, 1] like 0.25,0.5",
+    )  # fmt: skip
 
 
 def _seeds(text: str) -> tuple[int, ...]:
-    """``--seeds``: comma-separated integers in [0, 2**31)."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = ()
-    if not values or not all(0 <= v < 2**31 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds (integers >= 0) like 0,1, got {text!r}")
-    return values
-
-
-def _whole(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = low - 1
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
-    return value
-
-
-def _count0(text: str) -> int:
-    """An integer >= 0 (``--subset``, where 0 means all)."""
-    return _whole(text, 0)
-
-
-def _count(text: str) -> int:
-    """An integer >= 1 (``--epochs``, ``--threads``)."""
-    return _whole(text, 1)
+    """``--seeds``: comma-separated integers in [0, 2**31), the range of ``--seed``."""
+    return _checked(
+        text, lambda t: tuple(int(v) for v in t.split(",") if v.strip()),
+        lambda vs: bool(vs) and all(0 <= v < 2**31 for v in vs), "comma-separated seeds (integers >= 0) like 0,1",
+    )  # fmt: skip
 
 
 def profile_from_args(args: argparse.Namespace) -> BenchProfile:
