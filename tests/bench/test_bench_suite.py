@@ -289,3 +289,36 @@ def test_a_fine_tuning_profile_starts_recipes_from_the_shipped_base_and_adds_pru
     report = (tmp_path / "out" / "report.md").read_text()
     assert "pruned to 0.5 + fine-tuned" in report
     assert "shipped `cifar_resnet8x0.25-synthetic` (its own schedule)" in report
+
+
+def test_a_trained_budget_is_trained_once_and_calibrated_to_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile = dataclasses.replace(TINY, budgets=(0.4, 0.7), static_depths=(), static_widths=(), trained_budget=0.7,
+                                  val_fraction=0.4)  # fmt: skip
+    jobs = plan_jobs(profile, ["convnet_aig"])
+    assert [(j.id, j.trained_budget) for j in jobs] == [("convnet_aig-b0.7-s0", None), ("convnet_aig-b0.4-s0", 0.7)]
+    assert jobs[1].trained_job() == jobs[0]
+    # A budget list without the trained budget still gets the trained job (first), which the others calibrate.
+    assert [j.id for j in plan_jobs(dataclasses.replace(profile, budgets=(0.4,)), ["convnet_aig"])] == [
+        "convnet_aig-b0.7-s0", "convnet_aig-b0.4-s0"]  # fmt: skip
+    rows = {r["job"]: r for r in run_suite(profile, tmp_path / "out", ["convnet_aig"], progress=False)}
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("error") for r in rows.values()]
+    high, low = rows["convnet_aig-b0.7-s0"], rows["convnet_aig-b0.4-s0"]
+    assert high["trained_budget"] == 0.7 and low["trained_budget"] == 0.7
+
+    def training(row: dict) -> list[tuple]:
+        return [(e["step"], e["train_loss"], e["seconds"]) for e in row["history"]]
+
+    assert training(low) == training(high)  # the same training (its wall time too), loaded from its checkpoint
+    assert low["calibration"]["calibrated"] and low["achieved_val"] == pytest.approx(0.4, abs=0.05)
+    assert high["achieved_val"] == pytest.approx(0.7, abs=0.05)  # 38 validation images: coarse steps
+    assert low["mac_fraction"] < high["mac_fraction"]
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".gitignore", "convnet_aig-b0.7-s0"]
+    # A change of the recipe's fine-tune defaults changes the settings: its jobs run again.
+    import dynnet.core.recipe as recipe
+
+    before = jobs[0].settings(profile)
+    monkeypatch.setattr(recipe, "FINE_TUNE_DEFAULTS", {**recipe.FINE_TUNE_DEFAULTS, "track_budget_every": 7})
+    assert jobs[0].settings(dataclasses.replace(profile, init="zoo")) != before

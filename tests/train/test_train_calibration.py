@@ -61,3 +61,41 @@ def test_unreachable_budget_is_logged_not_lost(loaders, caplog) -> None:
 def test_bad_calibrate_tolerance_is_refused() -> None:
     with pytest.raises(ValueError, match="calibrate_tolerance"):
         TrainConfig(calibrate_tolerance=0.0)
+
+
+def _train_fraction(model: dynnet.DynamicModel, loaders) -> float:
+    from dynnet.core.budget import mean_mac_fraction
+
+    x = torch.cat([x for x, _ in loaders.train])
+    dynnet.set_mode(model.eval(), "sparse")
+    return mean_mac_fraction(model, list(x.split(64)))
+
+
+@pytest.mark.parametrize("recipe", ["convnet_aig", "channel_gating"])
+def test_budget_tracking_keeps_training_at_the_annealed_budget(loaders, recipe) -> None:
+    """Gates that start open and a budget loss too weak to move them in a few steps: without tracking the model
+    ends training near the dense cost (precondition); with it, training ends at the budget on its own images."""
+    config = dict(epochs=1, lr=1e-4, budget=0.5, budget_start=1.0, budget_warmup_epochs=0.5, calibrate=False)
+    fractions = {}
+    for every in (0, 2):
+        torch.manual_seed(0)
+        model = dynnet.create_model("cifar_resnet8", recipe=recipe, width=0.25, in_channels=1, budget=0.5)
+        result = fit(model, loaders.train, TrainConfig(**config, track_budget_every=every))
+        fractions[every] = _train_fraction(model, loaders)
+        if every:
+            assert result.history[-1]["tracked_thresholds"]  # the knob it moved, logged
+    assert fractions[0] > 0.85
+    assert fractions[2] == pytest.approx(0.5, abs=0.06)
+
+
+def test_budget_tracking_is_off_for_static_networks_and_checked(loaders) -> None:
+    torch.manual_seed(0)
+    static = dynnet.create_model("cifar_resnet8", width=0.25, in_channels=1)
+    history = fit(static, loaders.train, TrainConfig(max_steps=3, budget=0.5, track_budget_every=1)).history
+    assert "tracked_thresholds" not in history[-1] and "train_loss" in history[-1]
+    with pytest.raises(ValueError, match="track_budget_every"):
+        TrainConfig(track_budget_every=-1)
+    from dynnet.train.hooks import BudgetTracking
+
+    with pytest.raises(ValueError, match="every"):
+        BudgetTracking(0)

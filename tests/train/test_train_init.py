@@ -175,5 +175,8 @@ def test_fine_tune_settings_by_family_and_recipe() -> None:
     fbs = fine_tune_settings("fbs", 1)
     assert fbs["budget_start"] == FINE_TUNE_DEFAULTS["budget_start"] == 1.0 and fbs["budget_warmup_epochs"] == 0.5
     assert fbs.get("decision_lr_scale", 1.0) == 1.0
-    assert fine_tune_settings("branchynet", 4) == {**fbs, "budget_warmup_epochs": 1.0, "decision_lr_scale": 10.0}
+    assert fbs["track_budget_every"] == FINE_TUNE_DEFAULTS["track_budget_every"] > 0  # gates kept at the budget
+    assert fine_tune_settings("branchynet", 4) == {
+        **fbs, "budget_warmup_epochs": 1.0, "decision_lr_scale": 10.0, "track_budget_every": 0,
+    }  # fmt: skip
     TrainConfig(**fine_tune_settings("branchynet", 1))  # every setting is a TrainConfig field

@@ -111,6 +111,10 @@ class BenchProfile:
             the base's own long schedule) join the static front, tested and timed like the others (``"shipped"``).
         recipe_settings: settings of particular recipes, ``((recipe, ((field, value), ...)), ...)``: fields of the
             recipe's config (network selection's shipped little network), recorded in each job's row.
+        trained_budget: recipes whose budget is calibrated (``RecipeSpec.budget.calibrated``) are trained once, at
+            this budget, and calibrated on the validation split to each other budget of the profile (their rows say
+            ``trained_budget``); the trained job runs first and keeps its checkpoint. ``None``: every budget is
+            trained.
     """
 
     name: str = "quick"
@@ -144,6 +148,7 @@ class BenchProfile:
     pruned_fractions: tuple[float, ...] = ()
     shipped_static: bool = False
     recipe_settings: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    trained_budget: float | None = None
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -160,6 +165,8 @@ class BenchProfile:
             raise ValueError("pruned_fractions need the trained base to prune: set init")
         if any(not 0.0 < f < 1.0 for f in self.pruned_fractions):
             raise ValueError(f"pruned_fractions must be in (0, 1), got {self.pruned_fractions}")
+        if self.trained_budget is not None and not 0.0 < self.trained_budget <= 1.0:
+            raise ValueError(f"trained_budget must be a fraction in (0, 1], got {self.trained_budget}")
 
     def init_for(self, dataset: str) -> str | None:
         """The ``init`` of the recipes and pruned baselines on ``dataset`` (``"zoo"`` resolved to its key)."""
@@ -224,6 +231,9 @@ PROFILES: dict[str, BenchProfile] = {
         # network selection's little network: the shipped width-0.5 ResNet-20 (trained like the base), as in the
         # main job (the default, the base pruned to a quarter of its MACs, scores 10 % before fine-tuning).
         recipe_settings=(("network_selection", (("little", "zoo:cifar_resnet20x0.5-fashion_mnist"),)),),
+        # What issue #18 allows: a calibrated recipe is trained at 0.5 and calibrated to 0.25 and 0.75 (a third of
+        # the training time; the rows say so); recipes whose budget is fixed at conversion train at each budget.
+        trained_budget=0.5,
     ),
     # One GPU, roughly 10 hours (estimated, not yet run): ResNet-20 at full width on all of Fashion-MNIST, 2 seeds,
     # glimpse recipes on the cluttered canvas (with their own static front). ~300 jobs of 15 epochs.
@@ -268,6 +278,8 @@ class Job:
             profile's ``init`` pruned to ``budget`` of its MACs, then fine-tuned) or ``"shipped"`` (the zoo entry
             ``key``, tested as shipped).
         key: the zoo key of a shipped static baseline.
+        trained_budget: the budget the recipe is trained at when it differs from ``budget``: the job loads the
+            trained job's checkpoint and calibrates it to ``budget`` (:attr:`BenchProfile.trained_budget`).
     """
 
     id: str
@@ -281,14 +293,31 @@ class Job:
     depth: int | None = None
     source: str = "scratch"
     key: str | None = None
+    trained_budget: float | None = None
 
     def settings(self, profile: BenchProfile) -> dict[str, Any]:
-        """What determines the job's result: a finished job is reused only if these are unchanged."""
+        """What determines the job's result: a finished job is reused only if these are unchanged (the recipe's
+        fine-tune defaults and settings included, so that a change of them reruns its jobs)."""
         keys = ("epochs", "max_steps", "batch_size", "lr", "subset", "val_fraction", "test_subset",
                 "train_overrides", "dataset_kwargs", "batch_sizes", "min_run_time", "batch1_samples", "threads",
                 "train_threads", "device", "cpu_latency", "examples", "init", "distill")  # fmt: skip
         p = profile.as_dict()
-        return dataclasses.asdict(self) | {k: p[k] for k in keys}
+        out = dataclasses.asdict(self) | {k: p[k] for k in keys}
+        if self.recipe is not None:
+            from dynnet.core.recipe import fine_tune_settings
+
+            out["fine_tune"] = fine_tune_settings(self.recipe, profile.epochs) if profile.init is not None else {}
+            out["recipe_settings"] = dict(dict(profile.recipe_settings).get(self.recipe, ()))
+        return json.loads(json.dumps(out, default=_json_default))
+
+    def trained_job(self) -> Job:
+        """The job whose training this one calibrates (itself when it trains at its own budget)."""
+        if self.trained_budget is None:
+            return self
+        tag = self.id.removeprefix(f"{self.recipe}-b{self.budget:g}")
+        return dataclasses.replace(
+            self, id=f"{self.recipe}-b{self.trained_budget:g}{tag}", budget=self.trained_budget, trained_budget=None
+        )
 
 
 def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> list[Job]:
@@ -299,7 +328,8 @@ def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> li
         recipes: recipe names (default: every registered recipe at call time).
 
     Returns:
-        Static jobs first (cheapest first), then recipes in name order.
+        Static jobs first (cheapest first), then recipes in name order; a recipe calibrated from
+        ``profile.trained_budget`` has its trained job first (added when the budgets lack it).
     """
     import dynnet
     from dynnet.core import RECIPES
@@ -314,12 +344,16 @@ def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> li
         data = by_family.get(spec.family, profile.dataset)
         if data not in datasets:
             datasets.append(data)
-        for budget in profile.budgets:
+        trained = profile.trained_budget if spec.budget.calibrated else None
+        if trained is not None and not spec.budget.reachable[0] <= trained <= spec.budget.reachable[1]:
+            trained = None
+        budgets = list(profile.budgets) if trained is None else [trained, *(b for b in profile.budgets if b != trained)]
+        for budget in budgets:
             for seed in profile.seeds:
                 tag = "" if data == profile.dataset else f"-{data}"
                 recipe_jobs.append(
                     Job(f"{name}-b{budget:g}{tag}-s{seed}", "recipe", profile.base, profile.width, data, seed,
-                        recipe=name, budget=budget)
+                        recipe=name, budget=budget, trained_budget=None if budget == trained else trained)
                 )  # fmt: skip
     static_jobs: list[Job] = []
     for data in datasets:
@@ -573,12 +607,15 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
 
     seconds: dict[str, float] = {}
     torch.manual_seed(job.seed)
-    model, base, width, size = _build(job, profile, data.info)
+    trained = job.trained_job()  # the training this job calibrates (itself, usually)
+    model, base, width, size = _build(trained, profile, data.info)
     if size is not None:
         data = _pad_data(data, size)
     device = profile.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = None if checkpoint_dir is None else Path(checkpoint_dir) / job.id
-    init, teacher, warm = _fine_tune_plan(job, profile, model, base, width, data.info)
+    out = None if checkpoint_dir is None else Path(checkpoint_dir) / trained.id
+    if trained is not job and out is None:
+        raise ValueError(f"job {job.id} calibrates {trained.id}'s training: it needs the suite's checkpoint folder")
+    init, teacher, warm = _fine_tune_plan(trained, profile, model, base, width, data.info)
     config = TrainConfig(
         **{"epochs": profile.epochs, "lr": profile.lr, "seed": job.seed, "max_steps": profile.max_steps,
            "device": device, "out_dir": out, "resume": out is not None, "progress": False,
@@ -591,10 +628,18 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
 
         model.to(device)
         fitted = FitResult(history=[], val=None, checkpoint=None)
-    else:  # calibrates to the budget on validation
+    else:  # calibrates to the budget on validation; a finished checkpoint of `trained` is loaded, not retrained
         fitted = fit(model, data.train, config, val_loader=data.val, init=init, teacher=teacher)
     seconds["train"] = time.perf_counter() - start
     cal = fitted.calibration
+    achieved_val = None if fitted.val is None or job.kind == "static" else fitted.val.mac_fraction
+    if trained is not job:  # trained at another budget: calibrated to this one on the validation split
+        from dynnet.calibration import calibrate
+
+        start = time.perf_counter()
+        cal = calibrate(model, data.val, job.budget, tolerance=config.calibrate_tolerance)
+        seconds["calibrate"] = time.perf_counter() - start
+        achieved_val = cal.mac_fraction
     calibration = {
         "calibrated": cal is not None, "error": fitted.calibration_error,
         "thresholds": {} if cal is None else dict(cal.thresholds),
@@ -636,13 +681,13 @@ def run_job(job: Job, profile: BenchProfile, data: _Data, *, checkpoint_dir: Pat
         "model": base, "width": width, "depth": job.depth, "budget": job.budget, "seed": job.seed,
         "dataset": job.dataset, "status": "ok", "error": "", "padded_to": None if size is None else list(size),
         "base_fallback": bool(spec is not None and (base != job.model or width != job.width)),
-        "init": None if init is None else str(init), "distill": config.distill,
+        "init": None if init is None else str(init), "distill": config.distill, "trained_budget": trained.budget,
         "recipe_settings": dict(dict(profile.recipe_settings).get(job.recipe or "", ())),
         "params": sum(p.numel() for p in model.parameters()),
         "accuracy": ev.accuracy, "test_images": ev.num_samples, "loss": ev.loss,
         "mean_macs": float(ev.macs.mean()), "mean_executed_macs": float(ev.executed.mean()),
         "dense_macs": ev.dense_macs, "mac_fraction": fraction_of_base, "achieved": fraction_of_base,
-        "achieved_val": None if fitted.val is None or job.kind == "static" else fitted.val.mac_fraction,
+        "achieved_val": achieved_val,
         "on_budget": on_budget(job.budget, fraction_of_base),
         "executed_fraction": float(ev.executed.mean()) / ev.dense_macs,
         "macs_q": _quantiles(ev.macs), "executed_q": _quantiles(ev.executed),
@@ -750,7 +795,8 @@ def run_suite(
         out_dir: results folder: ``runs/<job>.json`` per job, ``results.csv``/``results.json``, ``*.png``,
             ``report.md``, ``suite.log``.
         recipes: recipe names (default: every registered recipe).
-        checkpoint_dir: keep each job's checkpoint there (and reload a finished one instead of retraining).
+        checkpoint_dir: keep each job's checkpoint there (and reload a finished one instead of retraining); default
+            with ``profile.trained_budget``: ``out_dir/checkpoints`` (git-ignored).
         retry_errors: run again the jobs whose stored row is an error (default: a failed job counts as finished).
         progress: tqdm progress bar over the jobs.
         report: write the table, plots and report at the end.
@@ -769,6 +815,10 @@ def run_suite(
     previous_level = logging.getLogger("dynnet").level
     if previous_level == logging.NOTSET or previous_level > logging.INFO:
         logging.getLogger("dynnet").setLevel(logging.INFO)
+    if checkpoint_dir is None and profile.trained_budget is not None:  # calibrated jobs load the trained ones
+        checkpoint_dir = out / "checkpoints"
+        checkpoint_dir.mkdir(exist_ok=True)
+        (checkpoint_dir / ".gitignore").write_text("*\n")  # weights stay out of the committed results
     previous_threads = torch.get_num_threads()
     if profile.train_threads:
         torch.set_num_threads(profile.train_threads)

@@ -58,6 +58,10 @@ class TrainConfig:
             the mean MAC fraction equals the budget (:func:`dynnet.calibrate`); skipped without validation data,
             without a budget, or for recipes whose budget is not calibrated (``RecipeSpec.budget``).
         calibrate_tolerance: the tolerance of that calibration (MAC fraction on the validation split).
+        track_budget_every: every this many steps, move the recipe's calibration knob so that the model runs at the
+            step's (annealed) budget on the last training batches (:class:`~dynnet.train.hooks.BudgetTracking`);
+            0: never. Only for a converted model whose recipe is calibrated, with a budget; the default of a
+            fine-tune from a trained base (:data:`dynnet.core.recipe.FINE_TUNE_DEFAULTS`).
         find_unused_parameters: passed to ``DistributedDataParallel``. Training runs in masked mode, where every
             parameter takes part in every step, so the default ``False`` is right; recipes whose training skips
             parameters (e.g. exits not evaluated) need ``True``.
@@ -93,12 +97,15 @@ class TrainConfig:
     decision_lr_scale: float = 1.0
     calibrate: bool = True
     calibrate_tolerance: float = 0.01
+    track_budget_every: int = 0
 
     def __post_init__(self) -> None:
         _positive_int("epochs", self.epochs)
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _positive_int("log_every", self.log_every)
+        if not isinstance(self.track_budget_every, int) or self.track_budget_every < 0:
+            raise ValueError(f"track_budget_every must be an int >= 0, got {self.track_budget_every!r}")
         if not isinstance(self.checkpoint_every_steps, int) or self.checkpoint_every_steps < 0:
             raise ValueError(f"checkpoint_every_steps must be an int >= 0, got {self.checkpoint_every_steps!r}")
         if not self.lr > 0:

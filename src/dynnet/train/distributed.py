@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_cat", "all_reduce_sum", "init_distributed", "is_main_process", "rank", "world_size"]
+__all__ = [
+    "all_gather_cat", "all_reduce_sum", "broadcast_state_", "init_distributed", "is_main_process", "rank", "world_size",
+]  # fmt: skip
 
 
 def world_size() -> int:
@@ -66,3 +68,13 @@ def all_gather_cat(x: Tensor) -> Tensor:
     parts: list[Tensor | None] = [None] * world_size()
     dist.all_gather_object(parts, x.cpu())
     return torch.cat([p for p in parts if p is not None]).to(x.device)
+
+
+def broadcast_state_(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy every parameter and buffer of ``module`` from rank ``src`` to the other processes, in place (a no-op
+    when not distributed): for state a process changed outside the optimiser (a calibrated threshold)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for value in module.state_dict(keep_vars=True).values():
+            dist.broadcast(value.data, src=src)

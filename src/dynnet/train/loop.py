@@ -21,7 +21,7 @@ from dynnet.train.checkpoint import RUN_CHECKPOINT, checkpoint_paths, load_check
 from dynnet.train.config import TrainConfig
 from dynnet.train.distributed import all_reduce_sum, init_distributed, is_main_process, world_size
 from dynnet.train.evaluate import EvalResult, evaluate
-from dynnet.train.hooks import Checkpoint, CSVLogger, FitState, GateHealth, Hook, TensorBoardLogger
+from dynnet.train.hooks import BudgetTracking, Checkpoint, CSVLogger, FitState, GateHealth, Hook, TensorBoardLogger
 from dynnet.train.init import distillation_loss, frozen_teacher, load_init, teacher_logits
 from dynnet.train.schedules import budget_at, lr_factor, tau_at
 
@@ -131,7 +131,8 @@ def fit(
             ``(config.seed, epoch)`` so that runs and resumed runs see the same order.
         config: :class:`TrainConfig`.
         val_loader: optional validation batches.
-        hooks: extra :class:`Hook`\\ s (run after :class:`GateHealth`, before the loggers and the checkpoint).
+        hooks: extra :class:`Hook`\\ s (run after :class:`GateHealth` and :class:`BudgetTracking` when
+            ``config.track_budget_every`` is set, before the loggers and the checkpoint).
         init: trained base weights to start from (:func:`dynnet.train.init.load_init`: a module, a state_dict, a
             ``.safetensors`` file, a checkpoint of a static network, ``torchvision:NAME``, ``timm:NAME``); a
             converted model keeps its gates (they still start open).
@@ -163,7 +164,10 @@ def fit(
 
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     main = is_main_process()
-    all_hooks: list[Hook] = [GateHealth(), *hooks]
+    all_hooks: list[Hook] = [GateHealth()]
+    if config.track_budget_every and _calibrated(model) and target_budget is not None:
+        all_hooks.append(BudgetTracking(config.track_budget_every))
+    all_hooks.extend(hooks)
     ckpt_hook: Checkpoint | None = None
     if out_dir is not None:
         all_hooks.append(CSVLogger(out_dir / "log.csv"))
@@ -225,7 +229,7 @@ def fit(
                 logger.info("step %d/%d %s", state.step, total_steps, _fmt(state.step_log))
             for h in all_hooks:
                 h.on_step_end(state)
-            state.trace = None
+            state.trace = state.inputs = None
             if state.step >= total_steps:
                 break
         epoch_log = _epoch_log(state, time.perf_counter() - started)
@@ -264,12 +268,17 @@ def fit(
     )  # fmt: skip
 
 
-def _should_calibrate(model: nn.Module, config: TrainConfig, val_loader: Any, budget: float | None) -> bool:
+def _calibrated(model: nn.Module) -> bool:
+    """Whether ``model`` is a converted model whose recipe declares a calibration knob."""
     from dynnet.core import RECIPES
 
-    if not (config.calibrate and val_loader is not None and budget is not None and isinstance(model, DynamicModel)):
+    if not isinstance(model, DynamicModel):
         return False
     return model.recipe not in RECIPES or RECIPES.get(model.recipe).budget.calibrated
+
+
+def _should_calibrate(model: nn.Module, config: TrainConfig, val_loader: Any, budget: float | None) -> bool:
+    return config.calibrate and val_loader is not None and budget is not None and _calibrated(model)
 
 
 def _calibrate(model: DynamicModel, val_loader: Any, budget: float, tolerance: float) -> tuple[Any, str | None]:
@@ -357,6 +366,7 @@ def _train_step(
         log["mac_fraction"] = frac / n
     state.step_log = log
     state.trace = t
+    state.inputs = x
 
 
 def _epoch_log(state: FitState, seconds: float) -> dict[str, Any]:
