@@ -11,8 +11,11 @@ import matplotlib.image
 import pytest
 import torch
 
+import dynnet.bench.jobs as jobs
 import dynnet.bench.suite as suite
-from dynnet.bench.suite import PROFILES, BenchProfile, plan_jobs, record_examples, run_suite
+from dynnet.bench.jobs import record_examples
+from dynnet.bench.plan import PROFILES, BenchProfile, plan_jobs
+from dynnet.bench.suite import run_suite
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,8 +102,8 @@ def _fake_row(job, profile, data, **kwargs) -> dict:
 
 
 def test_a_failing_job_is_recorded_and_the_suite_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(suite, "_load_data", lambda *a, **k: None)
-    monkeypatch.setattr(suite, "_example_payload", lambda data: {})
+    monkeypatch.setattr(suite, "load_data", lambda *a, **k: None)
+    monkeypatch.setattr(suite, "example_payload", lambda data: {})
 
     def flaky(job, *args, **kwargs):
         if job.recipe == "convnet_aig":
@@ -213,7 +216,7 @@ def test_cli_options_override_the_profile_and_coexist_with_dynnet_bench_options(
 def test_pad_images_centres_the_batch_on_a_black_canvas_and_the_loader_keeps_its_sampler() -> None:
     x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
     black = torch.tensor([-1.5])
-    out = suite.pad_images(x, (4, 5), black)
+    out = jobs.pad_images(x, (4, 5), black)
     assert out.shape == (2, 1, 4, 5)
     torch.testing.assert_close(out[:, :, 1:3, 1:4], x)
     mask = torch.ones(4, 5, dtype=torch.bool)
@@ -221,7 +224,7 @@ def test_pad_images_centres_the_batch_on_a_black_canvas_and_the_loader_keeps_its
     assert bool((out[:, :, mask] == -1.5).all())
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.tensor([0, 1])), batch_size=1)
-    padded = suite._Padded(loader, (4, 5), black)
+    padded = jobs._Padded(loader, (4, 5), black)
     assert len(padded) == 2 and padded.sampler is loader.sampler
     assert [tuple(b.shape) for b, _ in padded] == [(1, 1, 4, 5)] * 2
 
@@ -232,8 +235,8 @@ def test_a_budget_outside_the_declared_range_is_recorded_not_run(
     from dynnet.core import RECIPES as REGISTRY
 
     assert REGISTRY.get("act").budget.reachable[0] > 0.25  # the precondition: 0.25 is out of act's reach
-    monkeypatch.setattr(suite, "_load_data", lambda *a, **k: None)
-    monkeypatch.setattr(suite, "_example_payload", lambda data: {})
+    monkeypatch.setattr(suite, "load_data", lambda *a, **k: None)
+    monkeypatch.setattr(suite, "example_payload", lambda data: {})
     ran: list[str] = []
     monkeypatch.setattr(suite, "run_job", lambda job, *a, **k: ran.append(job.id) or _fake_row(job, *a, **k))
     rows = run_suite(dataclasses.replace(TINY, budgets=(0.25, 0.5)), tmp_path, ["act"], progress=False)

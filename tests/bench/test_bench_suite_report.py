@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dynnet.bench.report import aggregate, beats_front, front_accuracy, pareto_front, verdicts, write_report
+from dynnet.bench.front import aggregate, beats_front, front_accuracy, pareto_front, verdicts
+from dynnet.bench.report import write_report
 
 BASELINES = [(1.0, 0.70), (2.0, 0.80), (4.0, 0.85), (3.0, 0.78), (4.0, 0.84), (5.0, 0.85)]
 
@@ -112,7 +113,7 @@ def test_a_point_off_its_budget_is_marked_and_not_counted(tmp_path: Path) -> Non
 
 
 def test_headline_pairs_the_best_dynamic_and_static_point_at_each_mac_level(tmp_path: Path) -> None:
-    from dynnet.bench.report import headline
+    from dynnet.bench.front import headline
 
     dense = 4.0  # the recipes' base: mean_macs / mac_fraction
     rows = [

@@ -3,7 +3,8 @@
 from dynnet.bench.experiment import ExperimentResult, run_experiment
 from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import Latency, machine_info, measure_latency, realized_speedup, steady_malloc
-from dynnet.bench.suite import BenchProfile, run_suite
+from dynnet.bench.plan import BenchProfile
+from dynnet.bench.suite import run_suite
 
 __all__ = [
     "BenchProfile",

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
-from dynnet.bench.report import aggregate, pareto_front
+from dynnet.bench.front import aggregate, pareto_front
 
 __all__ = [
     "plot_accuracy_vs_latency",
