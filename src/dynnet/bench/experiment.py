@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from dynnet.bench.front import BUDGET_TOLERANCE, standard_error
 from dynnet.bench.harness import profile_model
 from dynnet.bench.latency import machine_info
-from dynnet.bench.front import BUDGET_TOLERANCE, standard_error
 from dynnet.core.recipe import fine_tune_settings
 from dynnet.train import EvalResult, TrainConfig, build_model, evaluate, fit
 

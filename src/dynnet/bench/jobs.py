@@ -235,8 +235,8 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         checkpoint_dir: where ``fit`` keeps the job's checkpoint (``<dir>/<job.id>``); a finished checkpoint found
             there is loaded instead of training again. ``None``: no checkpoint.
     """
-    from dynnet.bench.harness import profile_model
     from dynnet.bench.front import on_budget
+    from dynnet.bench.harness import profile_model
     from dynnet.core import RECIPES
     from dynnet.train import TrainConfig, evaluate, fit
 
