@@ -1,4 +1,4 @@
-"""Issue #17's check: every recipe reaches the budgets it declares, by `dynnet.calibrate`, on held-out images.
+"""The budget check: every recipe reaches the budgets it declares, by `dynnet.calibrate`, on held-out images.
 
 For every registered recipe: convert ``cifar_resnet20`` (1×28×28, Fashion-MNIST's shape; the recipe's own test
 base where it cannot convert a ResNet-20), make its decisions input-dependent at random
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "machine.json").write_text(json.dumps(machine, indent=1) + "\n")
     passed = sum(1 for r in rows if r.get("pass"))
     lines = [
-        "# Budgets reached by calibration (issue #17)",
+        "# Budgets reached by calibration",
         "",
         f"{machine.get('date', '')}, {machine.get('machine', '')}, {args.threads} threads. Command: "
         f"`python benchmarks/budget.py` (last: `python benchmarks/budget.py"

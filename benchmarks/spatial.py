@@ -12,7 +12,7 @@ Protocol (short, CPU-only, shared machine):
    :func:`~dynnet.methods.spatial.perforated_cnn.impact_masks_`, 3 removal rounds on ``--impact-batches`` training
    batches of the trained base, then the fine-tune) at 0.3 / 0.5 / 0.7 and a data-free grid mask at 0.5;
 3. every model is evaluated on ``--test`` real test canvases in sparse mode (accuracy, theoretical and
-   executed MACs per image), and timed dense vs sparse at batch 1, 16 (the spatial kernels' batch of issue #6)
+   executed MACs per image), and timed dense vs sparse at batch 1, 16 (the spatial kernels' target batch)
    and 64 with :func:`dynnet.bench.harness.profile_model` (realized speedup ratio = latency speedup ÷ MAC
    speedup, ``b{B}_realized_ratio``).
 
@@ -53,8 +53,8 @@ import torch
 import dynnet
 from dynnet.bench import machine_info, steady_malloc
 from dynnet.bench.harness import profile_model
+from dynnet.blocks import calibrate_dense_fallback_
 from dynnet.data import build_loaders
-from dynnet.kernels import calibrate_dense_fallback_
 from dynnet.methods.spatial.dynconv import DynConvAnnealing
 from dynnet.methods.spatial.perforated_cnn import impact_masks_
 from dynnet.train import TrainConfig, evaluate, fit

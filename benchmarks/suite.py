@@ -1,4 +1,4 @@
-"""Issue #8's benchmark: every registered recipe and the static baselines, accuracy × MACs × latency, one report.
+"""The benchmark suite: every registered recipe and the static baselines, accuracy × MACs × latency, one report.
 
     python benchmarks/suite.py --profile quick        # ~20 min on 2 CPU cores → benchmarks/results/suite/quick/
     python benchmarks/suite.py --profile full         # one GPU, hours → benchmarks/results/suite/full/

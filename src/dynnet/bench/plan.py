@@ -180,7 +180,7 @@ PROFILES: dict[str, BenchProfile] = {
         # network selection's little network: the shipped width-0.5 ResNet-20 (trained like the base), as in the
         # main job (the default, the base pruned to a quarter of its MACs, scores 10 % before fine-tuning).
         recipe_settings=(("network_selection", (("little", "zoo:cifar_resnet20x0.5-fashion_mnist"),)),),
-        # What issue #18 allows: a calibrated recipe is trained at 0.5 and calibrated to 0.25 and 0.75 (a third of
+        # A calibrated recipe is trained at 0.5 and calibrated to 0.25 and 0.75 (a third of
         # the training time; the rows say so); recipes whose budget is fixed at conversion train at each budget.
         trained_budget=0.5,
     ),

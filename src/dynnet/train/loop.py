@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from dynnet.core import DynamicModel, dynamic_blocks, set_mode, set_tau, trace
+from dynnet.core import DynamicModel, set_mode, set_tau, trace
 from dynnet.train.checkpoint import RUN_CHECKPOINT, checkpoint_paths, load_checkpoint, set_rng_state
 from dynnet.train.config import TrainConfig
 from dynnet.train.distributed import all_reduce_sum, init_distributed, is_main_process, world_size
@@ -413,8 +413,3 @@ def _resume(state: FitState, path: Path) -> dict[str, Any] | None:
 
 def _fmt(d: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
-
-
-def has_dynamic_blocks(model: nn.Module) -> bool:
-    """True if ``model`` has at least one dynamic block."""
-    return any(True for _ in dynamic_blocks(model))

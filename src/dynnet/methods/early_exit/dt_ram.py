@@ -53,8 +53,8 @@ Departures from the paper:
   plus ``exit_index`` (the 0-based stop step, as the early-exit recipes record it) and, in training,
   ``dt_ram/logits{t}`` and ``dt_ram/looked{t}``;
 * ``reproduces_base=False``: DT-RAM is its own architecture; the converted base network only gives the number of
-  input channels and classes. It lives in the ``early_exit`` family (issue #4) but is built on the glimpse
-  family's RAM (the one cross-family import).
+  input channels and classes. It lives in the ``early_exit`` family (an exit per glimpse step) but is built
+  on the glimpse family's public RAM recipe.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ Recognition", ECCV 2020. https://arxiv.org/abs/2007.09558
 
 One network runs at several input resolutions with shared convolution and linear weights but private batch
 norms per resolution; it is trained at every resolution at once, each resolution's prediction distilled from
-the ensemble of all of them (multi-resolution ensemble distillation). Here, as the issue asks, a small policy
+the ensemble of all of them (multi-resolution ensemble distillation). Here, to make it input-adaptive, a small policy
 picks one resolution per input (Gumbel-Softmax with straight-through decisions in training, argmax at
 inference), so easy inputs run at low resolution. In sparse mode the batch is split by resolution and each group
 runs once at its resolution (each sample pays only for its own resolution).
