@@ -47,6 +47,8 @@ class FitState:
         step_log: scalars of the last step (loss parts, lr, tau, budget, ...).
         trace: the trace of the last forward pass (``on_step_end`` only), for hooks that read decisions.
         inputs: the last training batch, Tensor[B, C, H, W] (``on_step_end`` only).
+        budget_shift: added to the budget target the recipe's objective is given (``compute_loss``); moved by
+            :class:`BudgetTracking` in ``"target"`` mode, 0 otherwise.
         is_main: True on rank 0 (the process that writes files).
         out_dir: ``config.out_dir`` as a path, or ``None``.
     """
@@ -68,6 +70,7 @@ class FitState:
     out_dir: Path | None = None
     hooks: list[Hook] = field(default_factory=list)
     meter: dict[str, float] = field(default_factory=dict)
+    budget_shift: float = 0.0
 
 
 class Hook:
@@ -157,51 +160,95 @@ class GateHealth(Hook):
 
 
 class BudgetTracking(Hook):
-    """Keep the model at the step's budget while it trains: every ``every`` steps, move the recipe's calibration
-    knob (:meth:`dynnet.DynamicModel.calibrate_to_`, the threshold :func:`dynnet.calibrate` moves at the end) so that
-    the mean MAC fraction on the last training batches equals the budget target of that step.
+    """Keep the model at the step's budget while it trains, in one of two ways (``mode``).
+
+    ``"knob"``: every ``every`` steps, move the recipe's calibration knob (:meth:`dynnet.DynamicModel.calibrate_to_`,
+    the threshold :func:`dynnet.calibrate` moves at the end) so that the mean MAC fraction on the last training
+    batches equals the budget target of that step. For recipes whose decisions are thresholds the gradient does not
+    fight (channel gating, instance sparsity...).
+
+    ``"target"``: every ``every`` steps, move :attr:`FitState.budget_shift`, the offset added to the budget the
+    recipe's objective aims at, against the error of the MAC fraction of the training steps since the last move
+    (``shift -= gain · (fraction - budget)``, kept in ``[-budget + 0.02, 0]``): dual ascent on the budget
+    constraint through the recipe's own loss. For recipes trained with a straight-through or Gumbel estimator
+    whose loss already targets the budget (ConvNet-AIG's target rate): shifting their gate biases from outside is
+    undone by the task gradient (ConvNet-AIG, 2 epochs: the offset reached its -30 floor while its gates grew
+    logits above 27 and stayed at 0.69 of the MACs).
 
     Why: a budget loss pulls a fine-tuned network's gates from open (1.0) towards the budget, but from a trained base
     in a short fine-tune it often does not get there (ConvNet-AIG, SkipNet, channel gating, GaterNet, batch-shaping,
     instance sparsity ended their 2-epoch fine-tunes at 0.75-1.0 of the MACs); calibrating such a network to the
     budget afterwards switches off work it never learnt to do without, and accuracy collapses (channel gating:
-    94.4 % → 9.8 % at half the MACs). Tracking makes training see the decisions inference will take, moving the
-    threshold a little at a time as the annealed budget target falls (``TrainConfig.budget_start``), so the weights
-    adapt to them. The recipe's own objective still trains its gates; the end-of-training calibration then only
-    corrects the last drift.
+    94.4 % → 9.8 % at half the MACs). Tracking makes training see the decisions inference will take, a little at a
+    time as the annealed budget target falls (``TrainConfig.budget_start``), so the weights adapt to them; the
+    end-of-training calibration then only corrects the last drift.
 
-    The search runs without gradients, in eval mode (BatchNorm running statistics, deterministic decisions) and the
-    blocks' current mode (masked during training: the same decisions as sparse); a target the knob cannot reach on
-    these batches is skipped. Under ``torchrun`` rank 0's thresholds are broadcast to the others.
+    In ``"knob"`` mode the search runs without gradients, in eval mode (BatchNorm running statistics, deterministic
+    decisions) and the blocks' current mode (masked during training: the same decisions as sparse); a target the
+    knob cannot reach on these batches is skipped (counted in the epoch log). Under ``torchrun`` rank 0's thresholds
+    are broadcast to the others; in ``"target"`` mode the fractions are summed over the ranks, so every rank moves
+    the same shift.
 
     Args:
-        every: steps between two searches.
-        batches: how many of the latest training batches the search measures on.
-        tolerance: how close the MAC fraction on them must come to the target.
+        every: steps between two moves.
+        mode: ``"knob"`` or ``"target"``.
+        batches: how many of the latest training batches the knob search measures on.
+        tolerance: how close the MAC fraction on them must come to the target (knob mode).
+        gain: shift per unit of MAC-fraction error (target mode).
     """
 
-    def __init__(self, every: int, batches: int = 2, tolerance: float = 0.02) -> None:
+    MODES = ("knob", "target")
+
+    def __init__(
+        self, every: int, mode: str = "knob", batches: int = 2, tolerance: float = 0.02, gain: float = 0.5
+    ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        self.every, self.tolerance = every, tolerance
+        if mode not in self.MODES:
+            raise ValueError(f"budget tracking mode must be one of {self.MODES}, got {mode!r}")
+        self.every, self.mode, self.tolerance, self.gain = every, mode, tolerance, gain
         self._recent: deque[torch.Tensor] = deque(maxlen=batches)
+        self._fractions: list[float] = []
         self.thresholds: dict[str, float] = {}
+        self.shift = 0.0
         self.skipped = 0
 
-    def on_step_end(self, state: FitState) -> None:
-        from dynnet.train.distributed import broadcast_state_
+    def on_fit_start(self, state: FitState) -> None:
+        state.budget_shift = self.shift  # resumed runs go on with the shift they had
 
+    def on_step_end(self, state: FitState) -> None:
         if state.inputs is not None:
             self._recent.append(state.inputs.detach())
+        if "mac_fraction" in state.step_log:
+            self._fractions.append(state.step_log["mac_fraction"])
         budget = state.step_log.get("budget")
-        if state.step % self.every or budget is None or not self._recent:
+        if state.step % self.every or budget is None:
+            return
+        if self.mode == "target":
+            from dynnet.train.distributed import all_reduce_sum
+
+            total, count = all_reduce_sum(
+                torch.tensor([sum(self._fractions), len(self._fractions)], dtype=torch.float64)
+            )
+            if count > 0:
+                error = float(total / count) - float(budget)
+                self.shift = min(0.0, max(-float(budget) + 0.02, self.shift - self.gain * error))
+                state.budget_shift = self.shift
+            self._fractions = []
+            return
+        self._move_knob(state, float(budget))
+
+    def _move_knob(self, state: FitState, budget: float) -> None:
+        from dynnet.train.distributed import broadcast_state_
+
+        if not self._recent:
             return
         model = state.model
         was_training = model.training
         try:
             model.eval()
             with torch.no_grad():
-                self.thresholds = dict(model.calibrate_to_(list(self._recent), float(budget), self.tolerance))
+                self.thresholds = dict(model.calibrate_to_(list(self._recent), budget, self.tolerance))
         except ValueError as err:  # out of reach on these batches: keep the last thresholds
             self.skipped += 1
             logger.debug("budget tracking at step %d skipped: %s", state.step, err)
@@ -210,15 +257,20 @@ class BudgetTracking(Hook):
         broadcast_state_(model)
 
     def on_epoch_end(self, state: FitState) -> None:
-        state.logs[-1]["tracked_thresholds"] = {k: round(v, 4) for k, v in self.thresholds.items()}
-        state.logs[-1]["tracking_skipped"] = self.skipped
+        entry = state.logs[-1]
+        if self.mode == "knob":
+            entry["tracked_thresholds"] = {k: round(v, 4) for k, v in self.thresholds.items()}
+            entry["tracking_skipped"] = self.skipped
+        else:
+            entry["budget_shift"] = round(self.shift, 4)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds, "skipped": self.skipped}
+        return {"thresholds": self.thresholds, "skipped": self.skipped, "shift": self.shift}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.thresholds = dict(state.get("thresholds", {}))
         self.skipped = int(state.get("skipped", 0))
+        self.shift = float(state.get("shift", 0.0))
 
 
 _SKIP_CSV = ("gate_rates", "tracked_thresholds")

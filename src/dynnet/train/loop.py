@@ -166,7 +166,7 @@ def fit(
     main = is_main_process()
     all_hooks: list[Hook] = [GateHealth()]
     if config.track_budget_every and _calibrated(model) and target_budget is not None:
-        all_hooks.append(BudgetTracking(config.track_budget_every))
+        all_hooks.append(BudgetTracking(config.track_budget_every, mode=config.track_budget))
     all_hooks.extend(hooks)
     ckpt_hook: Checkpoint | None = None
     if out_dir is not None:
@@ -335,7 +335,8 @@ def _train_step(
             model.follow_budget_(budget)  # recipes whose knob is fixed by the budget anneal it (FBS's density)
     with trace() as t:
         logits = net(x)
-    loss, parts = _loss(model, logits, y, t, budget)
+    aim = None if budget is None else budget + state.budget_shift  # BudgetTracking's "target" mode moves the shift
+    loss, parts = _loss(model, logits, y, t, aim)
     if teacher is not None and config.distill > 0:
         kd = distillation_loss(logits, teacher_logits(teacher, x), config.distill_temperature)
         loss = loss + config.distill * kd

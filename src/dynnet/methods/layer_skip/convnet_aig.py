@@ -101,6 +101,9 @@ class ConvNetAIG(DynamicModel):
     paper="Convolutional Networks with Adaptive Inference Graphs (ECCV 2018), arXiv:1711.11503",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.05, 1.0),
                         derives="target execution rate t of every gate = budget"),
+    # Its Gumbel gates' task gradient undoes a shifted gate bias (the offset reached -30 while the gates grew logits
+    # above 27): the budget is tracked through the target rate instead (BudgetTracking's "target" mode).
+    fine_tune={"track_budget": "target"},
 )  # fmt: skip
 def convert(model: nn.Module, config: ConvNetAIGConfig, targets: Targets = "auto") -> ConvNetAIG:
     """Put a ConvNet-AIG gate on every target residual block of ``model`` (in place)."""
