@@ -42,9 +42,10 @@ import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 
 from dynnet.bench import machine_info, steady_malloc
+from dynnet.blocks import spatial_chain
 from dynnet.kernels import native
-from dynnet.kernels._spatial_chain import chain_sizes, run_pixels, run_tiles, spatial_chain, stage_masks
 from dynnet.kernels.block import reduce_to_tiles, scatter_tiles, tiles_to_pixels
+from dynnet.kernels.chain import chain_sizes, run_pixels, run_tiles, stage_masks
 from dynnet.kernels.spatial import gather_conv2d, scatter_add_rows
 from dynnet.models.cifar_resnet import BasicBlock
 

@@ -53,3 +53,40 @@ def test_a_recipe_must_declare_its_budget_policy_and_a_reachable_default() -> No
     with pytest.raises(ValueError, match=r"default budget 0.2 is outside its reachable \[0.4, 1.0\]"):
         register_recipe(narrow)
     assert "undeclared_budget" not in RECIPES
+
+
+def test_type_registry_looks_up_along_the_mro_and_loads_builtins_lazily() -> None:
+    from torch import nn
+
+    from dynnet.core.registry import TypeRegistry
+
+    loaded: list[bool] = []
+
+    class Base(nn.Module):
+        def forward(self, x):
+            return x
+
+    class Same(Base):  # inherits Base's forward
+        pass
+
+    class Other(Base):  # computes otherwise
+        def forward(self, x):
+            return 2 * x
+
+    def loader() -> None:
+        loaded.append(True)
+        strict.register(Base, "base")
+
+    strict = TypeRegistry("thing", same_forward=True, loader=loader)
+    assert not loaded  # nothing imported before first use
+    assert strict.lookup(Same()) == "base" and loaded == [True]
+    assert strict.lookup(Other()) is None and strict.lookup(nn.ReLU()) is None
+    strict.register(Other, "other")
+    assert strict.lookup(Other()) == "other" and Other in strict
+    assert [n.rsplit(".", 1)[-1] for n in strict.names()] == ["Base", "Other"]
+    with pytest.raises(ValueError, match="already registered"):
+        strict.register(Base, "again")
+    assert strict.unregister(Other) == "other" and strict.lookup(Other()) is None
+    loose = TypeRegistry("thing")
+    loose.register(Base, "base")
+    assert loose.lookup(Other()) == "base"  # any subclass inherits without same_forward

@@ -8,17 +8,10 @@ import torch
 from hypothesis import given, settings
 from torch import nn
 
+from dynnet.blocks import spatial_chain
 from dynnet.convert import find_adapter
-from dynnet.kernels._spatial_chain import (
-    ConvStage,
-    chain_sizes,
-    run_masked,
-    run_pixels,
-    run_tiles,
-    spatial_chain,
-    stage_masks,
-)
 from dynnet.kernels.block import gather_tiles, reduce_to_tiles, scatter_tiles, tile_geometry, tiles_to_pixels
+from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks
 from dynnet.kernels.spatial import scatter_add_rows
 from dynnet.macs import MacCounter
 from dynnet.models.cifar_resnet import BasicBlock
@@ -238,7 +231,7 @@ def test_scatter_tiles_keeps_base_and_its_format(engine, memory_format) -> None:
 def test_dense_fallback_equals_masked_and_counts_dense_macs() -> None:
     """Above ``dense_above`` sparse mode runs the masked dense path: same output, executed MACs = the dense branch."""
     import dynnet
-    from dynnet.kernels import SpatialResidual
+    from dynnet.blocks import SpatialResidual
     from dynnet.testing import diverse_inputs, scramble_until_mixed
 
     torch.manual_seed(0)
@@ -267,7 +260,7 @@ def test_dense_fallback_equals_masked_and_counts_dense_macs() -> None:
 
 def test_calibrate_dense_fallback_sets_every_gated_pixel_block_and_restores_modes() -> None:
     import dynnet
-    from dynnet.kernels import SpatialResidual, calibrate_dense_fallback_
+    from dynnet.blocks import SpatialResidual, calibrate_dense_fallback_
 
     torch.manual_seed(0)
     model = dynnet.create_model("cifar_resnet8", recipe="dynconv", num_classes=10, width=0.25)

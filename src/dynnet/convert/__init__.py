@@ -1,11 +1,19 @@
 """Model surgery and adapters that find the blocks of torchvision, timm and dynnet networks."""
 
 from dynnet.convert.residual import ResidualAdapter, find_adapter, register_residual_adapter
-from dynnet.convert.surgery import Targets, first_conv_in_channels, num_classes_of, replace_module, residual_blocks
+from dynnet.convert.surgery import (
+    Targets,
+    classifier_of,
+    first_conv_in_channels,
+    num_classes_of,
+    replace_module,
+    residual_blocks,
+)  # fmt: skip
 
 __all__ = [
     "ResidualAdapter",
     "Targets",
+    "classifier_of",
     "find_adapter",
     "first_conv_in_channels",
     "num_classes_of",

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from dynnet.core.registry import TypeRegistry
+
 __all__ = ["ResidualAdapter", "find_adapter", "register_residual_adapter"]
 
 
@@ -40,30 +42,16 @@ class ResidualAdapter:
     applies: Callable[[nn.Module], bool] = _always
 
 
-_ADAPTERS: dict[type, ResidualAdapter] = {}
-_BUILTIN_LOADED = False
-
-
-def _ensure_builtin() -> None:
-    """Register the built-in adapters on first use (importing torchvision and timm costs seconds)."""
-    global _BUILTIN_LOADED
-    if not _BUILTIN_LOADED:
-        _BUILTIN_LOADED = True
-        _register_builtin()
-
-
 def register_residual_adapter(cls: type, adapter: ResidualAdapter) -> None:
-    """Teach the converters a residual block class; raises if the class already has one."""
-    _ensure_builtin()
-    if cls in _ADAPTERS:
-        raise ValueError(f"a residual adapter for {cls.__qualname__} is already registered")
-    _ADAPTERS[cls] = adapter
+    """Teach the converters a residual block class (and its subclasses that keep its ``forward``); raises if the
+    class already has one."""
+    _ADAPTERS.register(cls, adapter)
 
 
 def find_adapter(block: nn.Module) -> ResidualAdapter | None:
-    """The adapter for ``block``'s exact class, if it applies to this instance."""
-    _ensure_builtin()
-    adapter = _ADAPTERS.get(type(block))
+    """The adapter of ``block``'s class (or of the nearest registered class it inherits ``forward`` from), if it
+    applies to this instance."""
+    adapter = _ADAPTERS.lookup(block)
     return adapter if adapter is not None and adapter.applies(block) else None
 
 
@@ -169,20 +157,29 @@ def _register_builtin() -> None:
 
     from dynnet.models.cifar_resnet import BasicBlock as CifarBasic
 
-    _ADAPTERS[CifarBasic] = ResidualAdapter(_basic_body, _downsample, _relu, _conv1_in)
-    _ADAPTERS[TvBasic] = ResidualAdapter(_basic_body, _downsample, _relu, _conv1_in)
-    _ADAPTERS[TvBottleneck] = ResidualAdapter(_bottleneck_body, _downsample, _relu, _conv1_in)
-    _ADAPTERS[InvertedResidual] = ResidualAdapter(
-        body=_inverted_body,
-        shortcut=_identity,
-        post=_identity,
-        in_channels=_inverted_in_channels,
-        applies=_inverted_applies,
+    register_residual_adapter(CifarBasic, ResidualAdapter(_basic_body, _downsample, _relu, _conv1_in))
+    register_residual_adapter(TvBasic, ResidualAdapter(_basic_body, _downsample, _relu, _conv1_in))
+    register_residual_adapter(TvBottleneck, ResidualAdapter(_bottleneck_body, _downsample, _relu, _conv1_in))
+    register_residual_adapter(
+        InvertedResidual,
+        ResidualAdapter(
+            body=_inverted_body,
+            shortcut=_identity,
+            post=_identity,
+            in_channels=_inverted_in_channels,
+            applies=_inverted_applies,
+        ),
     )
     try:
         from timm.models.resnet import BasicBlock as TimmBasic
         from timm.models.resnet import Bottleneck as TimmBottleneck
     except ImportError:  # timm is optional
         return
-    _ADAPTERS[TimmBasic] = ResidualAdapter(_timm_basic_body, _downsample, _timm_post2, _conv1_in)
-    _ADAPTERS[TimmBottleneck] = ResidualAdapter(_timm_bottleneck_body, _downsample, _timm_post3, _conv1_in)
+    register_residual_adapter(TimmBasic, ResidualAdapter(_timm_basic_body, _downsample, _timm_post2, _conv1_in))
+    register_residual_adapter(
+        TimmBottleneck, ResidualAdapter(_timm_bottleneck_body, _downsample, _timm_post3, _conv1_in)
+    )
+
+
+# Built-ins registered on first use (importing torchvision and timm costs seconds).
+_ADAPTERS: TypeRegistry[ResidualAdapter] = TypeRegistry("residual adapter", same_forward=True, loader=_register_builtin)

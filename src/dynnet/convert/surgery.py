@@ -76,13 +76,27 @@ def first_conv_in_channels(model: nn.Module) -> int | None:
     return None
 
 
+def classifier_of(model: nn.Module, *, needed_by: str | None = None) -> tuple[str, nn.Linear]:
+    """``(dotted name, module)`` of ``model``'s classifier: its last ``nn.Linear`` in module order.
+
+    Args:
+        model: a classification network.
+        needed_by: who asks (a recipe name), for the error message.
+
+    Raises:
+        ValueError: ``model`` has no ``nn.Linear`` (one line naming who needs one).
+    """
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        who = f"{needed_by} needs" if needed_by else "dynnet needs"
+        raise ValueError(f"{who} a classifier ending in nn.Linear; {type(model).__name__} has no nn.Linear")
+    return linears[-1]
+
+
 def num_classes_of(model: nn.Module) -> int:
-    """Output features of the last linear layer of ``model`` (its number of classes).
+    """Output features of the classifier of ``model`` (:func:`classifier_of`): its number of classes.
 
     Raises:
         ValueError: ``model`` has no ``nn.Linear``.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot find the number of classes of {type(model).__name__}: it has no nn.Linear")
-    return linears[-1].out_features
+    return classifier_of(model)[1].out_features

@@ -157,7 +157,7 @@ def pixel_chain(
     Args:
         x: Tensor[N, C, H, W] input (read in place when channels-last).
         masks: per stage, Tensor[N, H_i, W_i] bool output mask (each stage must compute what the next reads:
-            :func:`dynnet.kernels._spatial_chain.stage_masks`).
+            :func:`dynnet.kernels.chain.stage_masks`).
         mats, biases: per stage, Tensor[k·k·C_i, C_{i+1}] (:func:`weight_matrix`) and Tensor[C_{i+1}] or ``None``.
         geometries: per stage ``(kernel, stride, padding, dilation)``.
         relus: per stage, whether a ReLU follows.

@@ -1,21 +1,29 @@
-"""Helpers for testing recipes: tiny models and gate scrambling for the conformance suite."""
+"""Helpers for testing recipes: tiny models, gate scrambling and randomisers for the conformance suite.
 
-from dynnet.testing.conformance import (
-    assert_decisions_mixed,
-    build_recipe_pair,
-    decisions_mixed,
-    diverse_inputs,
-    scramble_gates,
-    scramble_until_mixed,
-)
-from dynnet.testing.masks import make_mask
+Names are imported on first use (PEP 562), so that a recipe module can register its randomiser
+(:mod:`dynnet.testing.scramble`) without loading the conformance helpers.
+"""
 
-__all__ = [
-    "assert_decisions_mixed",
-    "build_recipe_pair",
-    "decisions_mixed",
-    "diverse_inputs",
-    "make_mask",
-    "scramble_gates",
-    "scramble_until_mixed",
-]
+import importlib
+from typing import Any
+
+_NAMES = {
+    "assert_decisions_mixed": "dynnet.testing.conformance",
+    "build_recipe_pair": "dynnet.testing.conformance",
+    "decisions_mixed": "dynnet.testing.conformance",
+    "diverse_inputs": "dynnet.testing.conformance",
+    "scramble_gates": "dynnet.testing.conformance",
+    "scramble_until_mixed": "dynnet.testing.conformance",
+    "make_mask": "dynnet.testing.masks",
+    "randomise": "dynnet.testing.scramble",
+    "register_randomiser": "dynnet.testing.scramble",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -12,6 +12,7 @@ from dynnet.api import convert, list_recipes
 from dynnet.core import RECIPES, Decision, DynamicModel, Trace
 from dynnet.core.model import DECISION_MODULE_NAMES
 from dynnet.models import build_base_model
+from dynnet.testing.scramble import randomise
 
 __all__ = [
     "DECISION_MODULE_NAMES",
@@ -40,12 +41,14 @@ def build_recipe_pair(
 def scramble_gates(model: nn.Module, *, seed: int = 0, scale: float = 1.0) -> int:
     """Re-initialise every decision-making submodule at random so that gates close for some inputs.
 
-    A recipe whose decisions live elsewhere can define ``scramble_(generator)`` on its model; it is
+    A recipe whose decisions live elsewhere registers a randomiser for its model class
+    (:func:`dynnet.testing.scramble.register_randomiser`; a user's model may define ``scramble_(generator)``); it is
     called instead. Returns how many parameters were changed.
     """
     g = torch.Generator().manual_seed(seed)
-    if hasattr(model, "scramble_"):
-        return model.scramble_(g)
+    own = randomise(model, g)
+    if own is not None:
+        return own
     changed = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -80,7 +83,7 @@ def scramble_until_mixed(
     a model that is not a converted recipe).
 
     Returns the seed used. Raises AssertionError when no seed gives mixed decisions: the recipe's
-    decisions do not depend on the input, or ``scramble_`` does not reach them.
+    decisions do not depend on the input, or the model's randomiser does not reach them.
     """
     from dynnet.core import trace
 

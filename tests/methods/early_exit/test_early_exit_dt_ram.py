@@ -14,6 +14,7 @@ from dynnet.macs import MacCounter
 from dynnet.methods.early_exit.calibration import calibrate_thresholds
 from dynnet.methods.early_exit.dt_ram import DTRAM, DTRAMCurriculum
 from dynnet.testing import scramble_until_mixed
+from dynnet.testing.scramble import randomise
 from dynnet.train import FitState, Hook, TrainConfig, fit
 
 STEPS = 4
@@ -134,7 +135,7 @@ def test_stopped_samples_answer_from_their_stop_step() -> None:
 
 def test_stopping_after_the_first_glimpse_costs_less() -> None:
     model = _model()
-    model.scramble_(torch.Generator().manual_seed(0))  # spread the stop probabilities
+    randomise(model, torch.Generator().manual_seed(0))  # spread the stop probabilities
     x = _x(8)
     with torch.no_grad():
         p_stop, _ = model.net.step_outputs(x)

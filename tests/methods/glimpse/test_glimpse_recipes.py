@@ -6,6 +6,7 @@ import torch
 import dynnet
 from dynnet.macs import MacCounter
 from dynnet.methods.glimpse.dcn import PATCH, entropy_saliency, select_cells
+from dynnet.testing.scramble import randomise
 
 
 def _create(recipe: str, **kw: object) -> dynnet.DynamicModel:
@@ -162,7 +163,7 @@ def test_ram_fixed_glimpses_are_derived_from_the_budget() -> None:
 
 def test_ram_calibration_sets_per_glimpse_stop_thresholds_on_p_stop() -> None:
     model = _create("ram")
-    model.scramble_(torch.Generator().manual_seed(1))
+    randomise(model, torch.Generator().manual_seed(1))
     x = _x(64, 32)
     report = dynnet.calibrate(model, x, 0.5)
     assert report.within_tolerance and model.net.stop_thresholds.shape == (5,)
@@ -202,7 +203,7 @@ def test_gfnet_step_losses_are_weighted_by_the_budget_profile() -> None:
 
 def test_gfnet_calibration_hits_the_budget_with_confidence_thresholds() -> None:
     model = _create("gfnet", max_steps=3)
-    model.scramble_(torch.Generator().manual_seed(0))
+    randomise(model, torch.Generator().manual_seed(0))
     x = _x(48, 64)
     report = dynnet.calibrate(model, x, 0.6)
     assert report.within_tolerance and torch.isfinite(model.net.thresholds).any()
@@ -241,7 +242,7 @@ def test_dcn_training_refines_the_top_k_cells_that_the_budget_pays_for() -> None
 
 def test_dcn_saliency_threshold_knob_and_padding() -> None:
     model = _create("dcn")
-    model.scramble_(torch.Generator().manual_seed(0))
+    randomise(model, torch.Generator().manual_seed(0))
     x = _x(32, 32)
     report = dynnet.calibrate(model, x, 0.5)
     assert report.within_tolerance

@@ -7,6 +7,7 @@ import dynnet
 from dynnet.gates import exit_fractions_for_rate, thresholds_for_fractions
 from dynnet.macs import MacCounter
 from dynnet.methods.resolution.ranet import RANet
+from dynnet.testing.scramble import randomise
 
 SHAPE = (1, 32, 32)
 
@@ -30,7 +31,7 @@ def test_thresholds_for_fractions_analytic() -> None:
 
 def test_calibration_realises_the_exit_fractions() -> None:
     model = _model()
-    model.scramble_(torch.Generator().manual_seed(0))
+    randomise(model, torch.Generator().manual_seed(0))
     x = _x(40)
     conf = model.exit_confidences(x)
     model.calibrate(conf, q=1.0)  # a third of the samples at each exit
@@ -44,7 +45,7 @@ def test_calibration_realises_the_exit_fractions() -> None:
 
 def test_exited_samples_keep_their_exit_logits_and_skip_later_stages() -> None:
     model = _model()
-    model.scramble_(torch.Generator().manual_seed(1))
+    randomise(model, torch.Generator().manual_seed(1))
     x = _x()
     model.calibrate(model.exit_confidences(x), q=1.0)
     with torch.no_grad(), dynnet.trace() as tm:
@@ -107,7 +108,7 @@ def test_training_objective_is_the_budget_weighted_sum_of_exit_losses() -> None:
 
 def test_calibrate_sets_thresholds_for_the_budget_and_round_trips() -> None:
     model = _model()
-    model.scramble_(torch.Generator().manual_seed(0))
+    randomise(model, torch.Generator().manual_seed(0))
     x = _x(64)
     report = dynnet.calibrate(model, x, 0.5)
     assert report.within_tolerance

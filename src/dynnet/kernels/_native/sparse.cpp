@@ -1,6 +1,6 @@
 // dynnet compiled CPU kernels: whole spatial (pixel and tile) executions of a residual branch in one call each.
 //
-// pixel_chain: the gather-GEMM chain of dynnet.kernels._spatial_chain.run_pixels (its pure-PyTorch reference). For
+// pixel_chain: the gather-GEMM chain of dynnet.kernels.chain.run_pixels (its pure-PyTorch reference). For
 // every stage it turns the stage's mask into positions, per-sample counts and a position -> row lookup in one pass
 // (no nonzero / full / index_put), gathers the im2col rows of L2-sized chunks and multiplies them on every thread at
 // once (oneDNN's matmul with bias and ReLU fused; small chunks of narrow layers: small_gemm), and hands the compact

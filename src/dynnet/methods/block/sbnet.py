@@ -9,7 +9,7 @@ shortcut (SBNet's reduce-mask → sparse-gather → dense conv → sparse-scatte
 of §4 of the paper). The output at active tiles equals the dense block exactly, so the masked-mode
 reference is ``post(shortcut(x) + M_tile ⊙ branch(x))``.
 
-The engine (:func:`dynnet.kernels._spatial_chain.run_tiles`, :mod:`dynnet.kernels.block`) is a backend any
+The engine (:func:`dynnet.kernels.chain.run_tiles`, :mod:`dynnet.kernels.block`) is a backend any
 recipe can use (``SpatialResidual(..., execution="tile")``).
 
 Departures from the paper:
@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import SpatialResidual, spatial_chain
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates.pooled import OPEN_LOGIT
-from dynnet.kernels._spatial_chain import SpatialResidual, spatial_chain
 
 __all__ = ["SBNet", "SBNetBlock", "SBNetConfig", "TileMaskUnit"]
 

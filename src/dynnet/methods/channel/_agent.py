@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import DecisionMaker
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace
 from dynnet.core.budget import Knob
 from dynnet.core.cache import structure_generation, version_key
@@ -33,7 +34,6 @@ from dynnet.kernels import native
 from dynnet.kernels.channel import block_pair_macs
 from dynnet.methods.channel._block import ChannelGatedBlock
 from dynnet.methods.channel._resnet import (
-    Controller,
     block_compiled_ok,
     compiled_loop_ok,
     iter_blocks,
@@ -87,7 +87,7 @@ def path_masks(channels: int, paths: int) -> Tensor:
     return torch.stack([*rows, torch.ones(channels, dtype=torch.bool)])
 
 
-class QAgent(Controller):
+class QAgent(DecisionMaker):
     """Recurrent Q-network over blocks.
 
     Args:
@@ -96,6 +96,8 @@ class QAgent(Controller):
         hidden: GRU width.
         epsilon: exploration rate in training.
     """
+
+    granularity = "channel"
 
     def __init__(self, in_channels: list[int], actions: int, hidden: int, epsilon: float) -> None:
         super().__init__()

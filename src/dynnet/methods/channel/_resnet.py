@@ -1,10 +1,8 @@
-"""Running a ResNet-style network block by block, for recipes whose channel decisions come from outside the blocks.
+r"""Running a ResNet-style network block by block, for recipes whose channel decisions come from outside the blocks.
 
 RNP's recurrent controller and GaterNet's gater network decide for every block; their models override
 :meth:`DynamicModel.run` and walk ``stem → stages → pool → fc`` themselves, passing each block its decision.
-:class:`Controller` is the base of those decision makers: a :class:`~dynnet.core.DynamicBlock` whose dense path
-returns ``None``, so under ``force_dense()`` (static MAC probes) and in dense mode no decision is evaluated and the
-base network runs.
+Their decision makers are :class:`~dynnet.blocks.DecisionMaker`\ s with ``granularity = "channel"``.
 """
 
 from __future__ import annotations
@@ -15,13 +13,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from dynnet.core import DynamicBlock, tracing_or_compiling
+from dynnet.core import tracing_or_compiling
 from dynnet.core.block import forcing_dense
 from dynnet.core.cache import structure_generation
 from dynnet.kernels import native
 
 __all__ = [
-    "Controller",
     "block_compiled_ok",
     "compiled_input_ok",
     "compiled_loop_ok",
@@ -105,25 +102,3 @@ def block_compiled_ok(module: nn.Module) -> bool:
         and not module._forward_hooks
         and not module._forward_pre_hooks
     )
-
-
-class Controller(DynamicBlock):
-    """A decision maker outside the blocks; :meth:`forward` returns ``None`` in dense mode.
-
-    Subclasses implement :meth:`decide` with whatever arguments they need; ``forward_masked`` and
-    ``forward_sparse`` both call it (a controller's own computation is the same in both modes).
-    """
-
-    granularity = "channel"
-
-    def decide(self, *args):
-        raise NotImplementedError
-
-    def forward_dense(self, *args):  # type: ignore[override]
-        return None
-
-    def forward_masked(self, *args):  # type: ignore[override]
-        return self.decide(*args)
-
-    def forward_sparse(self, *args):  # type: ignore[override]
-        return self.decide(*args)

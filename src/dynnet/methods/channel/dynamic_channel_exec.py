@@ -65,6 +65,7 @@ from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_GIVEN, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 from dynnet.methods.channel._budget import block_phases, derive_fraction, kept_channels, top_k_keep
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = [
     "ChannelBandit",
@@ -261,24 +262,6 @@ class DynamicChannelExec(DynamicModel):
         """The kept fraction ``f`` of every bandit (one value; the MACs grow with it)."""
         return Knob("kept channel fraction", lambda: float(self.calibration[0]), self.set_keep_fraction, 0.0, 1.0)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random statistics for every bandit, which then plays a random 20-80 % of its ``k`` channels (at least one,
-        fewer than all); returns their number.
-
-        The conformance suite's scrambling: the bandit statistics are the decisions, and they are buffers. ``k``
-        shrinks from its value (derived from the budget) rather than being redrawn, so conversions at different
-        budgets stay different after scrambling.
-        """
-        for bandit in self.bandits():
-            c = bandit.channels
-            with torch.no_grad():
-                bandit.value.copy_(torch.rand(c, generator=generator))
-                bandit.count.copy_(torch.randint(1, 50, (c,), generator=generator).float())
-                bandit.steps.fill_(int(bandit.count.sum()))
-                frac = 0.2 + 0.6 * float(torch.rand((), generator=generator))
-                bandit.keep.fill_(min(c - 1, max(1, round(frac * int(bandit.keep)))) if c > 1 else 1)
-        return len(self.bandits())
-
 
 @recipe(
     "dynamic_channel_exec",
@@ -306,3 +289,23 @@ def convert(model: nn.Module, config: DynamicChannelExecConfig, targets: Targets
         derive_fraction(net, blocks, config.budget, lambda f, i: kept_channels(f, blocks[i].channels, phases[i]))
     )
     return net
+
+
+@register_randomiser(DynamicChannelExec)
+def _randomise(model: DynamicChannelExec, generator: torch.Generator) -> int:
+    """Random statistics for every bandit, which then plays a random 20-80 % of its ``k`` channels (at least one,
+    fewer than all); returns their number.
+
+    The conformance suite's scrambling: the bandit statistics are the decisions, and they are buffers. ``k``
+    shrinks from its value (derived from the budget) rather than being redrawn, so conversions at different
+    budgets stay different after scrambling.
+    """
+    for bandit in model.bandits():
+        c = bandit.channels
+        with torch.no_grad():
+            bandit.value.copy_(torch.rand(c, generator=generator))
+            bandit.count.copy_(torch.randint(1, 50, (c,), generator=generator).float())
+            bandit.steps.fill_(int(bandit.count.sum()))
+            frac = 0.2 + 0.6 * float(torch.rand((), generator=generator))
+            bandit.keep.fill_(min(c - 1, max(1, round(frac * int(bandit.keep)))) if c > 1 else 1)
+    return len(model.bandits())

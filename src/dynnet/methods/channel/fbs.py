@@ -57,6 +57,7 @@ from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_KWTA, NativeGate
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 from dynnet.methods.channel._budget import ROUNDING_SLACK, block_phases, derive_fraction, kept_channels, top_k_keep
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["FBS", "FBSBlock", "FBSConfig", "SaliencyPredictor", "winners_take_all"]
 
@@ -184,20 +185,6 @@ class FBS(DynamicModel):
         for b in self.fbs_blocks():
             b.density = density
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random saliency predictors (weights ``N(0, 1 / C_in)``, biases ``N(1, 0.5²)``) for the conformance suite;
-        returns how many tensors changed. Every saliency varies with the input and a few are zero for some inputs (a
-        trained predictor's L1 penalty zeroes some too): the generic scrambling's ``N(0, 1)`` biases would zero half of
-        them for every input, leaving k-WTA nothing to choose from. The densities (the budget's knob) are kept."""
-        changed = 0
-        with torch.no_grad():
-            for b in self.fbs_blocks():
-                fc = b.saliency.fc
-                fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) / fc.weight.shape[1] ** 0.5)
-                fc.bias.copy_(torch.randn(fc.bias.shape, generator=generator) * 0.5 + 1.0)
-                changed += 2
-        return changed
-
     def init_from_base_(self) -> None:
         """Below density 1, rank the starting biases of every untrained predictor (``W = 0``) by the loaded channels'
         static importance; a trained predictor is left as it is."""
@@ -282,3 +269,19 @@ def rank_by_importance_(block: FBSBlock) -> None:
     rank = importance.argsort(stable=True).argsort().to(importance.dtype)  # 0 for the least important
     with torch.no_grad():
         block.saliency.fc.bias.copy_(1.0 + IMPORTANCE_SPREAD * rank / max(1, len(importance) - 1))
+
+
+@register_randomiser(FBS)
+def _randomise(model: FBS, generator: torch.Generator) -> int:
+    """Random saliency predictors (weights ``N(0, 1 / C_in)``, biases ``N(1, 0.5²)``) for the conformance suite;
+    returns how many tensors changed. Every saliency varies with the input and a few are zero for some inputs (a
+    trained predictor's L1 penalty zeroes some too): the generic scrambling's ``N(0, 1)`` biases would zero half of
+    them for every input, leaving k-WTA nothing to choose from. The densities (the budget's knob) are kept."""
+    changed = 0
+    with torch.no_grad():
+        for b in model.fbs_blocks():
+            fc = b.saliency.fc
+            fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) / fc.weight.shape[1] ** 0.5)
+            fc.bias.copy_(torch.randn(fc.bias.shape, generator=generator) * 0.5 + 1.0)
+            changed += 2
+    return changed

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import DecisionMaker
 from dynnet.convert import Targets, first_conv_in_channels
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace
 from dynnet.core.budget import BudgetPolicy, Knob
@@ -44,7 +45,6 @@ from dynnet.kernels import native
 from dynnet.kernels.channel import GATE_GIVEN, ConvSpec, fold_bn, native_conv3x3_in
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 from dynnet.methods.channel._resnet import (
-    Controller,
     block_compiled_ok,
     compiled_loop_ok,
     iter_blocks,
@@ -104,8 +104,10 @@ def _gater_op():
     return op
 
 
-class GaterNetwork(Controller):
+class GaterNetwork(DecisionMaker):
     """Image Tensor[N, C, H, W] → gate values Tensor[N, F] and probabilities for the F gated filters."""
+
+    granularity = "channel"
 
     def __init__(self, in_channels: int, filters: int, width: int, bottleneck: int, noise_std: float) -> None:
         super().__init__()

@@ -13,7 +13,7 @@ the network learns under the pruning it will see at inference.
 
 Departures from the paper:
 * the paper selects the layers to accelerate by the coefficient of variation of their sparsity over instances;
-  here every target block is pruned, each with its own ``threshold`` buffer (the model's ``scramble_`` randomises
+  here every target block is pruned, each with its own ``threshold`` buffer (the model's randomiser redraws
   them; set them per block to emulate the paper's layer selection);
 * the regulariser is applied to the inner feature maps of residual blocks and normalised by ``sqrt(H W)``;
 * the regulariser is *trimmed* by the budget: per instance it decays only the channels outside the ``round(ρ · C)``
@@ -48,6 +48,7 @@ from dynnet.kernels.channel import GATE_INSTANCE, NativeGate, native_conv3x3_in,
 from dynnet.losses.instance_sparsity import channel_norms, instance_keep_mask
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
 from dynnet.methods.channel._budget import variable_rate
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["InstanceSparsity", "InstanceSparsityBlock", "InstanceSparsityConfig", "ThresholdGate"]
 
@@ -175,15 +176,6 @@ class InstanceSparsity(DynamicModel):
         hi = float(max(b.channels for b in blocks))
         return Knob("instance threshold", lambda: float(blocks[0].threshold), self.set_threshold, 0.0, hi, False)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Give every block a random threshold in [0.2, 1.2) (for the conformance suite); returns the count."""
-        n = 0
-        for m in self.modules():
-            if isinstance(m, InstanceSparsityBlock):
-                m.threshold.fill_(0.2 + float(torch.rand((), generator=generator)))
-                n += 1
-        return n
-
     def set_threshold(self, threshold: float) -> None:
         """Set the threshold of every block (in place: the compiled batch-1 call's plan is rebuilt)."""
         with torch.no_grad():
@@ -210,3 +202,14 @@ def convert(model: nn.Module, config: InstanceSparsityConfig, targets: Targets =
     return InstanceSparsity(
         model, recipe="instance_sparsity", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )
+
+
+@register_randomiser(InstanceSparsity)
+def _randomise(model: InstanceSparsity, generator: torch.Generator) -> int:
+    """Give every block a random threshold in [0.2, 1.2) (for the conformance suite); returns the count."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, InstanceSparsityBlock):
+            m.threshold.fill_(0.2 + float(torch.rand((), generator=generator)))
+            n += 1
+    return n

@@ -39,8 +39,10 @@ from dynnet.core import (
     dynamic_blocks,
     run_on_meta,
 )
+from dynnet.core.registry import TypeRegistry
 from dynnet.kernels.compaction import index_select_rows
 from dynnet.macs import MacCounter
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = [
     "NEVER",
@@ -87,14 +89,13 @@ class Trunk:
     exit_heads: dict[int, nn.Module] | None = None
 
 
-_TRUNKS: dict[type, Callable[[nn.Module], Trunk]] = {}
+_TRUNKS: TypeRegistry[Callable[[nn.Module], Trunk]] = TypeRegistry("trunk")
 
 
 def register_trunk(cls: type, fn: Callable[[nn.Module], Trunk]) -> None:
-    """Teach the early-exit recipes how to cut a network class into units; raises on a duplicate."""
-    if cls in _TRUNKS:
-        raise ValueError(f"a trunk for {cls.__qualname__} is already registered")
-    _TRUNKS[cls] = fn
+    """Teach the early-exit recipes how to cut a network class (and its subclasses) into units; raises on a
+    duplicate."""
+    _TRUNKS.register(cls, fn)
 
 
 def trunk_of(base: nn.Module) -> Trunk:
@@ -105,10 +106,10 @@ def trunk_of(base: nn.Module) -> Trunk:
     """
     if hasattr(base, "exit_trunk"):
         return base.exit_trunk()
-    for cls in type(base).__mro__:
-        if cls in _TRUNKS:
-            return _TRUNKS[cls](base)
-    known = ", ".join(sorted(c.__qualname__ for c in _TRUNKS))
+    fn = _TRUNKS.lookup(base)
+    if fn is not None:
+        return fn(base)
+    known = ", ".join(_TRUNKS.names())
     raise TypeError(
         f"cannot attach exits to a {type(base).__name__}: known networks are {known}; register one with "
         "dynnet.methods.early_exit.register_trunk or give the network an exit_trunk() method"
@@ -373,7 +374,7 @@ class ExitCascade(DynamicBlock):
 
     granularity = "exit"
     score_range: tuple[float, float] = (0.0, 1.0)
-    """Range of :meth:`exit_score`, used by :meth:`EarlyExitModel.scramble_` to draw thresholds."""
+    """Range of :meth:`exit_score`, used by the early exits' randomiser (:mod:`dynnet.testing.scramble`)."""
 
     def __init__(
         self,
@@ -735,26 +736,6 @@ class EarlyExitModel(DynamicModel):
         with torch.no_grad():
             self.net.gates.threshold.copy_(thr)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random decisions for testing: thresholds uniform in the score range, policies re-initialised.
-
-        Returns:
-            How many tensors were changed.
-        """
-        lo, hi = self.net.score_range
-        changed = 0
-        with torch.no_grad():
-            thr = self.net.gates.threshold
-            thr.copy_(lo + (hi - lo) * torch.rand(thr.shape, generator=generator))
-            changed += 1
-            for name, p in self.named_parameters():
-                if "policy" not in name.split(".")[:-1]:
-                    continue
-                fan_in = p[0].numel() if p.dim() > 1 else 1
-                p.copy_(torch.randn(p.shape, generator=generator) * (2.0 if p.dim() == 1 else 1.0) / fan_in**0.5)
-                changed += 1
-        return changed
-
 
 # ------------------------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
@@ -803,3 +784,25 @@ def plan_exits(base: nn.Module, fractions: Sequence[float], *, probe_size: int =
 
 def _as_tuple(state: State) -> tuple[Tensor, ...]:
     return (state,) if isinstance(state, Tensor) else tuple(state)
+
+
+@register_randomiser(EarlyExitModel)
+def _randomise(model: EarlyExitModel, generator: torch.Generator) -> int:
+    """Random decisions for testing: thresholds uniform in the score range, policies re-initialised.
+
+    Returns:
+        How many tensors were changed.
+    """
+    lo, hi = model.net.score_range
+    changed = 0
+    with torch.no_grad():
+        thr = model.net.gates.threshold
+        thr.copy_(lo + (hi - lo) * torch.rand(thr.shape, generator=generator))
+        changed += 1
+        for name, p in model.named_parameters():
+            if "policy" not in name.split(".")[:-1]:
+                continue
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=generator) * (2.0 if p.dim() == 1 else 1.0) / fan_in**0.5)
+            changed += 1
+    return changed

@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.convert import Targets, classifier_of, first_conv_in_channels
 from dynnet.core import LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.losses.early_exit import exit_distillation_loss, multi_exit_cross_entropy
 from dynnet.methods.early_exit._common import NEVER, EarlyExitModel, ExitCascade, State, Trunk
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["NetworkSelectionCascade", "NetworkSelectionConfig", "NetworkSelectionModel", "convert"]
 
@@ -114,17 +115,6 @@ class NetworkSelectionModel(EarlyExitModel):
         parts.update({f"ce{k}": float(F.cross_entropy(z.detach(), target)) for k, z in enumerate((little, big))})
         return LossOutput(total, parts)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random decisions for the conformance suite: the little network's classifier redrawn with large weights
-        (its confidence then spreads over ``(1/K, 1)`` across inputs) and the threshold uniform in ``[0.3, 0.95]``.
-        Returns how many tensors changed."""
-        linears = [m for m in self.net.little.modules() if isinstance(m, nn.Linear)]
-        with torch.no_grad():
-            for fc in linears[-1:]:
-                fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) * 8.0 / fc.weight.shape[1] ** 0.5)
-            self.net.gates.threshold.copy_(0.3 + 0.65 * torch.rand(self.net.gates.threshold.shape, generator=generator))
-        return 1 + len(linears[-1:])
-
     def init_from_base_(self) -> None:
         """A pruned little network is pruned again from the base weights just loaded (same layer shapes: the
         pruning ratio depends on the shapes only); a shipped one keeps its own weights."""
@@ -184,3 +174,15 @@ def convert(model: nn.Module, config: NetworkSelectionConfig, targets: Targets =
     little = _little_network(model, config, in_channels)
     cascade = NetworkSelectionCascade(model, little)
     return NetworkSelectionModel(cascade, recipe="network_selection", config=copy.copy(config), in_channels=in_channels)
+
+
+@register_randomiser(NetworkSelectionModel)
+def _randomise(model: NetworkSelectionModel, generator: torch.Generator) -> int:
+    """Random decisions for the conformance suite: the little network's classifier redrawn with large weights
+    (its confidence then spreads over ``(1/K, 1)`` across inputs) and the threshold uniform in ``[0.3, 0.95]``.
+    Returns how many tensors changed."""
+    fc = classifier_of(model.net.little)[1]
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(fc.weight.shape, generator=generator) * 8.0 / fc.weight.shape[1] ** 0.5)
+        model.net.gates.threshold.copy_(0.3 + 0.65 * torch.rand(model.net.gates.threshold.shape, generator=generator))
+    return 2

@@ -51,6 +51,7 @@ from dynnet.convert import Targets, first_conv_in_channels, num_classes_of
 from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["DCN", "DCNConfig", "DynamicCapacity", "convert", "entropy_saliency", "select_cells", "top_cells"]
 
@@ -273,12 +274,6 @@ class DCN(DynamicModel):
             parts["hint"] = float(aux.detach())
         return LossOutput(total, parts)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """A random saliency threshold (testing), so that images get different numbers of fine patches."""
-        with torch.no_grad():
-            self.net.saliency_threshold.fill_(0.6 + 0.8 * float(torch.rand((), generator=generator)))
-        return 1
-
 
 @recipe(
     "dcn",
@@ -293,3 +288,11 @@ def convert(model: nn.Module, config: DCNConfig, targets: Targets = "auto") -> D
     in_channels = first_conv_in_channels(model) or 1
     body = DynamicCapacity(in_channels, num_classes_of(model), config)
     return DCN(body, recipe="dcn", config=copy.copy(config), in_channels=in_channels)
+
+
+@register_randomiser(DCN)
+def _randomise(model: DCN, generator: torch.Generator) -> int:
+    """A random saliency threshold (testing), so that images get different numbers of fine patches."""
+    with torch.no_grad():
+        model.net.saliency_threshold.fill_(0.6 + 0.8 * float(torch.rand((), generator=generator)))
+    return 1

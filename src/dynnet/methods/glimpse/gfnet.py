@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels, replace_module
+from dynnet.convert import Targets, classifier_of, first_conv_in_channels, replace_module
 from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.gates import confidence, exit_fractions_for_budget, exit_rate_for_budget, thresholds_for_fractions
 from dynnet.methods.glimpse._common import crop_glimpse, gaussian_log_prob, policy_gradient_losses
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["GFNet", "GFNetConfig", "GlanceFocus", "RecurrentClassifier", "convert"]
 
@@ -316,15 +317,6 @@ class GFNet(DynamicModel):
         self.net.thresholds.copy_(thr)
         return thr
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random thresholds, sharper predictions and a random policy (testing)."""
-        body: GlanceFocus = self.net
-        with torch.no_grad():
-            body.classifier.head.weight.mul_(8.0)
-            body.policy.weight.copy_(torch.randn(body.policy.weight.shape, generator=generator) * 0.3)
-            body.thresholds.copy_(0.3 + 0.4 * torch.rand(body.thresholds.shape, generator=generator))
-        return 3
-
 
 @recipe(
     "gfnet",
@@ -339,11 +331,19 @@ class GFNet(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: GFNetConfig, targets: Targets = "auto") -> GFNet:
     """Use ``model`` minus its last linear layer as the global encoder (and a copy as the local one)."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"gfnet needs a classifier ending in nn.Linear, {type(model).__name__} has none")
-    name, fc = linears[-1]
+    name, fc = classifier_of(model, needed_by="gfnet")
     replace_module(model, name, nn.Identity())
     in_channels = first_conv_in_channels(model)
     body = GlanceFocus(model, fc.in_features, fc.out_features, config)
     return GFNet(body, recipe="gfnet", config=copy.copy(config), in_channels=in_channels)
+
+
+@register_randomiser(GFNet)
+def _randomise(model: GFNet, generator: torch.Generator) -> int:
+    """Random thresholds, sharper predictions and a random policy (testing)."""
+    body: GlanceFocus = model.net
+    with torch.no_grad():
+        body.classifier.head.weight.mul_(8.0)
+        body.policy.weight.copy_(torch.randn(body.policy.weight.shape, generator=generator) * 0.3)
+        body.thresholds.copy_(0.3 + 0.4 * torch.rand(body.thresholds.shape, generator=generator))
+    return 3

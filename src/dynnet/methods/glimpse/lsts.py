@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels, replace_module
+from dynnet.convert import Targets, classifier_of, first_conv_in_channels, replace_module
 from dynnet.core import Decision, DynamicBlock, DynamicModel, Trace, current_trace
 from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
 from dynnet.core.recipe import recipe
@@ -318,10 +318,7 @@ class LSTS(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: LSTSConfig, targets: Targets = "auto") -> LSTS:
     """Use ``model`` minus its last linear layer as the patch encoder; add the coarse view, policy and gates."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"lsts needs a classifier ending in nn.Linear, {type(model).__name__} has none")
-    name, fc = linears[-1]
+    name, fc = classifier_of(model, needed_by="lsts")
     in_channels = first_conv_in_channels(model) or 1
     replace_module(model, name, nn.Identity())
     body = LearnableSampling(model, in_channels, fc.in_features, fc.out_features, config)

@@ -51,6 +51,7 @@ from dynnet.core.recipe import recipe
 from dynnet.estimators.reinforce import bernoulli_log_prob
 from dynnet.gates import exit_rate_for_budget
 from dynnet.methods.glimpse._common import gaussian_log_prob, policy_gradient_losses, retina_glimpse
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["RAM", "RAMConfig", "RecurrentAttention", "convert"]
 
@@ -400,15 +401,6 @@ class RAM(DynamicModel):
 
         return Knob("number of glimpses", lambda: float(limit), set_limit, 1.0, float(body.max_glimpses), integer=True)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random location and halting policies (testing): samples stop after different numbers of glimpses."""
-        body: RecurrentAttention = self.net
-        with torch.no_grad():
-            for lin in (m for m in (body.policy, body.halting) if m is not None):
-                lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * 3 / lin.in_features**0.5)
-                lin.bias.copy_(torch.randn(lin.bias.shape, generator=generator) * 0.5)
-        return 4
-
 
 @recipe(
     "ram",
@@ -427,3 +419,14 @@ def convert(model: nn.Module, config: RAMConfig, targets: Targets = "auto") -> R
     in_channels = first_conv_in_channels(model) or 1
     body = RecurrentAttention(in_channels, num_classes_of(model), config)
     return RAM(body, recipe="ram", config=copy.copy(config), in_channels=in_channels)
+
+
+@register_randomiser(RAM)
+def _randomise(model: RAM, generator: torch.Generator) -> int:
+    """Random location and halting policies (testing): samples stop after different numbers of glimpses."""
+    body: RecurrentAttention = model.net
+    with torch.no_grad():
+        for lin in (m for m in (body.policy, body.halting) if m is not None):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=generator) * 3 / lin.in_features**0.5)
+            lin.bias.copy_(torch.randn(lin.bias.shape, generator=generator) * 0.5)
+    return 4

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.convert import Targets, first_conv_in_channels
+from dynnet.convert import Targets, classifier_of, first_conv_in_channels
 from dynnet.core import Decision, DynamicBlock, DynamicModel, LossOutput, Trace, current_trace
 from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
 from dynnet.core.recipe import recipe
@@ -169,14 +169,12 @@ def _trunk_of(model: nn.Module) -> tuple[nn.Sequential, int, int]:
     """``model``'s children before its global pooling as a Sequential, its feature width D and classes."""
     children = list(model.named_children())
     pools = [i for i, (_, m) in enumerate(children) if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not pools or not linears:
+    if not pools:
         raise ValueError(
             f"{NAME} needs a network whose children run in order up to a global pooling and end in nn.Linear "
-            f"(a CIFAR or torchvision ResNet); {type(model).__name__} has "
-            f"{'no adaptive pooling child' if not pools else 'no nn.Linear'}"
+            f"(a CIFAR or torchvision ResNet); {type(model).__name__} has no adaptive pooling child"
         )
-    fc = linears[-1]
+    fc = classifier_of(model, needed_by=NAME)[1]
     return nn.Sequential(OrderedDict(children[: pools[0]])), fc.in_features, fc.out_features
 
 

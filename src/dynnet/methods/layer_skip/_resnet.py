@@ -4,10 +4,7 @@ SkipNet's recurrent gate, BlockDrop's policy network and Dual Dynamic Inference'
 flow around the blocks, so their models override :meth:`DynamicModel.run` and iterate a ResNet-style
 network themselves: ``stem → stages of residual blocks → pool → fc``. :class:`ResNetLayout` is that split.
 
-:class:`DecisionMaker` is the base of decision-making modules that live *outside* the blocks (policy
-networks, shared recurrent gates): it is a :class:`~dynnet.core.DynamicBlock` whose dense path returns
-``None`` — in dense mode (and under ``force_dense()``, where the static MAC profile is probed) no gate is
-evaluated and ``run`` executes the base network.
+:class:`~dynnet.blocks.DecisionMaker` (re-exported here) is the base of their decision-making modules.
 
 :func:`gate_logit_knob` is the calibration knob of the recipes whose decisions threshold a logit at 0 (SkipNet,
 BlockDrop, EnergyNet, Dynamic Multi-path, Dual Dynamic Inference): one offset added, in place, to the final bias of
@@ -23,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from dynnet.core import Decision, DynamicBlock
+from dynnet.blocks import LogitEntry
+from dynnet.core import Decision
 from dynnet.core.budget import LogitShift
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
@@ -33,11 +31,7 @@ if TYPE_CHECKING:
     from dynnet.core import DynamicModel
     from dynnet.core.budget import Knob
 
-__all__ = ["DecisionMaker", "LogitEntry", "ResNetLayout", "SigmoidGatedResidual", "gate_logit_knob"]
-
-LogitEntry = tuple[Tensor, int | None, float]
-"""``(bias, index, sign)``: a decision's "open" logit is ``sign * bias[index]`` plus a term that does not depend on
-the bias (``index=None``: every element of ``bias``), as :class:`~dynnet.core.budget.LogitShift` takes it."""
+__all__ = ["ResNetLayout", "SigmoidGatedResidual", "gate_logit_knob"]
 
 
 def gate_logit_knob(model: DynamicModel, *, name: str = "gate logit offset") -> Knob:
@@ -101,31 +95,6 @@ class ResNetLayout:
         for stage in self.stages:
             for i, block in enumerate(getattr(net, stage)):
                 yield f"{stage}.{i}", block
-
-
-class DecisionMaker(DynamicBlock):
-    """A module outside the blocks that the static network does not have (a policy network, a shared
-    recurrent gate, an exit classifier); its dense path returns ``None`` (nothing evaluated).
-
-    Subclasses implement :meth:`decide` (masked and sparse modes both call it: a decision is computed the
-    same way whether the blocks then skip for real or not).
-    """
-
-    def decide(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
-        raise NotImplementedError
-
-    def open_logits(self) -> list[LogitEntry]:
-        """The biases that shift this module's keep/open logits (for :func:`gate_logit_knob`); none by default."""
-        return []
-
-    def forward_dense(self, *args: Tensor) -> None:
-        return None
-
-    def forward_masked(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
-        return self.decide(*args)
-
-    def forward_sparse(self, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
-        return self.decide(*args)
 
 
 class SigmoidGatedResidual(GatedResidual):

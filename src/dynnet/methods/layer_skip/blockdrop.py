@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import DecisionMaker, LogitEntry
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, no_trace
 from dynnet.core.budget import BudgetPolicy, Knob
@@ -52,7 +53,7 @@ from dynnet.estimators.reinforce import (
     self_critical_advantage,
 )
 from dynnet.gates import open_bias_
-from dynnet.methods.layer_skip._resnet import DecisionMaker, LogitEntry, ResNetLayout, gate_logit_knob
+from dynnet.methods.layer_skip._resnet import ResNetLayout, gate_logit_knob
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 from dynnet.models import build_base_model
 

@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import DecisionMaker
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, probe_macs, trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.gates import PooledMLPGate
-from dynnet.methods.layer_skip._resnet import DecisionMaker, ResNetLayout, SigmoidGatedResidual, gate_logit_knob
+from dynnet.methods.layer_skip._resnet import ResNetLayout, SigmoidGatedResidual, gate_logit_knob
 
 __all__ = ["DualDynamicInference", "DualDynamicInferenceConfig", "ExitHead"]
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import DecisionMaker, LogitEntry
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, tracing_or_compiling
 from dynnet.core.budget import BudgetPolicy, Knob
@@ -56,8 +57,9 @@ from dynnet.estimators.reinforce import (
     sample_bernoulli,
 )
 from dynnet.gates import open_bias_
-from dynnet.methods.layer_skip._resnet import DecisionMaker, LogitEntry, ResNetLayout, gate_logit_knob
+from dynnet.methods.layer_skip._resnet import ResNetLayout, gate_logit_knob
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["GATES", "PHASES", "SkipNet", "SkipNetConfig", "SkipNetGates"]
 
@@ -190,38 +192,6 @@ class SkipNet(DynamicModel):
         """One offset added to the keep logit of every gate."""
         return gate_logit_knob(self)
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random gates whose decisions depend on the input (for the conformance suite); returns how many tensors
-        changed.
-
-        Weights are drawn ``N(0, 1 / fan_in)``, biases are zero and the layers that read a pooled feature map (the RNN
-        gate's projections, each feed-forward gate's last layer) have zero-mean rows, so a keep logit is 0 for an
-        input whose pooled channels are equal and its sign follows the input's channel pattern. The generic
-        scrambling's ``N(0, 1)`` biases outweigh that pattern (pooled features of a random stem vary little across
-        inputs): with it, every RNN gate of a ResNet-8 took one decision for every input at 30 of 32 seeds (most often
-        every block on, or every block off). Batch norms of the feed-forward gates are kept.
-        """
-
-        def draw_(linear: nn.Module, centred: bool) -> int:
-            w = torch.randn(linear.weight.shape, generator=generator) / linear.weight[0].numel() ** 0.5
-            linear.weight.copy_(w - w.mean(1, keepdim=True) if centred else w)
-            if linear.bias is None:
-                return 1
-            linear.bias.zero_()
-            return 2
-
-        gates = self.gates
-        changed = 0
-        with torch.no_grad():
-            if gates.kind == "rnn":
-                changed += sum(draw_(p, centred=True) for p in gates.proj)
-                changed += sum(draw_(m, centred=False) for m in (gates.lstm_x, gates.lstm_h, gates.out))
-            else:
-                for ff in gates.ff:
-                    changed += sum(draw_(m, centred=False) for m in ff if isinstance(m, nn.Conv2d))
-                    changed += draw_(ff[-1], centred=True)
-        return changed
-
     def set_phase(self, phase: str) -> None:
         """``"supervised"`` (straight-through sigmoid) or ``"reinforce"`` (sampled decisions, REINFORCE)."""
         if phase not in PHASES:
@@ -317,3 +287,37 @@ def convert(model: nn.Module, config: SkipNetConfig, targets: Targets = "auto") 
     gates = SkipNetGates(channels, names, config.gate, config.hidden, config.embed)
     gates.block_name = "gates"
     return SkipNet(model, gates, config=copy.copy(config), in_channels=first_conv_in_channels(model))
+
+
+@register_randomiser(SkipNet)
+def _randomise(model: SkipNet, generator: torch.Generator) -> int:
+    """Random gates whose decisions depend on the input (for the conformance suite); returns how many tensors
+    changed.
+
+    Weights are drawn ``N(0, 1 / fan_in)``, biases are zero and the layers that read a pooled feature map (the RNN
+    gate's projections, each feed-forward gate's last layer) have zero-mean rows, so a keep logit is 0 for an
+    input whose pooled channels are equal and its sign follows the input's channel pattern. The generic
+    scrambling's ``N(0, 1)`` biases outweigh that pattern (pooled features of a random stem vary little across
+    inputs): with it, every RNN gate of a ResNet-8 took one decision for every input at 30 of 32 seeds (most often
+    every block on, or every block off). Batch norms of the feed-forward gates are kept.
+    """
+
+    def draw_(linear: nn.Module, centred: bool) -> int:
+        w = torch.randn(linear.weight.shape, generator=generator) / linear.weight[0].numel() ** 0.5
+        linear.weight.copy_(w - w.mean(1, keepdim=True) if centred else w)
+        if linear.bias is None:
+            return 1
+        linear.bias.zero_()
+        return 2
+
+    gates = model.gates
+    changed = 0
+    with torch.no_grad():
+        if gates.kind == "rnn":
+            changed += sum(draw_(p, centred=True) for p in gates.proj)
+            changed += sum(draw_(m, centred=False) for m in (gates.lstm_x, gates.lstm_h, gates.out))
+        else:
+            for ff in gates.ff:
+                changed += sum(draw_(m, centred=False) for m in ff if isinstance(m, nn.Conv2d))
+                changed += draw_(ff[-1], centred=True)
+    return changed

@@ -49,6 +49,7 @@ from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
 from dynnet.gates import PooledMLPGate
 from dynnet.kernels.moe import dense_combine, dispatch_add, expert_counts
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["HydraNet", "HydraNetsConfig", "HydraStage", "branch_relevance", "convert", "select_branches"]
 
@@ -225,26 +226,6 @@ class HydraNet(DynamicModel):
         entries = [(s.gate.fc2.bias, b, 1.0) for _, s in self.blocks() for b in range(s.num_branches)]
         return LogitShift(self.calibration[0], entries).knob(name="branch logit offset")
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random gates and distinct branches (for the conformance suite); returns how many tensors changed.
-
-        The gates are drawn as the suite draws any gate (weights ``N(0, 1 / fan_in)``, biases and scales ``N(0, 1)``).
-        The branches start as copies of the stage, so which of them run would not change the logits and comparing
-        execution modes would not see a sample sent to the wrong branch: every parameter of branches ``1..B-1`` is
-        scaled by ``1 + 0.1 N(0, 1)``. Branch 0 (the base's stage, dense mode) is kept.
-        """
-        changed = 0
-        with torch.no_grad():
-            for _, stage in self.blocks():
-                for p in stage.gate.parameters():
-                    fan_in = p[0].numel() if p.dim() > 1 else 1
-                    p.copy_(torch.randn(p.shape, generator=generator) / fan_in**0.5)
-                    changed += 1
-                for p in stage.branches.parameters():
-                    p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-                    changed += 1
-        return changed
-
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         out = super().compute_loss(logits, target, t, budget)
         gate_terms = [
@@ -290,3 +271,25 @@ def convert(model: nn.Module, config: HydraNetsConfig, targets: Targets = "auto"
         new.block_name = stage_name
         replace_module(model, stage_name, new)
     return HydraNet(model, recipe="hydranets", config=copy.copy(config), in_channels=first_conv_in_channels(model))
+
+
+@register_randomiser(HydraNet)
+def _randomise(model: HydraNet, generator: torch.Generator) -> int:
+    """Random gates and distinct branches (for the conformance suite); returns how many tensors changed.
+
+    The gates are drawn as the suite draws any gate (weights ``N(0, 1 / fan_in)``, biases and scales ``N(0, 1)``).
+    The branches start as copies of the stage, so which of them run would not change the logits and comparing
+    execution modes would not see a sample sent to the wrong branch: every parameter of branches ``1..B-1`` is
+    scaled by ``1 + 0.1 N(0, 1)``. Branch 0 (the base's stage, dense mode) is kept.
+    """
+    changed = 0
+    with torch.no_grad():
+        for _, stage in model.blocks():
+            for p in stage.gate.parameters():
+                fan_in = p[0].numel() if p.dim() > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=generator) / fan_in**0.5)
+                changed += 1
+            for p in stage.branches.parameters():
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
+                changed += 1
+    return changed

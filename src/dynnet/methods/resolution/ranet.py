@@ -52,6 +52,7 @@ from dynnet.gates import (
     exit_rate_for_budget,
     thresholds_for_fractions,
 )
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["RANet", "RANetBody", "RANetConfig", "SubNetwork", "convert"]
 
@@ -270,15 +271,6 @@ class RANet(DynamicModel):
         self.net.thresholds.copy_(thr)
         return thr
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random thresholds and sharper exits, so that samples leave at different exits (testing)."""
-        with torch.no_grad():
-            body: RANetBody = self.net
-            for sub in body.subnets:
-                sub.classifier.weight.mul_(8.0)
-            body.thresholds.copy_(0.3 + 0.4 * torch.rand(body.thresholds.shape, generator=generator))
-        return len(body.subnets)
-
 
 @recipe(
     "ranet",
@@ -294,3 +286,14 @@ def convert(model: nn.Module, config: RANetConfig, targets: Targets = "auto") ->
     in_channels = first_conv_in_channels(model) or 3
     body = RANetBody(in_channels, num_classes_of(model), config)
     return RANet(body, recipe="ranet", config=copy.copy(config), in_channels=in_channels)
+
+
+@register_randomiser(RANet)
+def _randomise(model: RANet, generator: torch.Generator) -> int:
+    """Random thresholds and sharper exits, so that samples leave at different exits (testing)."""
+    with torch.no_grad():
+        body: RANetBody = model.net
+        for sub in body.subnets:
+            sub.classifier.weight.mul_(8.0)
+        body.thresholds.copy_(0.3 + 0.4 * torch.rand(body.thresholds.shape, generator=generator))
+    return len(body.subnets)

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from dynnet.blocks import spatial_chain
 from dynnet.convert import ResidualAdapter, Targets, residual_blocks
 from dynnet.core import Trace
-from dynnet.kernels._spatial_chain import ConvStage, spatial_chain
+from dynnet.kernels.chain import ConvStage
 
 __all__ = ["chain_stride", "rate_for_budget", "spatial_targets"]
 
@@ -22,7 +23,7 @@ def spatial_targets(
     if not found:
         raise ValueError(
             f"no residual block of {type(model).__name__} has a known conv chain (BasicBlock/Bottleneck); "
-            "register one with dynnet.kernels._spatial_chain.register_spatial_chain"
+            "register one with dynnet.blocks.register_spatial_chain"
         )
     return found
 

@@ -42,12 +42,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import SpatialResidual
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
-from dynnet.kernels._spatial_chain import SpatialResidual
 from dynnet.losses import mac_budget_loss
 from dynnet.methods.spatial._common import chain_stride, spatial_targets
 from dynnet.methods.spatial.gates import SqueezeMaskUnit

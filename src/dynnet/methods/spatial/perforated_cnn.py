@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks import SpatialResidual
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
 from dynnet.core import (
     Decision,
@@ -85,9 +86,10 @@ from dynnet.core import (
 )
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
-from dynnet.kernels._spatial_chain import ConvStage, SpatialResidual, chain_sizes, folded_conv, folded_stage
+from dynnet.kernels.chain import ConvStage, chain_sizes, folded_conv, folded_stage
 from dynnet.kernels.spatial import conv_out_size, gather_conv_image
 from dynnet.methods.spatial._common import spatial_targets
+from dynnet.testing.scramble import register_randomiser
 
 __all__ = [
     "MASK_KINDS",
@@ -491,24 +493,6 @@ class PerforatedCNN(DynamicModel):
         """The perforated blocks, in execution order."""
         return [m for m in self.modules() if isinstance(m, PerforatedBlock)]
 
-    def scramble_(self, generator: torch.Generator) -> int:
-        """Random uniform masks for every stage; returns their number. A perforated stage keeps its number of
-        evaluated positions (the budget stays, the positions change); an unperforated one evaluates 20-80 %.
-
-        The conformance suite's scrambling: the masks are the decisions, and they are not parameters.
-        """
-        changed = 0
-        for block in self.perforated_blocks():
-            for i in range(block.gate.stages):
-                mask = block.gate.mask(i)
-                size = tuple(mask.shape)
-                keep = float(mask.float().mean())
-                if keep >= 1.0:
-                    keep = 0.2 + 0.6 * float(torch.rand((), generator=generator))
-                block.gate.set_mask_(i, uniform_mask(size, keep, generator))
-                changed += 1
-        return changed
-
     def mask_mac_fraction(self) -> float:
         """The MAC fraction the stored masks spend at the size they were built for (``config.input_size``)."""
         dense, spent = self._dense_at_input_size(), 0.0
@@ -745,3 +729,23 @@ def convert(model: nn.Module, config: PerforatedCNNConfig, targets: Targets = "a
     net = PerforatedCNN(model, recipe="perforated_cnn", config=copy.copy(config), in_channels=in_channels)
     net.perforate_to_(config.budget)
     return net
+
+
+@register_randomiser(PerforatedCNN)
+def _randomise(model: PerforatedCNN, generator: torch.Generator) -> int:
+    """Random uniform masks for every stage; returns their number. A perforated stage keeps its number of
+    evaluated positions (the budget stays, the positions change); an unperforated one evaluates 20-80 %.
+
+    The conformance suite's scrambling: the masks are the decisions, and they are not parameters.
+    """
+    changed = 0
+    for block in model.perforated_blocks():
+        for i in range(block.gate.stages):
+            mask = block.gate.mask(i)
+            size = tuple(mask.shape)
+            keep = float(mask.float().mean())
+            if keep >= 1.0:
+                keep = 0.2 + 0.6 * float(torch.rand((), generator=generator))
+            block.gate.set_mask_(i, uniform_mask(size, keep, generator))
+            changed += 1
+    return changed

@@ -12,7 +12,7 @@ before halting and the remainder ``R = 1 - Σ_{l<N} h_l`` at ``N``, and the pond
 (gradient through ``R``) is added to the loss with weight ``ponder_weight``.
 
 Sparse mode runs each block on its active positions with the pixel gather–GEMM–scatter engine
-(:func:`dynnet.kernels._spatial_chain.run_pixels`): the first convolution on the positions the second
+(:func:`dynnet.kernels.chain.run_pixels`): the first convolution on the positions the second
 reads (dilated mask), the second on the running positions.
 
 Departures from the paper:
@@ -47,12 +47,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dynnet.blocks import spatial_chain
 from dynnet.convert import Targets, find_adapter, first_conv_in_channels, replace_module
 from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.estimators.ponder import halts
-from dynnet.kernels._spatial_chain import chain_sizes, run_masked, run_pixels, spatial_chain, stage_masks
+from dynnet.kernels.chain import chain_sizes, run_masked, run_pixels, stage_masks
 from dynnet.kernels.spatial import scatter_add_rows
 from dynnet.methods.spatial.gates import SqueezeMaskUnit
 

@@ -1,0 +1,307 @@
+"""Spatially dynamic residual blocks: which block classes split into which conv stages (the chain registry), and
+:class:`SpatialResidual`, the dynamic block of the spatial and block families, run by the pure chain functions of
+:mod:`dynnet.kernels.chain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from dynnet.convert.residual import ResidualAdapter
+from dynnet.core import Decision, DynamicBlock, current_trace
+from dynnet.core.registry import TypeRegistry
+from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
+from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks
+from dynnet.kernels.spatial import scatter_add_rows
+
+__all__ = ["SpatialResidual", "calibrate_dense_fallback_", "register_spatial_chain", "spatial_chain"]
+
+
+def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage]]) -> None:
+    """Teach the spatial engine how to split the residual branch of ``cls`` (and of its subclasses that keep its
+    ``forward``) into conv stages."""
+    _CHAINS.register(cls, fn)
+
+
+def spatial_chain(block: nn.Module) -> list[ConvStage] | None:
+    """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class."""
+    fn = _CHAINS.lookup(block)
+    if fn is None:
+        return None
+    stages = fn(block)
+    for st in stages:
+        if st.conv.groups != 1:
+            return None
+    return stages
+
+
+def _basic(b: nn.Module) -> list[ConvStage]:
+    return [ConvStage(b.conv1, b.bn1, b.relu), ConvStage(b.conv2, b.bn2, None)]
+
+
+def _bottleneck(b: nn.Module) -> list[ConvStage]:
+    return [ConvStage(b.conv1, b.bn1, b.relu), ConvStage(b.conv2, b.bn2, b.relu), ConvStage(b.conv3, b.bn3, None)]
+
+
+def _register_builtin() -> None:
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    from dynnet.models.cifar_resnet import BasicBlock as CifarBasic
+
+    for cls, fn in ((CifarBasic, _basic), (TvBasic, _basic), (TvBottleneck, _bottleneck)):
+        register_spatial_chain(cls, fn)
+
+
+# Built-ins registered on first use (torchvision is imported only then).
+_CHAINS: TypeRegistry[Callable[[nn.Module], list[ConvStage]]] = TypeRegistry(
+    "spatial chain", same_forward=True, loader=_register_builtin
+)
+
+
+class SpatialResidual(DynamicBlock):
+    """A residual block whose branch is computed only at the positions of a spatial mask.
+
+    ``out = post(shortcut(x) + M ⊙ branch(x))`` with ``M`` the output mask. In ``"pixel"`` execution the
+    intermediate stages are also masked by their receptive masks (DynConv), so the masked mode is exactly
+    what the gather kernels compute; in ``"tile"`` execution (SBNet) the intermediate stages are dense and
+    only the output is masked, which the haloed tiles reproduce exactly.
+
+    Args:
+        block: the original residual block (its children keep their names).
+        adapter: body / shortcut / post of the block.
+        stages: the branch's conv stages (:func:`spatial_chain`).
+        gate: the mask unit (``None`` when masks come from outside, e.g. SACT's halting).
+        execution: ``"pixel"`` or ``"tile"``.
+        tile: tile side for ``"tile"`` execution (and the granularity of block decisions).
+
+    Subclasses implement :meth:`decide`; a decision's ``hard`` is Tensor[N, H_L, W_L] (pixel) or
+    Tensor[N, ceil(H_L/tile), ceil(W_L/tile)] (tile).
+    """
+
+    granularity = "spatial"
+
+    def __init__(
+        self,
+        block: nn.Module,
+        adapter: ResidualAdapter,
+        stages: list[ConvStage],
+        gate: nn.Module | None,
+        *,
+        execution: str = "pixel",
+        tile: int = 4,
+    ) -> None:
+        super().__init__()
+        if execution not in ("pixel", "tile"):
+            raise ValueError(f"execution must be 'pixel' or 'tile', got {execution!r}")
+        for child_name, child in block.named_children():
+            self.add_module(child_name, child)
+        object.__setattr__(self, "_block", block)
+        object.__setattr__(self, "_stages", stages)
+        self.adapter = adapter
+        self.execution = execution
+        self.tile = int(tile)
+        # Density of the output mask above which sparse mode runs the masked (dense) computation instead of the
+        # gather kernels: 1.0 = never (the default); set per block from measurements by calibrate_dense_fallback_.
+        self.dense_above = 1.0
+        if gate is not None:
+            self.gate = gate
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def body(self, x: Tensor) -> Tensor:
+        return self.adapter.body(self._block, x)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        return self.adapter.shortcut(self._block, x)
+
+    def post(self, y: Tensor) -> Tensor:
+        return self.adapter.post(self._block, y)
+
+    def decide(self, x: Tensor) -> Decision:
+        """The decision for Tensor[N, C, H, W] (straight-through ``hard`` in training)."""
+        raise NotImplementedError
+
+    def out_size(self, x: Tensor) -> tuple[int, int]:
+        """Spatial size of the branch output for input ``x``."""
+        return chain_sizes(self._stages, tuple(x.shape[2:]))[-1]
+
+    def interpolate(self, branch: Tensor, mask: Tensor) -> Tensor:
+        """Fill the skipped positions of the masked branch output (Tensor[N, C, H, W], zeros where ``mask``
+        Tensor[N, H, W] is 0). The default keeps zeros (the skipped positions keep the shortcut); recipes that
+        interpolate (stochastic sampling) override it and set ``interpolates = True``."""
+        return branch
+
+    interpolates: bool = False
+
+    def pixel_mask(self, d: Decision, x: Tensor) -> Tensor:
+        """The decision as a Tensor[N, H_L, W_L] output mask (tiles upsampled in tile execution)."""
+        if self.execution == "tile":
+            return tiles_to_pixels(d.hard, self.tile, self.out_size(x))
+        return d.hard
+
+    # -- modes ------------------------------------------------------------------------------------------------
+    def forward_dense(self, x: Tensor, decision: Decision | None = None) -> Tensor:
+        return self.post(self.shortcut(x) + self.body(x))
+
+    def forward_masked(self, x: Tensor, decision: Decision | None = None) -> Tensor:
+        d = self._decision(x, decision)
+        gate_ran = decision is None
+        sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
+        masks = stage_masks(self._stages, self.pixel_mask(d, x), sizes[1:])
+        out = self.post(self.shortcut(x) + self._masked_branch(x, masks))
+        self._record(x, d, masks, executed=None, gate_ran=gate_ran)
+        return out
+
+    def forward_sparse(self, x: Tensor, decision: Decision | None = None) -> Tensor:
+        d = self._decision(x, decision)
+        gate_ran = decision is None
+        sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
+        hard = d.hard.detach() > 0.5
+        base = self.shortcut(x)
+        if self.execution == "pixel":
+            masks = stage_masks(self._stages, hard, sizes[1:])
+            if self.dense_above < 1.0 and float(masks[-1].float().mean()) > self.dense_above:
+                # Measured to be faster for this layer at this density: the dense convolutions, masked.
+                branch = self._masked_branch(x, masks)
+                body = self.cost("body", lambda m, inp: m.body(inp), x)
+                executed = torch.full((x.shape[0],), float(body), dtype=torch.float64, device=x.device)
+                self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
+                return self.post(base + branch)
+            if not bool(masks[0].any()):
+                out, executed = base, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            else:
+                rows, positions, executed = run_pixels(self._stages, x, masks)
+                out = scatter_add_rows(base if not self.interpolates else torch.zeros_like(base), rows, positions)
+            if self.interpolates:
+                out = base + self.interpolate(out if bool(masks[0].any()) else torch.zeros_like(base), masks[-1])
+        else:
+            masks = stage_masks(self._stages, tiles_to_pixels(hard, self.tile, sizes[-1]), sizes[1:])
+            tiles = hard.nonzero()
+            values, executed = run_tiles(self._stages, x, tiles, self.tile)
+            out = scatter_tiles(base, values, tiles, self.tile)
+        self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
+        return self.post(out)
+
+    def _masked_branch(self, x: Tensor, masks: list[Tensor]) -> Tensor:
+        """The branch computed densely and masked (pixel execution: every stage; tile: the output only)."""
+        used: list[Tensor | None] = (
+            list(masks) if self.execution == "pixel" else [None] * (len(masks) - 1) + [masks[-1]]
+        )
+        branch = run_masked(self._stages, x, used)
+        return self.interpolate(branch, masks[-1]) if self.interpolates else branch
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def _decision(self, x: Tensor, decision: Decision | None) -> Decision:
+        return self.decide(x) if decision is None else decision
+
+    def _check_chain(self, x: Tensor) -> float:
+        """Dense MACs of the branch; checks that the conv stages account for all of them."""
+        body = self.cost("body", lambda m, inp: m.body(inp), x)
+        sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
+        chain = sum(st.per_position * h * w for st, (h, w) in zip(self._stages, sizes[1:], strict=True))
+        if chain != body:
+            raise RuntimeError(
+                f"{self.block_name}: the conv stages cost {chain} MACs but the residual branch costs {body}; "
+                "register the right chain with dynnet.blocks.register_spatial_chain"
+            )
+        return float(body)
+
+    def _record(self, x: Tensor, d: Decision, masks: list[Tensor], executed: Tensor | None, gate_ran: bool) -> None:
+        t = current_trace()
+        if t is None:
+            return
+        t.record_decision(self.block_name, d)
+        body = self._check_chain(x)
+        macs = sum(m.flatten(1).sum(1).double() * st.per_position for st, m in zip(self._stages, masks, strict=True))
+        t.record_macs(
+            f"{self.block_name}/body",
+            macs,
+            executed=body if executed is None else executed,
+            minimum=0.0,
+            maximum=body,
+            dense=body,
+        )
+        if gate_ran and hasattr(self, "gate"):  # a decision passed in from outside costs this block nothing
+            g = self.cost("gate", lambda m, inp: m.gate(inp), x)
+            t.record_macs(f"{self.block_name}/gate", float(g), batch_size=x.shape[0], minimum=g, maximum=g)
+
+
+def calibrate_dense_fallback_(
+    model: nn.Module, images: Tensor, *, min_run_time: float = 0.2, margin: float = 1.0
+) -> dict[str, float]:
+    """Measure, block by block, whether the gather kernels beat the masked dense path on ``images``; set each
+    pixel-executed :class:`SpatialResidual`'s ``dense_above`` accordingly (in place).
+
+    Each block is timed on the input it receives from ``images`` (captured by a forward hook), in sparse mode
+    (gather kernels) and with the dense fallback forced, under ``torch.inference_mode``. Where the fallback is
+    faster (by ``margin``), ``dense_above`` becomes the block's measured output density minus a little (the
+    fallback then runs at this density and above); elsewhere it stays 1.0. Narrow layers (few channels, small
+    maps) typically fall back: their gathers cost more than the convolution they skip. Wall-clock timing:
+    call it once per deployment shape, never in a test that asserts a speed.
+
+    Args:
+        model: a converted model in eval mode.
+        images: Tensor[N, C, H, W] representative inputs (the deployment batch size).
+        min_run_time: seconds of timing per block and path.
+        margin: the fallback is chosen when ``sparse_time > margin × dense_time``.
+
+    Returns:
+        ``{block_name: dense_above}`` for every calibrated block: pixel-executed blocks that take their own
+        decisions and use this class's sparse path (DynConv, pixel-wise attentional gating, stochastic sampling).
+    """
+    from torch.utils.benchmark import Timer
+
+    blocks = [  # blocks that decide for themselves and run SpatialResidual's own sparse path
+        m
+        for m in model.modules()
+        if isinstance(m, SpatialResidual)
+        and m.execution == "pixel"
+        and hasattr(m, "gate")
+        and type(m).forward_sparse is SpatialResidual.forward_sparse
+    ]
+    inputs: dict[int, Tensor] = {}
+    hooks = [
+        b.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, args[0].detach()))
+        for i, b in enumerate(blocks)
+    ]
+    modes = {i: b.mode for i, b in enumerate(blocks)}
+    was_training = model.training
+    model.eval()
+    result: dict[str, float] = {}
+    try:
+        with torch.inference_mode():
+            model(images)
+        for h in hooks:
+            h.remove()
+        hooks = []
+        for i, b in enumerate(blocks):
+            if i not in inputs:
+                continue
+            x = inputs[i]
+            b.mode = "sparse"
+            saved = b.dense_above
+            timings = {}
+            for label, threshold in (("sparse", 1.0), ("dense", -1.0)):
+                b.dense_above = threshold
+                # Timer runs on one thread unless told otherwise: time with the threads inference will use.
+                timer = Timer("b(x)", globals={"b": b, "x": x}, num_threads=torch.get_num_threads())
+                with torch.inference_mode():
+                    timings[label] = timer.blocked_autorange(min_run_time=min_run_time).median
+            b.dense_above = saved
+            choice = 1.0
+            if timings["sparse"] > margin * timings["dense"]:
+                with torch.inference_mode():
+                    density = float((b.decide(x).hard > 0.5).float().mean())
+                choice = max(0.0, density - 0.1)
+            b.dense_above = choice
+            result[b.block_name or f"block{i}"] = choice
+    finally:
+        for h in hooks:
+            h.remove()
+        for i, b in enumerate(blocks):
+            b.mode = modes[i]
+        model.train(was_training)
+    return result
