@@ -62,9 +62,9 @@ class TrainConfig:
             step's (annealed) budget on the last training batches (:class:`~dynnet.train.hooks.BudgetTracking`);
             0: never. Only for a converted model whose recipe is calibrated, with a budget; the default of a
             fine-tune from a trained base (:data:`dynnet.core.recipe.FINE_TUNE_DEFAULTS`).
-        track_budget: how: ``"knob"`` (the calibration knob is set on the last training batches) or ``"target"``
-            (the budget the recipe's objective aims at is shifted against the error of the training MAC fraction:
-            for recipes whose estimator's gradient undoes a moved threshold). See
+        track_budget: how: ``"knob"`` (the calibration knob is set on the last training batches) or ``"lagrange"``
+            (a Lagrange multiplier of the budget constraint, moved by dual ascent, weighs the differentiable MAC
+            fraction in the loss: for recipes whose estimator's gradient undoes a moved threshold) or ``"both"``. See
             :class:`~dynnet.train.hooks.BudgetTracking`.
         find_unused_parameters: passed to ``DistributedDataParallel``. Training runs in masked mode, where every
             parameter takes part in every step, so the default ``False`` is right; recipes whose training skips
@@ -109,8 +109,8 @@ class TrainConfig:
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
         _positive_int("log_every", self.log_every)
-        if self.track_budget not in ("knob", "target"):
-            raise ValueError(f"track_budget must be 'knob' or 'target', got {self.track_budget!r}")
+        if self.track_budget not in ("knob", "lagrange", "both"):
+            raise ValueError(f"track_budget must be 'knob', 'lagrange' or 'both', got {self.track_budget!r}")
         if not isinstance(self.track_budget_every, int) or self.track_budget_every < 0:
             raise ValueError(f"track_budget_every must be an int >= 0, got {self.track_budget_every!r}")
         if not isinstance(self.checkpoint_every_steps, int) or self.checkpoint_every_steps < 0:

@@ -47,8 +47,9 @@ class FitState:
         step_log: scalars of the last step (loss parts, lr, tau, budget, ...).
         trace: the trace of the last forward pass (``on_step_end`` only), for hooks that read decisions.
         inputs: the last training batch, Tensor[B, C, H, W] (``on_step_end`` only).
-        budget_shift: added to the budget target the recipe's objective is given (``compute_loss``); moved by
-            :class:`BudgetTracking` in ``"target"`` mode, 0 otherwise.
+        budget_multiplier: the Lagrange multiplier ``λ`` of the budget constraint: ``fit`` adds
+            ``λ · (mean MAC fraction − budget)`` of each training batch to the loss (differentiable through the
+            decisions); moved by :class:`BudgetTracking` in ``"lagrange"`` mode, 0 otherwise.
         is_main: True on rank 0 (the process that writes files).
         out_dir: ``config.out_dir`` as a path, or ``None``.
     """
@@ -70,7 +71,7 @@ class FitState:
     out_dir: Path | None = None
     hooks: list[Hook] = field(default_factory=list)
     meter: dict[str, float] = field(default_factory=dict)
-    budget_shift: float = 0.0
+    budget_multiplier: float = 0.0
 
 
 class Hook:
@@ -167,13 +168,14 @@ class BudgetTracking(Hook):
     batches equals the budget target of that step. For recipes whose decisions are thresholds the gradient does not
     fight (channel gating, instance sparsity...).
 
-    ``"target"``: every ``every`` steps, move :attr:`FitState.budget_shift`, the offset added to the budget the
-    recipe's objective aims at, against the error of the MAC fraction of the training steps since the last move
-    (``shift -= gain · (fraction - budget)``, kept in ``[-budget + 0.02, 0]``): dual ascent on the budget
-    constraint through the recipe's own loss. For recipes trained with a straight-through or Gumbel estimator
-    whose loss already targets the budget (ConvNet-AIG's target rate): shifting their gate biases from outside is
-    undone by the task gradient (ConvNet-AIG, 2 epochs: the offset reached its -30 floor while its gates grew
-    logits above 27 and stayed at 0.69 of the MACs).
+    ``"lagrange"``: dual ascent on the budget constraint ``fraction ≤ budget``. ``fit`` adds
+    ``λ · (mean MAC fraction − budget)`` of every training batch to the loss (the trace's MACs are differentiable
+    through the decisions' straight-through values), and every ``every`` steps the multiplier moves by the mean error
+    of the steps since the last move: ``λ ← max(0, λ + gain · (fraction − budget))``. While training spends more than
+    the budget the push grows; once it spends less, it fades. For recipes trained with a straight-through or Gumbel
+    estimator whose task gradient undoes a threshold moved from outside: ConvNet-AIG's standard-profile fine-tune with
+    knob tracking drove the offset to its -30 floor while its gates grew logits above 27 and stayed at 0.69 of the
+    MACs; SkipNet's stayed at 0.97 (2026-12-07).
 
     Why: a budget loss pulls a fine-tuned network's gates from open (1.0) towards the budget, but from a trained base
     in a short fine-tune it often does not get there (ConvNet-AIG, SkipNet, channel gating, GaterNet, batch-shaping,
@@ -186,21 +188,22 @@ class BudgetTracking(Hook):
     In ``"knob"`` mode the search runs without gradients, in eval mode (BatchNorm running statistics, deterministic
     decisions) and the blocks' current mode (masked during training: the same decisions as sparse); a target the
     knob cannot reach on these batches is skipped (counted in the epoch log). Under ``torchrun`` rank 0's thresholds
-    are broadcast to the others; in ``"target"`` mode the fractions are summed over the ranks, so every rank moves
-    the same shift.
+    are broadcast to the others; in ``"lagrange"`` mode the fractions are summed over the ranks, so every rank moves
+    the same multiplier.
 
     Args:
         every: steps between two moves.
-        mode: ``"knob"`` or ``"target"``.
+        mode: ``"knob"``, ``"lagrange"`` or ``"both"`` (the knob keeps the gates where their gradient is alive, the
+            multiplier holds them against the task gradient).
         batches: how many of the latest training batches the knob search measures on.
         tolerance: how close the MAC fraction on them must come to the target (knob mode).
-        gain: shift per unit of MAC-fraction error (target mode).
+        gain: multiplier step per unit of MAC-fraction error (lagrange mode).
     """
 
-    MODES = ("knob", "target")
+    MODES = ("knob", "lagrange", "both")
 
     def __init__(
-        self, every: int, mode: str = "knob", batches: int = 2, tolerance: float = 0.02, gain: float = 0.5
+        self, every: int, mode: str = "knob", batches: int = 2, tolerance: float = 0.02, gain: float = 1.0
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -210,11 +213,11 @@ class BudgetTracking(Hook):
         self._recent: deque[torch.Tensor] = deque(maxlen=batches)
         self._fractions: list[float] = []
         self.thresholds: dict[str, float] = {}
-        self.shift = 0.0
+        self.multiplier = 0.0
         self.skipped = 0
 
     def on_fit_start(self, state: FitState) -> None:
-        state.budget_shift = self.shift  # resumed runs go on with the shift they had
+        state.budget_multiplier = self.multiplier  # resumed runs go on with the multiplier they had
 
     def on_step_end(self, state: FitState) -> None:
         if state.inputs is not None:
@@ -224,7 +227,7 @@ class BudgetTracking(Hook):
         budget = state.step_log.get("budget")
         if state.step % self.every or budget is None:
             return
-        if self.mode == "target":
+        if self.mode in ("lagrange", "both"):
             from dynnet.train.distributed import all_reduce_sum
 
             total, count = all_reduce_sum(
@@ -232,10 +235,11 @@ class BudgetTracking(Hook):
             )
             if count > 0:
                 error = float(total / count) - float(budget)
-                self.shift = min(0.0, max(-float(budget) + 0.02, self.shift - self.gain * error))
-                state.budget_shift = self.shift
+                self.multiplier = max(0.0, self.multiplier + self.gain * error)
+                state.budget_multiplier = self.multiplier
             self._fractions = []
-            return
+            if self.mode == "lagrange":
+                return
         self._move_knob(state, float(budget))
 
     def _move_knob(self, state: FitState, budget: float) -> None:
@@ -258,19 +262,19 @@ class BudgetTracking(Hook):
 
     def on_epoch_end(self, state: FitState) -> None:
         entry = state.logs[-1]
-        if self.mode == "knob":
+        if self.mode != "lagrange":
             entry["tracked_thresholds"] = {k: round(v, 4) for k, v in self.thresholds.items()}
             entry["tracking_skipped"] = self.skipped
-        else:
-            entry["budget_shift"] = round(self.shift, 4)
+        if self.mode != "knob":
+            entry["budget_multiplier"] = round(self.multiplier, 4)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds, "skipped": self.skipped, "shift": self.shift}
+        return {"thresholds": self.thresholds, "skipped": self.skipped, "multiplier": self.multiplier}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.thresholds = dict(state.get("thresholds", {}))
         self.skipped = int(state.get("skipped", 0))
-        self.shift = float(state.get("shift", 0.0))
+        self.multiplier = float(state.get("multiplier", 0.0))
 
 
 _SKIP_CSV = ("gate_rates", "tracked_thresholds")

@@ -335,8 +335,11 @@ def _train_step(
             model.follow_budget_(budget)  # recipes whose knob is fixed by the budget anneal it (FBS's density)
     with trace() as t:
         logits = net(x)
-    aim = None if budget is None else budget + state.budget_shift  # BudgetTracking's "target" mode moves the shift
-    loss, parts = _loss(model, logits, y, t, aim)
+    loss, parts = _loss(model, logits, y, t, budget)
+    if state.budget_multiplier > 0 and budget is not None and t.entries:  # BudgetTracking's "lagrange" mode
+        excess = t.mac_fraction().mean() - budget
+        loss = loss + state.budget_multiplier * excess
+        parts["lagrange"] = float(state.budget_multiplier * excess.detach())
     if teacher is not None and config.distill > 0:
         kd = distillation_loss(logits, teacher_logits(teacher, x), config.distill_temperature)
         loss = loss + config.distill * kd
