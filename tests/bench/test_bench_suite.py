@@ -325,3 +325,18 @@ def test_a_trained_budget_is_trained_once_and_calibrated_to_the_others(
     before = jobs[0].settings(profile)
     monkeypatch.setattr(recipe, "FINE_TUNE_DEFAULTS", {**recipe.FINE_TUNE_DEFAULTS, "track_budget_every": 7})
     assert jobs[0].settings(dataclasses.replace(profile, init="zoo")) != before
+
+
+def test_a_checkpoint_left_by_other_settings_is_not_resumed(tmp_path: Path) -> None:
+    folder = tmp_path / "convnet_aig-b0.5-s0"
+    jobs._claim_checkpoint(folder, {"lr": 0.02})
+    (folder / "checkpoint.json").write_text("{}")  # a finished run's checkpoint
+    jobs._claim_checkpoint(folder, {"lr": 0.02})
+    assert (folder / "checkpoint.json").exists()  # same settings: kept, fit resumes it
+    jobs._claim_checkpoint(folder, {"lr": 0.05})
+    assert not (folder / "checkpoint.json").exists() and (folder / "job.json").exists()  # other settings: removed
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "checkpoint.json").write_text("{}")
+    jobs._claim_checkpoint(legacy, {"lr": 0.02})
+    assert not (legacy / "checkpoint.json").exists()  # no record of its settings: not trusted

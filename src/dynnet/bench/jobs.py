@@ -250,6 +250,8 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
     out = None if checkpoint_dir is None else Path(checkpoint_dir) / trained.id
     if trained is not job and out is None:
         raise ValueError(f"job {job.id} calibrates {trained.id}'s training: it needs the suite's checkpoint folder")
+    if out is not None:
+        _claim_checkpoint(out, trained.settings(profile))
     init, teacher, warm = _fine_tune_plan(trained, profile, model, base, width, data.info)
     config = TrainConfig(
         **{"epochs": profile.epochs, "lr": profile.lr, "seed": job.seed, "max_steps": profile.max_steps,
@@ -377,3 +379,18 @@ def _corr(a: Tensor, b: Tensor) -> float:
     a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
     den = float(a.norm() * b.norm())
     return float((a * b).sum()) / den if den > 0 else math.nan
+
+
+def _claim_checkpoint(folder: Path, settings: dict[str, Any]) -> None:
+    """Make ``folder`` hold the checkpoint of a job with these settings: a checkpoint left there by other settings
+    (a changed schedule or fine-tune default) is removed, so that ``fit`` trains anew instead of resuming it; the
+    settings are written beside the checkpoint."""
+    import json
+    import shutil
+
+    stamp = folder / "job.json"
+    wanted = json.dumps(settings, sort_keys=True)
+    if folder.exists() and (not stamp.is_file() or stamp.read_text() != wanted):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(wanted)

@@ -175,7 +175,7 @@ class BudgetTracking(Hook):
     the budget the push grows; once it spends less, it fades. For recipes trained with a straight-through or Gumbel
     estimator whose task gradient undoes a threshold moved from outside: ConvNet-AIG's standard-profile fine-tune with
     knob tracking drove the offset to its -30 floor while its gates grew logits above 27 and stayed at 0.69 of the
-    MACs; SkipNet's stayed at 0.97 (2026-12-07).
+    MACs (2026-12-07).
 
     Why: a budget loss pulls a fine-tuned network's gates from open (1.0) towards the budget, but from a trained base
     in a short fine-tune it often does not get there (ConvNet-AIG, SkipNet, channel gating, GaterNet, batch-shaping,

@@ -264,9 +264,6 @@ class SkipNet(DynamicModel):
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
                         derives="supervised phase: target of the MAC-budget loss = budget; reinforce phase: the "
                         "computation reward charges alpha per unit of MAC fraction above budget"),
-    # Knob tracking alone did not hold its gates (a 2-epoch fine-tune stayed at 0.97 of the MACs): with a Lagrange
-    # multiplier on the MAC fraction too, as ConvNet-AIG.
-    fine_tune={"track_budget": "both"},
 )  # fmt: skip
 def convert(model: nn.Module, config: SkipNetConfig, targets: Targets = "auto") -> SkipNet:
     """Gate every target residual block of ``model`` (a ResNet-style network) with SkipNet gates (in place)."""
