@@ -20,18 +20,18 @@ from dynnet.kernels.spatial import scatter_add_rows
 __all__ = ["SpatialResidual", "calibrate_dense_fallback_", "register_spatial_chain", "spatial_chain"]
 
 
-def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage]]) -> None:
+def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage] | None]) -> None:
     """Teach the spatial engine how to split the residual branch of ``cls`` (and of its subclasses that keep its
-    ``forward``) into conv stages."""
+    ``forward``) into conv stages; ``fn`` returns ``None`` for an instance whose branch is not a plain chain."""
     _CHAINS.register(cls, fn)
 
 
 def spatial_chain(block: nn.Module) -> list[ConvStage] | None:
     """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class."""
     fn = _CHAINS.lookup(block)
-    if fn is None:
+    stages = None if fn is None else fn(block)
+    if stages is None:  # unknown class, or an instance whose branch is not a plain chain
         return None
-    stages = fn(block)
     for st in stages:
         if st.conv.groups != 1:
             return None
@@ -46,6 +46,25 @@ def _bottleneck(b: nn.Module) -> list[ConvStage]:
     return [ConvStage(b.conv1, b.bn1, b.relu), ConvStage(b.conv2, b.bn2, b.relu), ConvStage(b.conv3, b.bn3, None)]
 
 
+def _plain_timm(b: nn.Module) -> bool:
+    """Whether a timm ResNet block's branch is a plain conv chain: no squeeze-excitation, anti-aliasing, DropBlock or
+    stochastic depth (their defaults)."""
+    extras = (getattr(b, "drop_block", None), getattr(b, "aa", None), getattr(b, "drop_path", None))
+    return getattr(b, "se", None) is None and all(m is None or isinstance(m, nn.Identity) for m in extras)
+
+
+def _timm_basic(b: nn.Module) -> list[ConvStage] | None:
+    if not _plain_timm(b):
+        return None
+    return [ConvStage(b.conv1, b.bn1, b.act1), ConvStage(b.conv2, b.bn2, None)]
+
+
+def _timm_bottleneck(b: nn.Module) -> list[ConvStage] | None:
+    if not _plain_timm(b):
+        return None
+    return [ConvStage(b.conv1, b.bn1, b.act1), ConvStage(b.conv2, b.bn2, b.act2), ConvStage(b.conv3, b.bn3, None)]
+
+
 def _register_builtin() -> None:
     from torchvision.models.resnet import BasicBlock as TvBasic
     from torchvision.models.resnet import Bottleneck as TvBottleneck
@@ -54,10 +73,17 @@ def _register_builtin() -> None:
 
     for cls, fn in ((CifarBasic, _basic), (TvBasic, _basic), (TvBottleneck, _bottleneck)):
         register_spatial_chain(cls, fn)
+    try:
+        from timm.models.resnet import BasicBlock as TimmBasic
+        from timm.models.resnet import Bottleneck as TimmBottleneck
+    except ImportError:  # timm is optional
+        return
+    register_spatial_chain(TimmBasic, _timm_basic)
+    register_spatial_chain(TimmBottleneck, _timm_bottleneck)
 
 
 # Built-ins registered on first use (torchvision is imported only then).
-_CHAINS: TypeRegistry[Callable[[nn.Module], list[ConvStage]]] = TypeRegistry(
+_CHAINS: TypeRegistry[Callable[[nn.Module], list[ConvStage] | None]] = TypeRegistry(
     "spatial chain", same_forward=True, loader=_register_builtin
 )
 

@@ -19,11 +19,13 @@ OPEN_LOGIT = 3.0
 def open_bias_(linear: nn.Linear, *, open_index: int | None = None, logit: float = OPEN_LOGIT) -> nn.Linear:
     """Initialise the last layer of a gate so that it starts open (the "bias trick").
 
-    The weights are made tiny so the bias decides; with ``open_index`` the layer outputs class logits
-    and only that class gets the large bias, otherwise every output (a per-unit "on" logit) does.
+    The weights are zero so that only the bias speaks, whatever the scale of the features reaching the gate (a
+    trained network's, with its BatchNorm statistics, can be large: tiny random weights there closed gates of a
+    fresh conversion); with ``open_index`` the layer outputs class logits and only that class gets the large bias,
+    otherwise every output (a per-unit "on" logit) does. The weights get a gradient from the first step.
     """
     with torch.no_grad():
-        nn.init.normal_(linear.weight, std=1e-3)
+        linear.weight.zero_()
         if linear.bias is None:
             raise ValueError("the gate's last layer needs a bias to start open")
         linear.bias.zero_()

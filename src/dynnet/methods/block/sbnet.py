@@ -70,7 +70,7 @@ class TileMaskUnit(nn.Module):
         self.conv = nn.Conv2d(in_channels, 1, 3, stride, 1, bias=True)
         self.tile = tile
         with torch.no_grad():
-            nn.init.normal_(self.conv.weight, std=1e-3)
+            self.conv.weight.zero_()  # only the bias speaks, whatever the scale of the features
             self.conv.bias.fill_(OPEN_LOGIT)
 
     def forward(self, x: Tensor) -> Tensor:

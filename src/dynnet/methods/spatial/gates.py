@@ -21,7 +21,7 @@ class SqueezeMaskUnit(nn.Module):
     Args:
         in_channels: C.
         stride: the stride of the block whose output positions the logits choose.
-        open_logit: initial logit everywhere (weights start tiny), ``OPEN_LOGIT`` for a mask that starts on;
+        open_logit: initial logit everywhere (weights start at zero), ``OPEN_LOGIT`` for a mask that starts on;
             a negative value makes a unit that starts off (halting units).
     """
 
@@ -31,8 +31,9 @@ class SqueezeMaskUnit(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, 1, bias=True)
         with torch.no_grad():
-            nn.init.normal_(self.conv.weight, std=1e-3)
-            nn.init.normal_(self.fc.weight, std=1e-3)
+            # Zero weights: only the bias speaks, whatever the scale of a trained network's features.
+            self.conv.weight.zero_()
+            self.fc.weight.zero_()
             self.conv.bias.fill_(open_logit)
             self.fc.bias.zero_()
 
@@ -93,7 +94,7 @@ class PixelGateUnit(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(hidden, choices, 1, bias=True)
         with torch.no_grad():
-            nn.init.normal_(self.conv2.weight, std=1e-3)
+            self.conv2.weight.zero_()  # only the bias speaks, whatever the scale of the features
             self.conv2.bias.zero_()
             self.conv2.bias[open_index] = OPEN_LOGIT
 
