@@ -51,12 +51,13 @@ def test_recorded_energy_matches_the_block_model() -> None:
 def test_loss_is_mac_budget_plus_energy_cost_and_trains_the_gates() -> None:
     torch.manual_seed(0)
     model = dynnet.create_model("cifar_resnet8", recipe="energynet", in_channels=1, width=0.5, budget=0.3).train()
-    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 10
+    x, y = torch.randn(64, 1, 16, 16), torch.arange(64) % 10
     with dynnet.trace() as t:
         logits = model(x)
     loss = model.compute_loss(logits, y, t)
-    # gates start open (p = sigmoid(OPEN_LOGIT) = 0.95 under training noise): nearly all energy is spent
-    assert loss.parts["energy_fraction"] == pytest.approx(1.0, abs=0.05)
+    # gates start open (p = sigmoid(OPEN_LOGIT) = 0.95 under training noise): nearly all energy is spent (64 samples:
+    # the mean of the noisy decisions lands at 0.93-0.95 over seeds; with 8 samples it drifted to 0.90 by chance)
+    assert loss.parts["energy_fraction"] == pytest.approx(0.95, abs=0.04)
     # budget = MAC fraction: the budget term is the MAC-budget loss, not an energy target
     assert loss.parts["budget"] == pytest.approx(t.budget_loss(0.3).item(), rel=1e-6)
     expected = loss.parts["task"] + loss.parts["budget"] + 0.1 * loss.parts["energy_fraction"]
