@@ -161,7 +161,7 @@ class GateHealth(Hook):
 
 
 class BudgetTracking(Hook):
-    """Keep the model at the step's budget while it trains, in one of two ways (``mode``).
+    """Keep the model at the step's budget while it trains, by a knob, a multiplier or both (``mode``).
 
     ``"knob"``: every ``every`` steps, move the recipe's calibration knob (:meth:`dynnet.DynamicModel.calibrate_to_`,
     the threshold :func:`dynnet.calibrate` moves at the end) so that the mean MAC fraction on the last training
@@ -222,7 +222,7 @@ class BudgetTracking(Hook):
     def on_step_end(self, state: FitState) -> None:
         if state.inputs is not None:
             self._recent.append(state.inputs.detach())
-        if "mac_fraction" in state.step_log:
+        if self.mode != "knob" and "mac_fraction" in state.step_log:  # the multiplier's error
             self._fractions.append(state.step_log["mac_fraction"])
         budget = state.step_log.get("budget")
         if state.step % self.every or budget is None:
