@@ -10,8 +10,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import AdaptedResidual
 from dynnet.convert.residual import ResidualAdapter
-from dynnet.core import Decision, DynamicBlock, current_trace
+from dynnet.core import Decision, current_trace
 from dynnet.core.registry import TypeRegistry
 from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
 from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks
@@ -88,7 +89,7 @@ _CHAINS: TypeRegistry[Callable[[nn.Module], list[ConvStage] | None]] = TypeRegis
 )
 
 
-class SpatialResidual(DynamicBlock):
+class SpatialResidual(AdaptedResidual):
     """A residual block whose branch is computed only at the positions of a spatial mask.
 
     ``out = post(shortcut(x) + M ⊙ branch(x))`` with ``M`` the output mask. In ``"pixel"`` execution the
@@ -120,14 +121,10 @@ class SpatialResidual(DynamicBlock):
         execution: str = "pixel",
         tile: int = 4,
     ) -> None:
-        super().__init__()
         if execution not in ("pixel", "tile"):
             raise ValueError(f"execution must be 'pixel' or 'tile', got {execution!r}")
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
+        super().__init__(block, adapter)
         object.__setattr__(self, "_stages", stages)
-        self.adapter = adapter
         self.execution = execution
         self.tile = int(tile)
         # Density of the output mask above which sparse mode runs the masked (dense) computation instead of the
@@ -135,16 +132,6 @@ class SpatialResidual(DynamicBlock):
         self.dense_above = 1.0
         if gate is not None:
             self.gate = gate
-
-    # -- pieces -----------------------------------------------------------------------------------------------
-    def body(self, x: Tensor) -> Tensor:
-        return self.adapter.body(self._block, x)
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        return self.adapter.shortcut(self._block, x)
-
-    def post(self, y: Tensor) -> Tensor:
-        return self.adapter.post(self._block, y)
 
     def decide(self, x: Tensor) -> Decision:
         """The decision for Tensor[N, C, H, W] (straight-through ``hard`` in training)."""

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import adopt_children
 from dynnet.convert import Targets, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter, identity_shortcut, post_is_relu, projection_shortcut
 from dynnet.core import Decision, DynamicBlock, current_trace, tracing_or_compiling, version_key
@@ -92,9 +93,7 @@ class ChannelGatedBlock(DynamicBlock):
     ) -> None:
         super().__init__()
         check_basic_block(block)
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
+        adopt_children(self, block)
         self._folded: tuple[tuple, tuple] | None = None
         self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
         self._plan: tuple | None = None  # the batch-1 compiled call's operands (_build_plan)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import adopt_children
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter, identity_shortcut, post_is_relu
 from dynnet.core import (
@@ -238,9 +239,7 @@ class GatedBasicBlock(nn.Module):
 
     def __init__(self, block: nn.Module, adapter: ResidualAdapter) -> None:
         super().__init__()
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
+        adopt_children(self, block)
         self.adapter = adapter
         self._plan: tuple | None = None
 

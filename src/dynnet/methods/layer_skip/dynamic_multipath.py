@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import adopt_children
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
@@ -93,9 +94,7 @@ class MultiPathBlock(DynamicBlock):
 
     def __init__(self, block: nn.Module, adapter: ResidualAdapter, gate: nn.Module, paths: int) -> None:
         super().__init__()
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
+        adopt_children(self, block)
         self.adapter = adapter
         self.gate = gate
         hidden = block.conv1.out_channels

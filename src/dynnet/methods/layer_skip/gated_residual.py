@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import AdaptedResidual
 from dynnet.convert.residual import ResidualAdapter
-from dynnet.core import Decision, DynamicBlock, current_trace
+from dynnet.core import Decision, current_trace
 from dynnet.kernels import compact_add
 
 __all__ = ["GatedResidual"]
 
 
-class GatedResidual(DynamicBlock):
+class GatedResidual(AdaptedResidual):
     """Wraps an existing residual block; its children keep their names (state_dict keys are unchanged).
 
     Args:
@@ -31,25 +32,9 @@ class GatedResidual(DynamicBlock):
     granularity = "layer"
 
     def __init__(self, block: nn.Module, adapter: ResidualAdapter, gate: nn.Module | None) -> None:
-        super().__init__()
-        # Reuse the original children under their own names; keep the block object (unregistered)
-        # for the adapter functions, which read its attributes.
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
-        self.adapter = adapter
+        super().__init__(block, adapter)
         if gate is not None:
             self.gate = gate
-
-    # -- pieces ---------------------------------------------------------------------------------
-    def body(self, x: Tensor) -> Tensor:
-        return self.adapter.body(self._block, x)
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        return self.adapter.shortcut(self._block, x)
-
-    def post(self, y: Tensor) -> Tensor:
-        return self.adapter.post(self._block, y)
 
     def gate_inference(self, x: Tensor) -> Tensor:
         """What the gate computes at inference (eval); its MACs are the gate's cost in eval. Default: ``gate(x)``."""

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import adopt_children
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
@@ -189,9 +190,7 @@ class MoEResidual(DynamicBlock):
 
     def __init__(self, block: nn.Module, adapter: ResidualAdapter, config: SparseMoEConfig) -> None:
         super().__init__()
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
+        adopt_children(self, block)
         self.adapter = adapter
         self.num_experts, self.k = config.num_experts, config.k
         self.noisy, self.capacity_factor = config.noisy, config.capacity_factor

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dynnet.blocks.residual import adopt_children
 from dynnet.convert import ResidualAdapter, Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicBlock, DynamicModel, current_trace
 from dynnet.core.budget import BudgetPolicy, Knob, LogitShift
@@ -96,9 +97,7 @@ class RecursiveBlock(DynamicBlock):
         self, block: nn.Module, adapter: ResidualAdapter, channels: int, max_recursions: int, hidden: int
     ) -> None:
         super().__init__()
-        for child_name, child in block.named_children():
-            self.add_module(child_name, child)
-        object.__setattr__(self, "_block", block)
+        adopt_children(self, block)
         self.adapter = adapter
         self.controller = nn.ModuleList(
             PooledMLPGate(channels, 2, hidden, open_index=APPLY if s == 0 else STOP) for s in range(max_recursions + 1)

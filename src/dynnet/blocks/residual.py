@@ -1,0 +1,47 @@
+"""The base of dynamic blocks that wrap an existing residual block through its :class:`ResidualAdapter`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from dynnet.convert.residual import ResidualAdapter
+from dynnet.core import DynamicBlock
+
+__all__ = ["AdaptedResidual", "adopt_children"]
+
+
+def adopt_children(wrapper: nn.Module, block: nn.Module) -> None:
+    """Register ``block``'s children on ``wrapper`` under their own names (state_dict keys stay the base network's)
+    and keep ``block`` itself, unregistered, as ``wrapper._block`` (adapter functions read its attributes)."""
+    for child_name, child in block.named_children():
+        wrapper.add_module(child_name, child)
+    object.__setattr__(wrapper, "_block", block)
+
+
+class AdaptedResidual(DynamicBlock):
+    """A dynamic block around an existing residual block ``post(shortcut(x) + body(x))``.
+
+    The block's children are re-registered under their own names (state_dict keys are unchanged) and the block
+    object is kept unregistered for the adapter's functions, which read its attributes.
+
+    Args:
+        block: the original residual block (torchvision/timm/dynnet); its submodules are reused.
+        adapter: how to split ``block`` into body, shortcut and post-op.
+    """
+
+    def __init__(self, block: nn.Module, adapter: ResidualAdapter) -> None:
+        super().__init__()
+        adopt_children(self, block)
+        self.adapter = adapter
+
+    def body(self, x: Tensor) -> Tensor:
+        """The residual branch: Tensor[N, C_in, H, W] → Tensor[N, C_out, H', W']."""
+        return self.adapter.body(self._block, x)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        """Identity or projection of the block input."""
+        return self.adapter.shortcut(self._block, x)
+
+    def post(self, y: Tensor) -> Tensor:
+        """What follows the addition (ReLU for ResNets, identity for MobileNetV2)."""
+        return self.adapter.post(self._block, y)
