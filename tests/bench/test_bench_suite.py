@@ -340,3 +340,14 @@ def test_a_checkpoint_left_by_other_settings_is_not_resumed(tmp_path: Path) -> N
     (legacy / "checkpoint.json").write_text("{}")
     jobs._claim_checkpoint(legacy, {"lr": 0.02})
     assert not (legacy / "checkpoint.json").exists()  # no record of its settings: not trusted
+
+
+def test_rows_made_with_other_settings_are_marked_stale() -> None:
+    from dynnet.bench.suite import mark_stale
+
+    current = {job.id: job for job in plan_jobs(TINY, RECIPES)}
+    rows = [_fake_row(job, TINY, None) | {"settings": job.settings(TINY)} for job in current.values()]
+    rows[1]["settings"] = dict(rows[1]["settings"], epochs=99)  # made by an earlier schedule
+    rows.append({"job": "retired-b0.5-s0", "settings": {}})  # a job the profile no longer plans
+    marked = mark_stale(rows, dataclasses.replace(TINY, budgets=(0.5,)))
+    assert [r["stale"] for r in marked] == [False, True, False, False]

@@ -141,3 +141,10 @@ def test_headline_pairs_the_best_dynamic_and_static_point_at_each_mac_level(tmp_
     assert "## Headline: best dynamic vs best static" in text
     assert "| 50 % | a | 88.00 ± 2.06 % | 0.500 | m×2.86 (pruned 0.5) | 86.00 ± 2.19 % | 0.500 |" in text
     assert "| +2.00 pts (within 2 SE) |" in text and "| -10.00 pts |" in text and "| 0.500 | – |" in text
+    # a stale row (made with settings the profile no longer uses) leaves the headline and is marked in the report
+    rows[3]["stale"] = True
+    table = {h["budget"]: h for h in headline(rows, [0.25, 0.5, 0.75], "d")}
+    assert table[0.5]["dynamic"]["recipe"] == "b"
+    text = write_report(rows, tmp_path, profile={"name": "standard", "budgets": [0.25, 0.5, 0.75], "dataset": "d"},
+                        machine={}).read_text()  # fmt: skip
+    assert "| 50 % | b |" in text and "**stale** at budget 0.5" in text and "(stale) |" in text

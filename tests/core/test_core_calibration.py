@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -102,6 +104,35 @@ def test_search_knob_on_a_known_monotone_function() -> None:
     assert value == 7 and fraction == pytest.approx(0.3) and evaluations <= 8
     with pytest.raises(ValueError, match=r"outside the MAC fractions \[0.000, 1.000\]"):
         search_knob(Fake(), knob, [torch.zeros(2, 1, 1, 1)], 1.5, 0.01)
+
+
+def test_search_knob_widens_an_unbounded_knob() -> None:
+    """A logit offset whose gates outgrew ±30: the fraction is sigmoid((v + 100) / 10); budget 0.5 is v = -100,
+    reached only by widening the range (-30 → -60 → -120), and never beyond the limit."""
+    state = {"v": 0.0}
+
+    class Fake(torch.nn.Module):
+        recipe = "fake"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            from dynnet.core import current_trace
+
+            fraction = 1 / (1 + math.exp(-(state["v"] + 100) / 10))
+            current_trace().record_macs("all", 100.0 * fraction, batch_size=x.shape[0], dense=100.0)
+            return x
+
+    bounded = Knob("v", lambda: state["v"], lambda v: state.update(v=v), -30, 30)
+    with pytest.raises(ValueError, match="outside the MAC fractions"):
+        search_knob(Fake(), bounded, [torch.zeros(2, 1, 1, 1)], 0.5, 0.01)
+    unbounded = Knob("v", lambda: state["v"], lambda v: state.update(v=v), -30, 30, limit=1e3)
+    value, fraction, _ = search_knob(Fake(), unbounded, [torch.zeros(2, 1, 1, 1)], 0.5, 0.01)
+    assert value == pytest.approx(-100, abs=0.3) and fraction == pytest.approx(0.5, abs=0.005)
+    capped = Knob("v", lambda: state["v"], lambda v: state.update(v=v), -30, 30, limit=60)
+    with pytest.raises(ValueError, match=r"outside the MAC fractions \[0.982, 1.000\]"):
+        search_knob(Fake(), capped, [torch.zeros(2, 1, 1, 1)], 0.002, 0.001)
+    assert state["v"] == pytest.approx(-100, abs=0.3)  # a failed search leaves the knob where it was
+    with pytest.raises(ValueError, match="limit"):
+        Knob("v", lambda: 0.0, lambda v: None, -30, 30, limit=10)
 
 
 def test_budget_policy_validates() -> None:

@@ -32,7 +32,7 @@ __all__ = [
 
 TABLE_COLUMNS = (
     "job", "kind", "recipe", "family", "model", "width", "depth", "budget", "achieved", "achieved_val", "on_budget",
-    "seed", "dataset", "status", "accuracy", "test_images", "mean_macs", "mean_executed_macs", "dense_macs",
+    "stale", "seed", "dataset", "status", "accuracy", "test_images", "mean_macs", "mean_executed_macs", "dense_macs",
     "mac_fraction", "executed_fraction", "mean_macs_correct", "mean_macs_incorrect", "confidence_mac_corr", "params",
     "base_fallback", "padded_to",
     "b1_dense_ms", "b1_sparse_ms", "b1_mac_speedup", "b1_latency_speedup", "b1_realized_ratio",
@@ -139,6 +139,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             if isinstance(first.get(k), (int, float)) and not isinstance(first.get(k), bool):
                 first[k] = _mean([m.get(k, math.nan) for m in members])
+        first["stale"] = any(m.get("stale") for m in members)
         first["on_budget"] = all(on_budget(m.get("budget"), m.get("achieved", m.get("mac_fraction"))) for m in members)
         accs = [m["accuracy"] for m in members]
         mu = _mean(accs)
@@ -194,7 +195,8 @@ def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float], dataset: 
     At level ``b`` both sides spend at most ``b + BUDGET_TOLERANCE`` of the dense base's MACs (the base the recipes
     converted: the median ``mean_macs / mac_fraction`` of their rows): the dynamic candidates are the recipe points at
     budget ``b`` that are on budget (a recipe on its own, larger base is left out when it spends more), the static
-    candidates every baseline. Means over seeds (:func:`aggregate`).
+    candidates every baseline. Means over seeds (:func:`aggregate`). Recipe rows marked ``stale`` (made with settings
+    the profile no longer uses) are left out.
 
     Returns:
         One dict per level: ``budget``, ``dynamic`` and ``static`` (the best aggregated rows, or ``None``), their
@@ -202,7 +204,7 @@ def headline(rows: Sequence[dict[str, Any]], budgets: Sequence[float], dataset: 
         ``dense`` (the dense base's row when a static baseline spends its MACs, else ``None``), ``dense_macs``.
     """
     agg = [r for r in aggregate(rows) if dataset is None or r["dataset"] == dataset]
-    recipes = [r for r in agg if r["kind"] == "recipe" and r.get("on_budget", True)]
+    recipes = [r for r in agg if r["kind"] == "recipe" and r.get("on_budget", True) and not r.get("stale")]
     dense_refs = [r["mean_macs"] / r["mac_fraction"] for r in recipes if r.get("mac_fraction") and not
                   r.get("base_fallback")]  # fmt: skip
     if not dense_refs:

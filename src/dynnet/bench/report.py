@@ -139,6 +139,10 @@ def _recipe_line(name: str, items: list[dict[str, Any]]) -> str:
     if all((v.get("mac_fraction") or 0) >= 0.95 for v in items):
         verdict += " — no MAC saving in this run: its MAC fraction is ≥ 0.95 of its base at every budget"
     budgets = "/".join(f"{v['budget']:g}" for v in items)
+    stale = [v for v in items if v.get("stale")]
+    if stale:
+        verdict += (" — **stale** at budget " + ", ".join(f"{v['budget']:g}" for v in stale)
+                    + " (made with earlier settings; not in the headline until rerun)")  # fmt: skip
     return (f"- **{name}** ({fam}): {verdict}. Realized speedup ÷ MAC speedup at budgets {budgets} — {real} "
             f"(latency speedup / MAC speedup in brackets).{off_text}")  # fmt: skip
 
@@ -263,6 +267,8 @@ def write_report(
     ]
     for v in ver:
         beats = {True: "yes", False: "no", None: "n/a"}[v.get("beats")] if v.get("on_budget", True) else "not counted"
+        if v.get("stale"):
+            beats += " (stale)"
         base = f"{v['model']}×{v['width']:g}" + (" (own)" if v.get("base_fallback") else "")
         if v.get("padded_to"):
             base += " pad " + "×".join(str(int(d)) for d in v["padded_to"])

@@ -75,6 +75,17 @@ def _finished(path: Path, settings: dict[str, Any], retry_errors: bool) -> dict[
     return row
 
 
+def mark_stale(rows: list[dict[str, Any]], profile: BenchProfile) -> list[dict[str, Any]]:
+    """Mark (``stale: True``) the rows whose stored settings differ from what ``profile`` would run today (a changed
+    fine-tune default, schedule or timing setting): the next run recomputes them; until then the report shows them
+    apart and keeps them out of the headline. Rows of jobs the profile no longer plans are left as they are."""
+    current = {job.id: job.settings(profile) for job in plan_jobs(profile, None)}
+    for row in rows:
+        settings = current.get(str(row.get("job")))
+        row["stale"] = settings is not None and row.get("settings") != settings
+    return rows
+
+
 def run_suite(
     profile: BenchProfile,
     out_dir: str | os.PathLike[str],
@@ -153,7 +164,7 @@ def run_suite(
         if report:
             from dynnet.bench.report import write_outputs
 
-            write_outputs(rows, out, profile=profile.as_dict(), machine=machine_info())
+            write_outputs(mark_stale(rows, profile), out, profile=profile.as_dict(), machine=machine_info())
         return rows
     finally:
         torch.set_num_threads(previous_threads)
@@ -310,7 +321,7 @@ def bench_main(args: argparse.Namespace) -> int:
         from dynnet.bench.latency import machine_info
         from dynnet.bench.report import load_rows, write_outputs
 
-        write_outputs(load_rows(out), out, profile=profile.as_dict(), machine=machine_info())
+        write_outputs(mark_stale(load_rows(out), profile), out, profile=profile.as_dict(), machine=machine_info())
     else:
         recipes = [r.strip() for r in args.recipes.split(",")] if getattr(args, "recipes", None) else None
         run_suite(

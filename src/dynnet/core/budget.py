@@ -100,6 +100,10 @@ class Knob:
         hi: largest value searched.
         increasing: the MAC fraction grows with the value (``False``: it shrinks).
         integer: only integer values are meaningful (a number of glimpses, steps, experts).
+        limit: for an unbounded knob (a logit offset), the widest ``[-limit, limit]`` the search may widen
+            ``[lo, hi]`` to when the budget lies outside the fractions ``[lo, hi]`` reach (gates trained with a
+            straight-through or Gumbel estimator can grow logits far beyond the usual range); ``None``: ``[lo, hi]``
+            is the whole range.
     """
 
     name: str
@@ -109,10 +113,18 @@ class Knob:
     hi: float
     increasing: bool = True
     integer: bool = False
+    limit: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
             raise ValueError(f"knob {self.name!r}: need finite lo < hi, got [{self.lo}, {self.hi}]")
+        if self.limit is not None and not (math.isfinite(self.limit) and self.limit >= max(-self.lo, self.hi)):
+            raise ValueError(f"knob {self.name!r}: limit must be finite and cover [lo, hi], got {self.limit}")
+
+
+# How far a logit-offset search may widen its range: ConvNet-AIG's Gumbel gates grew logits above 27 in a 2-epoch
+# fine-tune with budget tracking, out of reach of the usual ±30 (2026-12-07); a logit of 1e3 is saturated in float32.
+LOGIT_SHIFT_LIMIT = 1e3
 
 
 class LogitShift:
@@ -150,8 +162,9 @@ class LogitShift:
             self.value.fill_(float(v))
 
     def knob(self, *, lo: float = -30.0, hi: float = 30.0, name: str = "gate logit offset") -> Knob:
-        """The :class:`Knob` of this shift (MACs grow with the shift of the open logit)."""
-        return Knob(name, self.get, self.set, lo, hi, increasing=True)
+        """The :class:`Knob` of this shift (MACs grow with the shift of the open logit); the search may widen
+        ``[lo, hi]`` up to ±``LOGIT_SHIFT_LIMIT`` where the gates' logits outgrew it."""
+        return Knob(name, self.get, self.set, lo, hi, increasing=True, limit=max(LOGIT_SHIFT_LIMIT, -lo, hi))
 
 
 def mean_mac_fraction(model: torch.nn.Module, batches: Sequence[Tensor]) -> float:
@@ -193,15 +206,34 @@ def search_knob(
         return mean_mac_fraction(model, batches)
 
     start = knob.get()
-    f_lo, f_hi = at(knob.lo), at(knob.hi)
+    lo, hi = knob.lo, knob.hi
+    f_lo, f_hi = at(lo), at(hi)
     evaluations = 2
-    low, high = (knob.lo, knob.hi) if knob.increasing else (knob.hi, knob.lo)
+    reach = (min(f_lo, f_hi), max(f_lo, f_hi))
+    if knob.limit is not None:  # widen an unbounded knob geometrically until the budget is bracketed
+        f_min, f_max = (f_lo, f_hi) if knob.increasing else (f_hi, f_lo)
+        while budget < f_min - tolerance or budget > f_max + tolerance:
+            low_side = (budget < f_min) == knob.increasing  # the budget lies beyond the lower end of the knob
+            if (low_side and lo <= -knob.limit) or (not low_side and hi >= knob.limit):
+                break
+            if low_side:
+                hi, f_hi = lo, f_lo  # the old end becomes the other end of the bracket
+                lo = max(-knob.limit, 2 * lo if lo < 0 else -abs(hi - lo))
+                f_lo = at(lo)
+            else:
+                lo, f_lo = hi, f_hi
+                hi = min(knob.limit, 2 * hi if hi > 0 else abs(hi - lo))
+                f_hi = at(hi)
+            evaluations += 1
+            reach = (min(reach[0], f_lo, f_hi), max(reach[1], f_lo, f_hi))
+            f_min, f_max = (f_lo, f_hi) if knob.increasing else (f_hi, f_lo)
+    low, high = (lo, hi) if knob.increasing else (hi, lo)
     f_low, f_high = (f_lo, f_hi) if knob.increasing else (f_hi, f_lo)
     if not f_low - tolerance <= budget <= f_high + tolerance:
         knob.set(start)
         recipe = getattr(model, "recipe", type(model).__name__)
         raise ValueError(
-            f"budget {budget:.3f} is outside the MAC fractions [{f_low:.3f}, {f_high:.3f}] that {recipe}'s "
+            f"budget {budget:.3f} is outside the MAC fractions [{reach[0]:.3f}, {reach[1]:.3f}] that {recipe}'s "
             f"{knob.name} reaches on these images: choose a budget in that range"
         )
     best = min(((low, f_low), (high, f_high)), key=lambda p: abs(p[1] - budget))
