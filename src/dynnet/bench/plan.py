@@ -60,10 +60,10 @@ class BenchProfile:
             the base's own long schedule) join the static front, tested and timed like the others (``"shipped"``).
         recipe_settings: settings of particular recipes, ``((recipe, ((field, value), ...)), ...)``: fields of the
             recipe's config (network selection's shipped little network), recorded in each job's row.
-        trained_budget: recipes whose budget is calibrated (``RecipeSpec.budget.calibrated``) are trained once, at
-            this budget, and calibrated on the validation split to each other budget of the profile (their rows say
-            ``trained_budget``); the trained job runs first and keeps its checkpoint. ``None``: every budget is
-            trained.
+        trained_budget: recipes whose budget is calibrated and transfers (``RecipeSpec.budget.calibrated`` and
+            ``.transfers``) are trained once, at this budget, and calibrated on the validation split to each other
+            budget of the profile (their rows say ``trained_budget``); the trained job runs first and keeps its
+            checkpoint. The other recipes are trained at every budget. ``None``: every budget is trained.
     """
 
     name: str = "quick"
@@ -293,7 +293,7 @@ def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> li
         data = by_family.get(spec.family, profile.dataset)
         if data not in datasets:
             datasets.append(data)
-        trained = profile.trained_budget if spec.budget.calibrated else None
+        trained = profile.trained_budget if spec.budget.calibrated and spec.budget.transfers else None
         if trained is not None and not spec.budget.reachable[0] <= trained <= spec.budget.reachable[1]:
             trained = None
         budgets = list(profile.budgets) if trained is None else [trained, *(b for b in profile.budgets if b != trained)]

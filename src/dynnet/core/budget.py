@@ -51,12 +51,16 @@ class BudgetPolicy:
             ``""`` for ``how="fixed"`` recipes that have none.
         reachable: ``(lo, hi)`` MAC fractions a conversion can reach (on the recipe's usual base networks).
         derives: the paper's own settings the budget is translated into at conversion (documentation).
+        transfers: whether a model trained at one budget keeps its accuracy when calibrated to a distant one (0.5 to
+            0.25 or 0.75). ``False`` where measured otherwise (FBS trained at 0.5 and calibrated to 0.25: 94.0 % →
+            32.2 %): benchmarks then train such a recipe at every budget instead of calibrating one trained model.
     """
 
     how: str
     knob: str = "gate logit offset"
     reachable: tuple[float, float] = (0.05, 1.0)
     derives: str = ""
+    transfers: bool = True
 
     def __post_init__(self) -> None:
         if self.how not in BUDGET_HOWS:

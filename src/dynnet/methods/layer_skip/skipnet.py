@@ -263,7 +263,9 @@ class SkipNet(DynamicModel):
     paper="SkipNet: Learning Dynamic Routing in Convolutional Networks (ECCV 2018), arXiv:1711.09485",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
                         derives="supervised phase: target of the MAC-budget loss = budget; reinforce phase: the "
-                        "computation reward charges alpha per unit of MAC fraction above budget"),
+                        "computation reward charges alpha per unit of MAC fraction above budget",
+                        # standard profile, 2026-12-07: trained at 0.5 (90.01 %), calibrated to 0.25: 36.65 %
+                        transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: SkipNetConfig, targets: Targets = "auto") -> SkipNet:
     """Gate every target residual block of ``model`` (a ResNet-style network) with SkipNet gates (in place)."""
