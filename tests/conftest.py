@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Measured dispatch (dynnet.kernels.autotune) picks kernels by wall-clock time: off in the tests, so that the kernels'
+# choices and the MACs they record do not depend on the machine's speed or load (tests/kernels/test_kernels_autotune.py
+# turns it on with a fake clock).
+os.environ["DYNNET_AUTOTUNE"] = "0"
 
 
 @pytest.fixture
