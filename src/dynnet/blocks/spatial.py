@@ -14,6 +14,7 @@ from dynnet.blocks.residual import AdaptedResidual
 from dynnet.convert.residual import ResidualAdapter
 from dynnet.core import Decision, current_trace
 from dynnet.core.registry import TypeRegistry
+from dynnet.kernels import autotune
 from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
 from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks
 from dynnet.kernels.spatial import scatter_add_rows
@@ -176,13 +177,16 @@ class SpatialResidual(AdaptedResidual):
         base = self.shortcut(x)
         if self.execution == "pixel":
             masks = stage_masks(self._stages, hard, sizes[1:])
-            if self.dense_above < 1.0 and float(masks[-1].float().mean()) > self.dense_above:
-                # Measured to be faster for this layer at this density: the dense convolutions, masked.
-                branch = self._masked_branch(x, masks)
-                body = self.cost("body", lambda m, inp: m.body(inp), x)
-                executed = torch.full((x.shape[0],), float(body), dtype=torch.float64, device=x.device)
-                self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
-                return self.post(base + branch)
+        else:
+            masks = stage_masks(self._stages, tiles_to_pixels(hard, self.tile, sizes[-1]), sizes[1:])
+        if self._runs_dense(x, hard, masks):
+            # Faster for this layer at this density (calibrated or measured): the dense convolutions, masked.
+            branch = self._masked_branch(x, masks)
+            body = self.cost("body", lambda m, inp: m.body(inp), x)
+            executed = torch.full((x.shape[0],), float(body), dtype=torch.float64, device=x.device)
+            self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
+            return self.post(base + branch)
+        if self.execution == "pixel":
             if not bool(masks[0].any()):
                 out, executed = base, torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             else:
@@ -191,12 +195,35 @@ class SpatialResidual(AdaptedResidual):
             if self.interpolates:
                 out = base + self.interpolate(out if bool(masks[0].any()) else torch.zeros_like(base), masks[-1])
         else:
-            masks = stage_masks(self._stages, tiles_to_pixels(hard, self.tile, sizes[-1]), sizes[1:])
             tiles = hard.nonzero()
             values, executed = run_tiles(self._stages, x, tiles, self.tile)
             out = scatter_tiles(base, values, tiles, self.tile)
         self._record(x, d, masks, executed=executed, gate_ran=gate_ran)
         return self.post(out)
+
+    def _runs_dense(self, x: Tensor, hard: Tensor, masks: list[Tensor]) -> bool:
+        """Whether sparse mode runs the branch as masked dense convolutions for this input: above ``dense_above``
+        when :func:`calibrate_dense_fallback_` set it (pixel execution); otherwise where measured dispatch
+        (:mod:`dynnet.kernels.autotune`, once per input shape and density bucket) timed the masked dense branch
+        faster than the gather kernels. Both give the same values; the MACs recorded say which ran.
+
+        Args:
+            x: Tensor[N, C, H, W] the block's input.
+            hard: Tensor[N, h, w] bool, the decision (pixels or tiles).
+            masks: the per-stage pixel masks of ``hard``.
+        """
+        density = float(masks[-1].float().mean())
+        if self.execution == "pixel" and self.dense_above < 1.0:
+            return density > self.dense_above
+        if not bool(hard.any()):
+            return False
+        if self.execution == "pixel":
+            sparse = lambda: run_pixels(self._stages, x, masks)  # noqa: E731
+        else:
+            sparse = lambda: run_tiles(self._stages, x, hard.nonzero(), self.tile)  # noqa: E731
+        layout = x.is_contiguous(memory_format=torch.channels_last)
+        key = ("spatial", self.execution, id(self), tuple(x.shape), x.dtype, layout, autotune.density_bucket(density))
+        return autotune.choose(key, {"sparse": sparse, "dense": lambda: self._masked_branch(x, masks)}) == "dense"
 
     def _masked_branch(self, x: Tensor, masks: list[Tensor]) -> Tensor:
         """The branch computed densely and masked (pixel execution: every stage; tile: the output only)."""
