@@ -26,7 +26,7 @@ import torch
 
 from dynnet.kernels import native
 
-__all__ = ["cache_clear", "choose", "choices", "density_bucket", "enabled"]
+__all__ = ["cache_clear", "choices", "choose", "density_bucket", "enabled"]
 
 _OFF = {"0", "false", "off", "no"}
 _cache: dict[Hashable, str] = {}
@@ -51,7 +51,7 @@ def enabled() -> bool:
 def density_bucket(fraction: float, steps: int = 8) -> int:
     """``fraction`` in [0, 1] rounded to one of ``steps + 1`` buckets: decisions of similar density share a
     measurement."""
-    return int(round(min(max(float(fraction), 0.0), 1.0) * steps))
+    return round(min(max(float(fraction), 0.0), 1.0) * steps)
 
 
 def choose(key: Hashable, candidates: Mapping[str, Callable[[], object]]) -> str | None:
