@@ -12,7 +12,10 @@ import pytest
 import dynnet.kernels
 
 ABOVE = ("dynnet.core", "dynnet.convert", "dynnet.models", "dynnet.methods", "dynnet.gates", "dynnet.blocks")
-MODULES = sorted(m.name for m in pkgutil.iter_modules(dynnet.kernels.__path__) if not m.ispkg)
+# Every module and subpackage (dynnet.kernels.channel and its modules included), relative to dynnet.kernels.
+MODULES = sorted(
+    m.name.removeprefix("dynnet.kernels.") for m in pkgutil.walk_packages(dynnet.kernels.__path__, "dynnet.kernels.")
+)
 
 
 def test_there_are_kernel_modules_to_check() -> None:

@@ -24,8 +24,11 @@ import torch
 __all__ = ["direct", "disabled", "load", "observed", "status"]
 
 _DIR = Path(__file__).with_name("_native")
-_SOURCES = tuple(_DIR / name for name in ("module.cpp", "gather.cpp", "sparse.cpp", "channel.cpp"))
-_HEADERS = (_DIR / "native.h",)
+_SOURCES = tuple(
+    _DIR / name
+    for name in ("module.cpp", "gather.cpp", "sparse.cpp", "channel.cpp", "channel_tile.cpp", "recipe_channel.cpp")
+)
+_HEADERS = (_DIR / "native.h", _DIR / "channel_conv.h")
 # Built on the machine that runs it, so it may use that CPU's vector instructions (the CPU is in the build key).
 _CFLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")  # at::parallel_for is OpenMP in ATen
 _LDFLAGS = ("-fopenmp",)

@@ -44,7 +44,7 @@ at::Tensor scatter_tiles_add(const at::Tensor& base, const at::Tensor& values, c
 at::Tensor squeeze_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t stride,
                           int64_t padding, const at::Tensor& fw, const at::Tensor& fb);
 
-// channel.cpp
+// channel.cpp (the shared direct convolution: channel_conv.h)
 // Sets the work (MACs) from which the channel kernels' convolutions use several threads; returns the old value.
 int64_t set_parallel_min_macs(int64_t value);
 std::tuple<at::Tensor, int64_t> sliced_pair3x3(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
@@ -56,6 +56,16 @@ std::tuple<at::Tensor, at::Tensor, int64_t> gated_pair3x3(
     const at::Tensor& gb2, int64_t k, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
     const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu,
     const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
+std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                           const at::Tensor& active, int64_t stride);
+
+// channel_tile.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> tile_gated_pair3x3(
+    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& a1, int64_t base1, const at::Tensor& w2,
+    const at::Tensor& a2, int64_t base2, int64_t stride, const c10::optional<at::Tensor>& residual,
+    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
+
+// recipe_channel.cpp (recipe kernels: RNP / runtime routing's agent, GaterNet's gater)
 std::tuple<at::Tensor, at::Tensor, int64_t> agent_step(const at::Tensor& x, const at::Tensor& enc_w,
                                                        const at::Tensor& enc_b, const at::Tensor& w_ih,
                                                        const at::Tensor& w_hh, const at::Tensor& b_ih,
@@ -66,13 +76,6 @@ std::tuple<at::Tensor, int64_t, int64_t> routed_pair3x3(
     const at::Tensor& w_hh, const at::Tensor& b_ih, const at::Tensor& b_hh, const at::Tensor& dec_w,
     const at::Tensor& dec_b, const at::Tensor& masks, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, int64_t stride, const c10::optional<at::Tensor>& residual, bool relu,
-    const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
-std::tuple<at::Tensor, int64_t> conv3x3_in(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                           const at::Tensor& active, int64_t stride);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t> tile_gated_pair3x3(
-    const at::Tensor& x, const at::Tensor& w1, const at::Tensor& a1, int64_t base1, const at::Tensor& w2,
-    const at::Tensor& a2, int64_t base2, int64_t stride, const c10::optional<at::Tensor>& residual,
     const c10::optional<at::Tensor>& shortcut_w, const c10::optional<at::Tensor>& shortcut_b);
 at::Tensor gater_logits(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1, int64_t s1,
                         const at::Tensor& w2, const at::Tensor& b2, int64_t s2, const at::Tensor& wl,
