@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynnet.kernels.chain import ConvStage, folded_conv, folded_stage
-from dynnet.kernels.spatial import conv_out_size, gather_conv_image
+from dynnet.kernels.pixels import conv_out_size
+from dynnet.kernels.spatial import gather_conv_image
 
 __all__ = [
     "StagePlan",
