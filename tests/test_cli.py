@@ -276,7 +276,7 @@ def test_ctrl_c_ends_a_run_with_one_line_and_no_traceback(tmp_path: Path) -> Non
 def test_a_run_folder_of_an_older_dynnet_resumes(tmp_path: Path) -> None:
     """A run.json written before --max-steps and --grey-to-rgb existed has neither: it was made with their
     defaults, and the same command resumes it."""
-    from dynnet.cli import _claim_run_folder
+    from dynnet.cli_runs import _claim_run_folder
 
     old = {"model": "cifar_resnet8", "recipe": None, "budget": None, "dataset": "synthetic", "epochs": 1,
            "batch_size": 8, "lr": 0.1, "subset": 64, "seed": 0, "model_kwargs": {}, "init": None,

@@ -22,26 +22,26 @@ from typing import Any
 
 import pytest
 
-from dynnet import cli
+from dynnet import cli, cli_args
 from dynnet.bench import suite
 
 BAD_VALUE: dict[Callable[[str], Any], str] = {
-    cli._count: "0",
-    cli._count0: "-1",
-    cli._seed: "-1",
-    cli._positive: "0",
-    cli._nonnegative: "-1",
-    cli._fraction: "1.5",
-    cli._open_fraction: "1",
-    cli._ints: "0",
-    cli._shape: "3,0,32",
-    cli._setting: "no_value",
+    cli_args._count: "0",
+    cli_args._count0: "-1",
+    cli_args._seed: "-1",
+    cli_args._positive: "0",
+    cli_args._nonnegative: "-1",
+    cli_args._fraction: "1.5",
+    cli_args._open_fraction: "1",
+    cli_args._ints: "0",
+    cli_args._shape: "3,0,32",
+    cli_args._setting: "no_value",
     suite._budgets: "0.5,0",
     suite._seeds: "-1",
 }
 """An out-of-range value for each checked type of the parser."""
-COUNTS = (cli._count, cli._count0, cli._ints, suite._seeds)
-BUDGETS = (cli._fraction, cli._open_fraction, suite._budgets)
+COUNTS = (cli_args._count, cli_args._count0, cli_args._ints, suite._seeds)
+BUDGETS = (cli_args._fraction, cli_args._open_fraction, suite._budgets)
 REQUIRED = {"model": "cifar_resnet8", "out": "out", "macs": "0.5", "budget": "0.5"}
 """Valid values of the required options that are not paths."""
 PATHS = ("checkpoint", "init")
@@ -115,7 +115,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 
 def test_every_checked_type_has_a_bad_value() -> None:
     types = {a.type for p in SUBCOMMANDS.values() for a in _options(p) if a.type is not None}
-    mine = {t for t in types if getattr(t, "__module__", None) in (cli.__name__, suite.__name__)}
+    mine = {t for t in types if getattr(t, "__module__", None) in (cli.__name__, cli_args.__name__, suite.__name__)}
     assert mine <= BAD_VALUE.keys(), f"add a bad value for {mine - BAD_VALUE.keys()}"
 
 

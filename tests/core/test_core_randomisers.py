@@ -28,7 +28,7 @@ def test_no_production_model_class_carries_a_scramble_method() -> None:
 
 
 def test_lookup_follows_the_mro_and_a_subclass_may_register_its_own() -> None:
-    from dynnet.methods.early_exit._common import EarlyExitModel
+    from dynnet.methods.early_exit._model import EarlyExitModel
     from dynnet.methods.early_exit.dt_ram import DTRAM
     from dynnet.methods.early_exit.network_selection import NetworkSelectionModel
     from dynnet.methods.glimpse.ram import RAM

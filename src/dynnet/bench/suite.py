@@ -45,7 +45,7 @@ import torch
 
 from dynnet.bench.jobs import JobData, example_payload, load_data, run_job
 from dynnet.bench.plan import PROFILES, BenchProfile, Job, json_default, plan_jobs
-from dynnet.cli import _checked, _count, _count0  # the command line's number checks (stdlib only)
+from dynnet.cli_args import _checked, _count, _count0  # the command line's number checks (stdlib only)
 
 __all__ = ["add_suite_arguments", "bench_main", "profile_from_args", "run_suite"]
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynnet.kernels.spatial import channels_last_rows, compiled_kernels
+from dynnet.kernels.pixels import channels_last_rows
+from dynnet.kernels.spatial import compiled_kernels
 
 __all__ = [
     "TileGeometry",
@@ -85,7 +86,7 @@ def region_rows(tiles: Tensor, region: int, offset: int, step: int, size: tuple[
     """Tensor[T, r, r] long: the channels-last row of every position of each tile's region.
 
     Position ``(n, y, x)`` of an ``[N, ·, H, W]`` grid is row ``(n·H + y)·W + x`` (as in
-    :func:`dynnet.kernels.spatial.channels_last_rows`); positions outside the grid get ``outside``.
+    :func:`dynnet.kernels.pixels.channels_last_rows`); positions outside the grid get ``outside``.
     """
     h, w = size
     ar = torch.arange(region, device=tiles.device)

@@ -25,16 +25,9 @@ from torch import Tensor, nn
 
 from dynnet.kernels.block import gather_tiles, inside_image, tile_geometry
 from dynnet.kernels.channel import fold_bn
-from dynnet.kernels.spatial import (
-    compiled_kernels,
-    conv_out_size,
-    gather_conv_image,
-    gather_conv_rows,
-    pixel_chain,
-    receptive_mask,
-    rows_lookup,
-    weight_matrix,
-)
+from dynnet.kernels.gemm import weight_matrix
+from dynnet.kernels.pixels import conv_out_size, receptive_mask, rows_lookup
+from dynnet.kernels.spatial import compiled_kernels, gather_conv_image, gather_conv_rows, pixel_chain
 
 __all__ = [
     "ConvStage", "chain_sizes", "folded_conv", "folded_stage", "run_masked", "run_pixels", "run_tiles", "stage_masks",

@@ -18,13 +18,15 @@ implicitly). The pure-PyTorch references that define correctness are :func:`mask
 
 Shapes: ``mask`` is ``Tensor[N, Ho, Wo]`` bool on the *output* grid; rows follow the order of
 ``mask.nonzero()`` (batch, then row, then column).
+
+The GEMM (:mod:`dynnet.kernels.gemm`: oneDNN's matmul, weight matrices) and the pixel geometry
+(:mod:`dynnet.kernels.pixels`: output sizes, receptive fields, rows and lookups) live beside this module, which
+re-exports their public names.
 """
 
 from __future__ import annotations
 
-import math
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynnet.kernels import native
+from dynnet.kernels.gemm import (
+    cached_weight_matrix,
+    matmul_rows,
+    onednn_usable,
+    packed_weight,
+    plain_cpu,
+    weight_matrix,
+)
+from dynnet.kernels.pixels import (
+    active_positions,
+    channels_last_rows,
+    conv_out_size,
+    input_lookup,
+    receptive_mask,
+    rows_lookup,
+    square_param,
+)
 
 __all__ = [
     "CROSSOVERS",
@@ -55,27 +74,6 @@ __all__ = [
     "weight_matrix",
 ]
 
-_HAS_ONEDNN_LINEAR = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-)
-
-
-def _register_onednn_mac_rule() -> None:
-    """The MAC counter sees oneDNN's matmul as a linear layer: ``rows · |weight|`` MACs."""
-    from dynnet.macs import MAC_RULES, register_mac_rule
-
-    if not _HAS_ONEDNN_LINEAR or torch.ops.mkldnn._linear_pointwise in MAC_RULES:
-        return
-
-    @register_mac_rule(torch.ops.mkldnn._linear_pointwise)
-    def _onednn_linear_rule(args: tuple, kwargs: dict, out: object) -> int:
-        x, weight = args[0], args[1]
-        return math.prod(x.shape[:-1]) * weight.numel()
-
-
-_register_onednn_mac_rule()
 
 _OPS: dict[str, object] = {}
 
@@ -114,9 +112,9 @@ def _parallel_gather_gemm(
     threads split the one GEMM), or no oneDNN matmul for these tensors. On 2 threads the sparse paths at batch 16
     (C = 128, 28×28) ran 1.4–2.0× their one-thread speed, against 1.3–1.5× with each chunk split over the threads
     (``benchmarks/results/spatial/kernels_wall.json``)."""
-    if torch.get_num_threads() < 2 or positions.shape[0] <= chunk or not _onednn_usable(rows, wmat, bias):
+    if torch.get_num_threads() < 2 or positions.shape[0] <= chunk or not onednn_usable(rows, wmat, bias):
         return None
-    weight = _packed_weight(wmat)
+    weight = packed_weight(wmat)
     return _gather_gemm_op()(rows, lookup, positions, weight, bias, wmat.shape[1], *geometry, chunk)
 
 
@@ -170,15 +168,15 @@ def pixel_chain(
     if (
         native.load() is None
         or x.dtype != torch.float32
-        or not _onednn_usable(x, *mats, *biases)
-        or any(m.dtype != torch.bool or not _plain_cpu(m) for m in masks)
+        or not onednn_usable(x, *mats, *biases)
+        or any(m.dtype != torch.bool or not plain_cpu(m) for m in masks)
     ):
         return None
     image = x.permute(0, 2, 3, 1).contiguous()
     # Narrow layers: oneDNN's plain Tensor[C_out, K] (a view), which the call also reads for its own small GEMM on
     # small chunks; others: oneDNN's weight (prepacked when seen again).
     own = [w.shape[1] <= SMALL_GEMM_MAX_CHANNELS for w in mats]
-    weights = [w.t().contiguous() if o else _packed_weight(w) for w, o in zip(mats, own, strict=True)]
+    weights = [w.t().contiguous() if o else packed_weight(w) for w, o in zip(mats, own, strict=True)]
     flags = [int(r) | (2 if o else 0) for r, o in zip(relus, own, strict=True)]
     geometry = [v for g in geometries for v in g]
     call = _pixel_chain_op() if native.observed() else native.direct("pixel_chain")
@@ -206,175 +204,6 @@ DEFAULT_CROSSOVER = 1.0
 """Without a calibration, the gather path runs at every density below 1 (the sparse kernel is always used)."""
 
 
-def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution along one axis."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def _pair(v: int | tuple[int, int]) -> int:
-    if isinstance(v, tuple):
-        if v[0] != v[1]:
-            raise ValueError(f"only square kernels, strides, paddings and dilations are supported, got {v}")
-        return int(v[0])
-    return int(v)
-
-
-def receptive_mask(
-    mask: Tensor, kernel: int, stride: int, padding: int, dilation: int, in_size: tuple[int, int]
-) -> Tensor:
-    """The input positions that the active output positions of a convolution read.
-
-    Works on bool masks and on float masks (straight-through decisions): for floats it is the max over
-    the receptive fields, so gradients flow to the output mask (DynConv's dilated mask is
-    ``max_pool2d(mask, 3, 1, 1)``, which this equals for a 3×3, stride-1 convolution).
-
-    Args:
-        mask: Tensor[N, Ho, Wo] output mask (bool or float in [0, 1]).
-        kernel, stride, padding, dilation: the convolution's geometry (square).
-        in_size: ``(H, W)`` of the convolution's input.
-
-    Returns:
-        Tensor[N, H, W] of ``mask``'s dtype.
-    """
-    n, ho, wo = mask.shape
-    h, w = in_size
-    is_bool = mask.dtype == torch.bool
-    m = mask.float() if is_bool else mask
-    if kernel == 1 and stride == 1 and padding == 0:
-        return mask
-    if stride == 1 and dilation == 1 and 2 * padding == kernel - 1 and (h, w) == (ho, wo):
-        out = F.max_pool2d(m.unsqueeze(1), kernel, 1, padding).squeeze(1)
-        return out > 0.5 if is_bool else out
-    canvas_h = max(h + 2 * padding, (ho - 1) * stride + (kernel - 1) * dilation + 1)
-    canvas_w = max(w + 2 * padding, (wo - 1) * stride + (kernel - 1) * dilation + 1)
-    hu, wu = (ho - 1) * stride + 1, (wo - 1) * stride + 1
-    if stride > 1:  # spread the output positions onto the input grid (a fresh tensor: autograd-safe)
-        spread = m.new_zeros((n, hu, wu))
-        spread[:, ::stride, ::stride] = m
-    else:
-        spread = m
-    shifted = []
-    for kh in range(kernel):
-        for kw in range(kernel):
-            r0, c0 = kh * dilation, kw * dilation
-            shifted.append(F.pad(spread, (c0, canvas_w - c0 - wu, r0, canvas_h - r0 - hu)))
-    canvas = torch.stack(shifted).amax(0)
-    out = canvas[:, padding : padding + h, padding : padding + w]
-    return out > 0.5 if is_bool else out
-
-
-def active_positions(mask: Tensor) -> Tensor:
-    """Tensor[P, 3] long ``(n, row, col)`` of the active entries of a Tensor[N, H, W] bool mask."""
-    return mask.nonzero()
-
-
-def input_lookup(n: int, h: int, w: int, device: torch.device | None = None) -> Tensor:
-    """Tensor[N, H, W] long: the row of every position in ``x.permute(0, 2, 3, 1).reshape(-1, C)``."""
-    return torch.arange(n * h * w, device=device).view(n, h, w)
-
-
-def rows_lookup(positions: Tensor, size: tuple[int, int, int], *, fill: int = -1) -> Tensor:
-    """Tensor[N, H, W] long: ``i`` at ``positions[i]`` (Tensor[P, 3]), ``fill`` elsewhere (positions that read
-    as zero: -1, or the index of a zero row)."""
-    lookup = torch.full(size, fill, dtype=torch.long, device=positions.device)
-    lookup[positions[:, 0], positions[:, 1], positions[:, 2]] = torch.arange(
-        positions.shape[0], device=positions.device
-    )
-    return lookup
-
-
-def weight_matrix(weight: Tensor) -> Tensor:
-    """Tensor[C_out, C_in, k, k] → Tensor[k·k·C_in, C_out] in the (kh, kw, c) order of the gathered rows.
-
-    The result is the transpose of a contiguous Tensor[C_out, k·k·C_in], the layout :func:`matmul_rows` wants.
-    """
-    c_out = weight.shape[0]
-    return weight.permute(0, 2, 3, 1).reshape(c_out, -1).contiguous().t()
-
-
-def _onednn_usable(*tensors: Tensor | None) -> bool:
-    """Whether :func:`matmul_rows` may call oneDNN: float32 CPU tensors, and no gradient to record."""
-    if not _HAS_ONEDNN_LINEAR:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is None:
-            continue
-        if not _plain_cpu(t) or t.dtype != torch.float32 or (grad and t.requires_grad):
-            return False
-    return True
-
-
-def _plain_cpu(t: Tensor) -> bool:
-    """A dense CPU tensor of a plain class (not a fake, functional or other tensor subclass)."""
-    return t.device.type == "cpu" and t.layout == torch.strided and type(t) in (torch.Tensor, torch.nn.Parameter)
-
-
-def matmul_rows(cols: Tensor, wmat: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``cols @ wmat + bias``: Tensor[P, K] × Tensor[K, C_out] → Tensor[P, C_out] (``P·K·C_out`` MACs).
-
-    On CPU (float32, inference) this runs oneDNN's matmul (``mkldnn::_linear_pointwise``, the kernel behind
-    inductor's frozen linear layers): for the skinny GEMMs of the gather path it is about twice as fast as
-    the BLAS behind ``torch.addmm`` here, and as fast per MAC as oneDNN's dense convolution, which is what
-    the sparse path is compared against. Elsewhere (autograd, other dtypes or devices) it is ``addmm``.
-    Pass ``wmat`` as the transpose of a contiguous Tensor[C_out, K] (as :func:`weight_matrix` returns it) to
-    avoid a copy of the weight.
-    """
-    if cols.shape[0] and _onednn_usable(cols, wmat, bias):
-        weight = _packed_weight(wmat)
-        return torch.ops.mkldnn._linear_pointwise(cols.contiguous(), weight, bias, "none", [], "")
-    return torch.mm(cols, wmat) if bias is None else torch.addmm(bias, cols, wmat)
-
-
-_PACKED: dict[int, tuple[weakref.ref, tuple[int, ...], Tensor | None]] = {}
-
-
-def _packed_weight(wmat: Tensor) -> Tensor:
-    """The Tensor[C_out, K] weight of oneDNN's matmul for ``wmat``; in oneDNN's blocked layout (about 5–10 %
-    faster) for a matrix seen a second time (a layer's cached matrix), plain for one-off matrices.
-
-    Keyed on the tensor itself through a weak reference and checked against its version counter, storage
-    pointer and shape (in-place edits repack it).
-    """
-    if wmat.is_inference():  # no version counter to key a cache on: a one-off matrix
-        return wmat.t().contiguous()
-    key = id(wmat)
-    stamp = (wmat._version, wmat.data_ptr(), *wmat.shape)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is wmat and hit[1] == stamp:
-        if hit[2] is None:
-            with torch.inference_mode(False):
-                packed = torch.ops.mkldnn._reorder_linear_weight(wmat.t().contiguous())
-            _PACKED[key] = (hit[0], stamp, packed)
-            return packed
-        return hit[2]
-    _PACKED[key] = (weakref.ref(wmat, lambda _, k=key: _PACKED.pop(k, None)), stamp, None)
-    return wmat.t().contiguous()
-
-
-_WEIGHT_MATRICES: dict[int, tuple[weakref.ref, tuple[int, ...], Tensor]] = {}
-
-
-def _cached_weight_matrix(weight: Tensor) -> Tensor:
-    """:func:`weight_matrix` of a weight used again and again (a layer's parameter), computed once.
-
-    The entry is keyed on the tensor itself (a weak reference: it dies with the tensor) and checked against
-    its version counter, storage pointer and shape, so in-place edits and ``.data`` swaps recompute it. A
-    weight that needs a gradient is never cached (the matrix must stay on the autograd graph).
-    """
-    if (torch.is_grad_enabled() and weight.requires_grad) or not _plain_cpu(weight) or weight.is_inference():
-        return weight_matrix(weight)
-    key = id(weight)
-    stamp = (weight._version, weight.data_ptr(), *weight.shape)
-    hit = _WEIGHT_MATRICES.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == stamp:
-        return hit[2]
-    with torch.inference_mode(False):
-        wmat = weight_matrix(weight.detach())
-    _WEIGHT_MATRICES[key] = (weakref.ref(weight, lambda _, k=key: _WEIGHT_MATRICES.pop(k, None)), stamp, wmat)
-    return wmat
-
-
 def _gather_chunk(width: int) -> int:
     """Rows of gathered matrix made at a time for rows of ``width`` elements: about 2 MB, so that a chunk stays
     in cache between the gather and the GEMM and no allocation is large enough to be a fresh mmap (page faults on
@@ -395,9 +224,9 @@ def compiled_kernels(data: Tensor, *indices: Tensor):
     tensors (float32 and int64 CPU tensors, nothing to differentiate), else ``None`` (the pure-PyTorch path)."""
     if (
         data.dtype != torch.float32
-        or not _plain_cpu(data)
+        or not plain_cpu(data)
         or (torch.is_grad_enabled() and data.requires_grad)
-        or any(t.dtype != torch.long or not _plain_cpu(t) for t in indices)
+        or any(t.dtype != torch.long or not plain_cpu(t) for t in indices)
     ):
         return None
     return native.load()
@@ -485,20 +314,6 @@ def gather_conv_rows(
     return _chunked_gemm(p, chunk, gather, wmat, bias)
 
 
-def channels_last_rows(x: Tensor) -> tuple[Tensor, int]:
-    """Tensor[N, C, H, W] → ``(Tensor[N·H·W + 1, C], N·H·W)``: the pixels as rows, plus a zero row at the end.
-
-    The rows of pixel ``(n, h, w)`` is ``(n·H + h)·W + w`` (:func:`input_lookup`); the last row is the
-    ``zero_row`` of :func:`gather_conv_rows`. One copy, as ``x.permute(0, 2, 3, 1).contiguous()`` would make.
-    """
-    n, c, h, w = x.shape
-    r = n * h * w
-    buf = x.new_empty((r + 1, c))
-    buf[:r].view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))
-    buf[r].zero_()
-    return buf, r
-
-
 def gather_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -518,13 +333,13 @@ def gather_conv2d(
     Returns:
         Tensor[P, C_out], the output rows of the active positions in ``mask.nonzero()`` order.
     """
-    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    s, p, d = square_param(stride), square_param(padding), square_param(dilation)
     n, _, h, w = x.shape
     k = weight.shape[-1]
     ho, wo = conv_out_size(h, k, s, p, d), conv_out_size(w, k, s, p, d)
     if tuple(mask.shape) != (n, ho, wo):
         raise ValueError(f"mask must be Tensor[{n}, {ho}, {wo}] for this convolution, got {tuple(mask.shape)}")
-    wmat = _cached_weight_matrix(weight)
+    wmat = cached_weight_matrix(weight)
     compiled = pixel_chain(x, [mask], [wmat], [None], [(k, s, p, d)], [False])
     if compiled is not None:
         return compiled[0]

@@ -27,7 +27,7 @@ def test_ram_halting_everyone_after_one_glimpse_costs_one_step() -> None:
     x = _x(4, 32)
     with torch.no_grad(), dynnet.trace() as t, MacCounter() as counter:
         model(x)
-    first, _, heads, _ = model.net._costs(x)
+    first, _, heads, _ = model.net.step_costs(x)
     classifier = 128 * 10
     expected = torch.full((4,), float(first + heads + classifier), dtype=torch.float64)
     torch.testing.assert_close(t.executed_macs(), expected)

@@ -3,9 +3,10 @@
 Importing this package registers the recipes ``branchynet``, ``cdl``, ``adaptive_nn``, ``msdnet``, ``imta``,
 ``dynexit``, ``hierarchical_exits``, ``triple_wins``, ``early_exit_cnn``, ``dt_ram`` and ``network_selection``
 (and the base model ``msdnet_tiny``).
-Shared machinery: :mod:`._common` (trunks, exit placement, the exit cascade with batch compaction) and
-:mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration, which :func:`dynnet.calibrate` runs
-for every recipe of the family).
+Shared machinery: :mod:`._trunk` (trunks, exit placement), :mod:`._cascade` (the exit cascade with batch
+compaction), :mod:`._model` (the converted model: objective, thresholds), :mod:`._common` (exit scores, heads, the
+budget's exit profile) and :mod:`.calibration` (anytime evaluation, budgeted-batch threshold calibration, which
+:func:`dynnet.calibrate` runs for every recipe of the family).
 """
 
 from dynnet.methods.early_exit import (
@@ -21,18 +22,10 @@ from dynnet.methods.early_exit import (
     network_selection,
     triple_wins,
 )
-from dynnet.methods.early_exit._common import (
-    EarlyExitModel,
-    ExitCascade,
-    ExitPlan,
-    Trunk,
-    budget_exit_weights,
-    geometric_exit_shares,
-    place_exits,
-    plan_exits,
-    register_trunk,
-    trunk_of,
-)
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import budget_exit_weights, geometric_exit_shares
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import ExitPlan, Trunk, place_exits, plan_exits, register_trunk, trunk_of
 from dynnet.methods.early_exit.calibration import (
     Calibration,
     ExitProfile,

@@ -45,7 +45,10 @@ from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.gates import open_bias_
 from dynnet.losses.early_exit import adaptive_exit_targets, multi_exit_cross_entropy, weighted_policy_loss
-from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, State, plan_exits
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import ConvBranchHead, State
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import plan_exits
 
 __all__ = ["AdaptiveNNCascade", "AdaptiveNNConfig", "AdaptiveNNModel", "ExitPolicy", "convert"]
 

@@ -31,14 +31,10 @@ from torch import Tensor, nn
 from dynnet.convert import Targets
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
-from dynnet.methods.early_exit._common import (
-    ConvBranchHead,
-    EarlyExitModel,
-    ExitCascade,
-    State,
-    entropy_confidence,
-    plan_exits,
-)
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import ConvBranchHead, State, entropy_confidence
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import plan_exits
 
 __all__ = ["BranchyNetCascade", "BranchyNetConfig", "convert"]
 

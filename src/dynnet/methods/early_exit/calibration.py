@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from dynnet.core import set_mode, trace
-from dynnet.methods.early_exit._common import NEVER, EarlyExitModel
+from dynnet.methods.early_exit._common import NEVER
+from dynnet.methods.early_exit._model import EarlyExitModel
 
 __all__ = [
     "Calibration",

@@ -36,7 +36,10 @@ from dynnet.convert import Targets
 from dynnet.core import LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
-from dynnet.methods.early_exit._common import EarlyExitModel, ExitCascade, PooledLinearHead, State, plan_exits
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import PooledLinearHead, State
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import plan_exits
 
 __all__ = ["CDLCascade", "CDLConfig", "CDLModel", "convert"]
 

@@ -74,7 +74,7 @@ from dynnet.core import Trace, current_trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit.calibration import Calibration, ExitProfile, calibrate_thresholds, calibrate_to_budget_
-from dynnet.methods.glimpse.ram import RAM, RAMConfig, RecurrentAttention
+from dynnet.methods.glimpse import RAM, RAMConfig, RecurrentAttention
 from dynnet.train.hooks import FitState, Hook
 
 __all__ = ["DTRAM", "DTRAMConfig", "DTRAMCurriculum", "DynamicTimeAttention", "convert"]
@@ -166,12 +166,7 @@ class DynamicTimeAttention(RecurrentAttention):
     def stop_rule(self, p_stop: Tensor, t: int) -> Tensor:
         return p_stop >= self.thresholds[t].to(p_stop.dtype)
 
-    def classifier_cost(self, x: Tensor) -> int:
-        """Per-sample MACs of one classifier read-out."""
-        h = x.new_zeros((1, self.core_hidden.in_features))
-        return self.cost("classifier", lambda m, a: m.classifier(a), h)
-
-    def _after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
+    def after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
         # Intermediate supervision: in training the classifier reads every step's state. The last step's read-out
         # is the model's output (the static network's classifier), so only the earlier ones are extra work.
         if tr is None or not self.training:
@@ -180,10 +175,12 @@ class DynamicTimeAttention(RecurrentAttention):
         if t < self.max_glimpses - 1:
             tr.record_output(f"dt_ram/logits{t}", self.classifier(h_all))
             cost = self.classifier_cost(h_all)
-            self._record_step(tr, t, alive, cost, executed_rows=rows, n=h_all.shape[0], part="classifier", dense=False)
+            self.record_step_macs(
+                tr, t, alive, cost, executed_rows=rows, n=h_all.shape[0], part="classifier", dense=False
+            )
 
-    def _run(self, x: Tensor, *, sparse: bool) -> Tensor:
-        out = super()._run(x, sparse=sparse)
+    def run_glimpses(self, x: Tensor, *, sparse: bool) -> Tensor:
+        out = super().run_glimpses(x, sparse=sparse)
         tr = current_trace()
         if tr is not None:
             tr.record_output("exit_index", tr.outputs["ram/glimpses"].round().long() - 1)
@@ -213,15 +210,6 @@ class DynamicTimeAttention(RecurrentAttention):
                 loc, p_stop = self.heads(h)
                 scores.append(p_stop)
         return torch.stack(scores, 1), torch.stack(logits, 1)
-
-    def stop_costs(self, x: Tensor) -> Tensor:
-        """Tensor[T] float64: per-sample MACs of stopping after glimpse ``t`` (glimpses, heads, one classifier)."""
-        first, later, heads, _ = self._costs(x)
-        cls = self.classifier_cost(x)
-        steps = self.max_glimpses
-        return torch.tensor(
-            [first + t * later + min(t + 1, steps - 1) * heads + cls for t in range(steps)], dtype=torch.float64
-        )
 
 
 class DTRAM(RAM):

@@ -41,7 +41,10 @@ from dynnet.core import LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
-from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, plan_exits
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import ConvBranchHead
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import plan_exits
 
 __all__ = ["DynExitCascade", "DynExitConfig", "DynExitModel", "convert"]
 

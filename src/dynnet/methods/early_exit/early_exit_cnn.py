@@ -42,7 +42,10 @@ from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.gates import open_bias_
 from dynnet.losses.early_exit import exit_mixture, expected_exit_cost
-from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, State, plan_exits
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import ConvBranchHead, State
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import plan_exits
 
 __all__ = ["DISTRIBUTIONS", "EENetCascade", "EENetConfig", "EENetModel", "convert", "exit_fractions"]
 

@@ -42,7 +42,8 @@ from dynnet.core import LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.losses.early_exit import exit_distillation_loss
-from dynnet.methods.early_exit._common import EarlyExitModel, State, gradient_rescale
+from dynnet.methods.early_exit._common import State, gradient_rescale
+from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit.msdnet import MSDNetCascade, _cascade
 
 __all__ = ["IMTACascade", "IMTAConfig", "IMTAModel", "convert"]

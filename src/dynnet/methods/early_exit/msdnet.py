@@ -40,7 +40,10 @@ from torch import Tensor, nn
 from dynnet.convert import Targets
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
-from dynnet.methods.early_exit._common import EarlyExitModel, ExitCascade, State, Trunk
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import State
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import Trunk
 from dynnet.models import MODELS
 
 __all__ = ["MSDNet", "MSDNetCascade", "MSDNetConfig", "convert", "msdnet_tiny"]

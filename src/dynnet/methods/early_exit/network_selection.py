@@ -39,7 +39,10 @@ from dynnet.core import LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.losses.early_exit import exit_distillation_loss, multi_exit_cross_entropy
-from dynnet.methods.early_exit._common import NEVER, EarlyExitModel, ExitCascade, State, Trunk
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import NEVER, State
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import Trunk
 from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["NetworkSelectionCascade", "NetworkSelectionConfig", "NetworkSelectionModel", "convert"]

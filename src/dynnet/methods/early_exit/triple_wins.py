@@ -37,7 +37,10 @@ from dynnet.convert import Targets
 from dynnet.core import LossOutput, Trace, current_trace, set_mode, trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
-from dynnet.methods.early_exit._common import ConvBranchHead, EarlyExitModel, ExitCascade, plan_exits
+from dynnet.methods.early_exit._cascade import ExitCascade
+from dynnet.methods.early_exit._common import ConvBranchHead
+from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit._trunk import plan_exits
 from dynnet.methods.early_exit.adversarial import average_exit_loss, pgd_attack
 
 __all__ = ["TripleWinsConfig", "TripleWinsModel", "convert", "robust_accuracy"]

@@ -119,6 +119,11 @@ class GlimpseNetwork(nn.Module):
 class RecurrentAttention(DynamicBlock):
     """Glimpse network + recurrent core + location and halting policies + classifier.
 
+    A public API of the glimpse family (:mod:`dynnet.methods.glimpse`): recipes built on RAM (DT-RAM) subclass it
+    and override :attr:`stopping`, :meth:`stop_rule`, :meth:`after_step` or :meth:`run_glimpses`, and read
+    :meth:`step`, :meth:`heads`, :meth:`step_costs`, :meth:`stop_costs` and :meth:`classifier_cost`
+    (:meth:`record_step_macs` records a part's MACs as the glimpse loop does).
+
     Args:
         in_channels: image channels.
         num_classes: K.
@@ -203,7 +208,7 @@ class RecurrentAttention(DynamicBlock):
         """Tensor[T] float64: per-sample MACs of stopping after glimpse ``t`` (glimpses, heads, one classifier); the
         last entry is the dense network's. The retina's patches have a fixed size, so the costs do not depend on the
         image size."""
-        first, later, heads, _ = self._costs(x)
+        first, later, heads, _ = self.step_costs(x)
         cls = self.classifier_cost(x)
         steps = self.max_glimpses
         return torch.tensor(
@@ -215,10 +220,20 @@ class RecurrentAttention(DynamicBlock):
         costs = self.stop_costs(x)
         return costs / costs[-1]
 
-    def _after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
-        """Called after glimpse ``t`` updated the states ``h_all`` of the ``alive`` samples (extension point)."""
+    def after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
+        """Extension point, called by :meth:`run_glimpses` after glimpse ``t`` (nothing here).
 
-    def _costs(self, x: Tensor) -> tuple[int, int, int, int]:
+        Args:
+            tr: the active trace, or ``None``.
+            t: the glimpse just taken (0-based).
+            h_all: Tensor[N, D] the states of every sample (those of samples no longer looking are frozen).
+            alive: Tensor[N] bool, the samples that took glimpse ``t``.
+            rows: Tensor[R] long, the samples whose glimpse really ran (sparse mode: the alive ones; masked: all).
+        """
+
+    def step_costs(self, x: Tensor) -> tuple[int, int, int, int]:
+        """Per-sample MACs of ``(first glimpse, later glimpse, location and halting heads, baseline)`` for images
+        shaped like ``x`` (Tensor[N, C, H, W]), measured once per shape on meta tensors."""
         loc = x.new_zeros((1, 2))
         h = x.new_zeros((1, self.core_hidden.in_features))
         first = self.cost("step0", lambda m, a, b: m.step(a, b, None), x, loc)
@@ -238,16 +253,26 @@ class RecurrentAttention(DynamicBlock):
         return self.classifier(h)
 
     def forward_masked(self, x: Tensor) -> Tensor:
-        return self._run(x, sparse=False)
+        return self.run_glimpses(x, sparse=False)
 
     def forward_sparse(self, x: Tensor) -> Tensor:
-        return self._run(x, sparse=True)
+        return self.run_glimpses(x, sparse=True)
 
-    def _run(self, x: Tensor, *, sparse: bool) -> Tensor:
+    def run_glimpses(self, x: Tensor, *, sparse: bool) -> Tensor:
+        """The glimpse loop of masked (``sparse=False``: every sample runs, those that stopped are frozen) and sparse
+        mode (only the samples still looking run), recording decisions, MACs and RAM's trace outputs.
+
+        Args:
+            x: Tensor[N, C, H, W] images.
+            sparse: run only the samples still looking.
+
+        Returns:
+            Tensor[N, K] logits of the classifier on each sample's last state.
+        """
         tr = current_trace()
         n, steps = x.shape[0], self.max_glimpses
         limit = steps if self.glimpse_limit is None else int(self.glimpse_limit)
-        first, later, heads_cost, base_cost = self._costs(x)
+        first, later, heads_cost, base_cost = self.step_costs(x)
         everyone = torch.arange(n, device=x.device)
         alive = torch.ones(n, dtype=torch.bool, device=x.device)
         loc = x.new_zeros((n, 2))
@@ -266,10 +291,10 @@ class RecurrentAttention(DynamicBlock):
                 )
                 h_all = h_all.index_copy(0, rows, h) if sparse else torch.where(alive[:, None], h, h_all)
             cost = (first if t == 0 else later) + (0 if last else heads_cost)
-            self._record_step(tr, t, alive, cost, executed_rows=rows, n=n)
+            self.record_step_macs(tr, t, alive, cost, executed_rows=rows, n=n)
             if self.training and not last:  # the baseline only runs in training; the static network has none
-                self._record_step(tr, t, alive, base_cost, executed_rows=rows, n=n, part="baseline", dense=False)
-            self._after_step(tr, t, h_all, alive, rows)
+                self.record_step_macs(tr, t, alive, base_cost, executed_rows=rows, n=n, part="baseline", dense=False)
+            self.after_step(tr, t, h_all, alive, rows)
             if last:
                 break
             go = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -309,7 +334,7 @@ class RecurrentAttention(DynamicBlock):
                 tr.record_output("ram/taken", torch.stack(taken, 1))
         return self.classifier(h_all)
 
-    def _record_step(
+    def record_step_macs(
         self,
         tr: Trace | None,
         t: int,
@@ -321,6 +346,9 @@ class RecurrentAttention(DynamicBlock):
         part: str = "step",
         dense: bool = True,
     ) -> None:
+        """Record ``glimpse{t}/{part}``: ``cost`` MACs for each ``alive`` sample (Tensor[N] bool), executed for the
+        ``executed_rows`` (Tensor[R] long) of the batch of ``n``; ``dense``: part of the static network (else
+        training-only work, dense 0). Nothing without a trace."""
         if tr is None:
             return
         executed = torch.zeros(n, dtype=torch.float64, device=alive.device).index_fill(0, executed_rows, float(cost))
@@ -335,7 +363,10 @@ class RecurrentAttention(DynamicBlock):
 
 
 class RAM(DynamicModel):
-    """RAM as a :class:`DynamicModel`; objective: cross-entropy + REINFORCE (location and halting) + baseline MSE."""
+    """RAM as a :class:`DynamicModel`; objective: cross-entropy + REINFORCE (location and halting) + baseline MSE.
+
+    Subclasses (DT-RAM) override :meth:`task_loss`, :meth:`reward` and :meth:`calibrate_to_`.
+    """
 
     def compute_loss(self, logits: Tensor, target: Tensor, t: Trace, budget: float | None = None) -> LossOutput:
         task = self.task_loss(logits, target, t)
