@@ -60,3 +60,31 @@ def test_nothing_is_measured_under_autograd_a_dispatch_mode_or_when_turned_off(
 
 def test_density_bucket_rounds_and_clamps() -> None:
     assert [autotune.density_bucket(f) for f in (-0.2, 0.0, 0.3, 0.5, 0.99, 1.4)] == [0, 0, 2, 4, 8, 8]
+
+
+def test_sliced_pair_runs_the_measured_faster_strategy_with_the_same_values(
+    fake_clock: dict[str, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With dense timed faster, ``auto`` runs dense (executed = every channel); the values equal the sliced run."""
+    from dynnet.kernels import channel
+    from dynnet.kernels.channel import _sliced
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 6, 6, generator=gen)
+    w1, b1 = torch.randn(6, 4, 3, 3, generator=gen), torch.randn(6, generator=gen)
+    w2, b2 = torch.randn(5, 6, 3, 3, generator=gen), torch.randn(5, generator=gen)
+    scale = (torch.rand(8, 6, generator=gen) > 0.4).float()
+    assert 0 < scale.sum() < scale.numel() and torch.unique(scale, dim=0).shape[0] > 1  # mixed, distinct masks
+    spec = channel.ConvSpec(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    real = _sliced._run_pair
+
+    def timed(how: str, *args):  # the fake clock: dense costs 1, any sliced strategy 5
+        fake_clock["t"] += 1.0 if how == "dense" else 5.0
+        return real(how, *args)
+
+    monkeypatch.setattr(_sliced, "_run_pair", timed)
+    with torch.no_grad():
+        fixed, fixed_exec = channel.sliced_pair(x, w1, b1, w2, b2, scale, spec, spec, strategy="per_sample")
+        y, executed = channel.sliced_pair(x, w1, b1, w2, b2, scale, spec, spec)
+    assert torch.allclose(y, fixed, atol=1e-5) and torch.equal(executed, torch.full((8,), 6.0, dtype=torch.float64))
+    assert bool((fixed_exec < 6).any()) and list(autotune.choices().values()) == ["dense"]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._ops import OpOverloadPacket
 
+from dynnet.kernels import autotune
 from dynnet.kernels.channel._compiled import compiled_op, native_conv3x3_in, pair_operands_ok, residual_ok
 from dynnet.kernels.channel._spec import ConvSpec, conv_out_size, pair_out_hw
 
@@ -201,8 +202,35 @@ def sliced_pair(
         y, k = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, binary=binary)
         return y, torch.full((1,), float(k), dtype=torch.float64, device=x.device)
     active = scale != 0
-    mult = None if binary else scale
     how = choose_strategy(active, strategy)
+    if strategy == "auto" and how != "dense":  # measured: is the sliced strategy faster than dense, here?
+        density = float(active.sum()) / active.numel()
+        key = ("sliced_pair", how, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+               tuple(w1.shape), tuple(w2.shape), spec1, spec2, binary, autotune.density_bucket(density))  # fmt: skip
+        how = autotune.choose(key, {
+            how: lambda: _run_pair(how, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
+            "dense": lambda: _run_pair("dense", x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
+        }) or how  # fmt: skip
+    return _run_pair(how, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary)
+
+
+def _run_pair(
+    how: str,
+    x: Tensor,
+    w1: Tensor,
+    b1: Tensor,
+    w2: Tensor,
+    b2: Tensor,
+    scale: Tensor,
+    active: Tensor,
+    spec1: ConvSpec,
+    spec2: ConvSpec,
+    binary: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sliced_pair` with a resolved strategy ``how`` (not ``"auto"``); ``active``: Tensor[N, C] bool,
+    ``scale != 0``."""
+    n, c = scale.shape
+    mult = None if binary else scale
     if how == "dense":
         h = F.relu(spec1.conv(x, w1, b1))
         if mult is not None:
