@@ -22,7 +22,7 @@ RESULTS=${RESULTS:-benchmarks/results}
 QUICK=${QUICK:-0}
 ONLY=${ONLY:-layer_skip early_exit channel spatial resolution_glimpse_moe convnet_aig}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
-# glibc malloc keeps freed memory and serves tensors up to 32 MiB from the heap (dynnet.bench.STEADY_MALLOC): repeated
+# glibc malloc keeps freed memory and serves tensors up to 32 MiB from the heap (dynnet.bench.latency.STEADY_MALLOC): repeated
 # calls reuse their pages instead of faulting fresh ones in, so dense and dynamic runs time compute, not page faults.
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.trim_threshold=4294967296:glibc.malloc.mmap_threshold=33554432}
 

@@ -111,7 +111,7 @@ def _profile(model, x_test: torch.Tensor, args) -> dict:
 
 
 def main() -> None:
-    steady_malloc()  # no page faults from glibc returning memory between timed calls (dynnet.bench.STEADY_MALLOC)
+    steady_malloc()  # no page faults from glibc returning memory between timed calls (dynnet.bench.latency.STEADY_MALLOC)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/spatial")
     parser.add_argument("--subset", type=int, default=8000)
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--dense-fallback",
         action="store_true",
-        help="calibrate each block's dense fallback (dynnet.kernels.calibrate_dense_fallback_) before timing",
+        help="calibrate each block's dense fallback (dynnet.blocks.calibrate_dense_fallback_) before timing",
     )
     parser.add_argument("--reuse-base", action="store_true", help="start from models/base_pretrained.pt if present")
     parser.add_argument("--tune-steps", type=int, default=None, help="cap the fine-tuning steps (max_steps)")

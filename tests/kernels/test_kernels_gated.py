@@ -187,6 +187,10 @@ def test_routed_pair_is_the_agent_step_then_the_given_pair() -> None:
         sw, sb = torch.randn(c_out, c, generator=g), torch.randn(c_out, generator=g)
         state = torch.randn(1, j, generator=g)
         _register_agent_rule()
+        from dynnet.kernels.channel._compiled import compiled_op
+        from dynnet.kernels.channel._gated import _gated_macs
+
+        compiled_op("gated_pair3x3", _gated_macs)  # its MAC rule, registered on first use (this test may run alone)
         with MacCounter() as step_count:
             _, expected_state, action = torch.ops.dynnet.agent_step(x, *agent, state)
         row = masks[action].contiguous()
