@@ -111,7 +111,7 @@ def _profile(model, x_test: torch.Tensor, args) -> dict:
 
 
 def main() -> None:
-    steady_malloc()  # no page faults from glibc returning memory between timed calls (dynnet.bench.latency.STEADY_MALLOC)
+    steady_malloc()  # no page faults from glibc returning memory between timed calls (bench.latency.STEADY_MALLOC)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/spatial")
     parser.add_argument("--subset", type=int, default=8000)
