@@ -16,7 +16,7 @@ from dynnet.core import Decision, current_trace
 from dynnet.core.registry import TypeRegistry
 from dynnet.kernels import autotune
 from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
-from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks
+from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks, tile_macs
 from dynnet.kernels.spatial import scatter_add_rows
 
 __all__ = ["SpatialResidual", "calibrate_dense_fallback_", "register_spatial_chain", "spatial_chain"]
@@ -203,7 +203,9 @@ class SpatialResidual(AdaptedResidual):
 
     def _runs_dense(self, x: Tensor, hard: Tensor, masks: list[Tensor]) -> bool:
         """Whether sparse mode runs the branch as masked dense convolutions for this input: above ``dense_above``
-        when :func:`calibrate_dense_fallback_` set it (pixel execution); otherwise where measured dispatch
+        when :func:`calibrate_dense_fallback_` set it (pixel execution); always where the tiles with their halos
+        would cost at least the dense branch (tile execution: sparse mode never executes more MACs than dense);
+        otherwise where measured dispatch
         (:mod:`dynnet.kernels.autotune`, once per input shape and density bucket) timed the masked dense branch
         faster than the gather kernels. Both give the same values; the MACs recorded say which ran.
 
@@ -217,6 +219,10 @@ class SpatialResidual(AdaptedResidual):
             return density > self.dense_above
         if not bool(hard.any()):
             return False
+        if self.execution == "tile":  # never more work than dense: tiles' halos overlap, and can cost more
+            body = self.cost("body", lambda m, inp: m.body(inp), x)
+            if int(hard.sum()) * tile_macs(self._stages, self.tile) >= x.shape[0] * body:
+                return True
         if self.execution == "pixel":
             sparse = lambda: run_pixels(self._stages, x, masks)  # noqa: E731
         else:

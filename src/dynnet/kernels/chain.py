@@ -31,6 +31,7 @@ from dynnet.kernels.spatial import compiled_kernels, gather_conv_image, gather_c
 
 __all__ = [
     "ConvStage", "chain_sizes", "folded_conv", "folded_stage", "run_masked", "run_pixels", "run_tiles", "stage_masks",
+    "tile_macs",
 ]  # fmt: skip
 
 
@@ -227,6 +228,13 @@ def _is_relu(act: Callable[[Tensor], Tensor] | None) -> bool:
     return isinstance(act, nn.ReLU) or act is F.relu or act is torch.relu
 
 
+def tile_macs(stages: list[ConvStage], tile: int) -> int:
+    """MACs :func:`run_tiles` spends on one output tile of side ``tile``, its halos included (the haloed region of
+    every stage times that stage's MACs per position)."""
+    geo = tile_geometry(tile, [st.geometry for st in stages])
+    return sum(geo.regions[i] ** 2 * st.per_position for i, st in enumerate(stages, start=1))
+
+
 def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> tuple[Tensor, Tensor]:
     """SBNet execution: the chain on a batch of haloed input tiles (inference).
 
@@ -242,12 +250,10 @@ def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> t
     sizes = chain_sizes(stages, tuple(x.shape[2:]))
     geo = tile_geometry(tile, [st.geometry for st in stages])
     h = gather_tiles(x, tiles, geo.regions[0], geo.offsets[0], geo.steps[0])
-    per_tile = 0
     for i, st in enumerate(stages, start=1):
         _, s, _, d = st.geometry
         weight, bias = folded_conv(st)  # batch norm folded in: one pass less over the tile batch
         h = F.conv2d(h, weight, bias, s, 0, d)
-        per_tile += geo.regions[i] ** 2 * st.per_position
         if _is_relu(st.act):
             h = h.relu_()
         elif st.act is not None:
@@ -264,4 +270,4 @@ def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> t
                     inside = inside_image(tiles[border], geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
                     h[border] = h[border] * inside.to(h.dtype)
     counts = torch.bincount(tiles[:, 0], minlength=n).double() if tiles.shape[0] else torch.zeros(n).double()
-    return h, counts * per_tile
+    return h, counts * tile_macs(stages, tile)

@@ -53,6 +53,35 @@ def test_active_tiles_equal_the_dense_block_and_halos_are_counted() -> None:
     assert (body.executed >= body.macs).all()
 
 
+def test_sparse_never_executes_more_than_dense_when_halos_would_cost_more() -> None:
+    """Tile 2 on a 3×3 chain: each 2×2 output tile computes a 4×4 region of conv1 (4× its own positions), so with most
+    tiles on the haloed tiles cost more than the dense branch: sparse mode then runs the masked dense branch (the
+    same values) and records the dense cost, not more."""
+    from dynnet.kernels.chain import tile_macs
+
+    model = _model(tile=2)
+    block = model.net.layer1[0]  # 16 → 16, stride 1, 28×28: 14×14 tiles of 2
+    assert isinstance(block, SBNetBlock)
+    x = torch.randn(2, 16, 28, 28)
+    body = 2 * 28 * 28 * 16 * 16 * 9  # both convolutions, per sample
+    assert tile_macs(block._stages, 2) == 16 * 16 * 16 * 9 + 4 * 16 * 16 * 9  # conv1 on 4×4, conv2 on 2×2
+    for keep, dense_expected in ((0.1, False), (0.9, True)):
+        hard = (torch.rand(2, 14, 14, generator=torch.Generator().manual_seed(1)) < keep).float()
+        assert (int(hard.sum()) * tile_macs(block._stages, 2) >= 2 * body) == dense_expected  # the precondition
+        d = Decision(hard=hard, soft=None, granularity="block")
+        with torch.no_grad():
+            dynnet.set_mode(model, "masked")
+            masked = block(x, d)
+            dynnet.set_mode(model, "sparse")
+            with dynnet.trace() as t, MacCounter() as counter:
+                out = block(x, d)
+        torch.testing.assert_close(out, masked)
+        executed = next(e for e in t.entries if e.name.endswith("/body")).executed
+        assert float(executed.sum()) <= 2 * body + 1e-6
+        assert (float(executed.sum()) == 2 * body) == dense_expected
+        assert counter.total == float(executed.sum())  # no shortcut MACs: identity shortcut
+
+
 def test_tile_mask_unit_averages_partial_tiles() -> None:
     model = _model(tile=4)
     gate = model.net.layer1[0].gate
