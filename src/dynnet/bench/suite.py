@@ -68,11 +68,16 @@ def _finished(path: Path, settings: dict[str, Any], retry_errors: bool) -> dict[
         row = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if row.get("settings") != json.loads(json.dumps(settings, default=json_default)):
+    if not _current(row, settings):
         return None
     if retry_errors and row.get("status") != "ok":
         return None
     return row
+
+
+def _current(row: dict[str, Any], settings: dict[str, Any]) -> bool:
+    """Whether a stored row was made with ``settings`` (:meth:`Job.settings`, compared in their JSON form)."""
+    return row.get("settings") == json.loads(json.dumps(settings, default=json_default))
 
 
 def mark_stale(rows: list[dict[str, Any]], profile: BenchProfile) -> list[dict[str, Any]]:
@@ -82,7 +87,7 @@ def mark_stale(rows: list[dict[str, Any]], profile: BenchProfile) -> list[dict[s
     current = {job.id: job.settings(profile) for job in plan_jobs(profile, None)}
     for row in rows:
         settings = current.get(str(row.get("job")))
-        row["stale"] = settings is not None and row.get("settings") != settings
+        row["stale"] = settings is not None and not _current(row, settings)
     return rows
 
 
@@ -164,7 +169,7 @@ def run_suite(
         if report:
             from dynnet.bench.report import write_outputs
 
-            write_outputs(mark_stale(rows, profile), out, profile=profile.as_dict(), machine=machine_info())
+            write_outputs(rows, out, profile=profile.as_dict(), machine=machine_info())  # current by construction
         return rows
     finally:
         torch.set_num_threads(previous_threads)

@@ -17,7 +17,6 @@ machine's speed; :func:`clock` can be replaced to test the dispatch itself.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -28,7 +27,6 @@ from dynnet.kernels import native
 
 __all__ = ["cache_clear", "choices", "choose", "density_bucket", "enabled"]
 
-_OFF = {"0", "false", "off", "no"}
 _cache: dict[Hashable, str] = {}
 _lock = threading.Lock()
 REPEATS = 3
@@ -41,7 +39,7 @@ clock: Callable[[], float] = time.perf_counter
 def enabled() -> bool:
     """Whether measured dispatch may run now: not turned off by ``DYNNET_AUTOTUNE=0``, no autograd, no tracing or
     compilation, nothing watching the ops at the dispatcher."""
-    if os.environ.get("DYNNET_AUTOTUNE", "").strip().lower() in _OFF:
+    if native.env_off("DYNNET_AUTOTUNE"):
         return False
     if torch.is_grad_enabled() or native.observed():
         return False

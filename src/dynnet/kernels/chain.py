@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.kernels.block import gather_tiles, inside_image, tile_geometry
+from dynnet.kernels.block import TileGeometry, gather_tiles, inside_image, tile_geometry
 from dynnet.kernels.channel import fold_bn
 from dynnet.kernels.gemm import weight_matrix
 from dynnet.kernels.pixels import conv_out_size, receptive_mask, rows_lookup
@@ -231,7 +231,11 @@ def _is_relu(act: Callable[[Tensor], Tensor] | None) -> bool:
 def tile_macs(stages: list[ConvStage], tile: int) -> int:
     """MACs :func:`run_tiles` spends on one output tile of side ``tile``, its halos included (the haloed region of
     every stage times that stage's MACs per position)."""
-    geo = tile_geometry(tile, [st.geometry for st in stages])
+    return _haloed_macs(stages, tile_geometry(tile, [st.geometry for st in stages]))
+
+
+def _haloed_macs(stages: list[ConvStage], geo: TileGeometry) -> int:
+    """MACs per output tile: each stage's haloed region (``geo.regions``) times its MACs per position."""
     return sum(geo.regions[i] ** 2 * st.per_position for i, st in enumerate(stages, start=1))
 
 
@@ -270,4 +274,4 @@ def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> t
                     inside = inside_image(tiles[border], geo.regions[i], geo.offsets[i], geo.steps[i], sizes[i])
                     h[border] = h[border] * inside.to(h.dtype)
     counts = torch.bincount(tiles[:, 0], minlength=n).double() if tiles.shape[0] else torch.zeros(n).double()
-    return h, counts * tile_macs(stages, tile)
+    return h, counts * _haloed_macs(stages, geo)

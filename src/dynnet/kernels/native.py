@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["direct", "disabled", "load", "observed", "status"]
+__all__ = ["direct", "disabled", "env_off", "load", "observed", "status"]
 
 _DIR = Path(__file__).with_name("_native")
 _SOURCES = tuple(
@@ -37,19 +37,24 @@ _state: dict[str, object] = {}
 
 
 _OFF = {"0", "false", "off", "no"}
-_env_seen: list[str | None] = [None]
-_env_off: list[bool] = [False]
+_env_seen: dict[str, tuple[str | None, bool]] = {}
+
+
+def env_off(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to ``0`` / ``false`` / ``off`` / ``no`` (any case).
+
+    Called on hot paths (once per kernel call), so a variable is parsed only when its value changes.
+    """
+    value = os.environ.get(name)
+    seen = _env_seen.get(name)
+    if seen is None or seen[0] != value:
+        seen = _env_seen[name] = (value, value is not None and value.strip().lower() in _OFF)
+    return seen[1]
 
 
 def disabled() -> bool:
-    """Whether ``DYNNET_NATIVE=0`` (or ``false``/``off``/``no``) turns the compiled kernels off.
-
-    Called once per kernel call, so the environment variable is parsed only when its value changes.
-    """
-    value = os.environ.get("DYNNET_NATIVE")
-    if value != _env_seen[0]:
-        _env_seen[0], _env_off[0] = value, value is not None and value.strip().lower() in _OFF
-    return _env_off[0]
+    """Whether ``DYNNET_NATIVE=0`` (or ``false``/``off``/``no``) turns the compiled kernels off."""
+    return env_off("DYNNET_NATIVE")
 
 
 def observed() -> bool:

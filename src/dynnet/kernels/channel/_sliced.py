@@ -207,10 +207,11 @@ def sliced_pair(
         density = float(active.sum()) / active.numel()
         key = ("sliced_pair", how, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
                tuple(w1.shape), tuple(w2.shape), spec1, spec2, binary, autotune.density_bucket(density))  # fmt: skip
+        sliced = how
         how = autotune.choose(key, {
-            how: lambda: _run_pair(how, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
+            sliced: lambda: _run_pair(sliced, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
             "dense": lambda: _run_pair("dense", x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
-        }) or how  # fmt: skip
+        }) or sliced  # fmt: skip
     return _run_pair(how, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary)
 
 
