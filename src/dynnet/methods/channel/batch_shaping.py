@@ -140,7 +140,9 @@ class BatchShaping(DynamicModel):
     paper="Batch-Shaping for Learning Conditional Channel Gated Networks (ICLR 2020), arXiv:1907.06627",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
                         derives="Beta prior mean = the kept-channel rate that spends the budget; MAC-budget loss "
-                        "target = budget"),
+                        "target = budget",
+                        # standard profile, 2026-12-07: trained at 0.5 (90.08 %), calibrated to 0.25: 48.67 %
+                        transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: BatchShapingConfig, targets: Targets = "auto") -> BatchShaping:
     """Put a batch-shaping channel gate on every target basic residual block of ``model`` (in place)."""
