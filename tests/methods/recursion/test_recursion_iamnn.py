@@ -42,3 +42,19 @@ def test_halting_shrinks_executed_macs_in_sparse_mode() -> None:
     assert c.total < tm.executed_macs().sum().item()
     # the dense network is the fully unrolled one
     assert tm.dense_macs() == tm.max_macs() - sum(e.maximum for e in tm.entries if "halting" in e.name)
+
+
+def test_base_weights_load_into_the_transition_and_shared_blocks() -> None:
+    torch.manual_seed(3)
+    base = dynnet.create_model("cifar_resnet20", in_channels=1, width=0.5)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.state_dict().items()}
+    model = _model()
+    model.load_base_state_dict(state)
+    loaded = model.net.state_dict()
+    for stage in ("layer1", "layer2", "layer3"):
+        for key in ("conv1.weight", "bn2.running_mean", "bn1.bias"):
+            torch.testing.assert_close(loaded[f"{stage}.0.{key}"], state[f"{stage}.0.{key}"])
+            torch.testing.assert_close(loaded[f"{stage}.shared.{key}"], state[f"{stage}.1.{key}"])
+        assert not any(k.startswith(f"{stage}.2.") for k in loaded)
+    torch.testing.assert_close(loaded["conv1.weight"], state["conv1.weight"])
+    torch.testing.assert_close(loaded["fc.weight"], state["fc.weight"])

@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module
 from dynnet.core.budget import BudgetPolicy
@@ -87,6 +87,23 @@ class IterativeStage(HaltingStage):
 
 class IamNN(HaltingModel):
     """The converted network: cross-entropy + ponder cost + MAC-budget loss; knob: the halting logit offset."""
+
+    def load_base_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load weights of the original network: each stage's first block into its transition block, its second
+        block into the shared block (as at conversion); the stage's later blocks have no place and are left out."""
+        stages = [name for name, m in self.net.named_modules() if isinstance(m, IterativeStage)]
+        mapped: dict[str, Tensor] = {}
+        for key, value in state_dict.items():
+            stage = next((s for s in stages if key.startswith(f"{s}.")), None)
+            if stage is None:
+                mapped[key] = value
+                continue
+            index, _, rest = key[len(stage) + 1 :].partition(".")
+            if index == "0":
+                mapped[key] = value
+            elif index == "1":
+                mapped[f"{stage}.shared.{rest}"] = value
+        super().load_base_state_dict(mapped)
 
 
 @recipe(
