@@ -225,3 +225,19 @@ def test_channel_gating_conv_macs_and_tiles(tile: int) -> None:
     torch.testing.assert_close(outs["sparse"], outs["masked"], rtol=1e-5, atol=1e-5)
     gated.mode = "dense"
     torch.testing.assert_close(gated(x), conv(x))
+
+
+def test_gaternet_training_counts_the_binary_sample_of_each_gate() -> None:
+    """In training a filter counts as spent when its noisy logit is positive (the rule inference applies without the
+    noise), not whenever its relaxed value is above 0."""
+    model = _model("gaternet").train()
+    with torch.no_grad():
+        model.gate.fc.weight.zero_()
+        model.gate.fc.bias.fill_(-1.5)
+    torch.manual_seed(1)
+    with dynnet.trace() as t:
+        model(diverse_inputs(16, (3, 16, 16)))
+    hard = torch.cat([d.hard.detach().flatten() for d in t.decisions_of("channel").values()])
+    assert hard.numel() > 1000
+    # P(-1.5 + N(0, 1) > 0) = 0.067; the relaxed-above-0 rule gave about 0.44
+    assert 0.03 < float(hard.mean()) < 0.12
