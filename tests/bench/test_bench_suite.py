@@ -357,3 +357,17 @@ def test_rows_made_with_other_settings_are_marked_stale() -> None:
     rows.append({"job": "retired-b0.5-s0", "settings": {}})  # a job the profile no longer plans
     marked = mark_stale(rows, dataclasses.replace(TINY, budgets=(0.5,)))
     assert [r["stale"] for r in marked] == [False, True, False, False]
+
+
+def test_a_revised_recipe_makes_its_rows_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dynnet.bench.suite import mark_stale
+    from dynnet.core import RECIPES as REGISTRY
+
+    name = RECIPES[0]
+    job = next(j for j in plan_jobs(TINY, [name]) if j.recipe == name)
+    row = _fake_row(job, TINY, None) | {"settings": job.settings(TINY)}
+    assert "revision" not in row["settings"] and not mark_stale([dict(row)], TINY)[0]["stale"]
+    get = REGISTRY.get
+    monkeypatch.setattr(REGISTRY, "get", lambda n: dataclasses.replace(get(n), revision=1) if n == name else get(n))
+    assert job.settings(TINY)["revision"] == 1
+    assert mark_stale([dict(row)], TINY)[0]["stale"]

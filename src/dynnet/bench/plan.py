@@ -253,10 +253,14 @@ class Job:
         p = profile.as_dict()
         out = dataclasses.asdict(self) | {k: p[k] for k in keys}
         if self.recipe is not None:
+            from dynnet.core import RECIPES
             from dynnet.core.recipe import fine_tune_settings
 
             out["fine_tune"] = fine_tune_settings(self.recipe, profile.epochs) if profile.init is not None else {}
             out["recipe_settings"] = dict(dict(profile.recipe_settings).get(self.recipe, ()))
+            revision = RECIPES.get(self.recipe).revision
+            if revision:  # absent at 0, so that rows made before revisions existed stay current
+                out["revision"] = revision
         return json.loads(json.dumps(out, default=json_default))
 
     def trained_job(self) -> Job:

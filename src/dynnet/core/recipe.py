@@ -48,6 +48,8 @@ class RecipeSpec:
             both, or fixed at conversion, and the range of MAC fractions it can reach.
         fine_tune: :class:`~dynnet.train.TrainConfig` settings of the recipe's fine-tuning from a trained base, over
             :data:`FINE_TUNE_DEFAULTS` (see :func:`fine_tune_settings`).
+        revision: raised when a change of the recipe's code changes what it trains or measures (a fixed estimator,
+            a new objective): benchmark rows made at an older revision are stale and rerun (0: never revised).
     """
 
     name: str
@@ -62,6 +64,7 @@ class RecipeSpec:
     input_dependent: bool = True
     budget: BudgetPolicy | None = None
     fine_tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    revision: int = 0
 
 
 FINE_TUNE_DEFAULTS: dict[str, Any] = {"budget_start": 1.0, "track_budget_every": 25}
@@ -136,7 +139,7 @@ def recipe(
         family: the reading-list family, when the module does not live in ``dynnet.methods.<family>``.
         config: the config dataclass, when the ``config`` argument is not annotated with it.
         **options: the other :class:`RecipeSpec` fields (``test_base``, ``test_input``, ``exact_executed``,
-            ``reproduces_base``, ``input_dependent``, ``fine_tune``).
+            ``reproduces_base``, ``input_dependent``, ``fine_tune``, ``revision``).
 
     Example:
         >>> @recipe("convnet_aig", paper="...", budget=BudgetPolicy("trained+calibrated"))

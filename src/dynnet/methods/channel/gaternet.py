@@ -312,6 +312,7 @@ class _GatedBlock(ChannelGatedBlock):
     paper="You Look Twice: GaterNet for Dynamic Filter Selection in CNNs (CVPR 2019), arXiv:1811.11205",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
                         derives="MAC-budget loss target = budget"),
+    revision=1,  # 1: a filter counts as spent in training when its noisy logit is positive
 )  # fmt: skip
 def convert(model: nn.Module, config: GaterNetConfig, targets: Targets = "auto") -> GaterNet:
     """Gate the inner filters of every target basic residual block of ``model`` (in place) from one gater network."""
