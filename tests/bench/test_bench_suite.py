@@ -299,8 +299,8 @@ def test_a_trained_budget_is_trained_once_and_calibrated_to_the_others(
 ) -> None:
     profile = dataclasses.replace(TINY, budgets=(0.4, 0.7), static_depths=(), static_widths=(), trained_budget=0.7,
                                   val_fraction=0.4)  # fmt: skip
-    jobs = plan_jobs(profile, ["dynconv"])
-    assert [(j.id, j.trained_budget) for j in jobs] == [("dynconv-b0.7-s0", None), ("dynconv-b0.4-s0", 0.7)]
+    jobs = plan_jobs(profile, ["sact"])
+    assert [(j.id, j.trained_budget) for j in jobs] == [("sact-b0.7-s0", None), ("sact-b0.4-s0", 0.7)]
     assert jobs[1].trained_job() == jobs[0]
     # A recipe whose calibration does not transfer between distant budgets is trained at every budget.
     from dynnet.core import RECIPES
@@ -309,11 +309,11 @@ def test_a_trained_budget_is_trained_once_and_calibrated_to_the_others(
     assert [(j.id, j.trained_budget) for j in plan_jobs(profile, ["convnet_aig"])] == [
         ("convnet_aig-b0.4-s0", None), ("convnet_aig-b0.7-s0", None)]  # fmt: skip
     # A budget list without the trained budget still gets the trained job (first), which the others calibrate.
-    assert [j.id for j in plan_jobs(dataclasses.replace(profile, budgets=(0.4,)), ["dynconv"])] == [
-        "dynconv-b0.7-s0", "dynconv-b0.4-s0"]  # fmt: skip
-    rows = {r["job"]: r for r in run_suite(profile, tmp_path / "out", ["dynconv"], progress=False)}
+    assert [j.id for j in plan_jobs(dataclasses.replace(profile, budgets=(0.4,)), ["sact"])] == [
+        "sact-b0.7-s0", "sact-b0.4-s0"]  # fmt: skip
+    rows = {r["job"]: r for r in run_suite(profile, tmp_path / "out", ["sact"], progress=False)}
     assert all(r["status"] == "ok" for r in rows.values()), [r.get("error") for r in rows.values()]
-    high, low = rows["dynconv-b0.7-s0"], rows["dynconv-b0.4-s0"]
+    high, low = rows["sact-b0.7-s0"], rows["sact-b0.4-s0"]
     assert high["trained_budget"] == 0.7 and low["trained_budget"] == 0.7
 
     def training(row: dict) -> list[tuple]:
@@ -324,7 +324,7 @@ def test_a_trained_budget_is_trained_once_and_calibrated_to_the_others(
     assert high["achieved_val"] == pytest.approx(0.7, abs=0.05)  # 38 validation images: coarse steps
     assert low["mac_fraction"] < high["mac_fraction"]
     checkpoints = tmp_path / "out" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".gitignore", "dynconv-b0.7-s0"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".gitignore", "sact-b0.7-s0"]
     # A change of the recipe's fine-tune defaults changes the settings: its jobs run again.
     import dynnet.core.recipe as recipe
 
