@@ -48,6 +48,11 @@ class RecipeSpec:
             both, or fixed at conversion, and the range of MAC fractions it can reach.
         fine_tune: :class:`~dynnet.train.TrainConfig` settings of the recipe's fine-tuning from a trained base, over
             :data:`FINE_TUNE_DEFAULTS` (see :func:`fine_tune_settings`).
+        bench_metrics: the recipe's own measurements in the benchmark suite (``dynnet bench``), beside the ones every
+            job makes: ``fn(model, val, test) -> dict`` with the trained model (eval mode; it may change the
+            execution mode, the suite restores sparse mode), the validation batches (``None`` without a validation
+            split) and the test batches (``(Tensor[B, C, H, W], Tensor[B])`` each); the JSON-ready dict lands in the
+            job's row as ``recipe_metrics`` (early exits: the operating points of their exits; MoE: expert load).
     """
 
     name: str
@@ -62,6 +67,7 @@ class RecipeSpec:
     input_dependent: bool = True
     budget: BudgetPolicy | None = None
     fine_tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    bench_metrics: Callable[..., dict[str, Any]] | None = None
 
 
 FINE_TUNE_DEFAULTS: dict[str, Any] = {"budget_start": 1.0, "track_budget_every": 25}
@@ -136,7 +142,7 @@ def recipe(
         family: the reading-list family, when the module does not live in ``dynnet.methods.<family>``.
         config: the config dataclass, when the ``config`` argument is not annotated with it.
         **options: the other :class:`RecipeSpec` fields (``test_base``, ``test_input``, ``exact_executed``,
-            ``reproduces_base``, ``input_dependent``, ``fine_tune``).
+            ``reproduces_base``, ``input_dependent``, ``fine_tune``, ``bench_metrics``).
 
     Example:
         >>> @recipe("convnet_aig", paper="...", budget=BudgetPolicy("trained+calibrated"))
