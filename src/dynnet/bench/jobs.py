@@ -53,7 +53,7 @@ def load_data(profile: BenchProfile, dataset: str, seed: int) -> JobData:
     keep = order[: profile.test_subset] if profile.test_subset is not None else list(range(n))
     test_sub = Subset(test_set, keep)
     test = DataLoader(test_sub, batch_size=max(profile.batch_size, 256), shuffle=False)
-    need = max((*profile.batch_sizes, profile.batch1_samples))
+    need = max((*profile.batch_sizes, profile.batch1_samples, 16))  # 16: the budget check scrambles on them
     xs, got = [], 0
     for x, _ in test:
         xs.append(x)
@@ -241,6 +241,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
     from dynnet.train import TrainConfig, evaluate, fit
 
     seconds: dict[str, float] = {}
+    scrambled = None
     torch.manual_seed(job.seed)
     trained = job.trained_job()  # the training this job calibrates (itself, usually)
     model, base, width, size = build_job_model(trained, profile, data.info)
@@ -266,7 +267,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         model.to(device)
         fitted = FitResult(history=[], val=None, checkpoint=None)
         if profile.scrambled and job.kind == "recipe":
-            scrambled_calibration(model, job, data)
+            scrambled = scramble_decisions(model, job, data)
     else:  # calibrates to the budget on validation; a finished checkpoint of `trained` is loaded, not retrained
         fitted = fit(model, data.train, config, val_loader=data.val, init=init, teacher=teacher)
     seconds["train"] = time.perf_counter() - start
@@ -323,7 +324,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         extras = {name: EXTRAS[name](ctx) for name in profile.extras}
     seconds["profile"] = time.perf_counter() - start
     recipe_metrics = None
-    if spec is not None and spec.bench_metrics is not None:
+    if spec is not None and spec.bench_metrics is not None and not profile.scrambled:  # random heads: meaningless
         from dynnet.core import set_mode
 
         start = time.perf_counter()
@@ -359,6 +360,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         "decision_rates": ev.decision_rates, "calibration": calibration,
         **({"recipe_metrics": recipe_metrics} if recipe_metrics is not None else {}),
         **({"extras": extras} if extras else {}),
+        **({"scrambled": scrambled} if scrambled is not None else {}),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "history": fitted.history,
         "examples": examples,
@@ -367,17 +369,27 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
     return row
 
 
-def scrambled_calibration(model: nn.Module, job: Job, data: JobData) -> int:
+def scramble_decisions(model: nn.Module, job: Job, data: JobData) -> dict[str, Any]:
     """The budget check's stand-in for training: decisions made input-dependent at random
-    (:func:`dynnet.testing.scramble_until_mixed` on the first 16 timing images, an untrained policy of the same
-    structure), seeded by the job's seed; returns the scrambling seed used."""
+    (:func:`dynnet.testing.scramble_until_mixed` on the first 16 timing images: an untrained policy of the same
+    structure). Where no seed mixes them (random exit heads on a few images may all agree) the gates keep the job
+    seed's scrambling and the row says so: calibration is still checked.
+
+    Returns:
+        ``{"seed": the scrambling seed, "mixed": whether the decisions were mixed on those images}``.
+    """
     from dynnet.core import RECIPES
-    from dynnet.testing import scramble_until_mixed
+    from dynnet.testing import scramble_gates, scramble_until_mixed
 
     torch.manual_seed(job.seed)
     model.eval()
     x = data.images[:16].to(next(model.parameters()).device)
-    return scramble_until_mixed(model, x, across_inputs=RECIPES.get(job.recipe).input_dependent)
+    try:
+        return {"seed": scramble_until_mixed(model, x, across_inputs=RECIPES.get(job.recipe).input_dependent),
+                "mixed": True}  # fmt: skip
+    except AssertionError:
+        scramble_gates(model, seed=job.seed)
+        return {"seed": job.seed, "mixed": False}
 
 
 def _dense_macs(profile: BenchProfile, info: Any, image: Tensor) -> float:

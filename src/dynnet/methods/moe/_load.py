@@ -19,7 +19,8 @@ def expert_load(model: nn.Module, val: Iterable[Any] | None, test: Iterable[Any]
 
     Every MoE block records ``"<block>/load"`` (Tensor[E]: samples sent to each expert) in the trace; this sums them
     over the test batches. A balanced router gives every expert ``1 / E``; ``max_share`` is the busiest expert's
-    share in any block (1.0: one expert takes everything).
+    share in any block (1.0: one expert takes everything); ``routed`` counts the (sample, expert) pairs each block
+    sent to a real expert (a block whose samples all took the zero expert has shares of 0).
 
     Args:
         model: a trained MoE model (``sparse_moe``, ``hydranets``).
@@ -27,7 +28,7 @@ def expert_load(model: nn.Module, val: Iterable[Any] | None, test: Iterable[Any]
         test: ``(Tensor[B, C, H, W], Tensor[B])`` batches.
 
     Returns:
-        ``{"expert_load": {block: [share per expert]}, "max_share": float}``.
+        ``{"expert_load": {block: [share per expert]}, "routed": {block: int}, "max_share": float}``.
     """
     del val
     model.eval()
@@ -45,5 +46,6 @@ def expert_load(model: nn.Module, val: Iterable[Any] | None, test: Iterable[Any]
     shares = {b: (v / v.sum().clamp(min=1)).tolist() for b, v in loads.items()}
     return {
         "expert_load": {b: [round(s, 4) for s in v] for b, v in shares.items()},
+        "routed": {b: int(v.sum()) for b, v in loads.items()},
         "max_share": max((max(v) for v in shares.values()), default=float("nan")),
     }
