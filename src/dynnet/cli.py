@@ -8,7 +8,8 @@
     dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 [--out runs/q-b0.4] [--force]
     dynnet eval --checkpoint runs/quickstart [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
-    dynnet bench --profile quick|full [--recipes a,b] [--budgets 0.25,0.5] [--out DIR] [--report-only]
+    dynnet bench --profile quick|standard|full|<family>|budget [--recipes a,b] [--budgets 0.25,0.5] [--out DIR]
+    dynnet bench --profile quick --report-only          # rebuild table, plots and report from <out>/runs/
     dynnet quickstart
 
 Errors (unknown names, bad values, missing data, corrupt checkpoints) print one ``dynnet: error: ...`` line on
@@ -194,7 +195,7 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
 
     for name, text in (
         ("eval", "test accuracy and MACs of a checkpoint"),
-        ("bench", "dense vs sparse latency of a checkpoint, or the benchmark suite (--profile quick|full)"),
+        ("bench", "dense vs sparse latency of a checkpoint, or the benchmark suite (--profile quick...)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument(

@@ -53,7 +53,7 @@ def load_data(profile: BenchProfile, dataset: str, seed: int) -> JobData:
     keep = order[: profile.test_subset] if profile.test_subset is not None else list(range(n))
     test_sub = Subset(test_set, keep)
     test = DataLoader(test_sub, batch_size=max(profile.batch_size, 256), shuffle=False)
-    need = max(max(profile.batch_sizes), profile.batch1_samples)
+    need = max((*profile.batch_sizes, profile.batch1_samples, 16))  # 16: the budget check scrambles on them
     xs, got = [], 0
     for x, _ in test:
         xs.append(x)
@@ -241,6 +241,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
     from dynnet.train import TrainConfig, evaluate, fit
 
     seconds: dict[str, float] = {}
+    scrambled = None
     torch.manual_seed(job.seed)
     trained = job.trained_job()  # the training this job calibrates (itself, usually)
     model, base, width, size = build_job_model(trained, profile, data.info)
@@ -260,17 +261,26 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
            **warm, **dict(profile.train_overrides)}
     )  # fmt: skip
     start = time.perf_counter()
-    if job.source == "shipped":  # tested as shipped: no training
+    if job.source == "shipped" or (profile.scrambled and job.kind == "recipe"):  # no training
         from dynnet.train.loop import FitResult
 
         model.to(device)
         fitted = FitResult(history=[], val=None, checkpoint=None)
+        if profile.scrambled and job.kind == "recipe":
+            scrambled = scramble_decisions(model, job, data)
     else:  # calibrates to the budget on validation; a finished checkpoint of `trained` is loaded, not retrained
         fitted = fit(model, data.train, config, val_loader=data.val, init=init, teacher=teacher)
     seconds["train"] = time.perf_counter() - start
     cal = fitted.calibration
     achieved_val = None if fitted.val is None or job.kind == "static" else fitted.val.mac_fraction
     if trained is not job:  # trained at another budget: calibrated to this one on the validation split
+        from dynnet.calibration import calibrate
+
+        start = time.perf_counter()
+        cal = calibrate(model, data.val, job.budget, tolerance=config.calibrate_tolerance)
+        seconds["calibrate"] = time.perf_counter() - start
+        achieved_val = cal.mac_fraction
+    if profile.scrambled and job.kind == "recipe" and RECIPES.get(job.recipe).budget.calibrated:
         from dynnet.calibration import calibrate
 
         start = time.perf_counter()
@@ -305,10 +315,24 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         )  # fmt: skip
         timing.update({f"cpu_{k}": v for k, v in cpu.items()})
         model.to(device)
+    spec = RECIPES.get(job.recipe) if job.recipe else None
+    extras = {}
+    if spec is not None:
+        from dynnet.bench.extras import EXTRAS, ExtraContext
+
+        ctx = ExtraContext(job, profile, model, base, width, data.info, dev_images, timing)
+        extras = {name: EXTRAS[name](ctx) for name in profile.extras}
     seconds["profile"] = time.perf_counter() - start
+    recipe_metrics = None
+    if spec is not None and spec.bench_metrics is not None and not profile.scrambled:  # random heads: meaningless
+        from dynnet.core import set_mode
+
+        start = time.perf_counter()
+        recipe_metrics = spec.bench_metrics(model, data.val, data.test)
+        set_mode(model.eval(), "sparse")
+        seconds["recipe_metrics"] = time.perf_counter() - start
     examples = record_examples(model, data.example_images.to(device)) if len(data.example_images) else {}
 
-    spec = RECIPES.get(job.recipe) if job.recipe else None
     source = "static" if job.source == "scratch" else job.source
     fraction_of_base = ev.mac_fraction
     if job.source != "scratch":  # a pruned or shipped network: its MACs as a fraction of the profile's dense base
@@ -334,12 +358,38 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
                      "incorrect": _hist(fraction, ~correct)},
         "confidence_mac_corr": _corr(confidence, ev.macs),
         "decision_rates": ev.decision_rates, "calibration": calibration,
+        **({"recipe_metrics": recipe_metrics} if recipe_metrics is not None else {}),
+        **({"extras": extras} if extras else {}),
+        **({"scrambled": scrambled} if scrambled is not None else {}),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "history": fitted.history,
         "examples": examples,
     }  # fmt: skip
     row.update(timing)
     return row
+
+
+def scramble_decisions(model: nn.Module, job: Job, data: JobData) -> dict[str, Any]:
+    """The budget check's stand-in for training: decisions made input-dependent at random
+    (:func:`dynnet.testing.scramble_until_mixed` on the first 16 timing images: an untrained policy of the same
+    structure). Where no seed mixes them (random exit heads on a few images may all agree) the gates keep the job
+    seed's scrambling and the row says so: calibration is still checked.
+
+    Returns:
+        ``{"seed": the scrambling seed, "mixed": whether the decisions were mixed on those images}``.
+    """
+    from dynnet.core import RECIPES
+    from dynnet.testing import scramble_gates, scramble_until_mixed
+
+    torch.manual_seed(job.seed)
+    model.eval()
+    x = data.images[:16].to(next(model.parameters()).device)
+    try:
+        return {"seed": scramble_until_mixed(model, x, across_inputs=RECIPES.get(job.recipe).input_dependent),
+                "mixed": True}  # fmt: skip
+    except AssertionError:
+        scramble_gates(model, seed=job.seed)
+        return {"seed": job.seed, "mixed": False}
 
 
 def _dense_macs(profile: BenchProfile, info: Any, image: Tensor) -> float:

@@ -29,7 +29,7 @@ took 2,162 minor page faults per call and 19.5–20.2 ms, against none and 17.2 
 
 def steady_malloc() -> None:
     """Re-execute the running script with :data:`STEADY_MALLOC` in ``GLIBC_TUNABLES`` (Linux only; once: a process
-    that already has ``GLIBC_TUNABLES`` set, e.g. by ``benchmarks/run_all.sh``, keeps it). Call it first in a
+    that already has ``GLIBC_TUNABLES`` set, e.g. by its shell, keeps it). Call it first in a
     benchmark's ``main``: dense and dynamic runs then time compute, not the allocator's page faults."""
     import sys
 

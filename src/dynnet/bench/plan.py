@@ -60,6 +60,17 @@ class BenchProfile:
             the base's own long schedule) join the static front, tested and timed like the others (``"shipped"``).
         recipe_settings: settings of particular recipes, ``((recipe, ((field, value), ...)), ...)``: fields of the
             recipe's config (network selection's shipped little network), recorded in each job's row.
+        families: recipe families the profile runs (``"channel"``, ``"early_exit"``...); empty, with empty
+            ``recipes``: every registered recipe. A family profile is one of these with its measurements (``extras``).
+        recipes: recipes the profile runs besides its ``families`` (DT-RAM, an early exit built on the glimpse
+            family's RAM, with the glimpse recipes).
+        extras: measurements of :data:`dynnet.bench.extras.EXTRAS` made on every recipe job after the timing
+            (``"scrambled_timing"``, ``"engine_ratio"``, ``"operator_profile"``); they land in the row's ``extras``.
+            A recipe's own measurements (``RecipeSpec.bench_metrics``) run in every profile.
+        scrambled: the budget check: no training; each recipe's decisions are randomised
+            (:func:`dynnet.testing.scramble_until_mixed`: an untrained policy of the same structure), calibrated to
+            the job's budget on the validation split and measured on the test subset, so that ``achieved`` and
+            ``on_budget`` say whether calibration reaches the budget on images it has not seen.
         trained_budget: recipes whose budget is calibrated and transfers (``RecipeSpec.budget.calibrated`` and
             ``.transfers``) are trained once, at this budget, and calibrated on the validation split to each other
             budget of the profile (their rows say ``trained_budget``); the trained job runs first and keeps its
@@ -98,6 +109,10 @@ class BenchProfile:
     shipped_static: bool = False
     recipe_settings: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     trained_budget: float | None = None
+    families: tuple[str, ...] = ()
+    recipes: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
+    scrambled: bool = False
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -116,6 +131,20 @@ class BenchProfile:
             raise ValueError(f"pruned_fractions must be in (0, 1), got {self.pruned_fractions}")
         if self.trained_budget is not None and not 0.0 < self.trained_budget <= 1.0:
             raise ValueError(f"trained_budget must be a fraction in (0, 1], got {self.trained_budget}")
+        if self.scrambled and self.trained_budget is not None:
+            raise ValueError("a scrambled profile (the budget check) trains nothing: leave trained_budget None")
+        if self.extras:
+            from dynnet.bench.extras import EXTRAS
+
+            unknown = sorted(set(self.extras) - set(EXTRAS))
+            if unknown:
+                raise ValueError(f"unknown extras {unknown}; known: {sorted(EXTRAS)}")
+
+    def selects(self, name: str, family: str) -> bool:
+        """Whether the profile runs recipe ``name`` of ``family`` (every recipe without ``families``/``recipes``)."""
+        if not self.families and not self.recipes:
+            return True
+        return family in self.families or name in self.recipes
 
     def init_for(self, dataset: str) -> str | None:
         """The ``init`` of the recipes and pruned baselines on ``dataset`` (``"zoo"`` resolved to its key)."""
@@ -208,6 +237,107 @@ PROFILES: dict[str, BenchProfile] = {
     ),
 }
 
+# The family profiles (they replace the family scripts benchmarks/<family>.py had): the recipes of one family, with the
+# measurements that family needs (`extras`; a recipe's own `bench_metrics` run in every profile). On Fashion-MNIST
+# they fine-tune from the shipped ResNet-20 like `standard`, on a shorter schedule (20,000 images × 2 epochs, 2,000
+# test images), against the shipped static networks; their rows are comparable with each other, not with standard's.
+_FAMILY = dataclasses.replace(
+    PROFILES["standard"], subset=20_000, val_fraction=0.05, test_subset=2000, min_run_time=0.25, batch1_samples=16,
+    pruned_fractions=(),
+)  # fmt: skip
+PROFILES |= {
+    # Layer skipping and recursion; the engine's realized speedup at random (mixed) gates, whatever training did.
+    "layer_skip": dataclasses.replace(
+        _FAMILY, name="layer_skip", families=("layer_skip", "recursion"), extras=("scrambled_timing",)
+    ),
+    # Early exits: each recipe's `bench_metrics` gives every exit's accuracy and the operating points of the trained
+    # cascade at budgets 0.4-0.9 (thresholds calibrated on validation, no retraining). Exits reach 0.45 at the least.
+    "early_exit": dataclasses.replace(_FAMILY, name="early_exit", families=("early_exit",), budgets=(0.5, 0.75)),
+    # Channel gating; each job also times the channel engine with every channel kept (`engine_ratio`).
+    "channel": dataclasses.replace(_FAMILY, name="channel", families=("channel",), extras=("engine_ratio",)),
+    # ConvNet-AIG alone at 0.5 on the whole test set: timing of random gates and operator tables (where time goes).
+    "convnet_aig": dataclasses.replace(
+        _FAMILY,
+        name="convnet_aig",
+        recipes=("convnet_aig",),
+        budgets=(0.5,),
+        test_subset=None,
+        min_run_time=1.0,
+        batch1_samples=32,
+        extras=("scrambled_timing", "operator_profile"),
+    ),
+    # Spatial and block recipes where space matters: Cluttered Fashion-MNIST (64×64 canvases, one garment each),
+    # from scratch (no shipped weights for it), ResNet-20 × 0.5 and narrower / shallower static networks; timed at
+    # batch 16 too (the spatial kernels' target batch). PerforatedCNN builds its masks for 64×64.
+    "spatial": BenchProfile(
+        name="spatial",
+        base="cifar_resnet20",
+        width=0.5,
+        dataset="cluttered_fashion_mnist",
+        families=("spatial", "block"),
+        subset=8000,
+        val_fraction=0.02,
+        test_subset=2000,
+        epochs=3,
+        lr=0.1,
+        static_depths=(8, 20),
+        static_widths=(0.35, 0.5),
+        batch_sizes=(1, 16, 64),
+        min_run_time=0.25,
+        batch1_samples=16,
+        threads=1,
+        train_threads=1,
+        device="cpu",
+        recipe_settings=(("perforated_cnn", (("input_size", 64),)),),
+        trained_budget=0.5,
+    ),
+    # Glimpses, resolution and mixtures of experts on the cluttered canvas (MoE on plain Fashion-MNIST; its
+    # `bench_metrics` give the experts' load), from scratch with AdamW; DT-RAM (an early exit on RAM) with them.
+    "glimpse": BenchProfile(
+        name="glimpse",
+        base="cifar_resnet8",
+        width=1.0,
+        dataset="cluttered_fashion_mnist",
+        families=("glimpse", "resolution", "moe"),
+        recipes=("dt_ram",),
+        family_datasets=(("moe", "fashion_mnist"),),
+        subset=7000,
+        val_fraction=0.05,
+        test_subset=2000,
+        epochs=2,
+        batch_size=64,
+        lr=2e-3,
+        train_overrides=(("optimizer", "adamw"), ("weight_decay", 1e-4)),
+        static_depths=(8,),
+        static_widths=(0.5, 1.0),
+        min_run_time=0.25,
+        batch1_samples=16,
+        threads=1,
+        train_threads=1,
+        device="cpu",
+        trained_budget=0.5,
+    ),
+    # The budget check (no training, minutes): every recipe on ResNet-20 with random decisions, calibrated to 0.5 and
+    # 0.75 on ~1,000 validation images and measured on 1,024 test images; `on_budget` within 0.03 is a pass.
+    "budget": BenchProfile(
+        name="budget",
+        base="cifar_resnet20",
+        width=1.0,
+        scrambled=True,
+        subset=1024,
+        val_fraction=0.0171,
+        test_subset=1024,
+        budgets=(0.5, 0.75),
+        static_depths=(),
+        static_widths=(),
+        batch_sizes=(),
+        examples=0,
+        threads=1,
+        train_threads=1,
+        device="cpu",
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -252,6 +382,8 @@ class Job:
                 "train_threads", "device", "cpu_latency", "examples", "init", "distill")  # fmt: skip
         p = profile.as_dict()
         out = dataclasses.asdict(self) | {k: p[k] for k in keys}
+        # Only when set, so that the settings of the profiles without them (and their stored rows) are unchanged.
+        out |= {k: p[k] for k in ("extras", "scrambled") if p[k]}
         if self.recipe is not None:
             from dynnet.core import RECIPES
             from dynnet.core.recipe import fine_tune_settings
@@ -278,7 +410,8 @@ def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> li
 
     Args:
         profile: the profile.
-        recipes: recipe names (default: every registered recipe at call time).
+        recipes: recipe names (default: the profile's ``families`` and ``recipes``, or every registered recipe at
+            call time).
 
     Returns:
         Static jobs first (cheapest first), then recipes in name order; a recipe calibrated from
@@ -288,7 +421,8 @@ def plan_jobs(profile: BenchProfile, recipes: Sequence[str] | None = None) -> li
     from dynnet.core import RECIPES
 
     registered = dynnet.list_recipes()  # also imports every method package (registration)
-    names = list(registered) if recipes is None else list(recipes)
+    chosen = [n for n in registered if profile.selects(n, RECIPES.get(n).family)]
+    names = chosen if recipes is None else list(recipes)
     by_family = dict(profile.family_datasets)
     datasets = [profile.dataset]
     recipe_jobs: list[Job] = []

@@ -265,15 +265,20 @@ def _safe(text: str) -> str:
 def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the suite's options (``--profile``, ``--out``, ``--recipes``...) to ``parser``.
 
-    Used by ``benchmarks/suite.py`` and by ``dynnet bench``; an option the parser already has (``--threads``
-    of ``dynnet bench``) is kept as it is.
+    Used by ``dynnet bench``; an option the parser already has (its ``--threads``) is kept as it is.
     """
 
     def add(flag: str, **kwargs: Any) -> None:
         if flag not in parser._option_string_actions:  # argparse has no public "has option"
             parser.add_argument(flag, **kwargs)
 
-    add("--profile", default=None, choices=sorted(PROFILES), help="run the benchmark suite with this profile")
+    add(
+        "--profile",
+        default=None,
+        choices=sorted(PROFILES),
+        help="run the benchmark suite with this profile (quick, standard, full; a family's: layer_skip, early_exit, "
+        "channel, convnet_aig, spatial, glimpse; budget: the calibration check, no training)",
+    )
     add("--out", default=None, help="suite results folder (default benchmarks/results/suite/<profile>)")
     add("--recipes", default=None, help="comma-separated recipe names (default: every registered recipe)")
     add("--budgets", type=_budgets, default=None, help="comma-separated budgets (default: the profile's)")

@@ -50,6 +50,11 @@ class RecipeSpec:
             :data:`FINE_TUNE_DEFAULTS` (see :func:`fine_tune_settings`).
         revision: raised when a change of the recipe's code changes what it trains or measures (a fixed estimator,
             a new objective): benchmark rows made at an older revision are stale and rerun (0: never revised).
+        bench_metrics: the recipe's own measurements in the benchmark suite (``dynnet bench``), beside the ones every
+            job makes: ``fn(model, val, test) -> dict`` with the trained model (eval mode; it may change the
+            execution mode, the suite restores sparse mode), the validation batches (``None`` without a validation
+            split) and the test batches (``(Tensor[B, C, H, W], Tensor[B])`` each); the JSON-ready dict lands in the
+            job's row as ``recipe_metrics`` (early exits: the operating points of their exits; MoE: expert load).
     """
 
     name: str
@@ -65,6 +70,7 @@ class RecipeSpec:
     budget: BudgetPolicy | None = None
     fine_tune: dict[str, Any] = dataclasses.field(default_factory=dict)
     revision: int = 0
+    bench_metrics: Callable[..., dict[str, Any]] | None = None
 
 
 FINE_TUNE_DEFAULTS: dict[str, Any] = {"budget_start": 1.0, "track_budget_every": 25}
@@ -139,7 +145,7 @@ def recipe(
         family: the reading-list family, when the module does not live in ``dynnet.methods.<family>``.
         config: the config dataclass, when the ``config`` argument is not annotated with it.
         **options: the other :class:`RecipeSpec` fields (``test_base``, ``test_input``, ``exact_executed``,
-            ``reproduces_base``, ``input_dependent``, ``fine_tune``, ``revision``).
+            ``reproduces_base``, ``input_dependent``, ``fine_tune``, ``revision``, ``bench_metrics``).
 
     Example:
         >>> @recipe("convnet_aig", paper="...", budget=BudgetPolicy("trained+calibrated"))

@@ -49,6 +49,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import ConvBranchHead, State
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["AdaptiveNNCascade", "AdaptiveNNConfig", "AdaptiveNNModel", "ExitPolicy", "convert"]
 
@@ -126,6 +127,7 @@ class AdaptiveNNModel(EarlyExitModel):
         reachable=(0.45, 1.0),
         derives="thresholds on the policies' stop probabilities (calibration); exit loss weights (1 + K q_k) / 2",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: AdaptiveNNConfig, targets: Targets = "auto") -> AdaptiveNNModel:
     """Attach exits and early-exit policies to ``model`` (in place). ``targets`` is unused."""

@@ -35,6 +35,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import ConvBranchHead, State, entropy_confidence
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["BranchyNetCascade", "BranchyNetConfig", "convert"]
 
@@ -74,6 +75,7 @@ class BranchyNetCascade(ExitCascade):
         reachable=(0.45, 1.0),
         derives="entropy thresholds of the branches (calibration); exit loss weights (1 + K q_k) / 2",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: BranchyNetConfig, targets: Targets = "auto") -> EarlyExitModel:
     """Attach BranchyNet side branches to ``model`` (in place). ``targets`` is unused: exits go by MAC fraction."""

@@ -38,6 +38,7 @@ __all__ = [
     "calibrate_thresholds",
     "calibrate_to_budget_",
     "collect_exits",
+    "operating_points",
 ]
 
 
@@ -287,3 +288,35 @@ def budgeted_curve(val: ExitProfile, test: ExitProfile, budgets: Sequence[float]
             }
         )
     return rows
+
+
+OPERATING_BUDGETS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""The budgets of :func:`operating_points` (clamped to what the exits reach; a repeated point is kept once)."""
+
+
+def operating_points(
+    model: EarlyExitModel, val: Iterable[Any] | None, test: Iterable[Any], budgets: Sequence[float] = OPERATING_BUDGETS
+) -> dict[str, Any]:
+    """The benchmark suite's measurement of an exit cascade (``RecipeSpec.bench_metrics``): every exit's accuracy
+    and MACs on ``test`` (the anytime curve), and the operating points of the trained model without retraining —
+    thresholds calibrated on ``val`` for each budget (MSDNet's budgeted batch classification), accuracy and MAC
+    fraction on ``test``. One masked pass over each split; the model's own thresholds are left as they are.
+
+    Args:
+        model: a trained early-exit model.
+        val: ``(Tensor[B, C, H, W], Tensor[B])`` validation batches (``None``: no operating points).
+        test: test batches, the same shape.
+        budgets: MAC fractions of the operating points.
+
+    Returns:
+        ``{"anytime": [{"exit", "accuracy", "macs", "mac_fraction"}...], "operating_points": [{"budget",
+        "val_fraction", "test_fraction", "test_accuracy", "exit_rates", ...}...]}``.
+    """
+    tested = collect_exits(model, test)
+    out: dict[str, Any] = {"anytime": anytime_curve(tested), "operating_points": []}
+    if val is not None:
+        profile = collect_exits(model, val)
+        lo, hi = profile.reachable
+        reachable = sorted({round(min(max(b, lo), hi), 4) for b in budgets})
+        out["operating_points"] = budgeted_curve(profile, tested, reachable)
+    return out

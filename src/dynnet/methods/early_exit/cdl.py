@@ -40,6 +40,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import PooledLinearHead, State
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["CDLCascade", "CDLConfig", "CDLModel", "convert"]
 
@@ -91,6 +92,7 @@ class CDLModel(EarlyExitModel):
         reachable=(0.45, 1.0),
         derives="confidence thresholds of the stages (calibration); linear classifiers' loss weights (1 + K q_k) / 2",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: CDLConfig, targets: Targets = "auto") -> CDLModel:
     """Attach CDL's linear classifiers to ``model`` (in place). ``targets`` is unused."""

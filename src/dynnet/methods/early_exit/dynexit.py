@@ -45,6 +45,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import ConvBranchHead
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["DynExitCascade", "DynExitConfig", "DynExitModel", "convert"]
 
@@ -113,6 +114,7 @@ class DynExitModel(EarlyExitModel):
         reachable=(0.45, 1.0),
         derives="target of the MAC-budget loss on the trainable thresholds θ; θ (calibration)",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: DynExitConfig, targets: Targets = "auto") -> DynExitModel:
     """Attach exits with trainable thresholds to ``model`` (in place). ``targets`` is unused."""

@@ -46,6 +46,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import ConvBranchHead, State
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["DISTRIBUTIONS", "EENetCascade", "EENetConfig", "EENetModel", "convert", "exit_fractions"]
 
@@ -147,6 +148,7 @@ class EENetModel(EarlyExitModel):
         reachable=(0.45, 1.0),
         derives="the MAC fraction above which the cost term λ Σ_k P_k c_k charges; thresholds on h_k (calibration)",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: EENetConfig, targets: Targets = "auto") -> EENetModel:
     """Attach EENet exit blocks (classifier + confidence branch) to ``model`` (in place). ``targets`` is unused."""

@@ -41,6 +41,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import State
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["BoFHead", "HierarchicalExitsConfig", "bag_of_features", "convert"]
 
@@ -116,6 +117,7 @@ class HierarchicalCascade(ExitCascade):
         reachable=(0.45, 1.0),
         derives="maximum-softmax thresholds of the exits (calibration); exit loss weights (1 + K q_k) / 2",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: HierarchicalExitsConfig, targets: Targets = "auto") -> EarlyExitModel:
     """Attach hierarchical BoF exits to ``model`` (in place). ``targets`` is unused."""

@@ -44,6 +44,7 @@ from dynnet.core.recipe import recipe
 from dynnet.losses.early_exit import exit_distillation_loss
 from dynnet.methods.early_exit._common import State, gradient_rescale
 from dynnet.methods.early_exit._model import EarlyExitModel
+from dynnet.methods.early_exit.calibration import operating_points
 from dynnet.methods.early_exit.msdnet import MSDNetCascade, _cascade
 
 __all__ = ["IMTACascade", "IMTAConfig", "IMTAModel", "convert"]
@@ -135,6 +136,7 @@ class IMTAModel(EarlyExitModel):
         derives="maximum-softmax thresholds of the classifiers (calibration); classifier weights (1 + K q_k) / 2",
     ),
     test_base="msdnet_tiny",
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: IMTAConfig, targets: Targets = "auto") -> IMTAModel:
     """IMTA on an :class:`~dynnet.methods.early_exit.msdnet.MSDNet` (in place). ``targets`` is unused."""

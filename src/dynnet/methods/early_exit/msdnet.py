@@ -44,6 +44,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import State
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import Trunk
+from dynnet.methods.early_exit.calibration import operating_points
 from dynnet.models import MODELS
 
 __all__ = ["MSDNet", "MSDNetCascade", "MSDNetConfig", "convert", "msdnet_tiny"]
@@ -264,6 +265,7 @@ def _cascade(model: nn.Module, cls: type[MSDNetCascade], **kw: object) -> MSDNet
         derives="maximum-softmax thresholds of the classifiers (calibration); loss weights (1 + K q_k) / 2",
     ),
     test_base="msdnet_tiny",
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: MSDNetConfig, targets: Targets = "auto") -> EarlyExitModel:
     """Turn the classifiers of an :class:`MSDNet` into exits (in place). ``targets`` is unused."""

@@ -43,6 +43,7 @@ from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import NEVER, State
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import Trunk
+from dynnet.methods.early_exit.calibration import operating_points
 from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["NetworkSelectionCascade", "NetworkSelectionConfig", "NetworkSelectionModel", "convert"]
@@ -169,6 +170,7 @@ def _little_network(base: nn.Module, config: NetworkSelectionConfig, in_channels
         "(1 + K q_k) / 2",
     ),
     fine_tune={"decision_lr_scale": 1.0},  # the little network is trained weights, not a fresh head
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: NetworkSelectionConfig, targets: Targets = "auto") -> NetworkSelectionModel:
     """Put a little network in front of ``model`` (in place); ``targets`` is unused. Every sample goes on to

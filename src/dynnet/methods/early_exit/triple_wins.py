@@ -42,6 +42,7 @@ from dynnet.methods.early_exit._common import ConvBranchHead
 from dynnet.methods.early_exit._model import EarlyExitModel
 from dynnet.methods.early_exit._trunk import plan_exits
 from dynnet.methods.early_exit.adversarial import average_exit_loss, pgd_attack
+from dynnet.methods.early_exit.calibration import operating_points
 
 __all__ = ["TripleWinsConfig", "TripleWinsModel", "convert", "robust_accuracy"]
 
@@ -159,6 +160,7 @@ def robust_accuracy(
         reachable=(0.45, 1.0),
         derives="maximum-softmax thresholds of the exits (calibration); exit loss weights (1 + K q_k) / 2",
     ),
+    bench_metrics=operating_points,  # the exits' accuracy and operating points in `dynnet bench`
 )
 def convert(model: nn.Module, config: TripleWinsConfig, targets: Targets = "auto") -> TripleWinsModel:
     """Attach exits to ``model`` for adversarial multi-exit training (in place). ``targets`` is unused."""

@@ -49,6 +49,7 @@ from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
 from dynnet.gates import PooledMLPGate
 from dynnet.kernels.moe import dense_combine, dispatch_add, expert_counts
+from dynnet.methods.moe._load import expert_load
 from dynnet.testing.scramble import register_randomiser
 
 __all__ = ["HydraNet", "HydraNetsConfig", "HydraStage", "branch_relevance", "convert", "select_branches"]
@@ -247,6 +248,7 @@ class HydraNet(DynamicModel):
                         derives="MAC-budget loss target = budget (number of real branches per input vs the zero "
                         "branch; k and threshold kept)"),
     test_base="cifar_resnet20",
+    bench_metrics=expert_load,  # the experts' share of the test images in `dynnet bench`
 )  # fmt: skip
 def convert(model: nn.Module, config: HydraNetsConfig, targets: Targets = "auto") -> HydraNet:
     """Replicate the last ``config.stages`` stages of ``model`` into gated branches (in place).

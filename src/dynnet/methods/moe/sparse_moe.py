@@ -53,6 +53,7 @@ from dynnet.estimators import straight_through
 from dynnet.gates import open_bias_
 from dynnet.kernels.moe import capacity_keep, dense_combine, dispatch_add, expert_capacity, expert_counts
 from dynnet.losses.moe_balance import cv_squared, importance_loss, prob_in_top_k
+from dynnet.methods.moe._load import expert_load
 
 __all__ = [
     "MoEResidual",
@@ -319,6 +320,7 @@ class SparseMoE(DynamicModel):
     budget=BudgetPolicy("trained+calibrated", knob="zero-expert logit offset", reachable=(0.1, 1.0),
                         derives="mean real experts per sample and block = budget (of k slots; zero experts take "
                         "the rest); MAC-budget loss target = budget"),
+    bench_metrics=expert_load,  # the experts' share of the test images in `dynnet bench`
 )  # fmt: skip
 def convert(model: nn.Module, config: SparseMoEConfig, targets: Targets = "auto") -> SparseMoE:
     """Turn every target residual block of ``model`` into a mixture of experts (in place)."""
