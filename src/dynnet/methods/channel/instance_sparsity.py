@@ -83,6 +83,8 @@ class ThresholdGate(nn.Module):
 class InstanceSparsityBlock(ChannelGatedBlock):
     """A basic block whose ``conv2`` skips the inner channels each instance made (nearly) zero."""
 
+    supported_layouts = ("basic",)  # its sparse path reads conv1 and conv2 of a basic block directly
+
     def __init__(self, *args, threshold: float = 0.0, decay_weight: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gate = ThresholdGate(threshold)
