@@ -85,7 +85,7 @@ def check_basic_block(block: nn.Module) -> None:
 
 
 class ChannelGatedBlock(DynamicBlock):
-    """Wraps a basic residual block; its children keep their names (state_dict keys are unchanged).
+    """Wraps a residual block (basic, Bottleneck or inverted residual); its children keep their names.
 
     Args:
         block: the original block (dynnet CIFAR or torchvision ``BasicBlock``, torchvision ``Bottleneck`` or
@@ -462,7 +462,7 @@ class ChannelGatedBlock(DynamicBlock):
 def convert_blocks(
     model: nn.Module, targets: Targets, make: Callable[[str, nn.Module, ResidualAdapter], ChannelGatedBlock]
 ) -> list[ChannelGatedBlock]:
-    """Replace every target basic residual block of ``model`` (in place) by ``make(name, block, adapter)``.
+    """Replace every target residual block of ``model`` (in place) by ``make(name, block, adapter)``.
 
     Returns:
         The new blocks in execution order (their ``block_name`` is set).

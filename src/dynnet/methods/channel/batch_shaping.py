@@ -145,7 +145,8 @@ class BatchShaping(DynamicModel):
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: BatchShapingConfig, targets: Targets = "auto") -> BatchShaping:
-    """Put a batch-shaping channel gate on every target basic residual block of ``model`` (in place)."""
+    """Put a batch-shaping channel gate on every target residual block of ``model`` (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`)."""
 
     def make(name: str, block: nn.Module, adapter) -> BatchShapingBlock:
         gate = PooledMLPGate(adapter.in_channels(block), gated_channels(block), config.hidden, open_index=None)

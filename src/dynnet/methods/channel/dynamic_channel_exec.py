@@ -274,7 +274,8 @@ class DynamicChannelExec(DynamicModel):
     input_dependent=False,
 )  # fmt: skip
 def convert(model: nn.Module, config: DynamicChannelExecConfig, targets: Targets = "auto") -> DynamicChannelExec:
-    """Put a channel bandit on the inner channels of every target basic residual block of ``model`` (in place)."""
+    """Put a channel bandit on the inner channels of every target residual block of ``model`` (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`)."""
 
     def make(name: str, block: nn.Module, adapter) -> DynamicChannelExecBlock:
         c = gated_channels(block)

@@ -233,7 +233,8 @@ class FBS(DynamicModel):
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: FBSConfig, targets: Targets = "auto") -> FBS:
-    """Put an FBS saliency predictor on the inner channels of every target basic residual block (in place).
+    """Put an FBS saliency predictor on the inner channels of every target residual block (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`).
 
     At ``budget = 1`` (the default) the predictors start with every saliency 1 and k-WTA keeps every channel, so the
     converted network reproduces the base network. At a budget below 1, k-WTA keeps only ``k < C`` channels per block

@@ -97,5 +97,5 @@ def convert_with_agent(model: nn.Module, config, targets: Targets, recipe: str, 
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: RNPConfig, targets: Targets = "auto") -> QRoutingModel:
-    """RNP on every target basic residual block of ``model`` (in place)."""
+    """RNP on every target residual block (basic or Bottleneck) of a ResNet-style ``model`` (in place)."""
     return convert_with_agent(model, config, targets, "rnp", lambda c: nested_group_masks(c, config.groups))

@@ -179,7 +179,8 @@ class StochasticNeurons(DynamicModel):
                         derives="MAC-budget loss target = budget"),
 )  # fmt: skip
 def convert(model: nn.Module, config: StochasticNeuronsConfig, targets: Targets = "auto") -> StochasticNeurons:
-    """Put stochastic-neuron channel gates on every target basic residual block of ``model`` (in place)."""
+    """Put stochastic-neuron channel gates on every target residual block of ``model`` (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`)."""
 
     def make(name: str, block: nn.Module, adapter) -> StochasticNeuronBlock:
         gate = PooledMLPGate(adapter.in_channels(block), gated_channels(block), config.hidden, open_index=None)
