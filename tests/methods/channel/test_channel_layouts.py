@@ -19,7 +19,7 @@ from dynnet.methods.channel import ChannelGatedBlock
 from dynnet.testing import diverse_inputs, scramble_until_mixed
 
 # Recipes whose gates sit in the blocks run every layout; the agent and gater recipes walk a ResNet's stages.
-BLOCK_GATED = ["fbs", "batch_shaping", "stochastic_neurons", "dynamic_channel_exec"]
+BLOCK_GATED = ["fbs", "batch_shaping", "stochastic_neurons", "dynamic_channel_exec", "instance_sparsity"]
 RESNET_WALKERS = ["gaternet", "rnp", "runtime_routing"]
 CASES = [(r, a) for r in BLOCK_GATED for a in ("bottleneck", "inverted")] + [(r, "bottleneck") for r in RESNET_WALKERS]
 
@@ -139,8 +139,6 @@ def test_fbs_below_budget_one_keeps_its_budget_on_bottlenecks() -> None:
     ("recipe", "arch", "words"),
     [
         ("channel_gating", "bottleneck", "basic residual"),
-        ("instance_sparsity", "bottleneck", "basic residual"),
-        ("instance_sparsity", "inverted", "basic residual"),
         ("rnp", "inverted", "ResNet-style"),
         ("gaternet", "inverted", "ResNet-style"),
     ],

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from dynnet.kernels.channel import ConvSpec, ExpandedConvs, fold_bn, sliced_expanded, sliced_pair
+from dynnet.kernels.channel import ConvSpec, ExpandedConvs, fold_bn, sliced_conv_in, sliced_expanded, sliced_pair
 
 __all__ = ["LAYOUTS", "GatedLayout", "Stage", "gated_layout"]
 
@@ -132,13 +132,39 @@ class GatedLayout:
             return sliced_expanded(x, folded[0], scale, act, binary=binary, strategy=strategy)
         (w1, b1, s1), (w2, b2, s2) = folded[0], folded[1]
         y, executed = sliced_pair(x, w1, b1, w2, b2, scale, s1, s2, binary=binary, strategy=strategy)
+        return self._rest(m, folded, y), executed
+
+    def sparse_tail(
+        self, m: nn.Module, folded: tuple, h: Tensor, active: Tensor, strategy: str
+    ) -> tuple[Tensor, Tensor]:
+        """The tail reading only the active gated channels of ``h`` (computed in full; instance sparsity's rule).
+
+        Args:
+            m: the block.
+            folded: :meth:`fold`'s value.
+            h: the gated channels Tensor[N, C, H', W'].
+            active: Tensor[N, C] bool, the channels each sample keeps.
+            strategy: the batch strategy.
+
+        Returns:
+            ``(y, executed)``: Tensor[N, C_out, H'', W''] and Tensor[N] float64, the channels ``tail[0]`` read.
+        """
+        if self.kind == "inverted":
+            convs = folded[0]
+            return sliced_conv_in(h, convs.wp, convs.bp, active, convs.spec_p, strategy=strategy)
+        w, b, spec = folded[len(self.head)]
+        y, executed = sliced_conv_in(h, w, b, active, spec, strategy=strategy)
+        return self._rest(m, folded, y), executed
+
+    def _rest(self, m: nn.Module, folded: tuple, y: Tensor) -> Tensor:
+        """``tail[0]``'s activation and the later tail stages (in full) on ``tail[0]``'s folded output ``y``."""
         if self.tail[0].act is not None:
             y = m.get_submodule(self.tail[0].act)(y)
-        for stage, (w, b, spec) in zip(self.tail[1:], folded[2:], strict=True):  # the fixed rest of the tail
+        for stage, (w, b, spec) in zip(self.tail[1:], folded[len(self.head) + 1 :], strict=True):
             y = spec.conv(y, w, b)
             if stage.act is not None:
                 y = m.get_submodule(stage.act)(y)
-        return y, executed
+        return y
 
 
 def gated_layout(block: nn.Module, supported: tuple[str, ...] = LAYOUTS) -> GatedLayout:
