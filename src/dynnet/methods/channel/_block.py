@@ -76,9 +76,9 @@ def check_basic_block(block: nn.Module) -> None:
     needed = ("conv1", "bn1", "conv2", "bn2", "relu")
     missing = [a for a in needed if not hasattr(block, a)]
     if missing or hasattr(block, "conv3"):
+        why = f"lacks {missing}" if missing else "is a bottleneck (conv3)"
         raise ValueError(
-            f"channel gating needs basic residual blocks (conv1, bn1, relu, conv2, bn2); "
-            f"{type(block).__name__} lacks {missing or ['(it is a bottleneck)']}"
+            f"channel gating needs basic residual blocks (conv1, bn1, relu, conv2, bn2); {type(block).__name__} {why}"
         )
     for name in ("conv1", "conv2"):
         ConvSpec.of(getattr(block, name))  # raises on grouped convolutions
