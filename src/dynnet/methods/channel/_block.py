@@ -11,10 +11,10 @@ channel ``c`` off for a sample removes ``1 / C`` of ``conv1``'s MACs (one output
 * sparse mode: the batch norms are folded into the convolutions and
   :func:`dynnet.kernels.channel.sliced_pair` (basic blocks, Bottlenecks) or
   :func:`~dynnet.kernels.channel.sliced_expanded` (inverted residuals) computes only the kept channels of each
-  sample. The folded weights
-  are cached until a convolution or batch-norm tensor is replaced or edited in place (:meth:`folded_weights`),
-  and a basic block at batch 1 takes :func:`~dynnet.kernels.channel.sliced_pair_single` (one ``nonzero``, no
-  strategy choice) or the compiled gated pair; the other kinds run PyTorch slices only;
+  sample. The folded weights are cached until a convolution or batch-norm tensor is replaced or edited in place
+  (:meth:`folded_weights`, :meth:`folded_layout`), and a basic block at batch 1 takes
+  :func:`~dynnet.kernels.channel.sliced_pair_single` (one ``nonzero``, no strategy choice) or the compiled gated
+  pair; the other kinds run PyTorch slices only;
 * dense mode: the original block.
 
 The per-sample MACs of the branch are ``fixed + k_n · per`` where ``per`` is the probed cost of the part linear in
@@ -123,6 +123,11 @@ class ChannelGatedBlock(DynamicBlock):
         state = dict(super().__getstate__())
         state["_plan"] = None  # holds a compiled-extension object that cannot be copied or pickled; rebuilt on use
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "layout" not in self.__dict__:  # pickled before the layouts existed: a basic block then
+            self.layout = gated_layout(self, ("basic",))
 
     @property
     def channels(self) -> int:
