@@ -38,6 +38,8 @@ Layout (imports go one way, each module only to those listed before it):
 * ``_sliced`` — the strategies above: :func:`sliced_pair`, :func:`sliced_pair_single`, :func:`sliced_conv_in`;
 * ``_gated`` — the gate inside the compiled call: :class:`NativeGate`, the gate kinds (``GATE_*``),
   :func:`gated_pair_single`, :func:`gated_pair_plan`;
+* ``_inverted`` — an inverted residual's gated expansion (expand → depthwise → project):
+  :class:`ExpandedConvs`, :func:`sliced_expanded`, :func:`expanded_reference`;
 * ``_partial_sum`` — partial-sum gating (channel gating): :func:`gated_rest_add_`, :func:`tile_gated_pair_op`.
 
 This package is the public interface: import from ``dynnet.kernels.channel``, not from its modules.
@@ -53,6 +55,7 @@ from dynnet.kernels.channel._gated import (
     gated_pair_plan,
     gated_pair_single,
 )
+from dynnet.kernels.channel._inverted import ExpandedConvs, expanded_reference, sliced_expanded
 from dynnet.kernels.channel._partial_sum import (
     TILE,
     gated_rest_add_,
@@ -79,9 +82,11 @@ __all__ = [
     "STRATEGIES",
     "TILE",
     "ConvSpec",
+    "ExpandedConvs",
     "NativeGate",
     "block_pair_macs",
     "choose_strategy",
+    "expanded_reference",
     "fold_bn",
     "gated_pair_plan",
     "gated_pair_reference",
@@ -91,6 +96,7 @@ __all__ = [
     "native_conv3x3_in",
     "native_pair_usable",
     "sliced_conv_in",
+    "sliced_expanded",
     "sliced_pair",
     "sliced_pair_single",
     "tile_gated_pair_macs",

@@ -1,20 +1,25 @@
 """`ChannelGatedBlock`: a residual block whose inner channels are switched per input.
 
-The gated channels are the *inner* channels of a basic residual block — the outputs of ``conv1``, which are the
-inputs of ``conv2``. Switching channel ``c`` off for a sample removes ``1 / C`` of ``conv1``'s MACs (one output
-channel fewer) and ``1 / C`` of ``conv2``'s (one input channel fewer) while the block's output width, and so the
-residual stream, is unchanged.
+The gated channels are one *inner* width of the block (:mod:`~dynnet.methods.channel._layout`): in a basic residual
+block the outputs of ``conv1``, which are the inputs of ``conv2``; in a Bottleneck the same (``conv3`` runs in
+full); in an inverted residual the expanded channels (expansion, depthwise and projection all sliced). Switching
+channel ``c`` off for a sample removes ``1 / C`` of ``conv1``'s MACs (one output channel fewer) and ``1 / C`` of
+``conv2``'s (one input channel fewer) while the block's output width, and so the residual stream, is unchanged.
 
 * masked mode: ``post(shortcut(x) + bn2(conv2(relu(bn1(conv1(x))) * scale)))`` with ``scale`` Tensor[N, C]
   (the straight-through decision, or the decision times a boosting factor for FBS-style recipes);
 * sparse mode: the batch norms are folded into the convolutions and
-  :func:`dynnet.kernels.channel.sliced_pair` computes only the kept channels of each sample. The folded weights
-  are cached until a convolution or batch-norm tensor is replaced or edited in place (:meth:`folded_weights`),
-  and batch 1 takes :func:`~dynnet.kernels.channel.sliced_pair_single` (one ``nonzero``, no strategy choice);
+  :func:`dynnet.kernels.channel.sliced_pair` (basic blocks, Bottlenecks) or
+  :func:`~dynnet.kernels.channel.sliced_expanded` (inverted residuals) computes only the kept channels of each
+  sample. The folded weights are cached until a convolution or batch-norm tensor is replaced or edited in place
+  (:meth:`folded_weights`, :meth:`folded_layout`), and a basic block at batch 1 takes
+  :func:`~dynnet.kernels.channel.sliced_pair_single` (one ``nonzero``, no strategy choice) or the compiled gated
+  pair; the other kinds run PyTorch slices only;
 * dense mode: the original block.
 
-The per-sample MACs of the branch are ``k_n · body / C`` where ``body`` is the probed cost of both convolutions;
-the branch's MACs are linear in the inner width (both convolutions' costs are), so this is exact.
+The per-sample MACs of the branch are ``fixed + k_n · per`` where ``per`` is the probed cost of the part linear in
+the inner width over ``C`` and ``fixed`` the rest (0 for basic blocks and inverted residuals, ``conv3`` for a
+Bottleneck), so this is exact.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ from dynnet.kernels.channel import (
     sliced_pair,
     sliced_pair_single,
 )
+from dynnet.methods.channel._layout import LAYOUTS, gated_layout
 
-__all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks", "folded_projection"]
+__all__ = ["ChannelGatedBlock", "check_basic_block", "convert_blocks", "folded_projection", "gated_channels"]
 
 
 def folded_projection(
@@ -60,40 +66,51 @@ def folded_projection(
     return projection, [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
 
 
+def gated_channels(block: nn.Module) -> int:
+    """The gated inner width of a block a :class:`ChannelGatedBlock` can wrap (raises on any other block)."""
+    return gated_layout(block).channels(block)
+
+
 def check_basic_block(block: nn.Module) -> None:
     """Raise unless ``block`` is a basic residual block (``conv1 → bn1 → relu → conv2 → bn2``)."""
     needed = ("conv1", "bn1", "conv2", "bn2", "relu")
     missing = [a for a in needed if not hasattr(block, a)]
     if missing or hasattr(block, "conv3"):
+        why = f"lacks {missing}" if missing else "is a bottleneck (conv3)"
         raise ValueError(
-            f"channel gating needs basic residual blocks (conv1, bn1, relu, conv2, bn2); "
-            f"{type(block).__name__} lacks {missing or ['(it is a bottleneck)']}"
+            f"channel gating needs basic residual blocks (conv1, bn1, relu, conv2, bn2); {type(block).__name__} {why}"
         )
     for name in ("conv1", "conv2"):
         ConvSpec.of(getattr(block, name))  # raises on grouped convolutions
 
 
 class ChannelGatedBlock(DynamicBlock):
-    """Wraps a basic residual block; its children keep their names (state_dict keys are unchanged).
+    """Wraps a residual block (basic, Bottleneck or inverted residual); its children keep their names.
 
     Args:
-        block: the original block (dynnet CIFAR or torchvision ``BasicBlock``); its submodules are reused.
+        block: the original block (dynnet CIFAR or torchvision ``BasicBlock``, torchvision ``Bottleneck`` or
+            ``InvertedResidual``: :data:`~dynnet.methods.channel._layout.LAYOUTS`); its submodules are reused.
         adapter: the block's residual adapter (shortcut and post-op).
         gate: module producing the decision from the block input, or ``None`` when decisions come from outside
             (a recurrent controller or a separate gater network passes them to :meth:`forward`).
         strategy: sparse-mode batch strategy (see :mod:`dynnet.kernels.channel`).
 
-    Subclasses with their own gate implement :meth:`decide`.
+    Subclasses with their own gate implement :meth:`decide`; those that run only some block kinds narrow
+    ``supported_layouts``.
     """
 
     granularity = "channel"
+    supported_layouts: tuple[str, ...] = LAYOUTS
 
     def __init__(
         self, block: nn.Module, adapter: ResidualAdapter, gate: nn.Module | None, strategy: str = "auto"
     ) -> None:
         super().__init__()
-        check_basic_block(block)
+        layout = gated_layout(block, self.supported_layouts)
+        if layout.kind == "basic":
+            check_basic_block(block)
         adopt_children(self, block)
+        self.layout = layout
         self._folded: tuple[tuple, tuple] | None = None
         self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
         self._plan: tuple | None = None  # the batch-1 compiled call's operands (_build_plan)
@@ -107,10 +124,17 @@ class ChannelGatedBlock(DynamicBlock):
         state["_plan"] = None  # holds a compiled-extension object that cannot be copied or pickled; rebuilt on use
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "layout" not in self.__dict__:  # pickled before the layouts existed: a basic block then
+            self.layout = gated_layout(self, ("basic",))
+
     @property
     def channels(self) -> int:
         """C: the number of gated inner channels."""
-        return self.conv1.out_channels
+        if self.layout.kind == "basic":
+            return self.conv1.out_channels
+        return self.layout.channels(self)
 
     def channel_importance(self) -> Tensor:
         """A data-free estimate of each inner channel's contribution to the block output: Tensor[C], non-negative.
@@ -123,7 +147,8 @@ class ChannelGatedBlock(DynamicBlock):
         most important channels before its predictor has learned anything).
         """
         with torch.no_grad():
-            bn1, bn2 = self.bn1, self.bn2
+            last, nxt = self.layout.head[-1], self.layout.tail[0]
+            bn1, bn2, conv2 = self.get_submodule(last.bn), self.get_submodule(nxt.bn), self.get_submodule(nxt.conv)
             gamma1 = bn1.weight if bn1.weight is not None else torch.ones_like(bn1.running_var)
             beta1 = bn1.bias if bn1.bias is not None else torch.zeros_like(bn1.running_var)
             scale = gamma1.abs().clamp_min(1e-12)
@@ -132,20 +157,31 @@ class ChannelGatedBlock(DynamicBlock):
             activation = beta1 * normal.cdf(ratio) + scale * normal.log_prob(ratio).exp()
             gamma2 = bn2.weight if bn2.weight is not None else torch.ones_like(bn2.running_var)
             out_scale = gamma2.abs() / (bn2.running_var + bn2.eps).sqrt()
-            reach = (self.conv2.weight.abs().sum((2, 3)) * out_scale[:, None]).sum(0)
+            reach = (conv2.weight.abs().sum((2, 3)) * out_scale[:, None]).sum(0)
             return (activation.clamp_min(0) * reach).float()
 
     # -- pieces ---------------------------------------------------------------------------------
     def inner(self, x: Tensor) -> Tensor:
-        """``relu(bn1(conv1(x)))``: Tensor[N, C_in, H, W] → Tensor[N, C, H', W']."""
-        return self.relu(self.bn1(self.conv1(x)))
+        """The gated channels (basic block: ``relu(bn1(conv1(x)))``): Tensor[N, C_in, H, W] → Tensor[N, C, H', W']."""
+        if self.layout.kind == "basic":
+            return self.relu(self.bn1(self.conv1(x)))
+        return self.layout.inner(self, x)
 
     def outer(self, h: Tensor) -> Tensor:
-        """``bn2(conv2(h))``: Tensor[N, C, H', W'] → Tensor[N, C_out, H', W']."""
-        return self.bn2(self.conv2(h))
+        """What reads them (basic block: ``bn2(conv2(h))``): Tensor[N, C, H', W'] → Tensor[N, C_out, H'', W'']."""
+        if self.layout.kind == "basic":
+            return self.bn2(self.conv2(h))
+        return self.layout.outer(self, h)
 
     def body(self, x: Tensor) -> Tensor:
         return self.outer(self.inner(x))
+
+    def gated_body(self, x: Tensor) -> Tensor:
+        """The part of the branch whose MACs are linear in the kept channels (the whole branch but a Bottleneck's
+        ``conv3``): Tensor[N, C_in, H, W] → Tensor[N, ·, H', W'] (only its cost is read)."""
+        if self.layout.kind == "basic":
+            return self.body(x)
+        return self.layout.gated(self, x)
 
     def shortcut(self, x: Tensor) -> Tensor:
         return self.adapter.shortcut(self._block, x)
@@ -185,6 +221,8 @@ class ChannelGatedBlock(DynamicBlock):
         return out
 
     def forward_sparse(self, x: Tensor, decision: Decision | None = None, scale: Tensor | None = None) -> Tensor:
+        if self.layout.kind != "basic":
+            return self._forward_sparse_layout(x, decision, scale)
         t = current_trace()
         single = x.shape[0] == 1 and self.strategy in ("auto", "groups", "per_sample")
         if single and t is None:  # batch-1 inference: the whole block (and its decision) in one compiled call
@@ -214,6 +252,40 @@ class ChannelGatedBlock(DynamicBlock):
         if t is not None:
             self._record(x, d, executed_channels=executed)
         return out
+
+    def _forward_sparse_layout(self, x: Tensor, decision: Decision | None, scale: Tensor | None) -> Tensor:
+        """Sparse mode of a Bottleneck or an inverted residual: PyTorch slices of the BN-folded convolutions
+        (:meth:`~dynnet.methods.channel._layout.GatedLayout.sparse_branch`), every batch size."""
+        t = current_trace()
+        if decision is None and t is None:
+            d, s = None, self.sparse_scale(x)
+        else:
+            d, s = self._decision(x, decision, scale)
+        folded = self.folded_layout()
+        binary = self.binary_scale()
+        y, executed = self.layout.sparse_branch(self, folded, x, s.to(x.dtype), binary, self.strategy)
+        out = self.post(self.shortcut(x) + y)
+        if t is not None:
+            self._record(x, d, executed_channels=executed)
+        return out
+
+    def folded_layout(self) -> tuple:
+        """:meth:`~dynnet.methods.channel._layout.GatedLayout.fold` of a Bottleneck or inverted residual, cached
+        like :meth:`folded_weights` (recomputed with gradients enabled or under tracing)."""
+        layout = self.layout
+        key = None
+        if not (torch.is_grad_enabled() or tracing_or_compiling()):
+            versions = version_key(*layout.sources(self))
+            key = None if versions is None else (*versions, layout.eps(self))
+        if key is None:
+            return layout.fold(self)
+        folded = self._folded
+        if folded is not None and folded[0] == key:
+            return folded[1]
+        with torch.inference_mode(False), torch.no_grad():
+            value = layout.fold(self)
+        self._folded = (key, value)
+        return value
 
     def _post_is_relu(self) -> bool:
         """Whether the adapter's post-op is a plain ReLU (fused into the kernels' epilogue); computed once."""
@@ -286,8 +358,8 @@ class ChannelGatedBlock(DynamicBlock):
         ``projection`` is the BN-folded 1×1 shortcut ``(Tensor[C_out, C_in], Tensor[C_out])`` of a downsampling
         block, or ``None``; ``identity`` whether the shortcut is the identity (the input is passed as residual)."""
         self._plan = None
-        ext = native.load(warn=False)
-        if not self._post_is_relu() or ext is None:
+        ext = native.load(warn=False) if self.layout.kind == "basic" else None
+        if ext is None or not self._post_is_relu():
             return None
         generation = structure_generation()
         gate = self.native_gate()
@@ -364,8 +436,16 @@ class ChannelGatedBlock(DynamicBlock):
         return decision, scale
 
     def branch_macs_per_channel(self, x: Tensor) -> float:
-        """MACs of ``conv1`` + ``conv2`` for one inner channel of one sample (exact: both are linear in C)."""
-        return self.cost("body", lambda m, inp: m.body(inp), x) / self.channels
+        """MACs of the gated part (basic block: ``conv1`` + ``conv2``) for one inner channel of one sample (exact:
+        both are linear in C)."""
+        return self.cost("gated", lambda m, inp: m.gated_body(inp), x) / self.channels
+
+    def fixed_branch_macs(self, x: Tensor) -> float:
+        """MACs of the branch that do not depend on the kept channels (a Bottleneck's ``conv3``; else 0)."""
+        if self.layout.kind == "basic":
+            return 0.0
+        body = self.cost("body", lambda m, inp: m.body(inp), x)
+        return body - self.cost("gated", lambda m, inp: m.gated_body(inp), x)
 
     def _record(self, x: Tensor, d: Decision, executed_channels: Tensor | None) -> None:
         t = current_trace()
@@ -373,11 +453,11 @@ class ChannelGatedBlock(DynamicBlock):
             return
         t.record_decision(self.block_name, d)
         n, c = x.shape[0], self.channels
-        per = self.branch_macs_per_channel(x)
-        body = per * c
-        macs = d.hard.double().sum(1) * per
-        executed = body if executed_channels is None else executed_channels.double() * per
-        t.record_macs(f"{self.block_name}/body", macs, executed=executed, minimum=0.0, maximum=body, dense=body)
+        per, fixed = self.branch_macs_per_channel(x), self.fixed_branch_macs(x)
+        body = fixed + per * c
+        macs = fixed + d.hard.double().sum(1) * per
+        executed = body if executed_channels is None else fixed + executed_channels.double() * per
+        t.record_macs(f"{self.block_name}/body", macs, executed=executed, minimum=fixed, maximum=body, dense=body)
         for part in ("gate", "saliency"):
             if hasattr(self, part):
                 g = self.cost(part, lambda m, inp, p=part: getattr(m, p)(inp), x)
@@ -387,7 +467,7 @@ class ChannelGatedBlock(DynamicBlock):
 def convert_blocks(
     model: nn.Module, targets: Targets, make: Callable[[str, nn.Module, ResidualAdapter], ChannelGatedBlock]
 ) -> list[ChannelGatedBlock]:
-    """Replace every target basic residual block of ``model`` (in place) by ``make(name, block, adapter)``.
+    """Replace every target residual block of ``model`` (in place) by ``make(name, block, adapter)``.
 
     Returns:
         The new blocks in execution order (their ``block_name`` is set).

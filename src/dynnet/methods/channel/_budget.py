@@ -96,7 +96,8 @@ def gated_profile(
 
     Args:
         model: the converted model (its ``run`` walks the blocks).
-        blocks: channel-gated blocks (with ``body(x)``); their ``cost`` caches keep the probes.
+        blocks: channel-gated blocks (with ``gated_body(x)``, else ``body(x)``); their ``cost`` caches keep the
+            probes.
         gate_parts: names of the blocks' decision submodules whose cost is added per block (``"saliency"``).
     """
     shapes: dict[int, tuple[int, ...]] = {}
@@ -119,7 +120,10 @@ def gated_profile(
         if i not in shapes:
             raise ValueError(f"block {getattr(b, 'block_name', i)!r} did not run on the nominal input")
         inp = torch.empty((1, *shapes[i]), device="meta")
-        bodies.append(float(b.cost("body", lambda m, v: m.body(v), inp)))
+        # The part linear in the kept channels (a Bottleneck's conv3 is not: it counts with the fixed MACs).
+        bodies.append(
+            float(b.cost("gated", lambda m, v: m.gated_body(v) if hasattr(m, "gated_body") else m.body(v), inp))
+        )
         for part in gate_parts:
             gates += float(b.cost(part, lambda m, v, p=part: getattr(m, p)(v), inp))
     return dense, dense - sum(bodies) + gates, bodies

@@ -49,7 +49,7 @@ from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
 from dynnet.kernels.channel import NativeGate
 from dynnet.losses.batch_shaping import batch_shaping_loss
-from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks, gated_channels
 from dynnet.methods.channel._budget import variable_rate
 
 __all__ = ["BatchShaping", "BatchShapingBlock", "BatchShapingConfig"]
@@ -145,10 +145,11 @@ class BatchShaping(DynamicModel):
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: BatchShapingConfig, targets: Targets = "auto") -> BatchShaping:
-    """Put a batch-shaping channel gate on every target basic residual block of ``model`` (in place)."""
+    """Put a batch-shaping channel gate on every target residual block of ``model`` (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`)."""
 
     def make(name: str, block: nn.Module, adapter) -> BatchShapingBlock:
-        gate = PooledMLPGate(adapter.in_channels(block), block.conv1.out_channels, config.hidden, open_index=None)
+        gate = PooledMLPGate(adapter.in_channels(block), gated_channels(block), config.hidden, open_index=None)
         new = BatchShapingBlock(block, adapter, gate, strategy=config.strategy)
         new.tau = config.tau
         return new

@@ -63,7 +63,7 @@ from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.cache import tracing_or_compiling, version_key
 from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_GIVEN, NativeGate
-from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks, gated_channels
 from dynnet.methods.channel._budget import block_phases, derive_fraction, kept_channels, top_k_keep
 from dynnet.testing.scramble import register_randomiser
 
@@ -274,10 +274,11 @@ class DynamicChannelExec(DynamicModel):
     input_dependent=False,
 )  # fmt: skip
 def convert(model: nn.Module, config: DynamicChannelExecConfig, targets: Targets = "auto") -> DynamicChannelExec:
-    """Put a channel bandit on the inner channels of every target basic residual block of ``model`` (in place)."""
+    """Put a channel bandit on the inner channels of every target residual block of ``model`` (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`)."""
 
     def make(name: str, block: nn.Module, adapter) -> DynamicChannelExecBlock:
-        c = block.conv1.out_channels
+        c = gated_channels(block)
         return DynamicChannelExecBlock(
             block, adapter, ChannelBandit(c, c, config.exploration), strategy=config.strategy
         )

@@ -55,7 +55,7 @@ from dynnet.core import Decision, DynamicModel, LossOutput, Trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.kernels.channel import GATE_KWTA, NativeGate
-from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks, gated_channels
 from dynnet.methods.channel._budget import ROUNDING_SLACK, block_phases, derive_fraction, kept_channels, top_k_keep
 from dynnet.testing.scramble import register_randomiser
 
@@ -233,7 +233,8 @@ class FBS(DynamicModel):
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: FBSConfig, targets: Targets = "auto") -> FBS:
-    """Put an FBS saliency predictor on the inner channels of every target basic residual block (in place).
+    """Put an FBS saliency predictor on the inner channels of every target residual block (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`).
 
     At ``budget = 1`` (the default) the predictors start with every saliency 1 and k-WTA keeps every channel, so the
     converted network reproduces the base network. At a budget below 1, k-WTA keeps only ``k < C`` channels per block
@@ -242,7 +243,7 @@ def convert(model: nn.Module, config: FBSConfig, targets: Targets = "auto") -> F
 
     def make(name: str, block: nn.Module, adapter) -> FBSBlock:
         new = FBSBlock(block, adapter, None, strategy=config.strategy)
-        new.saliency = SaliencyPredictor(adapter.in_channels(block), block.conv1.out_channels)
+        new.saliency = SaliencyPredictor(adapter.in_channels(block), gated_channels(block))
         return new
 
     blocks = convert_blocks(model, targets, make)

@@ -315,7 +315,8 @@ class _GatedBlock(ChannelGatedBlock):
     revision=1,  # 1: a filter counts as spent in training when its noisy logit is positive
 )  # fmt: skip
 def convert(model: nn.Module, config: GaterNetConfig, targets: Targets = "auto") -> GaterNet:
-    """Gate the inner filters of every target basic residual block of ``model`` (in place) from one gater network."""
+    """Gate the inner filters of every target residual block (basic or Bottleneck) of a ResNet-style ``model`` (in
+    place) from one gater network."""
     in_channels = first_conv_in_channels(model)
     blocks = convert_blocks(model, targets, lambda n, b, a: _GatedBlock(b, a, None, strategy=config.strategy))
     total = sum(b.channels for b in blocks)

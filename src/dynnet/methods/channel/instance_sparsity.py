@@ -6,7 +6,9 @@ sum_c ||h_{n,c}||_2``, so that each instance switches whole channels off. At inf
 instance's feature map whose l2 norm is below a dynamic threshold (``threshold`` × the instance's mean channel norm)
 are eliminated, which accelerates the *subsequent* convolution: here the feature map is the inner one of each
 residual block (``relu(bn1(conv1(x)))``), so ``conv1`` runs in full and ``conv2`` reads only the kept channels
-(input-side skipping, :func:`dynnet.kernels.channel.sliced_conv_in`).
+(input-side skipping, :func:`dynnet.kernels.channel.sliced_conv_in`). In a Bottleneck the same (``conv3`` runs in
+full); in an inverted residual the expansion and depthwise convolution run in full and the projection reads only
+the kept expanded channels (:mod:`~dynnet.methods.channel._layout`).
 
 The decision has no parameters (a deterministic threshold); masked mode (training) applies the same mask so that
 the network learns under the pruning it will see at inference.
@@ -81,7 +83,9 @@ class ThresholdGate(nn.Module):
 
 
 class InstanceSparsityBlock(ChannelGatedBlock):
-    """A basic block whose ``conv2`` skips the inner channels each instance made (nearly) zero."""
+    """A block whose gated channels are computed in full and read only where the instance made them non-zero (basic
+    block: ``conv2`` skips the inner channels; Bottleneck: ``conv2`` too, ``conv3`` runs in full; inverted residual:
+    the projection skips the expanded channels)."""
 
     def __init__(self, *args, threshold: float = 0.0, decay_weight: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -118,6 +122,13 @@ class InstanceSparsityBlock(ChannelGatedBlock):
             out = self._forward_native(x)  # conv1, the norms, the decision and conv2 in one compiled call
             if out is not None:
                 return out
+        if self.layout.kind != "basic":  # the gated channels in full, then only the kept ones read
+            h = self.inner(x)
+            d, s = self._mask(h)
+            y, executed = self.layout.sparse_tail(self, self.folded_layout(), h, s > 0, self.strategy)
+            out = self.post(self.shortcut(x) + y)
+            self._record_in(x, d, executed_channels=executed)
+            return out
         w1, b1, w2, b2, spec1, spec2 = self.folded_weights()
         fast = native_conv3x3_in(x, w1, b1, None, spec1)  # batch 1 on the compiled kernel, else None
         h = (spec1.conv(x, w1, b1) if fast is None else fast[0]).relu_()
@@ -133,13 +144,14 @@ class InstanceSparsityBlock(ChannelGatedBlock):
             return
         t.record_decision(self.block_name, d)
         first = self.cost("conv1", lambda m, inp: m.inner(inp), x)
-        second = self.cost("body", lambda m, inp: m.body(inp), x) - first
-        per = second / self.channels  # conv2 MACs per input channel (linear in the channels read)
-        macs = first + d.hard.double().sum(1) * per
-        executed = first + second if executed_channels is None else first + executed_channels.double() * per
-        body = first + second
+        second = self.cost("gated", lambda m, inp: m.gated_body(inp), x) - first
+        body = self.cost("body", lambda m, inp: m.body(inp), x)
+        fixed = body - second  # what runs whatever is kept: the gated channels, a Bottleneck's conv3
+        per = second / self.channels  # MACs of the reading convolution per input channel (linear in those read)
+        macs = fixed + d.hard.double().sum(1) * per
+        executed = body if executed_channels is None else fixed + executed_channels.double() * per
         t.record_macs(
-            f"{self.block_name}/body", macs, executed=executed, minimum=float(first), maximum=body, dense=body
+            f"{self.block_name}/body", macs, executed=executed, minimum=float(fixed), maximum=body, dense=body
         )
 
 
@@ -193,7 +205,8 @@ class InstanceSparsity(DynamicModel):
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: InstanceSparsityConfig, targets: Targets = "auto") -> InstanceSparsity:
-    """Instance-wise inner-channel pruning on every target basic residual block of ``model`` (in place)."""
+    """Instance-wise inner-channel pruning on every target residual block of ``model`` (in place): basic blocks,
+    Bottlenecks and inverted residuals."""
     convert_blocks(
         model,
         targets,

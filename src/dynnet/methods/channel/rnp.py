@@ -39,6 +39,7 @@ from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.methods.channel._agent import QAgent, QRoutingModel, nested_group_masks
 from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._resnet import resnet_stages
 
 __all__ = ["RNPConfig", "convert_with_agent"]
 
@@ -75,12 +76,14 @@ class RNPConfig:
 def convert_with_agent(model: nn.Module, config, targets: Targets, recipe: str, table) -> QRoutingModel:
     """Wrap the target blocks, attach a :class:`QAgent` and one action table ``table(C)`` per block."""
     in_channels = first_conv_in_channels(model)
+    resnet_stages(model)  # the agent walks a ResNet's stages: refuse another network now, in one line
     blocks = convert_blocks(model, targets, lambda n, b, a: ChannelGatedBlock(b, a, None, strategy=config.strategy))
     net = QRoutingModel(model, recipe=recipe, config=copy.copy(config), in_channels=in_channels)
     tables = [table(b.channels) for b in blocks]
     for i, masks in enumerate(tables):
         net.register_buffer(f"masks{i}", masks)
-    net.controller = QAgent([b.conv1.in_channels for b in blocks], tables[0].shape[0], config.hidden, config.epsilon)
+    widths = [b.adapter.in_channels(b._block) for b in blocks]
+    net.controller = QAgent(widths, tables[0].shape[0], config.hidden, config.epsilon)
     return net
 
 
@@ -94,5 +97,5 @@ def convert_with_agent(model: nn.Module, config, targets: Targets, recipe: str, 
                         transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: RNPConfig, targets: Targets = "auto") -> QRoutingModel:
-    """RNP on every target basic residual block of ``model`` (in place)."""
+    """RNP on every target residual block (basic or Bottleneck) of a ResNet-style ``model`` (in place)."""
     return convert_with_agent(model, config, targets, "rnp", lambda c: nested_group_masks(c, config.groups))

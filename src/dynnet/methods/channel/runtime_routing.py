@@ -76,5 +76,6 @@ class RuntimeRoutingConfig:
                         "training"),
 )  # fmt: skip
 def convert(model: nn.Module, config: RuntimeRoutingConfig, targets: Targets = "auto") -> QRoutingModel:
-    """Runtime routing among channel paths on every target basic residual block of ``model`` (in place)."""
+    """Runtime routing among channel paths on every target residual block (basic or Bottleneck) of a
+    ResNet-style ``model`` (in place)."""
     return convert_with_agent(model, config, targets, "runtime_routing", lambda c: path_masks(c, config.paths))

@@ -51,7 +51,7 @@ from dynnet.estimators.reinforce import bernoulli_log_prob, moving_average, rein
 from dynnet.estimators.stochastic_neurons import noisy_rectifier, st_binary, stochastic_times_smooth, unbiased_binary
 from dynnet.gates import PooledMLPGate
 from dynnet.kernels.channel import NativeGate
-from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks
+from dynnet.methods.channel._block import ChannelGatedBlock, convert_blocks, gated_channels
 
 __all__ = ["ESTIMATORS", "StochasticNeuronBlock", "StochasticNeurons", "StochasticNeuronsConfig"]
 
@@ -179,10 +179,11 @@ class StochasticNeurons(DynamicModel):
                         derives="MAC-budget loss target = budget"),
 )  # fmt: skip
 def convert(model: nn.Module, config: StochasticNeuronsConfig, targets: Targets = "auto") -> StochasticNeurons:
-    """Put stochastic-neuron channel gates on every target basic residual block of ``model`` (in place)."""
+    """Put stochastic-neuron channel gates on every target residual block of ``model`` (in place): basic
+    blocks, Bottlenecks and inverted residuals (:mod:`~dynnet.methods.channel._layout`)."""
 
     def make(name: str, block: nn.Module, adapter) -> StochasticNeuronBlock:
-        gate = PooledMLPGate(adapter.in_channels(block), block.conv1.out_channels, config.hidden, open_index=None)
+        gate = PooledMLPGate(adapter.in_channels(block), gated_channels(block), config.hidden, open_index=None)
         return StochasticNeuronBlock(
             block, adapter, gate, strategy=config.strategy, estimator=config.estimator, noise_std=config.noise_std
         )
