@@ -241,3 +241,13 @@ def test_gaternet_training_counts_the_binary_sample_of_each_gate() -> None:
     assert hard.numel() > 1000
     # P(-1.5 + N(0, 1) > 0) = 0.067; the relaxed-above-0 rule gave about 0.44
     assert 0.03 < float(hard.mean()) < 0.12
+
+
+def test_gaternet_builds_on_a_base_of_any_width() -> None:
+    """The base network's ``width`` multiplier is not taken for a GaterNet setting (``gater_width`` is its own)."""
+    from dynnet.train import build_model
+
+    model = build_model("cifar_resnet8", "gaternet", in_channels=1, num_classes=10, width=0.5, gater_width=8)
+    assert model.net.conv1.out_channels == 8 and model.gate.features[0].out_channels == 8
+    full = build_model("cifar_resnet8", "gaternet", in_channels=1, num_classes=10, width=1.0)
+    assert full.net.conv1.out_channels == 16

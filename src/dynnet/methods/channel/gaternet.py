@@ -62,7 +62,9 @@ class GaterNetConfig:
     Attributes:
         budget: target mean fraction of the dense MACs per image (the gater included): the MAC-budget loss's target
             and the calibration's.
-        width: channels of the gater's first convolution (the second has twice as many).
+        gater_width: channels of the gater's first convolution (the second has twice as many). Not ``width``: that
+            name is the base network's width multiplier (``create_model(..., width=0.5)``), which it shadowed, so that
+            GaterNet could not be built on a base of a given width.
         bottleneck: width of the gater's fully connected bottleneck.
         noise_std: improved-semhash noise in training.
         sparsity_weight: weight of the mean gate probability.
@@ -71,7 +73,7 @@ class GaterNetConfig:
     """
 
     budget: float = 0.5
-    width: int = 16
+    gater_width: int = 16
     bottleneck: int = 64
     noise_std: float = 1.0
     sparsity_weight: float = 0.1
@@ -312,7 +314,8 @@ class _GatedBlock(ChannelGatedBlock):
     paper="You Look Twice: GaterNet for Dynamic Filter Selection in CNNs (CVPR 2019), arXiv:1811.11205",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
                         derives="MAC-budget loss target = budget"),
-    revision=1,  # 1: a filter counts as spent in training when its noisy logit is positive
+    # 1: a filter counts as spent in training when its noisy logit is positive; 2: builds on the profile's base
+    revision=2,
 )  # fmt: skip
 def convert(model: nn.Module, config: GaterNetConfig, targets: Targets = "auto") -> GaterNet:
     """Gate the inner filters of every target residual block (basic or Bottleneck) of a ResNet-style ``model`` (in
@@ -321,7 +324,7 @@ def convert(model: nn.Module, config: GaterNetConfig, targets: Targets = "auto")
     blocks = convert_blocks(model, targets, lambda n, b, a: _GatedBlock(b, a, None, strategy=config.strategy))
     total = sum(b.channels for b in blocks)
     net = GaterNet(model, recipe="gaternet", config=copy.copy(config), in_channels=in_channels)
-    net.gate = GaterNetwork(in_channels or 3, total, config.width, config.bottleneck, config.noise_std)
+    net.gate = GaterNetwork(in_channels or 3, total, config.gater_width, config.bottleneck, config.noise_std)
     if [b for b in iter_blocks(model) if isinstance(b, ChannelGatedBlock)] != blocks:
         raise ValueError("gaternet gates blocks inside the stages (layer1, layer2, ...) of a ResNet-style network")
     return net
