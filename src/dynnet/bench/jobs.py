@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -171,6 +172,9 @@ def build_job_model(job: Job, profile: BenchProfile, info: Any) -> tuple[nn.Modu
                 model.eval()
                 with torch.no_grad():
                     model(probe)  # a recipe may convert but fail on this input size: try the next base / size
+                if errors:  # say why the profile's own base or size did not do (a fallback can hide a bug)
+                    logging.getLogger(__name__).warning("job %s falls back to %s %s: %s", job.id, name, extra,
+                                                        " | ".join(errors))  # fmt: skip
                 return model, name, float(extra.get("width", 1.0)), size
             except Exception as err:
                 errors.append(f"{name} {extra} at {size or tuple(info.image_size)}: {type(err).__name__}: {err}")
