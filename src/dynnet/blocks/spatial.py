@@ -19,7 +19,9 @@ from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
 from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks, tile_macs
 from dynnet.kernels.spatial import scatter_add_rows
 
-__all__ = ["SpatialResidual", "calibrate_dense_fallback_", "register_spatial_chain", "spatial_chain"]
+__all__ = [
+    "SpatialResidual", "calibrate_dense_fallback_", "no_spatial_chain", "register_spatial_chain", "spatial_chain",
+]  # fmt: skip
 
 
 def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage] | None]) -> None:
@@ -38,6 +40,24 @@ def spatial_chain(block: nn.Module) -> list[ConvStage] | None:
         if st.conv.groups != 1:
             return None
     return stages
+
+
+def no_spatial_chain(model: nn.Module, blocks: list[nn.Module], recipe: str) -> ValueError:
+    """The one-line error of a spatial recipe that finds no residual block whose branch it can run under a mask.
+
+    Args:
+        model: the network.
+        blocks: its residual blocks (those with an adapter).
+        recipe: who asks.
+    """
+    kinds = sorted({type(b).__name__ for b in blocks})
+    found = f"its residual blocks ({', '.join(kinds)}) have" if kinds else "it has no residual blocks and"
+    return ValueError(
+        f"{recipe} needs residual branches that are plain chains of dense (groups=1) conv-BN-activation stages "
+        f"(the BasicBlock/Bottleneck of torchvision ResNet/Wide ResNet, timm ResNet without SE, dynnet CIFAR ResNets); "
+        f"{type(model).__name__}: {found} grouped or depthwise convolutions, squeeze-excitation, LayerNorm/MLP "
+        "branches or stochastic depth; register a chain with dynnet.blocks.register_spatial_chain"
+    )
 
 
 def _basic(b: nn.Module) -> list[ConvStage]:
