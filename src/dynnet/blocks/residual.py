@@ -20,6 +20,11 @@ def adopt_children(wrapper: nn.Module, block: nn.Module) -> None:
         wrapper.register_parameter(param_name, param)
     for buffer_name, buffer in block.named_buffers(recurse=False):
         wrapper.register_buffer(buffer_name, buffer, persistent=buffer_name not in block._non_persistent_buffers_set)
+    if block._parameters or block._buffers:
+        # The block reads its own tensors through the wrapper's tables, so that what replaces them on the wrapper
+        # (functional_call's meta tensors in a MAC probe, load_state_dict(assign=True)) is what the adapter sees.
+        object.__setattr__(block, "_parameters", wrapper._parameters)
+        object.__setattr__(block, "_buffers", wrapper._buffers)
     object.__setattr__(wrapper, "_block", block)
 
 
