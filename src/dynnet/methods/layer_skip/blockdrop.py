@@ -248,9 +248,9 @@ class BlockDrop(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: BlockDropConfig, targets: Targets = "auto") -> BlockDrop:
     """Make every target residual block of ``model`` droppable by a BlockDrop policy network (in place)."""
+    found = residual_blocks(model, targets)  # first: a network without residual blocks is refused for that
     layout = network_layout(model, needed_by="blockdrop")
     order = {name: i for i, (name, _) in enumerate(layout.blocks(model))}
-    found = residual_blocks(model, targets)
     for name, block, adapter in found:
         if name not in order:
             raise ValueError(f"blockdrop drops blocks of the stages {layout.stage_names}; {name!r} is not one")

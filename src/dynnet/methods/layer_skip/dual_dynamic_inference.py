@@ -275,10 +275,11 @@ class DualDynamicInference(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: DualDynamicInferenceConfig, targets: Targets = "auto") -> DualDynamicInference:
     """Gate every target residual block and add an exit after every stage but the last (in place)."""
+    found = residual_blocks(model, targets)  # first: a network without residual blocks is refused for that
     layout = network_layout(model, needed_by="dual_dynamic_inference")
     if len(layout.stages) < 2:
         raise ValueError("dual_dynamic_inference needs at least 2 stages (exits go between stages)")
-    for name, block, adapter in residual_blocks(model, targets):
+    for name, block, adapter in found:
         gate = PooledMLPGate(adapter.in_channels(block), 1, config.hidden, open_index=None)
         new = SigmoidGatedResidual(block, adapter, gate)
         new.block_name, new.tau = name, config.tau

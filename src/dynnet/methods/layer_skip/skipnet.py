@@ -275,9 +275,10 @@ def convert(model: nn.Module, config: SkipNetConfig, targets: Targets = "auto") 
             f"run for every block); budget {config.budget} is outside: choose a budget in that range or gate='rnn'"
         )
     channels, names = [], []
+    blocks = residual_blocks(model, targets)  # first: a network without residual blocks is refused for that
     layout = network_layout(model, needed_by="skipnet")
     order = {name: i for i, (name, _) in enumerate(layout.blocks(model))}
-    found = sorted(residual_blocks(model, targets), key=lambda item: order.get(item[0], -1))
+    found = sorted(blocks, key=lambda item: order.get(item[0], -1))
     for name, block, adapter in found:
         if name not in order:
             raise ValueError(f"skipnet gates blocks of the stages {layout.stage_names}; {name!r} is not one")
