@@ -39,11 +39,12 @@ FAST_CELLS = [
     ("torchvision/convnext_tiny", "dynamic_recursive"),  # CNBlock: x + layer_scale * branch(x)
     ("torchvision/vgg11_bn", "branchynet"),  # a plain network: exits only
     ("torchvision/efficientnet_b0", "early_exit_cnn"),  # exits after any block
+    ("torchvision/mobilenet_v2", "sbnet"),  # tiles through a depthwise stage (groups = channels)
 ]
 
 REFUSED = [
     ("torchvision/vgg11_bn", "convnet_aig", "no residual blocks found in VGG"),
-    ("torchvision/mobilenet_v2", "dynconv", "InvertedResidual"),
+    ("torchvision/mobilenet_v2", "dynconv", "InvertedResidual"),  # the pixel kernels run groups=1 only
     ("torchvision/convnext_tiny", "sbnet", "CNBlock"),
 ]
 

@@ -107,9 +107,10 @@ def convert(model: nn.Module, config: SBNetConfig, targets: Targets = "auto") ->
     if config.tile < 1:
         raise ValueError(f"tile must be >= 1, got {config.tile}")
     blocks = residual_blocks(model, targets)
-    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b)) is not None]
+    # Tiles run every stage as a convolution: grouped and depthwise stages (ResNeXt, inverted residuals) too.
+    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b, grouped=True)) is not None]
     if not found:
-        raise no_spatial_chain(model, [b for _, b, _ in blocks], "sbnet")
+        raise no_spatial_chain(model, [b for _, b, _ in blocks], "sbnet", grouped=True)
     for name, block, adapter, stages in found:
         stride = 1
         for st in stages:
