@@ -83,12 +83,17 @@ def _sequential_stages(net: nn.Module, names: list[str]) -> tuple[tuple[str, tup
 
 
 def _split_at_transitions(net: nn.Module, names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """Blocks grouped into stages, a new stage at every block without a skip connection (stride or width change)."""
+    """Blocks grouped into stages, a new stage at every block without a skip connection (stride or width change).
+
+    A block already wrapped by a conversion is judged by the block it wraps (``_block``, see
+    :func:`dynnet.blocks.residual.adopt_children`), so that the layout of a converted network is the base's.
+    """
     from dynnet.convert.residual import find_adapter
 
     stages: list[tuple[str, list[str]]] = []
     for name in names:
-        if not stages or find_adapter(net.get_submodule(name)) is None:
+        block = net.get_submodule(name)
+        if not stages or find_adapter(getattr(block, "_block", block)) is None:
             stages.append((name, []))
         stages[-1][1].append(name)
     return tuple((s, tuple(b)) for s, b in stages)
