@@ -1,6 +1,7 @@
 """Write the conversion matrix (deployed networks × recipes) to docs/conversion.md.
 
-Usage: ``python scripts/conversion_matrix.py [--out docs/conversion.md] [--models a,b] [--recipes x,y] [--shallow]``.
+Usage: ``python scripts/conversion_matrix.py [--out docs/conversion.md] [--models a,b] [--recipes x,y] [--shallow]
+[--json run.json]``; ``--merge a.json b.json`` writes the matrix of several runs (split by models).
 Every converted cell is checked (open gates reproduce the base, sparse = masked after scrambling, dense MACs = the
 flop counter's); see :mod:`dynnet.testing.matrix`. Takes minutes on one core.
 """
@@ -8,7 +9,9 @@ flop counter's); see :mod:`dynnet.testing.matrix`. Takes minutes on one core.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import json
 import platform
 import sys
 import time
@@ -18,7 +21,7 @@ from pathlib import Path
 import torch
 
 import dynnet
-from dynnet.testing.matrix import matrix_markdown, matrix_models, run_matrix
+from dynnet.testing.matrix import Cell, matrix_markdown, matrix_models, run_matrix
 
 HEADER = """# Conversion matrix
 
@@ -43,27 +46,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated <library>/<builder> (default: all)")
     parser.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
     parser.add_argument("--shallow", action="store_true", help="conversion only, no checks")
+    parser.add_argument("--json", type=Path, default=None, help="also write the cells as JSON (to merge runs)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="write the matrix of JSON runs instead")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    models = args.models.split(",") if args.models else matrix_models()
-    recipes = args.recipes.split(",") if args.recipes else dynnet.list_recipes()
     start = time.time()
-    cells = run_matrix(
-        models,
-        recipes,
-        deep=not args.shallow,
-        progress=lambda c: print(
-            f"{c.model} × {c.recipe}: {'converted' if c.converted else 'refused'} {c.reason}",
-            file=sys.stderr,
-            flush=True,
-        ),
-    )
+    if args.merge:
+        runs = [json.loads(p.read_text()) for p in args.merge]
+        cells = [Cell(**c) for run in runs for c in run["cells"]]
+        seconds = sum(run["seconds"] for run in runs)
+    else:
+        models = args.models.split(",") if args.models else matrix_models()
+        recipes = args.recipes.split(",") if args.recipes else dynnet.list_recipes()
+        cells = run_matrix(
+            models,
+            recipes,
+            deep=not args.shallow,
+            progress=lambda c: print(
+                f"{c.model} × {c.recipe}: {'converted' if c.converted else 'refused'} {c.reason}",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
+        seconds = time.time() - start
+        if args.json is not None:
+            args.json.write_text(json.dumps({"seconds": seconds, "cells": [dataclasses.asdict(c) for c in cells]}))
     header = HEADER.format(
         date=datetime.date.today(),
         machine=platform.machine(),
         torch=torch.__version__,
         what="conversion only" if args.shallow else "every check",
-        seconds=time.time() - start,
+        seconds=seconds,
     )
     args.out.write_text(header + matrix_markdown(cells))
     print(f"wrote {args.out}", file=sys.stderr)

@@ -237,11 +237,19 @@ def run_matrix(
 ) -> list[Cell]:
     """:func:`check_cell` over ``models`` × ``recipes`` (each base built once)."""
     recipes = list(recipes)
+    from dynnet.api import list_recipes
+    from dynnet.core import RECIPES
+
+    list_recipes()
     cells = []
     for name in models:
         base = trained_like_(build_model(name), torch.Generator().manual_seed(0))
         for recipe in recipes:
-            cell = check_cell(name, recipe, base=base, deep=deep)
+            try:
+                cell = check_cell(name, recipe, base=base, deep=deep)
+            except Exception as e:  # a converted model that crashes in a check: a failed cell, recorded
+                reason = f"crashed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                cell = Cell(name, recipe, RECIPES.get(recipe).family, True, reason, "crashed")
             cells.append(cell)
             if progress is not None:
                 progress(cell)
