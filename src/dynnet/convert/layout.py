@@ -167,10 +167,12 @@ def _convnext(net: nn.Module) -> NetworkLayout:
     stages = []
     for i in range(1, len(net.features)):
         stage = net.features[i]
-        if any(type(m).__name__ == "CNBlock" for m in stage.children()):
-            stages.append((f"features.{i}", tuple(f"features.{i}.{j}" for j in range(len(stage)))))
-        else:  # a downsampling layer: a stage of its own (one block, never residual)
+        # A downsampling layer (LayerNorm2d, Conv2d) is a stage of its own (one block, never residual); judged by its
+        # convolution, not by the class of the blocks, which a conversion may have wrapped.
+        if any(isinstance(m, nn.Conv2d) for m in stage.children()):
             stages.append((f"features.{i}", (f"features.{i}",)))
+        else:
+            stages.append((f"features.{i}", tuple(f"features.{i}.{j}" for j in range(len(stage)))))
     return NetworkLayout(_features_stem, tuple(stages), _pool_classifier_head)
 
 
