@@ -47,27 +47,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", default=None, help="comma-separated recipes (default: all)")
     parser.add_argument("--shallow", action="store_true", help="conversion only, no checks")
     parser.add_argument("--json", type=Path, default=None, help="also write the cells as JSON (to merge runs)")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="write the matrix of JSON runs instead")
+    parser.add_argument("--jsonl", type=Path, default=None, help="append each cell as a JSON line as it is done")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="write the matrix of JSON runs (--json files or --jsonl files; a later cell replaces an earlier one)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     start = time.time()
     if args.merge:
-        runs = [json.loads(p.read_text()) for p in args.merge]
-        cells = [Cell(**c) for run in runs for c in run["cells"]]
-        seconds = sum(run["seconds"] for run in runs)
+        found: dict[tuple[str, str], Cell] = {}
+        seconds = 0.0
+        for path in args.merge:
+            text = path.read_text()
+            if path.suffix == ".jsonl":
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            else:
+                run = json.loads(text)
+                rows, seconds = run["cells"], seconds + run["seconds"]
+            for row in rows:
+                cell = Cell(**row)
+                found[(cell.model, cell.recipe)] = cell
+        cells = list(found.values())
     else:
         models = args.models.split(",") if args.models else matrix_models()
         recipes = args.recipes.split(",") if args.recipes else dynnet.list_recipes()
-        cells = run_matrix(
-            models,
-            recipes,
-            deep=not args.shallow,
-            progress=lambda c: print(
-                f"{c.model} × {c.recipe}: {'converted' if c.converted else 'refused'} {c.reason}",
-                file=sys.stderr,
-                flush=True,
-            ),
-        )
+
+        def progress(c: Cell) -> None:
+            print(f"{c.model} × {c.recipe}: {'converted' if c.converted else 'refused'} {c.reason}", file=sys.stderr)
+            if args.jsonl is not None:  # one line per cell as it comes: a run cut short keeps what it checked
+                with args.jsonl.open("a") as f:
+                    f.write(json.dumps(dataclasses.asdict(c)) + "\n")
+
+        cells = run_matrix(models, recipes, deep=not args.shallow, progress=progress)
         seconds = time.time() - start
         if args.json is not None:
             args.json.write_text(json.dumps({"seconds": seconds, "cells": [dataclasses.asdict(c) for c in cells]}))

@@ -256,9 +256,17 @@ def run_matrix(
     return cells
 
 
+def _mark(c: Cell) -> str:
+    if not c.converted:
+        return "·"
+    if c.reason:
+        return "✗"
+    return "○" if c.checks == "-" else "✓"
+
+
 def matrix_markdown(cells: list[Cell]) -> str:
-    """The matrix as markdown: a summary table (recipes × networks: ✓ converted and checked, ✗ check failed,
-    · refused) and the refusal reasons, one line per distinct reason."""
+    """The matrix as markdown: a summary table (recipes × networks: ✓ converted and checked, ○ converted and not
+    checked, ✗ a check failed, · refused) and the refusal reasons, one line per distinct reason."""
     models = list(dict.fromkeys(c.model for c in cells))
     recipes = list(dict.fromkeys(c.recipe for c in cells))
     by = {(c.model, c.recipe): c for c in cells}
@@ -269,13 +277,14 @@ def matrix_markdown(cells: list[Cell]) -> str:
         marks = []
         for m in models:
             c = by.get((m, r))
-            marks.append("" if c is None else ("✓" if c.converted and not c.reason else "✗" if c.converted else "·"))
+            marks.append("" if c is None else _mark(c))
         lines.append(f"| {r} ({family}) | " + " | ".join(marks) + " |")
     converted = sum(c.converted for c in cells)
     failed = [c for c in cells if c.converted and c.reason]
+    unchecked = sum(c.converted and not c.reason and c.checks == "-" for c in cells)
     out = [
-        f"{len(cells)} cells: {converted} converted ({converted - len(failed)} pass every check, {len(failed)} fail "
-        f"one), {len(cells) - converted} refused.",
+        f"{len(cells)} cells: {converted} converted ({converted - len(failed) - unchecked} pass every check, "
+        f"{len(failed)} fail one, {unchecked} not checked), {len(cells) - converted} refused.",
         "",
         *lines,
         "",
