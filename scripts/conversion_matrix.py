@@ -35,7 +35,7 @@ Which deployed networks each recipe converts (`dynnet.convert(net, recipe)`, `nu
 - ✗ converted, but a check failed (listed below);
 - · refused, with the one-line reason listed below.
 
-Inputs 4×3×64×64. Generated {date} on {machine}, torch {torch}, {what}, {seconds:.0f} s.
+Inputs 4×3×64×64. Generated {date} on {machine}, torch {torch}, {what}{seconds}.
 
 """
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         machine=platform.machine(),
         torch=torch.__version__,
         what="conversion only" if args.shallow else "every check",
-        seconds=seconds,
+        seconds=f", {seconds:.0f} s" if seconds else " (merged runs)",
     )
     args.out.write_text(header + matrix_markdown(cells))
     print(f"wrote {args.out}", file=sys.stderr)
