@@ -182,7 +182,9 @@ def check_cell(
     if base is None:
         base = trained_like_(build_model(model), torch.Generator().manual_seed(0))
     try:
-        converted = convert(copy.deepcopy(base), recipe)
+        with torch.random.fork_rng(devices=[]):  # new parts (gates, heads) drawn the same whatever ran before
+            torch.manual_seed(0)
+            converted = convert(copy.deepcopy(base), recipe)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as e:  # a refusal
         return Cell(model, recipe, spec.family, False, f"{type(e).__name__}: {e}")
     blocks = sum(isinstance(m, DynamicBlock) for m in converted.modules())
