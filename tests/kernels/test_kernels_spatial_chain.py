@@ -109,6 +109,34 @@ def test_tile_macs_seen_by_counter() -> None:
     assert counter.total == 3 * (36 * 6 * 4 * 9 + 16 * 6 * 6 * 9)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_tile_execution_of_a_depthwise_inverted_residual_equals_masked(stride: int) -> None:
+    """An inverted residual (1×1 expand → 3×3 depthwise → 1×1 project) runs in tiles; the pixel kernels refuse it."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    torch.manual_seed(stride)
+    block = InvertedResidual(8, 8, stride, expand_ratio=3).eval()
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    assert spatial_chain(block) is None  # groups != 1: not for the gather-GEMM kernels
+    stages = spatial_chain(block, grouped=True)
+    assert [st.conv.groups for st in stages] == [1, 24, 1]
+    x = torch.randn(2, 8, 13, 11)
+    with torch.no_grad():
+        torch.testing.assert_close(run_masked(stages, x, [None] * 3), block.conv(x))  # the branch
+        ho, wo = chain_sizes(stages, (13, 11))[-1]
+        tiles_mask = make_mask("random", 0.5, (2, -(-ho // 4), -(-wo // 4)), torch.Generator().manual_seed(0))
+        ref = run_masked(stages, x, [None, None, tiles_to_pixels(tiles_mask, 4, (ho, wo))])
+        tiles = tiles_mask.nonzero()
+        with MacCounter() as counter:
+            values, executed = run_tiles(stages, x, tiles, 4)
+        got = scatter_tiles(torch.zeros_like(ref), values, tiles, 4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert counter.total == executed.sum().item()
+
+
 def test_reduce_to_tiles_and_back() -> None:
     mask = torch.zeros(1, 5, 7, dtype=torch.bool)
     mask[0, 4, 6] = True  # the bottom-right partial tile

@@ -10,9 +10,15 @@
 
 from dynnet.blocks.decision import DecisionMaker, LogitEntry
 from dynnet.blocks.residual import AdaptedResidual
-from dynnet.blocks.spatial import SpatialResidual, calibrate_dense_fallback_, register_spatial_chain, spatial_chain
+from dynnet.blocks.spatial import (
+    SpatialResidual,
+    calibrate_dense_fallback_,
+    no_spatial_chain,
+    register_spatial_chain,
+    spatial_chain,
+)  # fmt: skip
 
 __all__ = [
     "AdaptedResidual", "DecisionMaker", "LogitEntry", "SpatialResidual", "calibrate_dense_fallback_",
-    "register_spatial_chain", "spatial_chain",
+    "no_spatial_chain", "register_spatial_chain", "spatial_chain",
 ]  # fmt: skip

@@ -11,10 +11,20 @@ __all__ = ["AdaptedResidual", "adopt_children"]
 
 
 def adopt_children(wrapper: nn.Module, block: nn.Module) -> None:
-    """Register ``block``'s children on ``wrapper`` under their own names (state_dict keys stay the base network's)
-    and keep ``block`` itself, unregistered, as ``wrapper._block`` (adapter functions read its attributes)."""
+    """Register ``block``'s children, and its own parameters and buffers (ConvNeXt's ``layer_scale``), on ``wrapper``
+    under their own names (state_dict keys stay the base network's) and keep ``block`` itself, unregistered, as
+    ``wrapper._block`` (adapter functions read its attributes: the same tensor objects)."""
     for child_name, child in block.named_children():
         wrapper.add_module(child_name, child)
+    for param_name, param in block.named_parameters(recurse=False):
+        wrapper.register_parameter(param_name, param)
+    for buffer_name, buffer in block.named_buffers(recurse=False):
+        wrapper.register_buffer(buffer_name, buffer, persistent=buffer_name not in block._non_persistent_buffers_set)
+    if block._parameters or block._buffers:
+        # The block reads its own tensors through the wrapper's tables, so that what replaces them on the wrapper
+        # (functional_call's meta tensors in a MAC probe, load_state_dict(assign=True)) is what the adapter sees.
+        object.__setattr__(block, "_parameters", wrapper._parameters)
+        object.__setattr__(block, "_buffers", wrapper._buffers)
     object.__setattr__(wrapper, "_block", block)
 
 

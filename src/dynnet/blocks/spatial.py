@@ -19,7 +19,9 @@ from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
 from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks, tile_macs
 from dynnet.kernels.spatial import scatter_add_rows
 
-__all__ = ["SpatialResidual", "calibrate_dense_fallback_", "register_spatial_chain", "spatial_chain"]
+__all__ = [
+    "SpatialResidual", "calibrate_dense_fallback_", "no_spatial_chain", "register_spatial_chain", "spatial_chain",
+]  # fmt: skip
 
 
 def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage] | None]) -> None:
@@ -28,16 +30,46 @@ def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage] 
     _CHAINS.register(cls, fn)
 
 
-def spatial_chain(block: nn.Module) -> list[ConvStage] | None:
-    """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class."""
+def spatial_chain(block: nn.Module, *, grouped: bool = False) -> list[ConvStage] | None:
+    """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class.
+
+    Args:
+        block: a residual block.
+        grouped: whether the caller runs grouped and depthwise convolutions (tile execution: SBNet); the pixel
+            gather-GEMM kernels run dense (groups=1) convolutions only.
+    """
     fn = _CHAINS.lookup(block)
     stages = None if fn is None else fn(block)
     if stages is None:  # unknown class, or an instance whose branch is not a plain chain
         return None
-    for st in stages:
-        if st.conv.groups != 1:
-            return None
+    if not grouped and any(st.conv.groups != 1 for st in stages):
+        return None
     return stages
+
+
+def no_spatial_chain(model: nn.Module, blocks: list[nn.Module], recipe: str, *, grouped: bool = False) -> ValueError:
+    """The one-line error of a spatial recipe that finds no residual block whose branch it can run under a mask.
+
+    Args:
+        model: the network.
+        blocks: its residual blocks (those with an adapter).
+        recipe: who asks.
+        grouped: whether the recipe runs grouped and depthwise convolutions (:func:`spatial_chain`).
+    """
+    kinds = sorted({type(b).__name__ for b in blocks})
+    found = f"its residual blocks ({', '.join(kinds)}) have" if kinds else "it has no residual blocks and"
+    if grouped:
+        what = "conv-BN-activation stages (torchvision ResNet/ResNeXt/Wide ResNet, MobileNetV2, MobileNetV3 blocks "
+        what += "without squeeze-excitation, timm ResNet without SE, dynnet CIFAR ResNets)"
+        lacks = "squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
+    else:
+        what = "dense (groups=1) conv-BN-activation stages (the BasicBlock/Bottleneck of torchvision ResNet/Wide "
+        what += "ResNet, timm ResNet without SE, dynnet CIFAR ResNets)"
+        lacks = "grouped or depthwise convolutions, squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
+    return ValueError(
+        f"{recipe} needs residual branches that are plain chains of {what}; {type(model).__name__}: {found} {lacks}; "
+        "register a chain with dynnet.blocks.register_spatial_chain"
+    )
 
 
 def _basic(b: nn.Module) -> list[ConvStage]:
@@ -67,13 +99,57 @@ def _timm_bottleneck(b: nn.Module) -> list[ConvStage] | None:
     return [ConvStage(b.conv1, b.bn1, b.act1), ConvStage(b.conv2, b.bn2, b.act2), ConvStage(b.conv3, b.bn3, None)]
 
 
+def _conv_norm_chain(layers: nn.Sequential) -> list[ConvStage] | None:
+    """Stages of a ``Sequential`` of ``Conv2dNormActivation`` layers and ``(Conv2d, BatchNorm2d)`` pairs (torchvision's
+    inverted residuals); ``None`` when it holds anything else (squeeze-excitation, a global operation)."""
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    stages: list[ConvStage] = []
+    items = list(layers.children())
+    i = 0
+    while i < len(items):
+        m = items[i]
+        if isinstance(m, Conv2dNormActivation):
+            parts = list(m.children())
+            if not (1 <= len(parts) <= 3 and type(parts[0]) is nn.Conv2d):
+                return None
+            bn = parts[1] if len(parts) > 1 and type(parts[1]) is nn.BatchNorm2d else None
+            act = parts[2] if len(parts) > 2 else None
+            if len(parts) > 1 and bn is None:
+                return None
+            stages.append(ConvStage(parts[0], bn, act))
+            i += 1
+        elif type(m) is nn.Conv2d and i + 1 < len(items) and type(items[i + 1]) is nn.BatchNorm2d:
+            stages.append(ConvStage(m, items[i + 1], None))
+            i += 2
+        else:
+            return None
+    return stages or None
+
+
+def _inverted_v2(b: nn.Module) -> list[ConvStage] | None:
+    return _conv_norm_chain(b.conv)
+
+
+def _inverted_v3(b: nn.Module) -> list[ConvStage] | None:
+    return _conv_norm_chain(b.block)
+
+
 def _register_builtin() -> None:
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.mobilenetv3 import InvertedResidual as InvertedResidualV3
     from torchvision.models.resnet import BasicBlock as TvBasic
     from torchvision.models.resnet import Bottleneck as TvBottleneck
 
     from dynnet.models.cifar_resnet import BasicBlock as CifarBasic
 
-    for cls, fn in ((CifarBasic, _basic), (TvBasic, _basic), (TvBottleneck, _bottleneck)):
+    for cls, fn in (
+        (CifarBasic, _basic),
+        (TvBasic, _basic),
+        (TvBottleneck, _bottleneck),
+        (InvertedResidual, _inverted_v2),
+        (InvertedResidualV3, _inverted_v3),
+    ):
         register_spatial_chain(cls, fn)
     try:
         from timm.models.resnet import BasicBlock as TimmBasic

@@ -1,9 +1,13 @@
 """Residual-block adapters: how to split a block of a known class into body, shortcut and post-op.
 
 A residual block computes ``post(shortcut(x) + body(x))``. Skipping the block per input keeps
-``post(shortcut(x))``. Adapters exist for torchvision ResNet (BasicBlock, Bottleneck), MobileNetV2
-(InvertedResidual with a residual connection), timm ResNet blocks and dynnet's own CIFAR ResNet;
-users register theirs with :func:`register_residual_adapter`.
+``post(shortcut(x))``. Adapters exist for torchvision ResNet / ResNeXt / Wide ResNet (BasicBlock, Bottleneck),
+MobileNetV2 and MobileNetV3 (InvertedResidual), EfficientNet (MBConv) and EfficientNetV2 (FusedMBConv), RegNet
+(ResBottleneckBlock), ConvNeXt (CNBlock: ``x + stochastic_depth(layer_scale * block(x))``), timm ResNet blocks, timm
+EfficientNet / MobileNetV3 blocks (DepthwiseSeparableConv, InvertedResidual, EdgeResidual) and dynnet's own CIFAR
+ResNet; a block whose instance has no skip connection (a stride-2 or channel-changing inverted residual) is not
+residual (``applies``). Stochastic depth stays part of the body (the identity in eval). Users register theirs with
+:func:`register_residual_adapter`.
 """
 
 from __future__ import annotations
@@ -123,6 +127,62 @@ def _inverted_applies(b: nn.Module) -> bool:
     return bool(b.use_res_connect)
 
 
+def _first_conv_in(b: nn.Module) -> int:
+    return next(m for m in b.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+def _block_body(b: nn.Module, x: Tensor) -> Tensor:
+    return b.block(x)
+
+
+def _uses_res_connect(b: nn.Module) -> bool:
+    return bool(b.use_res_connect)
+
+
+def _mbconv_body(b: nn.Module, x: Tensor) -> Tensor:
+    return b.stochastic_depth(b.block(x))
+
+
+def _regnet_body(b: nn.Module, x: Tensor) -> Tensor:
+    return b.f(x)
+
+
+def _regnet_shortcut(b: nn.Module, x: Tensor) -> Tensor:
+    return x if b.proj is None else b.proj(x)
+
+
+def _regnet_post(b: nn.Module, y: Tensor) -> Tensor:
+    return b.activation(y)
+
+
+def _convnext_body(b: nn.Module, x: Tensor) -> Tensor:
+    return b.stochastic_depth(b.layer_scale * b.block(x))
+
+
+def _timm_has_skip(b: nn.Module) -> bool:
+    return bool(b.has_skip)
+
+
+def _timm_s2d(b: nn.Module, x: Tensor) -> Tensor:
+    return x if getattr(b, "conv_s2d", None) is None else b.bn_s2d(b.conv_s2d(x))
+
+
+def _timm_ds_body(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.se(b.aa(b.bn1(b.conv_dw(_timm_s2d(b, x)))))
+    return b.drop_path(b.bn2(b.conv_pw(x)))
+
+
+def _timm_ir_body(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.bn1(b.conv_pw(_timm_s2d(b, x)))
+    x = b.se(b.aa(b.bn2(b.conv_dw(x))))
+    return b.drop_path(b.bn3(b.conv_pwl(x)))
+
+
+def _timm_edge_body(b: nn.Module, x: Tensor) -> Tensor:
+    x = b.se(b.aa(b.bn1(b.conv_exp(x))))
+    return b.drop_path(b.bn2(b.conv_pwl(x)))
+
+
 def _timm_tail(b: nn.Module, x: Tensor) -> Tensor:
     if b.se is not None:
         x = b.se(x)
@@ -151,7 +211,11 @@ def _timm_post3(b: nn.Module, y: Tensor) -> Tensor:
 
 
 def _register_builtin() -> None:
+    from torchvision.models.convnext import CNBlock
+    from torchvision.models.efficientnet import FusedMBConv, MBConv
     from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.mobilenetv3 import InvertedResidual as InvertedResidualV3
+    from torchvision.models.regnet import ResBottleneckBlock
     from torchvision.models.resnet import BasicBlock as TvBasic
     from torchvision.models.resnet import Bottleneck as TvBottleneck
 
@@ -170,7 +234,20 @@ def _register_builtin() -> None:
             applies=_inverted_applies,
         ),
     )
+    register_residual_adapter(
+        InvertedResidualV3, ResidualAdapter(_block_body, _identity, _identity, _first_conv_in, _uses_res_connect)
+    )
+    for cls in (MBConv, FusedMBConv):
+        register_residual_adapter(
+            cls, ResidualAdapter(_mbconv_body, _identity, _identity, _first_conv_in, _uses_res_connect)
+        )
+    register_residual_adapter(
+        ResBottleneckBlock, ResidualAdapter(_regnet_body, _regnet_shortcut, _regnet_post, _first_conv_in)
+    )
+    register_residual_adapter(CNBlock, ResidualAdapter(_convnext_body, _identity, _identity, _first_conv_in))
     try:
+        from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual
+        from timm.models._efficientnet_blocks import InvertedResidual as TimmInverted
         from timm.models.resnet import BasicBlock as TimmBasic
         from timm.models.resnet import Bottleneck as TimmBottleneck
     except ImportError:  # timm is optional
@@ -179,6 +256,12 @@ def _register_builtin() -> None:
     register_residual_adapter(
         TimmBottleneck, ResidualAdapter(_timm_bottleneck_body, _downsample, _timm_post3, _conv1_in)
     )
+    for cls, body in (
+        (DepthwiseSeparableConv, _timm_ds_body),
+        (TimmInverted, _timm_ir_body),
+        (EdgeResidual, _timm_edge_body),
+    ):
+        register_residual_adapter(cls, ResidualAdapter(body, _identity, _identity, _first_conv_in, _timm_has_skip))
 
 
 # Built-ins registered on first use (importing torchvision and timm costs seconds).

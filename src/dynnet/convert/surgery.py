@@ -58,8 +58,10 @@ def residual_blocks(model: nn.Module, targets: Targets = "auto") -> list[tuple[s
             chosen = [by_name[n] for n in targets]
     if not chosen:
         raise ValueError(
-            f"no residual blocks found in {type(model).__name__}; supported: torchvision ResNet/MobileNetV2, "
-            "timm ResNet, dynnet CIFAR ResNets, or register an adapter with register_residual_adapter"
+            f"no residual blocks found in {type(model).__name__} (this recipe acts on blocks with a skip connection; "
+            "a plain network such as VGG takes early exits only); supported: torchvision ResNet/ResNeXt/Wide ResNet, "
+            "MobileNetV2/V3, EfficientNet(V2), RegNet, ConvNeXt, timm ResNet/EfficientNet/MobileNetV3, dynnet CIFAR "
+            "ResNets, or register an adapter with register_residual_adapter"
         )
     return chosen
 

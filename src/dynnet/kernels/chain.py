@@ -257,7 +257,7 @@ def run_tiles(stages: list[ConvStage], x: Tensor, tiles: Tensor, tile: int) -> t
     for i, st in enumerate(stages, start=1):
         _, s, _, d = st.geometry
         weight, bias = folded_conv(st)  # batch norm folded in: one pass less over the tile batch
-        h = F.conv2d(h, weight, bias, s, 0, d)
+        h = F.conv2d(h, weight, bias, s, 0, d, st.conv.groups)  # grouped and depthwise stages too
         if _is_relu(st.act):
             h = h.relu_()
         elif st.act is not None:

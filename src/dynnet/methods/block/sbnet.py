@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dynnet.blocks import SpatialResidual, spatial_chain
+from dynnet.blocks import SpatialResidual, no_spatial_chain, spatial_chain
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel
 from dynnet.core.budget import BudgetPolicy, Knob
@@ -106,9 +106,11 @@ def convert(model: nn.Module, config: SBNetConfig, targets: Targets = "auto") ->
     """Make every target residual block of ``model`` block-sparse (in place)."""
     if config.tile < 1:
         raise ValueError(f"tile must be >= 1, got {config.tile}")
-    found = [(n, b, a, st) for n, b, a in residual_blocks(model, targets) if (st := spatial_chain(b)) is not None]
+    blocks = residual_blocks(model, targets)
+    # Tiles run every stage as a convolution: grouped and depthwise stages (ResNeXt, inverted residuals) too.
+    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b, grouped=True)) is not None]
     if not found:
-        raise ValueError(f"no residual block of {type(model).__name__} has a known conv chain (BasicBlock/Bottleneck)")
+        raise no_spatial_chain(model, [b for _, b, _ in blocks], "sbnet", grouped=True)
     for name, block, adapter, stages in found:
         stride = 1
         for st in stages:

@@ -1,14 +1,17 @@
 """Trunks and exit placement: a base network cut into units, the MACs of each unit, and where the exits go.
 
-:func:`trunk_of` cuts a network (a registered class, :func:`register_trunk`, or one with an ``exit_trunk()``
-method) into units; :func:`plan_exits` probes each unit's MACs on meta tensors and puts one early exit per
-cumulative-MAC fraction (:func:`place_exits`).
+:func:`trunk_of` cuts a network (a registered class, :func:`register_trunk`, one with an ``exit_trunk()``
+method, or one whose :func:`dynnet.convert.network_layout` is known: stem, every block, head) into units;
+:func:`plan_exits` probes each unit's MACs on meta tensors and puts one early exit per cumulative-MAC fraction
+(:func:`place_exits`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -49,20 +52,35 @@ def register_trunk(cls: type, fn: Callable[[nn.Module], Trunk]) -> None:
 
 
 def trunk_of(base: nn.Module) -> Trunk:
-    """The :class:`Trunk` of ``base`` (a registered class, or a network with an ``exit_trunk()`` method).
+    """The :class:`Trunk` of ``base``: a registered class, a network with an ``exit_trunk()`` method, or one whose
+    :func:`dynnet.convert.network_layout` is known (units: the stem, then every block; exits may follow any block).
 
     Raises:
         TypeError: the network's class is unknown.
     """
+    from dynnet.convert import network_layout
+
     if hasattr(base, "exit_trunk"):
         return base.exit_trunk()
     fn = _TRUNKS.lookup(base)
     if fn is not None:
         return fn(base)
+    try:
+        layout = network_layout(base)
+    except ValueError:
+        layout = None
+    if layout is not None:
+        blocks = list(layout.blocks(base))
+        return Trunk(
+            units=(partial(layout.stem, base), *(b for _, b in blocks)),
+            head=partial(layout.head, base),
+            names=("stem", *(n for n, _ in blocks)),
+        )
     known = ", ".join(_TRUNKS.names())
     raise TypeError(
-        f"cannot attach exits to a {type(base).__name__}: known networks are {known}; register one with "
-        "dynnet.methods.early_exit.register_trunk or give the network an exit_trunk() method"
+        f"cannot attach exits to a {type(base).__name__}: known networks are {known} and every network "
+        "dynnet.convert.network_layout knows; register one with dynnet.methods.early_exit.register_trunk or give the "
+        "network an exit_trunk() method"
     )
 
 
@@ -79,8 +97,19 @@ def _resnet_like(stem: Callable[[Tensor], Tensor], layers: Sequence[nn.Module], 
     )
 
 
+def _vgg(b: nn.Module) -> Trunk:
+    """VGG: one unit per stage of ``features`` (the convolutions up to and including each max pooling)."""
+    cuts = [i + 1 for i, m in enumerate(b.features) if isinstance(m, nn.MaxPool2d)]
+    cuts = [0, *cuts] if cuts and cuts[-1] == len(b.features) else [0, *cuts, len(b.features)]
+    return Trunk(
+        units=tuple(b.features[lo:hi] for lo, hi in itertools.pairwise(cuts)),
+        head=lambda h: b.classifier(torch.flatten(b.avgpool(h), 1)),
+        names=tuple(f"features.{lo}-{hi - 1}" for lo, hi in itertools.pairwise(cuts)),
+    )
+
+
 def _register_builtin_trunks() -> None:
-    from torchvision.models import MobileNetV2, ResNet
+    from torchvision.models import VGG, MobileNetV2, ResNet
 
     from dynnet.models.cifar_resnet import CifarResNet
 
@@ -109,6 +138,7 @@ def _register_builtin_trunks() -> None:
         )
 
     register_trunk(MobileNetV2, mobilenet)
+    register_trunk(VGG, _vgg)
     try:
         from timm.models.resnet import ResNet as TimmResNet
     except ImportError:  # timm is optional

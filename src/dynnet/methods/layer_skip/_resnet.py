@@ -1,8 +1,9 @@
 """Shared pieces of the layer-skip recipes whose decisions come from outside the blocks.
 
 SkipNet's recurrent gate, BlockDrop's policy network and Dual Dynamic Inference's exits need control
-flow around the blocks, so their models override :meth:`DynamicModel.run` and iterate a ResNet-style
-network themselves: ``stem → stages of residual blocks → pool → fc``. :class:`ResNetLayout` is that split.
+flow around the blocks, so their models override :meth:`DynamicModel.run` and run the network themselves:
+``stem → stages of blocks → head``, the network's :class:`~dynnet.convert.NetworkLayout`
+(:func:`dynnet.convert.network_layout`).
 
 :class:`~dynnet.blocks.DecisionMaker` (re-exported here) is the base of their decision-making modules.
 
@@ -13,12 +14,10 @@ every decision maker that reports its open logits (``open_logits()``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dynnet.blocks import LogitEntry
 from dynnet.core import Decision
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
     from dynnet.core import DynamicModel
     from dynnet.core.budget import Knob
 
-__all__ = ["ResNetLayout", "SigmoidGatedResidual", "gate_logit_knob"]
+__all__ = ["SigmoidGatedResidual", "gate_logit_knob"]
 
 
 def gate_logit_knob(model: DynamicModel, *, name: str = "gate logit offset") -> Knob:
@@ -46,55 +45,6 @@ def gate_logit_knob(model: DynamicModel, *, name: str = "gate logit offset") -> 
     """
     entries = [e for m in model.modules() if m is not model and hasattr(m, "open_logits") for e in m.open_logits()]
     return LogitShift(model.calibration[0], entries).knob(name=name)
-
-
-@dataclass(frozen=True)
-class ResNetLayout:
-    """How to run a ResNet-style network piece by piece.
-
-    Attributes:
-        stages: names of the stage containers (``nn.Sequential`` of residual blocks), in order.
-        maxpool: whether the stem ends with ``net.maxpool`` (torchvision ResNets; not the CIFAR ResNets).
-    """
-
-    stages: tuple[str, ...]
-    maxpool: bool
-
-    @classmethod
-    def of(cls, net: nn.Module) -> ResNetLayout:
-        """Find the layout of ``net`` (dynnet CIFAR ResNets, torchvision/timm-style ResNets).
-
-        Raises:
-            ValueError: ``net`` lacks ``conv1``/``bn1``/``fc``/``avgpool`` or ``layer1``.
-        """
-        needed = ("conv1", "bn1", "fc", "avgpool", "layer1")
-        missing = [a for a in needed if not hasattr(net, a)]
-        if missing:
-            raise ValueError(
-                f"this recipe runs ResNet-style networks (conv1, bn1, layer1.., avgpool, fc); "
-                f"{type(net).__name__} lacks {missing}"
-            )
-        stages, k = [], 1
-        while isinstance(getattr(net, f"layer{k}", None), nn.Sequential):
-            stages.append(f"layer{k}")
-            k += 1
-        return cls(tuple(stages), isinstance(getattr(net, "maxpool", None), nn.Module))
-
-    def stem(self, net: nn.Module, x: Tensor) -> Tensor:
-        """Tensor[N, C, H, W] → the first stage's input."""
-        act = getattr(net, "relu", None) or net.act1
-        x = act(net.bn1(net.conv1(x)))
-        return net.maxpool(x) if self.maxpool else x
-
-    def head(self, net: nn.Module, x: Tensor) -> Tensor:
-        """Last stage's output → logits Tensor[N, K]."""
-        return net.fc(torch.flatten(net.avgpool(x), 1))
-
-    def blocks(self, net: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-        """``(dotted name, block)`` of every block of every stage, in execution order."""
-        for stage in self.stages:
-            for i, block in enumerate(getattr(net, stage)):
-                yield f"{stage}.{i}", block
 
 
 class SigmoidGatedResidual(GatedResidual):

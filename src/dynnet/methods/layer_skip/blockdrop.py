@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.blocks import DecisionMaker, LogitEntry
-from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.convert import Targets, first_conv_in_channels, network_layout, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, no_trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
@@ -53,7 +53,7 @@ from dynnet.estimators.reinforce import (
     self_critical_advantage,
 )
 from dynnet.gates import open_bias_
-from dynnet.methods.layer_skip._resnet import ResNetLayout, gate_logit_knob
+from dynnet.methods.layer_skip._resnet import gate_logit_knob
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 from dynnet.models import build_base_model
 
@@ -160,7 +160,7 @@ class BlockDrop(DynamicModel):
     def __init__(self, net: nn.Module, policy: PolicyNetwork, *, config: BlockDropConfig, in_channels: int | None):
         super().__init__(net, recipe="blockdrop", config=config, in_channels=in_channels)
         self.policy = policy
-        self.layout = ResNetLayout.of(net)
+        self.layout = network_layout(net, needed_by="blockdrop")
         self.curriculum: int | None = None
 
     def budget_knob(self) -> Knob:
@@ -248,12 +248,12 @@ class BlockDrop(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: BlockDropConfig, targets: Targets = "auto") -> BlockDrop:
     """Make every target residual block of ``model`` droppable by a BlockDrop policy network (in place)."""
-    layout = ResNetLayout.of(model)
+    found = residual_blocks(model, targets)  # first: a network without residual blocks is refused for that
+    layout = network_layout(model, needed_by="blockdrop")
     order = {name: i for i, (name, _) in enumerate(layout.blocks(model))}
-    found = residual_blocks(model, targets)
     for name, block, adapter in found:
         if name not in order:
-            raise ValueError(f"blockdrop drops blocks of the stages {layout.stages}; {name!r} is not one")
+            raise ValueError(f"blockdrop drops blocks of the stages {layout.stage_names}; {name!r} is not one")
         new = GatedResidual(block, adapter, None)
         new.block_name = name
         replace_module(model, name, new)

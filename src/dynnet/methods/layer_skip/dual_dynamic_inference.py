@@ -43,12 +43,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.blocks import DecisionMaker
-from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.convert import (
+    Targets,
+    first_conv_in_channels,
+    network_layout,
+    num_classes_of,
+    replace_module,
+    residual_blocks,
+)
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, probe_macs, trace
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.gates import PooledMLPGate
-from dynnet.methods.layer_skip._resnet import ResNetLayout, SigmoidGatedResidual, gate_logit_knob
+from dynnet.methods.layer_skip._resnet import SigmoidGatedResidual, gate_logit_knob
 
 __all__ = ["DualDynamicInference", "DualDynamicInferenceConfig", "ExitHead"]
 
@@ -108,7 +115,7 @@ class DualDynamicInference(DynamicModel):
     ):
         super().__init__(net, recipe="dual_dynamic_inference", config=config, in_channels=in_channels)
         self.exits = exits
-        self.layout = ResNetLayout.of(net)
+        self.layout = network_layout(net, needed_by="dual_dynamic_inference")
         self.resource_budget = config.resource_budget
         self._costs: dict[tuple, _Costs] = {}
 
@@ -124,7 +131,7 @@ class DualDynamicInference(DynamicModel):
 
     # -- static pieces and their costs ----------------------------------------------------------
     def _stage(self, k: int, y: Tensor) -> Tensor:
-        for block in getattr(self.net, self.layout.stages[k]):
+        for block in self.layout.stage_blocks(self.net, k):
             y = block(y)
         return y
 
@@ -191,7 +198,7 @@ class DualDynamicInference(DynamicModel):
             if k > 0:
                 if idx.numel() == 0:  # nobody reaches this stage: no work at all
                     zero = cum.new_zeros(n)
-                    rec(f"{self.layout.stages[k]}/static", zero, 0.0, 0.0, costs.stages[k], costs.stages[k])
+                    rec(f"{self.layout.stage_names[k]}/static", zero, 0.0, 0.0, costs.stages[k], costs.stages[k])
                     if k == last:
                         rec("head", zero, 0.0, 0.0, costs.head, costs.head)
                     continue
@@ -213,7 +220,7 @@ class DualDynamicInference(DynamicModel):
                     parent.record_decision(name, Decision(full(d.hard) * a.to(d.hard.dtype), soft, d.granularity))
             rest = costs.stages[k] - dense_in_gates  # shortcuts and ungated blocks of the stage
             executed = a * rest if sparse else torch.full_like(a, rest)
-            rec(f"{self.layout.stages[k]}/static", a * rest, executed, rest if k == 0 else 0.0, rest, rest)
+            rec(f"{self.layout.stage_names[k]}/static", a * rest, executed, rest if k == 0 else 0.0, rest, rest)
             cum = cum + a * rest
             # the classifier after the stage
             c = costs.exits[k] if k < last else costs.head
@@ -268,18 +275,20 @@ class DualDynamicInference(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: DualDynamicInferenceConfig, targets: Targets = "auto") -> DualDynamicInference:
     """Gate every target residual block and add an exit after every stage but the last (in place)."""
-    layout = ResNetLayout.of(model)
+    found = residual_blocks(model, targets)  # first: a network without residual blocks is refused for that
+    layout = network_layout(model, needed_by="dual_dynamic_inference")
     if len(layout.stages) < 2:
         raise ValueError("dual_dynamic_inference needs at least 2 stages (exits go between stages)")
-    for name, block, adapter in residual_blocks(model, targets):
+    for name, block, adapter in found:
         gate = PooledMLPGate(adapter.in_channels(block), 1, config.hidden, open_index=None)
         new = SigmoidGatedResidual(block, adapter, gate)
         new.block_name, new.tau = name, config.tau
         replace_module(model, name, new)
-    num_classes = model.fc.out_features
+    num_classes = num_classes_of(model)
     exits = nn.ModuleList()
-    for k, stage in enumerate(layout.stages[:-1]):
-        channels = [m for m in getattr(model, stage).modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+    for k in range(len(layout.stages) - 1):
+        convs = [m for b in layout.stage_blocks(model, k) for m in b.modules() if isinstance(m, nn.Conv2d)]
+        channels = convs[-1].out_channels
         head = ExitHead(channels, num_classes)
         head.block_name = f"exits.{k}"
         exits.append(head)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dynnet.blocks import DecisionMaker, LogitEntry
-from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
+from dynnet.convert import Targets, first_conv_in_channels, network_layout, replace_module, residual_blocks
 from dynnet.core import Decision, DynamicModel, LossOutput, Trace, current_trace, tracing_or_compiling
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
@@ -57,7 +57,7 @@ from dynnet.estimators.reinforce import (
     sample_bernoulli,
 )
 from dynnet.gates import open_bias_
-from dynnet.methods.layer_skip._resnet import ResNetLayout, gate_logit_knob
+from dynnet.methods.layer_skip._resnet import gate_logit_knob
 from dynnet.methods.layer_skip.gated_residual import GatedResidual
 from dynnet.testing.scramble import register_randomiser
 
@@ -184,7 +184,7 @@ class SkipNet(DynamicModel):
     def __init__(self, net: nn.Module, gates: SkipNetGates, *, config: SkipNetConfig, in_channels: int | None) -> None:
         super().__init__(net, recipe="skipnet", config=config, in_channels=in_channels)
         self.gates = gates
-        self.layout = ResNetLayout.of(net)
+        self.layout = network_layout(net, needed_by="skipnet")
         self.phase = config.phase
         self.register_buffer("reward_baseline", torch.tensor(float("nan"), dtype=torch.float64))
 
@@ -275,12 +275,13 @@ def convert(model: nn.Module, config: SkipNetConfig, targets: Targets = "auto") 
             f"run for every block); budget {config.budget} is outside: choose a budget in that range or gate='rnn'"
         )
     channels, names = [], []
-    layout = ResNetLayout.of(model)
+    blocks = residual_blocks(model, targets)  # first: a network without residual blocks is refused for that
+    layout = network_layout(model, needed_by="skipnet")
     order = {name: i for i, (name, _) in enumerate(layout.blocks(model))}
-    found = sorted(residual_blocks(model, targets), key=lambda item: order.get(item[0], -1))
+    found = sorted(blocks, key=lambda item: order.get(item[0], -1))
     for name, block, adapter in found:
         if name not in order:
-            raise ValueError(f"skipnet gates blocks of the stages {layout.stages}; {name!r} is not one")
+            raise ValueError(f"skipnet gates blocks of the stages {layout.stage_names}; {name!r} is not one")
         channels.append(adapter.in_channels(block))
         names.append(name)
         new = GatedResidual(block, adapter, None)

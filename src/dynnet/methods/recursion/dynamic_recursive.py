@@ -212,10 +212,13 @@ class DynamicRecursive(DynamicModel):
 
 
 def _recursive_capable(block: nn.Module, in_channels: int) -> bool:
+    """Whether the block maps its input to the same shape through an identity shortcut (its last convolution keeps
+    the width, none strides, no projection), so that the block can be applied again to its own output."""
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
-    same_width = bool(convs) and max(m.out_channels for m in convs) == in_channels
+    same_width = bool(convs) and convs[-1].out_channels == in_channels
     stride_one = all(s == 1 for m in convs for s in m.stride)
-    return same_width and stride_one and getattr(block, "downsample", None) is None
+    projection = getattr(block, "downsample", None) is not None or getattr(block, "proj", None) is not None
+    return same_width and stride_one and not projection
 
 
 @recipe(

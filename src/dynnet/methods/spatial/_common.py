@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dynnet.blocks import spatial_chain
+from dynnet.blocks import no_spatial_chain, spatial_chain
 from dynnet.convert import ResidualAdapter, Targets, residual_blocks
 from dynnet.core import Trace
 from dynnet.kernels.chain import ConvStage
@@ -19,12 +19,10 @@ def spatial_targets(
     model: nn.Module, targets: Targets
 ) -> list[tuple[str, nn.Module, ResidualAdapter, list[ConvStage]]]:
     """The residual blocks of ``model`` whose branch the spatial engine can split into conv stages."""
-    found = [(n, b, a, st) for n, b, a in residual_blocks(model, targets) if (st := spatial_chain(b)) is not None]
+    blocks = residual_blocks(model, targets)
+    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b)) is not None]
     if not found:
-        raise ValueError(
-            f"no residual block of {type(model).__name__} has a known conv chain (BasicBlock/Bottleneck); "
-            "register one with dynnet.blocks.register_spatial_chain"
-        )
+        raise no_spatial_chain(model, [b for _, b, _ in blocks], "this spatial recipe")
     return found
 
 
