@@ -139,3 +139,22 @@ def test_part_fractions_put_unknown_entries_in_the_rest() -> None:
     fr = part_fractions(t, {"a": ["a/body", "a/gate"]})
     torch.testing.assert_close(fr["a"], torch.tensor([2 / 12, 1.0], dtype=torch.float64))
     torch.testing.assert_close(fr[REST], torch.ones(2, dtype=torch.float64))
+
+
+def test_convert_with_budget_ms_attaches_the_latency_model(model: dynnet.DynamicModel, tmp_path) -> None:
+    path = _linear_model(model).save(tmp_path / "lm.json")
+    torch.manual_seed(0)
+    base = dynnet.create_model("cifar_resnet8", width=0.5, in_channels=1)
+    converted = dynnet.convert(base, "convnet_aig", budget_ms=3.0, latency_model=path)
+    assert converted.budget_ms == 3.0 and converted.latency_model.as_dict() == _linear_model(model).as_dict()
+    with pytest.raises(ValueError, match="needs latency_model"):
+        dynnet.convert(base, "convnet_aig", budget_ms=3.0)
+    other = dynnet.convert(dynnet.create_model("cifar_resnet20", width=0.5, in_channels=1), "convnet_aig")
+    assert "net.layer1.2" in dict(other.blocks())
+    foreign = LatencyModel({}, "convnet_aig", (1, 16, 16), {1: {"net.layer1.2": _part()}})
+    with pytest.raises(ValueError, match="profiled on another network"):
+        converted.set_latency_model_(foreign)
+
+
+def _part() -> PartLatency:
+    return PartLatency(("layer1.2/body",), LatencyTable((0.0, 1.0), (0.0, 1.0)), 1.0)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from dynnet.core.block import dynamic_blocks, probe_macs
 from dynnet.core.budget import Knob, LogitShift, check_budget_in_range, search_knob
 from dynnet.core.cache import structure_generation, tracing_or_compiling
-from dynnet.core.latency import LatencyModel
+from dynnet.core.latency import REST, LatencyModel
 from dynnet.core.trace import Trace, current_trace
 
 __all__ = ["DECISION_MODULE_NAMES", "DynamicModel", "LossOutput", "check_input"]
@@ -165,7 +165,8 @@ class DynamicModel(nn.Module):
             ``self``.
 
         Raises:
-            ValueError: ``budget_ms`` without a latency model, not positive, or above the dense network's latency.
+            ValueError: ``budget_ms`` without a latency model, not positive, or above the dense network's latency; a
+                latency model whose parts are not this model's dynamic blocks.
         """
         if budget_ms is not None:
             if model is None:
@@ -177,6 +178,14 @@ class DynamicModel(nn.Module):
                 raise ValueError(
                     f"budget_ms {budget_ms:.4g} exceeds the dense network's predicted latency {dense:.4g} ms: "
                     "choose a smaller budget"
+                )
+        if model is not None:
+            blocks = {name for name, _ in dynamic_blocks(self)}
+            foreign = sorted(n for n in model.parts[model.serve_batch] if n != REST and n not in blocks)
+            if foreign:
+                raise ValueError(
+                    f"the latency model was profiled on another network: its parts {foreign[:3]} are not dynamic "
+                    f"blocks of this {self.recipe} model; profile this one with dynnet.profile_latency"
                 )
         self.latency_model = model
         self.budget_ms = None if budget_ms is None else float(budget_ms)
