@@ -1,18 +1,19 @@
 """`profile_latency`: measure a converted network's latency on this machine as a function of its decisions.
 
-Each outermost dynamic block is timed by forward hooks while the model runs in sparse mode on images, the trace
-telling which MAC entries the block recorded and so its MAC fraction for the batch; the rest of the network (stem,
-head, policy networks outside the blocks) is the whole call's time less the blocks'. The decisions are spread over
-the recipe's range by calibrating it (``DynamicModel.calibrate_to_``) to a ladder of MAC fractions; the weights and
-thresholds are restored afterwards. Each part's points (MAC fraction, ms per sample) become a
-:class:`~dynnet.core.latency.LatencyTable`; the tables are fitted on all settings but every third one first, and
-the prediction error of the per-sample latency is measured on the settings left out (decisions the tables never
-saw), then fitted again on all of them.
+Each outermost dynamic block is timed by forward hooks while the model runs in sparse mode on images, without a trace
+(as inference runs: compiled batch-1 plans are used only without one); one traced call of the same batch tells which MAC
+entries each block records and so its MAC fraction for the batch (eval decisions are deterministic); the rest of the
+network (stem, head, policy networks outside the blocks) is the whole call's time less the blocks'. The decisions are
+spread over the recipe's range by calibrating it (``DynamicModel.calibrate_to_``) to a ladder of MAC fractions; the
+weights and thresholds are restored afterwards. Each part's points (MAC fraction, ms per sample) become a
+:class:`~dynnet.core.latency.LatencyTable`; the tables are fitted on all settings but every third one first, and the
+prediction error of the per-sample latency is measured on the settings left out (decisions the tables never saw), then
+fitted again on all of them.
 
-Assumptions (docs/latency.md): a part's latency depends on its own MAC fraction only (not on which channels,
-positions or samples are kept, nor on the parts before it, e.g. through caches); at a batch size above 1 a sample's
-share is the batch's time divided by the batch, a function of the batch's mean fraction, so predictions are
-per-sample shares that add up to the batch's latency where the cost is linear in the kept work.
+Assumptions (docs/latency.md): a part's latency depends on its own MAC fraction only (not on which channels, positions
+or samples are kept, nor on the parts before it, e.g. through caches); at a batch size above 1 a sample's share is the
+batch's time divided by the batch, a function of the batch's mean fraction, so predictions are per-sample shares that
+add up to the batch's latency where the cost is linear in the kept work.
 """
 
 from __future__ import annotations
@@ -92,17 +93,22 @@ class _Timer:
         if self.trace is not None:
             self.entries[name].update(e.name for e in self.trace.entries[first:])
 
-    def run(self, model: nn.Module, x: Tensor) -> tuple[float, dict[str, float], dict[str, Tensor]]:
-        """One timed call: (total seconds, seconds by block, Tensor[N] MAC fraction by part)."""
+    def timed(self, model: nn.Module, x: Tensor) -> tuple[float, dict[str, float]]:
+        """One timed call without a trace, as inference runs (compiled plans are used only without one): (total
+        seconds, seconds by block)."""
         self.seconds = {}
+        start = self.clock()
+        model(x)
+        total = self.clock() - start
+        return total, dict(self.seconds)
+
+    def fractions(self, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+        """One untimed call in a trace: the blocks' MAC entries and each part's Tensor[N] MAC fraction."""
         with trace() as t:
             self.trace = t
-            start = self.clock()
             model(x)
-            total = self.clock() - start
         self.trace = None
-        fractions = part_fractions(t, self.entries) if t.entries else {}
-        return total, dict(self.seconds), fractions
+        return part_fractions(t, self.entries) if t.entries else {}
 
     def close(self) -> None:
         for h in self.handles:
@@ -171,7 +177,8 @@ def profile_latency(
 
     Returns:
         The :class:`~dynnet.core.latency.LatencyModel`, with ``error[B]`` = ``{"median", "p90", "samples"}``: the
-        relative error of the predicted per-sample latency on the held-out operating points.
+        relative error of the predicted per-sample latency on the held-out operating points, and ``point_median``
+        (of ``points``): the same for each held-out operating point's mean latency over its images.
     """
     if not isinstance(model, DynamicModel):
         raise TypeError(f"profile_latency needs a converted model (dynnet.convert), got {type(model).__name__}")
@@ -232,15 +239,16 @@ _Run = tuple[float, dict[str, float], dict[str, float]]  # total ms per sample, 
 
 
 def _time(timer: _Timer, model: nn.Module, x: Tensor, repeats: int) -> _Run:
-    """Median over ``repeats`` calls of the per-sample ms, by part, with the batch's mean fraction of each part."""
+    """Median over ``repeats`` untraced calls of the per-sample ms, by part, with the batch's mean fraction of each
+    part (from one traced call first, which also warms the caches up)."""
     n = x.shape[0]
-    totals, per_part, fractions = [], {}, {}
+    fractions = timer.fractions(model, x)
+    totals, per_part = [], {}
     for _ in range(repeats):
-        total, seconds, fr = timer.run(model, x)
+        total, seconds = timer.timed(model, x)
         totals.append(total)
         for name, s in seconds.items():
             per_part.setdefault(name, []).append(s)
-        fractions = fr
     total_ms = 1e3 * _median(totals) / n
     ms = {name: 1e3 * _median(v) / n for name, v in per_part.items()}
     ms[REST] = max(0.0, total_ms - sum(ms.values()))
@@ -255,15 +263,24 @@ def _fit(
     held = [r for r in runs if ((r[0] if by_setting else r[1]) % every) == every - 1]
     kept = [r for r in runs if r not in held] or runs
     tables = _tables([r[2] for r in kept], knots)
-    errors = []
-    for _, _, (total, _, fractions) in held:
+    errors, by_key = [], {}
+    for s, i, (total, _, fractions) in held:
         predicted = sum(t(torch.tensor([fractions.get(name, 1.0)])).item() for name, t in tables.items())
         errors.append(abs(predicted - total) / total)
+        pair = by_key.setdefault(s if by_setting else i, [0.0, 0.0])
+        pair[0], pair[1] = pair[0] + predicted, pair[1] + total
+    # the mean over each held-out operating point's images: the timing noise of single calls averages out
+    point_errors = [abs(p - m) / m for p, m in by_key.values()]
     tables = _tables([r[2] for r in runs], knots)
     dense_ms = {name: _median([d[1].get(name, 0.0) for d in dense]) for name in tables}
     entries = {name: tuple(sorted(timer.entries.get(name, ()))) for name in tables}
     out = {name: PartLatency(entries[name], tables[name], dense_ms[name]) for name in tables}
-    err = {"median": _median(errors), "p90": _quantile(errors, 0.9), "samples": len(errors)} if errors else {}
+    err = {}
+    if errors:
+        err = {
+            "median": _median(errors), "p90": _quantile(errors, 0.9), "samples": len(errors),
+            "point_median": _median(point_errors), "points": len(point_errors),
+        }  # fmt: skip
     return out, err
 
 

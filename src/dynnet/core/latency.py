@@ -141,7 +141,7 @@ class LatencyModel:
         input_shape: ``(C, H, W)`` of the profiled images.
         parts: for each profiled batch size, the parts by name (block names and :data:`REST`).
         error: held-out prediction error of the profile by batch size (``median``, ``p90``: relative errors of the
-            per-sample latency; ``samples``).
+            per-sample latency; ``samples``; ``point_median``: of each held-out operating point's mean latency).
     """
 
     machine: dict[str, Any]
