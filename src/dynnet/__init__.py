@@ -19,8 +19,9 @@ from dynnet import _quiet  # noqa: F401
 
 if TYPE_CHECKING:
     from dynnet.api import convert, create_model, list_models, list_recipes
+    from dynnet.bench.latency_model import profile_latency
     from dynnet.calibration import CalibrationReport, calibrate
-    from dynnet.core import Decision, DynamicBlock, DynamicModel, Trace, set_mode, set_tau, sparse, trace
+    from dynnet.core import Decision, DynamicBlock, DynamicModel, LatencyModel, Trace, set_mode, set_tau, sparse, trace
     from dynnet.macs import MacReport, count_macs
 
 __version__ = "0.1.0"
@@ -35,6 +36,8 @@ _PUBLIC = {
     "Decision": "dynnet.core",
     "DynamicBlock": "dynnet.core",
     "DynamicModel": "dynnet.core",
+    "LatencyModel": "dynnet.core",
+    "profile_latency": "dynnet.bench.latency_model",
     "Trace": "dynnet.core",
     "set_mode": "dynnet.core",
     "set_tau": "dynnet.core",
@@ -49,6 +52,7 @@ __all__ = [
     "Decision",
     "DynamicBlock",
     "DynamicModel",
+    "LatencyModel",
     "MacReport",
     "Trace",
     "__version__",
@@ -58,6 +62,7 @@ __all__ = [
     "create_model",
     "list_models",
     "list_recipes",
+    "profile_latency",
     "set_mode",
     "set_tau",
     "sparse",

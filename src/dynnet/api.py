@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -11,6 +12,7 @@ from torch import nn
 from dynnet.convert import Targets
 from dynnet.core import RECIPES, DynamicModel, UnknownNameError, build_config
 from dynnet.core.budget import check_budget_in_range
+from dynnet.core.latency import LatencyModel
 from dynnet.core.trace import _check_budget
 from dynnet.models import build_base_model
 
@@ -42,6 +44,8 @@ def convert(
     budget: float | None = None,
     targets: Targets = "auto",
     inplace: bool = False,
+    budget_ms: float | None = None,
+    latency_model: LatencyModel | str | Path | None = None,
     **config: Any,
 ) -> DynamicModel:
     """Convert an existing network into a dynamic one with a recipe of the reading list.
@@ -53,6 +57,11 @@ def convert(
             the recipe's reachable range (``RecipeSpec.budget.reachable``); the recipe derives its own knobs from it.
         targets: ``"auto"``, a list of block names, or a predicate ``(name, module) -> bool``.
         inplace: modify ``model`` itself instead of a copy.
+        budget_ms: a latency budget instead: the target mean latency per image (ms) on the machine the latency model
+            was profiled on; every budget loss of the converted model then targets ``budget_ms`` as a fraction of the
+            dense network's predicted latency (``budget`` still sets what the recipe derives at conversion).
+        latency_model: a :class:`~dynnet.core.latency.LatencyModel` (or its JSON file) profiled on a conversion of
+            the same network with :func:`dynnet.profile_latency`; required with ``budget_ms``.
         **config: recipe settings (fields of its config dataclass).
 
     Returns:
@@ -72,8 +81,18 @@ def convert(
         _check_budget(budget)
         check_budget_in_range(recipe, float(budget), spec.budget)
         config["budget"] = budget
+    if budget_ms is not None and latency_model is None:
+        raise ValueError(
+            "budget_ms needs latency_model=: profile a conversion of this network on the serving machine first, "
+            "lm = dynnet.profile_latency(dynnet.convert(model, recipe), input_shape), then convert with "
+            "budget_ms=..., latency_model=lm"
+        )
     cfg = build_config(spec, **config)
-    return spec.convert(model if inplace else copy.deepcopy(model), cfg, targets)
+    converted = spec.convert(model if inplace else copy.deepcopy(model), cfg, targets)
+    if latency_model is not None:
+        lm = latency_model if isinstance(latency_model, LatencyModel) else LatencyModel.load(latency_model)
+        converted.set_latency_model_(lm, budget_ms)
+    return converted
 
 
 def create_model(name: str, recipe: str | None = None, *, budget: float | None = None, **kwargs: Any) -> nn.Module:

@@ -5,11 +5,15 @@ included). Training with a budget loss lands near it, not on it; calibration mov
 gate logit offset, exit thresholds, a mask threshold, a halting threshold, ``k``, a capacity — on held-out images
 until the mean theoretical MAC fraction, measured in sparse mode, equals the budget within a tolerance. The knob's
 value is model state: it round-trips through ``state_dict``, checkpoints and export.
+
+With ``budget_ms`` the same knob is moved until the *measured* mean latency per image (sparse mode, on this machine,
+at the serving batch size) is within ``latency_tolerance`` (3 %) of the target: the clock, not a prediction, decides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,10 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.core import RECIPES, DynamicModel, dynamic_blocks, set_mode, trace
-from dynnet.core.budget import check_budget_in_range, mean_mac_fraction
+from dynnet.core.budget import Knob, check_budget_in_range, mean_mac_fraction, search_knob
 from dynnet.core.trace import _check_budget
 
-__all__ = ["CalibrationReport", "calibrate", "collect_batches"]
+__all__ = ["CalibrationReport", "calibrate", "collect_batches", "measured_latency"]
+
+Timer = Callable[[nn.Module, Sequence[Tensor]], float]
+"""``timer(model, batches) -> ms``: the mean latency per image of ``model`` over ``batches``, as it runs now."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,11 @@ class CalibrationReport:
         images: how many images calibration used.
         tolerance: the tolerance asked for.
         accuracy: accuracy on the calibration images after calibration (``None`` without labels).
+        budget_ms: the latency target (``calibrate(..., budget_ms=...)``; ``None``: a MAC budget). ``budget`` is
+            then the MAC fraction calibration arrived at.
+        latency_ms: the measured mean latency per image after calibration (with ``budget_ms``).
+        latency_before_ms: the same before calibration.
+        latency_tolerance: the relative tolerance of the latency asked for.
     """
 
     budget: float
@@ -44,16 +56,28 @@ class CalibrationReport:
     images: int = 0
     tolerance: float = 0.01
     accuracy: float | None = None
+    budget_ms: float | None = None
+    latency_ms: float | None = None
+    latency_before_ms: float | None = None
+    latency_tolerance: float = 0.03
 
     @property
     def within_tolerance(self) -> bool:
-        """Whether the achieved fraction is within ``tolerance`` of the budget."""
+        """Whether the MAC fraction (with ``budget_ms``: the measured latency) is within tolerance of the target."""
+        if self.budget_ms is not None and self.latency_ms is not None:
+            return abs(self.latency_ms - self.budget_ms) <= self.latency_tolerance * self.budget_ms + 1e-12
         return abs(self.mac_fraction - self.budget) <= self.tolerance + 1e-12
 
     def summary(self) -> str:
         """One line: ``budget 0.50 → achieved 0.50 (gate logit offset = -0.41, 2,048 images)``."""
         knobs = ", ".join(f"{k} = {v:.4g}" for k, v in self.thresholds.items())
         acc = "" if self.accuracy is None else f", accuracy {100 * self.accuracy:.2f} %"
+        if self.budget_ms is not None:
+            return (
+                f"budget {self.budget_ms:.3g} ms → measured {self.latency_ms:.3g} ms "
+                f"(was {self.latency_before_ms:.3g}; MAC fraction {self.mac_fraction:.3f}; {knobs}; "
+                f"{self.images:,} images{acc})"
+            )
         return (
             f"budget {self.budget:.2f} → achieved {self.mac_fraction:.3f} (was {self.before:.3f}; {knobs}; "
             f"{self.images:,} images{acc})"
@@ -126,6 +150,10 @@ def calibrate(
     tolerance: float = 0.01,
     max_images: int | None = 4096,
     batch_size: int = 256,
+    budget_ms: float | None = None,
+    latency_tolerance: float = 0.03,
+    latency_batch_size: int | None = None,
+    timer: Timer | None = None,
 ) -> CalibrationReport:
     """Move ``model``'s decision thresholds so that its mean MAC fraction on ``data`` equals ``budget``.
 
@@ -139,6 +167,11 @@ def calibrate(
         tolerance: how close the fraction on ``data`` must come to ``budget``.
         max_images: use at most this many images of ``data`` (``None``: all).
         batch_size: batch size when ``data`` is one tensor.
+        budget_ms: a latency target instead of ``budget``: the mean measured latency per image in ms.
+        latency_tolerance: how close, relatively, the measured latency must come to ``budget_ms`` (0.03: 3 %).
+        latency_batch_size: the batch size latency is measured at (default: the serving batch of the model's latency
+            model, else 1).
+        timer: ``timer(model, batches) -> ms per image`` (default :func:`measured_latency`; tests pass a fake one).
 
     Returns:
         :class:`CalibrationReport` (``mac_fraction``, ``budget``, ``thresholds``, ``accuracy`` with labels).
@@ -150,6 +183,12 @@ def calibrate(
     """
     if not isinstance(model, DynamicModel):
         raise TypeError(f"calibrate needs a converted model (dynnet.convert), got {type(model).__name__}")
+    if budget_ms is not None:
+        if budget is not None:
+            raise ValueError("pass a MAC budget or budget_ms, not both")
+        return _calibrate_latency(
+            model, data, float(budget_ms), latency_tolerance, max_images, batch_size, latency_batch_size, timer
+        )
     budget = model.budget if budget is None else budget
     if budget is None:
         raise ValueError(f"recipe {model.recipe!r} has no budget: pass budget=")
@@ -200,3 +239,92 @@ def _measure(model: nn.Module, xs: list[Tensor], ys: list[Tensor] | None) -> tup
             if ys is not None:
                 correct += int((logits.argmax(1) == ys[i].to(logits.device)).sum())
     return total / count / dense, None if ys is None else correct
+
+
+def measured_latency(batch_size: int = 1, *, repeats: int = 3, clock: Callable[[], float] = time.perf_counter) -> Timer:
+    """A :data:`Timer` that runs the images at ``batch_size`` under ``torch.inference_mode`` and returns the mean ms
+    per image of the median of ``repeats`` passes (one untimed pass first: caches, allocator, autotuning)."""
+
+    def timer(model: nn.Module, batches: Sequence[Tensor]) -> float:
+        xs = [c for x in batches for c in x.split(batch_size)]
+        images = sum(x.shape[0] for x in xs)
+        passes = []
+        with torch.inference_mode():
+            for x in xs:
+                model(x)
+            for _ in range(repeats):
+                start = clock()
+                for x in xs:
+                    model(x)
+                passes.append(clock() - start)
+        return 1e3 * sorted(passes)[(len(passes) - 1) // 2] / images
+
+    return timer
+
+
+def _calibrate_latency(
+    model: DynamicModel,
+    data: Tensor | Iterable[Any],
+    budget_ms: float,
+    tolerance: float,
+    max_images: int | None,
+    batch_size: int,
+    latency_batch: int | None,
+    timer: Timer | None,
+) -> CalibrationReport:
+    """:func:`calibrate` to a measured latency: bisect the recipe's knob on ``timer``'s milliseconds."""
+    if not budget_ms > 0:
+        raise ValueError(f"budget_ms must be a positive number of milliseconds, got {budget_ms!r}")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"latency_tolerance must be in (0, 1), got {tolerance!r}")
+    policy = RECIPES.get(model.recipe).budget if model.recipe in RECIPES else None
+    if policy is not None and not policy.calibrated:
+        raise ValueError(f"recipe {model.recipe!r} cannot be calibrated: its budget is {policy.how}")
+    if latency_batch is None:
+        latency_batch = model.latency_model.serve_batch if model.latency_model is not None else 1
+    timer = measured_latency(latency_batch) if timer is None else timer
+    xs, ys = collect_batches(data, max_images=max_images, batch_size=batch_size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xs = [x.to(device) for x in xs]
+    was_training = model.training
+    modes = {name: block.mode for name, block in dynamic_blocks(model)}
+    try:
+        set_mode(model.eval(), "sparse")
+        before, fraction_before = timer(model, xs), mean_mac_fraction(model, xs)
+        own = model.budget_knob()
+        knob = own or _fraction_knob(model, xs, policy.reachable if policy else (0.05, 1.0))
+        # 20 halvings of a ±30 (or wider) knob reach ~1e-4: below that the timing noise, not the knob, decides
+        value, _, _ = search_knob(
+            model, knob, xs, budget_ms, tolerance * budget_ms, measure=timer, unit="latencies (ms)", iters=20
+        )
+        achieved, correct = _measure(model, xs, ys)
+        with torch.no_grad():
+            if own is not None:
+                model.calibration[0] = value
+            model.calibration[1] = achieved
+        latency = timer(model, xs)  # a fresh measurement of the final setting, not the search's
+    finally:
+        for name, block in dynamic_blocks(model):
+            block.mode = modes.get(name, block.mode)
+        model.train(was_training)
+    images = sum(x.shape[0] for x in xs)
+    return CalibrationReport(
+        budget=achieved, mac_fraction=achieved, before=fraction_before, thresholds={knob.name: value}, images=images,
+        accuracy=None if correct is None else correct / images, budget_ms=budget_ms, latency_ms=latency,
+        latency_before_ms=before, latency_tolerance=tolerance,
+    )  # fmt: skip
+
+
+def _fraction_knob(model: DynamicModel, xs: list[Tensor], reachable: tuple[float, float]) -> Knob:
+    """A knob for recipes with their own calibration (early exits' exit profile): the MAC fraction they are
+    calibrated to with :meth:`DynamicModel.calibrate_to_`."""
+    state = {"value": mean_mac_fraction(model, xs)}
+
+    def set_fraction(f: float) -> None:
+        try:
+            model.calibrate_to_(xs, float(f), 0.01)
+        except ValueError:  # beyond what these images reach (the declared range is the recipe's, not the data's)
+            model.calibrate_to_(xs, float(f), 1.0)  # the wide tolerance clamps to the nearest end
+        state["value"] = float(f)
+
+    return Knob("MAC fraction", lambda: state["value"], set_fraction, reachable[0], reachable[1])

@@ -13,6 +13,7 @@ from dynnet.core.block import (
 )
 from dynnet.core.cache import tracing_or_compiling, version_key
 from dynnet.core.decision import GRANULARITIES, Decision
+from dynnet.core.latency import LatencyModel, LatencyTable
 from dynnet.core.model import DynamicModel, LossOutput, check_input
 from dynnet.core.recipe import RECIPES, RecipeSpec, build_config, register_recipe
 from dynnet.core.registry import Registry, UnknownNameError
@@ -25,6 +26,8 @@ __all__ = [
     "Decision",
     "DynamicBlock",
     "DynamicModel",
+    "LatencyModel",
+    "LatencyTable",
     "LossOutput",
     "MacEntry",
     "RecipeSpec",

@@ -190,24 +190,37 @@ def mean_mac_fraction(model: torch.nn.Module, batches: Sequence[Tensor]) -> floa
 
 
 def search_knob(
-    model: torch.nn.Module, knob: Knob, batches: Sequence[Tensor], budget: float, tolerance: float, *, iters: int = 40
+    model: torch.nn.Module,
+    knob: Knob,
+    batches: Sequence[Tensor],
+    budget: float,
+    tolerance: float,
+    *,
+    iters: int = 40,
+    measure: Callable[[torch.nn.Module, Sequence[Tensor]], float] | None = None,
+    unit: str = "MAC fractions",
 ) -> tuple[float, float, int]:
     """Set ``knob`` so that the mean MAC fraction of ``model`` on ``batches`` equals ``budget`` (bisection).
 
     The fraction is a monotone step function of the knob; the search stops within ``tolerance / 2`` of the budget,
     or when the interval is exhausted (the closest value found is kept).
 
+    Args:
+        measure: what is brought to ``budget`` instead of the MAC fraction (a measured latency), a function of the
+            model and the batches that grows with the MAC fraction; ``unit`` names it in errors.
+
     Returns:
-        ``(value, mac_fraction, evaluations)``.
+        ``(value, measured, evaluations)``.
 
     Raises:
         ValueError: the budget lies outside the range of fractions the knob reaches on these batches (one line,
             naming the range).
     """
+    measure = mean_mac_fraction if measure is None else measure
 
     def at(v: float) -> float:
         knob.set(round(v) if knob.integer else v)
-        return mean_mac_fraction(model, batches)
+        return measure(model, batches)
 
     start = knob.get()
     lo, hi = knob.lo, knob.hi
@@ -237,7 +250,7 @@ def search_knob(
         knob.set(start)
         recipe = getattr(model, "recipe", type(model).__name__)
         raise ValueError(
-            f"budget {budget:.3f} is outside the MAC fractions [{reach[0]:.3f}, {reach[1]:.3f}] that {recipe}'s "
+            f"budget {budget:.3f} is outside the {unit} [{reach[0]:.3f}, {reach[1]:.3f}] that {recipe}'s "
             f"{knob.name} reaches on these images: choose a budget in that range"
         )
     best = min(((low, f_low), (high, f_high)), key=lambda p: abs(p[1] - budget))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from dynnet.core.block import dynamic_blocks, probe_macs
 from dynnet.core.budget import Knob, LogitShift, check_budget_in_range, search_knob
 from dynnet.core.cache import structure_generation, tracing_or_compiling
+from dynnet.core.latency import REST, LatencyModel
 from dynnet.core.trace import Trace, current_trace
 
 __all__ = ["DECISION_MODULE_NAMES", "DynamicModel", "LossOutput", "check_input"]
@@ -100,6 +101,9 @@ class DynamicModel(nn.Module):
         self.in_channels = in_channels
         self._dense_cache: dict[tuple, int] = {}
         self.register_buffer("calibration", torch.zeros(2, dtype=torch.float64))
+        # Configuration of the serving machine (not in the state_dict: a LatencyModel is JSON of its own).
+        self.latency_model: LatencyModel | None = None
+        self.budget_ms: float | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -141,9 +145,58 @@ class DynamicModel(nn.Module):
         if t is None:
             return self.run(x)
         start = len(t.entries)
+        if self.latency_model is not None and t.latency_model is None:
+            t.latency_model = self.latency_model
+            t.latency_budget = self.budget_ms is not None
         out = self.run(x)
         self._record_static(t, x, start)
         return out
+
+    def set_latency_model_(self, model: LatencyModel | None, budget_ms: float | None = None) -> DynamicModel:
+        """Attach the latency model of the serving machine (``t.latency()`` reads it) and, with ``budget_ms``, make
+        every budget loss of the traces of this model target that latency instead of a MAC fraction.
+
+        Args:
+            model: a :class:`~dynnet.core.latency.LatencyModel` profiled on this network (``None``: detach).
+            budget_ms: target mean latency per sample (ms, at the latency model's serving batch size); ``None``: the
+                budget stays a MAC fraction.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: ``budget_ms`` without a latency model, not positive, or above the dense network's latency; a
+                latency model whose parts are not this model's dynamic blocks.
+        """
+        if budget_ms is not None:
+            if model is None:
+                raise ValueError("budget_ms needs a latency model: profile one with dynnet.profile_latency")
+            if isinstance(budget_ms, bool) or not isinstance(budget_ms, numbers.Real) or not budget_ms > 0:
+                raise ValueError(f"budget_ms must be a positive number of milliseconds, got {budget_ms!r}")
+            dense = model.dense_ms()
+            if budget_ms > dense * (1 + 1e-9):
+                raise ValueError(
+                    f"budget_ms {budget_ms:.4g} exceeds the dense network's predicted latency {dense:.4g} ms: "
+                    "choose a smaller budget"
+                )
+        if model is not None:
+            blocks = {name for name, _ in dynamic_blocks(self)}
+            foreign = sorted(n for n in model.parts[model.serve_batch] if n != REST and n not in blocks)
+            if foreign:
+                raise ValueError(
+                    f"the latency model was profiled on another network: its parts {foreign[:3]} are not dynamic "
+                    f"blocks of this {self.recipe} model; profile this one with dynnet.profile_latency"
+                )
+        self.latency_model = model
+        self.budget_ms = None if budget_ms is None else float(budget_ms)
+        return self
+
+    @property
+    def latency_budget(self) -> float | None:
+        """``budget_ms`` as a fraction of the dense network's predicted latency (``None`` without ``budget_ms``)."""
+        if self.budget_ms is None or self.latency_model is None:
+            return None
+        return self.budget_ms / self.latency_model.dense_ms()
 
     def _weight_dtype(self) -> torch.dtype | None:
         """The precision of the model's (first floating-point) parameter; ``None`` without parameters. The parameter
@@ -185,9 +238,11 @@ class DynamicModel(nn.Module):
             logits: Tensor[N, K].
             target: Tensor[N] class indices.
             t: the trace of the forward pass that produced ``logits``.
-            budget: target fraction of dense MACs; defaults to the model's configured budget.
+            budget: target fraction of dense MACs (of the dense predicted latency when the model has ``budget_ms``);
+                defaults to the model's configured budget.
         """
-        budget = self.budget if budget is None else budget
+        if budget is None:
+            budget = self.budget if self.latency_budget is None else self.latency_budget
         task = F.cross_entropy(logits, target)
         parts = {"task": float(task.detach())}
         total = task

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dynnet.core.decision import Decision
+from dynnet.core.latency import LatencyModel
 from dynnet.losses.budget import mac_budget_loss
 
 __all__ = ["MacEntry", "Trace", "current_trace", "trace"]
@@ -60,6 +61,10 @@ class Trace:
         self.outputs: dict[str, Tensor] = {}
         self.entries: list[MacEntry] = []
         self.dense_total: float | None = None
+        # Set by a DynamicModel that has a latency model (configuration, not per-batch data): what t.latency() uses,
+        # and whether budget_loss targets a latency fraction (a model given budget_ms) instead of a MAC fraction.
+        self.latency_model: LatencyModel | None = None
+        self.latency_budget: bool = False
 
     # -- recording (called by dynamic blocks) ---------------------------------------------------
     @staticmethod
@@ -156,9 +161,53 @@ class Trace:
         return self.macs() / self.dense_macs()
 
     def budget_loss(self, target: float) -> Tensor:
-        """Global MAC-budget loss ``(mean_n macs_n / dense - target)^2`` (differentiable in training)."""
+        """Global budget loss ``(mean_n cost_n / dense cost - target)^2`` (differentiable in training).
+
+        The cost is the MACs, or the predicted latency when the model was given a latency budget (``budget_ms``:
+        ``target`` is then a fraction of the dense network's predicted latency, see :meth:`latency_budget_loss`).
+        """
+        if self.latency_budget:
+            return self.latency_budget_loss(target)
         _check_budget(target)
         return mac_budget_loss(self.macs(), self.dense_macs(), target)
+
+    # -- latency (a LatencyModel of the serving machine) ---------------------------------------------
+    def _latency_model(self, model: LatencyModel | None) -> LatencyModel:
+        lm = model if model is not None else self.latency_model
+        if lm is None:
+            raise RuntimeError(
+                "this trace has no latency model: profile one with dynnet.profile_latency(model, input_shape) and "
+                "attach it with model.set_latency_model_(lm), or pass it to t.latency(lm)"
+            )
+        return lm
+
+    def latency(self, model: LatencyModel | None = None, *, batch_size: int | None = None) -> Tensor:
+        """Tensor[N] float64: each sample's latency in ms predicted from its decisions (differentiable in training).
+
+        Args:
+            model: the latency model (default: the one of the model that ran, ``DynamicModel.latency_model``).
+            batch_size: the profiled batch size whose tables to use (default: the serving batch, the smallest).
+        """
+        return self._latency_model(model).predict(self, batch_size)
+
+    def dense_latency(self, model: LatencyModel | None = None, *, batch_size: int | None = None) -> float:
+        """Predicted per-sample latency (ms) of the dense (static) network."""
+        return self._latency_model(model).dense_ms(batch_size)
+
+    def latency_fraction(self, model: LatencyModel | None = None) -> Tensor:
+        """Tensor[N]: predicted latency as a fraction of the dense network's predicted latency."""
+        return self.latency(model) / self.dense_latency(model)
+
+    def latency_budget_loss(self, target: float, model: LatencyModel | None = None) -> Tensor:
+        """Latency-budget loss ``(mean_n latency_n / dense latency - target)^2``, latencies predicted.
+
+        Args:
+            target: a fraction of the dense network's predicted latency, in (0, 1] (``budget_ms / dense_ms``).
+            model: the latency model (default: the trace's).
+        """
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) <= 1.0:
+            raise ValueError(f"a latency budget must be a fraction in (0, 1] of the dense latency, got {target!r}")
+        return mac_budget_loss(self.latency(model), self.dense_latency(model), target)
 
     def aux_loss(self) -> Tensor:
         """Sum of the auxiliary losses the blocks added (0 when there are none)."""

@@ -109,6 +109,8 @@ def fit(
     hooks: Sequence[Hook] = (),
     init: Any = None,
     teacher: nn.Module | None = None,
+    budget_ms: float | None = None,
+    latency_model: Any = None,
 ) -> FitResult:
     """Train ``model`` on ``train_loader``.
 
@@ -138,6 +140,12 @@ def fit(
             converted model keeps its gates (they still start open).
         teacher: the network to distil from when ``config.distill > 0`` (default: a frozen dense copy of ``model``
             taken after ``init``).
+        budget_ms: train to a latency budget instead of a MAC budget: the mean predicted latency per image (ms) on the
+            machine ``latency_model`` was profiled on. The budget schedule then anneals the fraction of the dense
+            network's predicted latency (``budget_ms / dense_ms``), every budget loss reads predicted latency (see
+            :meth:`~dynnet.DynamicModel.set_latency_model_`), and the MAC calibration at the end and budget tracking
+            are skipped: calibrate to the measured latency with ``dynnet.calibrate(model, data, budget_ms=...)``.
+        latency_model: the :class:`~dynnet.core.latency.LatencyModel` (default: the model's own, from ``convert``).
 
     Returns:
         :class:`FitResult`.
@@ -161,11 +169,18 @@ def fit(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps=warmup_steps, cosine=config.cosine)
     )
     target_budget = config.budget if config.budget is not None else getattr(model, "budget", None)
+    if budget_ms is not None or latency_model is not None:
+        if not isinstance(model, DynamicModel):
+            raise TypeError(f"budget_ms needs a converted model (dynnet.convert), got {type(model).__name__}")
+        model.set_latency_model_(latency_model or model.latency_model, budget_ms if budget_ms else model.budget_ms)
+    latency_budget = model.latency_budget if isinstance(model, DynamicModel) else None
+    if latency_budget is not None:  # the schedule anneals a fraction of the dense predicted latency
+        target_budget = latency_budget
 
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     main = is_main_process()
     all_hooks: list[Hook] = [GateHealth()]
-    if config.track_budget_every and _calibrated(model) and target_budget is not None:
+    if config.track_budget_every and _calibrated(model) and target_budget is not None and latency_budget is None:
         all_hooks.append(BudgetTracking(config.track_budget_every, mode=config.track_budget))
     all_hooks.extend(hooks)
     ckpt_hook: Checkpoint | None = None
@@ -251,7 +266,7 @@ def fit(
     if progress is not None:
         progress.close()
     calibration, error = None, None
-    if _should_calibrate(model, config, val_loader, target_budget):
+    if latency_budget is None and _should_calibrate(model, config, val_loader, target_budget):
         calibration, error = _calibrate(model, val_loader, target_budget, config.calibrate_tolerance)
         if calibration is not None:
             val_result = evaluate(model, val_loader, mode=config.eval_mode, device=device)
