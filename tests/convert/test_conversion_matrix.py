@@ -40,12 +40,14 @@ FAST_CELLS = [
     ("torchvision/vgg11_bn", "branchynet"),  # a plain network: exits only
     ("torchvision/efficientnet_b0", "early_exit_cnn"),  # exits after any block
     ("torchvision/mobilenet_v2", "sbnet"),  # tiles through a depthwise stage (groups = channels)
+    ("torchvision/mobilenet_v3_large", "visual_attention_action"),  # a hidden Linear before the classifier
 ]
 
 REFUSED = [
     ("torchvision/vgg11_bn", "convnet_aig", "no residual blocks found in VGG"),
     ("torchvision/mobilenet_v2", "dynconv", "InvertedResidual"),  # the pixel kernels run groups=1 only
     ("torchvision/convnext_tiny", "sbnet", "CNBlock"),
+    ("torchvision/vgg11_bn", "lsts", "16x16-pixel patch is too small"),  # five poolings take 16 pixels below 1
 ]
 
 
@@ -105,10 +107,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("torchvision/mobilenet_v3_large", "network_selection"): _NOT_MIXED,
     ("timm/efficientnet_b0", "network_selection"): _NOT_MIXED,
     ("torchvision/efficientnet_v2_s", "network_selection"): _NOT_MIXED,
-    ("torchvision/vgg11_bn", "lsts"): "crashes at 64×64 (a pooling to 0×0): lsts should refuse small feature maps",
-    ("torchvision/convnext_tiny", "lsts"): "crashes at 64×64 (a 2×2 kernel on 1×1): lsts should refuse",
-    ("torchvision/vgg11_bn", "visual_attention_action"): "crashes: takes VGG's last Linear for the feature width",
-    ("torchvision/mobilenet_v3_large", "visual_attention_action"): "crashes: takes the last Linear's width",
     ("torchvision/efficientnet_v2_s", "sparse_moe"): _CHAOTIC,
     ("torchvision/efficientnet_v2_s", "dynamic_recursive"): _CHAOTIC,
 }

@@ -308,6 +308,22 @@ class LSTS(DynamicModel):
         return LogitShift(self.calibration[0], [(self.net.gate.bias, None, 1.0)]).knob(name="keep-gate logit offset")
 
 
+def _check_patch_fits(encoder: nn.Module, in_channels: int, patch_size: int) -> None:
+    """Raise one clear ``ValueError`` when ``encoder`` cannot run on a ``patch_size`` patch (it downsamples it to
+    nothing: VGG's five poolings, ConvNeXt's 4x stem and three 2x2 downsamplings take 16 pixels below 1)."""
+    was = encoder.training
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.zeros(1, in_channels, patch_size, patch_size))
+    except RuntimeError as err:
+        raise ValueError(
+            f"lsts needs patches its base network can encode: a {patch_size}x{patch_size}-pixel patch is too small "
+            f"for {type(encoder).__name__} ({str(err).splitlines()[0]}); convert with a larger patch_size (32 or 64)"
+        ) from err
+    finally:
+        encoder.train(was)
+
+
 @recipe(
     "lsts",
     paper="Learning Where to Focus for Efficient Video Object Detection (ECCV 2020), arXiv:1911.05253",
@@ -321,5 +337,6 @@ def convert(model: nn.Module, config: LSTSConfig, targets: Targets = "auto") -> 
     name, fc = classifier_of(model, needed_by="lsts")
     in_channels = first_conv_in_channels(model) or 1
     replace_module(model, name, nn.Identity())
+    _check_patch_fits(model, in_channels, config.patch_size)
     body = LearnableSampling(model, in_channels, fc.in_features, fc.out_features, config)
     return LSTS(body, recipe="lsts", config=copy.copy(config), in_channels=in_channels)

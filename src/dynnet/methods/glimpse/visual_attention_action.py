@@ -175,7 +175,11 @@ def _trunk_of(model: nn.Module) -> tuple[nn.Sequential, int, int]:
             f"(a CIFAR or torchvision ResNet); {type(model).__name__} has no adaptive pooling child"
         )
     fc = classifier_of(model, needed_by=NAME)[1]
-    return nn.Sequential(OrderedDict(children[: pools[0]])), fc.in_features, fc.out_features
+    trunk = nn.Sequential(OrderedDict(children[: pools[0]]))
+    # D is the trunk's output channels (its last convolution's), not the classifier's input: VGG flattens a 7x7 map
+    # and MobileNetV3 puts a hidden Linear layer before the last one.
+    convs = [m for m in trunk.modules() if isinstance(m, nn.Conv2d)]
+    return trunk, convs[-1].out_channels if convs else fc.in_features, fc.out_features
 
 
 class AttentionLSTM(nn.Module):
