@@ -129,3 +129,17 @@ def test_recipe_metrics_of_exits_and_experts_land_in_the_row(tmp_path: Path) -> 
         assert sum(shares) == pytest.approx(1.0 if moe["routed"][block] else 0.0, abs=1e-3)
     assert sum(moe["routed"].values()) > 0
     assert "recipe_metrics" not in by_recipe["sparse_moe"]["settings"]
+
+
+def test_without_matplotlib_the_report_says_which_extra_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    from dynnet.bench.report import write_outputs
+
+    monkeypatch.delitem(sys.modules, "dynnet.bench.plots", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"pip install 'dynnet\[bench\]'"):
+        write_outputs([], tmp_path, profile={}, machine={})
+    assert not any(tmp_path.iterdir())  # nothing half-written

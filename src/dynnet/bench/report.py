@@ -331,8 +331,17 @@ def write_outputs(
     profile: dict[str, Any],
     machine: dict[str, Any],
 ) -> Path:
-    """Table, plots and report of a suite folder; returns the report's path."""
-    from dynnet.bench.plots import write_plots
+    """Table, plots and report of a suite folder; returns the report's path.
+
+    Raises:
+        SystemExit: matplotlib (the ``bench`` extra) is not installed; nothing is written.
+    """
+    try:
+        from dynnet.bench.plots import write_plots
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        raise SystemExit("dynnet bench draws its plots with matplotlib: pip install 'dynnet[bench]'") from None
 
     out = Path(out_dir)
     write_table(rows, out)
