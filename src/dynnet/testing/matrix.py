@@ -150,8 +150,11 @@ def _flop_macs(base: nn.Module, x: Tensor) -> float:
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
+    """Equal within 1e-3 of the logits' scale: deep networks with trained-like BatchNorm statistics amplify the
+    summation-order differences of sliced and grouped kernels (MobileNetV2 and ResNeXt-50 cells reached 4e-4 to 2e-3
+    at 1e-4); a wrong result is off by orders more (a skipped unit: > 1e-2)."""
     scale = float(b.abs().max()) if b.numel() else 1.0
-    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, scale)))
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * max(1.0, scale)))
 
 
 def check_cell(
