@@ -313,7 +313,9 @@ class _GatedBlock(ChannelGatedBlock):
     "gaternet",
     paper="You Look Twice: GaterNet for Dynamic Filter Selection in CNNs (CVPR 2019), arXiv:1811.11205",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
-                        derives="MAC-budget loss target = budget"),
+                        derives="MAC-budget loss target = budget",
+                        # standard profile, 2026-12-07: trained at 0.5 (93.06 %), calibrated to 0.25: 70.47 %
+                        transfers=False),
     # 1: a filter counts as spent in training when its noisy logit is positive; 2: builds on the profile's base
     revision=2,
 )  # fmt: skip

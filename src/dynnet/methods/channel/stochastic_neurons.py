@@ -176,7 +176,9 @@ class StochasticNeurons(DynamicModel):
     paper="Estimating or Propagating Gradients Through Stochastic Neurons for Conditional Computation "
     "(arXiv 2013), arXiv:1308.3432",
     budget=BudgetPolicy("trained+calibrated", knob="gate logit offset", reachable=(0.1, 1.0),
-                        derives="MAC-budget loss target = budget"),
+                        derives="MAC-budget loss target = budget",
+                        # standard profile, 2026-12-07: trained at 0.5 (91.34 %), calibrated to 0.25: 41.08 %
+                        transfers=False),
 )  # fmt: skip
 def convert(model: nn.Module, config: StochasticNeuronsConfig, targets: Targets = "auto") -> StochasticNeurons:
     """Put stochastic-neuron channel gates on every target residual block of ``model`` (in place): basic
