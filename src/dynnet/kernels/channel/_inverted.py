@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from dynnet.kernels import autotune
-from dynnet.kernels.channel._sliced import choose_strategy
+from dynnet.kernels.channel._sliced import choose_strategy, sample_groups
 from dynnet.kernels.channel._spec import ConvSpec, conv_out_size
 
 __all__ = ["ExpandedConvs", "expanded_reference", "sliced_expanded"]
@@ -135,14 +135,7 @@ def _run(
             return _padded(x, convs, scale, active, binary, act), executed
         return convs.bp.view(1, -1, 1, 1).expand(n, -1, *convs.out_hw(x)).contiguous(), executed
     out = convs.bp.view(1, -1, 1, 1).expand(n, -1, *convs.out_hw(x)).contiguous()
-    if how == "per_sample":
-        groups = [(torch.tensor([i], device=x.device), active[i]) for i in range(n)]
-    elif how == "groups":
-        masks, inverse = torch.unique(active, dim=0, return_inverse=True)
-        groups = [((inverse == g).nonzero().squeeze(1), masks[g]) for g in range(masks.shape[0])]
-    else:
-        raise ValueError(f"unknown strategy {how!r}")
-    for samples, mask in groups:
+    for samples, mask in sample_groups(active, how):
         channels = mask.nonzero().squeeze(1)
         if channels.numel() == 0:
             continue  # the branch is the projection's folded bias alone: no MACs

@@ -62,6 +62,21 @@ def choose_strategy(active: Tensor, strategy: str = "auto") -> str:
     return "padded"
 
 
+def sample_groups(active: Tensor, how: str) -> list[tuple[Tensor, Tensor]]:
+    """The samples that run one channel slice together: ``(sample indices Tensor[S], mask Tensor[C])`` per group.
+
+    Args:
+        active: Tensor[N, C] bool, each sample's kept channels.
+        how: ``"per_sample"`` (one group per sample) or ``"groups"`` (one per distinct mask).
+    """
+    if how == "per_sample":
+        return [(torch.tensor([i], device=active.device), active[i]) for i in range(active.shape[0])]
+    if how == "groups":
+        masks, inverse = torch.unique(active, dim=0, return_inverse=True)
+        return [((inverse == g).nonzero().squeeze(1), masks[g]) for g in range(masks.shape[0])]
+    raise ValueError(f"unknown strategy {how!r}")
+
+
 def _run_slice(
     x: Tensor,
     w1: Tensor,
@@ -244,14 +259,7 @@ def _run_pair(
     if how == "padded":
         return _padded(x, w1, b1, w2, b2, scale, active, counts, spec1, spec2, (ho, wo), binary)
     out = b2.view(1, -1, 1, 1).expand(n, -1, ho, wo).contiguous()
-    if how == "per_sample":
-        groups = [(torch.tensor([i], device=x.device), active[i]) for i in range(n)]
-    elif how == "groups":
-        masks, inverse = torch.unique(active, dim=0, return_inverse=True)
-        groups = [((inverse == g).nonzero().squeeze(1), masks[g]) for g in range(masks.shape[0])]
-    else:
-        raise ValueError(f"unknown strategy {how!r}")
-    for samples, mask in groups:
+    for samples, mask in sample_groups(active, how):
         channels = mask.nonzero().squeeze(1)
         if channels.numel() == 0:
             continue  # the block's branch is the folded BN bias alone: no MACs
