@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dynnet.core import RECIPES, DynamicModel, dynamic_blocks, set_mode, trace
+from dynnet.core import RECIPES, DynamicModel, kept_modes, set_mode, trace
 from dynnet.core.budget import Knob, check_budget_in_range, mean_mac_fraction, search_knob
 from dynnet.core.trace import _check_budget
 
@@ -203,27 +203,28 @@ def calibrate(
                 f"(reachable {policy.reachable[0]:.2f}-{policy.reachable[1]:.2f}); convert again with budget={budget}"
             )
         check_budget_in_range(model.recipe, float(budget), policy)
-    xs, ys = collect_batches(data, max_images=max_images, batch_size=batch_size)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    xs = [x.to(device) for x in xs]
-    was_training = model.training
-    modes = {name: block.mode for name, block in dynamic_blocks(model)}
-    try:
+    xs, ys = _batches_on(model, data, max_images, batch_size)
+    with kept_modes(model):
         set_mode(model.eval(), "sparse")
         before = mean_mac_fraction(model, xs)
         thresholds = model.calibrate_to_(xs, float(budget), float(tolerance))
         with torch.no_grad():
             model.calibration[1] = float(budget)
         achieved, correct = _measure(model, xs, ys)
-    finally:
-        for name, block in dynamic_blocks(model):
-            block.mode = modes.get(name, block.mode)
-        model.train(was_training)
     images = sum(x.shape[0] for x in xs)
     return CalibrationReport(
         budget=float(budget), mac_fraction=achieved, before=before, thresholds=dict(thresholds), images=images,
         tolerance=float(tolerance), accuracy=None if correct is None else correct / images,
     )  # fmt: skip
+
+
+def _batches_on(
+    model: nn.Module, data: Tensor | Iterable[Any], max_images: int | None, batch_size: int
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """:func:`collect_batches` of ``data``, the images moved to ``model``'s device (labels stay where they are)."""
+    xs, ys = collect_batches(data, max_images=max_images, batch_size=batch_size)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return [x.to(device) for x in xs], ys
 
 
 def _measure(model: nn.Module, xs: list[Tensor], ys: list[Tensor] | None) -> tuple[float, int | None]:
@@ -283,12 +284,8 @@ def _calibrate_latency(
     if latency_batch is None:
         latency_batch = model.latency_model.serve_batch if model.latency_model is not None else 1
     timer = measured_latency(latency_batch) if timer is None else timer
-    xs, ys = collect_batches(data, max_images=max_images, batch_size=batch_size)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    xs = [x.to(device) for x in xs]
-    was_training = model.training
-    modes = {name: block.mode for name, block in dynamic_blocks(model)}
-    try:
+    xs, ys = _batches_on(model, data, max_images, batch_size)
+    with kept_modes(model):
         set_mode(model.eval(), "sparse")
         before, fraction_before = timer(model, xs), mean_mac_fraction(model, xs)
         own = model.budget_knob()
@@ -303,10 +300,6 @@ def _calibrate_latency(
                 model.calibration[0] = value
             model.calibration[1] = achieved
         latency = timer(model, xs)  # a fresh measurement of the final setting, not the search's
-    finally:
-        for name, block in dynamic_blocks(model):
-            block.mode = modes.get(name, block.mode)
-        model.train(was_training)
     images = sum(x.shape[0] for x in xs)
     return CalibrationReport(
         budget=achieved, mac_fraction=achieved, before=fraction_before, thresholds={knob.name: value}, images=images,

@@ -143,17 +143,15 @@ def operator_profile(ctx: ExtraContext, *, top: int = 10) -> dict[str, Any]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from dynnet.core import dynamic_blocks, set_mode
+    from dynnet.core import kept_modes, set_mode
 
     model, images = ctx.model, ctx.images
-    modes = {name: block.mode for name, block in dynamic_blocks(model)}
     out: dict[str, Any] = {}
-    try:
+    with kept_modes(model):
         for b in ctx.profile.batch_sizes:
             xs = list(images[: ctx.profile.batch1_samples].split(1)) if b == 1 else [images[:b]]
             for mode in ("dense", "sparse"):
-                if modes:
-                    set_mode(model, mode)
+                set_mode(model, mode)
                 with torch.inference_mode():
                     for x in xs[:3]:
                         model(x)
@@ -165,7 +163,4 @@ def operator_profile(ctx: ExtraContext, *, top: int = 10) -> dict[str, Any]:
                     {"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3), "calls": e.count}
                     for e in events
                 ]
-    finally:
-        for name, block in dynamic_blocks(model):
-            block.mode = modes.get(name, block.mode)
     return out

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dynnet.core import DynamicModel, dynamic_blocks, set_mode, trace
+from dynnet.core import DynamicModel, dynamic_blocks, kept_modes, set_mode, trace
 from dynnet.core.latency import REST, LatencyModel, LatencyTable, PartLatency, part_fractions
 
 __all__ = ["DEFAULT_FRACTIONS", "cpu_model", "latency_model_path", "machine_key", "profile_latency"]
@@ -192,8 +192,6 @@ def profile_latency(
         )
     threads = int(threads or torch.get_num_threads())
     old_threads = torch.get_num_threads()
-    modes = {name: block.mode for name, block in dynamic_blocks(model)}
-    was_training = model.training
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     n_max = max(samples, max(int(b) for b in batch_sizes) * max(1, samples // min(int(b) for b in batch_sizes)))
     pool = (images if images is not None else _images(n_max, input_shape, seed=0)).to(device)
@@ -201,28 +199,26 @@ def profile_latency(
     timer = _Timer(model, clock)
     parts: dict[int, dict[str, PartLatency]] = {}
     error: dict[int, dict[str, float]] = {}
-    try:
-        model.eval()
-        set_mode(model, "sparse")
-        settings = _settings(model, list(pool[: max(samples, 8)].split(64)), fractions)
-        with torch.no_grad():
-            for b in sorted({int(b) for b in batch_sizes}):
-                batches = [_take(pool, i * b, b) for i in range(max(1, samples // b))]
-                set_mode(model, "dense")
-                dense = [_time(timer, model, x, repeats) for x in batches]
-                set_mode(model, "sparse")
-                runs = []  # (setting index, batch index, run)
-                for s, setting in enumerate(settings):
-                    setting()
-                    runs += [(s, i, _time(timer, model, x, repeats)) for i, x in enumerate(batches)]
-                settings[0]()
-                parts[b], error[b] = _fit(timer, runs, dense, b, knots, holdout_every, len(settings))
-    finally:
-        timer.close()
-        torch.set_num_threads(old_threads)
-        for name, block in dynamic_blocks(model):
-            block.mode = modes.get(name, block.mode)
-        model.train(was_training)
+    with kept_modes(model):
+        try:
+            model.eval()
+            set_mode(model, "sparse")
+            settings = _settings(model, list(pool[: max(samples, 8)].split(64)), fractions)
+            with torch.no_grad():
+                for b in sorted({int(b) for b in batch_sizes}):
+                    batches = [_take(pool, i * b, b) for i in range(max(1, samples // b))]
+                    set_mode(model, "dense")
+                    dense = [_time(timer, model, x, repeats) for x in batches]
+                    set_mode(model, "sparse")
+                    runs = []  # (setting index, batch index, run)
+                    for s, setting in enumerate(settings):
+                        setting()
+                        runs += [(s, i, _time(timer, model, x, repeats)) for i, x in enumerate(batches)]
+                    settings[0]()
+                    parts[b], error[b] = _fit(timer, runs, dense, b, knots, holdout_every, len(settings))
+        finally:
+            timer.close()
+            torch.set_num_threads(old_threads)
     lm = LatencyModel(machine_key(threads), model.recipe, tuple(int(d) for d in input_shape), parts, error)
     if save_to is not None:
         path = Path(save_to)

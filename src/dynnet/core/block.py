@@ -32,6 +32,7 @@ __all__ = [
     "dynamic_blocks",
     "force_dense",
     "forcing_dense",
+    "kept_modes",
     "probe_macs",
     "run_on_meta",
     "set_mode",
@@ -188,6 +189,20 @@ def set_mode(model: nn.Module, mode: str) -> nn.Module:
     for _, block in dynamic_blocks(model):
         block.mode = mode
     return model
+
+
+@contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Within this scope the execution modes of ``model``'s dynamic blocks and its train/eval flag may change; both
+    are restored on exit (also when the scope raises)."""
+    modes = {name: block.mode for name, block in dynamic_blocks(model)}
+    was_training = model.training
+    try:
+        yield
+    finally:
+        for name, block in dynamic_blocks(model):
+            block.mode = modes.get(name, block.mode)
+        model.train(was_training)
 
 
 def sparse(model: nn.Module) -> nn.Module:

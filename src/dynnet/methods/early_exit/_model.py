@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynnet.core import DynamicModel, LossOutput, Trace, dynamic_blocks
+from dynnet.core import DynamicModel, LossOutput, Trace, kept_modes
 from dynnet.methods.early_exit._cascade import ExitCascade
 from dynnet.methods.early_exit._common import budget_exit_weights
 from dynnet.testing.scramble import register_randomiser
@@ -116,14 +116,8 @@ class EarlyExitModel(DynamicModel):
         """
         from dynnet.methods.early_exit.calibration import calibrate_to_budget_, collect_exits
 
-        was_training = self.training
-        modes = {name: block.mode for name, block in dynamic_blocks(self)}
-        try:
+        with kept_modes(self):
             profile = collect_exits(self, batches)
-        finally:
-            for name, block in dynamic_blocks(self):
-                block.mode = modes.get(name, block.mode)
-            self.train(was_training)
         extremes = "every image at the first exit … every image at the last"
         return calibrate_to_budget_(self, profile, budget, tolerance, extremes=extremes)
 
