@@ -1,5 +1,6 @@
 """RS-Nets: private batch norms per resolution, per-input resolution in sparse mode, exact MACs, objective."""
 
+import copy
 import itertools
 
 import pytest
@@ -88,3 +89,26 @@ def test_calibration_offset_favours_costlier_resolutions_monotonically() -> None
     knob.set(0.0)
     report = dynnet.calibrate(model, x, 0.6, tolerance=0.05)
     assert report.within_tolerance
+
+
+def test_base_weights_load_into_every_resolution() -> None:
+    torch.manual_seed(3)
+    base = dynnet.create_model("cifar_resnet8", in_channels=1)
+    state = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.state_dict().items()}
+    base.load_state_dict(state)
+    model = _model()
+    policy = copy.deepcopy(model.net.policy.state_dict())
+    model.load_base_state_dict(state)
+    loaded = model.net.state_dict()
+    torch.testing.assert_close(loaded["net.conv1.weight"], state["conv1.weight"])
+    torch.testing.assert_close(loaded["net.layer1.0.bn1.running_mean"], state["layer1.0.bn1.running_mean"])
+    for r in (0, 1):  # the private batch norms start as the base's, as at conversion
+        torch.testing.assert_close(loaded[f"net.layer1.0.bn1.others.{r}.weight"], state["layer1.0.bn1.weight"])
+    for k, v in model.net.policy.state_dict().items():
+        torch.testing.assert_close(v, policy[k])
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    dynnet.set_mode(model.eval(), "dense")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base.eval()(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="missing"):
+        model.load_base_state_dict({k: v for k, v in state.items() if "fc" not in k})

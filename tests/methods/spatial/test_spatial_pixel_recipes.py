@@ -65,6 +65,20 @@ def test_rbf_interpolation_oracle() -> None:
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([1.0, 2.0]))  # sampled positions are kept
 
 
+def test_rbf_interpolation_without_sampled_neighbours_has_bounded_gradients() -> None:
+    # one sample in a 9x9 map: the far corner has no sampled neighbour in the 5x5 window
+    features = torch.randn(1, 2, 9, 9, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 9, 9)
+    mask[0, 0, 0] = 1.0
+    mask.requires_grad_(True)  # straight-through: the hard mask carries the gradient
+    out = rbf_interpolate(features * mask.unsqueeze(1), mask, torch.tensor(math.log(0.5)), 5)
+    assert out[0, :, 8, 8].abs().max() == 0  # nothing to interpolate from: 0
+    out.sum().backward()
+    assert torch.isfinite(mask.grad).all() and mask.grad.abs().max() < 1e4  # 2e3; a 1e-6 divisor gave 2e7
+    for huge in (50.0, 1e4):  # exp(log λ) overflows without the clamp: inf * 0 at the centre was NaN
+        assert torch.isfinite(rbf_interpolate(features * mask.unsqueeze(1), mask, torch.tensor(huge), 5)).all()
+
+
 def test_sampling_sparse_equals_masked_and_counts_interpolation() -> None:
     model = _model("stochastic_sampling_interp").eval()
     block = model.net.layer1[0]

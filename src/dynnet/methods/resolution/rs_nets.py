@@ -202,6 +202,20 @@ class RSNets(DynamicModel):
     """RS-Nets as a :class:`DynamicModel`; objective: CE of the chosen output + CE at every resolution +
     ensemble distillation + MAC budget."""
 
+    def load_base_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load weights of the original network (keys as in the unconverted model): each batch norm's entries go to
+        its own parameters and, as at conversion, to every resolution's private copy; the policy keeps its own."""
+        body: ResolutionSwitch = self.net
+        switchable = {name for name, m in body.net.named_modules() if isinstance(m, SwitchableBatchNorm2d)}
+        mapped: dict[str, Tensor] = {}
+        for key, value in state_dict.items():
+            mapped[f"net.{key}"] = value
+            owner, _, leaf = key.rpartition(".")
+            if owner in switchable:
+                for r in range(len(body.scales) - 1):
+                    mapped[f"net.{owner}.others.{r}.{leaf}"] = value.clone()
+        super().load_base_state_dict(mapped)
+
     def budget_knob(self) -> Knob:
         """One offset ``delta`` added as ``delta * scale_r^2`` to the logit of every resolution ``r``: the chosen
         resolution's cost never decreases as ``delta`` grows (its cost ordering is the ordering of ``scale_r^2``)."""

@@ -22,7 +22,11 @@ Departures from the paper:
 * the RBF interpolation uses one learned bandwidth per block over a fixed ``k × k`` window; the paper
   also evaluates learned interpolation kernels per channel group;
 * sampling is per pixel of the block's output; the paper also samples on a coarser grid and upsamples;
-* units start with every pixel sampled (bias trick), so a fresh conversion reproduces the base network.
+* units start with every pixel sampled (bias trick), so a fresh conversion reproduces the base network;
+* the interpolation divides by at least ``MIN_WEIGHT`` (the paper's ε is not given): an unsampled position whose
+  sampled neighbours weigh less fades to 0, and the straight-through gradient to the sampling units stays bounded
+  (with ε = 1e-6 a position without sampled neighbours sent 1e6-fold gradients to them and fine-tuning diverged
+  at step 26); ``log λ`` is clamped to ``LOG_BANDWIDTH_RANGE``.
 
 Budget: trained and calibrated. ``budget`` (the target fraction of the dense MACs, sampling units and the
 interpolation convolutions included) is the target of the MAC-budget loss (the paper's FLOPs constraint);
@@ -51,6 +55,8 @@ from dynnet.methods.spatial._common import chain_stride, spatial_targets
 from dynnet.methods.spatial.gates import SqueezeMaskUnit
 
 __all__ = [
+    "LOG_BANDWIDTH_RANGE",
+    "MIN_WEIGHT",
     "SamplingUnit",
     "StochasticSampling",
     "StochasticSamplingBlock",
@@ -79,6 +85,15 @@ class StochasticSamplingConfig:
     budget_weight: float = 5.0
 
 
+MIN_WEIGHT = 1e-2
+"""The smallest divisor of the RBF interpolation: the total kernel weight of the sampled neighbours below which an
+unsampled position's value fades to 0 (the weight of one neighbour at distance² 4.6 / λ)."""
+
+LOG_BANDWIDTH_RANGE = (-5.0, 3.0)
+"""The range ``log λ`` is clamped to in the kernel (λ from 0.007, nearly flat over the window, to 20, nearest
+neighbour only)."""
+
+
 def rbf_interpolate(branch: Tensor, mask: Tensor, log_bandwidth: Tensor, window: int) -> Tensor:
     """Fill the unsampled positions of ``branch`` by RBF-weighted averages of the sampled neighbours.
 
@@ -89,18 +104,22 @@ def rbf_interpolate(branch: Tensor, mask: Tensor, log_bandwidth: Tensor, window:
         window: odd window side ``k``.
 
     Returns:
-        Tensor[N, C, H, W]: ``branch`` at sampled positions, the interpolation elsewhere (0 where no sampled
-        neighbour lies in the window). Costs ``N·H·W·(C + 1)·k²`` MACs (two convolutions).
+        Tensor[N, C, H, W]: ``branch`` at sampled positions, the interpolation elsewhere. Where the sampled
+        neighbours' total weight is below :data:`MIN_WEIGHT`, the weighted sum is divided by :data:`MIN_WEIGHT`
+        instead: the value fades to 0 (no sampled neighbour in the window) continuously, and the straight-through
+        gradient to the mask stays bounded (a divisor of 1e-6 sent 1e6-fold gradients to the sampling units and the
+        training diverged). ``log λ`` is clamped to :data:`LOG_BANDWIDTH_RANGE`. Costs ``N·H·W·(C + 1)·k²`` MACs
+        (two convolutions).
     """
     r = window // 2
     ar = torch.arange(-r, r + 1, dtype=branch.dtype, device=branch.device)
     d2 = ar.view(-1, 1) ** 2 + ar.view(1, -1) ** 2
-    kernel = torch.exp(-log_bandwidth.exp() * d2)
+    kernel = torch.exp(-log_bandwidth.clamp(*LOG_BANDWIDTH_RANGE).exp() * d2)
     c = branch.shape[1]
     m = mask.unsqueeze(1).to(branch.dtype)
     num = F.conv2d(branch, kernel.expand(c, 1, window, window), padding=r, groups=c)
     den = F.conv2d(m, kernel.view(1, 1, window, window), padding=r)
-    return branch + (1.0 - m) * num / den.clamp_min(1e-6)
+    return branch + (1.0 - m) * num / den.clamp_min(MIN_WEIGHT)
 
 
 class SamplingUnit(nn.Module):
