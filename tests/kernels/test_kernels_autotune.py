@@ -88,3 +88,17 @@ def test_sliced_pair_runs_the_measured_faster_strategy_with_the_same_values(
         y, executed = channel.sliced_pair(x, w1, b1, w2, b2, scale, spec, spec)
     assert torch.allclose(y, fixed, atol=1e-5) and torch.equal(executed, torch.full((8,), 6.0, dtype=torch.float64))
     assert bool((fixed_exec < 6).any()) and list(autotune.choices().values()) == ["dense"]
+
+
+def test_a_candidate_may_choose_in_turn(fake_clock: dict[str, float]) -> None:
+    # a model-level choice (per sample or batched) runs kernels that make their own choice while it is measured
+    calls: list[str] = []
+    inner = _candidates(fake_clock, {"sliced": 1.0, "dense": 2.0}, calls)
+
+    def outer(cost: float) -> None:
+        assert autotune.choose("inner", inner) == "sliced"
+        fake_clock["t"] += cost
+
+    with torch.no_grad():
+        assert autotune.choose("outer", {"a": lambda: outer(5.0), "b": lambda: outer(3.0)}) == "b"
+    assert {k[0] for k in autotune.choices()} == {"inner", "outer"}

@@ -10,7 +10,17 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from dynnet.kernels.channel import TILE, tile_gated_pair_macs, tile_gated_pair_op, tile_gated_pair_reference
+from dynnet.kernels.channel import (
+    TILE,
+    ConvSpec,
+    gated_rest_add_,
+    tile_gated_pair_macs,
+    tile_gated_pair_op,
+    tile_gated_pair_reference,
+    tile_gated_rest_add_,
+    tiles_on,
+    upsample_tiles,
+)
 from dynnet.macs import MacCounter
 from dynnet.testing.engines import kernel_engine
 
@@ -127,3 +137,37 @@ def test_tile_gated_pair_rejects_bad_operands() -> None:
             op(*args, None, torch.randn(5, 4))
         with pytest.raises(RuntimeError, match="float32"):
             op(x.double(), *args[1:])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 4),
+    c_out=st.integers(1, 12),
+    size=st.tuples(st.integers(1, 17), st.integers(1, 17)),
+    tile=st.sampled_from([1, 2, 4]),
+    stride=st.sampled_from([1, 2]),
+    density=st.sampled_from([0.0, 0.2, 0.6, 1.0]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_window_gated_rest_adds_the_rest_where_the_upsampled_windows_are_on(
+    n: int, c_out: int, size: tuple[int, int], tile: int, stride: int, density: float, channels_last: bool, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    spec = ConvSpec(stride=(stride, stride), padding=(1, 1), dilation=(1, 1))
+    x_rest, w_rest = torch.randn(n, 5, *size, generator=g), torch.randn(c_out, 5, 3, 3, generator=g)
+    p = torch.randn(n, c_out, -(-size[0] // stride), -(-size[1] // stride), generator=g)
+    threshold = torch.randn(c_out, generator=g) * 0.3 + (0.0 if density == 0.6 else 1e9 if density == 0 else -1e9)
+    if density == 0.2:
+        threshold[: c_out // 2] = 1e9  # channels that no window keeps: not computed
+    on = tiles_on(p, threshold, tile)
+    assert on.shape[2:] == (-(-p.shape[2] // tile), -(-p.shape[3] // tile))
+    mask = upsample_tiles(on, tile, p.shape[2:])
+    expected, _ = gated_rest_add_(p.clone(), x_rest, w_rest, mask, spec, dense_density=0.0)
+    torch.testing.assert_close(expected, p + mask * spec.conv(x_rest, w_rest))  # the reference is the masked sum
+    if channels_last:  # the strided window view follows any memory format
+        x_rest = x_rest.contiguous(memory_format=torch.channels_last)
+    out = tile_gated_rest_add_(p.clone(), x_rest, w_rest, on, tile, spec)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    pooled = p if tile == 1 else F.avg_pool2d(p, tile, ceil_mode=True)
+    assert torch.equal(on, pooled > threshold.view(1, -1, 1, 1))  # the window mean decides

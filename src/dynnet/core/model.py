@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from dynnet.core.block import dynamic_blocks, probe_macs
 from dynnet.core.budget import Knob, LogitShift, check_budget_in_range, search_knob
-from dynnet.core.cache import structure_generation, tracing_or_compiling
+from dynnet.core.cache import structure_generation, tracing_or_compiling, version_key
 from dynnet.core.latency import REST, LatencyModel
 from dynnet.core.trace import Trace, current_trace
+from dynnet.kernels import autotune
 
 __all__ = ["DECISION_MODULE_NAMES", "DynamicModel", "LossOutput", "check_input"]
 
@@ -138,11 +139,22 @@ class DynamicModel(nn.Module):
             f"from budget={self.budget}{span}; use {how}convert the base network again with budget={value!r}"
         )
 
+    batch_engine: str = "auto"
+    """How sparse inference runs a batch of more than one sample with nothing recording (set it on a model to fix
+    it): ``"batched"``, the recipe's batch path (:meth:`run` on the whole batch); ``"per_sample"``, :meth:`run` on
+    each sample in turn — the batch-1 paths (compiled for the channel family), which execute each sample's own
+    decisions, where a batch path has to compute the union of the samples' work or pad it; ``"auto"``, the faster
+    of the two, timed once per input shape and calibration (:mod:`dynnet.kernels.autotune`), ``"batched"`` where
+    timing is off (autograd, a profiler or MAC counter watching, ``DYNNET_AUTOTUNE=0`` as in the tests). Outputs
+    agree up to float rounding (per-sample decisions are batch-invariant by contract)."""
+
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C, H, W] → logits Tensor[N, K]; decisions and MACs go to the active trace."""
         check_input(x, self.in_channels, dtype=self._weight_dtype())
         t = current_trace()
         if t is None:
+            if x.shape[0] > 1 and self._per_sample(x):
+                return self._each(x)
             return self.run(x)
         start = len(t.entries)
         if self.latency_model is not None and t.latency_model is None:
@@ -214,6 +226,26 @@ class DynamicModel(nn.Module):
     def run(self, x: Tensor) -> Tensor:
         """The network itself; recipes with extra control flow (exits, policies) override this."""
         return self.net(x)
+
+    def _each(self, x: Tensor) -> Tensor:
+        """:meth:`run` on each sample of ``x`` in turn: logits Tensor[N, K]."""
+        return torch.cat([self.run(x[i : i + 1]) for i in range(x.shape[0])])
+
+    def _per_sample(self, x: Tensor) -> bool:
+        """Whether this untraced batch runs sample by sample (:attr:`batch_engine`): only in sparse inference."""
+        engine = self.batch_engine
+        if engine not in ("auto", "batched", "per_sample"):
+            raise ValueError(f"batch_engine must be 'auto', 'batched' or 'per_sample', got {engine!r}")
+        if engine == "batched" or self.training or torch.is_grad_enabled():
+            return False
+        modes = {block.mode for _, block in dynamic_blocks(self)}
+        if modes != {"sparse"}:
+            return False
+        if engine == "per_sample":
+            return True
+        key = ("per_sample", id(self), structure_generation(), version_key(self.calibration), tuple(x.shape), x.dtype)
+        candidates = {"batched": lambda: self.run(x), "per_sample": lambda: self._each(x)}
+        return autotune.choose(key, candidates) == "per_sample"
 
     def dense_macs(self, x: Tensor) -> int:
         """Per-sample MACs of the original static network at the shape of ``x`` (Tensor[N, C, H, W])."""

@@ -28,7 +28,7 @@ from dynnet.kernels import native
 __all__ = ["cache_clear", "choices", "choose", "density_bucket", "enabled"]
 
 _cache: dict[Hashable, str] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: a candidate (a whole model) may call kernels that choose in turn
 REPEATS = 3
 """Timed runs per candidate (after one warm-up run); the minimum counts."""
 

@@ -3,6 +3,8 @@ BN-folded weights and their invalidation, all-on and all-off decisions."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -409,3 +411,46 @@ def test_channel_gating_compiled_blocks_on_torchvision_resnet18() -> None:
         plans = [b._plan for b in model.modules() if isinstance(b, GatedBasicBlock)]
         assert len(plans) == 8 and all(p is not None for p in plans)
         assert sum(p[4] is not None for p in plans) == 3
+
+
+@contextlib.contextmanager
+def _counting_compiled_calls(calls: list[int]):
+    """Record the batch size of every ChannelGating._run_compiled call."""
+    from dynnet.methods.channel.channel_gating import ChannelGating
+
+    original = ChannelGating._run_compiled
+
+    def counted(self, x, **kwargs):
+        calls.append(x.shape[0])
+        return original(self, x, **kwargs)
+
+    ChannelGating._run_compiled = counted
+    try:
+        yield
+    finally:
+        ChannelGating._run_compiled = original
+
+
+def test_channel_gating_batches_decide_per_window_and_equal_masked_on_partial_windows() -> None:
+    from dynnet.methods.channel.channel_gating import GatedConv
+
+    model, x = _scrambled_channel_gating()  # 19 x 16 inputs: the last row of windows is cut at every stage
+    x = torch.cat([x, x.flip(2)])  # batch 6
+    model.batch_engine = "batched"  # the modules' batch path (tile_gated_rest_add_), not the per-sample loop
+    calls = []
+    with _counting_compiled_calls(calls):
+        masked, batch, _ = _outputs(model, x)
+    assert sum(n > 1 for n in calls) == 0  # no batch went through the compiled loop
+    model.batch_engine = "per_sample"
+    dynnet.sparse(model)
+    with torch.inference_mode(), _counting_compiled_calls(calls):
+        per_sample = model(x)
+    assert calls[-1] == 6  # the compiled loop ran the batch, sample by sample
+    torch.testing.assert_close(per_sample, masked, rtol=1e-4, atol=1e-4)
+    dynnet.set_mode(model, "masked")
+    with torch.no_grad(), dynnet.trace() as t:
+        model(x)
+    rates = torch.stack([d.rate() for name, d in t.decisions.items()])
+    assert bool((rates > 0).any()) and bool((rates < 1).any()) and len(t.decisions) == 6  # mixed, every conv gated
+    assert all(isinstance(m, GatedConv) and m.tile == 4 for m in model.modules() if isinstance(m, GatedConv))
+    torch.testing.assert_close(batch, masked, rtol=1e-4, atol=1e-4)

@@ -63,6 +63,9 @@ from dynnet.kernels.channel._partial_sum import (
     tile_gated_pair_macs,
     tile_gated_pair_op,
     tile_gated_pair_reference,
+    tile_gated_rest_add_,
+    tiles_on,
+    upsample_tiles,
 )
 from dynnet.kernels.channel._sliced import (
     STRATEGIES,
@@ -102,4 +105,7 @@ __all__ = [
     "tile_gated_pair_macs",
     "tile_gated_pair_op",
     "tile_gated_pair_reference",
+    "tile_gated_rest_add_",
+    "tiles_on",
+    "upsample_tiles",
 ]

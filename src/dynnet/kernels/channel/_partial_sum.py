@@ -26,6 +26,8 @@ __all__ = [
     "tile_gated_pair_macs",
     "tile_gated_pair_op",
     "tile_gated_pair_reference",
+    "tile_gated_rest_add_",
+    "tiles_on",
 ]
 
 
@@ -132,6 +134,83 @@ def gated_rest_add_(
         p.view(-1).index_add_(0, flat.reshape(-1), vals.reshape(-1))
         executed += torch.bincount(pn, minlength=n).double() * len(sparse)
     return p, executed
+
+
+def tiles_on(p: Tensor, threshold: Tensor, tile: int) -> Tensor:
+    """Per (sample, output channel, ``tile × tile`` window) decisions on a partial sum: the window's mean of ``p``
+    (over its positions inside the map) exceeds the channel's threshold — the compiled batch-1 block's rule
+    (:func:`tile_gated_pair_op`).
+
+    Args:
+        p: Tensor[N, C, H, W] the base partial sum.
+        threshold: Tensor[C], on the window mean of ``p``.
+        tile: the window side (1: per position).
+
+    Returns:
+        Tensor[N, C, ceil(H / tile), ceil(W / tile)] bool.
+    """
+    pooled = p if tile == 1 else F.avg_pool2d(p, tile, ceil_mode=True)
+    return pooled > threshold.view(1, -1, 1, 1)
+
+
+def upsample_tiles(on: Tensor, tile: int, size: tuple[int, int]) -> Tensor:
+    """Tile decisions Tensor[N, C, th, tw] broadcast to their positions: Tensor[N, C, *size] (``size`` at most
+    ``(th · tile, tw · tile)``; the last row and column of windows may be cut)."""
+    if tile == 1:
+        return on
+    n, c, th, tw = on.shape
+    full = on[:, :, :, None, :, None].expand(n, c, th, tile, tw, tile).reshape(n, c, th * tile, tw * tile)
+    return full[:, :, : size[0], : size[1]]
+
+
+def tile_gated_rest_add_(p: Tensor, x_rest: Tensor, w_rest: Tensor, on: Tensor, tile: int, spec: ConvSpec) -> Tensor:
+    """``p += upsample(on) · conv(x_rest; w_rest)`` for per-window decisions, over the output channels that some
+    window of the batch keeps (one dense convolution of their weight rows; channels no window keeps cost nothing).
+
+    The batch path of channel gating at inference with nothing recording: the decisions stay at window resolution
+    (broadcast into the multiply when the map is a whole number of windows), so no full-resolution mask is made.
+    Computes the same values as :func:`gated_rest_add_` with ``dense_density = 0`` on the upsampled mask.
+
+    Args:
+        p: Tensor[N, C_out, H', W'] the base partial sum, updated in place and returned.
+        x_rest: Tensor[N, C_rest, H, W].
+        w_rest: Tensor[C_out, C_rest, k, k].
+        on: Tensor[N, C_out, ceil(H' / tile), ceil(W' / tile)] bool (:func:`tiles_on`).
+        tile: the window side.
+        spec: the convolution's geometry.
+
+    Returns:
+        ``p``.
+    """
+    cout = p.shape[1]
+    kept = on.flatten(2).any(2).any(0)  # Tensor[C_out]: some window of the batch keeps the channel
+    idx = kept.nonzero().squeeze(1)
+    k = idx.numel()
+    if k == 0:
+        return p
+    if k < cout:
+        w_rest, on = w_rest.index_select(0, idx), on.index_select(1, idx)
+    r = spec.conv(x_rest, w_rest)  # Tensor[N, k, H', W']
+    _mul_windows_(r, on.to(r.dtype), tile)
+    return p.add_(r) if k == cout else p.index_add_(1, idx, r)
+
+
+def _mul_windows_(r: Tensor, g: Tensor, tile: int) -> None:
+    """``r *= upsample_tiles(g)`` in place, broadcasting ``g`` over the whole windows through a strided view of
+    ``r`` (any memory format) and upsampling only the cut last row and column of windows."""
+    if tile == 1:
+        r.mul_(g)
+        return
+    n, k, h, w = r.shape
+    th, tw = h // tile, w // tile  # whole windows
+    if th and tw:
+        sn, sc, sh, sw = r.stride()
+        core = r.as_strided((n, k, th, tile, tw, tile), (sn, sc, tile * sh, sh, tile * sw, sw), r.storage_offset())
+        core.mul_(g[:, :, :th, None, :tw, None])
+    if h > th * tile:  # the last, cut row of windows (every column)
+        r[:, :, th * tile :].mul_(upsample_tiles(g[:, :, th:], tile, (h - th * tile, w)))
+    if w > tw * tile and th:  # the last, cut column of windows (rows of whole windows)
+        r[:, :, : th * tile, tw * tile :].mul_(upsample_tiles(g[:, :, :th, tw:], tile, (th * tile, w - tw * tile)))
 
 
 # Channel gating (Hua et al.) for one sample, per (output channel, 4 × 4 tile) decisions: see tile_gated_pair_op.

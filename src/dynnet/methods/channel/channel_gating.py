@@ -11,11 +11,16 @@ and a loss that pulls every threshold towards a target ``T`` (the paper's knob f
 Both convolutions of every basic residual block are gated (the block is wrapped in a :class:`GatedBasicBlock`).
 Sparse mode at batch 1 without a trace runs each block as one compiled call
 (:func:`dynnet.kernels.channel.tile_gated_pair_op`): the base partial sums, the tile decisions, the rest only for
-each tile's on channels, both batch norms, the shortcut and the ReLU — exactly the gated MACs. Batches compute ``p``
-densely and the rest of each output channel either densely (channels with enough gated-on entries,
+each tile's on channels, both batch norms, the shortcut and the ReLU — exactly the gated MACs. A batch without a
+trace either runs that compiled loop sample by sample (stem and head batched; ``DynamicModel.batch_engine``, timed
+against the batch path) or the batch path: inputs in channels-last memory (oneDNN runs the narrow base and rest
+slices 3-4x faster so), decisions at window resolution, the rest of every output channel that some window of the
+batch keeps computed densely and multiplied by its windows (:func:`dynnet.kernels.channel.tile_gated_rest_add_`).
+Under a trace, the rest of each output channel is computed densely (channels with enough gated-on entries,
 ``dense_density``; channels with none are skipped) or at the union of the other channels' gated-on positions by
 gather-GEMM (:func:`dynnet.kernels.channel.gated_rest_add_`): a superset of the gated-on entries, reported as the
-executed MACs.
+executed MACs. At inference a window is on when its mean partial sum exceeds ``running_mean + Delta ·
+sqrt(running_var + eps)`` (``norm(mean) > Delta`` solved for the mean, the compiled call's rule).
 
 Departures from the paper:
 * by default one decision covers a 4 × 4 window of output positions of one channel (``tile = 4``; the window's
@@ -28,7 +33,7 @@ Departures from the paper:
   target sparsity;
 * besides the target-threshold loss, the library's MAC-budget loss (``budget_weight``) is added;
 * the paper's gating is designed for an accelerator; on CPU the batch path trades extra executed MACs for speed
-  (see ``docs/recipes/channel.md``), and only batch 1 has the exact compiled kernel.
+  (see ``docs/recipes/channel.md``), and only the compiled per-sample kernel executes exactly the gated MACs.
 
 Budget: trained and calibrated. ``budget`` is the target fraction of the dense MACs: the target of the MAC-budget
 loss (the paper's target threshold ``T`` keeps its own setting, ``target_threshold``); calibration lowers or raises
@@ -65,7 +70,15 @@ from dynnet.core.cache import structure_generation
 from dynnet.core.recipe import recipe
 from dynnet.estimators import straight_through
 from dynnet.kernels import native
-from dynnet.kernels.channel import TILE, ConvSpec, gated_rest_add_, tile_gated_pair_op
+from dynnet.kernels.channel import (
+    TILE,
+    ConvSpec,
+    gated_rest_add_,
+    tile_gated_pair_op,
+    tile_gated_rest_add_,
+    tiles_on,
+    upsample_tiles,
+)
 from dynnet.methods.channel._block import check_basic_block, folded_projection
 from dynnet.methods.channel._resnet import compiled_input_ok, resnet_head, resnet_stages, resnet_stem
 
@@ -159,44 +172,69 @@ class GatedConv(DynamicBlock):
         cached = self._split_cache
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                cached = (key, (w[:, : self.base].contiguous(), w[:, self.base :].contiguous()))
+                cl = torch.channels_last  # as the inference inputs (see _eval_layout): oneDNN's fastest pairing
+                cached = (
+                    key,
+                    (w[:, : self.base].contiguous(memory_format=cl), w[:, self.base :].contiguous(memory_format=cl)),
+                )
             self._split_cache = cached
         return cached[1]
 
     def decide(self, p: Tensor) -> Decision:
+        if not self.training:
+            return self._decide_eval(p)
         logits = self.gate(p)
-        if not self.training and current_trace() is None:
-            # Inference with nothing recording the probabilities: the 0/1 decision alone, taken per tile and
-            # broadcast by one expand (repeat_interleave twice and a full-resolution sigmoid cost more than the
-            # base convolution at batch 1).
-            if self.tile == 1:
-                return Decision(hard=(logits > 0).to(p.dtype), soft=None, granularity="channel")
-            n, c, h, w = logits.shape
-            t = self.tile
-            on = (F.avg_pool2d(logits, t, ceil_mode=True) > 0).to(p.dtype)  # Tensor[N, C, ceil(h/t), ceil(w/t)]
-            th, tw = on.shape[2:]
-            hard = on[:, :, :, None, :, None].expand(n, c, th, t, tw, t).reshape(n, c, th * t, tw * t)
-            return Decision(hard=hard[:, :, :h, :w], soft=None, granularity="channel")
         if self.tile > 1:  # one decision per (channel, tile × tile window), broadcast to its positions
             h, w = logits.shape[2:]
             pooled = F.avg_pool2d(logits, self.tile, ceil_mode=True)
             logits = pooled.repeat_interleave(self.tile, 2).repeat_interleave(self.tile, 3)[:, :, :h, :w]
         soft = torch.sigmoid(logits / self.tau)
         hard = (logits.detach() > 0).to(p.dtype)
-        return Decision(hard=straight_through(hard, soft) if self.training else hard, soft=soft, granularity="channel")
+        return Decision(hard=straight_through(hard, soft), soft=soft, granularity="channel")
+
+    def mean_threshold(self) -> Tensor:
+        """Tensor[C_out]: the gate's ``norm(m) > Delta`` solved for the window mean ``m`` of the partial sum (with
+        the running statistics): ``running_mean + Delta · sqrt(running_var + eps)``, the compiled block's rule."""
+        norm = self.gate.norm
+        return norm.running_mean + self.gate.threshold * torch.sqrt(norm.running_var + norm.eps)
+
+    def _decide_eval(self, p: Tensor) -> Decision:
+        """Inference decisions: a window is on when its mean partial sum exceeds :meth:`mean_threshold` (equal to
+        ``mean(norm(p)) > Delta``, evaluated at window resolution, as the compiled batch-1 block does); the
+        probability, recorded only under a trace, is ``sigmoid((norm(mean) - Delta) / tau)``."""
+        on = tiles_on(p, self.mean_threshold(), self.tile)
+        size = p.shape[2:]
+        hard = upsample_tiles(on.to(p.dtype), self.tile, size)
+        if current_trace() is None:
+            return Decision(hard=hard, soft=None, granularity="channel")
+        pooled = p if self.tile == 1 else F.avg_pool2d(p, self.tile, ceil_mode=True)
+        soft = upsample_tiles(torch.sigmoid(self.gate(pooled) / self.tau), self.tile, size)
+        return Decision(hard=hard, soft=soft, granularity="channel")
 
     def forward_dense(self, x: Tensor) -> Tensor:
         return self.full(x)
 
+    def _eval_layout(self, x: Tensor) -> Tensor:
+        """``x`` in channels-last memory at inference: the base and rest slices are narrow (``C_in / groups`` and the
+        remainder, e.g. 4 and 12 channels), and oneDNN's NCHW convolutions of such widths ran 3-4x slower than the
+        whole convolution on the 2-core CPU (channels-last: about as fast as their MACs). Masked and sparse mode
+        share it, so their partial sums, and decisions, are computed alike."""
+        return x if self.training else x.contiguous(memory_format=torch.channels_last)
+
     def forward_masked(self, x: Tensor) -> Tensor:
+        x = self._eval_layout(x)
         p = self._partial(x)
         d = self.decide(p)
         y = p + d.hard * self._rest(x)
         self._record(x, d, None)
-        return y
+        return y.contiguous()
 
     def forward_sparse(self, x: Tensor) -> Tensor:
+        x = self._eval_layout(x)
         p = self._partial(x)
+        if not self.training and current_trace() is None:  # nothing records: decisions stay per window
+            on = tiles_on(p, self.mean_threshold(), self.tile)
+            return tile_gated_rest_add_(p, x[:, self.base :], self._split()[1], on, self.tile, self.spec).contiguous()
         d = self.decide(p)
         y, executed = gated_rest_add_(
             p, x[:, self.base :], self._split()[1], d.hard, self.spec, dense_density=self.dense_density
@@ -354,8 +392,7 @@ class GatedBasicBlock(nn.Module):
         ``(b, thr, k, c)``: its bias, the thresholds on the base partial sum's tile mean (the gate's
         ``norm(mean) > Delta`` solved for the mean: ``running_mean + Delta · sqrt(running_var + eps)``) and the
         following batch norm as ``k · y + c``."""
-        norm = conv.gate.norm
-        thr = norm.running_mean + conv.gate.threshold * torch.sqrt(norm.running_var + norm.eps)
+        thr = conv.mean_threshold()
         inv = torch.rsqrt(bn.running_var + bn.eps)
         k = inv if bn.weight is None else bn.weight * inv
         c = -bn.running_mean * k if bn.bias is None else bn.bias - bn.running_mean * k
@@ -370,7 +407,8 @@ class ChannelGating(DynamicModel):
     Batch-1 sparse inference of a ResNet-style network (``conv1, bn1, layer1.., avgpool, fc``) with nothing recording
     runs its gated blocks as a loop of compiled calls (:meth:`GatedBasicBlock.run_plan`) between the PyTorch stem and
     head, without the blocks' and stages' module calls; a block or stage with a hook, or one the compiled call
-    cannot stand for, is called as a module.
+    cannot stand for, is called as a module. A batch runs it sample by sample where that is faster than the modules'
+    batch path (:attr:`~dynnet.core.DynamicModel.batch_engine`).
     """
 
     def run(self, x: Tensor) -> Tensor:
@@ -380,24 +418,35 @@ class ChannelGating(DynamicModel):
                 return out
         return self.net(x)
 
-    def _run_compiled(self, x: Tensor) -> Tensor | None:
+    def _each(self, x: Tensor) -> Tensor:
+        """The batch sample by sample: the stem and the head batched, the compiled block loop for each sample."""
+        if not compiled_input_ok(x[:1]):
+            return super()._each(x)
+        out = self._run_compiled(x, each=True)
+        return super()._each(x) if out is None else out
+
+    def _run_compiled(self, x: Tensor, *, each: bool = False) -> Tensor | None:
         """``stem → blocks → head`` with compiled block calls, or ``None`` (nothing computed) when the network is
-        not ResNet-style or has no gated block."""
+        not ResNet-style or has no gated block. ``each``: ``x`` is a batch, each sample goes through the blocks on
+        its own (the stem and the head run batched)."""
         blocks = self._compiled_blocks()
         if blocks is None:
             return None
         observed = native.observed()
         h = resnet_stem(self.net, x)
-        for stage, stage_blocks in blocks:
-            if stage._forward_hooks or stage._forward_pre_hooks:
-                h = stage(h)
-                continue
-            for block in stage_blocks:
-                plan = None
-                if isinstance(block, GatedBasicBlock) and not (block._forward_hooks or block._forward_pre_hooks):
-                    plan = block.ready_plan()
-                h = block(h) if plan is None else block.run_plan(plan, h, observed)
-        return resnet_head(self.net, h)
+        outs = []
+        for hi in h.split(1) if each else (h,):
+            for stage, stage_blocks in blocks:
+                if stage._forward_hooks or stage._forward_pre_hooks:
+                    hi = stage(hi)
+                    continue
+                for block in stage_blocks:
+                    plan = None
+                    if isinstance(block, GatedBasicBlock) and not (block._forward_hooks or block._forward_pre_hooks):
+                        plan = block.ready_plan()
+                    hi = block(hi) if plan is None else block.run_plan(plan, hi, observed)
+            outs.append(hi)
+        return resnet_head(self.net, outs[0] if len(outs) == 1 else torch.cat(outs))
 
     def _compiled_blocks(self) -> list[tuple[nn.Module, list[nn.Module]]] | None:
         """The stages and their blocks, cached until a module is registered anywhere; ``None`` when the network is
