@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -416,7 +417,13 @@ def _fine_tune_plan(
         return None, None, {}
     if job.kind == "recipe" and base == profile.base and width == profile.width:
         from dynnet.core.recipe import fine_tune_settings
+        from dynnet.train.init import load_init
 
+        try:  # a recipe whose network does not contain the base (RANet, DCN, RAM...) trains from scratch
+            load_init(copy.deepcopy(model), start)
+        except ValueError as err:
+            logging.getLogger(__name__).warning("job %s trains from scratch: %s", job.id, err)
+            return None, None, {}
         return start, None, fine_tune_settings(job.recipe, profile.epochs)
     if job.source == "pruned" and profile.distill > 0:
         from dynnet.train import build_model

@@ -345,10 +345,25 @@ class DynamicModel(nn.Module):
         return list(dynamic_blocks(self))
 
     def load_base_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Load weights of the original network (keys as in the unconverted model); gates keep theirs."""
+        """Load weights of the original network (keys as in the unconverted model); gates keep theirs.
+
+        A recipe that builds its network around copies of the base (GFNet's glance and focus encoders, LSTS's fine
+        network, a recurrent-attention trunk) holds the base's keys under a prefix: when the keys do not fit the
+        converted network as they are, they are loaded into every submodule that holds all of them but the base's
+        classifier (:func:`base_hosts`), each copy from the same weights.
+        """
         missing, unexpected = self.net.load_state_dict(state_dict, strict=False)
         if unexpected:
-            raise KeyError(f"keys not found in the converted network: {unexpected[:5]}")
+            hosts = base_hosts(self.net, state_dict)
+            if not hosts:
+                raise KeyError(
+                    f"keys not found in the converted network: {unexpected[:5]} (nor in any of its submodules: the "
+                    "recipe's network does not contain the base; train it from scratch)"
+                )
+            for host in hosts.values():
+                host.load_state_dict({k: v for k, v in state_dict.items() if k in host.state_dict()}, strict=False)
+            self.init_from_base_()
+            return
         not_gate = [k for k in missing if not _is_dynamic_param(k)]
         if not_gate:
             raise KeyError(f"base weights missing from the state_dict: {not_gate[:5]}")
@@ -397,6 +412,23 @@ def _checks_trace(compute_loss: Callable[..., LossOutput]) -> Callable[..., Loss
 
 
 DynamicModel.compute_loss = _checks_trace(DynamicModel.compute_loss)  # type: ignore[method-assign]
+
+
+def base_hosts(net: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, nn.Module]:
+    """The proper submodules of ``net`` that hold a copy of the network ``state_dict`` belongs to: every key of it,
+    with its shape, but those of one last module (the classifier a recipe replaces), by name."""
+    owners = list(dict.fromkeys(k.rpartition(".")[0] for k in state_dict))
+    head = owners[-1] if owners else ""
+    needed = {k: v.shape for k, v in state_dict.items() if k.rpartition(".")[0] != head}
+    hosts = {}
+    for name, m in net.named_modules():
+        if not name or not needed:
+            continue
+        own = m.state_dict()
+        if all(k in own and own[k].shape == shape for k, shape in needed.items()):
+            hosts[name] = m
+    # a host inside another host (a block of an encoder never holds the whole base, but be safe): keep the outer
+    return {n: m for n, m in hosts.items() if not any(n.startswith(f"{o}.") for o in hosts if o != n)}
 
 
 def _is_dynamic_param(key: str) -> bool:
