@@ -128,6 +128,9 @@ def test_train_prints_budget_and_achieved_then_calibrate_writes_a_new_checkpoint
     assert "--force" in capsys.readouterr().err
     assert main(["calibrate", "--checkpoint", ck, "--budget", "0.8", "--data", "synthetic", "--force"]) == 0
     capsys.readouterr()
+    argv = ["calibrate", "--checkpoint", ck, "--budget", "0.7", "--data", "synthetic", "--reestimate-bn"]
+    assert main(argv) == 0
+    assert "batch norms re-estimated" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(out / "checkpoint-b0.8"), "--data", "synthetic"]) == 0
     assert "budget 0.80 → achieved" in capsys.readouterr().out
 

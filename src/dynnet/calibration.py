@@ -24,7 +24,7 @@ from dynnet.core import RECIPES, DynamicModel, kept_modes, set_mode, trace
 from dynnet.core.budget import Knob, check_budget_in_range, mean_mac_fraction, search_knob
 from dynnet.core.trace import _check_budget
 
-__all__ = ["CalibrationReport", "calibrate", "collect_batches", "measured_latency"]
+__all__ = ["CalibrationReport", "calibrate", "collect_batches", "measured_latency", "reestimate_batch_norm"]
 
 Timer = Callable[[nn.Module, Sequence[Tensor]], float]
 """``timer(model, batches) -> ms``: the mean latency per image of ``model`` over ``batches``, as it runs now."""
@@ -47,6 +47,8 @@ class CalibrationReport:
         latency_ms: the measured mean latency per image after calibration (with ``budget_ms``).
         latency_before_ms: the same before calibration.
         latency_tolerance: the relative tolerance of the latency asked for.
+        batch_norms: how many batch norms of the base network had their statistics re-estimated under the new
+            decisions (``calibrate(..., bn_data=...)``; 0: none).
     """
 
     budget: float
@@ -60,6 +62,7 @@ class CalibrationReport:
     latency_ms: float | None = None
     latency_before_ms: float | None = None
     latency_tolerance: float = 0.03
+    batch_norms: int = 0
 
     @property
     def within_tolerance(self) -> bool:
@@ -78,9 +81,10 @@ class CalibrationReport:
                 f"(was {self.latency_before_ms:.3g}; MAC fraction {self.mac_fraction:.3f}; {knobs}; "
                 f"{self.images:,} images{acc})"
             )
+        norms = f"; {self.batch_norms} batch norms re-estimated" if self.batch_norms else ""
         return (
             f"budget {self.budget:.2f} → achieved {self.mac_fraction:.3f} (was {self.before:.3f}; {knobs}; "
-            f"{self.images:,} images{acc})"
+            f"{self.images:,} images{norms}{acc})"
         )
 
 
@@ -154,11 +158,19 @@ def calibrate(
     latency_tolerance: float = 0.03,
     latency_batch_size: int | None = None,
     timer: Timer | None = None,
+    bn_data: Tensor | Iterable[Any] | None = None,
+    bn_images: int = 2048,
 ) -> CalibrationReport:
     """Move ``model``'s decision thresholds so that its mean MAC fraction on ``data`` equals ``budget``.
 
     The model runs in eval and sparse mode (what inference really decides); its modes and training flag are
     restored afterwards. Which thresholds move is the recipe's declaration (``RecipeSpec.budget.knob``).
+
+    A model trained at one budget and calibrated to another computes other units than it was trained with, and
+    the running statistics of the base network's batch norms no longer match what reaches them (a model trained
+    at 0.5 and moved to 0.75 can collapse). With ``bn_data`` (training images) the statistics are re-estimated under
+    the calibrated decisions (:func:`reestimate_batch_norm`) and the thresholds calibrated again, since the
+    decisions read the features the statistics normalise.
 
     Args:
         model: a converted model (:class:`~dynnet.DynamicModel`).
@@ -172,6 +184,8 @@ def calibrate(
         latency_batch_size: the batch size latency is measured at (default: the serving batch of the model's latency
             model, else 1).
         timer: ``timer(model, batches) -> ms per image`` (default :func:`measured_latency`; tests pass a fake one).
+        bn_data: images to re-estimate the batch-norm statistics on after calibrating (``None``: keep them).
+        bn_images: use at most this many images of ``bn_data``.
 
     Returns:
         :class:`CalibrationReport` (``mac_fraction``, ``budget``, ``thresholds``, ``accuracy`` with labels).
@@ -204,18 +218,69 @@ def calibrate(
             )
         check_budget_in_range(model.recipe, float(budget), policy)
     xs, ys = _batches_on(model, data, max_images, batch_size)
+    norms = 0
     with kept_modes(model):
         set_mode(model.eval(), "sparse")
         before = mean_mac_fraction(model, xs)
         thresholds = model.calibrate_to_(xs, float(budget), float(tolerance))
+        if bn_data is not None:
+            norms = reestimate_batch_norm(model, bn_data, max_images=bn_images, batch_size=batch_size)
+            set_mode(model.eval(), "sparse")
+            thresholds = model.calibrate_to_(xs, float(budget), float(tolerance))
         with torch.no_grad():
             model.calibration[1] = float(budget)
         achieved, correct = _measure(model, xs, ys)
     images = sum(x.shape[0] for x in xs)
     return CalibrationReport(
         budget=float(budget), mac_fraction=achieved, before=before, thresholds=dict(thresholds), images=images,
-        tolerance=float(tolerance), accuracy=None if correct is None else correct / images,
+        tolerance=float(tolerance), accuracy=None if correct is None else correct / images, batch_norms=norms,
     )  # fmt: skip
+
+
+def reestimate_batch_norm(
+    model: DynamicModel, data: Tensor | Iterable[Any], *, max_images: int | None = 2048, batch_size: int = 256
+) -> int:
+    """Re-estimate the running statistics of the base network's batch norms under the model's current decisions
+    (in place; returns how many).
+
+    The statistics are reset and averaged over ``data`` (cumulative average, no momentum) with the model in masked
+    eval mode — the decisions taken at inference, the features each batch norm sees when they are executed — and
+    only the batch norms switched to training mode. Batch norms inside decision modules (a gate's normalisation
+    of its own input) keep theirs: they set the decisions, which calibration has just tuned. The AutoSlim / slimmable
+    networks remedy for a network whose executed width changed after training (Yu & Huang, 2019).
+
+    Args:
+        model: a converted model.
+        data: training images (a Tensor[N, C, H, W], a DataLoader of ``(x, y)`` or an iterable of batches).
+        max_images: use at most this many images (``None``: all).
+        batch_size: batch size when ``data`` is one tensor.
+    """
+    from dynnet.core.model import _is_dynamic_param
+
+    norms = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and not _is_dynamic_param(name)
+    ]
+    if not norms:
+        return 0
+    xs, _ = _batches_on(model, data, max_images, batch_size)
+    momenta = [m.momentum for m in norms]
+    with kept_modes(model):
+        set_mode(model.eval(), "masked")
+        try:
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            with torch.no_grad():
+                for x in xs:
+                    model(x)
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
+                m.momentum = momentum
+                m.eval()
+    return len(norms)
 
 
 def _batches_on(

@@ -188,6 +188,12 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--tolerance", type=_open_fraction, default=0.01)
+    p.add_argument(
+        "--reestimate-bn",
+        action="store_true",
+        help="re-estimate the base network's batch-norm statistics on training images under the new decisions, "
+        "then calibrate again (for a budget far from the trained one)",
+    )
     p.add_argument("--out", default=None, help="where the calibrated checkpoint goes (default: <checkpoint>-b<budget>)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--batch-size", type=_count, default=256)

@@ -212,7 +212,8 @@ def _calibrate(args: argparse.Namespace) -> None:
         args.data, root=args.data_root, batch_size=args.batch_size, val_fraction=0.1, seed=seed,
         channels=_input_channels(meta),
     )  # fmt: skip
-    report = dynnet.calibrate(model, loaders.val, args.budget, tolerance=args.tolerance)
+    bn_data = loaders.train if args.reestimate_bn else None
+    report = dynnet.calibrate(model, loaders.val, args.budget, tolerance=args.tolerance, bn_data=bn_data)
     test = evaluate(model, loaders.test, mode="sparse")
     save_checkpoint(out, model)
     print(f"{args.checkpoint} ({model.recipe}) calibrated on the validation split of {args.data}: {report.summary()}")

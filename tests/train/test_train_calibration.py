@@ -7,6 +7,7 @@ import torch
 
 import dynnet
 from dynnet.data import build_loaders
+from dynnet.testing import scramble_until_mixed
 from dynnet.train import TrainConfig, evaluate, fit, load_checkpoint
 
 
@@ -123,3 +124,28 @@ def test_lagrange_tracking_pulls_a_model_over_budget_down_without_moving_a_thres
     assert fractions["lagrange"] < fractions["knob"] - 0.1
     with pytest.raises(ValueError, match="track_budget"):
         TrainConfig(track_budget="bias")
+
+
+def test_batch_norm_statistics_are_reestimated_under_the_decisions_and_gates_keep_theirs() -> None:
+    from dynnet.calibration import reestimate_batch_norm
+
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="channel_gating", in_channels=1).eval()
+    x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    scramble_until_mixed(model, x[:8])
+    bn = model.net.layer1[0].bn1
+    gate_norm = model.net.layer1[0].conv1.gate.norm
+    gate_before = gate_norm.running_mean.clone()
+    seen = []
+    hook = bn.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach()))
+    dynnet.set_mode(model, "sparse")
+    count = reestimate_batch_norm(model, x, batch_size=32)
+    hook.remove()
+    inputs = torch.cat(seen)
+    assert count == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.net.modules()) - 6  # six gate norms kept
+    torch.testing.assert_close(bn.running_mean, inputs.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, inputs.var((0, 2, 3)), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(gate_norm.running_mean, gate_before)
+    assert not model.training and {b.mode for _, b in model.blocks()} == {"sparse"}  # modes restored
+    report = dynnet.calibrate(model, x, 0.6, tolerance=0.05, bn_data=x)
+    assert report.batch_norms == count and abs(report.mac_fraction - 0.6) <= 0.05

@@ -282,7 +282,8 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         from dynnet.calibration import calibrate
 
         start = time.perf_counter()
-        cal = calibrate(model, data.val, job.budget, tolerance=config.calibrate_tolerance)
+        bn_data = data.train if profile.reestimate_bn else None
+        cal = calibrate(model, data.val, job.budget, tolerance=config.calibrate_tolerance, bn_data=bn_data)
         seconds["calibrate"] = time.perf_counter() - start
         achieved_val = cal.mac_fraction
     if profile.scrambled and job.kind == "recipe" and RECIPES.get(job.recipe).budget.calibrated:
@@ -296,6 +297,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
         "calibrated": cal is not None, "error": fitted.calibration_error,
         "thresholds": {} if cal is None else dict(cal.thresholds),
         "uncalibrated_val_fraction": None if cal is None else cal.before,
+        "batch_norms_reestimated": 0 if cal is None else cal.batch_norms,
     }  # fmt: skip
 
     start = time.perf_counter()

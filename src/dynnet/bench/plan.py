@@ -75,6 +75,9 @@ class BenchProfile:
             ``.transfers``) are trained once, at this budget, and calibrated on the validation split to each other
             budget of the profile (their rows say ``trained_budget``); the trained job runs first and keeps its
             checkpoint. The other recipes are trained at every budget. ``None``: every budget is trained.
+        reestimate_bn: a job calibrated from another budget's training also re-estimates the base network's
+            batch-norm statistics on training images under its new decisions, then calibrates again
+            (``calibrate(..., bn_data=...)``); in the settings of those jobs only.
     """
 
     name: str = "quick"
@@ -113,6 +116,7 @@ class BenchProfile:
     recipes: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
     scrambled: bool = False
+    reestimate_bn: bool = False
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -384,6 +388,8 @@ class Job:
         out = dataclasses.asdict(self) | {k: p[k] for k in keys}
         # Only when set, so that the settings of the profiles without them (and their stored rows) are unchanged.
         out |= {k: p[k] for k in ("extras", "scrambled") if p[k]}
+        if self.trained_budget is not None and profile.reestimate_bn:
+            out["reestimate_bn"] = True
         if self.recipe is not None:
             from dynnet.core import RECIPES
             from dynnet.core.recipe import fine_tune_settings
