@@ -22,3 +22,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, float]]:
+    """Measured dispatch on, with a clock that reads ``clock["t"]``: candidates advance it by their declared cost."""
+    from dynnet.kernels import autotune
+
+    monkeypatch.setenv("DYNNET_AUTOTUNE", "1")
+    now = {"t": 0.0}
+    monkeypatch.setattr(autotune, "clock", lambda: now["t"])
+    autotune.cache_clear()
+    yield now
+    autotune.cache_clear()

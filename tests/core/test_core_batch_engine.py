@@ -3,8 +3,6 @@ the same logits, and never outside sparse inference."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -31,20 +29,10 @@ def _counting_runs(model: dynnet.DynamicModel, calls: list[int], cost: dict[str,
     def counted(x: torch.Tensor) -> torch.Tensor:
         calls.append(x.shape[0])
         if cost is not None:
-            cost["now"] += cost["sample"] if x.shape[0] == 1 else cost["batched"]
+            cost["t"] += cost["sample"] if x.shape[0] == 1 else cost["batched"]
         return run(x)
 
     model.run = counted
-
-
-@pytest.fixture
-def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, float]]:
-    monkeypatch.setenv("DYNNET_AUTOTUNE", "1")
-    cost = {"now": 0.0}
-    monkeypatch.setattr(autotune, "clock", lambda: cost["now"])
-    autotune.cache_clear()
-    yield cost
-    autotune.cache_clear()
 
 
 def test_per_sample_runs_each_sample_and_gives_the_batched_logits(mixed) -> None:

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from dynnet.kernels import autotune
-
-
-@pytest.fixture
-def fake_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, float]]:
-    """Autotune on, with a clock that each candidate advances by its declared cost."""
-    monkeypatch.setenv("DYNNET_AUTOTUNE", "1")
-    now = {"t": 0.0}
-    monkeypatch.setattr(autotune, "clock", lambda: now["t"])
-    autotune.cache_clear()
-    yield now
-    autotune.cache_clear()
 
 
 def _candidates(now: dict[str, float], costs: dict[str, float], calls: list[str]) -> dict:
