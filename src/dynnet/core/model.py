@@ -415,19 +415,16 @@ DynamicModel.compute_loss = _checks_trace(DynamicModel.compute_loss)  # type: ig
 
 
 def base_hosts(net: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, nn.Module]:
-    """The proper submodules of ``net`` that hold a copy of the network ``state_dict`` belongs to: every key of it,
-    with its shape, but those of one last module (the classifier a recipe replaces), by name."""
-    owners = list(dict.fromkeys(k.rpartition(".")[0] for k in state_dict))
-    head = owners[-1] if owners else ""
-    needed = {k: v.shape for k, v in state_dict.items() if k.rpartition(".")[0] != head}
+    """The outermost proper submodules of ``net`` that hold a copy of the network ``state_dict`` belongs to: every
+    key of it with its shape, but those of at most one module (the classifier a recipe replaces), by name."""
     hosts = {}
     for name, m in net.named_modules():
-        if not name or not needed:
+        if not name or not state_dict:
             continue
         own = m.state_dict()
-        if all(k in own and own[k].shape == shape for k, shape in needed.items()):
+        absent = {k.rpartition(".")[0] for k, v in state_dict.items() if k not in own or own[k].shape != v.shape}
+        if len(absent) <= 1 and len(absent) < len({k.rpartition(".")[0] for k in state_dict}):
             hosts[name] = m
-    # a host inside another host (a block of an encoder never holds the whole base, but be safe): keep the outer
     return {n: m for n, m in hosts.items() if not any(n.startswith(f"{o}.") for o in hosts if o != n)}
 
 
