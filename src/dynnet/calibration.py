@@ -24,7 +24,14 @@ from dynnet.core import RECIPES, DynamicModel, kept_modes, set_mode, trace
 from dynnet.core.budget import Knob, check_budget_in_range, mean_mac_fraction, search_knob
 from dynnet.core.trace import _check_budget
 
-__all__ = ["CalibrationReport", "calibrate", "collect_batches", "measured_latency", "reestimate_batch_norm"]
+__all__ = [
+    "CalibrationReport",
+    "average_batch_norm_statistics",
+    "calibrate",
+    "collect_batches",
+    "measured_latency",
+    "reestimate_batch_norm",
+]
 
 Timer = Callable[[nn.Module, Sequence[Tensor]], float]
 """``timer(model, batches) -> ms``: the mean latency per image of ``model`` over ``batches``, as it runs now."""
@@ -225,7 +232,6 @@ def calibrate(
         thresholds = model.calibrate_to_(xs, float(budget), float(tolerance))
         if bn_data is not None:
             norms = reestimate_batch_norm(model, bn_data, max_images=bn_images, batch_size=batch_size)
-            set_mode(model.eval(), "sparse")
             thresholds = model.calibrate_to_(xs, float(budget), float(tolerance))
         with torch.no_grad():
             model.calibration[1] = float(budget)
@@ -235,6 +241,24 @@ def calibrate(
         budget=float(budget), mac_fraction=achieved, before=before, thresholds=dict(thresholds), images=images,
         tolerance=float(tolerance), accuracy=None if correct is None else correct / images, batch_norms=norms,
     )  # fmt: skip
+
+
+def average_batch_norm_statistics(norms: Sequence[nn.modules.batchnorm._BatchNorm], run: Callable[[], Any]) -> None:
+    """Reset the running statistics of ``norms`` and average them over what ``run()`` feeds them (cumulative average,
+    no momentum, the norms alone in training mode, no gradients); their momentum and eval mode are set back after,
+    also when ``run`` raises."""
+    momenta = [m.momentum for m in norms]
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            run()
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
 
 
 def reestimate_batch_norm(
@@ -265,21 +289,14 @@ def reestimate_batch_norm(
     if not norms:
         return 0
     xs, _ = _batches_on(model, data, max_images, batch_size)
-    momenta = [m.momentum for m in norms]
     with kept_modes(model):
         set_mode(model.eval(), "masked")
-        try:
-            for m in norms:
-                m.reset_running_stats()
-                m.momentum = None
-                m.train()
-            with torch.no_grad():
-                for x in xs:
-                    model(x)
-        finally:
-            for m, momentum in zip(norms, momenta, strict=True):
-                m.momentum = momentum
-                m.eval()
+
+        def run() -> None:
+            for x in xs:
+                model(x)
+
+        average_batch_norm_statistics(norms, run)
     return len(norms)
 
 

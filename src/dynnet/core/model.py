@@ -361,7 +361,8 @@ class DynamicModel(nn.Module):
                     "recipe's network does not contain the base; train it from scratch)"
                 )
             for host in hosts.values():
-                host.load_state_dict({k: v for k, v in state_dict.items() if k in host.state_dict()}, strict=False)
+                own = host.state_dict()
+                host.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
             self.init_from_base_()
             return
         not_gate = [k for k in missing if not _is_dynamic_param(k)]
@@ -417,13 +418,14 @@ DynamicModel.compute_loss = _checks_trace(DynamicModel.compute_loss)  # type: ig
 def base_hosts(net: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, nn.Module]:
     """The outermost proper submodules of ``net`` that hold a copy of the network ``state_dict`` belongs to: every
     key of it with its shape, but those of at most one module (the classifier a recipe replaces), by name."""
+    owners = {k.rpartition(".")[0] for k in state_dict}
     hosts = {}
     for name, m in net.named_modules():
         if not name or not state_dict:
             continue
         own = m.state_dict()
         absent = {k.rpartition(".")[0] for k, v in state_dict.items() if k not in own or own[k].shape != v.shape}
-        if len(absent) <= 1 and len(absent) < len({k.rpartition(".")[0] for k in state_dict}):
+        if len(absent) <= 1 and len(absent) < len(owners):
             hosts[name] = m
     return {n: m for n, m in hosts.items() if not any(n.startswith(f"{o}.") for o in hosts if o != n)}
 

@@ -89,6 +89,7 @@ def trained_like_(model: nn.Module, generator: torch.Generator, *, size: int = 6
     standard deviations, variance × U(0.8, 1.25)). Drawn at random alone, statistics drown the input in a deep
     network: the logits of MobileNetV2 and EfficientNet no longer depend on it.
     """
+    from dynnet.calibration import average_batch_norm_statistics
     from dynnet.testing.conformance import diverse_inputs
 
     def draw(shape: torch.Size) -> Tensor:
@@ -104,15 +105,9 @@ def trained_like_(model: nn.Module, generator: torch.Generator, *, size: int = 6
             if isinstance(scale, nn.Parameter):
                 scale.copy_(draw(scale.shape) * 0.5 + 0.25)
         model.eval()
-        momenta = [m.momentum for m in norms]
+        images = diverse_inputs(8, (3, size, size), seed=int(torch.randint(1 << 30, (1,), generator=generator)))
+        average_batch_norm_statistics(norms, lambda: model(images))  # a cumulative average over the batch
         for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average over the calibration batch
-            m.train()
-        model(diverse_inputs(8, (3, size, size), seed=int(torch.randint(1 << 30, (1,), generator=generator))))
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-            m.eval()
             # nearly dead channels (variance ~0 on the calibration images) would blow up any other input
             m.running_var.clamp_(min=0.1 * float(m.running_var.mean()))
             std = (m.running_var + m.eps).sqrt()  # a shift of the mean by 0.1 std: dead channels' stay tiny

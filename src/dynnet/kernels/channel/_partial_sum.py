@@ -28,6 +28,7 @@ __all__ = [
     "tile_gated_pair_reference",
     "tile_gated_rest_add_",
     "tiles_on",
+    "upsample_tiles",
 ]
 
 
