@@ -78,7 +78,7 @@ def _time(ctx: ExtraContext, model: nn.Module) -> dict[str, Any]:
     p = ctx.profile
     return profile_model(
         model, ctx.images, batch_sizes=p.batch_sizes, threads=p.threads, min_run_time=p.min_run_time,
-        batch1_samples=p.batch1_samples,
+        batch1_samples=p.batch1_samples, rounds=p.timing_rounds,
     )  # fmt: skip
 
 

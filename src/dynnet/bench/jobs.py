@@ -128,7 +128,9 @@ def build_job_model(job: Job, profile: BenchProfile, info: Any) -> tuple[nn.Modu
 
     A recipe that cannot convert the profile's base (or fails on its images) falls back to its own test base at the
     profile's width, then at its default width; one that needs another image size (sides divisible by 8...) gets
-    the dataset's images zero-padded (black) to its ``RecipeSpec.test_input`` size.
+    the dataset's images zero-padded (black) to its ``RecipeSpec.test_input`` size. A ``trained_like`` profile
+    (a speed measurement of one deployed network) has no fallback: the recipe converts that network or the job fails
+    with the conversion's reason.
     """
     from dynnet.core import RECIPES
     from dynnet.models.cifar_resnet import CifarResNet
@@ -158,18 +160,28 @@ def build_job_model(job: Job, profile: BenchProfile, info: Any) -> tuple[nn.Modu
         except Exception:  # depths the registry does not list (14, 26...): the same class, built directly
             return CifarResNet(job.depth, width=job.width, **common), name, job.width, None
     spec = RECIPES.get(job.recipe)
-    attempts = [(job.model, {"width": job.width}), (spec.test_base, {"width": job.width}), (spec.test_base, {})]
+    attempts = [(job.model, _width(job.model, job.width)), (spec.test_base, _width(spec.test_base, job.width)),
+                (spec.test_base, {})]  # fmt: skip
     sizes: list[tuple[int, int] | None] = [None]
     own = tuple(spec.test_input[1:])
     if own != tuple(info.image_size) and all(o >= i for o, i in zip(own, info.image_size, strict=True)):
         sizes.append(own)  # type: ignore[arg-type]
+    if profile.trained_like:  # a speed profile measures the profile's network or nothing: a refusal is its row
+        attempts, sizes = attempts[:1], [None]
     errors = []
     settings = dict(dict(profile.recipe_settings).get(job.recipe, ()))
     for size in sizes:
         probe = torch.zeros(2, info.in_channels, *(size or info.image_size))
         for name, extra in attempts:
             try:
-                model = build_model(name, job.recipe, budget=job.budget, **common, **extra, **settings)
+                if profile.trained_like:  # the base's normalisation layers as a trained network's, then converted
+                    import dynnet
+                    from dynnet.testing.matrix import trained_like_
+
+                    base = trained_like_(build_model(name, **common, **extra), torch.Generator().manual_seed(job.seed))
+                    model = dynnet.convert(base, job.recipe, budget=job.budget, inplace=True, **settings)
+                else:
+                    model = build_model(name, job.recipe, budget=job.budget, **common, **extra, **settings)
                 model.eval()
                 with torch.no_grad():
                     model(probe)  # a recipe may convert but fail on this input size: try the next base / size
@@ -180,6 +192,14 @@ def build_job_model(job: Job, profile: BenchProfile, info: Any) -> tuple[nn.Modu
             except Exception as err:
                 errors.append(f"{name} {extra} at {size or tuple(info.image_size)}: {type(err).__name__}: {err}")
     raise RuntimeError("no base network / input size this recipe runs on: " + " | ".join(errors))
+
+
+def _width(model: str, width: float) -> dict[str, float]:
+    """The width argument of a base network: dynnet's own models take one; torchvision and timm models none at 1.0
+    (a width multiplier other than 1.0 is passed on, and their builder says it has none)."""
+    from dynnet.models import MODELS
+
+    return {"width": width} if model in MODELS or width != 1.0 else {}
 
 
 class _Padded:
@@ -312,13 +332,13 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
     dev_images = data.images.to(device)
     timing.update(profile_model(
         model, dev_images, batch_sizes=profile.batch_sizes, threads=profile.threads,
-        min_run_time=profile.min_run_time, batch1_samples=profile.batch1_samples,
+        min_run_time=profile.min_run_time, batch1_samples=profile.batch1_samples, rounds=profile.timing_rounds,
     ))  # fmt: skip
     if device != "cpu" and profile.cpu_latency:
         model.cpu()
         cpu = profile_model(
             model, data.images, batch_sizes=profile.batch_sizes, threads=profile.threads,
-            min_run_time=profile.min_run_time, batch1_samples=profile.batch1_samples,
+            min_run_time=profile.min_run_time, batch1_samples=profile.batch1_samples, rounds=profile.timing_rounds,
         )  # fmt: skip
         timing.update({f"cpu_{k}": v for k, v in cpu.items()})
         model.to(device)

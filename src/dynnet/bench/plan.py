@@ -78,6 +78,12 @@ class BenchProfile:
         reestimate_bn: a job calibrated from another budget's training also re-estimates the base network's
             batch-norm statistics on training images under its new decisions, then calibrates again
             (``calibrate(..., bn_data=...)``); in the settings of those jobs only.
+        trained_like: with ``scrambled``, the base network's normalisation layers get the statistics and affine
+            parameters of a trained network (:func:`dynnet.testing.matrix.trained_like_`) before the recipe converts
+            it: deployed networks (torchvision, timm) whose weights cannot be downloaded here still run with the
+            activation scales the sparse engine meets in practice.
+        timing_rounds: dense and sparse are timed alternately this many times per batch size and each reports its
+            median round (:func:`dynnet.bench.harness.profile_model`'s ``rounds``).
     """
 
     name: str = "quick"
@@ -117,6 +123,8 @@ class BenchProfile:
     extras: tuple[str, ...] = ()
     scrambled: bool = False
     reestimate_bn: bool = False
+    trained_like: bool = False
+    timing_rounds: int = 1
 
     def __post_init__(self) -> None:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
@@ -137,6 +145,10 @@ class BenchProfile:
             raise ValueError(f"trained_budget must be a fraction in (0, 1], got {self.trained_budget}")
         if self.scrambled and self.trained_budget is not None:
             raise ValueError("a scrambled profile (the budget check) trains nothing: leave trained_budget None")
+        if self.trained_like and not self.scrambled:
+            raise ValueError("trained_like statistics stand in for weights nobody trained: set scrambled too")
+        if self.timing_rounds < 1:
+            raise ValueError(f"timing_rounds must be >= 1, got {self.timing_rounds}")
         if self.extras:
             from dynnet.bench.extras import EXTRAS
 
@@ -342,6 +354,42 @@ PROFILES |= {
     ),
 }
 
+# The speed profiles (they replace benchmarks/realized_speedup.py): how much of the MAC saving sparse mode turns into
+# time on the networks people deploy, at 224 × 224. No training and no downloadable weights: the base gets a trained
+# network's normalisation statistics (`trained_like`), each recipe's decisions are randomised to mixed ones
+# (`scrambled`) and calibrated to the budget on half of 128 synthetic pattern images, then dense and sparse are timed
+# alternately (3 rounds, each mode reports its median round). The accuracies are those of random heads: meaningless.
+_SPEED = BenchProfile(
+    name="speed_resnet50",
+    base="resnet50",
+    width=1.0,
+    dataset="synthetic",
+    dataset_kwargs=(("num_train", 128), ("num_test", 64), ("image_size", 224), ("in_channels", 3)),
+    recipes=("convnet_aig", "fbs", "dynconv", "sbnet"),
+    scrambled=True,
+    trained_like=True,
+    subset=None,
+    val_fraction=0.5,
+    test_subset=64,
+    budgets=(0.5,),
+    static_depths=(),
+    static_widths=(),
+    batch_size=32,
+    batch_sizes=(1, 8),
+    min_run_time=0.5,
+    batch1_samples=8,
+    timing_rounds=3,
+    threads=1,
+    train_threads=1,
+    device="cpu",
+    examples=0,
+)
+PROFILES |= {
+    "speed_resnet50": _SPEED,
+    "speed_mobilenet_v2": dataclasses.replace(_SPEED, name="speed_mobilenet_v2", base="mobilenet_v2"),
+    "speed_resnet18": dataclasses.replace(_SPEED, name="speed_resnet18", base="resnet18", batch_sizes=(1, 8, 64)),
+}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -387,7 +435,9 @@ class Job:
         p = profile.as_dict()
         out = dataclasses.asdict(self) | {k: p[k] for k in keys}
         # Only when set, so that the settings of the profiles without them (and their stored rows) are unchanged.
-        out |= {k: p[k] for k in ("extras", "scrambled") if p[k]}
+        out |= {k: p[k] for k in ("extras", "scrambled", "trained_like") if p[k]}
+        if profile.timing_rounds != 1:
+            out["timing_rounds"] = profile.timing_rounds
         if self.trained_budget is not None and profile.reestimate_bn:
             out["reestimate_bn"] = True
         if self.recipe is not None:

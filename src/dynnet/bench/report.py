@@ -77,17 +77,69 @@ def write_table(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "results.csv", out / "results.json"
+    columns = list(TABLE_COLUMNS)
+    at = columns.index("threads")  # the timing of batch sizes other than 1 and 64 goes with theirs
+    columns[at:at] = [f"b{b}_{k}" for b in _batch_sizes(rows) if b not in (1, 64) for k in _TIMED]
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             flat = dict(r)
             for kind in ("macs", "executed"):
                 flat.update({f"{kind}_{q}": v for q, v in (r.get(f"{kind}_q") or {}).items()})
-            writer.writerow({k: _cell(flat.get(k)) for k in TABLE_COLUMNS})
+            writer.writerow({k: _cell(flat.get(k)) for k in columns})
     slim = [{k: v for k, v in r.items() if k not in ("examples", "traceback")} for r in rows]
     json_path.write_text(json.dumps(slim, separators=(",", ":"), default=str))
     return csv_path, json_path
+
+
+_TIMED = ("dense_ms", "sparse_ms", "mac_speedup", "latency_speedup", "realized_ratio")
+"""The timing fields of each batch size ``b{B}_...`` in a row (:func:`dynnet.bench.harness.profile_model`)."""
+
+SLOWER = 1.02
+"""Sparse mode counts as slower than dense beyond this latency ratio (the never-slower guarantee's tolerance)."""
+
+
+def _batch_sizes(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The batch sizes timed in any row (from its ``b{B}_realized_ratio`` fields), ascending."""
+    timed = (k for r in rows for k in r if k.startswith("b") and k.endswith("_realized_ratio"))
+    return sorted({int(k[1:].split("_", 1)[0]) for k in timed})
+
+
+def _speed_lines(rows: Sequence[dict[str, Any]], profile: dict[str, Any]) -> list[str]:
+    """The speed profile's table: each recipe at each batch size, dense → sparse ms, MAC and latency speedups, the
+    realized ratio, and whether sparse was slower than dense (beyond :data:`SLOWER`)."""
+    ok = sorted((r for r in rows if r.get("status") == "ok" and r.get("kind") == "recipe"), key=lambda r: r["job"])
+    sizes = _batch_sizes(ok)
+    size = dict(profile.get("dataset_kwargs") or ()).get("image_size")
+    lines = [
+        "## Speed",
+        "",
+        f"`{profile.get('base')}` at {f'{size}×{size}' if size else 'the data’s image size'}, "
+        f"{profile.get('threads')} thread(s); dense and sparse timed alternately ({profile.get('timing_rounds', 1)} "
+        "round(s), each mode's median round). ms per image at batch 1, per batch otherwise. Realized = latency "
+        "speedup ÷ MAC speedup (1.0: the MAC saving fully on the clock). **slower** = sparse more than "
+        f"{100 * (SLOWER - 1):.0f} % slower than dense.",
+        "",
+        "| recipe | MAC frac | executed frac | " + " | ".join(f"b{b} ms dense→sparse | b{b} ×lat / ×MAC | b{b} realized"
+                                                           for b in sizes) + " |",
+        "|---|---|---|" + "---|---|---|" * len(sizes),
+    ]  # fmt: skip
+    slower = []
+    for r in ok:
+        cells = []
+        for b in sizes:
+            dense, sparse = r.get(f"b{b}_dense_ms"), r.get(f"b{b}_sparse_ms")
+            flag = ""
+            if dense and sparse and float(sparse) > SLOWER * float(dense):
+                flag = " **slower**"
+                slower.append(f"{r['recipe']} at batch {b}")
+            cells.append(f"{_f(dense)}→{_f(sparse)}{flag} | ×{_f(r.get(f'b{b}_latency_speedup'))} / "
+                         f"×{_f(r.get(f'b{b}_mac_speedup'))} | {_f(r.get(f'b{b}_realized_ratio'))}")  # fmt: skip
+        lines.append(f"| {r['recipe']} | {_f(r.get('mac_fraction'), '.3f')} | "
+                     f"{_f(r.get('executed_fraction'), '.3f')} | " + " | ".join(cells) + " |")  # fmt: skip
+    lines += ["", "Sparse slower than dense: " + (", ".join(slower) if slower else "nowhere measured") + ".", ""]
+    return lines
 
 
 def _cell(v: Any) -> Any:
@@ -178,16 +230,30 @@ def write_report(
     static = sorted((r for r in agg if r["kind"] == "static"), key=lambda r: (r["dataset"], r["mean_macs"]))
     recipes = sorted({v["recipe"] for v in ver} | {r["recipe"] for r in errors if r["kind"] == "recipe"})
     p = profile
-    lines = [
-        f"# dynnet benchmark suite — profile `{p.get('name')}`",
-        "",
-        f"{_coverage(len(recipes))} at budgets {', '.join(f'{b:g}' for b in p.get('budgets', []))} "
-        f"and {len(static)} static baselines, trained with one shared schedule: base `{p.get('base')}` × "
-        f"{p.get('width')} on `{p.get('dataset')}`, {p.get('subset') or 'all'} training images, {p.get('epochs')} "
-        f"epoch(s), batch {p.get('batch_size')}, SGD lr {p.get('lr')} (cosine), seeds {p.get('seeds')}; tested in "
-        f"**sparse mode** (work really skipped) on {p.get('test_subset') or 'all'} test images.",
-        "",
-    ]
+    lines = [f"# dynnet benchmark suite — profile `{p.get('name')}`", ""]
+    if p.get("scrambled"):
+        lines += [
+            f"{len(recipes)} recipe(s) on `{p.get('base')}` (`{p.get('dataset')}` images) at budgets "
+            f"{', '.join(f'{b:g}' for b in p.get('budgets', []))}, untrained"
+            + (" (normalisation layers with a trained network's statistics)" if p.get("trained_like") else "")
+            + f"; measured in **sparse mode** (work really skipped) on {p.get('test_subset') or 'all'} test images.",
+            "",
+            "> **No training: the decisions are random** (each recipe's gates scrambled to mixed decisions, then "
+            "calibrated to the budget on the validation images). The accuracies are those of untrained heads and mean "
+            "nothing; what this profile measures is the budget reached and the time sparse mode takes.",
+            "",
+            *_speed_lines(rows, p),
+        ]  # fmt: skip
+    else:
+        lines += [
+            f"{_coverage(len(recipes))} at budgets {', '.join(f'{b:g}' for b in p.get('budgets', []))} "
+            f"and {len(static)} static baselines, trained with one shared schedule: base `{p.get('base')}` × "
+            f"{p.get('width')} on `{p.get('dataset')}`, {p.get('subset') or 'all'} training images, "
+            f"{p.get('epochs')} epoch(s), batch {p.get('batch_size')}, SGD lr {p.get('lr')} (cosine), seeds "
+            f"{p.get('seeds')}; tested in **sparse mode** (work really skipped) on {p.get('test_subset') or 'all'} "
+            "test images.",
+            "",
+        ]
     if p.get("name") == "quick":
         lines += [
             "> **Quick profile: a smoke test. The accuracies come from a very short schedule** (one epoch on a few "
@@ -195,7 +261,8 @@ def write_report(
             "within noise. Use the `standard` profile (CPU, in pieces) or `full` (GPU) for conclusions.",
             "",
         ]
-    lines += _headline_lines(rows, p)
+    if not p.get("scrambled"):  # random decisions: no accuracy to compare
+        lines += _headline_lines(rows, p)
     lines += [
         "## Machine",
         "",
