@@ -143,3 +143,81 @@ def test_without_matplotlib_the_report_says_which_extra_to_install(
     with pytest.raises(SystemExit, match=r"pip install 'dynnet\[bench\]'"):
         write_outputs([], tmp_path, profile={}, machine={})
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("name", ["speed_resnet50", "speed_mobilenet_v2", "speed_resnet18", "latency_resnet18"])
+def test_the_speed_profiles_time_deployed_networks_untrained_without_a_static_front(name: str) -> None:
+    profile = PROFILES[name]
+    jobs = plan_jobs(profile)
+    assert profile.scrambled and profile.trained_like and profile.timing_rounds >= 3
+    assert profile.base in ("resnet50", "mobilenet_v2", "resnet18")
+    assert dict(profile.dataset_kwargs)["image_size"] == 224
+    assert jobs and all(j.kind == "recipe" and j.model == profile.base and j.trained_budget is None for j in jobs)
+    assert {"convnet_aig", "fbs", "dynconv"} <= {j.recipe for j in jobs}
+
+
+def test_the_latency_profile_fine_tunes_one_recipe_per_family_and_measures_latency_budgets() -> None:
+    profile = PROFILES["latency"]
+    recipes = {j.recipe: j for j in plan_jobs(profile) if j.kind == "recipe"}
+    assert {RECIPES.get(r).family for r in recipes} == {"layer_skip", "channel", "spatial"}
+    assert profile.extras == ("latency_budget",) and profile.init == "zoo" and not profile.scrambled
+    assert PROFILES["latency_resnet18"].extras == ("latency_model",)
+
+
+def test_trained_like_statistics_need_a_scrambled_profile_and_are_in_the_settings() -> None:
+    with pytest.raises(ValueError, match="set scrambled too"):
+        dataclasses.replace(TINY, trained_like=True)
+    with pytest.raises(ValueError, match="timing_rounds"):
+        dataclasses.replace(TINY, timing_rounds=0)
+    job = plan_jobs(TINY, ["convnet_aig"])[0]
+    assert "trained_like" not in job.settings(TINY) and "timing_rounds" not in job.settings(TINY)
+    speed = dataclasses.replace(TINY, scrambled=True, trained_like=True, timing_rounds=2)
+    assert job.settings(speed)["trained_like"] and job.settings(speed)["timing_rounds"] == 2
+
+
+SPEED_TINY = dataclasses.replace(
+    TINY, name="speed_tiny", base="resnet18", width=1.0, scrambled=True, trained_like=True, timing_rounds=2,
+    dataset_kwargs=(("in_channels", 3), ("image_size", 32), ("num_train", 64), ("num_test", 24)), batch_sizes=(1, 2),
+)  # fmt: skip
+
+
+def test_a_speed_profile_times_the_deployed_network_itself_at_every_batch_size(tmp_path: Path) -> None:
+    import torch
+
+    (row,) = run_suite(SPEED_TINY, tmp_path, ["convnet_aig"], progress=False)
+    assert row["status"] == "ok", row.get("error")
+    assert row["model"] == "resnet18" and not row["base_fallback"] and row["scrambled"]["mixed"]
+    assert row["history"] == [] and row["calibration"]["calibrated"]
+    for b in (1, 2):
+        assert row[f"b{b}_dense_ms"] > 0 and row[f"b{b}_sparse_ms"] > 0 and row[f"b{b}_realized_ratio"] > 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Speed" in report and "b2 realized" in report and "No training: the decisions are random" in report
+    assert "## Headline" not in report  # random heads: no accuracy comparison
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert "b2_realized_ratio" in header and header.index("b2_dense_ms") < header.index("threads")
+    # the base's normalisation layers are those of a trained network, not PyTorch's defaults
+    from dynnet.bench.jobs import build_job_model, load_data
+
+    data = load_data(SPEED_TINY, "synthetic", 0)
+    model, base, _, _ = build_job_model(plan_jobs(SPEED_TINY, ["convnet_aig"])[0], SPEED_TINY, data.info)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert base == "resnet18" and norms and all(not torch.all(m.running_var == 1) for m in norms)
+
+
+def test_a_speed_profile_records_a_refusal_instead_of_timing_another_network(tmp_path: Path) -> None:
+    profile = dataclasses.replace(SPEED_TINY, base="mobilenet_v2")
+    (row,) = run_suite(profile, tmp_path, ["dynconv"], progress=False, report=False)
+    assert row["status"] == "error" and "mobilenet_v2" in row["error"] and "cifar_resnet" not in row["error"]
+
+
+def test_the_latency_extras_measure_the_model_calibrate_to_milliseconds_and_compare_budgets(tmp_path: Path) -> None:
+    profile = dataclasses.replace(TINY, extras=("latency_budget",))
+    (row,) = run_suite(profile, tmp_path, ["convnet_aig"], progress=False, report=False)
+    assert row["status"] == "ok", row.get("error")
+    lat = row["extras"]["latency_budget"]
+    assert lat["dense_measured_ms"] > 0 and lat["sparse_measured_ms"] > 0 and lat["dense_predicted_ms"] > 0
+    assert lat["prediction_error"]["1"]["median"] >= 0
+    assert len(lat["calibration"]) == 3 and all("target_ms" in c for c in lat["calibration"])
+    assert lat["blocks"] and all(0.0 <= b["kept"] <= 1.0 for b in lat["blocks"])
+    assert set(lat["training"]) == {"mac", "latency"}
+    assert all(0.0 <= t["accuracy"] <= 1.0 and len(t["curve"]) == 3 for t in lat["training"].values())

@@ -11,6 +11,8 @@ after the timing and stores the result in the row's ``extras[name]``. Built in:
   with every channel kept (``dynamic_channel_exec`` at budget 1), timed in the same window; the realized ratio against
   it separates how well the engine turns fewer channels into less time from how fast it is against PyTorch's own
   convolutions;
+* ``latency_model``, ``latency_budget`` — the latency model of this machine, its prediction error, calibration to
+  measured milliseconds, and MAC- vs latency-budget training (:mod:`dynnet.bench.latency_extras`);
 * ``operator_profile`` — where the time goes: the operators with the most self CPU time (``torch.profiler``) in dense
   and in sparse mode at each of the profile's batch sizes.
 """
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from dynnet.bench.latency_extras import latency_budget, latency_model
 
 if TYPE_CHECKING:
     from dynnet.bench.plan import BenchProfile, Job
@@ -44,6 +48,7 @@ class ExtraContext:
         info: the dataset's info (``in_channels``, ``num_classes``...).
         images: Tensor[M, C, H, W] real test images for timing, on the model's device.
         timing: the job's own timing (:func:`dynnet.bench.harness.profile_model`'s row).
+        data: the job's loaders (:class:`dynnet.bench.jobs.JobData`; ``None`` outside a suite job).
     """
 
     job: Job
@@ -54,6 +59,7 @@ class ExtraContext:
     info: Any
     images: Tensor
     timing: dict[str, Any]
+    data: Any = None
 
 
 EXTRAS: dict[str, Callable[[ExtraContext], dict[str, Any]]] = {}
@@ -164,3 +170,7 @@ def operator_profile(ctx: ExtraContext, *, top: int = 10) -> dict[str, Any]:
                     for e in events
                 ]
     return out
+
+
+EXTRAS["latency_model"] = latency_model
+EXTRAS["latency_budget"] = latency_budget

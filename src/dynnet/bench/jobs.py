@@ -347,7 +347,7 @@ def run_job(job: Job, profile: BenchProfile, data: JobData, *, checkpoint_dir: P
     if spec is not None:
         from dynnet.bench.extras import EXTRAS, ExtraContext
 
-        ctx = ExtraContext(job, profile, model, base, width, data.info, dev_images, timing)
+        ctx = ExtraContext(job, profile, model, base, width, data.info, dev_images, timing, data)
         extras = {name: EXTRAS[name](ctx) for name in profile.extras}
     seconds["profile"] = time.perf_counter() - start
     recipe_metrics = None

@@ -389,6 +389,23 @@ PROFILES |= {
     "speed_mobilenet_v2": dataclasses.replace(_SPEED, name="speed_mobilenet_v2", base="mobilenet_v2"),
     "speed_resnet18": dataclasses.replace(_SPEED, name="speed_resnet18", base="resnet18", batch_sizes=(1, 8, 64)),
 }
+# The latency-budget profiles (they replace benchmarks/latency_budget.py; docs/latency.md): ConvNet-AIG (layer skip),
+# FBS (channel) and DynConv (spatial) at budget 0.5 with the latency model of this machine, its prediction error and
+# calibration to measured milliseconds (`dynnet.bench.latency_extras`). On Fashion-MNIST they are fine-tuned like the
+# family profiles and then fine-tuned again with a MAC and with a latency budget; ResNet-18 at 224 runs untrained,
+# like the speed profiles, on 256 synthetic test images (batch 1).
+_LATENCY_RECIPES = ("convnet_aig", "fbs", "dynconv")
+PROFILES |= {
+    "latency": dataclasses.replace(
+        PROFILES["channel"], name="latency", families=(), recipes=_LATENCY_RECIPES, budgets=(0.5,),
+        extras=("latency_budget",),
+    ),
+    "latency_resnet18": dataclasses.replace(
+        _SPEED, name="latency_resnet18", base="resnet18", recipes=_LATENCY_RECIPES, batch_sizes=(1,),
+        dataset_kwargs=(("num_train", 128), ("num_test", 256), ("image_size", 224), ("in_channels", 3)),
+        test_subset=256, extras=("latency_model",),
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
