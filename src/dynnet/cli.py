@@ -8,7 +8,7 @@
     dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 [--out runs/q-b0.4] [--force]
     dynnet eval --checkpoint runs/quickstart [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
-    dynnet bench --profile quick|standard|full|<family>|budget [--recipes a,b] [--budgets 0.25,0.5] [--out DIR]
+    dynnet bench --profile quick|standard|full|<family>|budget|speed_<net>|latency [--recipes a,b] [--out DIR]
     dynnet bench --profile quick --report-only          # rebuild table, plots and report from <out>/runs/
     dynnet quickstart
 

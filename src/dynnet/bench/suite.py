@@ -277,7 +277,8 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=sorted(PROFILES),
         help="run the benchmark suite with this profile (quick, standard, full; a family's: layer_skip, early_exit, "
-        "channel, convnet_aig, spatial, glimpse; budget: the calibration check, no training)",
+        "channel, convnet_aig, spatial, glimpse; budget: the calibration check, no training; speed_<network>: "
+        "sparse vs dense time on a deployed network at 224; latency, latency_resnet18: latency budgets)",
     )
     add("--out", default=None, help="suite results folder (default benchmarks/results/suite/<profile>)")
     add("--recipes", default=None, help="comma-separated recipe names (default: every registered recipe)")
