@@ -221,3 +221,18 @@ def test_the_latency_extras_measure_the_model_calibrate_to_milliseconds_and_comp
     assert lat["blocks"] and all(0.0 <= b["kept"] <= 1.0 for b in lat["blocks"])
     assert set(lat["training"]) == {"mac", "latency"}
     assert all(0.0 <= t["accuracy"] <= 1.0 and len(t["curve"]) == 3 for t in lat["training"].values())
+
+
+def test_a_recipe_trained_from_scratch_gets_its_own_optimiser_and_the_settings_say_so() -> None:
+    from dynnet.bench.jobs import _fine_tune_plan, build_job_model, load_data
+
+    profile = PROFILES["standard"]
+    jobs = {j.recipe: j for j in plan_jobs(profile, ["ram", "fbs"]) if j.kind == "recipe" and j.budget == 0.5}
+    assert jobs["ram"].settings(profile)["scratch"] == RECIPES.get("ram").scratch
+    assert RECIPES.get("ram").scratch["optimizer"] == "adamw" and RECIPES.get("dt_ram").scratch
+    assert "scratch" not in jobs["fbs"].settings(profile)  # the other recipes' rows stay current
+    data = load_data(TINY, "synthetic", 0)
+    job = plan_jobs(TINY, ["ram"])[0]
+    model, base, width, _ = build_job_model(job, TINY, data.info)
+    init, teacher, overrides = _fine_tune_plan(job, TINY, model, base, width, data.info)
+    assert init is None and teacher is None and overrides == RECIPES.get("ram").scratch

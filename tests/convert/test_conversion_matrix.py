@@ -66,6 +66,30 @@ def test_timm_efficientnet_converts_and_keeps_the_contract() -> None:
     assert cell.converted and not cell.reason, cell.reason
 
 
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+@pytest.mark.parametrize(
+    ("model", "recipe"),
+    [
+        ("timm/resnet18", "fbs"),  # timm's BasicBlock (act1, act2; DropBlock and anti-aliasing the identity)
+        ("timm/resnet18", "channel_gating"),  # its own gated convolutions, the activation named act1
+        ("timm/resnet50", "rnp"),  # timm's Bottleneck, the stem's act1 and the head's global_pool
+    ],
+)
+def test_the_channel_family_gates_timm_resnets(model: str, recipe: str) -> None:
+    cell = check_cell(model, recipe, base=_base(model))
+    assert cell.converted and not cell.reason, cell.reason
+    assert cell.dynamic_blocks > 0 and "sparse=masked" in cell.checks
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed")
+def test_a_timm_block_with_squeeze_excitation_is_refused_by_the_channel_family() -> None:
+    import timm
+
+    net = timm.create_model("seresnet18", num_classes=10)
+    with pytest.raises(ValueError, match="squeeze-excitation"):
+        dynnet.convert(net, "fbs")
+
+
 @pytest.mark.parametrize(("model", "recipe", "names"), REFUSED)
 def test_an_unsupported_pair_is_refused_in_one_line(model: str, recipe: str, names: str) -> None:
     cell = check_cell(model, recipe, base=_base(model), deep=False)
@@ -101,6 +125,7 @@ _FBS_FEEDBACK = "scrambled FBS saliencies overflow a 16-Bottleneck ResNet-50 to 
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("torchvision/resnet50", "fbs"): _FBS_FEEDBACK,
     ("torchvision/wide_resnet50_2", "fbs"): _FBS_FEEDBACK,
+    ("timm/resnet50", "fbs"): _FBS_FEEDBACK,
     ("torchvision/mobilenet_v2", "branchynet"): _NOT_MIXED,
     ("torchvision/resnet50", "branchynet"): _NOT_MIXED,
     ("timm/resnet50", "branchynet"): _NOT_MIXED,

@@ -433,10 +433,14 @@ def _fine_tune_plan(
 ) -> tuple[str | None, nn.Module | None, dict[str, Any]]:
     """``(init, teacher, TrainConfig overrides)`` of a job: a recipe on the profile's own base starts from the
     profile's ``init`` with the budget annealed from 1; a pruned baseline is already initialised and distils from
-    the dense base it was pruned from; everything else trains from scratch."""
+    the dense base it was pruned from; everything else trains from scratch (a recipe with its own ``scratch``
+    settings, such as RAM's optimiser)."""
+    from dynnet.core import RECIPES
+
+    scratch = dict(RECIPES.get(job.recipe).scratch) if job.kind == "recipe" else {}
     start = profile.init_for(job.dataset)
     if start is None:
-        return None, None, {}
+        return None, None, scratch
     if job.kind == "recipe" and base == profile.base and width == profile.width:
         from dynnet.core.recipe import fine_tune_settings
         from dynnet.train.init import load_init
@@ -445,7 +449,7 @@ def _fine_tune_plan(
             load_init(copy.deepcopy(model), start)
         except ValueError as err:
             logging.getLogger(__name__).warning("job %s trains from scratch: %s", job.id, err)
-            return None, None, {}
+            return None, None, scratch
         return start, None, fine_tune_settings(job.recipe, profile.epochs)
     if job.source == "pruned" and profile.distill > 0:
         from dynnet.train import build_model
@@ -454,7 +458,7 @@ def _fine_tune_plan(
         dense = build_model(profile.base, in_channels=info.in_channels, num_classes=info.num_classes, width=width)
         load_init(dense, start)
         return None, frozen_teacher(dense), {}
-    return None, None, {}
+    return None, None, scratch
 
 
 def _corr(a: Tensor, b: Tensor) -> float:

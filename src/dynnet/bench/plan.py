@@ -463,9 +463,11 @@ class Job:
 
             out["fine_tune"] = fine_tune_settings(self.recipe, profile.epochs) if profile.init is not None else {}
             out["recipe_settings"] = dict(dict(profile.recipe_settings).get(self.recipe, ()))
-            revision = RECIPES.get(self.recipe).revision
-            if revision:  # absent at 0, so that rows made before revisions existed stay current
-                out["revision"] = revision
+            spec = RECIPES.get(self.recipe)
+            if spec.revision:  # absent at 0, so that rows made before revisions existed stay current
+                out["revision"] = spec.revision
+            if spec.scratch:  # likewise: only the recipes that declare settings for training from scratch
+                out["scratch"] = dict(spec.scratch)
         return json.loads(json.dumps(out, default=json_default))
 
     def trained_job(self) -> Job:

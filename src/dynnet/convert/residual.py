@@ -95,8 +95,9 @@ def projection_shortcut(adapter: ResidualAdapter, block: nn.Module) -> tuple[nn.
 
 def post_is_relu(adapter: ResidualAdapter, block: nn.Module) -> bool:
     """Whether ``adapter.post`` is exactly a ReLU for this block (a built-in ResNet adapter whose block's ``relu``
-    is an ``nn.ReLU``): fused kernels may then apply it themselves."""
-    return adapter.post is _relu and type(getattr(block, "relu", None)) is nn.ReLU
+    — timm's ``act2`` / ``act3`` — is an ``nn.ReLU``): fused kernels may then apply it themselves."""
+    act = {_relu: "relu", _timm_post2: "act2", _timm_post3: "act3"}.get(adapter.post)  # type: ignore[call-overload]
+    return act is not None and type(getattr(block, act, None)) is nn.ReLU
 
 
 def _conv1_in(block: nn.Module) -> int:

@@ -48,6 +48,9 @@ class RecipeSpec:
             both, or fixed at conversion, and the range of MAC fractions it can reach.
         fine_tune: :class:`~dynnet.train.TrainConfig` settings of the recipe's fine-tuning from a trained base, over
             :data:`FINE_TUNE_DEFAULTS` (see :func:`fine_tune_settings`).
+        scratch: :class:`~dynnet.train.TrainConfig` settings of training the recipe's own network from scratch (where
+            its network does not contain a base to start from), over the caller's schedule: RAM's recurrent core
+            diverges under the ResNets' SGD rate and trains with AdamW.
         revision: raised when a change of the recipe's code changes what it trains or measures (a fixed estimator,
             a new objective): benchmark rows made at an older revision are stale and rerun (0: never revised).
         bench_metrics: the recipe's own measurements in the benchmark suite (``dynnet bench``), beside the ones every
@@ -69,6 +72,7 @@ class RecipeSpec:
     input_dependent: bool = True
     budget: BudgetPolicy | None = None
     fine_tune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
     revision: int = 0
     bench_metrics: Callable[..., dict[str, Any]] | None = None
 
@@ -145,7 +149,7 @@ def recipe(
         family: the reading-list family, when the module does not live in ``dynnet.methods.<family>``.
         config: the config dataclass, when the ``config`` argument is not annotated with it.
         **options: the other :class:`RecipeSpec` fields (``test_base``, ``test_input``, ``exact_executed``,
-            ``reproduces_base``, ``input_dependent``, ``fine_tune``, ``revision``, ``bench_metrics``).
+            ``reproduces_base``, ``input_dependent``, ``fine_tune``, ``scratch``, ``revision``, ``bench_metrics``).
 
     Example:
         >>> @recipe("convnet_aig", paper="...", budget=BudgetPolicy("trained+calibrated"))

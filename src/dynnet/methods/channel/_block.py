@@ -71,9 +71,10 @@ def gated_channels(block: nn.Module) -> int:
     return gated_layout(block).channels(block)
 
 
-def check_basic_block(block: nn.Module) -> None:
-    """Raise unless ``block`` is a basic residual block (``conv1 → bn1 → relu → conv2 → bn2``)."""
-    needed = ("conv1", "bn1", "conv2", "bn2", "relu")
+def check_basic_block(block: nn.Module, act: str = "relu") -> None:
+    """Raise unless ``block`` is a basic residual block (``conv1 → bn1 → act → conv2 → bn2``; ``act`` is ``relu``,
+    timm's ``act1``)."""
+    needed = ("conv1", "bn1", "conv2", "bn2", act)
     missing = [a for a in needed if not hasattr(block, a)]
     if missing or hasattr(block, "conv3"):
         why = f"lacks {missing}" if missing else "is a bottleneck (conv3)"
@@ -108,9 +109,10 @@ class ChannelGatedBlock(DynamicBlock):
         super().__init__()
         layout = gated_layout(block, self.supported_layouts)
         if layout.kind == "basic":
-            check_basic_block(block)
+            check_basic_block(block, layout.head[0].act or "relu")
         adopt_children(self, block)
         self.layout = layout
+        self._act = layout.head[0].act  # the activation of the gated channels (``relu``; timm's ``act1``)
         self._folded: tuple[tuple, tuple] | None = None
         self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
         self._plan: tuple | None = None  # the batch-1 compiled call's operands (_build_plan)
@@ -128,6 +130,8 @@ class ChannelGatedBlock(DynamicBlock):
         super().__setstate__(state)
         if "layout" not in self.__dict__:  # pickled before the layouts existed: a basic block then
             self.layout = gated_layout(self, ("basic",))
+        if "_act" not in self.__dict__:  # pickled before timm blocks were gated
+            self._act = self.layout.head[0].act
 
     @property
     def channels(self) -> int:
@@ -164,7 +168,7 @@ class ChannelGatedBlock(DynamicBlock):
     def inner(self, x: Tensor) -> Tensor:
         """The gated channels (basic block: ``relu(bn1(conv1(x)))``): Tensor[N, C_in, H, W] → Tensor[N, C, H', W']."""
         if self.layout.kind == "basic":
-            return self.relu(self.bn1(self.conv1(x)))
+            return self._modules[self._act](self.bn1(self.conv1(x)))
         return self.layout.inner(self, x)
 
     def outer(self, h: Tensor) -> Tensor:

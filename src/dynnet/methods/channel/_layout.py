@@ -13,8 +13,9 @@ The branch's MACs are ``fixed + k · per`` with ``k`` the kept channels: the hea
 
 Kinds:
 
-* ``"basic"`` (``conv1 → bn1 → relu → conv2 → bn2``): head ``conv1``, tail ``conv2``; ``fixed = 0``;
-* ``"bottleneck"`` (torchvision ``Bottleneck``: ``conv1 1×1 → conv2 3×3 → conv3 1×1``): the gated width is
+* ``"basic"`` (``conv1 → bn1 → relu → conv2 → bn2``; timm's ``act1`` for ``relu``): head ``conv1``, tail ``conv2``;
+  ``fixed = 0``;
+* ``"bottleneck"`` (torchvision or timm ``Bottleneck``: ``conv1 1×1 → conv2 3×3 → conv3 1×1``): the gated width is
   ``conv1``'s outputs = ``conv2``'s inputs; ``conv1`` is output-sliced, ``conv2`` input-sliced, ``conv3`` runs in
   full (``fixed``: about 4/17 of a ResNet-50 bottleneck's MACs). ``conv2`` must be dense: ResNeXt's grouped
   ``conv2`` is refused;
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from dynnet.kernels.channel import ConvSpec, ExpandedConvs, fold_bn, sliced_conv_in, sliced_expanded, sliced_pair
 
-__all__ = ["LAYOUTS", "GatedLayout", "Stage", "gated_layout"]
+__all__ = ["LAYOUTS", "GatedLayout", "Stage", "describe_block", "gated_layout"]
 
 LAYOUTS = ("basic", "bottleneck", "inverted")
 """The block kinds whose inner width a channel-gated block can switch (see the module docstring)."""
@@ -173,7 +174,7 @@ def gated_layout(block: nn.Module, supported: tuple[str, ...] = LAYOUTS) -> Gate
     Raises:
         ValueError: in one line, what the block is and which kinds are supported.
     """
-    layout, why = _describe(block)
+    layout, why = describe_block(block)
     if layout is None or layout.kind not in supported:
         why = why if layout is None else f"it is {_KIND_WORDS[layout.kind].split(' (')[0]} block"
         raise ValueError(
@@ -190,11 +191,13 @@ _KIND_WORDS = {
 }
 
 
-def _describe(block: nn.Module) -> tuple[GatedLayout | None, str]:
-    """``(layout, "")`` or ``(None, why not)``."""
+def describe_block(block: nn.Module) -> tuple[GatedLayout | None, str]:
+    """``(layout, "")`` of a block a channel-gated block can wrap, or ``(None, why not)``."""
     names = dict(block.named_children())
     if isinstance(names.get("conv"), nn.Sequential):
         return _describe_inverted(names["conv"])
+    if "act1" in names and "relu" not in names:
+        return _describe_timm(block, names)
     bottleneck = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu")
     basic = ("conv1", "bn1", "conv2", "bn2", "relu")
     if "conv3" in names:
@@ -216,6 +219,28 @@ def _describe(block: nn.Module) -> tuple[GatedLayout | None, str]:
         if getattr(block, conv).groups != 1:
             return None, f"{conv} is grouped"
     return GatedLayout("basic", (Stage("conv1", "bn1", "relu"),), (Stage("conv2", "bn2"),)), ""
+
+
+def _describe_timm(block: nn.Module, names: dict[str, nn.Module]) -> tuple[GatedLayout | None, str]:
+    """timm's ResNet ``BasicBlock`` / ``Bottleneck`` (activations ``act1``, ``act2`` [, ``act3``]) when its branch is
+    the plain chain of torchvision's: no squeeze-excitation or stochastic depth, DropBlock and anti-aliasing the
+    identity (timm's defaults), ReLU activations and dense convolutions."""
+    convs = ("conv1", "conv2", "conv3") if "conv3" in names else ("conv1", "conv2")
+    acts = ("act1", "act2") if "conv3" in names else ("act1",)
+    missing = [a for a in (*convs, *(f"bn{i + 1}" for i in range(len(convs))), *acts) if a not in names]
+    if missing:
+        return None, f"lacks {missing}"
+    extras = [getattr(block, a, None) for a in ("drop_block", "aa", "drop_path")]
+    if getattr(block, "se", None) is not None or not all(m is None or isinstance(m, nn.Identity) for m in extras):
+        return None, "its branch has squeeze-excitation, DropBlock, anti-aliasing or stochastic depth"
+    if any(type(names[a]) is not nn.ReLU for a in acts):
+        return None, "its activations are not nn.ReLU"
+    if any(names[c].groups != 1 for c in convs[:2]):
+        return None, "conv2 is grouped; it must be dense"
+    if "conv3" in names:
+        tail = (Stage("conv2", "bn2", "act2"), Stage("conv3", "bn3"))
+        return GatedLayout("bottleneck", (Stage("conv1", "bn1", "act1"),), tail), ""
+    return GatedLayout("basic", (Stage("conv1", "bn1", "act1"),), (Stage("conv2", "bn2"),)), ""
 
 
 def _describe_inverted(seq: nn.Sequential) -> tuple[GatedLayout | None, str]:

@@ -37,17 +37,20 @@ def resnet_stages(net: nn.Module) -> list[nn.Sequential]:
     (batch-1 inference walks them on every call).
 
     Raises:
-        ValueError: ``net`` is not ResNet-style (``conv1, bn1, layer1.., avgpool, fc``).
+        ValueError: ``net`` is not ResNet-style (``conv1, bn1, relu, layer1.., avgpool, fc``; timm's ``act1`` and
+            ``global_pool`` for ``relu`` and ``avgpool``).
     """
     cached = _STAGES.get(net)
     if cached is not None and cached[0] == structure_generation():
         return cached[1]
-    needed = ("conv1", "bn1", "fc", "avgpool", "layer1")
+    needed = ("conv1", "bn1", "fc", "layer1")
     missing = [a for a in needed if not hasattr(net, a)]
+    missing += [] if _stem_act(net) is not None else ["relu"]
+    missing += [] if _pool(net) is not None else ["avgpool"]
     if missing:
         raise ValueError(
-            f"this recipe runs ResNet-style networks (conv1, bn1, layer1.., avgpool, fc); {type(net).__name__} "
-            f"lacks {missing}"
+            f"this recipe runs ResNet-style networks (conv1, bn1, relu, layer1.., avgpool, fc: torchvision's, timm's "
+            f"with act1 and global_pool, dynnet's CIFAR ResNets); {type(net).__name__} lacks {missing}"
         )
     stages, k = [], 1
     while isinstance(getattr(net, f"layer{k}", None), nn.Sequential):
@@ -58,9 +61,9 @@ def resnet_stages(net: nn.Module) -> list[nn.Sequential]:
 
 
 def resnet_stem(net: nn.Module, x: Tensor) -> Tensor:
-    """``conv1 → bn1 → relu (→ maxpool)``: the first stage's input."""
+    """``conv1 → bn1 → relu (→ maxpool)``: the first stage's input (timm: ``act1`` for ``relu``)."""
     resnet_stages(net)
-    x = net.relu(net.bn1(net.conv1(x)))
+    x = _stem_act(net)(net.bn1(net.conv1(x)))
     maxpool = getattr(net, "maxpool", None)
     return maxpool(x) if isinstance(maxpool, nn.Module) else x
 
@@ -72,8 +75,20 @@ def iter_blocks(net: nn.Module) -> Iterator[nn.Module]:
 
 
 def resnet_head(net: nn.Module, x: Tensor) -> Tensor:
-    """``avgpool → flatten → fc``: logits Tensor[N, K]."""
-    return net.fc(torch.flatten(net.avgpool(x), 1))
+    """``avgpool → flatten → fc`` (timm: ``global_pool``): logits Tensor[N, K]."""
+    return net.fc(torch.flatten(_pool(net)(x), 1))
+
+
+def _stem_act(net: nn.Module) -> nn.Module | None:
+    """The stem's activation: ``relu`` (torchvision, dynnet) or ``act1`` (timm)."""
+    act = getattr(net, "relu", None) or getattr(net, "act1", None)
+    return act if isinstance(act, nn.Module) else None
+
+
+def _pool(net: nn.Module) -> nn.Module | None:
+    """The global pooling before ``fc``: ``avgpool`` (torchvision, dynnet) or ``global_pool`` (timm)."""
+    pool = getattr(net, "avgpool", None) or getattr(net, "global_pool", None)
+    return pool if isinstance(pool, nn.Module) else None
 
 
 def compiled_input_ok(x: Tensor) -> bool:

@@ -80,6 +80,7 @@ from dynnet.kernels.channel import (
     upsample_tiles,
 )
 from dynnet.methods.channel._block import check_basic_block, folded_projection
+from dynnet.methods.channel._layout import describe_block
 from dynnet.methods.channel._resnet import compiled_input_ok, resnet_head, resnet_stages, resnet_stem
 
 __all__ = ["ChannelGating", "ChannelGatingConfig", "GatedBasicBlock", "GatedConv", "PartialSumGate"]
@@ -271,14 +272,17 @@ class GatedBasicBlock(nn.Module):
     (:func:`~dynnet.core.cache.structure_generation`); the batch norms' ``eps`` is read when it is built.
 
     Args:
-        block: the original block (dynnet CIFAR or torchvision ``BasicBlock``) with gated ``conv1`` and ``conv2``.
+        block: the original block (dynnet CIFAR, torchvision or timm ``BasicBlock``) with gated ``conv1`` and
+            ``conv2``.
         adapter: the block's residual adapter (shortcut and post-op).
+        act: the name of the activation after ``bn1`` (``relu``; timm's ``act1``).
     """
 
-    def __init__(self, block: nn.Module, adapter: ResidualAdapter) -> None:
+    def __init__(self, block: nn.Module, adapter: ResidualAdapter, act: str = "relu") -> None:
         super().__init__()
         adopt_children(self, block)
         self.adapter = adapter
+        self._act = act  # the activation after bn1: ``relu`` (timm: ``act1``)
         self._plan: tuple | None = None
 
     def __getstate__(self) -> dict:
@@ -296,7 +300,7 @@ class GatedBasicBlock(nn.Module):
 
     def inner(self, x: Tensor) -> Tensor:
         """``relu(bn1(conv1(x)))``: Tensor[N, C_in, H, W] → Tensor[N, M, H', W']."""
-        return self.relu(self.bn1(self.conv1(x)))
+        return self._modules[getattr(self, "_act", "relu")](self.bn1(self.conv1(x)))
 
     def _forward_native(self, x: Tensor) -> Tensor | None:
         """The block for one sample in one compiled call, or ``None`` when that does not apply."""
@@ -498,12 +502,14 @@ def convert(model: nn.Module, config: ChannelGatingConfig, targets: Targets = "a
     """Gate both convolutions of every target basic residual block of ``model`` (in place)."""
 
     for name, block, adapter in residual_blocks(model, targets):
-        check_basic_block(block)
+        layout, _ = describe_block(block)
+        act = layout.head[0].act if layout is not None and layout.kind == "basic" else None
+        check_basic_block(block, act or "relu")
         for conv_name in ("conv1", "conv2"):
             gated = GatedConv(getattr(block, conv_name), config.groups, config.tile, config.init_threshold)
             gated.block_name, gated.tau = f"{name}.{conv_name}", config.tau
             setattr(block, conv_name, gated)
-        replace_module(model, name, GatedBasicBlock(block, adapter))
+        replace_module(model, name, GatedBasicBlock(block, adapter, act or "relu"))
     return ChannelGating(
         model, recipe="channel_gating", config=copy.copy(config), in_channels=first_conv_in_channels(model)
     )

@@ -74,7 +74,7 @@ from dynnet.core import Trace, current_trace
 from dynnet.core.budget import BudgetPolicy
 from dynnet.core.recipe import recipe
 from dynnet.methods.early_exit.calibration import Calibration, ExitProfile, calibrate_thresholds, calibrate_to_budget_
-from dynnet.methods.glimpse import RAM, RAMConfig, RecurrentAttention
+from dynnet.methods.glimpse import RAM, RAM_SCRATCH, RAMConfig, RecurrentAttention
 from dynnet.train.hooks import FitState, Hook
 
 __all__ = ["DTRAM", "DTRAMConfig", "DTRAMCurriculum", "DynamicTimeAttention", "convert"]
@@ -402,6 +402,7 @@ class DTRAMCurriculum(Hook):
     ),
     test_input=(1, 32, 32),
     reproduces_base=False,
+    scratch=RAM_SCRATCH,
 )
 def convert(model: nn.Module, config: DTRAMConfig, targets: Targets = "auto") -> DTRAM:
     """Build a DT-RAM with ``model``'s input channels and classes (the base network is not reused)."""
