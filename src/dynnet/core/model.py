@@ -23,6 +23,10 @@ from dynnet.kernels import autotune
 __all__ = ["DECISION_MODULE_NAMES", "DynamicModel", "LossOutput", "check_input"]
 
 
+ENGINES = ("auto", "batched", "per_sample", "masked")
+"""The values of :attr:`DynamicModel.batch_engine`."""
+
+
 @dataclass
 class LossOutput:
     """A training objective and its named parts (scalars, for logging)."""
@@ -140,21 +144,27 @@ class DynamicModel(nn.Module):
         )
 
     batch_engine: str = "auto"
-    """How sparse inference runs a batch of more than one sample with nothing recording (set it on a model to fix
-    it): ``"batched"``, the recipe's batch path (:meth:`run` on the whole batch); ``"per_sample"``, :meth:`run` on
-    each sample in turn — the batch-1 paths (compiled for the channel family), which execute each sample's own
-    decisions, where a batch path has to compute the union of the samples' work or pad it; ``"auto"``, the faster
-    of the two, timed once per input shape and calibration (:mod:`dynnet.kernels.autotune`), ``"batched"`` where
-    timing is off (autograd, a profiler or MAC counter watching, ``DYNNET_AUTOTUNE=0`` as in the tests). Outputs
-    agree up to float rounding (per-sample decisions are batch-invariant by contract)."""
+    """How untraced sparse inference runs a batch (set it on a model to fix it): ``"batched"``, the recipe's batch
+    path (:meth:`run` on the whole batch); ``"per_sample"``, :meth:`run` on each sample in turn — the batch-1 paths
+    (compiled for the channel family), which execute each sample's own decisions, where a batch path has to compute
+    the union of the samples' work or pad it (batch > 1 only); ``"masked"``, the same decisions applied as masks to
+    the dense computation (masked mode: the same outputs, every MAC computed), where the sparse kernels lose to the
+    dense ones (gathers of a narrow layer, tiles of a small map); ``"auto"``, the fastest of these, timed once per
+    input shape and calibration (:mod:`dynnet.kernels.autotune`), ``"batched"`` where timing is off (autograd, a
+    profiler or MAC counter watching, ``DYNNET_AUTOTUNE=0`` as in the tests). Outputs agree up to float rounding
+    (per-sample decisions are batch-invariant, and sparse = masked, by contract); a trace always sees the batched
+    sparse path, so the MACs it records are those of real skipping."""
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C, H, W] → logits Tensor[N, K]; decisions and MACs go to the active trace."""
         check_input(x, self.in_channels, dtype=self._weight_dtype())
         t = current_trace()
         if t is None:
-            if x.shape[0] > 1 and self._per_sample(x):
+            engine = self._engine(x)
+            if engine == "per_sample":
                 return self._each(x)
+            if engine == "masked":
+                return self._masked(x)
             return self.run(x)
         start = len(t.entries)
         if self.latency_model is not None and t.latency_model is None:
@@ -231,21 +241,45 @@ class DynamicModel(nn.Module):
         """:meth:`run` on each sample of ``x`` in turn: logits Tensor[N, K]."""
         return torch.cat([self.run(x[i : i + 1]) for i in range(x.shape[0])])
 
-    def _per_sample(self, x: Tensor) -> bool:
-        """Whether this untraced batch runs sample by sample (:attr:`batch_engine`): only in sparse inference."""
+    def _masked(self, x: Tensor) -> Tensor:
+        """:meth:`run` in masked mode (the decisions as masks on the dense computation), sparse mode restored."""
+        blocks = self._blocks()
+        try:
+            for block in blocks:
+                block.mode = "masked"
+            return self.run(x)
+        finally:
+            for block in blocks:
+                block.mode = "sparse"
+
+    def _blocks(self) -> list[nn.Module]:
+        """The dynamic blocks, listed once per module structure (the engine checks their modes on every call)."""
+        cached = self.__dict__.get("_dynamic_blocks")
+        if cached is None or cached[0] != structure_generation():
+            cached = (structure_generation(), [block for _, block in dynamic_blocks(self)])
+            self.__dict__["_dynamic_blocks"] = cached
+        return cached[1]
+
+    def _engine(self, x: Tensor) -> str:
+        """How this untraced call runs (:attr:`batch_engine`): ``"batched"``, ``"per_sample"`` or ``"masked"`` —
+        another engine than ``"batched"`` only in sparse inference."""
         engine = self.batch_engine
-        if engine not in ("auto", "batched", "per_sample"):
-            raise ValueError(f"batch_engine must be 'auto', 'batched' or 'per_sample', got {engine!r}")
-        if engine == "batched" or self.training or torch.is_grad_enabled():
-            return False
-        modes = {block.mode for _, block in dynamic_blocks(self)}
-        if modes != {"sparse"}:
-            return False
-        if engine == "per_sample":
-            return True
-        key = ("per_sample", id(self), structure_generation(), version_key(self.calibration), tuple(x.shape), x.dtype)
-        candidates = {"batched": lambda: self.run(x), "per_sample": lambda: self._each(x)}
-        return autotune.choose(key, candidates) == "per_sample"
+        if engine not in ENGINES:
+            raise ValueError(f"batch_engine must be one of {ENGINES}, got {engine!r}")
+        if engine == "batched" or self.training or torch.is_grad_enabled() or tracing_or_compiling():
+            return "batched"
+        blocks = self._blocks()
+        if not blocks or any(block.mode != "sparse" for block in blocks):
+            return "batched"
+        n = x.shape[0]
+        if engine != "auto":
+            return "batched" if engine == "per_sample" and n == 1 else engine
+        key = ("engine", id(self), structure_generation(), version_key(self.calibration), tuple(x.shape), x.dtype)
+        candidates: dict[str, Callable[[], object]] = {"batched": lambda: self.run(x)}
+        if n > 1:
+            candidates["per_sample"] = lambda: self._each(x)
+        candidates["masked"] = lambda: self._masked(x)
+        return autotune.choose(key, candidates) or "batched"
 
     def dense_macs(self, x: Tensor) -> int:
         """Per-sample MACs of the original static network at the shape of ``x`` (Tensor[N, C, H, W])."""
