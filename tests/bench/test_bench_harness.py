@@ -30,6 +30,8 @@ def test_profile_model_reports_and_restores() -> None:
             assert row[f"b{b}_{key}"] > 0
         assert row[f"b{b}_realized_ratio"] == pytest.approx(row[f"b{b}_latency_speedup"] / row[f"b{b}_mac_speedup"])
     assert row["b1_images"] == 6 and row["b8_images"] == 8
+    # what sparse mode really ran (autotune is off in the tests: the recipe's batch path)
+    assert row["b1_sparse_engine"] == row["b8_sparse_engine"] == "batched"
 
     # the MAC figures are those of sparse eval-mode execution of exactly those images
     model.eval()

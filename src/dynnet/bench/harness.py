@@ -98,7 +98,8 @@ def profile_model(
         A flat dict (one CSV row): for each batch size ``B``: ``b{B}_dense_ms``, ``b{B}_sparse_ms`` (per image at
         B = 1, per batch otherwise), ``b{B}_dense_iqr_ms``, ``b{B}_sparse_iqr_ms``, ``b{B}_mean_macs``,
         ``b{B}_executed_macs``, ``b{B}_mac_fraction``, ``b{B}_mac_speedup``, ``b{B}_latency_speedup``,
-        ``b{B}_realized_ratio`` (and ``b{B}_images``), plus ``dense_macs``, ``threads``, ``device``.
+        ``b{B}_realized_ratio``, ``b{B}_sparse_engine`` (the :attr:`~dynnet.DynamicModel.last_engine` sparse mode ran:
+        batched, per_sample or masked) (and ``b{B}_images``), plus ``dense_macs``, ``threads``, ``device``.
     """
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
@@ -139,6 +140,7 @@ def profile_model(
                 dense_runs.append(timed("dense"))
                 if dynamic:
                     sparse_runs.append(timed("sparse"))
+            engine = getattr(model, "last_engine", None) if dynamic else None  # what the sparse timing ran
             dense_lat, dense_layout = _median_round(dense_runs)
             sparse_lat, sparse_layout = _median_round(sparse_runs) if dynamic else (dense_lat, dense_layout)
             row[f"b{b}_dense_layout"], row[f"b{b}_sparse_layout"] = dense_layout, sparse_layout
@@ -159,6 +161,7 @@ def profile_model(
                 f"b{b}_mac_speedup": mac_speedup,
                 f"b{b}_latency_speedup": lat_speedup,
                 f"b{b}_realized_ratio": ratio,
+                f"b{b}_sparse_engine": engine,
             })  # fmt: skip
     finally:
         for name, block in dynamic_blocks(model):

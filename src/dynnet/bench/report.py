@@ -117,7 +117,9 @@ def _speed_lines(rows: Sequence[dict[str, Any]], profile: dict[str, Any]) -> lis
         "",
         f"`{profile.get('base')}` at {f'{size}×{size}' if size else 'the data’s image size'}, "
         f"{profile.get('threads')} thread(s); dense and sparse timed alternately ({profile.get('timing_rounds', 1)} "
-        "round(s), each mode's median round). ms per image at batch 1, per batch otherwise. Realized = latency "
+        "round(s), each mode's median round). ms per image at batch 1, per batch otherwise; in brackets the engine "
+        "sparse mode chose where it did not run its batch path (`batch_engine`: per_sample, or masked — the "
+        "decisions as masks on the dense work). Realized = latency "
         "speedup ÷ MAC speedup (1.0: the MAC saving fully on the clock). **slower** = sparse more than "
         f"{100 * (SLOWER - 1):.0f} % slower than dense.",
         "",
@@ -134,6 +136,8 @@ def _speed_lines(rows: Sequence[dict[str, Any]], profile: dict[str, Any]) -> lis
             if dense and sparse and float(sparse) > SLOWER * float(dense):
                 flag = " **slower**"
                 slower.append(f"{r['recipe']} at batch {b}")
+            engine = r.get(f"b{b}_sparse_engine")
+            flag += f" ({engine})" if engine and engine != "batched" else ""
             cells.append(f"{_f(dense)}→{_f(sparse)}{flag} | ×{_f(r.get(f'b{b}_latency_speedup'))} / "
                          f"×{_f(r.get(f'b{b}_mac_speedup'))} | {_f(r.get(f'b{b}_realized_ratio'))}")  # fmt: skip
         lines.append(f"| {r['recipe']} | {_f(r.get('mac_fraction'), '.3f')} | "

@@ -153,7 +153,11 @@ class DynamicModel(nn.Module):
     input shape and calibration (:mod:`dynnet.kernels.autotune`), ``"batched"`` where timing is off (autograd, a
     profiler or MAC counter watching, ``DYNNET_AUTOTUNE=0`` as in the tests). Outputs agree up to float rounding
     (per-sample decisions are batch-invariant, and sparse = masked, by contract); a trace always sees the batched
-    sparse path, so the MACs it records are those of real skipping."""
+    sparse path, so the MACs it records are those of real skipping. :attr:`last_engine` says which ran last."""
+
+    last_engine: str | None = None
+    """The engine of the last untraced call (``"batched"``, ``"per_sample"`` or ``"masked"``; ``None`` before one):
+    what a latency measurement of sparse mode really timed."""
 
     def forward(self, x: Tensor) -> Tensor:
         """Tensor[N, C, H, W] → logits Tensor[N, K]; decisions and MACs go to the active trace."""
@@ -161,6 +165,7 @@ class DynamicModel(nn.Module):
         t = current_trace()
         if t is None:
             engine = self._engine(x)
+            self.__dict__["last_engine"] = engine
             if engine == "per_sample":
                 return self._each(x)
             if engine == "masked":
