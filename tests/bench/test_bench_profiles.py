@@ -212,7 +212,7 @@ def test_a_speed_profile_records_a_refusal_instead_of_timing_another_network(tmp
 
 def test_the_latency_extras_measure_the_model_calibrate_to_milliseconds_and_compare_budgets(tmp_path: Path) -> None:
     profile = dataclasses.replace(TINY, extras=("latency_budget",))
-    (row,) = run_suite(profile, tmp_path, ["convnet_aig"], progress=False, report=False)
+    (row,) = run_suite(profile, tmp_path, ["convnet_aig"], progress=False)
     assert row["status"] == "ok", row.get("error")
     lat = row["extras"]["latency_budget"]
     assert lat["dense_measured_ms"] > 0 and lat["sparse_measured_ms"] > 0 and lat["dense_predicted_ms"] > 0
@@ -221,6 +221,9 @@ def test_the_latency_extras_measure_the_model_calibrate_to_milliseconds_and_comp
     assert lat["blocks"] and all(0.0 <= b["kept"] <= 1.0 for b in lat["blocks"])
     assert set(lat["training"]) == {"mac", "latency"}
     assert all(0.0 <= t["accuracy"] <= 1.0 and len(t["curve"]) == 3 for t in lat["training"].values())
+    report = (tmp_path / "report.md").read_text()
+    assert "## Latency model and latency budgets" in report and "| convnet_aig | 1 |" in report
+    assert "(latency_budget.png)" in report and (tmp_path / "latency_budget.png").stat().st_size > 0
 
 
 def test_a_recipe_trained_from_scratch_gets_its_own_optimiser_and_the_settings_say_so() -> None:

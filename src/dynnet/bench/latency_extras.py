@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from dynnet.bench.extras import ExtraContext
     from dynnet.core.latency import LatencyModel
 
-__all__ = ["IMAGES", "TARGETS", "latency_budget", "latency_model"]
+__all__ = ["IMAGES", "LATENCY_EXTRAS", "TARGETS", "latency_budget", "latency_extra", "latency_model"]
+
+LATENCY_EXTRAS = ("latency_budget", "latency_model")
+"""The names these measurements are registered under (:data:`dynnet.bench.extras.EXTRAS`)."""
 
 IMAGES = 256
 """Labelled test images used for profiling, calibration and timing."""
@@ -176,3 +179,9 @@ def latency_budget(ctx: ExtraContext) -> dict[str, Any]:
         dynnet.sparse(m)
     out["training"] = training
     return out
+
+
+def latency_extra(row: dict[str, Any]) -> dict[str, Any] | None:
+    """A suite row's latency measurement (either of :data:`LATENCY_EXTRAS`), or ``None``."""
+    extras = row.get("extras") or {}
+    return next((extras[k] for k in LATENCY_EXTRAS if isinstance(extras.get(k), dict)), None)

@@ -22,11 +22,13 @@ import matplotlib.ticker
 import numpy as np
 
 from dynnet.bench.front import aggregate, pareto_front
+from dynnet.bench.latency_extras import latency_extra
 
 __all__ = [
     "plot_accuracy_vs_latency",
     "plot_accuracy_vs_macs",
     "plot_decisions",
+    "plot_latency_budget",
     "plot_mac_histograms",
     "plot_realized_speedup",
     "write_plots",
@@ -272,6 +274,40 @@ def _class_name(classes: Sequence[str], k: int) -> str:
     return classes[k] if 0 <= k < len(classes) else str(k)
 
 
+def plot_latency_budget(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Three panels of the latency extras: measured latency after ``calibrate(budget_ms=t)`` against the target t
+    (and its recheck), each block's kept fraction against its measured cost per MAC, and accuracy against measured
+    latency of the MAC- and latency-budget fine-tunes."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    targets: list[float] = []
+    for r in sorted(rows, key=lambda r: r["job"]):
+        lat = latency_extra(r)
+        if lat is None:
+            continue
+        name = r["recipe"]
+        cal = [c for c in lat["calibration"] if "measured_ms" in c]
+        targets += [c["target_ms"] for c in lat["calibration"]]
+        axes[0].plot([c["target_ms"] for c in cal], [c["measured_ms"] for c in cal], "o-", label=f"{name}")
+        axes[0].plot([c["target_ms"] for c in cal], [c["recheck_ms"] for c in cal], "x", color="grey")
+        blocks = [b for b in lat["blocks"] if b.get("ns_per_mac") is not None]
+        axes[1].scatter([b["ns_per_mac"] for b in blocks], [b["kept"] for b in blocks], label=name)
+        for kind, style in (("mac", "s--"), ("latency", "o-")):
+            curve = [c for c in (lat.get("training") or {}).get(kind, {}).get("curve", []) if "measured_ms" in c]
+            if curve:
+                axes[2].plot([c["measured_ms"] for c in curve], [100 * c["accuracy"] for c in curve], style,
+                             label=f"{name} ({kind} budget)")  # fmt: skip
+    if targets:
+        axes[0].plot([min(targets), max(targets)], [min(targets), max(targets)], "k:", lw=1)
+    axes[0].set(xlabel="target ms / image", ylabel="measured ms (x: recheck)", title="calibrate(budget_ms=)")
+    axes[1].set(xlabel="block cost, ns per MAC (measured)", ylabel="kept fraction", title="where the work goes")
+    axes[2].set(xlabel="measured ms / image", ylabel="accuracy %", title="MAC vs latency budget")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    return _save(fig, Path(path))
+
+
 def write_plots(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str]) -> dict[str, Path | list[Path]]:
     """Every figure of a suite folder; returns name → path(s) (for the report's links)."""
     out = Path(out_dir)
@@ -287,6 +323,8 @@ def write_plots(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike[str])
     if any(r["kind"] == "recipe" for r in ok):
         plots["realized speedup"] = plot_realized_speedup(ok, out / "realized_speedup.png")
         plots["per-sample MAC histograms"] = plot_mac_histograms(ok, out / "mac_histograms.png")
+    if any(latency_extra(r) is not None for r in ok):
+        plots["latency budget"] = plot_latency_budget(ok, out / "latency_budget.png")
     panels: list[Path] = []
     example_sets: dict[str, dict[str, Any]] = {}
     for r in sorted(ok, key=lambda r: r["job"]):

@@ -146,6 +146,57 @@ def _speed_lines(rows: Sequence[dict[str, Any]], profile: dict[str, Any]) -> lis
     return lines
 
 
+def _latency_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The latency extras' table (:mod:`dynnet.bench.latency_extras`): prediction error of the latency model, and
+    each calibration to a measured latency target; then the MAC- vs latency-budget fine-tunes."""
+    from dynnet.bench.latency_extras import latency_extra
+
+    measured = [(r, latency_extra(r)) for r in sorted(rows, key=lambda r: r["job"]) if r.get("status") == "ok"]
+    measured = [(r, lat) for r, lat in measured if lat is not None]
+    if not measured:
+        return []
+    lines = [
+        "## Latency model and latency budgets",
+        "",
+        "Held-out prediction error of the per-sample latency (median / p90), dense latency measured vs predicted, and "
+        "`calibrate(budget_ms=t)` to targets t = 0.8 / 0.9 / 1.1 × the measured sparse latency: measured latency "
+        "after calibration (its error) and an independent recheck (its error); ✓ within 3 %.",
+        "",
+        "| recipe | batch | pred. error | dense ms measured / predicted | calibrations: target → measured (err) / "
+        "recheck (err) |",
+        "|---|---|---|---|---|",
+    ]
+    for r, lat in measured:
+        err = lat["prediction_error"].get(str(lat["batch"]), {})
+        cals = []
+        for c in lat["calibration"]:
+            if "measured_ms" not in c:
+                cals.append(f"{_f(c['target_ms'], '.3f')} → failed: {_short(c.get('error', ''), 60)}")
+                continue
+            ok = "✓" if c["rel_error"] <= 0.03 else "✗"
+            cals.append(f"{_f(c['target_ms'], '.3f')} → {_f(c['measured_ms'], '.3f')} ({100 * c['rel_error']:.1f} %"
+                        f" {ok}) / {_f(c['recheck_ms'], '.3f')} ({100 * c['recheck_rel_error']:.1f} %)")  # fmt: skip
+        lines.append(
+            f"| {r['recipe']} | {lat['batch']} | {100 * err.get('median', math.nan):.1f} % / "
+            f"{100 * err.get('p90', math.nan):.1f} % | {_f(lat['dense_measured_ms'], '.3f')} / "
+            f"{_f(lat['dense_predicted_ms'], '.3f')} | {'; '.join(cals)} |"
+        )
+    trained = [(r, lat["training"]) for r, lat in measured if lat.get("training")]
+    if trained:
+        lines += [
+            "",
+            "| recipe | budget kind | accuracy | MAC fraction | accuracy at the latency targets (measured ms) |",
+            "|---|---|---|---|---|",
+        ]
+        for r, training in trained:
+            for kind, t in training.items():
+                curve = ", ".join(f"{100 * c['accuracy']:.2f} % ({_f(c['measured_ms'], '.3f')})"
+                                  for c in t["curve"] if "measured_ms" in c)  # fmt: skip
+                lines.append(f"| {r['recipe']} | {kind} | {100 * t['accuracy']:.2f} % | "
+                             f"{_f(t['mac_fraction'], '.3f')} | {curve or '–'} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _cell(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -267,6 +318,7 @@ def write_report(
         ]
     if not p.get("scrambled"):  # random decisions: no accuracy to compare
         lines += _headline_lines(rows, p)
+    lines += _latency_lines(rows)
     lines += [
         "## Machine",
         "",
