@@ -40,12 +40,13 @@ FAST_CELLS = [
     ("torchvision/vgg11_bn", "branchynet"),  # a plain network: exits only
     ("torchvision/efficientnet_b0", "early_exit_cnn"),  # exits after any block
     ("torchvision/mobilenet_v2", "sbnet"),  # tiles through a depthwise stage (groups = channels)
+    ("torchvision/mobilenet_v2", "dynconv"),  # pixels through a depthwise stage, gathered channel by channel
     ("torchvision/mobilenet_v3_large", "visual_attention_action"),  # a hidden Linear before the classifier
 ]
 
 REFUSED = [
     ("torchvision/vgg11_bn", "convnet_aig", "no residual blocks found in VGG"),
-    ("torchvision/mobilenet_v2", "dynconv", "InvertedResidual"),  # the pixel kernels run groups=1 only
+    ("torchvision/mobilenet_v2", "perforated_cnn", "InvertedResidual"),  # its perforated kernels: groups=1 only
     ("torchvision/convnext_tiny", "sbnet", "CNBlock"),
     ("torchvision/vgg11_bn", "lsts", "16x16-pixel patch is too small"),  # five poolings take 16 pixels below 1
 ]

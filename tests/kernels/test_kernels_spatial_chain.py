@@ -73,6 +73,55 @@ def test_pixel_execution_equals_masked(engine, case) -> None:
     torch.testing.assert_close(executed, expected)
 
 
+def _inverted(c_in: int, expand: int, stride: int, seed: int, *, first: bool) -> list[ConvStage]:
+    """MobileNetV2-style stages: [expand 1×1 →] depthwise 3×3 → project 1×1, trained-like batch norms, ReLU6."""
+    torch.manual_seed(seed)
+    hidden = c_in if first else c_in * expand
+    convs = [] if first else [nn.Conv2d(c_in, hidden, 1, bias=False)]
+    depthwise = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False)
+    convs += [depthwise, nn.Conv2d(hidden, c_in, 1, bias=False)]
+    stages = []
+    for i, conv in enumerate(convs):
+        bn = nn.BatchNorm2d(conv.out_channels).eval()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+        stages.append(ConvStage(conv.eval(), bn, nn.ReLU6() if i < len(convs) - 1 else None))
+    return stages
+
+
+@MANY
+@given(case=block_cases(), first=st.booleans())
+def test_pixel_execution_of_a_depthwise_chain_equals_masked(case, first: bool) -> None:
+    """An inverted residual's chain (the depthwise stage gathered channel by channel; the first when there is no
+    expansion) equals the masked chain, and executes exactly the masked positions' MACs."""
+    c_in, expand, stride, h, w, n, kind, density, _, seed = case
+    stages = _inverted(c_in, expand % 4 + 1, stride, seed % 1000, first=first)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    sizes = chain_sizes(stages, (h, w))
+    masks = stage_masks(stages, make_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
+    with torch.no_grad():
+        ref = run_masked(stages, x, list(masks))
+        if bool(masks[0].any()):
+            rows, positions, executed = run_pixels(stages, x, masks)
+            got = scatter_add_rows(torch.zeros_like(ref), rows, positions)
+        else:
+            got, executed = torch.zeros_like(ref), torch.zeros(n, dtype=torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    expected = sum(m.flatten(1).sum(1).double() * s.per_position for s, m in zip(stages, masks, strict=True))
+    torch.testing.assert_close(executed, expected)
+
+
+def test_a_grouped_chain_that_is_not_depthwise_is_not_a_pixel_chain() -> None:
+    from torchvision.models.resnet import Bottleneck
+
+    resnext = Bottleneck(64, 16, groups=4, base_width=32).eval()  # conv2 grouped, not depthwise
+    assert spatial_chain(resnext) is None and spatial_chain(resnext, grouped=True) is not None
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @MANY
 @given(case=block_cases())
@@ -111,7 +160,8 @@ def test_tile_macs_seen_by_counter() -> None:
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_tile_execution_of_a_depthwise_inverted_residual_equals_masked(stride: int) -> None:
-    """An inverted residual (1×1 expand → 3×3 depthwise → 1×1 project) runs in tiles; the pixel kernels refuse it."""
+    """An inverted residual (1×1 expand → 3×3 depthwise → 1×1 project) runs in tiles (and in pixels: a depthwise
+    stage is gathered channel by channel)."""
     from torchvision.models.mobilenetv2 import InvertedResidual
 
     torch.manual_seed(stride)
@@ -120,8 +170,8 @@ def test_tile_execution_of_a_depthwise_inverted_residual_equals_masked(stride: i
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.5)
             m.running_var.uniform_(0.5, 1.5)
-    assert spatial_chain(block) is None  # groups != 1: not for the gather-GEMM kernels
     stages = spatial_chain(block, grouped=True)
+    assert spatial_chain(block) == stages  # depthwise: the pixel kernels run it too
     assert [st.conv.groups for st in stages] == [1, 24, 1]
     x = torch.randn(2, 8, 13, 11)
     with torch.no_grad():

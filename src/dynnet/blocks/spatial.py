@@ -16,7 +16,16 @@ from dynnet.core import Decision, current_trace
 from dynnet.core.registry import TypeRegistry
 from dynnet.kernels import autotune
 from dynnet.kernels.block import scatter_tiles, tiles_to_pixels
-from dynnet.kernels.chain import ConvStage, chain_sizes, run_masked, run_pixels, run_tiles, stage_masks, tile_macs
+from dynnet.kernels.chain import (
+    ConvStage,
+    chain_sizes,
+    is_depthwise,
+    run_masked,
+    run_pixels,
+    run_tiles,
+    stage_masks,
+    tile_macs,
+)
 from dynnet.kernels.spatial import scatter_add_rows
 
 __all__ = [
@@ -35,26 +44,30 @@ def spatial_chain(block: nn.Module, *, grouped: bool = False) -> list[ConvStage]
 
     Args:
         block: a residual block.
-        grouped: whether the caller runs grouped and depthwise convolutions (tile execution: SBNet); the pixel
-            gather-GEMM kernels run dense (groups=1) convolutions only.
+        grouped: whether the caller runs grouped convolutions (tile execution: SBNet); the pixel kernels run dense
+            (groups=1) and depthwise convolutions only.
     """
     fn = _CHAINS.lookup(block)
     stages = None if fn is None else fn(block)
     if stages is None:  # unknown class, or an instance whose branch is not a plain chain
         return None
-    if not grouped and any(st.conv.groups != 1 for st in stages):
+    if not grouped and any(st.conv.groups != 1 and not is_depthwise(st.conv) for st in stages):
         return None
     return stages
 
 
-def no_spatial_chain(model: nn.Module, blocks: list[nn.Module], recipe: str, *, grouped: bool = False) -> ValueError:
+def no_spatial_chain(
+    model: nn.Module, blocks: list[nn.Module], recipe: str, *, grouped: bool = False, depthwise: bool = True
+) -> ValueError:
     """The one-line error of a spatial recipe that finds no residual block whose branch it can run under a mask.
 
     Args:
         model: the network.
         blocks: its residual blocks (those with an adapter).
         recipe: who asks.
-        grouped: whether the recipe runs grouped and depthwise convolutions (:func:`spatial_chain`).
+        grouped: whether the recipe runs grouped convolutions (:func:`spatial_chain`).
+        depthwise: whether it runs depthwise ones (the pixel engine does; a recipe with its own per-convolution
+            kernels may not).
     """
     kinds = sorted({type(b).__name__ for b in blocks})
     found = f"its residual blocks ({', '.join(kinds)}) have" if kinds else "it has no residual blocks and"
@@ -62,10 +75,14 @@ def no_spatial_chain(model: nn.Module, blocks: list[nn.Module], recipe: str, *, 
         what = "conv-BN-activation stages (torchvision ResNet/ResNeXt/Wide ResNet, MobileNetV2, MobileNetV3 blocks "
         what += "without squeeze-excitation, timm ResNet without SE, dynnet CIFAR ResNets)"
         lacks = "squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
-    else:
+    elif not depthwise:
         what = "dense (groups=1) conv-BN-activation stages (the BasicBlock/Bottleneck of torchvision ResNet/Wide "
         what += "ResNet, timm ResNet without SE, dynnet CIFAR ResNets)"
         lacks = "grouped or depthwise convolutions, squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
+    else:
+        what = "dense (groups=1) or depthwise conv-BN-activation stages (the BasicBlock/Bottleneck of torchvision "
+        what += "ResNet/Wide ResNet, MobileNetV2's inverted residuals, timm ResNet without SE, dynnet CIFAR ResNets)"
+        lacks = "grouped convolutions, squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
     return ValueError(
         f"{recipe} needs residual branches that are plain chains of {what}; {type(model).__name__}: {found} {lacks}; "
         "register a chain with dynnet.blocks.register_spatial_chain"

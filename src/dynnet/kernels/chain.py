@@ -6,7 +6,7 @@ the later ones read (the receptive masks: DynConv's "dilated mask"). Three execu
 
 * :func:`run_masked` — the reference: dense stages, each output multiplied by its mask (differentiable);
 * :func:`run_pixels` — gather–GEMM–scatter at the active positions of each stage
-  (:mod:`dynnet.kernels.spatial`);
+  (:mod:`dynnet.kernels.spatial`; a depthwise stage — MobileNetV2's — gathers and weights channel by channel);
 * :func:`run_tiles` — SBNet's tile batches with halos (:mod:`dynnet.kernels.block`).
 
 Pure tensor functions over :class:`ConvStage`\\ s; which block classes split into which stages, and the dynamic
@@ -26,12 +26,19 @@ from torch import Tensor, nn
 from dynnet.kernels.block import TileGeometry, gather_tiles, inside_image, tile_geometry
 from dynnet.kernels.channel import fold_bn
 from dynnet.kernels.gemm import weight_matrix
-from dynnet.kernels.pixels import conv_out_size, receptive_mask, rows_lookup
+from dynnet.kernels.pixels import (
+    channels_last_rows,
+    conv_out_size,
+    gather_depthwise_rows,
+    input_lookup,
+    receptive_mask,
+    rows_lookup,
+)
 from dynnet.kernels.spatial import compiled_kernels, gather_conv_image, gather_conv_rows, pixel_chain
 
 __all__ = [
-    "ConvStage", "chain_sizes", "folded_conv", "folded_stage", "run_masked", "run_pixels", "run_tiles", "stage_masks",
-    "tile_macs",
+    "ConvStage", "chain_sizes", "folded_conv", "folded_stage", "is_depthwise", "run_masked", "run_pixels", "run_tiles",
+    "stage_masks", "tile_macs",
 ]  # fmt: skip
 
 
@@ -176,7 +183,13 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
         prev, positions = positions, m.nonzero()
         wmat, bias = folded_stage(st)
         geometry = {"kernel": k, "stride": s, "padding": p, "dilation": d, "bias": bias}
-        if i == 0:  # the input image (read in place when channels-last and the compiled gather is built)
+        if is_depthwise(st.conv):  # channel by channel: the k·k input rows of each position, weighted
+            if i == 0:
+                source, lookup = channels_last_rows(x)[0], input_lookup(n, *x.shape[2:], device=x.device)
+            else:
+                source, lookup = rows, rows_lookup(prev, (n, *masks[i - 1].shape[1:]), fill=zero_row)
+            out = gather_depthwise_rows(source, lookup, folded_conv(st)[0], positions, **geometry)
+        elif i == 0:  # the input image (read in place when channels-last and the compiled gather is built)
             out = gather_conv_image(x, wmat, positions, **geometry)
         else:
             lookup = rows_lookup(prev, (n, *masks[i - 1].shape[1:]), fill=zero_row)
@@ -203,7 +216,7 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
 def _compiled_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`run_pixels` as one compiled call (:func:`dynnet.kernels.spatial.pixel_chain`) when every activation is
     a ReLU or none and the call applies; else ``None``."""
-    if any(st.act is not None and not _is_relu(st.act) for st in stages):
+    if any((st.act is not None and not _is_relu(st.act)) or st.conv.groups != 1 for st in stages):
         return None
     folded = [folded_stage(st) for st in stages]
     return pixel_chain(
@@ -214,6 +227,12 @@ def _compiled_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) ->
         [st.geometry for st in stages],
         [st.act is not None for st in stages],
     )
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is depthwise (one filter per channel: ``groups = C_in = C_out``), which :func:`run_pixels`
+    computes channel by channel; other grouped convolutions (ResNeXt's) it does not run."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def _border_tiles(tiles: Tensor, region: int, offset: int, step: int, size: tuple[int, int]) -> Tensor | None:

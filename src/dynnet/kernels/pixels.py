@@ -12,13 +12,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "DEPTHWISE_CHUNK_ELEMENTS",
     "active_positions",
     "channels_last_rows",
     "conv_out_size",
+    "gather_depthwise_rows",
     "input_lookup",
     "receptive_mask",
     "rows_lookup",
     "square_param",
+    "tap_sources",
 ]
 
 
@@ -113,3 +116,70 @@ def channels_last_rows(x: Tensor) -> tuple[Tensor, int]:
     buf[:r].view(n, h, w, c).copy_(x.permute(0, 2, 3, 1))
     buf[r].zero_()
     return buf, r
+
+
+def tap_sources(
+    lookup: Tensor, positions: Tensor, *, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> Tensor:
+    """Tensor[P·k·k] long: for every output position (Tensor[P, 3]) and tap of a ``k × k`` convolution, the row of
+    ``lookup`` (Tensor[N, H, W] long) it reads; -1 where it reads zero (outside the image or a -1 entry)."""
+    p = positions.shape[0]
+    h, w = lookup.shape[1:]
+    hp, wp = h + 2 * padding, w + 2 * padding
+    if padding:
+        lookup = F.pad(lookup, (padding, padding, padding, padding), value=-1)
+    base = positions[:, 0] * (hp * wp) + positions[:, 1] * (stride * wp) + positions[:, 2] * stride
+    ar = torch.arange(kernel, device=lookup.device) * dilation
+    offsets = (ar.view(kernel, 1) * wp + ar.view(1, kernel)).reshape(-1)
+    return lookup.reshape(-1).index_select(0, (base.view(p, 1) + offsets.view(1, -1)).reshape(-1))
+
+
+DEPTHWISE_CHUNK_ELEMENTS = 1 << 20
+"""Elements of the gathered ``Tensor[rows, k·k, C]`` made at a time by :func:`gather_depthwise_rows` (4 MB)."""
+
+
+def gather_depthwise_rows(
+    rows: Tensor,
+    lookup: Tensor,
+    weight: Tensor,
+    positions: Tensor,
+    *,
+    kernel: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """A depthwise convolution (``groups = C``) at the given output positions, reading its input from compact rows:
+    each position's ``k·k`` input rows are gathered and weighted channel by channel.
+
+    Args:
+        rows: Tensor[R, C] input rows (channels-last pixels).
+        lookup: Tensor[N, H, W] long, the row of each input position, -1 for zero positions.
+        weight: Tensor[C, 1, k, k] (batch norm folded in).
+        positions: Tensor[P, 3] long ``(n, oh, ow)`` output positions.
+        kernel, stride, padding, dilation: the convolution's geometry.
+        bias: Tensor[C] or ``None``.
+
+    Returns:
+        Tensor[P, C]. Costs exactly ``P·k·k·C`` MACs.
+    """
+    c, taps, p = rows.shape[1], kernel * kernel, positions.shape[0]
+    if weight.shape != (c, 1, kernel, kernel):
+        raise ValueError(f"a depthwise weight over {c} channels is Tensor[{c}, 1, {kernel}, {kernel}], got "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    out = rows.new_empty((p, c))
+    if p == 0:
+        return out
+    src = tap_sources(lookup, positions, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
+    valid = (src >= 0).to(rows.dtype).view(p, taps, 1)
+    src = src.clamp_min(0)
+    rows = rows.contiguous() if rows.shape[0] else rows.new_zeros((1, c))
+    w = weight.reshape(c, taps).t().unsqueeze(0)  # Tensor[1, k·k, C]
+    step = max(1, DEPTHWISE_CHUNK_ELEMENTS // (taps * c))
+    for i in range(0, p, step):
+        j = min(p, i + step)
+        cols = rows.index_select(0, src[i * taps : j * taps]).view(j - i, taps, c)
+        torch.mul(cols, valid[i:j], out=cols)
+        torch.sum(cols * w, dim=1, out=out[i:j])
+    return out if bias is None else out.add_(bias)

@@ -51,6 +51,7 @@ from dynnet.kernels.pixels import (
     receptive_mask,
     rows_lookup,
     square_param,
+    tap_sources,
 )
 
 __all__ = [
@@ -285,14 +286,7 @@ def gather_conv_rows(
         return _chunked_gemm(
             p, chunk, lambda i, j: ext.gather_im2col(rows, lookup, positions, i, j, *geometry), wmat, bias
         )
-    h, w = lookup.shape[1:]
-    hp, wp = h + 2 * padding, w + 2 * padding
-    if padding:
-        lookup = F.pad(lookup, (padding, padding, padding, padding), value=-1)
-    base = positions[:, 0] * (hp * wp) + positions[:, 1] * (stride * wp) + positions[:, 2] * stride
-    ar = torch.arange(kernel, device=rows.device) * dilation
-    offsets = (ar.view(kernel, 1) * wp + ar.view(1, kernel)).reshape(-1)
-    src = lookup.reshape(-1).index_select(0, (base.view(p, 1) + offsets.view(1, -1)).reshape(-1))
+    src = tap_sources(lookup, positions, kernel=kernel, stride=stride, padding=padding, dilation=dilation)
     # A row-major source makes index_select a row copy (a column-major view, e.g. a permuted batch of one,
     # would be gathered element by element, ten times slower).
     rows = rows.contiguous() if rows.shape[0] else rows.new_zeros((1, c))  # no rows: everything reads zero

@@ -16,13 +16,18 @@ __all__ = ["chain_stride", "rate_for_budget", "spatial_targets"]
 
 
 def spatial_targets(
-    model: nn.Module, targets: Targets
+    model: nn.Module, targets: Targets, *, depthwise: bool = True
 ) -> list[tuple[str, nn.Module, ResidualAdapter, list[ConvStage]]]:
-    """The residual blocks of ``model`` whose branch the spatial engine can split into conv stages."""
+    """The residual blocks of ``model`` whose branch the spatial engine can split into conv stages (with
+    ``depthwise=False``, only branches of dense convolutions: recipes with their own per-convolution kernels)."""
     blocks = residual_blocks(model, targets)
-    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b)) is not None]
+    found = [
+        (n, b, a, st)
+        for n, b, a in blocks
+        if (st := spatial_chain(b)) is not None and (depthwise or all(s.conv.groups == 1 for s in st))
+    ]
     if not found:
-        raise no_spatial_chain(model, [b for _, b, _ in blocks], "this spatial recipe")
+        raise no_spatial_chain(model, [b for _, b, _ in blocks], "this spatial recipe", depthwise=depthwise)
     return found
 
 

@@ -529,7 +529,7 @@ def _block_input_sizes(model: nn.Module, blocks: list[nn.Module], shape: tuple[i
 )  # fmt: skip
 def convert(model: nn.Module, config: PerforatedCNNConfig, targets: Targets = "auto") -> PerforatedCNN:
     """Perforate the branch convolutions of every target residual block of ``model`` (in place)."""
-    found = spatial_targets(model, targets)
+    found = spatial_targets(model, targets, depthwise=False)
     in_channels = first_conv_in_channels(model)
     shape = (in_channels or 3, config.input_size, config.input_size)
     in_sizes = _block_input_sizes(model, [b for _, b, _, _ in found], shape)

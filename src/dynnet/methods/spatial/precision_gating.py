@@ -253,7 +253,7 @@ class PrecisionGating(DynamicModel):
 )  # fmt: skip
 def convert(model: nn.Module, config: PrecisionGatingConfig, targets: Targets = "auto") -> PrecisionGating:
     """Make every convolution of the target residual branches precision-gated (in place)."""
-    for name, block, _, stages in spatial_targets(model, targets):
+    for name, block, _, stages in spatial_targets(model, targets, depthwise=False):
         convs = {id(st.conv) for st in stages}
         for child_name, child in list(block.named_children()):
             if id(child) in convs:
