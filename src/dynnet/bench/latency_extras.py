@@ -7,7 +7,7 @@ profiles run them): the evidence for latency as a budget (``docs/latency.md``).
   latency as trained) with a second, independent measurement of the result; and each block's kept fraction beside
   its measured cost per dense MAC (where the policy spends its work);
 * ``latency_budget`` — the same, and a comparison of training with a MAC budget and with a latency budget of the same
-  target: two copies of the job's model fine-tuned one epoch on the job's training data, one with
+  target: two copies of the job's model fine-tuned :data:`FINE_TUNE_STEPS` steps on the job's training data, one with
   ``budget=profile budget`` and one with ``budget_ms = budget × dense predicted ms``, each tested and calibrated to
   the same measured latencies (accuracy vs measured latency), with its blocks' kept fractions (does the
   latency-trained policy keep the blocks where work is cheap?).
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from dynnet.bench.extras import ExtraContext
     from dynnet.core.latency import LatencyModel
 
-__all__ = ["IMAGES", "LATENCY_EXTRAS", "TARGETS", "latency_budget", "latency_extra", "latency_model"]
+__all__ = ["FINE_TUNE_STEPS", "IMAGES", "LATENCY_EXTRAS", "TARGETS", "latency_budget", "latency_extra", "latency_model"]
 
 LATENCY_EXTRAS = ("latency_budget", "latency_model")
 """The names these measurements are registered under (:data:`dynnet.bench.extras.EXTRAS`)."""
@@ -41,6 +41,9 @@ TARGETS = (0.8, 0.9, 1.1)
 _SAMPLES = 64  # images per operating point while profiling
 _REPEATS = 3
 _LR = 0.01  # fine-tuning a trained policy: a tenth of the standard profile's peak rate
+FINE_TUNE_STEPS = 100
+"""Optimiser steps of each of :func:`latency_budget`'s two fine-tunes (MAC budget, latency budget): at most one
+epoch of the job's training data."""
 
 
 def _labelled(ctx: ExtraContext, n: int = IMAGES) -> tuple[Tensor, Tensor]:
@@ -149,7 +152,8 @@ def latency_model(ctx: ExtraContext) -> dict[str, Any]:
 
 
 def latency_budget(ctx: ExtraContext) -> dict[str, Any]:
-    """:func:`latency_model`, and a MAC-budget vs latency-budget fine-tune of the job's model (one epoch each).
+    """:func:`latency_model`, and a MAC-budget vs latency-budget fine-tune of the job's model
+    (:data:`FINE_TUNE_STEPS` steps each).
 
     Returns:
         :func:`latency_model`'s dict with ``"training": {"mac" | "latency": {"accuracy", "mac_fraction", "blocks",
@@ -166,7 +170,7 @@ def latency_budget(ctx: ExtraContext) -> dict[str, Any]:
     for kind in ("mac", "latency"):
         m = copy.deepcopy(ctx.model)
         config = TrainConfig(
-            epochs=1, lr=_LR, seed=ctx.job.seed, budget=budget if kind == "mac" else None,
+            epochs=1, max_steps=FINE_TUNE_STEPS, lr=_LR, seed=ctx.job.seed, budget=budget if kind == "mac" else None,
             calibrate=False, progress=False, device=str(images.device),
         )  # fmt: skip
         kw = {"budget_ms": budget * lm.dense_ms(), "latency_model": lm} if kind == "latency" else {}
