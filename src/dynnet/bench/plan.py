@@ -389,13 +389,15 @@ PROFILES |= {
     "speed_mobilenet_v2": dataclasses.replace(_SPEED, name="speed_mobilenet_v2", base="mobilenet_v2"),
     "speed_resnet18": dataclasses.replace(_SPEED, name="speed_resnet18", base="resnet18", batch_sizes=(1, 8, 64)),
 }
-# The latency-budget profiles (they replace benchmarks/latency_budget.py; docs/latency.md): ConvNet-AIG (layer skip),
-# FBS (channel) and DynConv (spatial) at budget 0.5 with the latency model of this machine, its prediction error and
+# The latency-budget profiles (they replace benchmarks/latency_budget.py; docs/latency.md): SkipNet (layer skip), batch
+# shaping (channel) and SACT (spatial), whose objectives call the trace's budget loss, so that a latency budget weights
+# each block by its predicted cost (ConvNet-AIG, FBS and DynConv train to a rate and would train alike under both
+# budgets), at budget 0.5 with the latency model of this machine, its prediction error and
 # calibration to measured milliseconds (`dynnet.bench.latency_extras`). On Fashion-MNIST they are fine-tuned from the
 # shipped base (8,000 images × 2 epochs: about 6 minutes a recipe on one shared core) and then fine-tuned again, a
 # few steps each, with a MAC and with a latency budget; ResNet-18 at 224 runs untrained,
 # like the speed profiles, on 256 synthetic test images (batch 1).
-_LATENCY_RECIPES = ("convnet_aig", "fbs", "dynconv")
+_LATENCY_RECIPES = ("skipnet", "batch_shaping", "sact")
 PROFILES |= {
     "latency": dataclasses.replace(
         PROFILES["channel"], name="latency", families=(), recipes=_LATENCY_RECIPES, budgets=(0.5,), subset=8000,
