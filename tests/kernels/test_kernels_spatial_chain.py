@@ -61,13 +61,19 @@ def test_pixel_execution_equals_masked(engine, case) -> None:
     x = torch.randn(n, c_in, h, w, generator=g)
     sizes = chain_sizes(stages, (h, w))
     masks = stage_masks(stages, make_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
-    with torch.no_grad(), kernel_engine(engine):
+    with kernel_engine(engine):
+        _assert_pixels_equal_masked(stages, x, masks)
+
+
+def _assert_pixels_equal_masked(stages: list[ConvStage], x: torch.Tensor, masks: list[torch.Tensor]) -> None:
+    """``run_pixels`` scattered back equals ``run_masked``, and executes exactly the masked positions' MACs."""
+    with torch.no_grad():
         ref = run_masked(stages, x, list(masks))
         if bool(masks[0].any()):
             rows, positions, executed = run_pixels(stages, x, masks)
             got = scatter_add_rows(torch.zeros_like(ref), rows, positions)
         else:
-            got, executed = torch.zeros_like(ref), torch.zeros(n, dtype=torch.float64)
+            got, executed = torch.zeros_like(ref), torch.zeros(x.shape[0], dtype=torch.float64)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     expected = sum(m.flatten(1).sum(1).double() * s.per_position for s, m in zip(stages, masks, strict=True))
     torch.testing.assert_close(executed, expected)
@@ -103,16 +109,7 @@ def test_pixel_execution_of_a_depthwise_chain_equals_masked(case, first: bool) -
     x = torch.randn(n, c_in, h, w, generator=g)
     sizes = chain_sizes(stages, (h, w))
     masks = stage_masks(stages, make_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
-    with torch.no_grad():
-        ref = run_masked(stages, x, list(masks))
-        if bool(masks[0].any()):
-            rows, positions, executed = run_pixels(stages, x, masks)
-            got = scatter_add_rows(torch.zeros_like(ref), rows, positions)
-        else:
-            got, executed = torch.zeros_like(ref), torch.zeros(n, dtype=torch.float64)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    expected = sum(m.flatten(1).sum(1).double() * s.per_position for s, m in zip(stages, masks, strict=True))
-    torch.testing.assert_close(executed, expected)
+    _assert_pixels_equal_masked(stages, x, masks)
 
 
 def test_a_grouped_chain_that_is_not_depthwise_is_not_a_pixel_chain() -> None:
