@@ -33,7 +33,7 @@ LATENCY_EXTRAS = ("latency_budget", "latency_model")
 """The names these measurements are registered under (:data:`dynnet.bench.extras.EXTRAS`)."""
 
 IMAGES = 256
-"""Labelled test images used for profiling, calibration and timing."""
+"""Labelled test images used for profiling, calibration and timing (at most; the profile's test subset bounds it)."""
 
 TARGETS = (0.8, 0.9, 1.1)
 """Latency targets of the calibration, as fractions of the model's measured sparse latency as trained."""
@@ -48,7 +48,7 @@ epoch of the job's training data."""
 
 def _labelled(ctx: ExtraContext, n: int = IMAGES) -> tuple[Tensor, Tensor]:
     """The first ``n`` test images of the job with their labels (Tensor[n, C, H, W], Tensor[n]), on the model's
-    device."""
+    device (fewer when the job's test set is smaller)."""
     device = ctx.images.device
     if ctx.data is None:
         raise ValueError("the latency extras need the job's test loader (ExtraContext.data)")

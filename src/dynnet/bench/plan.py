@@ -396,7 +396,7 @@ PROFILES |= {
 # calibration to measured milliseconds (`dynnet.bench.latency_extras`). On Fashion-MNIST they are fine-tuned from the
 # shipped base (8,000 images × 2 epochs: about 6 minutes a recipe on one shared core) and then fine-tuned again, a
 # few steps each, with a MAC and with a latency budget; ResNet-18 at 224 runs untrained,
-# like the speed profiles, on 256 synthetic test images (batch 1).
+# like the speed profiles, on 64 synthetic test images (batch 1; with 256, one recipe took over 40 minutes).
 _LATENCY_RECIPES = ("skipnet", "batch_shaping", "sact")
 PROFILES |= {
     "latency": dataclasses.replace(
@@ -405,8 +405,8 @@ PROFILES |= {
     ),
     "latency_resnet18": dataclasses.replace(
         _SPEED, name="latency_resnet18", base="resnet18", recipes=_LATENCY_RECIPES, batch_sizes=(1,),
-        dataset_kwargs=(("num_train", 128), ("num_test", 256), ("image_size", 224), ("in_channels", 3)),
-        test_subset=256, extras=("latency_model",),
+        dataset_kwargs=(("num_train", 128), ("num_test", 64), ("image_size", 224), ("in_channels", 3)),
+        test_subset=64, extras=("latency_model",),
     ),
 }  # fmt: skip
 
