@@ -172,5 +172,5 @@ def operator_profile(ctx: ExtraContext, *, top: int = 10) -> dict[str, Any]:
     return out
 
 
-EXTRAS["latency_model"] = latency_model
-EXTRAS["latency_budget"] = latency_budget
+register_extra("latency_model")(latency_model)
+register_extra("latency_budget")(latency_budget)

@@ -159,12 +159,11 @@ def latency_budget(ctx: ExtraContext) -> dict[str, Any]:
         :func:`latency_model`'s dict with ``"training": {"mac" | "latency": {"accuracy", "mac_fraction", "blocks",
         "curve": calibrations to the same targets}}``.
     """
-    import dynnet
     from dynnet.train import TrainConfig, evaluate, fit
 
-    out, lm, timer, images, labels = _measure(ctx)
     if ctx.data is None or ctx.job.budget is None:
         raise ValueError("latency_budget fine-tunes the job's model: it needs the job's loaders and budget")
+    out, lm, timer, images, labels = _measure(ctx)
     budget, sparse_ms = float(ctx.job.budget), out["sparse_measured_ms"]
     training: dict[str, Any] = {}
     for kind in ("mac", "latency"):
@@ -180,7 +179,6 @@ def latency_budget(ctx: ExtraContext) -> dict[str, Any]:
             "accuracy": test.accuracy, "mac_fraction": test.mac_fraction, "blocks": _block_costs(m, lm, images),
             "curve": _calibrations(m, images, labels, [f * sparse_ms for f in TARGETS], timer),
         }  # fmt: skip
-        dynnet.sparse(m)
     out["training"] = training
     return out
 

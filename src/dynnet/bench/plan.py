@@ -405,8 +405,7 @@ PROFILES |= {
     ),
     "latency_resnet18": dataclasses.replace(
         _SPEED, name="latency_resnet18", base="resnet18", recipes=_LATENCY_RECIPES, batch_sizes=(1,),
-        dataset_kwargs=(("num_train", 128), ("num_test", 64), ("image_size", 224), ("in_channels", 3)),
-        test_subset=64, extras=("latency_model",),
+        extras=("latency_model",),
     ),
 }  # fmt: skip
 

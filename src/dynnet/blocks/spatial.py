@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from dynnet.blocks.residual import AdaptedResidual
-from dynnet.convert.residual import ResidualAdapter
+from dynnet.convert.residual import ResidualAdapter, plain_timm_branch
 from dynnet.core import Decision, current_trace
 from dynnet.core.registry import TypeRegistry
 from dynnet.kernels import autotune
@@ -39,19 +39,21 @@ def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage] 
     _CHAINS.register(cls, fn)
 
 
-def spatial_chain(block: nn.Module, *, grouped: bool = False) -> list[ConvStage] | None:
+def spatial_chain(block: nn.Module, *, grouped: bool = False, depthwise: bool = True) -> list[ConvStage] | None:
     """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class.
 
     Args:
         block: a residual block.
         grouped: whether the caller runs grouped convolutions (tile execution: SBNet); the pixel kernels run dense
             (groups=1) and depthwise convolutions only.
+        depthwise: whether the caller runs depthwise convolutions (the pixel kernels do; a recipe with its own
+            per-convolution kernels may run dense ones only).
     """
     fn = _CHAINS.lookup(block)
     stages = None if fn is None else fn(block)
     if stages is None:  # unknown class, or an instance whose branch is not a plain chain
         return None
-    if not grouped and any(st.conv.groups != 1 and not is_depthwise(st.conv) for st in stages):
+    if not grouped and any(st.conv.groups != 1 and not (depthwise and is_depthwise(st.conv)) for st in stages):
         return None
     return stages
 
@@ -97,21 +99,14 @@ def _bottleneck(b: nn.Module) -> list[ConvStage]:
     return [ConvStage(b.conv1, b.bn1, b.relu), ConvStage(b.conv2, b.bn2, b.relu), ConvStage(b.conv3, b.bn3, None)]
 
 
-def _plain_timm(b: nn.Module) -> bool:
-    """Whether a timm ResNet block's branch is a plain conv chain: no squeeze-excitation, anti-aliasing, DropBlock or
-    stochastic depth (their defaults)."""
-    extras = (getattr(b, "drop_block", None), getattr(b, "aa", None), getattr(b, "drop_path", None))
-    return getattr(b, "se", None) is None and all(m is None or isinstance(m, nn.Identity) for m in extras)
-
-
 def _timm_basic(b: nn.Module) -> list[ConvStage] | None:
-    if not _plain_timm(b):
+    if not plain_timm_branch(b):
         return None
     return [ConvStage(b.conv1, b.bn1, b.act1), ConvStage(b.conv2, b.bn2, None)]
 
 
 def _timm_bottleneck(b: nn.Module) -> list[ConvStage] | None:
-    if not _plain_timm(b):
+    if not plain_timm_branch(b):
         return None
     return [ConvStage(b.conv1, b.bn1, b.act1), ConvStage(b.conv2, b.bn2, b.act2), ConvStage(b.conv3, b.bn3, None)]
 

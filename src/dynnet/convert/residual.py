@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dynnet.core.registry import TypeRegistry
 
-__all__ = ["ResidualAdapter", "find_adapter", "register_residual_adapter"]
+__all__ = ["ResidualAdapter", "find_adapter", "plain_timm_branch", "register_residual_adapter"]
 
 
 def _always(block: nn.Module) -> bool:
@@ -190,6 +190,13 @@ def _timm_tail(b: nn.Module, x: Tensor) -> Tensor:
     if b.drop_path is not None:
         x = b.drop_path(x)
     return x
+
+
+def plain_timm_branch(b: nn.Module) -> bool:
+    """Whether a timm ResNet block's branch is the plain conv chain of torchvision's: no squeeze-excitation,
+    anti-aliasing, DropBlock or stochastic depth (timm's defaults: absent or the identity)."""
+    extras = (getattr(b, "drop_block", None), getattr(b, "aa", None), getattr(b, "drop_path", None))
+    return getattr(b, "se", None) is None and all(m is None or isinstance(m, nn.Identity) for m in extras)
 
 
 def _timm_basic_body(b: nn.Module, x: Tensor) -> Tensor:

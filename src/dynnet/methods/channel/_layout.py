@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from dynnet.convert.residual import plain_timm_branch
 from dynnet.kernels.channel import ConvSpec, ExpandedConvs, fold_bn, sliced_conv_in, sliced_expanded, sliced_pair
 
 __all__ = ["LAYOUTS", "GatedLayout", "Stage", "describe_block", "gated_layout"]
@@ -230,8 +231,7 @@ def _describe_timm(block: nn.Module, names: dict[str, nn.Module]) -> tuple[Gated
     missing = [a for a in (*convs, *(f"bn{i + 1}" for i in range(len(convs))), *acts) if a not in names]
     if missing:
         return None, f"lacks {missing}"
-    extras = [getattr(block, a, None) for a in ("drop_block", "aa", "drop_path")]
-    if getattr(block, "se", None) is not None or not all(m is None or isinstance(m, nn.Identity) for m in extras):
+    if not plain_timm_branch(block):
         return None, "its branch has squeeze-excitation, DropBlock, anti-aliasing or stochastic depth"
     if any(type(names[a]) is not nn.ReLU for a in acts):
         return None, "its activations are not nn.ReLU"

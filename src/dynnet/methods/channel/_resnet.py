@@ -81,14 +81,13 @@ def resnet_head(net: nn.Module, x: Tensor) -> Tensor:
 
 def _stem_act(net: nn.Module) -> nn.Module | None:
     """The stem's activation: ``relu`` (torchvision, dynnet) or ``act1`` (timm)."""
-    act = getattr(net, "relu", None) or getattr(net, "act1", None)
-    return act if isinstance(act, nn.Module) else None
+    return next((m for m in (getattr(net, "relu", None), getattr(net, "act1", None)) if isinstance(m, nn.Module)), None)
 
 
 def _pool(net: nn.Module) -> nn.Module | None:
     """The global pooling before ``fc``: ``avgpool`` (torchvision, dynnet) or ``global_pool`` (timm)."""
-    pool = getattr(net, "avgpool", None) or getattr(net, "global_pool", None)
-    return pool if isinstance(pool, nn.Module) else None
+    found = (getattr(net, "avgpool", None), getattr(net, "global_pool", None))
+    return next((m for m in found if isinstance(m, nn.Module)), None)
 
 
 def compiled_input_ok(x: Tensor) -> bool:

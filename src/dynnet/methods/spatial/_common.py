@@ -21,11 +21,7 @@ def spatial_targets(
     """The residual blocks of ``model`` whose branch the spatial engine can split into conv stages (with
     ``depthwise=False``, only branches of dense convolutions: recipes with their own per-convolution kernels)."""
     blocks = residual_blocks(model, targets)
-    found = [
-        (n, b, a, st)
-        for n, b, a in blocks
-        if (st := spatial_chain(b)) is not None and (depthwise or all(s.conv.groups == 1 for s in st))
-    ]
+    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b, depthwise=depthwise)) is not None]
     if not found:
         raise no_spatial_chain(model, [b for _, b, _ in blocks], "this spatial recipe", depthwise=depthwise)
     return found
