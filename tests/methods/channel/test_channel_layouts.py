@@ -13,7 +13,14 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 import dynnet
 from dynnet.core import RECIPES
-from dynnet.kernels.channel import STRATEGIES, ConvSpec, ExpandedConvs, expanded_reference, sliced_expanded
+from dynnet.kernels.channel import (
+    STRATEGIES,
+    ConvSpec,
+    ExpandedConvs,
+    SqueezeExcite,
+    expanded_reference,
+    sliced_expanded,
+)
 from dynnet.macs import MacCounter
 from dynnet.methods.channel import ChannelGatedBlock
 from dynnet.testing import diverse_inputs, scramble_until_mixed
@@ -155,10 +162,11 @@ def test_grouped_bottlenecks_are_refused_in_one_line() -> None:
         dynnet.convert(resnext, "fbs")
 
 
+@pytest.mark.parametrize("squeeze", [False, True])
 @pytest.mark.parametrize("expand", [True, False])
 @pytest.mark.parametrize("binary", [True, False])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sliced_expanded_matches_the_dense_reference(expand: bool, binary: bool, strategy: str) -> None:
+def test_sliced_expanded_matches_the_dense_reference(expand: bool, binary: bool, strategy: str, squeeze: bool) -> None:
     g = torch.Generator().manual_seed(0)
     n, cin, c, cout = 5, 6, 12 if expand else 6, 7
     x = torch.randn(n, cin, 9, 9, generator=g)
@@ -177,10 +185,20 @@ def test_sliced_expanded_matches_the_dense_reference(expand: bool, binary: bool,
     keep[0] = False  # a sample with nothing kept: the projection's bias alone
     scale = keep * (1.0 if binary else torch.rand(n, c, generator=g) + 0.5)
     act = torch.nn.ReLU6()
+    r = 3  # squeezed channels
+    se = None
+    if squeeze:  # MobileNetV3's: ReLU between, hard sigmoid gate
+        w1, b1 = torch.randn(r, c, generator=g), torch.randn(r, generator=g)
+        se = SqueezeExcite(w1, b1, torch.randn(c, r, generator=g), torch.randn(c, generator=g), torch.relu,
+                           torch.nn.Hardsigmoid())  # fmt: skip
     with MacCounter() as counter:
-        y, executed = sliced_expanded(x, convs, scale, act, binary=binary, strategy=strategy)
-    torch.testing.assert_close(y, expanded_reference(x, convs, scale, act), rtol=1e-5, atol=1e-5)
+        y, executed = sliced_expanded(x, convs, scale, act, binary=binary, strategy=strategy, se=se)
+    reference = expanded_reference(x, convs, scale, act, se)
+    if squeeze:  # the excitation really rescales the kept channels (else the check below says nothing about it)
+        assert not torch.allclose(reference, expanded_reference(x, convs, scale, act), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
     per_channel = (cin if expand else 0) * 81 + 9 * 25 + cout * 25  # expansion, depthwise, projection of one channel
+    per_channel += 2 * r if squeeze else 0  # the excitation's reduction column and expansion row
     assert counter.total == pytest.approx(float(executed.sum()) * per_channel)
     if strategy in ("groups", "per_sample"):
         assert torch.equal(executed, keep.sum(1).double())

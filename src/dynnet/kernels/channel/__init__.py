@@ -39,7 +39,7 @@ Layout (imports go one way, each module only to those listed before it):
 * ``_gated`` — the gate inside the compiled call: :class:`NativeGate`, the gate kinds (``GATE_*``),
   :func:`gated_pair_single`, :func:`gated_pair_plan`;
 * ``_inverted`` — an inverted residual's gated expansion (expand → depthwise → project):
-  :class:`ExpandedConvs`, :func:`sliced_expanded`, :func:`expanded_reference`;
+  :class:`ExpandedConvs`, :class:`SqueezeExcite`, :func:`sliced_expanded`, :func:`expanded_reference`;
 * ``_partial_sum`` — partial-sum gating (channel gating): :func:`gated_rest_add_`, :func:`tile_gated_pair_op`.
 
 This package is the public interface: import from ``dynnet.kernels.channel``, not from its modules.
@@ -55,7 +55,7 @@ from dynnet.kernels.channel._gated import (
     gated_pair_plan,
     gated_pair_single,
 )
-from dynnet.kernels.channel._inverted import ExpandedConvs, expanded_reference, sliced_expanded
+from dynnet.kernels.channel._inverted import ExpandedConvs, SqueezeExcite, expanded_reference, sliced_expanded
 from dynnet.kernels.channel._partial_sum import (
     TILE,
     gated_rest_add_,
@@ -87,6 +87,7 @@ __all__ = [
     "ConvSpec",
     "ExpandedConvs",
     "NativeGate",
+    "SqueezeExcite",
     "block_pair_macs",
     "choose_strategy",
     "expanded_reference",

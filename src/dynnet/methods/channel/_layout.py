@@ -19,10 +19,13 @@ Kinds:
   ``conv1``'s outputs = ``conv2``'s inputs; ``conv1`` is output-sliced, ``conv2`` input-sliced, ``conv3`` runs in
   full (``fixed``: about 4/17 of a ResNet-50 bottleneck's MACs). ``conv2`` must be dense: ResNeXt's grouped
   ``conv2`` is refused;
-* ``"inverted"`` (torchvision ``InvertedResidual``: ``expand 1×1 → depthwise 3×3 → project 1×1``): the gated
-  width is the expanded channels; the expansion is output-sliced, the depthwise convolution computes only the kept
-  channels and the projection reads only them; ``fixed = 0``. The mask sits after the depthwise activation (a
-  switched-off channel's depthwise output would otherwise be ``act(bias)``, not 0).
+* ``"inverted"`` (torchvision MobileNetV2 / V3 ``InvertedResidual``, EfficientNet's ``MBConv``: ``expand 1×1 →
+  depthwise k×k → [squeeze-excitation] → project 1×1``): the gated width is the expanded channels; the expansion is
+  output-sliced, the depthwise convolution computes only the kept channels, a squeeze-excitation (``se``) reads and
+  scales only them and the projection reads only them; ``fixed = 0``. The mask sits after the depthwise activation
+  (a switched-off channel's depthwise output would otherwise be ``act(bias)``, not 0) and before the
+  squeeze-excitation, whose pooling then sees a switched-off channel as 0. MBConv's stochastic depth (``drop``)
+  ends the branch in training; it is the identity at inference.
 
 Stage modules are found by dotted path on the wrapper, which adopts the block's children under their own names.
 """
@@ -34,7 +37,15 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from dynnet.convert.residual import plain_timm_branch
-from dynnet.kernels.channel import ConvSpec, ExpandedConvs, fold_bn, sliced_conv_in, sliced_expanded, sliced_pair
+from dynnet.kernels.channel import (
+    ConvSpec,
+    ExpandedConvs,
+    SqueezeExcite,
+    fold_bn,
+    sliced_conv_in,
+    sliced_expanded,
+    sliced_pair,
+)
 
 __all__ = ["LAYOUTS", "GatedLayout", "Stage", "describe_block", "gated_layout"]
 
@@ -46,7 +57,8 @@ _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU) 
 
 @dataclass(frozen=True)
 class Stage:
-    """One ``act(bn(conv(x)))`` of a branch, by the dotted paths of its modules (``act`` ``None``: no activation)."""
+    """One ``act(bn(conv(x)))`` of a branch, by the dotted paths of its modules (``act`` ``None``: no activation, or
+    the one inside timm's ``BatchNormAct2d``)."""
 
     conv: str
     bn: str
@@ -60,11 +72,15 @@ class Stage:
 
 @dataclass(frozen=True)
 class GatedLayout:
-    """A block's gated width: ``head`` stages compute it, ``tail`` stages read it (see the module docstring)."""
+    """A block's gated width: ``head`` stages compute it, ``tail`` stages read it (see the module docstring); ``se``
+    the dotted path of a squeeze-excitation between them and ``drop`` of a stochastic depth after the tail, if
+    any."""
 
     kind: str
     head: tuple[Stage, ...]
     tail: tuple[Stage, ...]
+    se: str | None = None
+    drop: str | None = None
 
     def channels(self, m: nn.Module) -> int:
         """C: the gated width of block ``m``."""
@@ -78,13 +94,37 @@ class GatedLayout:
 
     def outer(self, m: nn.Module, h: Tensor) -> Tensor:
         """The tail: the (scaled) gated channels Tensor[N, C, H', W'] → Tensor[N, C_out, H'', W'']."""
+        h = self.excite(m, h)
         for stage in self.tail:
             h = stage.run(m, h)
-        return h
+        return h if self.drop is None else m.get_submodule(self.drop)(h)
+
+    def excite(self, m: nn.Module, h: Tensor) -> Tensor:
+        """The squeeze-excitation on the gated channels Tensor[N, C, H', W'] (``h`` itself without one)."""
+        return h if self.se is None else m.get_submodule(self.se)(h)
 
     def gated(self, m: nn.Module, x: Tensor) -> Tensor:
-        """The part of the branch whose MACs are linear in the kept channels: the head and ``tail[0]``."""
-        return self.tail[0].run(m, self.inner(m, x))
+        """The part of the branch whose MACs are linear in the kept channels: the head, the squeeze-excitation and
+        ``tail[0]``."""
+        return self.tail[0].run(m, self.excite(m, self.inner(m, x)))
+
+    def squeeze(self, m: nn.Module) -> SqueezeExcite | None:
+        """The squeeze-excitation's weights for the sliced kernel (``None`` without one)."""
+        if self.se is None:
+            return None
+        se = m.get_submodule(self.se)
+        if hasattr(se, "conv_reduce"):  # timm's SqueezeExcite
+            fc1, fc2, act, gate = se.conv_reduce, se.conv_expand, se.act1, se.gate
+        else:  # torchvision's SqueezeExcitation
+            fc1, fc2, act, gate = se.fc1, se.fc2, se.activation, se.scale_activation
+        r, c = fc1.out_channels, fc1.in_channels
+        return SqueezeExcite(fc1.weight.view(r, c), fc1.bias, fc2.weight.view(c, r), fc2.bias, act, gate)
+
+    def activation(self, m: nn.Module) -> nn.Module:
+        """The element-wise activation of the gated channels: the last head stage's (inside the batch norm of
+        timm's ``BatchNormAct2d``)."""
+        last = self.head[-1]
+        return m.get_submodule(last.act) if last.act is not None else m.get_submodule(last.bn).act
 
     def sources(self, m: nn.Module) -> list[Tensor | None]:
         """The tensors the folded weights derive from, stage by stage."""
@@ -130,8 +170,8 @@ class GatedLayout:
             ``(y, executed)``: Tensor[N, C_out, H', W'] and Tensor[N] float64, the gated channels computed per sample.
         """
         if self.kind == "inverted":
-            act = m.get_submodule(self.head[-1].act)
-            return sliced_expanded(x, folded[0], scale, act, binary=binary, strategy=strategy)
+            act = self.activation(m)
+            return sliced_expanded(x, folded[0], scale, act, binary=binary, strategy=strategy, se=self.squeeze(m))
         (w1, b1, s1), (w2, b2, s2) = folded[0], folded[1]
         y, executed = sliced_pair(x, w1, b1, w2, b2, scale, s1, s2, binary=binary, strategy=strategy)
         return self._rest(m, folded, y), executed
@@ -153,7 +193,7 @@ class GatedLayout:
         """
         if self.kind == "inverted":
             convs = folded[0]
-            return sliced_conv_in(h, convs.wp, convs.bp, active, convs.spec_p, strategy=strategy)
+            return sliced_conv_in(self.excite(m, h), convs.wp, convs.bp, active, convs.spec_p, strategy=strategy)
         w, b, spec = folded[len(self.head)]
         y, executed = sliced_conv_in(h, w, b, active, spec, strategy=strategy)
         return self._rest(m, folded, y), executed
@@ -188,7 +228,7 @@ def gated_layout(block: nn.Module, supported: tuple[str, ...] = LAYOUTS) -> Gate
 _KIND_WORDS = {
     "basic": "a basic residual (conv1, bn1, relu, conv2, bn2)",
     "bottleneck": "a Bottleneck (conv1, conv2 dense, conv3)",
-    "inverted": "an inverted residual (expand, depthwise, project)",
+    "inverted": "an inverted residual (expand, depthwise, [squeeze-excitation], project)",
 }
 
 
@@ -197,6 +237,10 @@ def describe_block(block: nn.Module) -> tuple[GatedLayout | None, str]:
     names = dict(block.named_children())
     if isinstance(names.get("conv"), nn.Sequential):
         return _describe_inverted(names["conv"])
+    if "conv_dw" in names and ("conv_pwl" in names or "conv_pw" in names):
+        return _describe_timm_inverted(block, names)
+    if isinstance(names.get("block"), nn.Sequential):
+        return _describe_block_sequence(names["block"], "stochastic_depth" if "stochastic_depth" in names else None)
     if "act1" in names and "relu" not in names:
         return _describe_timm(block, names)
     bottleneck = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "relu")
@@ -264,3 +308,109 @@ def _describe_inverted(seq: nn.Sequential) -> tuple[GatedLayout | None, str]:
             return None, "its expansion is not a dense 1×1 convolution with the depthwise stage's activation"
     n = len(parts)
     return GatedLayout("inverted", tuple(stages), (Stage(f"conv.{n - 2}", f"conv.{n - 1}"),)), ""
+
+
+def _is_squeeze_excitation(m: nn.Module) -> bool:
+    """torchvision's ``SqueezeExcitation`` (``avgpool → fc1 → activation → fc2 → scale_activation``, times the
+    input), recognised by its parts: 1×1 convolutions and element-wise activations."""
+    parts = dict(m.named_children())
+    if set(parts) != {"avgpool", "fc1", "fc2", "activation", "scale_activation"}:
+        return False
+    fc1, fc2 = parts["fc1"], parts["fc2"]
+    convs = all(type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 for c in (fc1, fc2))
+    pool = isinstance(parts["avgpool"], nn.AdaptiveAvgPool2d) and parts["avgpool"].output_size in (1, (1, 1))
+    gates = isinstance(parts["scale_activation"], nn.Sigmoid | nn.Hardsigmoid)
+    return convs and pool and gates and isinstance(parts["activation"], _ACTIVATIONS)
+
+
+def _describe_block_sequence(seq: nn.Sequential, drop: str | None) -> tuple[GatedLayout | None, str]:
+    """torchvision's MobileNetV3 ``InvertedResidual`` and EfficientNet's ``MBConv`` (``block``: [expand], depthwise,
+    [squeeze-excitation], project as ``Conv2dNormActivation``s; MBConv's ``stochastic_depth`` is ``drop``)."""
+    parts = list(seq)
+    if len(parts) == 1:  # EfficientNetV2's FusedMBConv without expansion
+        return None, "its block is one convolution stage: no inner width to gate"
+    last = parts[-1] if parts else None
+    if not (isinstance(last, nn.Sequential) and len(last) == 2 and type(last[0]) is nn.Conv2d
+            and isinstance(last[1], nn.BatchNorm2d)):  # fmt: skip
+        return None, "its block does not end with a projection convolution and batch norm"
+    if last[0].kernel_size != (1, 1) or last[0].groups != 1:
+        return None, "its projection is not a dense 1×1 convolution"
+    n, body, se = len(parts), parts[:-1], None
+    if body and _is_squeeze_excitation(body[-1]):
+        se, body = f"block.{len(body) - 1}", body[:-1]
+    stages = []
+    for i, stage in enumerate(body):
+        if not (isinstance(stage, nn.Sequential) and len(stage) == 3 and type(stage[0]) is nn.Conv2d):
+            return None, f"block.{i} is not a conv, batch norm, activation sequence"
+        if not isinstance(stage[1], nn.BatchNorm2d) or not isinstance(stage[2], _ACTIVATIONS):
+            return None, f"block.{i} is not conv → batch norm → element-wise activation"
+        stages.append(Stage(f"block.{i}.0", f"block.{i}.1", f"block.{i}.2"))
+    if len(body) not in (1, 2):
+        return None, "its block is not [expand], depthwise, [squeeze-excitation], project"
+    dw = body[-1][0]
+    if dw.groups != dw.in_channels or dw.out_channels != dw.in_channels:
+        if len(body) == 1:  # EfficientNetV2's FusedMBConv: a dense k×k expansion, then the projection
+            return None, "it expands with a dense convolution (FusedMBConv), not a depthwise stage"
+        return None, "its middle convolution is not depthwise"
+    if len(body) == 2:
+        expand = body[0][0]
+        if expand.groups != 1 or expand.kernel_size != (1, 1) or type(body[0][2]) is not type(body[1][2]):
+            return None, "its expansion is not a dense 1×1 convolution with the depthwise stage's activation"
+    tail = (Stage(f"block.{n - 1}.0", f"block.{n - 1}.1"),)
+    return GatedLayout("inverted", tuple(stages), tail, se=se, drop=drop), ""
+
+
+def _is_timm_squeeze_excite(m: nn.Module) -> bool:
+    """timm's ``SqueezeExcite`` (``conv_reduce → act1 → conv_expand → gate``, times the input; ``bn`` the identity)."""
+    parts = dict(m.named_children())
+    if not {"conv_reduce", "act1", "conv_expand", "gate"} <= set(parts) <= {"conv_reduce", "act1", "conv_expand",
+                                                                          "gate", "bn"}:  # fmt: skip
+        return False
+    convs = all(type(parts[c]) is nn.Conv2d and parts[c].kernel_size == (1, 1) and parts[c].groups == 1
+                for c in ("conv_reduce", "conv_expand"))  # fmt: skip
+    plain = isinstance(parts.get("bn", nn.Identity()), nn.Identity)
+    gate = isinstance(parts["gate"], nn.Sigmoid | nn.Hardsigmoid)
+    return convs and plain and gate and isinstance(parts["act1"], _ACTIVATIONS)
+
+
+def _describe_timm_inverted(block: nn.Module, names: dict[str, nn.Module]) -> tuple[GatedLayout | None, str]:
+    """timm's EfficientNet / MobileNetV3 ``InvertedResidual`` (``conv_pw, bn1, conv_dw, bn2, se, conv_pwl, bn3``) and
+    ``DepthwiseSeparableConv`` (``conv_dw, bn1, se, conv_pw, bn2``: the depthwise stage reads the gated input
+    channels), whose batch norms carry their activation (``BatchNormAct2d``); ``drop_path`` is the stochastic depth."""
+    if "conv_pwl" in names:
+        head, tail = (("conv_pw", "bn1"), ("conv_dw", "bn2")), ("conv_pwl", "bn3")
+    else:
+        head, tail = (("conv_dw", "bn1"),), ("conv_pw", "bn2")
+    missing = [a for pair in (*head, tail) for a in pair if a not in names]
+    if missing:
+        return None, f"lacks {missing}"
+    if getattr(block, "conv_s2d", None) is not None or not isinstance(names.get("aa", nn.Identity()), nn.Identity):
+        return None, "it has space-to-depth or anti-aliasing"
+    for conv, bn in (*head, tail):
+        if type(names[conv]) is not nn.Conv2d:
+            return None, f"{conv} is a {type(names[conv]).__name__}, not an nn.Conv2d"
+        norm = names[bn]
+        act = getattr(norm, "act", None)
+        if not isinstance(norm, nn.BatchNorm2d) or not isinstance(getattr(norm, "drop", nn.Identity()), nn.Identity):
+            return None, f"{bn} is not a batch norm (with an activation)"
+        if (conv, bn) == tail and not isinstance(act, nn.Identity | None):
+            return None, f"{bn} has an activation after the projection"
+        if (conv, bn) != tail and not isinstance(act, _ACTIVATIONS):
+            return None, f"{bn} has no element-wise activation"
+    dw = names[head[-1][0]]
+    if dw.groups != dw.in_channels or dw.out_channels != dw.in_channels:
+        return None, "its middle convolution is not depthwise"
+    if len(head) == 2:
+        expand = names["conv_pw"]
+        if expand.groups != 1 or expand.kernel_size != (1, 1) or type(names["bn1"].act) is not type(names["bn2"].act):
+            return None, "its expansion is not a dense 1×1 convolution with the depthwise stage's activation"
+    if names[tail[0]].kernel_size != (1, 1) or names[tail[0]].groups != 1:
+        return None, "its projection is not a dense 1×1 convolution"
+    se = names.get("se")
+    if se is not None and not isinstance(se, nn.Identity) and not _is_timm_squeeze_excite(se):
+        return None, f"its se is a {type(se).__name__}, not timm's SqueezeExcite"
+    stages = tuple(Stage(conv, bn) for conv, bn in head)
+    return GatedLayout(
+        "inverted", stages, (Stage(*tail),), se="se" if se is not None and not isinstance(se, nn.Identity) else None,
+        drop="drop_path" if "drop_path" in names else None,
+    ), ""  # fmt: skip

@@ -89,6 +89,12 @@ class InstanceSparsityBlock(ChannelGatedBlock):
 
     def __init__(self, *args, threshold: float = 0.0, decay_weight: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.layout.se is not None:
+            raise ValueError(
+                "instance sparsity reads the expanded channels an image left non-zero, but this inverted residual "
+                "rescales them first with a squeeze-excitation (MobileNetV3, EfficientNet) that pools all of them: "
+                "supported are blocks without one (ResNet, MobileNetV2)"
+            )
         self.gate = ThresholdGate(threshold)
         self.decay_weight = decay_weight
 

@@ -176,6 +176,11 @@ class StochasticSampling(DynamicModel):
     "arXiv:2003.08866",
     budget=BudgetPolicy("trained+calibrated", knob="sampling logit offset", reachable=(0.15, 1.0),
                         derives="target of the MAC-budget loss (the paper's FLOPs constraint) = budget"),
+    # Like ConvNet-AIG's Gumbel gates, its sampling units' task gradient undoes a shifted logit: with the knob alone
+    # (standard profile, 2026-12-07) the units grew logits beyond the knob's ±1e3 reach (blocks always or never
+    # sampled), the fine-tune ended at 0.58 of the MACs for 0.5 and calibration could not go below 0.578. The knob
+    # keeps the units where their gradient is alive, the Lagrange multiplier holds them at the budget.
+    fine_tune={"track_budget": "both"},
 )  # fmt: skip
 def convert(model: nn.Module, config: StochasticSamplingConfig, targets: Targets = "auto") -> StochasticSampling:
     """Put a sampling unit and RBF interpolation on every target residual block of ``model`` (in place)."""
