@@ -209,19 +209,27 @@ class HaltingModel(DynamicModel):
         return LossOutput(total, parts)
 
 
-def stages_of(model: nn.Module, targets: Targets) -> dict[str, list[tuple[str, nn.Module, int]]]:
-    """Target residual blocks grouped by their parent ``nn.Sequential`` (the stages), with input channels."""
-    stages: dict[str, list[tuple[str, nn.Module, int]]] = {}
-    for name, block, adapter in residual_blocks(model, targets):
+def stages_of(model: nn.Module, targets: Targets) -> list[tuple[str, list[nn.Module]]]:
+    """The stages halting can run: every ``nn.Sequential`` of at least 2 children that are all target residual blocks
+    but perhaps the first (a stage's transition block that changes the width or resolution without a shortcut, as in
+    EfficientNet and MobileNetV3, which always runs), with its children in order."""
+    targets_by_parent: dict[str, set[int]] = {}
+    for name, block, _ in residual_blocks(model, targets):
         parent, _, _ = name.rpartition(".")
         if parent and isinstance(model.get_submodule(parent), nn.Sequential):
-            stages.setdefault(parent, []).append((name, block, adapter.in_channels(block)))
+            targets_by_parent.setdefault(parent, set()).add(id(block))
+    stages = []
+    for parent, ids in targets_by_parent.items():
+        children = list(model.get_submodule(parent).children())
+        if len(children) >= 2 and all(id(c) in ids for c in children[1:]):
+            stages.append((parent, children))
     return stages
 
 
 def out_channels(block: nn.Module) -> int:
-    """Output channels of a residual block (the widest convolution's)."""
+    """Output channels of a block: its last convolution's (a projection shortcut, a Bottleneck's ``conv3``, an
+    inverted residual's projection; not the widest, which in an inverted residual is the expansion)."""
     convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError(f"cannot find the output channels of {type(block).__name__}: it has no Conv2d")
-    return max(convs, key=lambda m: m.out_channels).out_channels
+    return convs[-1].out_channels

@@ -95,18 +95,18 @@ class ACT(HaltingModel):
     test_base="cifar_resnet20",
 )  # fmt: skip
 def convert(model: nn.Module, config: ACTConfig, targets: Targets = "auto") -> ACT:
-    """Put ACT halting on every stage of ``model`` whose blocks are all targets and that has >= 2 blocks."""
+    """Put ACT halting on every stage of ``model`` of >= 2 blocks, all targets but perhaps the first (which always
+    runs)."""
     converted = 0
-    for stage_name, items in stages_of(model, targets).items():
-        stage = model.get_submodule(stage_name)
-        if len(items) < 2 or len(items) != len(stage):
-            continue
-        blocks = [block for _, block, _ in items]
+    for stage_name, blocks in stages_of(model, targets):
         channels = [out_channels(b) for b in blocks]
         new = ACTStage(blocks, channels, config.eps, config.ponder_weight)
         new.block_name = stage_name
         replace_module(model, stage_name, new)
         converted += 1
     if not converted:
-        raise ValueError("act needs stages (nn.Sequential) of at least 2 residual blocks; none found")
+        raise ValueError(
+            "act needs stages (nn.Sequential) of at least 2 blocks that are residual blocks but perhaps the first; "
+            "none found"
+        )
     return ACT(model, recipe="act", config=copy.copy(config), in_channels=first_conv_in_channels(model))

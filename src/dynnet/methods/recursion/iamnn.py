@@ -116,14 +116,12 @@ class IamNN(HaltingModel):
     reproduces_base=False,
 )  # fmt: skip
 def convert(model: nn.Module, config: IamNNConfig, targets: Targets = "auto") -> IamNN:
-    """Turn every stage of >= 2 target blocks into a transition block + an iterated weight-shared block."""
+    """Turn every stage of >= 2 blocks (targets but perhaps the first) into its first block + an iterated
+    weight-shared copy of its second."""
     converted = 0
-    for stage_name, items in stages_of(model, targets).items():
-        stage = model.get_submodule(stage_name)
-        if len(items) < 2 or len(items) != len(stage):
-            continue
-        first, second = items[0][1], items[1][1]
-        iterations = config.iterations or len(items) - 1
+    for stage_name, blocks in stages_of(model, targets):
+        first, second = blocks[0], blocks[1]
+        iterations = config.iterations or len(blocks) - 1
         new = IterativeStage(
             first, copy.deepcopy(second), out_channels(first), iterations, config.eps, config.ponder_weight
         )
@@ -131,5 +129,8 @@ def convert(model: nn.Module, config: IamNNConfig, targets: Targets = "auto") ->
         replace_module(model, stage_name, new)
         converted += 1
     if not converted:
-        raise ValueError("iamnn needs stages (nn.Sequential) of at least 2 residual blocks; none found")
+        raise ValueError(
+            "iamnn needs stages (nn.Sequential) of at least 2 blocks that are residual blocks but perhaps the first; "
+            "none found"
+        )
     return IamNN(model, recipe="iamnn", config=copy.copy(config), in_channels=first_conv_in_channels(model))
