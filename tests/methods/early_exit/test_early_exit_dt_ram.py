@@ -196,6 +196,26 @@ def test_calibrated_thresholds_meet_the_budget_in_sparse_mode() -> None:
     assert fraction == pytest.approx(0.6, abs=0.1)
 
 
+def test_calibration_splits_stop_probabilities_that_round_to_one() -> None:
+    model = _model(budget=0.6)
+    x = _x(24, seed=7)
+    randomise(model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.net.halting.bias.add_(60.0)  # a confident stop policy: every logit far above float32's 1.0
+        logits, _ = model.net.step_outputs(x)
+    assert (torch.sigmoid(logits) == 1.0).all()  # precondition: no threshold on P(stop) could split them
+    assert logits[:, 0].unique().numel() == 24
+    loader = DataLoader(TensorDataset(x, torch.arange(24) % 10), batch_size=8)
+    cal = model.calibrate(loader, budget=0.6)
+    dynnet.sparse(model)
+    with torch.no_grad(), dynnet.trace() as t:
+        model(x)
+    stops = t.outputs["exit_index"]
+    assert stops.unique().numel() > 1  # the images stop at different glimpses
+    assert float(t.macs().mean()) / t.dense_macs() == pytest.approx(cal.achieved_fraction, abs=1e-6)
+    assert cal.achieved_fraction == pytest.approx(0.6, abs=0.05)
+
+
 def test_dynnet_calibrate_uses_the_budgeted_batch_thresholds() -> None:
     model = _model(budget=0.6)
     x = _x(24, seed=7)

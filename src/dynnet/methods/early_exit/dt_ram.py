@@ -16,10 +16,13 @@ adds:
 * a **curriculum**: first a fixed number of glimpses (stop action disabled, the paper's RAM pre-training), then
   stopping enabled — :class:`DTRAMCurriculum`, a :mod:`dynnet.train` hook, switches
   ``model.stopping`` at ``fixed_fraction`` of the run;
-* **budget calibration**: at inference a sample stops after glimpse ``t`` when ``P(stop) >= thresholds[t]``
-  (a buffer, ``stop_threshold`` everywhere by default); :func:`dynnet.calibrate` (or :meth:`DTRAM.calibrate`)
-  picks the per-step thresholds whose mean MACs on held-out data meet ``budget`` (MSDNet's budgeted-batch schedule
-  from :mod:`dynnet.methods.early_exit.calibration`, with ``P(stop)`` as the exit score).
+* **budget calibration**: at inference a sample stops after glimpse ``t`` when its stop logit
+  ``log(P(stop) / (1 - P(stop)))`` reaches ``thresholds[t]`` (a buffer, the logit of ``stop_threshold`` everywhere by
+  default); :func:`dynnet.calibrate` (or :meth:`DTRAM.calibrate`) picks the per-step thresholds whose mean MACs on
+  held-out data meet ``budget`` (MSDNet's budgeted-batch schedule from :mod:`dynnet.methods.early_exit.calibration`,
+  with the stop logit as the exit score). The logit, not ``P(stop)``: a trained stop policy's probabilities round to
+  exactly 1.0 in float32 for most images, and ties cannot be split by a threshold (the standard profile's calibration
+  to 0.75 of the MACs, 2026-12-07, could only send every image to the same step: 0.83).
 
 Budget: trained and calibrated. ``budget`` is the target mean fraction of the every-glimpse MACs per image (the
 dense network of DT-RAM: ``max_glimpses`` glimpses and one classifier). In training, the reward charges
@@ -96,7 +99,8 @@ class DTRAMConfig:
         step_cost: reward penalty per unit of MAC fraction above the budget (about ``T`` glimpses), as a fraction of
             a correct answer's reward.
         discount: a correct answer after ``s`` glimpses earns ``discount^(s - 1)`` (the paper's code's γ; 1: off).
-        stop_threshold: inference stops after glimpse ``t`` when ``P(stop) >= stop_threshold`` (until calibrated).
+        stop_threshold: inference stops after glimpse ``t`` when ``P(stop) >= stop_threshold`` (until calibrated;
+            kept as its logit in ``thresholds``).
         fixed_fraction: fraction of training run with the stop action disabled (:class:`DTRAMCurriculum`).
     """
 
@@ -148,8 +152,8 @@ class DynamicTimeAttention(RecurrentAttention):
 
     Attributes:
         stopping_enabled: the stop action acts (``False`` in the curriculum's fixed-glimpses stage).
-        thresholds: buffer Tensor[T - 1]: at inference a sample stops after glimpse ``t`` when
-            ``P(stop) >= thresholds[t]`` (``inf``: never).
+        thresholds: buffer Tensor[T - 1]: at inference a sample stops after glimpse ``t`` when its stop logit
+            reaches ``thresholds[t]`` (``inf``: never).
     """
 
     granularity = "glimpse"
@@ -157,14 +161,16 @@ class DynamicTimeAttention(RecurrentAttention):
     def __init__(self, in_channels: int, num_classes: int, config: DTRAMConfig) -> None:
         super().__init__(in_channels, num_classes, config.ram_config())
         self.stopping_enabled = True
-        self.register_buffer("thresholds", torch.full((config.max_glimpses - 1,), float(config.stop_threshold)))
+        start = float(torch.logit(torch.tensor(config.stop_threshold, dtype=torch.float64)))
+        self.register_buffer("thresholds", torch.full((config.max_glimpses - 1,), start))
 
     @property
     def stopping(self) -> bool:
         return self.stopping_enabled
 
-    def stop_rule(self, p_stop: Tensor, t: int) -> Tensor:
-        return p_stop >= self.thresholds[t].to(p_stop.dtype)
+    def stop_rule(self, p_stop: Tensor, t: int, logit: Tensor | None = None) -> Tensor:
+        score = torch.logit(p_stop.double()) if logit is None else logit
+        return score >= self.thresholds[t].to(score.dtype)
 
     def after_step(self, tr: Trace | None, t: int, h_all: Tensor, alive: Tensor, rows: Tensor) -> None:
         # Intermediate supervision: in training the classifier reads every step's state. The last step's read-out
@@ -196,7 +202,7 @@ class DynamicTimeAttention(RecurrentAttention):
             x: Tensor[N, C, H, W] images.
 
         Returns:
-            ``(p_stop, logits)``: Tensor[N, T - 1] stop probability after each glimpse but the last, and
+            ``(stop_logits, logits)``: Tensor[N, T - 1] stop logit after each glimpse but the last, and
             Tensor[N, T, K] the answer a sample would give if it stopped after glimpse ``t``. At inference a
             sample's trajectory up to its stop step does not depend on the stop decisions, so these are the
             answers and scores of every possible stop step.
@@ -207,8 +213,8 @@ class DynamicTimeAttention(RecurrentAttention):
             h = self.step(x, loc, h)
             logits.append(self.classifier(h))
             if t < self.max_glimpses - 1:
-                loc, p_stop = self.heads(h)
-                scores.append(p_stop)
+                loc, _ = self.heads(h)
+                scores.append(self.stop_logit(h))
         return torch.stack(scores, 1), torch.stack(logits, 1)
 
 
@@ -268,11 +274,11 @@ class DTRAM(RAM):
     # -- budget calibration -------------------------------------------------------------------------
     @property
     def thresholds(self) -> Tensor:
-        """Tensor[T - 1]: stop after glimpse ``t`` when ``P(stop) >= thresholds[t]``."""
+        """Tensor[T - 1]: stop after glimpse ``t`` when the stop logit reaches ``thresholds[t]``."""
         return self.net.thresholds.detach().clone()
 
     def set_thresholds(self, thresholds: Sequence[float] | Tensor) -> None:
-        """Set the per-step stop thresholds (``math.inf``: never stop there)."""
+        """Set the per-step stop thresholds, on the stop logit (``math.inf``: never stop there)."""
         thr = torch.as_tensor(thresholds, dtype=torch.float32).flatten()
         if thr.numel() != self.config.max_glimpses - 1:
             raise ValueError(f"expected {self.config.max_glimpses - 1} thresholds, got {thr.numel()}")
@@ -281,7 +287,7 @@ class DTRAM(RAM):
 
     def exit_profile(self, loader: Iterable[Any], *, max_batches: int | None = None) -> ExitProfile:
         """Every stop step's verdict on every sample of ``loader`` (an :class:`ExitProfile` whose scores are the
-        stop probabilities); the model is left in eval mode.
+        stop logits); the model is left in eval mode.
 
         Args:
             loader: ``(Tensor[B, C, H, W], Tensor[B])`` batches, or unlabelled Tensor[B, C, H, W] batches (then the
@@ -298,8 +304,8 @@ class DTRAM(RAM):
                     break
                 x, y = (batch, None) if isinstance(batch, Tensor) else (batch[0], batch[1] if len(batch) > 1 else None)
                 x = x.to(device)
-                p_stop, logits = self.net.step_outputs(x)
-                scores.append(p_stop.float().cpu())
+                stop_logits, logits = self.net.step_outputs(x)
+                scores.append(stop_logits.float().cpu())
                 preds.append(logits.argmax(2).cpu())
                 if y is None:
                     labelled = False
@@ -314,7 +320,7 @@ class DTRAM(RAM):
 
     def calibrate_to_(self, batches: list[Tensor], budget: float, tolerance: float) -> dict[str, float]:
         """Set the per-step stop thresholds for a mean-MAC budget (what :func:`dynnet.calibrate` calls): MSDNet's
-        budgeted-batch calibration on the stop probabilities of ``batches`` (no labels needed).
+        budgeted-batch calibration on the stop logits of ``batches`` (no labels needed).
 
         Returns:
             ``{"exit profile p": p, "glimpse0 threshold": ..., ...}``.
@@ -403,6 +409,7 @@ class DTRAMCurriculum(Hook):
     test_input=(1, 32, 32),
     reproduces_base=False,
     scratch=RAM_SCRATCH,
+    revision=1,  # 1: thresholds on the stop logit (ties of P(stop) = 1.0 made 0.75 unreachable)
 )
 def convert(model: nn.Module, config: DTRAMConfig, targets: Targets = "auto") -> DTRAM:
     """Build a DT-RAM with ``model``'s input channels and classes (the base network is not reused)."""

@@ -182,12 +182,16 @@ class RecurrentAttention(DynamicBlock):
 
     def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Location mean Tensor[N, 2] and stop probability Tensor[N] from the state Tensor[N, D]."""
-        p_stop = torch.sigmoid(self.halting(h)).squeeze(1) if self.stopping else h.new_zeros(h.shape[0])
-        return torch.tanh(self.policy(h)), p_stop
+        return torch.tanh(self.policy(h)), torch.sigmoid(self.stop_logit(h))
 
-    def stop_rule(self, p_stop: Tensor, t: int) -> Tensor:
+    def stop_logit(self, h: Tensor) -> Tensor:
+        """The halting policy's logit Tensor[N] for the state Tensor[N, D] (``-inf`` while it does not act)."""
+        return self.halting(h).squeeze(1) if self.stopping else h.new_full((h.shape[0],), float("-inf"))
+
+    def stop_rule(self, p_stop: Tensor, t: int, logit: Tensor | None = None) -> Tensor:
         """Inference decision after glimpse ``t``: Tensor[N] bool, stop when ``P(stop) >= stop_thresholds[t]``
-        (without learned stopping ``P(stop)`` is 0 and nobody stops)."""
+        (without learned stopping ``P(stop)`` is 0 and nobody stops). ``logit`` Tensor[N] is ``P(stop)``'s logit (for
+        a rule on it: ``P(stop)`` rounds to 1.0 in float32 from a logit of about 17)."""
         if self.stop_thresholds is None:
             return p_stop > 0.5
         return p_stop >= self.stop_thresholds[t].to(p_stop.dtype)
@@ -305,7 +309,8 @@ class RecurrentAttention(DynamicBlock):
             go = torch.zeros(n, dtype=torch.bool, device=x.device)
             p_go = x.new_zeros(n)
             if rows.numel() > 0:
-                mean, p_stop = self.heads(h)
+                mean, logit = torch.tanh(self.policy(h)), self.stop_logit(h)  # heads(h), keeping the logit
+                p_stop = torch.sigmoid(logit)
                 if self.training:
                     sample = (mean.detach() + self.location_std * torch.randn_like(mean)).clamp(-1, 1)
                     stop = torch.bernoulli(p_stop.detach())
@@ -316,7 +321,7 @@ class RecurrentAttention(DynamicBlock):
                     baselines.append(self.baseline(h.detach()).squeeze(1))
                     taken.append(alive.clone())
                 else:
-                    sample, stop = mean, self.stop_rule(p_stop, t).to(mean.dtype)
+                    sample, stop = mean, self.stop_rule(p_stop, t, logit).to(mean.dtype)
                 new_loc = sample.detach()
                 loc = loc.index_copy(0, rows, new_loc) if sparse else torch.where(alive[:, None], new_loc, loc)
                 go = go.index_copy(0, rows, stop < 0.5)
