@@ -45,6 +45,7 @@ FAST_CELLS = [
     ("torchvision/mobilenet_v3_large", "fbs"),  # expanded channels sliced through the squeeze-excitation
     ("torchvision/efficientnet_b0", "dynamic_channel_exec"),  # the same in MBConv (SiLU, sigmoid gate, drop path)
     ("torchvision/efficientnet_b0", "act"),  # halting over a stage after its transition block (no shortcut)
+    ("torchvision/convnext_tiny", "batch_shaping"),  # the MLP's hidden channels, token by token
 ]
 
 REFUSED = [

@@ -19,7 +19,9 @@ from dynnet.kernels.channel import (
     ExpandedConvs,
     SqueezeExcite,
     expanded_reference,
+    mlp_reference,
     sliced_expanded,
+    sliced_mlp,
 )
 from dynnet.macs import MacCounter
 from dynnet.methods.channel import ChannelGatedBlock
@@ -200,5 +202,26 @@ def test_sliced_expanded_matches_the_dense_reference(expand: bool, binary: bool,
     per_channel = (cin if expand else 0) * 81 + 9 * 25 + cout * 25  # expansion, depthwise, projection of one channel
     per_channel += 2 * r if squeeze else 0  # the excitation's reduction column and expansion row
     assert counter.total == pytest.approx(float(executed.sum()) * per_channel)
+    if strategy in ("groups", "per_sample"):
+        assert torch.equal(executed, keep.sum(1).double())
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sliced_mlp_matches_the_dense_reference(binary: bool, strategy: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    n, p, c, d, cout = 5, 7, 6, 12, 6
+    t = torch.randn(n, p, c, generator=g)
+    w1, b1 = torch.randn(d, c, generator=g), torch.randn(d, generator=g)
+    w2, b2 = torch.randn(cout, d, generator=g), torch.randn(cout, generator=g)
+    keep = torch.rand(n, d, generator=g) < 0.5
+    keep[0] = False  # a sample with nothing kept: the second layer's bias alone
+    keep[1] = True  # and one with everything
+    scale = keep * (1.0 if binary else torch.rand(n, d, generator=g) + 0.5)
+    act = torch.nn.GELU()
+    with MacCounter() as counter:
+        y, executed = sliced_mlp(t, w1, b1, w2, b2, scale, act, binary=binary, strategy=strategy)
+    torch.testing.assert_close(y, mlp_reference(t, w1, b1, w2, b2, scale, act), rtol=1e-5, atol=1e-5)
+    assert counter.total == pytest.approx(float(executed.sum()) * p * (c + cout))  # both layers, per kept channel
     if strategy in ("groups", "per_sample"):
         assert torch.equal(executed, keep.sum(1).double())

@@ -40,6 +40,7 @@ Layout (imports go one way, each module only to those listed before it):
   :func:`gated_pair_single`, :func:`gated_pair_plan`;
 * ``_inverted`` — an inverted residual's gated expansion (expand → depthwise → project):
   :class:`ExpandedConvs`, :class:`SqueezeExcite`, :func:`sliced_expanded`, :func:`expanded_reference`;
+* ``_mlp`` — a token MLP's gated hidden channels (ConvNeXt): :func:`sliced_mlp`, :func:`mlp_reference`;
 * ``_partial_sum`` — partial-sum gating (channel gating): :func:`gated_rest_add_`, :func:`tile_gated_pair_op`.
 
 This package is the public interface: import from ``dynnet.kernels.channel``, not from its modules.
@@ -56,6 +57,7 @@ from dynnet.kernels.channel._gated import (
     gated_pair_single,
 )
 from dynnet.kernels.channel._inverted import ExpandedConvs, SqueezeExcite, expanded_reference, sliced_expanded
+from dynnet.kernels.channel._mlp import mlp_reference, sliced_mlp
 from dynnet.kernels.channel._partial_sum import (
     TILE,
     gated_rest_add_,
@@ -97,10 +99,12 @@ __all__ = [
     "gated_pair_single",
     "gated_rest_add_",
     "gated_rest_conv",
+    "mlp_reference",
     "native_conv3x3_in",
     "native_pair_usable",
     "sliced_conv_in",
     "sliced_expanded",
+    "sliced_mlp",
     "sliced_pair",
     "sliced_pair_single",
     "tile_gated_pair_macs",

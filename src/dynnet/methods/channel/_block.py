@@ -112,7 +112,7 @@ class ChannelGatedBlock(DynamicBlock):
             check_basic_block(block, layout.head[0].act or "relu")
         adopt_children(self, block)
         self.layout = layout
-        self._act = layout.head[0].act  # the activation of the gated channels (``relu``; timm's ``act1``)
+        self._act = layout.head[0].act if layout.head else None  # basic blocks' ``relu`` (timm's ``act1``)
         self._folded: tuple[tuple, tuple] | None = None
         self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
         self._plan: tuple | None = None  # the batch-1 compiled call's operands (_build_plan)
@@ -150,6 +150,8 @@ class ChannelGatedBlock(DynamicBlock):
         that gates can start where static pruning would cut (:meth:`FBS <dynnet.methods.channel.fbs.FBS>` keeps the
         most important channels before its predictor has learned anything).
         """
+        if self.layout.kind == "mlp":
+            return self.layout.importance(self)
         with torch.no_grad():
             last, nxt = self.layout.head[-1], self.layout.tail[0]
             bn1, bn2, conv2 = self.get_submodule(last.bn), self.get_submodule(nxt.bn), self.get_submodule(nxt.conv)

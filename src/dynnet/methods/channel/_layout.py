@@ -26,6 +26,10 @@ Kinds:
   (a switched-off channel's depthwise output would otherwise be ``act(bias)``, not 0) and before the
   squeeze-excitation, whose pooling then sees a switched-off channel as 0. MBConv's stochastic depth (``drop``)
   ends the branch in training; it is the identity at inference.
+* ``"mlp"`` (torchvision ConvNeXt ``CNBlock``: ``depthwise 7×7 → LayerNorm → Linear C→4C → GELU → Linear 4C→C``,
+  channels last, times ``layer_scale``; :class:`MLPLayout`): the gated width is the MLP's hidden channels; the first
+  linear layer is output-sliced and the second input-sliced for every position
+  (:func:`~dynnet.kernels.channel.sliced_mlp`); the depthwise convolution and the norm run in full (``fixed``).
 
 Stage modules are found by dotted path on the wrapper, which adopts the block's children under their own names.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from dynnet.convert.residual import plain_timm_branch
@@ -44,12 +49,13 @@ from dynnet.kernels.channel import (
     fold_bn,
     sliced_conv_in,
     sliced_expanded,
+    sliced_mlp,
     sliced_pair,
 )
 
-__all__ = ["LAYOUTS", "GatedLayout", "Stage", "describe_block", "gated_layout"]
+__all__ = ["LAYOUTS", "GatedLayout", "MLPLayout", "Stage", "describe_block", "gated_layout"]
 
-LAYOUTS = ("basic", "bottleneck", "inverted")
+LAYOUTS = ("basic", "bottleneck", "inverted", "mlp")
 """The block kinds whose inner width a channel-gated block can switch (see the module docstring)."""
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU)  # element-wise: sliceable
@@ -209,6 +215,99 @@ class GatedLayout:
         return y
 
 
+@dataclass(frozen=True)
+class MLPLayout:
+    """ConvNeXt's block: its MLP's hidden channels are the gated width (see the module docstring). The modules are
+    ``block.0`` (depthwise), ``block.2`` (norm), ``block.3`` / ``block.5`` (linear layers), ``block.4`` (activation);
+    ``layer_scale`` and ``stochastic_depth`` are the block's."""
+
+    kind: str = "mlp"
+    head: tuple[Stage, ...] = ()
+    tail: tuple[Stage, ...] = ()
+    se: str | None = None
+    drop: str | None = "stochastic_depth"
+
+    def _part(self, m: nn.Module, i: int) -> nn.Module:
+        return m.get_submodule(f"block.{i}")
+
+    def channels(self, m: nn.Module) -> int:
+        """D: the hidden width."""
+        return self._part(m, 3).out_features
+
+    def tokens(self, m: nn.Module, x: Tensor) -> Tensor:
+        """Depthwise convolution and norm: Tensor[N, C, H, W] → channels-last Tensor[N, H, W, C]."""
+        return self._part(m, 2)(self._part(m, 0)(x).permute(0, 2, 3, 1))
+
+    def inner(self, m: nn.Module, x: Tensor) -> Tensor:
+        """Tensor[N, C, H, W] → the hidden channels Tensor[N, D, H, W] (a channels-first view)."""
+        return self._part(m, 4)(self._part(m, 3)(self.tokens(m, x))).permute(0, 3, 1, 2)
+
+    def outer(self, m: nn.Module, h: Tensor) -> Tensor:
+        """The (scaled) hidden channels Tensor[N, D, H, W] → the branch output Tensor[N, C, H, W]."""
+        return self._finish(m, self._part(m, 5)(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    def _finish(self, m: nn.Module, y: Tensor) -> Tensor:
+        y = m.layer_scale * y
+        return y if self.drop is None else m.get_submodule(self.drop)(y)
+
+    def excite(self, m: nn.Module, h: Tensor) -> Tensor:
+        return h
+
+    def gated(self, m: nn.Module, x: Tensor) -> Tensor:
+        """The part whose MACs are linear in the kept channels: the two linear layers, here on the positions of
+        ``x`` (the depthwise convolution keeps the shape; its MACs are the fixed part)."""
+        return self._part(m, 5)(self._part(m, 4)(self._part(m, 3)(x.permute(0, 2, 3, 1))))
+
+    def sources(self, m: nn.Module) -> list[Tensor | None]:
+        fc1, fc2 = self._part(m, 3), self._part(m, 5)
+        return [fc1.weight, fc1.bias, fc2.weight, fc2.bias]
+
+    def eps(self, m: nn.Module) -> tuple:
+        return ()
+
+    def fold(self, m: nn.Module) -> tuple:
+        """The linear layers' ``(w1, b1, w2, b2)`` (nothing to fold)."""
+        return tuple(self.sources(m))
+
+    def importance(self, m: nn.Module) -> Tensor:
+        """A data-free estimate of each hidden channel's contribution, Tensor[D]: the norm of its row of the first
+        layer times the L1 norm of its column of the second (the pruning criterion's kind)."""
+        with torch.no_grad():
+            fc1, fc2 = self._part(m, 3), self._part(m, 5)
+            return (fc1.weight.norm(dim=1) * fc2.weight.abs().sum(0)).float()
+
+    def sparse_branch(
+        self, m: nn.Module, folded: tuple, x: Tensor, scale: Tensor, binary: bool, strategy: str
+    ) -> tuple[Tensor, Tensor]:
+        """The branch computing only the kept hidden channels: ``(y Tensor[N, C, H, W], executed Tensor[N])``."""
+        t = self.tokens(m, x)
+        n, hh, ww, c = t.shape
+        w1, b1, w2, b2 = folded
+        y, executed = sliced_mlp(t.reshape(n, hh * ww, c), w1, b1, w2, b2, scale, self._part(m, 4), binary=binary,
+                                 strategy=strategy)  # fmt: skip
+        return self._finish(m, y.view(n, hh, ww, -1).permute(0, 3, 1, 2)), executed
+
+
+def _describe_convnext(block: nn.Module, seq: nn.Sequential) -> tuple[MLPLayout | None, str]:
+    """torchvision's ``CNBlock``: ``block`` = depthwise conv, permute, LayerNorm, Linear, activation, Linear,
+    permute."""
+    parts = list(seq)
+    if len(parts) != 7:
+        return None, "its block is not depthwise conv, permute, norm, linear, activation, linear, permute"
+    dw, norm, fc1, act, fc2 = parts[0], parts[2], parts[3], parts[4], parts[5]
+    if type(dw) is not nn.Conv2d or dw.groups != dw.in_channels or dw.out_channels != dw.in_channels:
+        return None, "its first convolution is not depthwise"
+    if dw.stride != (1, 1) or 2 * dw.padding[0] != dw.kernel_size[0] - 1:
+        return None, "its depthwise convolution changes the resolution"
+    if not (type(fc1) is nn.Linear and type(fc2) is nn.Linear and isinstance(act, _ACTIVATIONS)):
+        return None, "its MLP is not linear, element-wise activation, linear"
+    if not isinstance(norm, nn.LayerNorm) or fc1.in_features != dw.out_channels or fc2.in_features != fc1.out_features:
+        return None, "its norm or MLP widths do not chain"
+    if list(getattr(parts[1], "dims", ())) != [0, 2, 3, 1] or list(getattr(parts[6], "dims", ())) != [0, 3, 1, 2]:
+        return None, "its block does not permute to channels last and back"
+    return MLPLayout(drop="stochastic_depth" if hasattr(block, "stochastic_depth") else None), ""
+
+
 def gated_layout(block: nn.Module, supported: tuple[str, ...] = LAYOUTS) -> GatedLayout:
     """The layout of ``block`` (a basic block, a torchvision ``Bottleneck`` or ``InvertedResidual``).
 
@@ -229,6 +328,7 @@ _KIND_WORDS = {
     "basic": "a basic residual (conv1, bn1, relu, conv2, bn2)",
     "bottleneck": "a Bottleneck (conv1, conv2 dense, conv3)",
     "inverted": "an inverted residual (expand, depthwise, [squeeze-excitation], project)",
+    "mlp": "a ConvNeXt block (depthwise, norm, MLP)",
 }
 
 
@@ -239,6 +339,8 @@ def describe_block(block: nn.Module) -> tuple[GatedLayout | None, str]:
         return _describe_inverted(names["conv"])
     if "conv_dw" in names and ("conv_pwl" in names or "conv_pw" in names):
         return _describe_timm_inverted(block, names)
+    if isinstance(names.get("block"), nn.Sequential) and isinstance(getattr(block, "layer_scale", None), Tensor):
+        return _describe_convnext(block, names["block"])
     if isinstance(names.get("block"), nn.Sequential):
         return _describe_block_sequence(names["block"], "stochastic_depth" if "stochastic_depth" in names else None)
     if "act1" in names and "relu" not in names:

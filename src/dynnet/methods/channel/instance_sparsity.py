@@ -89,6 +89,11 @@ class InstanceSparsityBlock(ChannelGatedBlock):
 
     def __init__(self, *args, threshold: float = 0.0, decay_weight: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.layout.kind == "mlp":
+            raise ValueError(
+                "instance sparsity gates residual blocks and inverted residuals; a ConvNeXt block's MLP is not "
+                "supported"
+            )
         if self.layout.se is not None:
             raise ValueError(
                 "instance sparsity reads the expanded channels an image left non-zero, but this inverted residual "
