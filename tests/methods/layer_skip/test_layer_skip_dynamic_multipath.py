@@ -19,12 +19,10 @@ def _model(**kw: object) -> dynnet.DynamicModel:
     return dynnet.create_model("cifar_resnet8", recipe="dynamic_multipath", in_channels=1, width=0.5, **kw).eval()
 
 
-def test_sum_of_paths_is_the_body() -> None:
-    block = _model().net.layer2[0]
-    x = torch.randn(3, 8, 16, 16)
-    with torch.no_grad():
-        paths = block.path(x, 0) + block.path(x, 1)
-        torch.testing.assert_close(block.bn2(paths), block.body(x), rtol=1e-5, atol=1e-5)
+def test_paths_partition_the_inner_width() -> None:
+    block = _model(paths=3).net.layer2[0]
+    assert block.groups[0][0] == 0 and block.groups[-1][1] == block.channels == block.conv1.out_channels
+    assert all(a[1] == b[0] for a, b in zip(block.groups, block.groups[1:], strict=False))
 
 
 def test_sparse_runs_each_path_on_its_samples() -> None:
@@ -39,8 +37,9 @@ def test_sparse_runs_each_path_on_its_samples() -> None:
     torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ts.macs(), tm.macs())
     assert ts.executed_macs().sum().item() == c.total
+    # each kept path costs its half of the block's body, per sample; nothing else of the body runs
     expected_paths = sum(ts.decisions[name].hard.sum().item() * body / 2 for name, body in BODY.items())
-    path_macs = sum(e.executed.sum().item() for e in ts.entries if "/path" in e.name)
+    path_macs = sum(e.executed.sum().item() for e in ts.entries if e.name.endswith("/body"))
     assert path_macs == expected_paths
     rates = torch.cat([d.hard.flatten() for d in ts.decisions.values()])
     assert 0 < rates.mean() < 1
