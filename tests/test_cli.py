@@ -135,6 +135,33 @@ def test_train_prints_budget_and_achieved_then_calibrate_writes_a_new_checkpoint
     assert "budget 0.80 → achieved" in capsys.readouterr().out
 
 
+def test_calibrate_to_milliseconds_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dynnet.calibration as calibration
+    from dynnet.core.budget import mean_mac_fraction
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "cifar_resnet8", "--width", "0.25", "--data", "synthetic", "--epochs", "1",
+            "--subset", "64", "--batch-size", "32", "--out", str(out), "--no-profile", "--budget", "0.6"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    ck = str(out / "checkpoint")
+    # A clock that cannot be noisy: 10 ms per image at the dense MACs, in proportion below (the real one is timed).
+    monkeypatch.setattr(
+        calibration, "measured_latency", lambda batch_size=1: lambda m, xs: 10 * mean_mac_fraction(m, xs)
+    )
+    assert main(["calibrate", "--checkpoint", ck, "--budget-ms", "7", "--data", "synthetic"]) == 0
+    text = capsys.readouterr().out
+    line = next(t for t in text.splitlines() if t.strip().startswith("budget"))
+    measured = float(line.split("measured ")[1].split(" ms")[0])
+    assert line.strip().startswith("budget 7 ms → measured") and measured == pytest.approx(7, rel=0.03)
+    assert (out / "checkpoint-7ms.json").is_file()
+    both = ["calibrate", "--checkpoint", ck, "--budget", "0.5", "--budget-ms", "7", "--data", "synthetic"]
+    assert main(both) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_quickstart_fine_tunes_the_shipped_base_and_shows_the_static_networks_side_by_side(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

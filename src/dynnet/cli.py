@@ -5,7 +5,7 @@
     dynnet train --model cifar_resnet20 --recipe convnet_aig --budget 0.5 --data fashion_mnist --epochs 3 ... [--force]
                  [--max-steps N] [--checkpoint-every N] [--progress|--no-progress] [--grey-to-rgb]
     dynnet pretrain --model cifar_resnet20 --data fashion_mnist --out runs/pretrain/resnet20 [--width 0.75]
-    dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 [--out runs/q-b0.4] [--force]
+    dynnet calibrate --checkpoint runs/quickstart/checkpoint --budget 0.4 | --budget-ms 1.5 [--out DIR] [--force]
     dynnet eval --checkpoint runs/quickstart [--data fashion_mnist] [--mode sparse]
     dynnet bench --checkpoint runs/quickstart/checkpoint [--data fashion_mnist] [--batch-sizes 1,64]
     dynnet bench --profile quick|standard|full|<family>|budget|speed_<net>|latency [--recipes a,b] [--out DIR]
@@ -184,7 +184,19 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="set a checkpoint's decision thresholds so that it spends a budget")
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint stem or its .json/.safetensors file")
-    p.add_argument("--budget", type=_fraction, required=True, help="target mean fraction of the dense MACs per image")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--budget", type=_fraction, help="target mean fraction of the dense MACs per image")
+    target.add_argument(
+        "--budget-ms",
+        type=_positive,
+        help="target mean latency per image in ms, measured on this machine in sparse mode (within 3 %%)",
+    )
+    p.add_argument(
+        "--latency-batch-size",
+        type=_count,
+        default=None,
+        help="batch size --budget-ms is measured at (default: the checkpoint's latency model's, else 1)",
+    )
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--tolerance", type=_open_fraction, default=0.01)
@@ -194,7 +206,9 @@ def build_parser(*, suite: bool = True) -> argparse.ArgumentParser:
         help="re-estimate the base network's batch-norm statistics on training images under the new decisions, "
         "then calibrate again (for a budget far from the trained one)",
     )
-    p.add_argument("--out", default=None, help="where the calibrated checkpoint goes (default: <checkpoint>-b<budget>)")
+    p.add_argument(
+        "--out", default=None, help="where the calibrated checkpoint goes (default: <checkpoint>-b<budget> or -<ms>ms)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--batch-size", type=_count, default=256)
     p.add_argument("--threads", type=_count, default=None)

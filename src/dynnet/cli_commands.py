@@ -204,7 +204,8 @@ def _calibrate(args: argparse.Namespace) -> None:
     if not isinstance(model, dynnet.DynamicModel):
         raise ValueError(f"{args.checkpoint} holds a static network: there is nothing to calibrate")
     stem = checkpoint_paths(args.checkpoint)[0].with_suffix("")
-    out = args.out or f"{stem}-b{args.budget:g}"
+    budget_ms = getattr(args, "budget_ms", None)
+    out = args.out or (f"{stem}-{budget_ms:g}ms" if budget_ms is not None else f"{stem}-b{args.budget:g}")
     if checkpoint_paths(out)[0].exists() and not args.force:
         raise ValueError(f"{out} exists: pass --force to overwrite it, or another --out")
     seed = int(((meta.get("state") or {}).get("config") or {}).get("seed", 0))
@@ -213,14 +214,21 @@ def _calibrate(args: argparse.Namespace) -> None:
         channels=_input_channels(meta),
     )  # fmt: skip
     bn_data = loaders.train if args.reestimate_bn else None
-    report = dynnet.calibrate(model, loaders.val, args.budget, tolerance=args.tolerance, bn_data=bn_data)
+    if budget_ms is not None:  # measured on this machine: the latency of sparse mode at the serving batch size
+        if args.reestimate_bn:
+            raise ValueError("--reestimate-bn goes with --budget, not --budget-ms")
+        report = dynnet.calibrate(
+            model, loaders.val, budget_ms=budget_ms, latency_batch_size=getattr(args, "latency_batch_size", None)
+        )
+    else:
+        report = dynnet.calibrate(model, loaders.val, args.budget, tolerance=args.tolerance, bn_data=bn_data)
     test = evaluate(model, loaders.test, mode="sparse")
     save_checkpoint(out, model)
     print(f"{args.checkpoint} ({model.recipe}) calibrated on the validation split of {args.data}: {report.summary()}")
-    print(
-        f"  budget {args.budget:.2f} → achieved {report.mac_fraction:.3f} (val) / {test.mac_fraction:.3f} (test); "
-        f"test accuracy {100 * test.accuracy:.2f} %"
-    )
+    target = f"{budget_ms:g} ms → measured {report.latency_ms:.3g} ms (val)" if budget_ms is not None else (
+        f"{args.budget:.2f} → achieved {report.mac_fraction:.3f} (val)"
+    )  # fmt: skip
+    print(f"  budget {target}; MAC fraction {test.mac_fraction:.3f} (test); test accuracy {100 * test.accuracy:.2f} %")
     print(f"  written {out}.json + .safetensors")
 
 

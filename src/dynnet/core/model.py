@@ -279,7 +279,9 @@ class DynamicModel(nn.Module):
         n = x.shape[0]
         if engine != "auto":
             return "batched" if engine == "per_sample" and n == 1 else engine
-        key = ("engine", id(self), structure_generation(), version_key(self.calibration), tuple(x.shape), x.dtype)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)  # kernels differ
+        key = ("engine", id(self), structure_generation(), version_key(self.calibration), tuple(x.shape), x.dtype,
+               channels_last)  # fmt: skip
         candidates: dict[str, Callable[[], object]] = {"batched": lambda: self.run(x)}
         if n > 1:
             candidates["per_sample"] = lambda: self._each(x)

@@ -253,7 +253,8 @@ def sliced_expanded(
     how = choose_strategy(active, strategy)
     if strategy == "auto" and how != "dense" and n > 1:  # measured: is the sliced strategy faster than dense here?
         density = float(active.sum()) / active.numel()
-        key = ("sliced_expanded", how, tuple(x.shape), x.dtype, tuple(convs.wd.shape), tuple(convs.wp.shape),
+        key = ("sliced_expanded", how, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+               tuple(convs.wd.shape), tuple(convs.wp.shape),
                convs.spec_e, convs.spec_d, binary, se is not None, autotune.density_bucket(density))  # fmt: skip
         sliced = how
         how = autotune.choose(key, {
