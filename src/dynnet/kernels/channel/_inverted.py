@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dynnet.kernels import autotune
-from dynnet.kernels.channel._sliced import choose_strategy, sample_groups
+from dynnet.kernels.channel._sliced import padded_slots, sample_groups, timed_strategy
 from dynnet.kernels.channel._spec import ConvSpec, conv_out_size
 
 __all__ = ["ExpandedConvs", "SqueezeExcite", "expanded_reference", "sliced_expanded"]
@@ -157,11 +156,7 @@ def _padded(
     """Every sample's own slice in grouped convolutions, padded to the batch's largest kept count ``k_max`` (> 0):
     the expansion and projection with ``groups = N``, the depthwise convolution with ``groups = N · k_max``."""
     n = scale.shape[0]
-    counts = active.sum(1)
-    kmax = int(counts.max())
-    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :kmax]  # kept first, Tensor[N, k_max]
-    valid = torch.arange(kmax, device=x.device) < counts[:, None]
-    slot_scale = valid.to(x.dtype) if binary else torch.gather(scale, 1, order) * valid
+    order, slot_scale, kmax = padded_slots(active, scale, binary)  # kept first, Tensor[N, k_max]
     flat = order.reshape(-1)
     cin, hh, ww = x.shape[1:]
     if convs.we is None:
@@ -250,15 +245,8 @@ def sliced_expanded(
             f"projection {tuple(convs.wp.shape)}"
         )
     active = scale != 0
-    how = choose_strategy(active, strategy)
-    if strategy == "auto" and how != "dense" and n > 1:  # measured: is the sliced strategy faster than dense here?
-        density = float(active.sum()) / active.numel()
-        key = ("sliced_expanded", how, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
-               tuple(convs.wd.shape), tuple(convs.wp.shape),
-               convs.spec_e, convs.spec_d, binary, se is not None, autotune.density_bucket(density))  # fmt: skip
-        sliced = how
-        how = autotune.choose(key, {
-            sliced: lambda: _run(sliced, x, convs, scale, active, binary, act, se),
-            "dense": lambda: _run("dense", x, convs, scale, active, binary, act, se),
-        }) or sliced  # fmt: skip
-    return _run(how, x, convs, scale, active, binary, act, se)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    key = ("sliced_expanded", tuple(x.shape), x.dtype, channels_last, tuple(convs.wd.shape), tuple(convs.wp.shape),
+           convs.spec_e, convs.spec_d, binary, se is not None)  # fmt: skip
+    run = lambda how: _run(how, x, convs, scale, active, binary, act, se)  # noqa: E731
+    return run(timed_strategy(active, strategy, key, run))

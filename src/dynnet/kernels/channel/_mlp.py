@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynnet.kernels import autotune
-from dynnet.kernels.channel._sliced import choose_strategy, sample_groups
+from dynnet.kernels.channel._sliced import padded_slots, sample_groups, timed_strategy
 
 __all__ = ["mlp_reference", "sliced_mlp"]
 
@@ -49,11 +48,7 @@ def _slice(t: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | No
 def _padded(t: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, scale: Tensor, active: Tensor,
             binary: bool, act: Activation) -> Tensor:  # fmt: skip
     """Every sample's own slice, padded to the batch's largest kept count ``k_max`` (> 0): two batched products."""
-    counts = active.sum(1)
-    kmax = int(counts.max())
-    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :kmax]  # kept first, Tensor[N, k_max]
-    valid = torch.arange(kmax, device=t.device) < counts[:, None]
-    slot_scale = valid.to(t.dtype) if binary else torch.gather(scale, 1, order) * valid
+    order, slot_scale, _ = padded_slots(active, scale, binary)  # kept first, Tensor[N, k_max]
     h = torch.bmm(t, w1[order].transpose(1, 2))  # Tensor[N, P, k_max]
     if b1 is not None:
         h = h + b1[order][:, None, :]
@@ -125,14 +120,6 @@ def sliced_mlp(
             f"w2 {tuple(w2.shape)}"
         )
     active = scale != 0
-    how = choose_strategy(active, strategy)
-    if strategy == "auto" and how != "dense" and n > 1:  # measured: is the sliced strategy faster than dense here?
-        density = float(active.sum()) / active.numel()
-        key = ("sliced_mlp", how, tuple(t.shape), t.dtype, tuple(w1.shape), tuple(w2.shape), binary,
-               autotune.density_bucket(density))  # fmt: skip
-        sliced = how
-        how = autotune.choose(key, {
-            sliced: lambda: _run(sliced, t, w1, b1, w2, b2, scale, active, binary, act),
-            "dense": lambda: _run("dense", t, w1, b1, w2, b2, scale, active, binary, act),
-        }) or sliced  # fmt: skip
-    return _run(how, t, w1, b1, w2, b2, scale, active, binary, act)
+    key = ("sliced_mlp", tuple(t.shape), t.dtype, tuple(w1.shape), tuple(w2.shape), binary)
+    run = lambda how: _run(how, t, w1, b1, w2, b2, scale, active, binary, act)  # noqa: E731
+    return run(timed_strategy(active, strategy, key, run))

@@ -9,6 +9,8 @@ input channels of one convolution. Imports :mod:`~dynnet.kernels.channel._spec` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,9 +24,11 @@ __all__ = [
     "STRATEGIES",
     "choose_strategy",
     "gated_pair_reference",
+    "padded_slots",
     "sliced_conv_in",
     "sliced_pair",
     "sliced_pair_single",
+    "timed_strategy",
 ]
 
 STRATEGIES = ("auto", "dense", "groups", "padded", "per_sample")
@@ -60,6 +64,31 @@ def choose_strategy(active: Tensor, strategy: str = "auto") -> str:
     if distinct <= max(1, n // 8):
         return "groups"
     return "padded"
+
+
+def timed_strategy(active: Tensor, strategy: str, key: tuple, run: Callable[[str], object]) -> str:
+    """Resolve ``strategy`` for the kept channels ``active`` Tensor[N, C] bool (:func:`choose_strategy`); under
+    ``"auto"`` a sliced choice at batch > 1 is then timed once against ``"dense"`` for ``key`` (the caller's shapes,
+    dtype, memory format, weights) and the decisions' density bucket (:mod:`dynnet.kernels.autotune`), and the faster
+    one is returned. ``run(how)`` computes the kernel's result with strategy ``how``."""
+    how = choose_strategy(active, strategy)
+    if strategy != "auto" or how == "dense" or active.shape[0] == 1:
+        return how
+    sliced, density = how, float(active.sum()) / active.numel()
+    candidates = {sliced: lambda: run(sliced), "dense": lambda: run("dense")}
+    return autotune.choose((*key, sliced, autotune.density_bucket(density)), candidates) or sliced
+
+
+def padded_slots(active: Tensor, scale: Tensor, binary: bool) -> tuple[Tensor, Tensor, int]:
+    """Each sample's kept channels first (stable order), padded to the batch's largest kept count ``k_max``:
+    ``(order Tensor[N, k_max] long, slot_scale Tensor[N, k_max], k_max)``; a padding slot's multiplier is 0, a kept
+    one's is its ``scale`` (1 when ``binary``)."""
+    counts = active.sum(1)
+    kmax = int(counts.max())
+    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
+    valid = torch.arange(kmax, device=active.device) < counts[:, None]
+    slot_scale = valid.to(scale.dtype) if binary else torch.gather(scale, 1, order) * valid
+    return order, slot_scale, kmax
 
 
 def sample_groups(active: Tensor, how: str) -> list[tuple[Tensor, Tensor]]:
@@ -217,17 +246,10 @@ def sliced_pair(
         y, k = sliced_pair_single(x, w1, b1, w2, b2, scale, spec1, spec2, binary=binary)
         return y, torch.full((1,), float(k), dtype=torch.float64, device=x.device)
     active = scale != 0
-    how = choose_strategy(active, strategy)
-    if strategy == "auto" and how != "dense":  # measured: is the sliced strategy faster than dense, here?
-        density = float(active.sum()) / active.numel()
-        key = ("sliced_pair", how, tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
-               tuple(w1.shape), tuple(w2.shape), spec1, spec2, binary, autotune.density_bucket(density))  # fmt: skip
-        sliced = how
-        how = autotune.choose(key, {
-            sliced: lambda: _run_pair(sliced, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
-            "dense": lambda: _run_pair("dense", x, w1, b1, w2, b2, scale, active, spec1, spec2, binary),
-        }) or sliced  # fmt: skip
-    return _run_pair(how, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary)
+    key = ("sliced_pair", tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last),
+           tuple(w1.shape), tuple(w2.shape), spec1, spec2, binary)  # fmt: skip
+    run = lambda how: _run_pair(how, x, w1, b1, w2, b2, scale, active, spec1, spec2, binary)  # noqa: E731
+    return run(timed_strategy(active, strategy, key, run))
 
 
 def _run_pair(
@@ -291,10 +313,7 @@ def _padded(
     executed = torch.full((n,), float(kmax), dtype=torch.float64, device=x.device)
     if kmax == 0:
         return b2.view(1, -1, 1, 1).expand(n, -1, *out_hw).contiguous(), executed
-    # Kept channels first (stable order), then padding slots whose multiplier is 0.
-    order = torch.sort((~active).to(torch.int8), dim=1, stable=True).indices[:, :kmax]  # Tensor[N, k_max]
-    valid = torch.arange(kmax, device=x.device) < counts[:, None]
-    slot_scale = valid.to(x.dtype) if binary else torch.gather(scale, 1, order) * valid
+    order, slot_scale, _ = padded_slots(active, scale, binary)  # kept channels first, then padding slots (0)
     flat = order.reshape(-1)
     cin, hh, ww = x.shape[1:]
     h = spec1.conv(x.reshape(1, n * cin, hh, ww), w1.index_select(0, flat), b1.index_select(0, flat), groups=n)
