@@ -175,7 +175,10 @@ class StochasticSampling(DynamicModel):
     paper="Spatially Adaptive Inference with Stochastic Feature Sampling and Interpolation (ECCV 2020), "
     "arXiv:2003.08866",
     budget=BudgetPolicy("trained+calibrated", knob="sampling logit offset", reachable=(0.15, 1.0),
-                        derives="target of the MAC-budget loss (the paper's FLOPs constraint) = budget"),
+                        derives="target of the MAC-budget loss (the paper's FLOPs constraint) = budget",
+                        # standard profile, 2026-12-08: trained at 0.5 (74.93 %), calibrated to 0.75: 9.99 %; to
+                        # 0.25: out of reach ([0.43, 0.70])
+                        transfers=False),
     # Like ConvNet-AIG's Gumbel gates, its sampling units' task gradient undoes a shifted logit: with the knob alone
     # (standard profile, 2026-12-07) the units grew logits beyond the knob's ±1e3 reach (blocks always or never
     # sampled), the fine-tune ended at 0.58 of the MACs for 0.5 and calibration could not go below 0.578. The knob
