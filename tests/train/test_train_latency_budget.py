@@ -41,3 +41,22 @@ def test_fit_to_budget_ms_trains_against_the_predicted_latency() -> None:
     assert float(t.mac_fraction().mean()) > 1.01
     assert float(t.latency_fraction().mean()) == pytest.approx(1.0)
     assert last["train_budget"] == pytest.approx((1.0 - 0.4) ** 2, rel=1e-4)
+
+
+def test_a_checkpoint_keeps_the_latency_model_and_budget(tmp_path) -> None:
+    from dynnet.train import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = dynnet.create_model("cifar_resnet8", recipe="skipnet", width=0.25, in_channels=1)
+    lm = _latency_model(model)
+    model.set_latency_model_(lm, 0.6 * lm.dense_ms())
+    save_checkpoint(tmp_path / "ck", model)
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.latency_model is not None and loaded.latency_model.as_dict() == lm.as_dict()
+    assert loaded.budget_ms == pytest.approx(0.6 * lm.dense_ms())
+    x = torch.randn(4, 1, 12, 12)
+    with torch.no_grad(), dynnet.trace() as a:
+        model.eval()(x)
+    with torch.no_grad(), dynnet.trace() as b:
+        loaded.eval()(x)
+    torch.testing.assert_close(b.latency(), a.latency())  # the loaded model predicts the same milliseconds

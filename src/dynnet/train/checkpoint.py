@@ -275,6 +275,9 @@ def save_checkpoint(
         "state": state_struct,
         "rng": get_rng_state(),
     }
+    latency = getattr(model, "latency_model", None)
+    if latency is not None:  # the serving machine's latency model, and a latency budget, travel with the weights
+        meta["latency"] = {"model": latency.as_dict(), "budget_ms": getattr(model, "budget_ms", None)}
     if optim_bytes is not None:
         meta["files"]["optimizer"] = {"name": optim_path.name, "sha256": _sha256(optim_bytes)}
     json_bytes = json.dumps(meta, indent=1, allow_nan=True).encode()
@@ -416,6 +419,14 @@ def load_checkpoint(
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(_unflatten(meta["scheduler"], extra))
     meta["state"] = _unflatten(meta.get("state") or {}, extra)
+    if meta.get("latency") and hasattr(target, "set_latency_model_"):
+        from dynnet.core.latency import LatencyModel
+
+        try:
+            latency = LatencyModel.from_dict(meta["latency"]["model"])
+            target.set_latency_model_(latency, meta["latency"].get("budget_ms"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {json_path}: its latency model does not load ({err})") from None
     if restore_rng:
         set_rng_state(meta["rng"])
     return model, meta
