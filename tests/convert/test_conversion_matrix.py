@@ -46,6 +46,7 @@ FAST_CELLS = [
     ("torchvision/efficientnet_b0", "dynamic_channel_exec"),  # the same in MBConv (SiLU, sigmoid gate, drop path)
     ("torchvision/efficientnet_b0", "act"),  # halting over a stage after its transition block (no shortcut)
     ("torchvision/convnext_tiny", "batch_shaping"),  # the MLP's hidden channels, token by token
+    ("torchvision/efficientnet_b0", "dynconv"),  # pixels through MBConv: the squeeze-excitation on the masked map
 ]
 
 REFUSED = [

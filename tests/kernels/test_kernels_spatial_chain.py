@@ -76,11 +76,14 @@ def _assert_pixels_equal_masked(stages: list[ConvStage], x: torch.Tensor, masks:
             got, executed = torch.zeros_like(ref), torch.zeros(x.shape[0], dtype=torch.float64)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     expected = sum(m.flatten(1).sum(1).double() * s.per_position for s, m in zip(stages, masks, strict=True))
+    if bool(masks[0].any()):  # a squeeze-excitation runs on every sample's map when the branch runs
+        expected = expected + float(sum(s.se_macs for s in stages))
     torch.testing.assert_close(executed, expected)
 
 
-def _inverted(c_in: int, expand: int, stride: int, seed: int, *, first: bool) -> list[ConvStage]:
-    """MobileNetV2-style stages: [expand 1×1 →] depthwise 3×3 → project 1×1, trained-like batch norms, ReLU6."""
+def _inverted(c_in: int, expand: int, stride: int, seed: int, *, first: bool, squeeze: bool = False) -> list[ConvStage]:
+    """MobileNetV2-style stages: [expand 1×1 →] depthwise 3×3 [→ squeeze-excitation, MobileNetV3's] → project 1×1,
+    trained-like batch norms, ReLU6."""
     torch.manual_seed(seed)
     hidden = c_in if first else c_in * expand
     convs = [] if first else [nn.Conv2d(c_in, hidden, 1, bias=False)]
@@ -94,7 +97,12 @@ def _inverted(c_in: int, expand: int, stride: int, seed: int, *, first: bool) ->
             bn.running_var.uniform_(0.5, 1.5)
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
-        stages.append(ConvStage(conv.eval(), bn, nn.ReLU6() if i < len(convs) - 1 else None))
+        se = None
+        if squeeze and conv is depthwise:
+            from torchvision.ops.misc import SqueezeExcitation
+
+            se = SqueezeExcitation(hidden, max(1, hidden // 4), scale_activation=nn.Hardsigmoid).eval()
+        stages.append(ConvStage(conv.eval(), bn, nn.ReLU6() if i < len(convs) - 1 else None, se))
     return stages
 
 
@@ -110,6 +118,30 @@ def test_pixel_execution_of_a_depthwise_chain_equals_masked(case, first: bool) -
     sizes = chain_sizes(stages, (h, w))
     masks = stage_masks(stages, make_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
     _assert_pixels_equal_masked(stages, x, masks)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(case=block_cases(), first=st.booleans())
+def test_pixel_execution_of_a_squeeze_excitation_chain_equals_masked(case, first: bool) -> None:
+    """With a squeeze-excitation after the depthwise stage (pooling the masked map: skipped positions count as 0),
+    the gathered rows, scattered back, equal the masked chain; its MACs are a fixed cost per sample."""
+    c_in, expand, stride, h, w, n, kind, density, _, seed = case
+    stages = _inverted(c_in, expand % 4 + 1, stride, seed % 1000, first=first, squeeze=True)
+    assert any(s.se is not None and s.se_macs > 0 for s in stages)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    sizes = chain_sizes(stages, (h, w))
+    masks = stage_masks(stages, make_mask(kind, density, (n, *sizes[-1]), g), sizes[1:])
+    _assert_pixels_equal_masked(stages, x, masks)
+
+
+def test_a_squeeze_excitation_chain_is_offered_only_to_callers_that_run_it() -> None:
+    from torchvision.models import efficientnet_b0
+
+    block = efficientnet_b0().features[2][1]  # an MBConv with a squeeze-excitation after its depthwise stage
+    stages = spatial_chain(block, squeeze=True)
+    assert stages is not None and sum(s.se is not None for s in stages) == 1
+    assert spatial_chain(block) is None and spatial_chain(block, grouped=True) is None  # halting, tiles
 
 
 def test_a_grouped_chain_that_is_not_depthwise_is_not_a_pixel_chain() -> None:

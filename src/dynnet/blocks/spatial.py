@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -39,7 +40,9 @@ def register_spatial_chain(cls: type, fn: Callable[[nn.Module], list[ConvStage] 
     _CHAINS.register(cls, fn)
 
 
-def spatial_chain(block: nn.Module, *, grouped: bool = False, depthwise: bool = True) -> list[ConvStage] | None:
+def spatial_chain(
+    block: nn.Module, *, grouped: bool = False, depthwise: bool = True, squeeze: bool = False
+) -> list[ConvStage] | None:
     """The conv stages of ``block``'s residual branch, or ``None`` for an unknown block class.
 
     Args:
@@ -48,12 +51,16 @@ def spatial_chain(block: nn.Module, *, grouped: bool = False, depthwise: bool = 
             (groups=1) and depthwise convolutions only.
         depthwise: whether the caller runs depthwise convolutions (the pixel kernels do; a recipe with its own
             per-convolution kernels may run dense ones only).
+        squeeze: whether the caller runs a stage's squeeze-excitation (``ConvStage.se``: the masked and pixel
+            executions do; tiles, halting and per-convolution kernels do not).
     """
     fn = _CHAINS.lookup(block)
     stages = None if fn is None else fn(block)
     if stages is None:  # unknown class, or an instance whose branch is not a plain chain
         return None
     if not grouped and any(st.conv.groups != 1 and not (depthwise and is_depthwise(st.conv)) for st in stages):
+        return None
+    if not squeeze and any(st.se is not None for st in stages):
         return None
     return stages
 
@@ -83,8 +90,9 @@ def no_spatial_chain(
         lacks = "grouped or depthwise convolutions, squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
     else:
         what = "dense (groups=1) or depthwise conv-BN-activation stages (the BasicBlock/Bottleneck of torchvision "
-        what += "ResNet/Wide ResNet, MobileNetV2's inverted residuals, timm ResNet without SE, dynnet CIFAR ResNets)"
-        lacks = "grouped convolutions, squeeze-excitation, LayerNorm/MLP branches or stochastic depth"
+        what += "ResNet/Wide ResNet, MobileNetV2/V3's inverted residuals and EfficientNet's MBConv with their "
+        what += "squeeze-excitation, timm ResNet without SE, dynnet CIFAR ResNets)"
+        lacks = "grouped convolutions, LayerNorm/MLP branches, fused or timm inverted residuals"
     return ValueError(
         f"{recipe} needs residual branches that are plain chains of {what}; {type(model).__name__}: {found} {lacks}; "
         "register a chain with dynnet.blocks.register_spatial_chain"
@@ -113,8 +121,9 @@ def _timm_bottleneck(b: nn.Module) -> list[ConvStage] | None:
 
 def _conv_norm_chain(layers: nn.Sequential) -> list[ConvStage] | None:
     """Stages of a ``Sequential`` of ``Conv2dNormActivation`` layers and ``(Conv2d, BatchNorm2d)`` pairs (torchvision's
-    inverted residuals); ``None`` when it holds anything else (squeeze-excitation, a global operation)."""
-    from torchvision.ops.misc import Conv2dNormActivation
+    inverted residuals), a ``SqueezeExcitation`` after a stage becoming that stage's ``se``; ``None`` when it holds
+    anything else (a global operation)."""
+    from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
     stages: list[ConvStage] = []
     items = list(layers.children())
@@ -134,6 +143,9 @@ def _conv_norm_chain(layers: nn.Sequential) -> list[ConvStage] | None:
         elif type(m) is nn.Conv2d and i + 1 < len(items) and type(items[i + 1]) is nn.BatchNorm2d:
             stages.append(ConvStage(m, items[i + 1], None))
             i += 2
+        elif type(m) is SqueezeExcitation and stages and stages[-1].se is None:
+            stages[-1] = dataclasses.replace(stages[-1], se=m)
+            i += 1
         else:
             return None
     return stages or None
@@ -144,10 +156,11 @@ def _inverted_v2(b: nn.Module) -> list[ConvStage] | None:
 
 
 def _inverted_v3(b: nn.Module) -> list[ConvStage] | None:
-    return _conv_norm_chain(b.block)
+    return _conv_norm_chain(b.block)  # EfficientNet's MBConv too (its stochastic depth: the identity at inference)
 
 
 def _register_builtin() -> None:
+    from torchvision.models.efficientnet import MBConv
     from torchvision.models.mobilenetv2 import InvertedResidual
     from torchvision.models.mobilenetv3 import InvertedResidual as InvertedResidualV3
     from torchvision.models.resnet import BasicBlock as TvBasic
@@ -161,6 +174,7 @@ def _register_builtin() -> None:
         (TvBottleneck, _bottleneck),
         (InvertedResidual, _inverted_v2),
         (InvertedResidualV3, _inverted_v3),
+        (MBConv, _inverted_v3),
     ):
         register_spatial_chain(cls, fn)
     try:
@@ -335,7 +349,7 @@ class SpatialResidual(AdaptedResidual):
         """Dense MACs of the branch; checks that the conv stages account for all of them."""
         body = self.cost("body", lambda m, inp: m.body(inp), x)
         sizes = chain_sizes(self._stages, tuple(x.shape[2:]))
-        chain = sum(st.per_position * h * w for st, (h, w) in zip(self._stages, sizes[1:], strict=True))
+        chain = sum(st.per_position * h * w + st.se_macs for st, (h, w) in zip(self._stages, sizes[1:], strict=True))
         if chain != body:
             raise RuntimeError(
                 f"{self.block_name}: the conv stages cost {chain} MACs but the residual branch costs {body}; "
@@ -349,12 +363,14 @@ class SpatialResidual(AdaptedResidual):
             return
         t.record_decision(self.block_name, d)
         body = self._check_chain(x)
-        macs = sum(m.flatten(1).sum(1).double() * st.per_position for st, m in zip(self._stages, masks, strict=True))
+        se = float(sum(st.se_macs for st in self._stages))  # squeeze-excitations: a fixed cost per sample
+        stages = zip(self._stages, masks, strict=True)
+        macs = se + sum(m.flatten(1).sum(1).double() * st.per_position for st, m in stages)
         t.record_macs(
             f"{self.block_name}/body",
             macs,
             executed=body if executed is None else executed,
-            minimum=0.0,
+            minimum=se,
             maximum=body,
             dense=body,
         )

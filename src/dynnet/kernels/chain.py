@@ -44,11 +44,21 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ConvStage:
-    """One stage of a residual branch: ``act(bn(conv(x)))``; ``bn`` and ``act`` may be ``None``."""
+    """One stage of a residual branch: ``act(bn(conv(x)))``; ``bn`` and ``act`` may be ``None``. ``se``: a
+    squeeze-excitation on the stage's (masked) output, ``h · s(mean h)`` (MobileNetV3's, EfficientNet's), run by
+    :func:`run_masked` and :func:`run_pixels` only."""
 
     conv: nn.Conv2d
     bn: nn.BatchNorm2d | None
     act: Callable[[Tensor], Tensor] | None
+    se: nn.Module | None = None
+
+    @property
+    def se_macs(self) -> int:
+        """MACs per sample of the squeeze-excitation: its 1×1 convolutions or linear layers on the pooled vector."""
+        if self.se is None:
+            return 0
+        return sum(m.weight.numel() for m in self.se.modules() if isinstance(m, nn.Conv2d | nn.Linear))
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:
@@ -154,6 +164,8 @@ def run_masked(stages: list[ConvStage], x: Tensor, masks: list[Tensor | None]) -
             h = st.act(h)
         if m is not None:
             h = h * m.unsqueeze(1).to(h.dtype)
+        if st.se is not None:
+            h = st.se(h)
     return h
 
 
@@ -209,6 +221,14 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
                     rows[:zero_row] = out if st.act is None else st.act(out)
         else:
             rows = out if st.act is None else st.act(out)
+        if st.se is not None:  # on the masked map (its pooling sees skipped positions as 0): scatter, excite, gather
+            live = rows[:zero_row] if i < last else rows
+            grid = live.new_zeros((n, *m.shape[1:], live.shape[1]))
+            where = (positions[:, 0], positions[:, 1], positions[:, 2])
+            grid[where] = live
+            excited = st.se(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)[where]
+            rows = torch.cat([excited, rows[zero_row:]]) if i < last else excited
+            executed += float(st.se_macs)
         executed += m.flatten(1).sum(1).double() * st.per_position
     return rows, positions, executed
 
@@ -216,7 +236,9 @@ def run_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple
 def _compiled_pixels(stages: list[ConvStage], x: Tensor, masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`run_pixels` as one compiled call (:func:`dynnet.kernels.spatial.pixel_chain`) when every activation is
     a ReLU or none and the call applies; else ``None``."""
-    if any((st.act is not None and not _is_relu(st.act)) or st.conv.groups != 1 for st in stages):
+    if any(st.se is not None or st.conv.groups != 1 for st in stages):
+        return None
+    if any(st.act is not None and not _is_relu(st.act) for st in stages):
         return None
     folded = [folded_stage(st) for st in stages]
     return pixel_chain(

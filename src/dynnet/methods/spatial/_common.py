@@ -18,10 +18,12 @@ __all__ = ["chain_stride", "rate_for_budget", "spatial_targets"]
 def spatial_targets(
     model: nn.Module, targets: Targets, *, depthwise: bool = True
 ) -> list[tuple[str, nn.Module, ResidualAdapter, list[ConvStage]]]:
-    """The residual blocks of ``model`` whose branch the spatial engine can split into conv stages (with
-    ``depthwise=False``, only branches of dense convolutions: recipes with their own per-convolution kernels)."""
+    """The residual blocks of ``model`` whose branch the spatial engine can split into conv stages, squeeze-excitations
+    included (with ``depthwise=False``, only branches of dense convolutions without one: recipes with their own
+    per-convolution kernels)."""
     blocks = residual_blocks(model, targets)
-    found = [(n, b, a, st) for n, b, a in blocks if (st := spatial_chain(b, depthwise=depthwise)) is not None]
+    chains = [(n, b, a, spatial_chain(b, depthwise=depthwise, squeeze=depthwise)) for n, b, a in blocks]
+    found = [(n, b, a, st) for n, b, a, st in chains if st is not None]
     if not found:
         raise no_spatial_chain(model, [b for _, b, _ in blocks], "this spatial recipe", depthwise=depthwise)
     return found
