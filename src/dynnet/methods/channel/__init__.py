@@ -12,11 +12,13 @@ from dynnet.methods.channel import (
     stochastic_neurons,
 )
 from dynnet.methods.channel._block import ChannelGatedBlock
+from dynnet.methods.channel._layout import describe_block
 
 __all__ = [
     "ChannelGatedBlock",
     "batch_shaping",
     "channel_gating",
+    "describe_block",
     "dynamic_channel_exec",
     "fbs",
     "gaternet",

@@ -45,8 +45,7 @@ from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
 from dynnet.gates import PooledMLPGate
-from dynnet.methods.channel import ChannelGatedBlock
-from dynnet.methods.channel._layout import describe_block
+from dynnet.methods.channel import ChannelGatedBlock, describe_block
 from dynnet.methods.layer_skip._resnet import LogitEntry, gate_logit_knob
 
 __all__ = ["DynamicMultipath", "DynamicMultipathConfig", "MultiPathBlock"]
