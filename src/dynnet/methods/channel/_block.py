@@ -112,7 +112,7 @@ class ChannelGatedBlock(DynamicBlock):
             check_basic_block(block, layout.head[0].act or "relu")
         adopt_children(self, block)
         self.layout = layout
-        self._act = layout.head[0].act if layout.head else None  # basic blocks' ``relu`` (timm's ``act1``)
+        self._act = layout.head[0].act if layout.kind == "basic" else None  # ``relu`` (timm's ``act1``)
         self._folded: tuple[tuple, tuple] | None = None
         self._fused_post: bool | None = None  # whether the adapter's post is a plain ReLU (set on first use)
         self._plan: tuple | None = None  # the batch-1 compiled call's operands (_build_plan)
@@ -141,30 +141,13 @@ class ChannelGatedBlock(DynamicBlock):
         return self.layout.channels(self)
 
     def channel_importance(self) -> Tensor:
-        """A data-free estimate of each inner channel's contribution to the block output: Tensor[C], non-negative.
-
-        ``E[relu(bn1(conv1 x))_c] · Σ_o |γ2_o / σ2_o| · ‖conv2.weight[o, c]‖₁``: the expected activation of channel
-        ``c`` when its normalised pre-activation is standard normal (``E[relu(γz + β)] = β Φ(β/γ) + |γ| φ(β/γ)``)
-        times the L1 norm of what ``conv2`` and ``bn2`` make of it. It ranks channels like the criterion of the
-        structured-pruning baseline (the L1 norm of a channel's weights) but sees the trained batch norms too, so
-        that gates can start where static pruning would cut (:meth:`FBS <dynnet.methods.channel.fbs.FBS>` keeps the
-        most important channels before its predictor has learned anything).
-        """
-        if self.layout.kind == "mlp":
-            return self.layout.importance(self)
-        with torch.no_grad():
-            last, nxt = self.layout.head[-1], self.layout.tail[0]
-            bn1, bn2, conv2 = self.get_submodule(last.bn), self.get_submodule(nxt.bn), self.get_submodule(nxt.conv)
-            gamma1 = bn1.weight if bn1.weight is not None else torch.ones_like(bn1.running_var)
-            beta1 = bn1.bias if bn1.bias is not None else torch.zeros_like(bn1.running_var)
-            scale = gamma1.abs().clamp_min(1e-12)
-            ratio = beta1 / scale
-            normal = torch.distributions.Normal(torch.zeros_like(ratio), torch.ones_like(ratio))
-            activation = beta1 * normal.cdf(ratio) + scale * normal.log_prob(ratio).exp()
-            gamma2 = bn2.weight if bn2.weight is not None else torch.ones_like(bn2.running_var)
-            out_scale = gamma2.abs() / (bn2.running_var + bn2.eps).sqrt()
-            reach = (conv2.weight.abs().sum((2, 3)) * out_scale[:, None]).sum(0)
-            return (activation.clamp_min(0) * reach).float()
+        """A data-free estimate of each inner channel's contribution to the block output: Tensor[C], non-negative
+        (:meth:`GatedLayout.importance <dynnet.methods.channel._layout.GatedLayout.importance>`). It ranks channels
+        like the criterion of the structured-pruning baseline (the L1 norm of a channel's weights) but sees the
+        trained batch norms too, so that gates can start where static pruning would cut
+        (:meth:`FBS <dynnet.methods.channel.fbs.FBS>` keeps the most important channels before its predictor has
+        learned anything)."""
+        return self.layout.importance(self)
 
     # -- pieces ---------------------------------------------------------------------------------
     def inner(self, x: Tensor) -> Tensor:

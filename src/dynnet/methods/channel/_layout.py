@@ -118,13 +118,29 @@ class GatedLayout:
         """The squeeze-excitation's weights for the sliced kernel (``None`` without one)."""
         if self.se is None:
             return None
-        se = m.get_submodule(self.se)
-        if hasattr(se, "conv_reduce"):  # timm's SqueezeExcite
-            fc1, fc2, act, gate = se.conv_reduce, se.conv_expand, se.act1, se.gate
-        else:  # torchvision's SqueezeExcitation
-            fc1, fc2, act, gate = se.fc1, se.fc2, se.activation, se.scale_activation
+        fc1, act, fc2, gate = _squeeze_parts(m.get_submodule(self.se))  # type: ignore[misc]
         r, c = fc1.out_channels, fc1.in_channels
         return SqueezeExcite(fc1.weight.view(r, c), fc1.bias, fc2.weight.view(c, r), fc2.bias, act, gate)
+
+    def importance(self, m: nn.Module) -> Tensor:
+        """A data-free estimate of each gated channel's contribution to the block output, Tensor[C]:
+        ``E[act(bn(conv x))_c] · Σ_o |γ_o / σ_o| · ‖W[o, c]‖₁`` with the last head stage's batch norm and the reading
+        stage's (``tail[0]``) convolution and batch norm: the expected ReLU activation of channel ``c`` when its
+        normalised pre-activation is standard normal (``E[relu(γz + β)] = β Φ(β/γ) + |γ| φ(β/γ)``) times the L1 norm
+        of what the reading stage makes of it."""
+        with torch.no_grad():
+            last, nxt = self.head[-1], self.tail[0]
+            bn1, bn2, conv2 = m.get_submodule(last.bn), m.get_submodule(nxt.bn), m.get_submodule(nxt.conv)
+            gamma1 = bn1.weight if bn1.weight is not None else torch.ones_like(bn1.running_var)
+            beta1 = bn1.bias if bn1.bias is not None else torch.zeros_like(bn1.running_var)
+            scale = gamma1.abs().clamp_min(1e-12)
+            ratio = beta1 / scale
+            normal = torch.distributions.Normal(torch.zeros_like(ratio), torch.ones_like(ratio))
+            activation = beta1 * normal.cdf(ratio) + scale * normal.log_prob(ratio).exp()
+            gamma2 = bn2.weight if bn2.weight is not None else torch.ones_like(bn2.running_var)
+            out_scale = gamma2.abs() / (bn2.running_var + bn2.eps).sqrt()
+            reach = (conv2.weight.abs().sum((2, 3)) * out_scale[:, None]).sum(0)
+            return (activation.clamp_min(0) * reach).float()
 
     def activation(self, m: nn.Module) -> nn.Module:
         """The element-wise activation of the gated channels: the last head stage's (inside the batch norm of
@@ -222,9 +238,6 @@ class MLPLayout:
     ``layer_scale`` and ``stochastic_depth`` are the block's."""
 
     kind: str = "mlp"
-    head: tuple[Stage, ...] = ()
-    tail: tuple[Stage, ...] = ()
-    se: str | None = None
     drop: str | None = "stochastic_depth"
 
     def _part(self, m: nn.Module, i: int) -> nn.Module:
@@ -249,9 +262,6 @@ class MLPLayout:
     def _finish(self, m: nn.Module, y: Tensor) -> Tensor:
         y = m.layer_scale * y
         return y if self.drop is None else m.get_submodule(self.drop)(y)
-
-    def excite(self, m: nn.Module, h: Tensor) -> Tensor:
-        return h
 
     def gated(self, m: nn.Module, x: Tensor) -> Tensor:
         """The part whose MACs are linear in the kept channels: the two linear layers, here on the positions of
@@ -412,17 +422,32 @@ def _describe_inverted(seq: nn.Sequential) -> tuple[GatedLayout | None, str]:
     return GatedLayout("inverted", tuple(stages), (Stage(f"conv.{n - 2}", f"conv.{n - 1}"),)), ""
 
 
-def _is_squeeze_excitation(m: nn.Module) -> bool:
-    """torchvision's ``SqueezeExcitation`` (``avgpool → fc1 → activation → fc2 → scale_activation``, times the
-    input), recognised by its parts: 1×1 convolutions and element-wise activations."""
+_SQUEEZE_NAMES = (
+    (("fc1", "activation", "fc2", "scale_activation"), {"avgpool"}, set()),  # torchvision's SqueezeExcitation
+    (("conv_reduce", "act1", "conv_expand", "gate"), set(), {"bn"}),  # timm's SqueezeExcite (bn: the identity)
+)
+"""Each squeeze-excitation's ``(reduce, activation, expand, gate)`` names, its other required and optional parts."""
+
+
+def _squeeze_parts(m: nn.Module) -> tuple[nn.Conv2d, nn.Module, nn.Conv2d, nn.Module] | None:
+    """``(reduce, activation, expand, gate)`` of a squeeze-excitation ``x · gate(expand(act(reduce(mean x))))`` —
+    torchvision's ``SqueezeExcitation`` or timm's ``SqueezeExcite``, recognised by their parts: 1×1 convolutions,
+    element-wise activations, a (hard) sigmoid gate, a global average pooling or an identity norm — or ``None``."""
     parts = dict(m.named_children())
-    if set(parts) != {"avgpool", "fc1", "fc2", "activation", "scale_activation"}:
-        return False
-    fc1, fc2 = parts["fc1"], parts["fc2"]
-    convs = all(type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 for c in (fc1, fc2))
-    pool = isinstance(parts["avgpool"], nn.AdaptiveAvgPool2d) and parts["avgpool"].output_size in (1, (1, 1))
-    gates = isinstance(parts["scale_activation"], nn.Sigmoid | nn.Hardsigmoid)
-    return convs and pool and gates and isinstance(parts["activation"], _ACTIVATIONS)
+    for names, required, optional in _SQUEEZE_NAMES:
+        if not {*names, *required} <= set(parts) <= {*names, *required, *optional}:
+            continue
+        pool = parts.get("avgpool")
+        if pool is not None and not (isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))):
+            return None
+        if not isinstance(parts.get("bn", nn.Identity()), nn.Identity):
+            return None
+        fc1, act, fc2, gate = (parts[n] for n in names)
+        convs = all(type(c) is nn.Conv2d and c.kernel_size == (1, 1) and c.groups == 1 for c in (fc1, fc2))
+        if convs and isinstance(gate, nn.Sigmoid | nn.Hardsigmoid) and isinstance(act, _ACTIVATIONS):
+            return fc1, act, fc2, gate  # type: ignore[return-value]
+        return None
+    return None
 
 
 def _describe_block_sequence(seq: nn.Sequential, drop: str | None) -> tuple[GatedLayout | None, str]:
@@ -438,7 +463,7 @@ def _describe_block_sequence(seq: nn.Sequential, drop: str | None) -> tuple[Gate
     if last[0].kernel_size != (1, 1) or last[0].groups != 1:
         return None, "its projection is not a dense 1×1 convolution"
     n, body, se = len(parts), parts[:-1], None
-    if body and _is_squeeze_excitation(body[-1]):
+    if body and _squeeze_parts(body[-1]) is not None:
         se, body = f"block.{len(body) - 1}", body[:-1]
     stages = []
     for i, stage in enumerate(body):
@@ -460,19 +485,6 @@ def _describe_block_sequence(seq: nn.Sequential, drop: str | None) -> tuple[Gate
             return None, "its expansion is not a dense 1×1 convolution with the depthwise stage's activation"
     tail = (Stage(f"block.{n - 1}.0", f"block.{n - 1}.1"),)
     return GatedLayout("inverted", tuple(stages), tail, se=se, drop=drop), ""
-
-
-def _is_timm_squeeze_excite(m: nn.Module) -> bool:
-    """timm's ``SqueezeExcite`` (``conv_reduce → act1 → conv_expand → gate``, times the input; ``bn`` the identity)."""
-    parts = dict(m.named_children())
-    if not {"conv_reduce", "act1", "conv_expand", "gate"} <= set(parts) <= {"conv_reduce", "act1", "conv_expand",
-                                                                          "gate", "bn"}:  # fmt: skip
-        return False
-    convs = all(type(parts[c]) is nn.Conv2d and parts[c].kernel_size == (1, 1) and parts[c].groups == 1
-                for c in ("conv_reduce", "conv_expand"))  # fmt: skip
-    plain = isinstance(parts.get("bn", nn.Identity()), nn.Identity)
-    gate = isinstance(parts["gate"], nn.Sigmoid | nn.Hardsigmoid)
-    return convs and plain and gate and isinstance(parts["act1"], _ACTIVATIONS)
 
 
 def _describe_timm_inverted(block: nn.Module, names: dict[str, nn.Module]) -> tuple[GatedLayout | None, str]:
@@ -509,7 +521,7 @@ def _describe_timm_inverted(block: nn.Module, names: dict[str, nn.Module]) -> tu
     if names[tail[0]].kernel_size != (1, 1) or names[tail[0]].groups != 1:
         return None, "its projection is not a dense 1×1 convolution"
     se = names.get("se")
-    if se is not None and not isinstance(se, nn.Identity) and not _is_timm_squeeze_excite(se):
+    if se is not None and not isinstance(se, nn.Identity) and _squeeze_parts(se) is None:
         return None, f"its se is a {type(se).__name__}, not timm's SqueezeExcite"
     stages = tuple(Stage(conv, bn) for conv, bn in head)
     return GatedLayout(
