@@ -424,6 +424,11 @@ class ChannelGatedBlock(DynamicBlock):
             )
         return decision, scale
 
+    def kept_channels(self, d: Decision) -> Tensor:
+        """Tensor[N] float64: the gated channels decision ``d`` keeps per sample (differentiable through the
+        straight-through ``d.hard``)."""
+        return d.hard.double().sum(1)
+
     def branch_macs_per_channel(self, x: Tensor) -> float:
         """MACs of the gated part (basic block: ``conv1`` + ``conv2``) for one inner channel of one sample (exact:
         both are linear in C)."""
@@ -444,7 +449,7 @@ class ChannelGatedBlock(DynamicBlock):
         n, c = x.shape[0], self.channels
         per, fixed = self.branch_macs_per_channel(x), self.fixed_branch_macs(x)
         body = fixed + per * c
-        macs = fixed + d.hard.double().sum(1) * per
+        macs = fixed + self.kept_channels(d) * per
         executed = body if executed_channels is None else fixed + executed_channels.double() * per
         t.record_macs(f"{self.block_name}/body", macs, executed=executed, minimum=fixed, maximum=body, dense=body)
         for part in ("gate", "saliency"):

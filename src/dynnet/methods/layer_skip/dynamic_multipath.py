@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from dynnet.convert import Targets, first_conv_in_channels, replace_module, residual_blocks
 from dynnet.convert.residual import ResidualAdapter
-from dynnet.core import Decision, DynamicModel, current_trace
+from dynnet.core import Decision, DynamicModel
 from dynnet.core.budget import BudgetPolicy, Knob
 from dynnet.core.recipe import recipe
 from dynnet.estimators import gumbel_sigmoid
@@ -94,9 +94,9 @@ class MultiPathBlock(ChannelGatedBlock):
         bounds = torch.linspace(0, self.channels, paths + 1).round().long().tolist()
         self.groups = [(bounds[i], bounds[i + 1]) for i in range(paths)]
 
-    def path_sizes(self) -> Tensor:
-        """Tensor[P] float64: the inner channels of each path."""
-        return torch.tensor([float(hi - lo) for lo, hi in self.groups], dtype=torch.float64)
+    def path_sizes(self, device: torch.device | str | None = None) -> Tensor:
+        """Tensor[P] long: the inner channels of each path."""
+        return torch.tensor([hi - lo for lo, hi in self.groups], device=device)
 
     def open_logits(self) -> list[LogitEntry]:
         """Every path's keep logit is an output of the gate's last linear layer: shift that layer's bias."""
@@ -106,26 +106,17 @@ class MultiPathBlock(ChannelGatedBlock):
         """Per-path decisions Tensor[N, P] and the inner channels' multipliers Tensor[N, C] (each path's decision
         repeated over its channels)."""
         hard, prob = gumbel_sigmoid(self.gate(x), self.tau, hard=True, noise=self.training)
-        sizes = torch.tensor([hi - lo for lo, hi in self.groups], device=x.device)
-        return Decision(hard, prob, self.granularity), torch.repeat_interleave(hard, sizes, dim=1)
+        return Decision(hard, prob, self.granularity), torch.repeat_interleave(hard, self.path_sizes(x.device), dim=1)
 
     def _decision(self, x: Tensor, decision: Decision | None, scale: Tensor | None) -> tuple[Decision, Tensor]:
         if decision is not None:
             raise ValueError(f"{self.block_name}: dynamic multi-path blocks take their own decisions")
         return self.decide(x)
 
-    def _record(self, x: Tensor, d: Decision, executed_channels: Tensor | None) -> None:
-        t = current_trace()
-        if t is None:
-            return
-        t.record_decision(self.block_name, d)
-        per, fixed = self.branch_macs_per_channel(x), self.fixed_branch_macs(x)
-        body = fixed + per * self.channels
-        macs = fixed + (d.hard.double() * self.path_sizes().to(d.hard.device)).sum(1) * per  # (no matmul: MACs)
-        executed = body if executed_channels is None else fixed + executed_channels.double() * per
-        t.record_macs(f"{self.block_name}/body", macs, executed=executed, minimum=fixed, maximum=body, dense=body)
-        g = self.cost("gate", lambda m, inp: m.gate(inp), x)
-        t.record_macs(f"{self.block_name}/gate", float(g), batch_size=x.shape[0])
+    def kept_channels(self, d: Decision) -> Tensor:
+        """Tensor[N] float64: the inner channels of the paths each sample keeps (``d.hard`` is per path; no matmul,
+        which a MAC counter would see)."""
+        return (d.hard.double() * self.path_sizes(d.hard.device)).sum(1)
 
 
 class DynamicMultipath(DynamicModel):
