@@ -213,8 +213,8 @@ class DynamicTimeAttention(RecurrentAttention):
             h = self.step(x, loc, h)
             logits.append(self.classifier(h))
             if t < self.max_glimpses - 1:
-                loc, _ = self.heads(h)
-                scores.append(self.stop_logit(h))
+                loc, logit = self.heads_logit(h)
+                scores.append(logit)
         return torch.stack(scores, 1), torch.stack(logits, 1)
 
 

@@ -182,7 +182,12 @@ class RecurrentAttention(DynamicBlock):
 
     def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Location mean Tensor[N, 2] and stop probability Tensor[N] from the state Tensor[N, D]."""
-        return torch.tanh(self.policy(h)), torch.sigmoid(self.stop_logit(h))
+        mean, logit = self.heads_logit(h)
+        return mean, torch.sigmoid(logit)
+
+    def heads_logit(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`heads` with the stop probability as its logit (:meth:`stop_logit`)."""
+        return torch.tanh(self.policy(h)), self.stop_logit(h)
 
     def stop_logit(self, h: Tensor) -> Tensor:
         """The halting policy's logit Tensor[N] for the state Tensor[N, D] (``-inf`` while it does not act)."""
@@ -309,7 +314,7 @@ class RecurrentAttention(DynamicBlock):
             go = torch.zeros(n, dtype=torch.bool, device=x.device)
             p_go = x.new_zeros(n)
             if rows.numel() > 0:
-                mean, logit = torch.tanh(self.policy(h)), self.stop_logit(h)  # heads(h), keeping the logit
+                mean, logit = self.heads_logit(h)
                 p_stop = torch.sigmoid(logit)
                 if self.training:
                     sample = (mean.detach() + self.location_std * torch.randn_like(mean)).clamp(-1, 1)
