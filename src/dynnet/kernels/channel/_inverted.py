@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dynnet.kernels.channel._sliced import padded_slots, sample_groups, timed_strategy
+from dynnet.kernels.channel._sliced import padded_slots, run_groups, timed_strategy
 from dynnet.kernels.channel._spec import ConvSpec, conv_out_size
 
 __all__ = ["ExpandedConvs", "SqueezeExcite", "expanded_reference", "sliced_expanded"]
@@ -199,16 +199,8 @@ def _run(
         if kmax > 0:
             return _padded(x, convs, scale, active, binary, act, se), executed
         return convs.bp.view(1, -1, 1, 1).expand(n, -1, *convs.out_hw(x)).contiguous(), executed
-    out = convs.bp.view(1, -1, 1, 1).expand(n, -1, *convs.out_hw(x)).contiguous()
-    for samples, mask in sample_groups(active, how):
-        channels = mask.nonzero().squeeze(1)
-        if channels.numel() == 0:
-            continue  # the branch is the projection's folded bias alone: no MACs
-        if samples.numel() == n:
-            return _run_slice(x, convs, mult, channels, act, se), counts.double()
-        ms = None if mult is None else mult.index_select(0, samples)
-        out.index_copy_(0, samples, _run_slice(x.index_select(0, samples), convs, ms, channels, act, se))
-    return out, counts.double()
+    empty = convs.bp.view(1, -1, 1, 1).expand(n, -1, *convs.out_hw(x)).contiguous()  # the projection's bias
+    return run_groups(x, active, how, mult, empty, lambda xs, ms, ch: _run_slice(xs, convs, ms, ch, act, se))
 
 
 def sliced_expanded(

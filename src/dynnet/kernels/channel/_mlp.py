@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dynnet.kernels.channel._sliced import padded_slots, sample_groups, timed_strategy
+from dynnet.kernels.channel._sliced import padded_slots, run_groups, timed_strategy
 
 __all__ = ["mlp_reference", "sliced_mlp"]
 
@@ -74,16 +74,8 @@ def _run(how: str, t: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Ten
             return _padded(t, w1, b1, w2, b2, scale, active, binary, act), executed
         return bias.expand(n, t.shape[1], -1).contiguous(), executed
     mult = None if binary else scale
-    out = bias.expand(n, t.shape[1], -1).contiguous()
-    for samples, mask in sample_groups(active, how):
-        channels = mask.nonzero().squeeze(1)
-        if channels.numel() == 0:
-            continue  # the output is the second layer's bias alone: no MACs
-        if samples.numel() == n:
-            return _slice(t, w1, b1, w2, b2, mult, channels, act), counts.double()
-        ms = None if mult is None else mult.index_select(0, samples)
-        out.index_copy_(0, samples, _slice(t.index_select(0, samples), w1, b1, w2, b2, ms, channels, act))
-    return out, counts.double()
+    empty = bias.expand(n, t.shape[1], -1).contiguous()  # the second layer's bias
+    return run_groups(t, active, how, mult, empty, lambda ts, ms, ch: _slice(ts, w1, b1, w2, b2, ms, ch, act))
 
 
 def sliced_mlp(

@@ -91,6 +91,42 @@ def padded_slots(active: Tensor, scale: Tensor, binary: bool) -> tuple[Tensor, T
     return order, slot_scale, kmax
 
 
+def run_groups(
+    x: Tensor,
+    active: Tensor,
+    how: str,
+    mult: Tensor | None,
+    empty: Tensor,
+    run_slice: Callable[[Tensor, Tensor | None, Tensor], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The ``"groups"`` and ``"per_sample"`` strategies: ``run_slice(x_s, mult_s, channels)`` once per group of
+    samples that keep the same channels (:func:`sample_groups`), its output copied into ``empty`` (the output of a
+    sample that keeps nothing: the folded bias, Tensor[N, ...], written in place).
+
+    Args:
+        x: Tensor[N, ...] the input.
+        active: Tensor[N, C] bool, the kept channels.
+        how: ``"groups"`` or ``"per_sample"``.
+        mult: Tensor[N, C] multipliers, or ``None`` (binary).
+        empty: the output where nothing is kept.
+        run_slice: the kernel for some samples ``x_s`` Tensor[M, ...], their multipliers Tensor[M, C] (or
+            ``None``) and one channel slice Tensor[k] long.
+
+    Returns:
+        ``(y, executed)``: the output and Tensor[N] float64, the channels each sample kept.
+    """
+    n, counts = x.shape[0], active.sum(1).double()
+    for samples, mask in sample_groups(active, how):
+        channels = mask.nonzero().squeeze(1)
+        if channels.numel() == 0:
+            continue  # the output is the folded bias alone: no MACs
+        if samples.numel() == n:
+            return run_slice(x, mult, channels), counts
+        ms = None if mult is None else mult.index_select(0, samples)
+        empty.index_copy_(0, samples, run_slice(x.index_select(0, samples), ms, channels))
+    return empty, counts
+
+
 def sample_groups(active: Tensor, how: str) -> list[tuple[Tensor, Tensor]]:
     """The samples that run one channel slice together: ``(sample indices Tensor[S], mask Tensor[C])`` per group.
 
@@ -277,20 +313,12 @@ def _run_pair(
             h = h * active.to(h.dtype)[:, :, None, None]
         return spec2.conv(h, w2, b2), torch.full((n,), float(c), dtype=torch.float64, device=x.device)
     ho, wo = pair_out_hw(spec1, spec2, x, w1, w2)
-    counts = active.sum(1)
     if how == "padded":
-        return _padded(x, w1, b1, w2, b2, scale, active, counts, spec1, spec2, (ho, wo), binary)
-    out = b2.view(1, -1, 1, 1).expand(n, -1, ho, wo).contiguous()
-    for samples, mask in sample_groups(active, how):
-        channels = mask.nonzero().squeeze(1)
-        if channels.numel() == 0:
-            continue  # the block's branch is the folded BN bias alone: no MACs
-        if samples.numel() == n:
-            return _run_slice(x, w1, b1, w2, b2, mult, channels, spec1, spec2), counts.double()
-        xs = x.index_select(0, samples)
-        ms = None if mult is None else mult.index_select(0, samples)
-        out.index_copy_(0, samples, _run_slice(xs, w1, b1, w2, b2, ms, channels, spec1, spec2))
-    return out, counts.double()
+        return _padded(x, w1, b1, w2, b2, scale, active, active.sum(1), spec1, spec2, (ho, wo), binary)
+    empty = b2.view(1, -1, 1, 1).expand(n, -1, ho, wo).contiguous()  # the block's branch with nothing kept
+    return run_groups(
+        x, active, how, mult, empty, lambda xs, ms, ch: _run_slice(xs, w1, b1, w2, b2, ms, ch, spec1, spec2)
+    )
 
 
 def _padded(
