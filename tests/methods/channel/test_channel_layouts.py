@@ -217,6 +217,7 @@ def test_sliced_mlp_matches_the_dense_reference(binary: bool, strategy: str) -> 
     keep = torch.rand(n, d, generator=g) < 0.5
     keep[0] = False  # a sample with nothing kept: the second layer's bias alone
     keep[1] = True  # and one with everything
+    assert 0 < keep[2:].float().mean() < 1  # precondition: the others keep some of their channels
     scale = keep * (1.0 if binary else torch.rand(n, d, generator=g) + 0.5)
     act = torch.nn.GELU()
     with MacCounter() as counter:
